@@ -1,0 +1,63 @@
+"""The shard contract shared by the writer (rpt_data) and the reader (rpt_train).
+
+One Parquet row per window; per-position lists are aligned with `token_ids`; stats at index t
+describe p(. | x<t) and are null where t < score_start. `token_bytes[i]` is the UTF-8 byte end of
+token i inside `text` (token i spans bytes [token_bytes[i-1], token_bytes[i]), with -1 -> 0).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+
+from rpt_common.errors import UserError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+REJECTS = "rejects.jsonl"
+SHARD_GLOB = "shard-*.parquet"
+
+SHARD_SCHEMA = pa.schema(
+    [
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("window_index", pa.int32(), nullable=False),
+        pa.field("token_start", pa.int64(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("token_bytes", pa.list_(pa.int32()), nullable=False),
+        pa.field("score_start", pa.int32(), nullable=False),
+        pa.field("entropy", pa.list_(pa.float32())),
+        pa.field("topk_entropy", pa.list_(pa.float32())),
+        pa.field("target_logprob", pa.list_(pa.float32())),
+        pa.field("proxy_argmax", pa.list_(pa.int32())),
+        pa.field("selected", pa.list_(pa.int32()), nullable=False),
+    ]
+)
+STAT_COLUMNS = ("entropy", "topk_entropy", "target_logprob", "proxy_argmax")
+
+
+def shard_name(rank: int, seq: int) -> str:
+    return f"shard-{rank:05d}-{seq:05d}.parquet"
+
+
+def read_manifest(out: str | os.PathLike) -> dict:
+    """The manifest of a tag output directory, checked for the schema version this code reads."""
+    path = Path(out) / MANIFEST
+    if not path.exists():
+        raise UserError(f"'{out}' has no {MANIFEST}; it is not an `rpt-data tag` output directory")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); the directory is corrupt, rerun `rpt-data tag`")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise UserError(f"{path} has schema version {version}, this toolkit reads version {SCHEMA_VERSION}; "
+                        "re-tag the corpus with this version of rpt-data")
+    return manifest
+
+
+def shard_paths(out: str | os.PathLike) -> list[str]:
+    return sorted(glob.glob(os.path.join(out, SHARD_GLOB)))

@@ -1,0 +1,126 @@
+"""Per-position statistics of next-token distributions, computed without materialising [N, V] logits.
+
+`token_stats` reduces a block of logits; `head_token_stats` runs the lm_head in row chunks and
+reduces each chunk, so peak extra memory is O(chunk_rows x V). CUDA tensors (and CPU tensors under
+TRITON_INTERPRET=1) use the fused Triton kernel in `rpt_data.kernels`; everything else uses the
+pure-torch reference below, which is also what the kernel is tested against.
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+
+DEFAULT_TOP_K = 16
+# Extra memory one head chunk may take (fp32 logits) when chunk_rows is not given.
+_CHUNK_BYTES = 256 * 2**20
+
+
+class TokenStats(NamedTuple):
+    """Float32 `entropy`, `topk_entropy`, `target_logprob` (nats) and int64 `argmax`, each [N]."""
+
+    entropy: torch.Tensor
+    topk_entropy: torch.Tensor
+    target_logprob: torch.Tensor
+    argmax: torch.Tensor
+
+
+def triton_enabled(t: torch.Tensor) -> bool:
+    """True when `t` should go through the Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    if not (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _entropy_of(logits: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) of softmax over the last dim; -inf entries contribute 0."""
+    logp = torch.log_softmax(logits, dim=-1)
+    p = logp.exp()
+    plogp = torch.where(p > 0, p * logp, torch.zeros_like(p))
+    return -plogp.sum(-1)
+
+
+def token_stats_torch(
+    logits: torch.Tensor, targets: torch.Tensor | None = None, top_k: int = DEFAULT_TOP_K
+) -> TokenStats:
+    """Reference implementation: fp32 softmax / log_softmax / topk. NaN rows give NaN and argmax -1."""
+    x = logits.float()
+    n, v = x.shape
+    k = min(top_k, v)
+    entropy = _entropy_of(x)
+    top_vals, _ = torch.topk(x, k, dim=-1)
+    topk_entropy = _entropy_of(top_vals)
+    nan_row = torch.isnan(x).any(-1)
+    argmax = torch.where(nan_row, -1, x.argmax(-1))
+    if targets is None:
+        target_logprob = torch.full((n,), float("nan"), device=x.device)
+    else:
+        lse = torch.logsumexp(x, dim=-1)
+        target_logprob = x.gather(1, targets.long().view(-1, 1)).squeeze(1) - lse
+    entropy = torch.where(nan_row, float("nan"), entropy)
+    topk_entropy = torch.where(nan_row, float("nan"), topk_entropy)
+    return TokenStats(entropy.float(), topk_entropy.float(), target_logprob.float(), argmax.long())
+
+
+def token_stats(
+    logits: torch.Tensor, targets: torch.Tensor | None = None, top_k: int = DEFAULT_TOP_K
+) -> TokenStats:
+    """Stats of softmax(logits) per row. logits [N, V] fp32/bf16/fp16, targets [N] ints or None."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [N, V], got shape {tuple(logits.shape)}")
+    if targets is not None and targets.shape != logits.shape[:1]:
+        raise ValueError(f"targets must be [N]={logits.shape[0]}, got shape {tuple(targets.shape)}")
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if triton_enabled(logits):
+        from rpt_data.kernels import token_stats_triton
+
+        return token_stats_triton(logits, targets, top_k)
+    return token_stats_torch(logits, targets, top_k)
+
+
+def default_chunk_rows(vocab_size: int) -> int:
+    return max(1, _CHUNK_BYTES // (4 * vocab_size))
+
+
+def head_token_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    top_k: int = DEFAULT_TOP_K,
+    chunk_rows: int | None = None,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
+) -> TokenStats:
+    """`token_stats(hidden @ weight.T + bias)` in row chunks; the full [N, V] logits never exist.
+
+    `softcap` applies tanh soft-capping (Gemma-2 style: cap * tanh(logits / cap)); `logit_scale`
+    multiplies logits (Cohere style). Tied embeddings just pass the embedding matrix as `weight`.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden [N, D] and weight [V, D] expected, got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    n, v = hidden.shape[0], weight.shape[0]
+    rows = chunk_rows or default_chunk_rows(v)
+    out = [torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3)]
+    argmax = torch.empty(n, dtype=torch.int64, device=hidden.device)
+    # One reused buffer for the chunk's logits: peak extra memory is rows x V x itemsize.
+    buf = torch.empty(min(rows, max(n, 1)), v, dtype=hidden.dtype, device=hidden.device)
+    for s in range(0, n, rows):
+        e = min(s + rows, n)
+        logits = buf[: e - s]
+        torch.matmul(hidden[s:e], weight.t(), out=logits)
+        if bias is not None:
+            logits += bias
+        if logit_scale is not None:
+            logits *= logit_scale
+        if softcap is not None:
+            logits.div_(softcap).tanh_().mul_(softcap)
+        st = token_stats(logits, None if targets is None else targets[s:e], top_k)
+        out[0][s:e], out[1][s:e], out[2][s:e], argmax[s:e] = st.entropy, st.topk_entropy, st.target_logprob, st.argmax
+    return TokenStats(out[0], out[1], out[2], argmax)
