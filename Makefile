@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 
 demo: setup
 	$(BIN)/rpt-data tag pipelines/demo.yaml
-	$(BIN)/rpt-data inspect out/demo --plot out/demo/entropy.png
+	$(BIN)/rpt-data inspect out/demo --plot out/demo-entropy.png
 
 test: setup
 	$(BIN)/python -m pytest

@@ -13,8 +13,8 @@ from typing import NamedTuple
 import torch
 
 DEFAULT_TOP_K = 16
-# Extra memory one head chunk may take (fp32 logits) when chunk_rows is not given.
-_CHUNK_BYTES = 256 * 2**20
+# Extra memory one head chunk may take on CPU (fp32 logits) when chunk_rows is not given.
+_CHUNK_BYTES = 64 * 2**20
 
 
 class TokenStats(NamedTuple):
@@ -39,16 +39,15 @@ def triton_enabled(t: torch.Tensor) -> bool:
 
 def _entropy_of(logits: torch.Tensor) -> torch.Tensor:
     """Shannon entropy (nats) of softmax over the last dim; -inf entries contribute 0."""
-    logp = torch.log_softmax(logits, dim=-1)
-    p = logp.exp()
-    plogp = torch.where(p > 0, p * logp, torch.zeros_like(p))
-    return -plogp.sum(-1)
+    p = torch.softmax(logits, dim=-1)
+    return -torch.special.xlogy(p, p).sum(-1)  # xlogy(0, 0) = 0: masked entries add nothing
 
 
 def token_stats_torch(
     logits: torch.Tensor, targets: torch.Tensor | None = None, top_k: int = DEFAULT_TOP_K
 ) -> TokenStats:
-    """Reference implementation: fp32 softmax / log_softmax / topk. NaN rows give NaN and argmax -1."""
+    """Reference implementation: fp32 softmax / log_softmax / topk. NaN rows give NaN and argmax -1;
+    all -inf rows give NaN entropies and target log-prob (argmax 0, as torch.argmax)."""
     x = logits.float()
     n, v = x.shape
     k = min(top_k, v)
@@ -62,8 +61,10 @@ def token_stats_torch(
     else:
         lse = torch.logsumexp(x, dim=-1)
         target_logprob = x.gather(1, targets.long().view(-1, 1)).squeeze(1) - lse
-    entropy = torch.where(nan_row, float("nan"), entropy)
-    topk_entropy = torch.where(nan_row, float("nan"), topk_entropy)
+    # A NaN row, or a row masked entirely to -inf (no distribution at all), has no entropy.
+    undefined = nan_row | torch.isneginf(x).all(-1)
+    entropy = torch.where(undefined, float("nan"), entropy)
+    topk_entropy = torch.where(undefined, float("nan"), topk_entropy)
     return TokenStats(entropy.float(), topk_entropy.float(), target_logprob.float(), argmax.long())
 
 
@@ -84,7 +85,10 @@ def token_stats(
     return token_stats_torch(logits, targets, top_k)
 
 
-def default_chunk_rows(vocab_size: int) -> int:
+def default_chunk_rows(vocab_size: int, device: torch.device | None = None) -> int:
+    """GPU: 2048 rows (big enough to keep the matmul efficient); CPU: ~64 MiB of fp32 logits."""
+    if device is not None and device.type == "cuda":
+        return 2048
     return max(1, _CHUNK_BYTES // (4 * vocab_size))
 
 
@@ -106,7 +110,7 @@ def head_token_stats(
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden [N, D] and weight [V, D] expected, got {tuple(hidden.shape)} and {tuple(weight.shape)}")
     n, v = hidden.shape[0], weight.shape[0]
-    rows = chunk_rows or default_chunk_rows(v)
+    rows = chunk_rows or default_chunk_rows(v, hidden.device)
     out = [torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3)]
     argmax = torch.empty(n, dtype=torch.int64, device=hidden.device)
     # One reused buffer for the chunk's logits: peak extra memory is rows x V x itemsize.

@@ -1,0 +1,42 @@
+"""Recipes are YAML files of option values; defaults live in a dataclass, the command line wins."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rpt_common.errors import UserError
+
+
+def load_recipe(path: str | None, section: str | None = None) -> dict[str, Any]:
+    """Read a YAML recipe; keys may use '-' or '_'. A `section:` mapping (e.g. `tag:`) is used when present."""
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"recipe '{path}' does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"recipe '{path}' is not valid YAML: {e}")
+    if not isinstance(data, dict):
+        raise UserError(f"recipe '{path}' must be a mapping of option: value")
+    if section and isinstance(data.get(section), dict):
+        data = data[section]
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def build_config(cls, recipe: dict[str, Any], overrides: dict[str, Any], source: str = "recipe"):
+    """Dataclass `cls` from its defaults, then `recipe`, then non-None `overrides` (the CLI)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(recipe) - names)
+    if unknown:
+        raise UserError(f"unknown option(s) in {source}: {', '.join(unknown)} (see --help for the valid names)")
+    values = dict(recipe)
+    values.update({k: v for k, v in overrides.items() if v is not None and v != ()})
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise UserError(str(e))

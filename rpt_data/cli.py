@@ -1,0 +1,102 @@
+"""`rpt-data`: tag a corpus with proxy-model entropy, inspect and validate the shards."""
+from __future__ import annotations
+
+import click
+
+from rpt_common.errors import user_errors
+from rpt_common.recipe import build_config, load_recipe
+
+CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+@click.group(context_settings=CTX)
+def main():
+    """Reinforcement Pre-Training data tools: entropy-tag a corpus into Parquet shards."""
+
+
+@main.command(context_settings=CTX)
+@click.argument("recipe", required=False, type=click.Path(dir_okay=False))
+@click.option("--input", "inputs", multiple=True, help="Input file, directory or glob (repeatable).")
+@click.option("--format", type=click.Choice(["jsonl", "parquet", "text", "hf"]),
+              help="Input format; inferred from the extension when omitted (hf = datasets.save_to_disk dir).")
+@click.option("--text-field", help="Field holding the text (default: text).")
+@click.option("--template", help='Python format string over record fields, e.g. "{problem}\\n\\n{solution}".')
+@click.option("--id-field", help="Field holding a stable document id (default: <file>:<line>).")
+@click.option("--mode", type=click.Choice(["structured", "continuous"]),
+              help="structured: each record its own stream; continuous: each file one stream. [structured]")
+@click.option("--separator", help="Text between records of one file in continuous mode. [\\n\\n]")
+@click.option("--model", help="Proxy model: HF directory, .gguf file, or 'demo' (SmolLM2-135M-Instruct). [demo]")
+@click.option("--window", type=int, help="Tokens per window, context prefix included. [1024]")
+@click.option("--context-prefix", type=int,
+              help="Context-only tokens repeated at the start of each later window of a stream. [128]")
+@click.option("--top-k", type=int, help="k of the top-k entropy. [16]")
+@click.option("--metric", type=click.Choice(["topk", "full"]), help="Entropy used for tags and buckets. [topk]")
+@click.option("--select-above", type=float, help="Tag positions whose entropy exceeds this (nats). [0.5]")
+@click.option("--buckets", help="Comma-separated bucket thresholds in nats (easy,medium,hard). [0.5,1.0,1.5]")
+@click.option("--batch-tokens", type=int, help="Padded tokens per forward pass. [16384]")
+@click.option("--chunk-rows", type=int, help="Rows per lm_head chunk (default: 2048 on GPU, ~64 MiB of logits on CPU).")
+@click.option("--device", help="auto, cpu or cuda[:N]. [auto]")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+              help="Model dtype; auto = bf16 on GPU, fp32 on CPU. [auto]")
+@click.option("--out", help="Output directory for shards, manifest.json and rejects.jsonl.")
+@click.option("--shard-rows", type=int, help="Windows per Parquet shard. [1024]")
+@click.option("--overwrite/--resume", default=None, help="Start over instead of resuming a stopped run. [--resume]")
+@click.option("--on-bad-record", type=click.Choice(["skip", "fail"]),
+              help="skip: log to rejects.jsonl and go on; fail: exit 2 naming file and line. [skip]")
+@click.option("--limit", type=int, help="Read at most N good records.")
+@click.option("--rank", type=int, help="This process's rank (default: $RANK or 0).")
+@click.option("--world-size", type=int, help="Number of ranks (default: $WORLD_SIZE or 1).")
+@click.option("--progress/--no-progress", default=None, help="Show a progress line on stderr. [on]")
+@user_errors
+def tag(recipe, **opts):
+    """Tag high-entropy positions of a corpus with a proxy model (RECIPE.yaml optional)."""
+    import os
+
+    from rpt_data.config import TagConfig
+    from rpt_data.pipeline import run_tag
+
+    rec = load_recipe(recipe, section="tag")
+    if "input" in rec:
+        rec["inputs"] = rec.pop("input")
+    for key, env in (("rank", "RANK"), ("world_size", "WORLD_SIZE")):
+        if opts[key] is None and key not in rec and os.environ.get(env):
+            opts[key] = int(os.environ[env])
+    cfg = build_config(TagConfig, rec, opts, source=recipe or "options")
+    _quiet_transformers()
+    run_tag(cfg)
+
+
+@main.command(context_settings=CTX)
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write entropy histograms (with bucket thresholds) to this PNG.")
+@click.option("--top", type=int, default=5, show_default=True, help="Show the N hardest positions with their context.")
+@user_errors
+def inspect(out, plot, top):
+    """Summarise a tag output directory with polars."""
+    from rpt_data.inspect import inspect_out
+
+    inspect_out(out, plot=plot, top=top)
+
+
+@main.command(context_settings=CTX)
+@click.argument("out", type=click.Path(file_okay=False))
+@user_errors
+def validate(out):
+    """Check every shard against the manifest and the schema; exit 1 on any mismatch."""
+    import sys
+
+    from rpt_data.inspect import validate_out
+
+    problems = validate_out(out)
+    for p in problems:
+        click.echo(f"invalid: {p}", err=True)
+    if problems:
+        sys.exit(1)
+    click.echo(f"{out}: ok")
+
+
+def _quiet_transformers():
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()

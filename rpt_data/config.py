@@ -1,0 +1,84 @@
+"""`rpt-data tag` configuration: one typed dataclass, the single source of defaults."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from rpt_common.errors import UserError
+
+FORMATS = ("jsonl", "parquet", "text", "hf")
+MODES = ("structured", "continuous")
+METRICS = ("topk", "full")
+# Performance knobs: changing them between a run and its resume is allowed (outputs stay valid).
+RUNTIME_ONLY = ("overwrite", "batch_tokens", "chunk_rows", "progress")
+
+
+@dataclass(kw_only=True, slots=True)
+class TagConfig:
+    inputs: list[str] = field(default_factory=list)  # files, directories or globs
+    format: str | None = None  # inferred from the extension when None
+    text_field: str | None = None  # default "text" when no template is given
+    template: str | None = None  # e.g. "{problem}\n\n{solution}"
+    id_field: str | None = None  # default: "<file>:<line>"
+    mode: str = "structured"
+    separator: str = "\n\n"  # joins records of one file into a continuous stream
+    model: str = "demo"
+    window: int = 1024  # tokens per window, context prefix included
+    context_prefix: int = 128  # tokens of context-only overlap between consecutive windows
+    top_k: int = 16
+    metric: str = "topk"  # which entropy `selected` and buckets use: topk_entropy or entropy
+    select_above: float = 0.5  # nats
+    buckets: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5])
+    batch_tokens: int = 16384  # padded tokens per forward pass
+    chunk_rows: int | None = None  # rows per lm_head chunk (None: 2048 on GPU, ~64 MiB of logits on CPU)
+    device: str = "auto"
+    dtype: str = "auto"
+    out: str | None = None
+    shard_rows: int = 1024  # windows per shard
+    overwrite: bool = False
+    on_bad_record: str = "skip"
+    limit: int | None = None  # good records to read
+    rank: int = 0
+    world_size: int = 1
+    progress: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.inputs, str):
+            self.inputs = [self.inputs]
+        if isinstance(self.buckets, str):
+            self.buckets = [float(x) for x in self.buckets.split(",") if x.strip()]
+        self.buckets = sorted(float(x) for x in self.buckets)
+        checks = [
+            (bool(self.inputs), "no input given: use --input PATH (repeatable) or `inputs:` in the recipe"),
+            (self.out is not None, "no output directory given: use --out DIR"),
+            (self.format is None or self.format in FORMATS, f"--format must be one of {', '.join(FORMATS)}"),
+            (self.mode in MODES, f"--mode must be one of {', '.join(MODES)}"),
+            (self.metric in METRICS, f"--metric must be one of {', '.join(METRICS)}"),
+            (self.on_bad_record in ("skip", "fail"), "--on-bad-record must be skip or fail"),
+            (self.window >= 2, "--window must be at least 2 tokens"),
+            (0 <= self.context_prefix < self.window, "--context-prefix must be >= 0 and smaller than --window"),
+            (self.top_k >= 1, "--top-k must be >= 1"),
+            (self.batch_tokens >= 1 and self.shard_rows >= 1, "--batch-tokens and --shard-rows must be >= 1"),
+            (self.limit is None or self.limit >= 0, "--limit must be >= 0"),
+            (0 <= self.rank < self.world_size, "--rank must be in [0, --world-size)"),
+            (not (self.text_field and self.template), "give --text-field or --template, not both"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(msg)
+        if self.world_size > 1:
+            raise UserError("multi-rank tagging (--world-size > 1) is not available in this version yet")
+        if self.template is None and self.text_field is None:
+            self.text_field = "text"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def content_dict(self) -> dict:
+        """The settings that determine the output's content (compared on resume)."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_ONLY}
+
+    def bucket_names(self) -> list[str]:
+        if len(self.buckets) == 3:
+            return ["easy", "medium", "hard"]
+        return [f"gt_{b:g}" for b in self.buckets]

@@ -1,0 +1,255 @@
+"""Streaming readers: jsonl(.gz), parquet, plain text files, HF datasets saved to disk.
+
+Each reader yields `Record`s and `BadRecord`s in file order and never holds more than one batch
+(or one 1 MiB text block) in memory. A text file is one record, read as consecutive blocks
+(`Record.cont=True` for all blocks after the first), so even a huge file streams.
+"""
+from __future__ import annotations
+
+import codecs
+import glob
+import gzip
+import json
+import os
+import string
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from rpt_common.errors import UserError
+
+TEXT_BLOCK_BYTES = 1 << 20
+EXTENSIONS = {
+    ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".jsonl.gz": "jsonl", ".json.gz": "jsonl",
+    ".ndjson.gz": "jsonl", ".parquet": "parquet", ".txt": "text", ".text": "text", ".md": "text",
+}
+
+
+@dataclass(slots=True)
+class Record:
+    doc_id: str
+    text: str
+    source: str
+    line: int  # 1-based line (jsonl/text) or row (parquet/hf)
+    cont: bool = False  # continues the previous record's stream (later blocks of a text file)
+
+
+@dataclass(slots=True)
+class BadRecord:
+    source: str
+    line: int  # 0 when the whole file is affected
+    reason: str
+
+
+def _is_hf_dataset_dir(p: Path) -> bool:
+    return p.is_dir() and ((p / "state.json").exists() or (p / "dataset_dict.json").exists())
+
+
+def infer_format(path: str) -> str | None:
+    if _is_hf_dataset_dir(Path(path)):
+        return "hf"
+    name = path.lower()
+    for ext in sorted(EXTENSIONS, key=len, reverse=True):
+        if name.endswith(ext):
+            return EXTENSIONS[ext]
+    return None
+
+
+def expand_inputs(inputs: list[str], fmt: str | None) -> list[tuple[str, str]]:
+    """(path, format) for every input file, in a stable order: args in order, each expanded sorted."""
+    out: list[tuple[str, str]] = []
+    for spec in inputs:
+        if spec == "demo:champ":  # the embedded CHAMP problems (champ-dataset), as jsonl
+            from rpt_common.assets import demo_data_path
+
+            spec = str(demo_data_path())
+        if any(c in spec for c in "*?["):
+            paths = sorted(glob.glob(spec, recursive=True))
+            if not paths:
+                raise UserError(f"input pattern '{spec}' matches no file")
+        elif not os.path.exists(spec):
+            raise UserError(f"input '{spec}' does not exist")
+        else:
+            paths = [spec]
+        for p in paths:
+            if os.path.isdir(p) and not _is_hf_dataset_dir(Path(p)):
+                found = sorted(
+                    os.path.join(d, f) for d, _, fs in os.walk(p) for f in fs
+                    if (fmt or infer_format(f)) and not f.startswith(".")
+                )
+                if not found:
+                    raise UserError(f"input directory '{p}' holds no readable file (.jsonl, .jsonl.gz, .parquet, .txt)")
+                paths_fmt = [(f, fmt or infer_format(f)) for f in found]
+            else:
+                f = fmt or infer_format(p)
+                if f is None:
+                    raise UserError(f"cannot tell the format of '{p}' from its name; pass --format jsonl|parquet|text|hf")
+                paths_fmt = [(p, f)]
+            out.extend(paths_fmt)
+    return out
+
+
+class RecordParser:
+    """Turns one decoded object (dict) into a Record or a BadRecord with a reason."""
+
+    def __init__(self, text_field: str | None, template: str | None, id_field: str | None):
+        self.text_field, self.template, self.id_field = text_field, template, id_field
+        if template is not None:
+            try:
+                self.template_fields = [f for _, f, _, _ in string.Formatter().parse(template) if f]
+            except ValueError as e:
+                raise UserError(f"--template is not a valid format string: {e}")
+        self.columns = sorted({*(self.template_fields if template else [text_field]), *([id_field] if id_field else [])})
+
+    def __call__(self, obj, source: str, line: int) -> Record | BadRecord:
+        if not isinstance(obj, dict):
+            return BadRecord(source, line, f"not a JSON object (got {type(obj).__name__})")
+        if self.template is not None:
+            for f in self.template_fields:
+                if obj.get(f) is None:
+                    return BadRecord(source, line, f"missing field '{f}' used by --template")
+                if not isinstance(obj[f], (str, int, float)) or isinstance(obj[f], bool):
+                    return BadRecord(source, line, f"field '{f}' is {type(obj[f]).__name__}, not text")
+            text = self.template.format_map(obj)
+        else:
+            if obj.get(self.text_field) is None:
+                return BadRecord(source, line, f"missing field '{self.text_field}'")
+            text = obj[self.text_field]
+            if not isinstance(text, str):
+                return BadRecord(source, line, f"field '{self.text_field}' is {type(text).__name__}, not a string")
+        if not text.strip():
+            return BadRecord(source, line, "empty text")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return BadRecord(source, line, "text contains an unpaired surrogate (not valid Unicode)")
+        if self.id_field:
+            doc_id = obj.get(self.id_field)
+            if doc_id is None or isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
+                return BadRecord(source, line, f"missing or non-scalar id field '{self.id_field}'")
+            doc_id = str(doc_id)
+        else:
+            doc_id = f"{source}:{line}"
+        return Record(doc_id, text, source, line)
+
+
+def read_jsonl(path: str, parse: RecordParser) -> Iterator[Record | BadRecord]:
+    opener = gzip.open if path.endswith(".gz") else open
+    lineno = 0
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield BadRecord(path, lineno, f"invalid UTF-8 at byte {e.start} of the line")
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield BadRecord(path, lineno, f"malformed JSON: {e.msg} at column {e.colno}")
+                    continue
+                yield parse(obj, path, lineno)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        yield BadRecord(path, lineno + 1, f"compressed file is truncated or corrupt ({type(e).__name__}: {e})")
+
+
+def read_parquet(path: str, parse: RecordParser) -> Iterator[Record | BadRecord]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        yield BadRecord(path, 0, f"not a readable parquet file ({e})")
+        return
+    missing = [c for c in parse.columns if c not in pf.schema_arrow.names]
+    if missing:
+        yield BadRecord(path, 0, f"no column {', '.join(map(repr, missing))} (columns: {', '.join(pf.schema_arrow.names)})")
+        return
+    row = 0
+    try:
+        for batch in pf.iter_batches(batch_size=1024, columns=parse.columns):
+            for obj in batch.to_pylist():
+                row += 1
+                yield parse(obj, path, row)
+    except (pa.ArrowException, OSError) as e:
+        yield BadRecord(path, row + 1, f"parquet file is corrupt from here on ({e})")
+
+
+def read_hf(path: str, parse: RecordParser) -> Iterator[Record | BadRecord]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(path)
+    except Exception as e:  # datasets raises several unrelated types for unreadable directories
+        yield BadRecord(path, 0, f"not a readable HF dataset directory ({type(e).__name__}: {e})")
+        return
+    if isinstance(ds, datasets.DatasetDict):
+        split = "train" if "train" in ds else sorted(ds)[0]
+        ds = ds[split]
+    missing = [c for c in parse.columns if c not in ds.column_names]
+    if missing:
+        yield BadRecord(path, 0, f"no column {', '.join(map(repr, missing))} (columns: {', '.join(ds.column_names)})")
+        return
+    ds = ds.select_columns(parse.columns)
+    for start in range(0, len(ds), 1024):
+        batch = ds[start : start + 1024]
+        n = len(batch[parse.columns[0]])
+        for i in range(n):
+            yield parse({c: batch[c][i] for c in parse.columns}, path, start + i + 1)
+
+
+def read_text(path: str, parse: RecordParser) -> Iterator[Record | BadRecord]:
+    """One record per file, streamed as ~1 MiB blocks cut after a newline."""
+    problem = _check_utf8(path)
+    if problem:
+        yield BadRecord(path, *problem)
+        return
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    carry, line, first = "", 1, True
+    with open(path, "rb") as f:
+        while True:
+            raw = f.read(TEXT_BLOCK_BYTES)
+            text = carry + decoder.decode(raw, final=not raw)
+            if raw:
+                cut = text.rfind("\n") + 1 or len(text)
+                block, carry = text[:cut], text[cut:]
+            else:
+                block, carry = text, ""
+            if block:
+                yield Record(path, block, path, line, cont=not first)
+                first = False
+                line += block.count("\n")
+            if not raw:
+                break
+
+
+def _check_utf8(path: str) -> tuple[int, str] | None:
+    """(line, reason) when a text file is not valid UTF-8 or holds only whitespace, else None."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, lines, blank = 0, 1, True
+    with open(path, "rb") as f:
+        while True:
+            raw = f.read(TEXT_BLOCK_BYTES)
+            try:
+                decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as e:
+                pos = max(0, e.start - len(decoder.getstate()[0]))
+                return lines + raw[:pos].count(b"\n"), f"invalid UTF-8 at byte {offset + pos}"
+            if not raw:
+                return (1, "empty text") if blank else None
+            blank = blank and not raw.strip()
+            offset += len(raw)
+            lines += raw.count(b"\n")
+
+
+READERS = {"jsonl": read_jsonl, "parquet": read_parquet, "text": read_text, "hf": read_hf}
+
+
+def read_all(files: list[tuple[str, str]], parse: RecordParser) -> Iterator[Record | BadRecord]:
+    for path, fmt in files:
+        yield from READERS[fmt](path, parse)

@@ -1,0 +1,71 @@
+"""Parquet shards (zstd, atomic) and the manifest of a tag output directory."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rpt_common.shards import MANIFEST, REJECTS, SHARD_SCHEMA
+from rpt_data.proxy import WindowStats
+from rpt_data.windows import Window
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _list_column(arrays: list[np.ndarray], dtype: pa.DataType, invalid: list[np.ndarray] | None = None) -> pa.Array:
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum([len(a) for a in arrays], out=offsets[1:])
+    flat = np.concatenate(arrays) if arrays else np.zeros(0)
+    mask = np.concatenate(invalid) if invalid is not None and arrays else None
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=dtype, mask=mask))
+
+
+def build_table(windows: list[Window], stats: list[WindowStats], selected: list[np.ndarray]) -> pa.Table:
+    """One row per window; stats are null before score_start and where the proxy gave NaN."""
+    unscored = []
+    for w in windows:
+        m = np.zeros(len(w.token_ids), dtype=bool)
+        m[: w.score_start] = True
+        unscored.append(m)
+    cols = {
+        "doc_id": pa.array([w.doc_id for w in windows], pa.string()),
+        "window_index": pa.array([w.window_index for w in windows], pa.int32()),
+        "token_start": pa.array([w.token_start for w in windows], pa.int64()),
+        "text": pa.array([w.text for w in windows], pa.string()),
+        "token_ids": _list_column([w.token_ids for w in windows], pa.int32()),
+        "token_bytes": _list_column([w.token_bytes for w in windows], pa.int32()),
+        "score_start": pa.array([w.score_start for w in windows], pa.int32()),
+    }
+    for name in ("entropy", "topk_entropy", "target_logprob"):
+        vals = [getattr(s, name) for s in stats]
+        cols[name] = _list_column(vals, pa.float32(), [u | np.isnan(v) for u, v in zip(unscored, vals)])
+    cols["proxy_argmax"] = _list_column([s.argmax for s in stats], pa.int32(),
+                                        [u | (s.argmax < 0) for u, s in zip(unscored, stats)])
+    cols["selected"] = _list_column(selected, pa.int32())
+    return pa.Table.from_pydict(cols, schema=SHARD_SCHEMA)
+
+
+def write_shard(path: Path, table: pa.Table) -> None:
+    """Write to `<name>.tmp`, fsync, rename: a shard file either is complete or does not exist."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        pq.write_table(table, f, compression="zstd")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def is_ours(name: str) -> bool:
+    base = name[: -len(".tmp")] if name.endswith(".tmp") else name
+    return base in (MANIFEST, REJECTS) or (base.startswith("shard-") and base.endswith(".parquet"))
