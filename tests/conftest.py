@@ -29,3 +29,11 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_sliding(tmp_path_factory) -> Path:
+    """Mistral-style model with a 4-token sliding window: 2 layers see at most 7 tokens back."""
+    from tiny import make_model_dir
+
+    return make_model_dir(tmp_path_factory.mktemp("tiny-sliding"), arch="mistral", sliding_window=4)

@@ -31,13 +31,13 @@ def make_tokenizer(vocab_size: int = 320):
 
 
 def make_model_dir(path: Path, arch: str = "llama", vocab_size: int = 320, seed: int = 0, tie: bool = True,
-                   hidden: int = 32, layers: int = 2) -> Path:
-    """Save a tiny random Llama- or Qwen2-style causal LM + tokenizer to `path` (an HF directory)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+                   hidden: int = 32, layers: int = 2, **extra) -> Path:
+    """Save a tiny random Llama-, Qwen2- or Mistral-style causal LM + tokenizer to `path` (an HF directory)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
     tok = make_tokenizer(vocab_size)
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
-    config = cls(
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch]
+    config = cls(**extra,
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         tie_word_embeddings=tie, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
