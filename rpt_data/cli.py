@@ -100,3 +100,7 @@ def _quiet_transformers():
 
     logging.disable_progress_bar()
     logging.set_verbosity_error()
+
+
+if __name__ == "__main__":
+    main()
