@@ -1,0 +1,230 @@
+"""Typed configs for `rpt-train run` and `rpt-train eval`: one source of defaults, loaded from a YAML
+recipe (keys with `-` or `_`, optional `run:` / `eval:` sections) and overridden by the command line."""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from rpt_common.errors import UserError
+
+BUCKETS = ("easy", "medium", "hard")
+LOSSES = ("grpo", "dr_grpo", "dapo")
+
+
+def opt(default, help: str, **kw):
+    """A config field with its help text (shown by `--help` and in docs/rpt-train.md)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(kw_only=True, slots=True)
+class CommonConfig:
+    """What training and evaluation share: data, prompt, sampling and device."""
+
+    shards: str = opt("", "`rpt-data tag` output directory (manifest.json + shard-*.parquet)")
+    model: str = opt("demo", "policy: HF model directory, .gguf file, `demo`, or a `rpt-train run` --out dir (latest checkpoint)")
+    entropy_metric: str = opt("topk_entropy", "per-position statistic that buckets use: topk_entropy or entropy (nats)")
+    bucket_thresholds: list[float] = opt([0.5, 1.0, 1.5], "entropy thresholds of easy,medium,hard (nested: above each)")
+    heldout_fraction: float = opt(0.0, "fraction of documents (seeded hash of doc_id) held out of training for eval")
+    split_seed: int = opt(0, "seed of the held-out document split")
+    labels_length: int = opt(8, "ground-truth tokens (policy tokenizer) whose boundaries count for prefix match")
+    max_context_tokens: int = opt(0, "keep only the last N policy tokens of the context (0 = whole row)")
+    template: str = opt("v0", "prompt template: v0, think-brief, answer-only, or a file containing {context}")
+    chat_template: str = opt("auto", "apply the tokenizer's chat template: auto (when it has one), on, off")
+    answer_format: str = opt("boxed", "answer format: boxed (last \\boxed{} after </think>) or answer_tag")
+    max_new_tokens: int = opt(8192, "completion budget in tokens (paper: 8k)")
+    temperature: float = opt(0.8, "sampling temperature (paper: 0.8); log-probs use the same temperature")
+    top_p: float = opt(1.0, "nucleus sampling mass (1 = off)")
+    top_k: int = opt(0, "top-k sampling (0 = off)")
+    rollout_batch_size: int = opt(0, "sequences per generate call (0 = all at once)")
+    seed: int = opt(0, "seed of sampling order, rollouts and everything random")
+    device: str = opt("auto", "auto, cpu or cuda")
+    dtype: str = opt("float32", "weights dtype (float32 keeps AdamW exact; bf16 autocast is separate)")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig(CommonConfig):
+    """`rpt-train run`: RPT with the GRPO family on prebuilt shards (defaults follow the paper, Sec. 3-4)."""
+
+    out: str = opt("out/train", "output directory: metrics.jsonl, samples.jsonl, checkpoints/, eval/")
+    bucket: str = opt("selected", "positions to train on: selected (the tagger's threshold), easy, medium, hard, all")
+    min_entropy: float | None = opt(None, "train on positions whose entropy exceeds X nats (overrides --bucket)")
+    steps: int = opt(1000, "training steps (one rollout batch each)")
+    batch_prompts: int = opt(32, "contexts per step (paper: 256)")
+    group_size: int = opt(8, "rollouts per context, G (paper: 8)")
+    reward_correct: float = opt(1.0, "reward of a prefix-matching answer")
+    reward_wrong: float = opt(0.0, "reward of a wrong answer")
+    reward_no_answer: float = opt(0.0, "reward when no answer can be extracted (paper: 0, not a penalty)")
+    reward: list[str] = opt([], "extra reward functions added to the RPT reward: `format` or module:function (repeatable)")
+    loss: str = opt("grpo", "grpo (z-score, sequence mean), dr_grpo (no std, constant norm), dapo (z-score, token mean)")
+    scale_rewards: bool | None = opt(None, "divide advantages by the group std (default: by --loss)")
+    advantage_anchor: float | None = opt(None, "add a phantom rollout with this reward to each group's mean/std")
+    clip_low: float = opt(0.2, "lower clip epsilon of the ratio")
+    clip_high: float | None = opt(None, "upper clip epsilon (clip-higher; default 0.28 for dapo, else --clip-low)")
+    beta: float = opt(0.0, "k3 KL weight to the frozen initial model (0 = no reference model loaded; paper: 0)")
+    dynamic_sampling: bool = opt(True, "refill the batch with groups whose rewards differ (DAPO)")
+    max_sampling_rounds: int = opt(4, "rollout rounds per step at most when refilling")
+    lr: float = opt(1e-6, "AdamW learning rate (paper: 1e-6)")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    warmup_steps: int = opt(0, "linear warmup steps")
+    lr_schedule: str = opt("constant", "after warmup: constant, linear or cosine decay to 0")
+    grad_clip: float = opt(1.0, "max gradient norm (0 = off)")
+    ppo_epochs: int = opt(1, "passes over each rollout batch")
+    mini_batch_size: int = opt(0, "sequences per optimizer update (0 = the whole batch)")
+    micro_batch_size: int = opt(4, "sequences per forward/backward (gradient accumulation)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    bf16: bool = opt(True, "bf16 autocast on CUDA (ignored on CPU)")
+    save_every: int = opt(100, "checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = opt(3, "keep the last K checkpoints")
+    eval_every: int = opt(0, "evaluate on held-out positions every N steps (0 = off)")
+    eval_limit: int = opt(32, "positions per bucket for --eval-every")
+    eval_samples: int = opt(1, "samples per position for --eval-every")
+    log_samples_every: int = opt(10, "write rollouts to samples.jsonl every N steps (0 = off)")
+    tensorboard: bool = opt(False, "also log to OUT/tensorboard (needs the tensorboard package)")
+    resume: bool = opt(False, "continue from the latest checkpoint in --out")
+
+    def resolved_clip_high(self) -> float:
+        return self.clip_high if self.clip_high is not None else (0.28 if self.loss == "dapo" else self.clip_low)
+
+    def resolved_scale_rewards(self) -> bool:
+        return self.scale_rewards if self.scale_rewards is not None else self.loss != "dr_grpo"
+
+
+@dataclass(kw_only=True, slots=True)
+class EvalConfig(CommonConfig):
+    """`rpt-train eval`: next-token-reasoning accuracy per entropy bucket, beside greedy next-token accuracy."""
+
+    out: str = opt("", "write the results as JSON to this file (default: print only)")
+    limit: int = opt(100, "positions per bucket")
+    samples: int = opt(4, "samples per position (ntr_pass_at_k uses all, ntr_accuracy the first)")
+    split: str = opt("auto", "documents to evaluate: heldout, train, all; auto = heldout when --heldout-fraction > 0")
+
+
+def field_types(cls) -> dict[str, object]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _base(tp):
+    """(base type, optional) of `X | None` annotations."""
+    args = typing.get_args(tp)
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        return inner[0], True
+    return tp, False
+
+
+def coerce(name: str, tp, value):
+    """Check/convert one recipe or CLI value to the field's type, or say what was expected."""
+    base, optional = _base(tp)
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"config key '{name}' cannot be null")
+    try:
+        if typing.get_origin(base) is list:
+            (item,) = typing.get_args(base)
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            return [item(v) for v in value]
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes", "on"):
+                return True
+            if str(value).lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if base is float and isinstance(value, bool) or base is int and isinstance(value, float):
+            raise ValueError
+        return base(value)
+    except (TypeError, ValueError):
+        expected = getattr(base, "__name__", str(base))
+        raise UserError(f"config key '{name}' expects {expected}, got {value!r}")
+
+
+def read_recipe(path: str | None) -> dict:
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"recipe '{path}' does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"recipe '{path}' is not valid YAML: {str(e).splitlines()[0]}")
+    if not isinstance(data, dict):
+        raise UserError(f"recipe '{path}' must be a mapping of option names to values")
+    return data
+
+
+def _norm(d: dict) -> dict:
+    return {str(k).replace("-", "_"): v for k, v in d.items()}
+
+
+def load_config(cls, recipe: str | None = None, overrides: dict | None = None):
+    """cls() <- recipe (flat keys, then its `run:`/`train:` or `eval:` section) <- CLI overrides (not None)."""
+    types_ = field_types(cls)
+    others = set(field_types(TrainConfig)) | set(field_types(EvalConfig)) | {"run", "train", "eval", "tag"}
+    section = ("eval",) if cls is EvalConfig else ("run", "train")
+    raw = _norm(read_recipe(recipe))
+    values: dict = {}
+    layers = [{k: v for k, v in raw.items() if k not in ("run", "train", "eval", "tag")}]
+    layers += [_norm(raw[s]) for s in section if isinstance(raw.get(s), dict)]
+    for layer in layers:
+        for key, value in layer.items():
+            if key in types_:
+                values[key] = coerce(key, types_[key], value)
+            elif key not in others:
+                raise UserError(f"recipe '{recipe}' has an unknown key '{key}'; see `rpt-train --help`")
+    for key, value in _norm(overrides or {}).items():
+        if value is not None and value != ():
+            values[key] = coerce(key, types_[key], value)
+    cfg = cls(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: CommonConfig) -> None:
+    """Range and choice checks, each failure one sentence naming the option."""
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise UserError(msg)
+
+    need(bool(cfg.shards), "no shards given; pass --shards DIR (an `rpt-data tag` output directory)")
+    need(cfg.entropy_metric in ("topk_entropy", "entropy"), "--entropy-metric must be topk_entropy or entropy")
+    need(len(cfg.bucket_thresholds) == 3, "--bucket-thresholds needs three values (easy,medium,hard), e.g. 0.5,1.0,1.5")
+    need(0.0 <= cfg.heldout_fraction < 1.0, "--heldout-fraction must be in [0, 1)")
+    need(cfg.labels_length >= 1, "--labels-length must be at least 1")
+    need(cfg.max_new_tokens >= 1, "--max-new-tokens must be at least 1")
+    need(cfg.temperature > 0, "--temperature must be positive (greedy decoding is not sampling)")
+    need(0 < cfg.top_p <= 1, "--top-p must be in (0, 1]")
+    need(cfg.chat_template in ("auto", "on", "off"), "--chat-template must be auto, on or off")
+    need(cfg.answer_format in ("boxed", "answer_tag"), "--answer-format must be boxed or answer_tag")
+    if isinstance(cfg, TrainConfig):
+        need(cfg.bucket in BUCKETS + ("all", "selected"), "--bucket must be easy, medium, hard, all or selected")
+        need(cfg.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}")
+        need(cfg.steps >= 1 and cfg.batch_prompts >= 1, "--steps and --batch-prompts must be at least 1")
+        need(cfg.group_size >= 2, "--group-size must be at least 2 (advantages compare rollouts of one context)")
+        need(cfg.lr_schedule in ("constant", "linear", "cosine"), "--lr-schedule must be constant, linear or cosine")
+        need(cfg.micro_batch_size >= 1 and cfg.ppo_epochs >= 1, "--micro-batch-size and --ppo-epochs must be >= 1")
+        need(cfg.max_sampling_rounds >= 1, "--max-sampling-rounds must be at least 1")
+        need(cfg.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1")
+        need(cfg.clip_low >= 0 and cfg.resolved_clip_high() >= 0, "--clip-low/--clip-high must be non-negative")
+        need(cfg.beta >= 0, "--beta must be non-negative")
+    if isinstance(cfg, EvalConfig):
+        need(cfg.split in ("auto", "heldout", "train", "all"), "--split must be auto, heldout, train or all")
+        need(cfg.split != "heldout" or cfg.heldout_fraction > 0, "--split heldout needs --heldout-fraction > 0")
+        need(cfg.limit >= 1 and cfg.samples >= 1, "--limit and --samples must be at least 1")
+
+
+def to_dict(cfg) -> dict:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}

@@ -1,0 +1,161 @@
+"""Next-token-reasoning evaluation per entropy bucket: ntr_accuracy (first sample), ntr_pass_at_k (any of K),
+answer_rate, and ntp_accuracy (the same model's greedy next token on the raw context, scored by prefix match)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rpt_common.errors import UserError
+from rpt_train.reward import extract_answer, prefix_match
+from rpt_train.rollout import SamplingParams
+from rpt_train.samples import BUCKET_NAMES, Sample, SampleBuilder, ShardSet
+from rpt_train.templates import PromptBuilder
+
+EVAL_BUCKETS = BUCKET_NAMES + ("all",)
+FIELDS = ("n", "ntr_accuracy", "ntr_pass_at_k", "answer_rate", "ntp_accuracy", "completion_length")
+
+
+@dataclass(kw_only=True, slots=True)
+class Scored:
+    """Per-position outcome."""
+
+    sample: Sample
+    correct: list[bool]  # one per sample
+    answered: list[bool]
+    lengths: list[int]
+    ntp_correct: bool
+    completions: list[str]
+
+
+def eval_split(cfg) -> str:
+    return cfg.split if cfg.split != "auto" else ("heldout" if cfg.heldout_fraction > 0 else "all")
+
+
+def select_positions(shards: ShardSet, tokenizer, cfg) -> dict[str, list[Sample]]:
+    """Up to `cfg.limit` usable positions per bucket (easy/medium/hard nested above the thresholds, plus all),
+    each bucket the first qualifying positions of one seeded permutation, so buckets share positions."""
+    cands = shards.candidates(cfg.entropy_metric, cfg.heldout_fraction, cfg.split_seed)
+    split = eval_split(cfg)
+    if split != "all":
+        cands = cands.take(cands.heldout if split == "heldout" else ~cands.heldout)
+    if len(cands) == 0:
+        raise UserError(f"no scored position in the '{split}' documents of '{cfg.shards}'; "
+                        "check --split / --heldout-fraction")
+    build = SampleBuilder(shards, cands, tokenizer, labels_length=cfg.labels_length,
+                          max_context_tokens=cfg.max_context_tokens, thresholds=cfg.bucket_thresholds)
+    order = np.random.default_rng([cfg.seed, 0xE5A1]).permutation(len(cands))
+    built: dict[int, Sample | None] = {}
+    chosen = {}
+    for b in EVAL_BUCKETS:
+        th = -np.inf if b == "all" else cfg.bucket_thresholds[BUCKET_NAMES.index(b)]
+        picked = []
+        for i in order[cands.value[order] > th]:
+            if len(picked) == cfg.limit:
+                break
+            if int(i) not in built:
+                built[int(i)] = build(int(i))
+            if built[int(i)] is not None:
+                picked.append(built[int(i)])
+        chosen[b] = picked
+    return chosen
+
+
+@torch.no_grad()
+def greedy_next_tokens(model, tokenizer, contexts: list[str], batch_size: int = 16) -> list[str]:
+    """The model's greedy next token after each raw context (tokenizer's BOS if it adds one), decoded."""
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(contexts), batch_size):
+        enc = tokenizer(contexts[i:i + batch_size], return_tensors="pt", padding=True).to(device)
+        positions = (enc["attention_mask"].cumsum(1) - 1).clamp(min=0)
+        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], position_ids=positions,
+                       logits_to_keep=1).logits[:, -1]
+        out += [tokenizer.decode([int(t)], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+                for t in logits.argmax(-1)]
+    return out
+
+
+def score_positions(model, tokenizer, engine, samples: list[Sample], cfg) -> list[Scored]:
+    """K sampled completions and one greedy next token per position."""
+    prompts = PromptBuilder(tokenizer, cfg.template, cfg.chat_template)
+    params = SamplingParams(n=cfg.samples, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                            top_p=cfg.top_p, top_k=cfg.top_k)
+    per_call = max(1, (cfg.rollout_batch_size or 32) // cfg.samples)
+    greedy = greedy_next_tokens(model, tokenizer, [s.context for s in samples])
+    scored = []
+    for i in range(0, len(samples), per_call):
+        chunk = samples[i:i + per_call]
+        batch = engine.generate([prompts.ids(s.context) for s in chunk], params)
+        lengths = batch.lengths.tolist()
+        for j, s in enumerate(chunk):
+            texts = batch.texts[j * cfg.samples:(j + 1) * cfg.samples]
+            answers = [extract_answer(t, cfg.answer_format) for t in texts]
+            scored.append(Scored(sample=s, correct=[prefix_match(a, s.label_tokens) for a in answers],
+                                 answered=[a is not None for a in answers],
+                                 lengths=lengths[j * cfg.samples:(j + 1) * cfg.samples],
+                                 ntp_correct=prefix_match(greedy[i + j], s.label_tokens), completions=texts))
+    return scored
+
+
+def bucket_metrics(scored: list[Scored]) -> dict:
+    """Means over positions; answer_rate and completion_length over all samples. Empty bucket: n=0, nulls."""
+    if not scored:
+        return {f: (0 if f == "n" else None) for f in FIELDS}
+    return {
+        "n": len(scored),
+        "ntr_accuracy": float(np.mean([s.correct[0] for s in scored])),
+        "ntr_pass_at_k": float(np.mean([any(s.correct) for s in scored])),
+        "answer_rate": float(np.mean([a for s in scored for a in s.answered])),
+        "ntp_accuracy": float(np.mean([s.ntp_correct for s in scored])),
+        "completion_length": float(np.mean([n for s in scored for n in s.lengths])),
+    }
+
+
+def evaluate(model, tokenizer, engine, cfg, shards: ShardSet | None = None,
+             chosen: dict[str, list[Sample]] | None = None) -> dict:
+    """{bucket: {n, ntr_accuracy, ntr_pass_at_k, answer_rate, ntp_accuracy, completion_length}} + `meta`.
+    Seeded and isolated: the caller's RNG state is left as it was."""
+    shards = shards or ShardSet(cfg.shards)
+    chosen = chosen if chosen is not None else select_positions(shards, tokenizer, cfg)
+    unique = {s.key: s for b in EVAL_BUCKETS for s in chosen[b]}
+    if not unique:
+        raise UserError(f"no usable position to evaluate in '{cfg.shards}'")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        scored = {s.sample.key: s for s in score_positions(model, tokenizer, engine, list(unique.values()), cfg)}
+    model.train(was_training)
+    result = {b: bucket_metrics([scored[s.key] for s in chosen[b]]) for b in EVAL_BUCKETS}
+    result["meta"] = {"k": cfg.samples, "split": eval_split(cfg), "positions": len(unique),
+                      "thresholds": dict(zip(BUCKET_NAMES, cfg.bucket_thresholds)), "metric": cfg.entropy_metric}
+    return result
+
+
+def print_table(result: dict, title: str = "next-token reasoning") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    k = result.get("meta", {}).get("k", "k")
+    table = Table(title=title)
+    for col in ("bucket", "n", "ntr_acc", f"pass@{k}", "answered", "ntp_acc", "length"):
+        table.add_column(col, justify="left" if col == "bucket" else "right")
+    for b in EVAL_BUCKETS:
+        r = result[b]
+        cells = [r[f] for f in FIELDS[1:]]
+        table.add_row(b, str(r["n"]), *("-" if v is None else f"{v:.3f}" if i < 4 else f"{v:.1f}"
+                                        for i, v in enumerate(cells)))
+    Console().print(table)
+
+
+def write_json(result: dict, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)

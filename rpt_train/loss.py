@@ -1,0 +1,63 @@
+"""The clipped surrogate with separate low/high clip (clip-higher), optional k3 KL to a frozen reference,
+and the three aggregations; plus the forward pass that gives per-token log-probs and entropy."""
+from __future__ import annotations
+
+import torch
+
+AGGREGATION = {"grpo": "sequence", "dapo": "token", "dr_grpo": "constant"}
+
+
+def forward_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float,
+                     with_entropy: bool = False):
+    """Per-token log p(completion token) under logits / temperature, [B, C]; entropy (nats) too if asked.
+    Left-padded prompt + right-padded completion in one sequence; position ids follow the attention mask."""
+    ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    C = completion_ids.shape[1]
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                   logits_to_keep=C + 1).logits[:, :-1]  # logits at t predict token t+1
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    token_logp = logp.gather(-1, completion_ids[..., None])[..., 0]
+    if not with_entropy:
+        return token_logp, None
+    with torch.no_grad():
+        entropy = -(logp.exp() * logp).sum(-1)
+    return token_logp, entropy
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, normalizer: float) -> torch.Tensor:
+    """Sum of this micro-batch's share of the mini-batch loss, so micro-batches add up to the full-batch value.
+    token (DAPO): sum / tokens in the mini-batch; sequence (GRPO): sum of per-sequence means / sequences;
+    constant (Dr. GRPO): sum / (sequences x max_new_tokens). `normalizer` is that mini-batch denominator."""
+    mask = mask.to(per_token.dtype)
+    if mode == "sequence":
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / normalizer
+    if mode in ("token", "constant"):
+        return (per_token * mask).sum() / normalizer
+    raise ValueError(f"unknown aggregation {mode}")
+
+
+def normalizer(mode: str, masks: torch.Tensor, max_new_tokens: int) -> float:
+    """Denominator of `aggregate` for a mini-batch with completion masks [B, C]."""
+    if mode == "token":
+        return float(masks.sum().clamp(min=1))
+    if mode == "sequence":
+        return float(masks.shape[0])
+    return float(masks.shape[0] * max_new_tokens)
+
+
+def clipped_surrogate(logp, old_logp, advantages, *, clip_low: float, clip_high: float, beta: float = 0.0,
+                      ref_logp=None):
+    """Per-token loss -min(r A, clip(r, 1-clip_low, 1+clip_high) A) + beta * k3(ref || policy), with r = exp(logp - old),
+    and a bool tensor of tokens where the clip is active. k3 = exp(ref - logp) - (ref - logp) - 1 (Schulman)."""
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages[:, None]
+    per_token = -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv)
+    clipped = ((ratio > 1 + clip_high) & (adv > 0)) | ((ratio < 1 - clip_low) & (adv < 0))
+    kl = None
+    if beta > 0:
+        delta = ref_logp - logp
+        kl = torch.exp(delta) - delta - 1
+        per_token = per_token + beta * kl
+    return per_token, clipped, kl

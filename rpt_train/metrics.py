@@ -1,0 +1,72 @@
+"""Run logs: `metrics.jsonl` (one object per step), `samples.jsonl` (rollouts every N steps), a compact
+console line, and TensorBoard when asked and installed. A resumed run first drops lines past its checkpoint."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+CONSOLE = [("loss", "loss", "{:.4g}"), ("reward", "reward", "{:.3f}"), ("frac_reward_zero_std", "zero_std", "{:.2f}"),
+           ("answer_rate", "answered", "{:.2f}"), ("completion_length", "len", "{:.0f}"), ("clip_ratio", "clip", "{:.3f}"),
+           ("entropy", "ent", "{:.2f}"), ("kl", "kl", "{:.4f}"), ("lr", "lr", "{:.2e}"), ("seconds", "s", "{:.1f}")]
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep the lines with step <= last_step (a resumed run rewrites what came after its checkpoint)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= last_step:
+                keep.append(line)
+        except json.JSONDecodeError:  # a line cut by a crash
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(k + "\n" for k in keep))
+    tmp.replace(path)
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsLogger:
+    def __init__(self, out: str, *, start_step: int, total_steps: int, tensorboard: bool = False, quiet: bool = False):
+        self.out = Path(out)
+        self.metrics_path, self.samples_path = self.out / "metrics.jsonl", self.out / "samples.jsonl"
+        for p in (self.metrics_path, self.samples_path):
+            _truncate_jsonl(p, start_step)
+        self.total, self.quiet, self.tb = total_steps, quiet, None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=start_step + 1)
+            except ImportError:
+                print("warning: --tensorboard needs the tensorboard package; logging to metrics.jsonl only",
+                      file=sys.stderr)
+
+    def log(self, metrics: dict) -> None:
+        metrics = {k: _clean(v) for k, v in metrics.items()}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, metrics["step"])
+        if not self.quiet:
+            parts = [f"step {metrics['step']}/{self.total}"]
+            parts += [f"{short} {fmt.format(metrics[k])}" for k, short, fmt in CONSOLE if metrics.get(k) is not None]
+            print(" | ".join(parts), flush=True)
+
+    def samples(self, records: list[dict]) -> None:
+        with open(self.samples_path, "a") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()

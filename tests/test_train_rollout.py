@@ -1,0 +1,66 @@
+"""HF rollouts: shapes, group order, EOS masks, and sampler log-probs equal to the training forward's."""
+import pytest
+import torch
+
+from rpt_common.models import load_causal_lm
+from rpt_train.loss import forward_logprobs
+from rpt_train.policy import eos_ids, load_policy
+from rpt_train.rollout import HFRollout, SamplingParams, completion_mask, concat_batches
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_llama):
+    return load_policy(str(tiny_llama), device="cpu")
+
+
+def prompts(tok):
+    return [tok("The quick brown fox")["input_ids"], tok("x = 2 x_n + 1 so")["input_ids"][:3]]
+
+
+def test_completion_mask_stops_after_first_eos():
+    c = torch.tensor([[5, 9, 7], [9, 1, 9], [1, 2, 3]])
+    assert completion_mask(c, [9]).tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 1]]
+    assert completion_mask(c, []).tolist() == [[1, 1, 1]] * 3
+
+
+def test_hf_rollout_shapes_groups_and_logprobs(policy):
+    tok, model = policy.tokenizer, policy.model
+    engine = HFRollout(model, tok, eos_ids(policy))
+    torch.manual_seed(0)
+    b = engine.generate(prompts(tok), SamplingParams(n=3, max_new_tokens=6, temperature=0.8))
+    assert b.prompt_ids.shape[0] == b.completion_ids.shape[0] == len(b.texts) == 6
+    assert b.completion_ids.shape[1] <= 6
+    assert (b.prompt_ids[:3] == b.prompt_ids[0]).all() and (b.prompt_ids[3:] == b.prompt_ids[3]).all()
+    assert b.prompt_mask[3].sum() == 3 and b.prompt_mask[3, 0] == 0  # left padding
+    lp, _ = forward_logprobs(model, b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask, 0.8)
+    m = b.completion_mask.bool()
+    assert torch.allclose(lp[m], b.logprobs[m], atol=1e-4)
+    torch.manual_seed(0)
+    again = engine.generate(prompts(tok), SamplingParams(n=3, max_new_tokens=6, temperature=0.8))
+    assert torch.equal(again.completion_ids, b.completion_ids)
+
+
+def test_hf_rollout_stops_at_eos_and_chunks(policy):
+    tok, model = policy.tokenizer, policy.model
+    every_token_ends = HFRollout(model, tok, list(range(len(tok))), batch_size=2)
+    b = every_token_ends.generate(prompts(tok), SamplingParams(n=2, max_new_tokens=5, temperature=1.0))
+    assert b.lengths.tolist() == [1, 1, 1, 1] and b.completion_ids.shape == (4, 1)
+    greedy = HFRollout(model, tok, eos_ids(policy)).generate(prompts(tok), SamplingParams(n=1, max_new_tokens=4,
+                                                                                          greedy=True))
+    both = concat_batches([greedy, b], pad=tok.pad_token_id)
+    assert both.completion_ids.shape == (6, 4) and both.texts[2:] == b.texts
+    assert both.completion_mask[2:, 1:].sum() == 0
+
+
+def test_policy_checks(tiny_llama, tmp_path):
+    import shutil
+
+    from rpt_common.errors import UserError
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_llama, d)
+    loaded = load_causal_lm(str(d), device="cpu")
+    loaded.tokenizer.add_tokens([f"<extra{i}>" for i in range(40)])
+    loaded.tokenizer.save_pretrained(d)
+    with pytest.raises(UserError, match="does not belong to this model"):
+        load_policy(str(d), device="cpu")

@@ -1,0 +1,151 @@
+"""Shards -> samples: positions, byte cuts, policy-tokenizer labels, seeded order, held-out documents, bad shards."""
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from shard_fixtures import train_shards, tiny_tok, write_shards_standin  # noqa: F401
+from tiny import make_tokenizer
+
+from rpt_common.errors import UserError
+from rpt_train.config import EvalConfig, TrainConfig
+from rpt_train.evaluate import select_positions
+from rpt_train.samples import (PositionSampler, SampleBuilder, ShardSet, TrainSamples, bucket_of, is_heldout,
+                               label_pieces, select_mask)
+
+TH = [0.5, 1.0, 1.5]
+
+
+def test_candidates_are_scored_positions(train_shards):
+    shards = ShardSet(str(train_shards))
+    cands = shards.candidates("topk_entropy")
+    table = pq.read_table(shards.paths[0])
+    expected = sum(1 for r in table.to_pylist() for t, v in enumerate(r["topk_entropy"])
+                   if t >= max(r["score_start"], 1) and v is not None and np.isfinite(v))
+    assert len(cands) == expected > 0
+    for i in range(0, len(cands), 7):
+        row = table.slice(int(cands.row[i]), 1).to_pylist()[0]
+        t = int(cands.t[i])
+        assert t >= max(row["score_start"], 1)
+        assert cands.value[i] == pytest.approx(row["topk_entropy"][t])
+        assert bool(cands.selected[i]) == (t in row["selected"])
+
+
+def test_sample_cuts_context_and_labels_at_the_byte_offset(train_shards, tiny_tok):
+    shards = ShardSet(str(train_shards))
+    cands = shards.candidates("topk_entropy")
+    build = SampleBuilder(shards, cands, tiny_tok, labels_length=4, max_context_tokens=0, thresholds=TH)
+    n = 0
+    for i in range(len(cands)):
+        s = build(i)
+        if s is None:
+            continue
+        row = shards.row(int(cands.shard[i]), int(cands.row[i]))
+        cut = row["token_bytes"][int(cands.t[i]) - 1]
+        data = row["text"].encode()
+        assert s.context.encode() == data[:cut]
+        assert data[cut:].decode().startswith("".join(s.label_tokens))
+        assert 1 <= len(s.label_tokens) <= 4 and all(s.label_tokens)
+        assert s.bucket == bucket_of(s.entropy, TH)
+        n += 1
+    assert n > 0.8 * len(cands)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(min_size=1, max_size=60), st.integers(1, 6))
+def test_label_pieces_are_boundary_prefixes(tiny_tok, text, k):
+    pieces = label_pieces(tiny_tok, text, k)
+    assert text.startswith("".join(pieces))
+    assert len(pieces) <= k and all(pieces)
+
+
+def test_labels_use_the_policy_tokenizer():
+    other = make_tokenizer(vocab_size=270)  # fewer merges than the proxy's tokenizer
+    text = " the number of strings of length"
+    a, b = label_pieces(make_tokenizer(), text, 3), label_pieces(other, text, 3)
+    assert text.startswith("".join(a)) and text.startswith("".join(b))
+    assert a != b
+
+
+def test_context_tail_keeps_last_tokens(train_shards, tiny_tok):
+    shards = ShardSet(str(train_shards))
+    cands = shards.candidates("topk_entropy")
+    full = SampleBuilder(shards, cands, tiny_tok, labels_length=2, max_context_tokens=0, thresholds=TH)
+    short = SampleBuilder(shards, cands, tiny_tok, labels_length=2, max_context_tokens=5, thresholds=TH)
+    i = int(np.argmax(cands.t))
+    a, b = full(i), short(i)
+    assert a.context.endswith(b.context) and len(b.context) < len(a.context)
+    assert len(tiny_tok(b.context, add_special_tokens=False)["input_ids"]) <= 6
+
+
+def test_sampler_without_replacement_and_resumable():
+    s = PositionSampler(10, seed=3)
+    first = [s.next() for _ in range(10)]
+    assert sorted(first) == list(range(10))
+    head = [s.next() for _ in range(4)]
+    state = s.state_dict()
+    rest = [s.next() for _ in range(9)]
+    t = PositionSampler(10, seed=3)
+    t.load_state_dict(state)
+    assert [t.next() for _ in range(9)] == rest
+    assert sorted(head + rest[:6]) == list(range(10))
+    assert PositionSampler(10, seed=4)._perm.tolist() != PositionSampler(10, seed=3)._perm.tolist()
+
+
+def test_heldout_documents_are_never_trained_on(train_shards, tiny_tok):
+    cfg = TrainConfig(shards=str(train_shards), bucket="all", heldout_fraction=0.5, split_seed=1, labels_length=2)
+    docs = set(pq.read_table(ShardSet(str(train_shards)).paths[0], columns=["doc_id"])["doc_id"].to_pylist())
+    held = {d for d in docs if is_heldout(d, 0.5, 1)}
+    assert 0 < len(held) < len(docs)
+    data = TrainSamples(cfg, tiny_tok)
+    seen = {s.doc_id for _ in range(3) for s in data.next_batch(len(data) // 2)}
+    assert seen and not seen & held
+    chosen = select_positions(ShardSet(str(train_shards)), tiny_tok,
+                              EvalConfig(shards=str(train_shards), heldout_fraction=0.5, split_seed=1, limit=50))
+    assert {s.doc_id for s in chosen["all"]} <= held
+
+
+def test_bucket_and_min_entropy_selection(train_shards, tiny_tok):
+    cands = ShardSet(str(train_shards)).candidates("topk_entropy")
+    hard = select_mask(cands, bucket="hard", min_entropy=None, thresholds=TH)
+    assert (cands.value[hard] > 1.5).all() and hard.sum() < len(cands)
+    assert (select_mask(cands, bucket="selected", min_entropy=None, thresholds=TH) == cands.selected).all()
+    assert select_mask(cands, bucket="hard", min_entropy=0.1, thresholds=TH).sum() == (cands.value > 0.1).sum()
+    with pytest.raises(UserError, match="no training position"):
+        TrainSamples(TrainConfig(shards=str(train_shards), min_entropy=1e9), tiny_tok)
+
+
+def _copy(src, tmp_path):
+    dst = tmp_path / "shards"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_bad_shards_are_refused(train_shards, tiny_llama, tmp_path):
+    old = write_shards_standin(tmp_path / "old", tiny_llama, schema_version=0)
+    with pytest.raises(UserError, match="schema version 0"):
+        ShardSet(str(old))
+    broken = _copy(train_shards, tmp_path)
+    shard = next(broken.glob("shard-*.parquet"))
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        ShardSet(str(broken))
+    with pytest.raises(UserError, match="not an `rpt-data tag` output"):
+        ShardSet(str(tmp_path / "nowhere"))
+
+
+def test_incomplete_or_mismatched_manifest(train_shards, tmp_path):
+    d = _copy(train_shards, tmp_path)
+    manifest = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    with pytest.raises(UserError, match="incomplete"):
+        ShardSet(str(d))
+    table = pq.read_table(next(d.glob("shard-*.parquet")))
+    pq.write_table(table.drop_columns(["topk_entropy"]), next(d.glob("shard-*.parquet")))
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="no column 'topk_entropy'"):
+        ShardSet(str(d))
