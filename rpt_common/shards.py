@@ -7,6 +7,7 @@ token i inside `text` (token i spans bytes [token_bytes[i-1], token_bytes[i]), w
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -37,6 +38,24 @@ SHARD_SCHEMA = pa.schema(
     ]
 )
 STAT_COLUMNS = ("entropy", "topk_entropy", "target_logprob", "proxy_argmax")
+# Parquet footer key-value metadata of every shard: what wrote it, so `rpt-data validate` can tell a
+# shard of another run (another tokenizer, another schema version) from one of this run.
+META_SCHEMA_VERSION = "rpt.schema_version"
+META_VOCAB_HASH = "rpt.tokenizer_vocab_hash"
+
+
+def shard_metadata(tokenizer_identity: dict) -> dict[str, str]:
+    return {META_SCHEMA_VERSION: str(SCHEMA_VERSION), META_VOCAB_HASH: str(tokenizer_identity.get("vocab_hash", ""))}
+
+
+def file_digest(path: str | os.PathLike) -> dict:
+    """{"bytes", "sha256"} of a file, read in 1 MiB blocks."""
+    h, n = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+            n += len(block)
+    return {"bytes": n, "sha256": h.hexdigest()}
 
 
 def shard_name(rank: int, seq: int) -> str:
@@ -52,6 +71,8 @@ def read_manifest(out: str | os.PathLike) -> dict:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON ({e}); the directory is corrupt, rerun `rpt-data tag`")
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards", []), list):
+        raise UserError(f"{path} is not an rpt-data manifest (expected an object with a list of shards)")
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise UserError(f"{path} has schema version {version}, this toolkit reads version {SCHEMA_VERSION}; "

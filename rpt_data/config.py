@@ -9,8 +9,9 @@ from rpt_common.errors import UserError
 FORMATS = ("jsonl", "parquet", "text", "hf")
 MODES = ("structured", "continuous")
 METRICS = ("topk", "full")
-# Performance knobs: changing them between a run and its resume is allowed (outputs stay valid).
-RUNTIME_ONLY = ("overwrite", "batch_tokens", "chunk_rows", "progress")
+# Knobs that do not change the shards: changing them between a run and its resume is allowed.
+# on_bad_record: a `fail` run stops at the first bad record, so its shards are a prefix of a `skip` run's.
+RUNTIME_ONLY = ("overwrite", "batch_tokens", "chunk_rows", "progress", "on_bad_record")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -43,8 +44,8 @@ class TagConfig:
     progress: bool = True
 
     def __post_init__(self):
-        if isinstance(self.inputs, str):
-            self.inputs = [self.inputs]
+        # a list, whatever came in (str, or click's tuple): resume compares it with the manifest's list
+        self.inputs = [self.inputs] if isinstance(self.inputs, str) else list(self.inputs)
         if isinstance(self.buckets, str):
             self.buckets = [float(x) for x in self.buckets.split(",") if x.strip()]
         self.buckets = sorted(float(x) for x in self.buckets)

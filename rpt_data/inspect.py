@@ -10,7 +10,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from rpt_common.errors import UserError
-from rpt_common.shards import SHARD_SCHEMA, read_manifest, shard_paths
+from rpt_common.shards import (MANIFEST, META_SCHEMA_VERSION, META_VOCAB_HASH, SHARD_SCHEMA, file_digest,
+                                read_manifest, shard_paths)
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
 
@@ -19,9 +20,13 @@ def _metric_col(manifest: dict) -> str:
     return "topk_entropy" if manifest["config"]["metric"] == "topk" else "entropy"
 
 
-def positions_frame(out: str) -> pl.LazyFrame:
+def listed_shards(out: str, manifest: dict) -> list[str]:
+    """The shards the manifest records (a shard a killed run renamed but never recorded is left out)."""
+    return [os.path.join(out, s["file"]) for s in manifest.get("shards", [])]
+
+
+def positions_frame(out: str, paths: list[str]) -> pl.LazyFrame:
     """One row per scored position: doc_id, window_index, pos (index in window), both entropies."""
-    paths = shard_paths(out)
     if not paths:
         raise UserError(f"'{out}' holds no shard files")
     lf = pl.scan_parquet(paths)
@@ -35,14 +40,26 @@ def positions_frame(out: str) -> pl.LazyFrame:
 
 def inspect_out(out: str, plot: str | None = None, top: int = 5) -> None:
     manifest = read_manifest(out)
+    try:
+        _inspect(out, manifest, plot, top)
+    except (pl.exceptions.PolarsError, OSError) as e:  # a damaged shard; validate says which
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"cannot read the shards of '{out}' ({type(e).__name__}: {first}); "
+                        f"run `rpt-data validate {out}` to find the damaged file")
+
+
+def _inspect(out: str, manifest: dict, plot: str | None, top: int) -> None:
     console = Console()
     metric = _metric_col(manifest)
     cfg = manifest["config"]
-    rows = pl.scan_parquet(shard_paths(out)).select(
+    paths = listed_shards(out, manifest)
+    if not paths:
+        raise UserError(f"'{out}' holds no shards yet (its manifest lists none)")
+    rows = pl.scan_parquet(paths).select(
         rows=pl.len(), tokens=pl.col("token_ids").list.len().sum(), selected=pl.col("selected").list.len().sum(),
         docs=pl.col("doc_id").n_unique(),
     ).collect().row(0, named=True)
-    pos = positions_frame(out)
+    pos = positions_frame(out, paths)
 
     t = Table(title=f"{out}  ({'complete' if manifest.get('complete') else 'INCOMPLETE'}, {len(manifest['shards'])} shards)")
     for c in ("documents", "windows", "tokens", "scored", f"selected (> {cfg['select_above']})", "bad records"):
@@ -81,7 +98,7 @@ def inspect_out(out: str, plot: str | None = None, top: int = 5) -> None:
     console.print(pt)
 
     if top > 0:
-        hardest(out, pos, metric, top, console)
+        hardest(paths, pos, metric, top, console)
     if plot:
         plot_histograms(pos, metric, cfg["buckets"], by_pos, plot)
         console.print(f"plot written to {plot}")
@@ -97,10 +114,10 @@ def position_profile(pos: pl.LazyFrame, metric: str, window: int, bins: int = 8)
     )
 
 
-def hardest(out: str, pos: pl.LazyFrame, metric: str, top: int, console: Console) -> None:
+def hardest(paths: list[str], pos: pl.LazyFrame, metric: str, top: int, console: Console) -> None:
     worst = pos.drop_nulls(metric).sort(metric, descending=True).head(top).collect()
     texts = (
-        pl.scan_parquet(shard_paths(out)).select("doc_id", "window_index", "text", "token_bytes")
+        pl.scan_parquet(paths).select("doc_id", "window_index", "text", "token_bytes")
         .join(worst.lazy().select("doc_id", "window_index").unique(), on=["doc_id", "window_index"])
         .collect()
     )
@@ -144,9 +161,16 @@ def plot_histograms(pos: pl.LazyFrame, metric: str, buckets: list[float], by_pos
 
 def validate_out(out: str) -> list[str]:
     """Every way the shards disagree with the manifest or the schema, as readable sentences."""
+    manifest = read_manifest(out)
+    try:
+        return _validate(out, manifest)
+    except (KeyError, TypeError, AttributeError) as e:  # a manifest with missing or mistyped entries
+        return [f"{MANIFEST}: malformed manifest ({type(e).__name__}: {e}); re-tag the corpus with `rpt-data tag`"]
+
+
+def _validate(out: str, manifest: dict) -> list[str]:
     import pyarrow.parquet as pq
 
-    manifest = read_manifest(out)
     problems = []
     if not manifest.get("complete"):
         problems.append(f"{out}: the run is not complete (manifest complete=false); rerun `rpt-data tag` to finish it")
@@ -154,30 +178,62 @@ def validate_out(out: str) -> list[str]:
     on_disk = {os.path.basename(p) for p in shard_paths(out)}
     for extra in sorted(on_disk - set(listed)):
         problems.append(f"{extra}: shard file not listed in the manifest")
+    if manifest.get("totals"):
+        for k in ("rows", "positions", "scored", "selected"):
+            total = sum(s[k] for s in manifest["shards"])
+            if manifest["totals"][k] != total:
+                problems.append(f"{MANIFEST}: totals say {manifest['totals'][k]} {k}, its shard entries add up to {total}")
     metric = _metric_col(manifest)
     thr = manifest["config"]["select_above"]
+    tokenizer = manifest.get("tokenizer") or {}
     for entry in manifest.get("shards", []):
         path = os.path.join(out, entry["file"])
         if entry["file"] not in on_disk:
             problems.append(f"{entry['file']}: listed in the manifest but missing")
             continue
+        if "sha256" in entry and file_digest(path) != {"bytes": entry["bytes"], "sha256": entry["sha256"]}:
+            problems.append(f"{entry['file']}: its bytes differ from the ones the manifest recorded "
+                            "(modified, truncated or copied from another run)")
         try:
             table = pq.read_table(path)
         except Exception as e:  # pyarrow raises several types for damaged files
             problems.append(f"{entry['file']}: unreadable parquet ({type(e).__name__}: {e})")
             continue
         if not table.schema.equals(SHARD_SCHEMA, check_metadata=False):
-            problems.append(f"{entry['file']}: schema differs from the shard schema (got {table.schema.names})")
+            problems.append(f"{entry['file']}: schema differs from the shard schema ({_schema_diff(table.schema)})")
             continue
-        problems += [f"{entry['file']}: {p}" for p in _check_rows(pl.from_arrow(table), entry, metric, thr)]
+        meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+        if meta.get(META_SCHEMA_VERSION, str(manifest["schema_version"])) != str(manifest["schema_version"]):
+            problems.append(f"{entry['file']}: written with shard schema version {meta[META_SCHEMA_VERSION]}, "
+                            f"the manifest has version {manifest['schema_version']}")
+        if meta.get(META_VOCAB_HASH, tokenizer.get("vocab_hash")) != tokenizer.get("vocab_hash"):
+            problems.append(f"{entry['file']}: written with another tokenizer (vocabulary hash {meta[META_VOCAB_HASH]}, "
+                            f"the manifest's tokenizer has {tokenizer.get('vocab_hash')})")
+        df = pl.from_arrow(table)
+        problems += [f"{entry['file']}: {p}" for p in _check_rows(df, entry, metric, thr, tokenizer.get("vocab_size"))]
     return problems
 
 
-def _check_rows(df: pl.DataFrame, entry: dict, metric: str, thr: float) -> list[str]:
+def _schema_diff(schema) -> str:
+    want = {f.name: f.type for f in SHARD_SCHEMA}
+    got = {f.name: f.type for f in schema}
+    diff = [f"no column '{n}'" for n in want if n not in got]
+    diff += [f"column '{n}' is {got[n]}, expected {t}" for n, t in want.items() if n in got and got[n] != t]
+    diff += [f"unexpected column '{n}'" for n in got if n not in want]
+    return "; ".join(diff) or "nullability or column order differs"
+
+
+def _check_rows(df: pl.DataFrame, entry: dict, metric: str, thr: float, vocab_size: int | None) -> list[str]:
     out = []
     n = pl.col("token_ids").list.len()
     if df.height != entry["rows"]:
         out.append(f"{df.height} rows, manifest says {entry['rows']}")
+    if vocab_size:
+        ids = pl.col("token_ids")
+        foreign = df.filter((ids.list.max() >= vocab_size) | (ids.list.min() < 0)).height
+        if foreign:
+            out.append(f"{foreign} rows hold token ids outside the manifest tokenizer's vocabulary [0, {vocab_size}): "
+                       "they were written with another tokenizer")
     bad_len = df.filter(pl.any_horizontal(pl.col(c).list.len() != n for c in
                                           ("token_bytes", "entropy", "topk_entropy", "target_logprob", "proxy_argmax")))
     if bad_len.height:

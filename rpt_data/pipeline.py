@@ -1,6 +1,8 @@
 """`rpt-data tag`: records -> windows -> proxy stats -> tags -> shards + manifest, resumable."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import itertools
 import json
 import os
@@ -14,10 +16,10 @@ import numpy as np
 
 from rpt_common.errors import UserError
 from rpt_common.models import load_causal_lm
-from rpt_common.shards import MANIFEST, REJECTS, SCHEMA_VERSION, shard_name
+from rpt_common.shards import MANIFEST, REJECTS, SCHEMA_VERSION, shard_metadata, shard_name
 from rpt_data.config import TagConfig
 from rpt_data.proxy import Proxy, WindowStats, token_budget_batches
-from rpt_data.readers import BadRecord, Record, RecordParser, expand_inputs, read_all
+from rpt_data.readers import BadRecord, Record, RecordParser, expand_inputs, read_all, reject_duplicate_ids
 from rpt_data.windows import Window, windows_from_pieces
 from rpt_data.writer import build_table, is_ours, write_json_atomic, write_shard
 
@@ -43,8 +45,8 @@ def prepare_out(cfg: TagConfig, inputs: list[dict]) -> dict | None:
     if foreign:
         raise UserError(f"output directory '{out}' already holds files that rpt-data did not write "
                         f"(e.g. '{foreign[0]}'); choose an empty or new --out directory")
-    if cfg.overwrite:
-        for n in os.listdir(out):
+    if cfg.overwrite:  # the manifest goes first: shards without one are never trusted
+        for n in sorted(os.listdir(out), key=lambda n: n != MANIFEST):
             os.remove(out / n)
         return None
     if not (out / MANIFEST).exists():
@@ -59,17 +61,41 @@ def prepare_out(cfg: TagConfig, inputs: list[dict]) -> dict | None:
         raise UserError(f"'{out}' was written with schema version {old.get('schema_version')}; "
                         "rerun with --overwrite or choose a new --out")
     old_cfg, new_cfg = old.get("config", {}), cfg.content_dict()
-    diff = sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))
+    # `out` may differ: a stopped run may be moved or copied (e.g. to a disk with space) and resumed there
+    diff = sorted(k for k in set(old_cfg) | set(new_cfg) if k != "out" and old_cfg.get(k) != new_cfg.get(k))
     if diff:
         raise UserError(f"'{out}' holds a run with a different config ({', '.join(diff)} differ); "
                         "rerun with the same options to resume, --overwrite to start over, or a new --out")
     if old.get("inputs") != inputs:
         raise UserError(f"the input files changed since '{out}' was started; rerun with --overwrite to start over")
-    listed = {s["file"] for s in old.get("shards", [])}
+    kept = []  # recorded shards still on disk as written; the first one that is not and all later are redone
+    for entry in old.get("shards", []):
+        path = out / entry["file"]
+        if not path.is_file() or path.stat().st_size != entry.get("bytes", path.stat().st_size):
+            print(f"warning: {path} is missing or changed since it was recorded; redoing it and the shards after it",
+                  file=sys.stderr)
+            break
+        kept.append(entry)
+    old["shards"] = kept
+    listed = {s["file"] for s in kept}
     for n in os.listdir(out):  # half-written or unrecorded shards are redone
         if n.endswith(".tmp") or (n.startswith("shard-") and n not in listed):
             os.remove(out / n)
     return old
+
+
+@contextlib.contextmanager
+def disk_full_is_a_user_error(out: Path):
+    """A full disk (or quota) while writing: one sentence, exit 2, and the output stays resumable
+    (temp files are removed, the manifest on disk lists only complete shards)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f"'{e.filename}'" if e.filename else f"'{out}'"
+        raise UserError(f"no space left on the device while writing {where} ({e.strerror}); free some space "
+                        "and rerun the same command: it resumes after the last complete shard") from None
 
 
 def pieces(records: Iterator[Record], mode: str, separator: str) -> Iterator[tuple[str, str, bool]]:
@@ -112,8 +138,6 @@ def totals(shards: list[dict]) -> dict:
 
 def run_tag(cfg: TagConfig, console=None) -> dict:
     """Run the whole tagging job; returns the final manifest."""
-    from rpt_data.progress import TagProgress
-
     files = expand_inputs(cfg.inputs, cfg.format)
     inputs = [fingerprint(p) for p, _ in files]
     parse = RecordParser(cfg.text_field, cfg.template, cfg.id_field)
@@ -131,22 +155,38 @@ def run_tag(cfg: TagConfig, console=None) -> dict:
     manifest = {
         "schema_version": SCHEMA_VERSION, "complete": False, "config": cfg.content_dict(),
         "tokenizer": lm.tokenizer_identity, "proxy": lm.identity, "inputs": inputs,
-        "shards": list(old["shards"]) if old else [], "records": 0, "bad_records": 0,
+        "shards": list(old["shards"]) if old else [], "records": 0, "bad_records": 0, "bad_reasons": {},
     }
+    with disk_full_is_a_user_error(out):
+        _tag(cfg, files, parse, lm, proxy, manifest)
+    return manifest
+
+
+def _tag(cfg: TagConfig, files: list, parse: RecordParser, lm, proxy: Proxy, manifest: dict) -> None:
+    """Read, window, score and write shards after the `done` ones, updating `manifest` in place."""
+    from rpt_data.progress import TagProgress
+
+    out = Path(cfg.out)
     write_json_atomic(out / MANIFEST, manifest)
     done = len(manifest["shards"])
     counts = {"records": 0, "bad": 0}
+    reasons: dict[str, int] = {}
     progress = TagProgress(enabled=cfg.progress)
     t0 = time.perf_counter()
 
     with open(out / REJECTS, "w") as rejects, progress:
         def good_records() -> Iterator[Record]:
-            for item in read_all(files, parse):
+            items = read_all(files, parse)
+            if cfg.mode == "structured" and cfg.id_field:
+                items = reject_duplicate_ids(items)
+            for item in items:
                 if isinstance(item, BadRecord):
                     if cfg.on_bad_record == "fail":
                         where = f"{item.source}:{item.line}" if item.line else item.source
-                        raise BadRecordError(f"bad record at {where}: {item.reason}")
+                        raise BadRecordError(f"bad record at {where}: {item.reason}; fix or remove it, or rerun with "
+                                             "--on-bad-record skip to list it in rejects.jsonl and go on")
                     counts["bad"] += 1
+                    reasons[item.kind] = reasons.get(item.kind, 0) + 1
                     rejects.write(json.dumps({"file": item.source, "line": item.line, "reason": item.reason}) + "\n")
                     continue
                 if not item.cont:
@@ -171,13 +211,13 @@ def run_tag(cfg: TagConfig, console=None) -> dict:
                     stats[i] = s
                 progress.tokens(sum(len(chunk[i].token_ids) for i in idx))
             entry, selected = shard_summary(shard_name(cfg.rank, seq), chunk, stats, cfg)
-            write_shard(out / entry["file"], build_table(chunk, stats, selected))
+            table = build_table(chunk, stats, selected).replace_schema_metadata(shard_metadata(lm.tokenizer_identity))
+            entry.update(write_shard(out / entry["file"], table))
             manifest["shards"].append(entry)
             write_json_atomic(out / MANIFEST, manifest)
 
     manifest.update(complete=True, records=counts["records"], bad_records=counts["bad"],
-                    totals=totals(manifest["shards"]))
+                    bad_reasons=dict(sorted(reasons.items(), key=lambda kv: -kv[1])), totals=totals(manifest["shards"]))
     write_json_atomic(out / MANIFEST, manifest)
     elapsed = time.perf_counter() - t0
     progress.summary(manifest, elapsed, progress.token_count, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return manifest

@@ -66,6 +66,11 @@ class Proxy:
                 a[s:] = col[off : off + k]
                 per.append(a)
             off += k
+            # NaN/inf logits (a numerical fault, not a distribution): every stat of that position is
+            # null, so no tag and no greedy token come from it; the manifest counts them as `nan`.
+            broken = np.isnan(per[0]) | np.isnan(per[1]) | np.isnan(per[2])
+            per[0][broken] = per[1][broken] = per[2][broken] = np.nan
+            per[3][broken] = -1
             out.append(WindowStats(*per))
         return out
 

@@ -11,9 +11,10 @@ import glob
 import gzip
 import json
 import os
+import re
 import string
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,12 @@ class Record:
 class BadRecord:
     source: str
     line: int  # 0 when the whole file is affected
-    reason: str
+    reason: str  # "<kind>" or "<kind>: detail" or "<kind> (detail)"
+
+    @property
+    def kind(self) -> str:
+        """The reason without its details (line-specific numbers), for counts in the manifest."""
+        return re.split(r": | \(", self.reason, maxsplit=1)[0]
 
 
 def _is_hf_dataset_dir(p: Path) -> bool:
@@ -59,6 +65,7 @@ def infer_format(path: str) -> str | None:
 def expand_inputs(inputs: list[str], fmt: str | None) -> list[tuple[str, str]]:
     """(path, format) for every input file, in a stable order: args in order, each expanded sorted."""
     out: list[tuple[str, str]] = []
+    seen: set[str] = set()  # a file matched by two specs is read once, not twice
     for spec in inputs:
         if spec == "demo:champ":  # the embedded CHAMP problems (champ-dataset), as jsonl
             from rpt_common.assets import demo_data_path
@@ -86,7 +93,10 @@ def expand_inputs(inputs: list[str], fmt: str | None) -> list[tuple[str, str]]:
                 if f is None:
                     raise UserError(f"cannot tell the format of '{p}' from its name; pass --format jsonl|parquet|text|hf")
                 paths_fmt = [(p, f)]
-            out.extend(paths_fmt)
+            for p, f in paths_fmt:
+                if os.path.realpath(p) not in seen:
+                    seen.add(os.path.realpath(p))
+                    out.append((p, f))
     return out
 
 
@@ -114,7 +124,7 @@ class RecordParser:
             text = self.template.format_map(obj)
         else:
             if obj.get(self.text_field) is None:
-                return BadRecord(source, line, f"missing field '{self.text_field}'")
+                return BadRecord(source, line, f"{'null' if self.text_field in obj else 'missing'} field '{self.text_field}'")
             text = obj[self.text_field]
             if not isinstance(text, str):
                 return BadRecord(source, line, f"field '{self.text_field}' is {type(text).__name__}, not a string")
@@ -126,9 +136,15 @@ class RecordParser:
             return BadRecord(source, line, "text contains an unpaired surrogate (not valid Unicode)")
         if self.id_field:
             doc_id = obj.get(self.id_field)
-            if doc_id is None or isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
-                return BadRecord(source, line, f"missing or non-scalar id field '{self.id_field}'")
+            if doc_id is None:
+                what = "null" if self.id_field in obj else "missing"
+                return BadRecord(source, line, f"{what} id field '{self.id_field}'")
+            if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
+                return BadRecord(source, line, f"id field '{self.id_field}' is {type(doc_id).__name__}, "
+                                               "not a string or integer")
             doc_id = str(doc_id)
+            if not doc_id.strip():
+                return BadRecord(source, line, f"empty id field '{self.id_field}'")
         else:
             doc_id = f"{source}:{line}"
         return Record(doc_id, text, source, line)
@@ -143,14 +159,17 @@ def read_jsonl(path: str, parse: RecordParser) -> Iterator[Record | BadRecord]:
                 if not raw.strip():
                     continue
                 try:
-                    line = raw.decode("utf-8")
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM may start the file
                 except UnicodeDecodeError as e:
-                    yield BadRecord(path, lineno, f"invalid UTF-8 at byte {e.start} of the line")
+                    yield BadRecord(path, lineno, f"invalid UTF-8 (byte {e.start} of the line)")
                     continue
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     yield BadRecord(path, lineno, f"malformed JSON: {e.msg} at column {e.colno}")
+                    continue
+                except (ValueError, RecursionError) as e:  # an integer of > 4300 digits, nesting too deep
+                    yield BadRecord(path, lineno, f"malformed JSON: {str(e).split(':')[0]}")
                     continue
                 yield parse(obj, path, lineno)
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
@@ -170,14 +189,44 @@ def read_parquet(path: str, parse: RecordParser) -> Iterator[Record | BadRecord]
     if missing:
         yield BadRecord(path, 0, f"no column {', '.join(map(repr, missing))} (columns: {', '.join(pf.schema_arrow.names)})")
         return
+    if parse.text_field and not _is_text_type(pf.schema_arrow.field(parse.text_field).type):
+        yield BadRecord(path, 0, f"column '{parse.text_field}' is {pf.schema_arrow.field(parse.text_field).type}, "
+                                 "not a string column (choose another --text-field)")
+        return
     row = 0
     try:
         for batch in pf.iter_batches(batch_size=1024, columns=parse.columns):
-            for obj in batch.to_pylist():
+            for obj in _rows(batch):
                 row += 1
+                if isinstance(obj, UnicodeDecodeError):  # a damaged string page: only this row is lost
+                    yield BadRecord(path, row, f"invalid UTF-8 in a string column ({obj.reason})")
+                    continue
                 yield parse(obj, path, row)
     except (pa.ArrowException, OSError) as e:
         yield BadRecord(path, row + 1, f"parquet file is corrupt from here on ({e})")
+
+
+def _rows(batch) -> list:
+    """The batch as dicts; a row whose strings are not valid UTF-8 comes back as its UnicodeDecodeError."""
+    try:
+        return batch.to_pylist()
+    except UnicodeDecodeError:
+        out = []
+        for i in range(batch.num_rows):
+            try:
+                out.append(batch.slice(i, 1).to_pylist()[0])
+            except UnicodeDecodeError as e:
+                out.append(e)
+        return out
+
+
+def _is_text_type(t) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    is_view = getattr(pa.types, "is_string_view", lambda _: False)  # pyarrow >= 16
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or is_view(t) or pa.types.is_null(t)
 
 
 def read_hf(path: str, parse: RecordParser) -> Iterator[Record | BadRecord]:
@@ -195,6 +244,10 @@ def read_hf(path: str, parse: RecordParser) -> Iterator[Record | BadRecord]:
     if missing:
         yield BadRecord(path, 0, f"no column {', '.join(map(repr, missing))} (columns: {', '.join(ds.column_names)})")
         return
+    feature = ds.features[parse.text_field] if parse.text_field else None
+    if feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string", "null"):
+        yield BadRecord(path, 0, f"column '{parse.text_field}' is {feature}, not a string column (choose another --text-field)")
+        return
     ds = ds.select_columns(parse.columns)
     for start in range(0, len(ds), 1024):
         batch = ds[start : start + 1024]
@@ -209,7 +262,7 @@ def read_text(path: str, parse: RecordParser) -> Iterator[Record | BadRecord]:
     if problem:
         yield BadRecord(path, *problem)
         return
-    decoder = codecs.getincrementaldecoder("utf-8")()
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()  # drops a leading BOM
     carry, line, first = "", 1, True
     with open(path, "rb") as f:
         while True:
@@ -229,25 +282,45 @@ def read_text(path: str, parse: RecordParser) -> Iterator[Record | BadRecord]:
 
 
 def _check_utf8(path: str) -> tuple[int, str] | None:
-    """(line, reason) when a text file is not valid UTF-8 or holds only whitespace, else None."""
+    """(line, reason) when a text file is not valid UTF-8, holds a NUL byte (a binary file) or only
+    whitespace, else None."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset, lines, blank = 0, 1, True
     with open(path, "rb") as f:
         while True:
             raw = f.read(TEXT_BLOCK_BYTES)
             try:
-                decoder.decode(raw, final=not raw)
+                text = decoder.decode(raw, final=not raw)
             except UnicodeDecodeError as e:
                 pos = max(0, e.start - len(decoder.getstate()[0]))
-                return lines + raw[:pos].count(b"\n"), f"invalid UTF-8 at byte {offset + pos}"
+                return lines + raw[:pos].count(b"\n"), f"invalid UTF-8 (byte {offset + pos} of the file)"
+            if b"\0" in raw:
+                pos = raw.index(b"\0")
+                return lines + raw[:pos].count(b"\n"), f"binary data (NUL byte at byte {offset + pos} of the file)"
             if not raw:
                 return (1, "empty text") if blank else None
-            blank = blank and not raw.strip()
+            # str.strip, as for jsonl records (U+3000 is blank too); a BOM is not text
+            blank = blank and not (text.removeprefix("\ufeff") if offset == 0 else text).strip()
             offset += len(raw)
             lines += raw.count(b"\n")
 
 
 READERS = {"jsonl": read_jsonl, "parquet": read_parquet, "text": read_text, "hf": read_hf}
+
+
+def reject_duplicate_ids(items: Iterable[Record | BadRecord]) -> Iterator[Record | BadRecord]:
+    """A record whose doc_id an earlier record of this run already has becomes a BadRecord
+    (structured mode: one id = one stream). Memory is O(records), one set entry per id (~100 bytes,
+    so ~1 GB per 10M records per rank); exact, because a probabilistic filter would drop good records."""
+    seen: set[str] = set()
+    for item in items:
+        if isinstance(item, Record) and not item.cont:
+            if item.doc_id in seen:
+                shown = item.doc_id if len(item.doc_id) <= 80 else item.doc_id[:77] + "..."
+                yield BadRecord(item.source, item.line, f"duplicate id (an earlier record has id {shown!r})")
+                continue
+            seen.add(item.doc_id)
+        yield item
 
 
 def read_all(files: list[tuple[str, str]], parse: RecordParser) -> Iterator[Record | BadRecord]:

@@ -9,18 +9,35 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rpt_common.shards import MANIFEST, REJECTS, SHARD_SCHEMA
+from rpt_common.shards import MANIFEST, REJECTS, SHARD_SCHEMA, file_digest
 from rpt_data.proxy import WindowStats
 from rpt_data.windows import Window
 
 
 def write_json_atomic(path: Path, obj) -> None:
+    """Write to `<name>.tmp`, fsync, rename: a reader (or a resumed run) sees the old or the new file."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, ensure_ascii=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # e.g. a full disk: do not leave a partial file taking space
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable: after a power cut the new name is there, not only the data."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems cannot fsync a directory; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
 
 
 def _list_column(arrays: list[np.ndarray], dtype: pa.DataType, invalid: list[np.ndarray] | None = None) -> pa.Array:
@@ -56,14 +73,22 @@ def build_table(windows: list[Window], stats: list[WindowStats], selected: list[
     return pa.Table.from_pydict(cols, schema=SHARD_SCHEMA)
 
 
-def write_shard(path: Path, table: pa.Table) -> None:
-    """Write to `<name>.tmp`, fsync, rename: a shard file either is complete or does not exist."""
+def write_shard(path: Path, table: pa.Table) -> dict:
+    """Write to `<name>.tmp`, fsync, rename: a shard file either is complete or does not exist.
+    Returns {"bytes", "sha256"} of the file, for the manifest (validate and resume check them)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        pq.write_table(table, f, compression="zstd")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+            f.flush()
+            os.fsync(f.fileno())
+        digest = file_digest(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return digest
 
 
 def is_ours(name: str) -> bool:
