@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.setup-stamp
 PIP     := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: setup demo test test-all lint clean-venv
+.PHONY: setup demo test test-all learn-check clean-venv
 
 setup: $(STAMP)
 
@@ -31,3 +31,6 @@ test-all: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+learn-check: setup
+	$(BIN)/python pipelines/learn_check.py --out out/learn-check
