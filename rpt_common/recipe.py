@@ -10,8 +10,8 @@ import yaml
 from rpt_common.errors import UserError
 
 
-def load_recipe(path: str | None, section: str | None = None) -> dict[str, Any]:
-    """Read a YAML recipe; keys may use '-' or '_'. A `section:` mapping (e.g. `tag:`) is used when present."""
+def read_yaml(path: str | None) -> dict[str, Any]:
+    """The raw mapping of a YAML recipe ({} without a path), or one clear sentence about what is wrong."""
     if not path:
         return {}
     p = Path(path)
@@ -20,9 +20,15 @@ def load_recipe(path: str | None, section: str | None = None) -> dict[str, Any]:
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise UserError(f"recipe '{path}' is not valid YAML: {e}")
+        raise UserError(f"recipe '{path}' is not valid YAML: {str(e).splitlines()[0]}")
     if not isinstance(data, dict):
-        raise UserError(f"recipe '{path}' must be a mapping of option: value")
+        raise UserError(f"recipe '{path}' must be a mapping of option names to values")
+    return data
+
+
+def load_recipe(path: str | None, section: str | None = None) -> dict[str, Any]:
+    """Read a YAML recipe; keys may use '-' or '_'. A `section:` mapping (e.g. `tag:`) is used when present."""
+    data = read_yaml(path)
     if section and isinstance(data.get(section), dict):
         data = data[section]
     return {str(k).replace("-", "_"): v for k, v in data.items()}

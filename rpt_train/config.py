@@ -6,11 +6,10 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import yaml
 
 from rpt_common.errors import UserError
+from rpt_common.recipe import read_yaml
 
 BUCKETS = ("easy", "medium", "hard")
 LOSSES = ("grpo", "dr_grpo", "dapo")
@@ -151,21 +150,6 @@ def coerce(name: str, tp, value):
         raise UserError(f"config key '{name}' expects {expected}, got {value!r}")
 
 
-def read_recipe(path: str | None) -> dict:
-    if not path:
-        return {}
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"recipe '{path}' does not exist")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"recipe '{path}' is not valid YAML: {str(e).splitlines()[0]}")
-    if not isinstance(data, dict):
-        raise UserError(f"recipe '{path}' must be a mapping of option names to values")
-    return data
-
-
 def _norm(d: dict) -> dict:
     return {str(k).replace("-", "_"): v for k, v in d.items()}
 
@@ -175,7 +159,7 @@ def load_config(cls, recipe: str | None = None, overrides: dict | None = None):
     types_ = field_types(cls)
     others = set(field_types(TrainConfig)) | set(field_types(EvalConfig)) | {"run", "train", "eval", "tag"}
     section = ("eval",) if cls is EvalConfig else ("run", "train")
-    raw = _norm(read_recipe(recipe))
+    raw = _norm(read_yaml(recipe))
     values: dict = {}
     layers = [{k: v for k, v in raw.items() if k not in ("run", "train", "eval", "tag")}]
     layers += [_norm(raw[s]) for s in section if isinstance(raw.get(s), dict)]

@@ -1,6 +1,5 @@
 """Slow checks with the real demo assets (SmolLM2-135M-Instruct, CHAMP); run with `pytest -m slow`."""
 import json
-import resource
 import subprocess
 import sys
 
