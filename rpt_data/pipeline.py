@@ -17,7 +17,7 @@ import numpy as np
 from rpt_common.errors import UserError
 from rpt_common.models import load_causal_lm
 from rpt_common.shards import MANIFEST, REJECTS, SCHEMA_VERSION, shard_metadata, shard_name
-from rpt_data.config import TagConfig
+from rpt_data.config import RUNTIME_ONLY, TagConfig
 from rpt_data.proxy import Proxy, WindowStats, token_budget_batches
 from rpt_data.readers import BadRecord, Record, RecordParser, expand_inputs, read_all, reject_duplicate_ids
 from rpt_data.windows import Window, windows_from_pieces
@@ -62,7 +62,8 @@ def prepare_out(cfg: TagConfig, inputs: list[dict]) -> dict | None:
                         "rerun with --overwrite or choose a new --out")
     old_cfg, new_cfg = old.get("config", {}), cfg.content_dict()
     # `out` may differ: a stopped run may be moved or copied (e.g. to a disk with space) and resumed there
-    diff = sorted(k for k in set(old_cfg) | set(new_cfg) if k != "out" and old_cfg.get(k) != new_cfg.get(k))
+    ignored = {"out", *RUNTIME_ONLY}  # an older manifest may still record knobs that are runtime-only now
+    diff = sorted(k for k in set(old_cfg) | set(new_cfg) if k not in ignored and old_cfg.get(k) != new_cfg.get(k))
     if diff:
         raise UserError(f"'{out}' holds a run with a different config ({', '.join(diff)} differ); "
                         "rerun with the same options to resume, --overwrite to start over, or a new --out")

@@ -231,3 +231,12 @@ def test_nan_stats_are_null_and_counted(tmp_path, tiny_llama, monkeypatch):
     nulls = df.select(pl.col("topk_entropy").explode()).null_count().item()
     unscored = int(df.select(pl.col("score_start").sum()).item())
     assert nulls == unscored + manifest["totals"]["nan"]
+
+
+def test_older_manifest_with_runtime_knobs_still_resumes(tmp_path, tiny_llama):
+    """A manifest that recorded a knob which is runtime-only now (e.g. on_bad_record) is not 'another config'."""
+    manifest, out = tag(tmp_path, tiny_llama)
+    m = json.loads((out / "manifest.json").read_text())
+    m["config"]["on_bad_record"] = "fail"
+    (out / "manifest.json").write_text(json.dumps(m))
+    assert tag(tmp_path, tiny_llama)[0]["complete"]
