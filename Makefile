@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.setup-stamp
 PIP     := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: setup demo test test-all learn-check clean-venv
+.PHONY: setup demo test test-all learn-check bench-cpu clean-venv
 
 setup: $(STAMP)
 
@@ -34,3 +34,7 @@ clean-venv:
 
 learn-check: setup
 	$(BIN)/python pipelines/learn_check.py --out out/learn-check
+
+bench-cpu: setup
+	@$(BIN)/python -c "import trl" 2>/dev/null || $(PIP) install "trl>=1.16"
+	$(BIN)/python bench/cpu.py

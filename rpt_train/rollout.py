@@ -7,6 +7,7 @@ import inspect
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(kw_only=True, slots=True)
@@ -56,13 +57,28 @@ def filter_logits(scores: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 
 class HFRollout:
-    """Sampling with the HF model and its KV cache: each distinct prompt is prefilled once and its cache
-    repeated for the n completions; chunks of `batch_size` sequences (0 = all at once)."""
+    """Sampling with the HF model and its KV cache: each distinct prompt is prefilled once and its cache repeated
+    for the n completions; chunks of `batch_size` sequences (0 = all at once).
 
-    def __init__(self, model, tokenizer, eos_token_ids: list[int], batch_size: int = 0):
+    Prefill (`packed_prefill`, default on CPU): every prompt runs alone, so no compute goes to padding, and the
+    caches are stacked with zero (masked) slots on the left; otherwise one left-padded batch (default on CUDA).
+    Decode, dynamic path (default on CPU): a growing KV cache; finished rows leave the batch (cache included)
+    once they are a quarter of it, so later steps cost only the live rows. Static path (`static_cache`, default
+    on CUDA): the prefilled cache is copied into a preallocated `StaticCache` (length rounded up to `cache_bucket`
+    tokens, reused across calls), so every step has the same shapes; with `compile` (default on CUDA) the step
+    runs through HF's `get_compiled_call` (torch.compile, mode reduce-overhead: CUDA graphs) and the all-finished
+    check syncs with the device every `check_every` steps only. Sliding-window models take the plain paths."""
+
+    def __init__(self, model, tokenizer, eos_token_ids: list[int], batch_size: int = 0, *,
+                 static_cache: bool | None = None, compile: bool | None = None, check_every: int | None = None,
+                 packed_prefill: bool | None = None, cache_bucket: int = 256):
         self.model, self.tokenizer, self.eos, self.batch_size = model, tokenizer, eos_token_ids, batch_size
         params = inspect.signature(model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5
+        self.static_cache, self.compile, self.check_every = static_cache, compile, check_every
+        self.packed_prefill, self.cache_bucket = packed_prefill, cache_bucket
+        self._static = None  # (batch, length, dtype, device) -> StaticCache, reused so compiled graphs stay valid
+        self._compiled = None
 
     def sync(self, model: torch.nn.Module) -> None:
         self.model = model  # same module: nothing to copy
@@ -73,28 +89,95 @@ class HFRollout:
         chunks = [self._generate(prompts[i:i + per_call], params) for i in range(0, len(prompts), per_call)]
         return concat_batches(chunks, self.tokenizer.pad_token_id)
 
-    def _forward(self, **kw):
-        out = self.model(**{k if k != "cache" else self.cache_kw: v for k, v in kw.items()}, use_cache=True,
-                         logits_to_keep=1)
-        return out.logits[:, -1], out[self.cache_kw] if self.cache_kw in out else out[1]
+    def _forward(self, fn=None, **kw):
+        out = (fn or self.model)(**{k if k != "cache" else self.cache_kw: v for k, v in kw.items()}, use_cache=True,
+                                 logits_to_keep=1)
+        # a copy: compiled (CUDA-graph) outputs are overwritten by the next step
+        return out.logits[:, -1].to(torch.float32, copy=True), out[self.cache_kw] if self.cache_kw in out else out[1]
+
+    def _prefill(self, prompts: list[list[int]], ids, mask, positions):
+        """Last-position logits [P, V] and the KV cache of the left-padded prompts. On CPU each prompt is run
+        alone (no compute on padding) and the caches are left-padded with zeros (masked slots) and stacked; on
+        CUDA one padded batch. Caches other than plain dynamic layers (sliding windows) take the batched way."""
+        from transformers.cache_utils import DynamicLayer
+
+        packed = self.packed_prefill if self.packed_prefill is not None else ids.device.type == "cpu"
+        if packed and len(prompts) > 1:
+            parts = [self._forward(input_ids=ids[i:i + 1, ids.shape[1] - len(p):]) for i, p in enumerate(prompts)]
+            cache = parts[0][1]
+            if all(type(layer) is DynamicLayer for _, c in parts for layer in c.layers):
+                def stacked(j: int, kv: str) -> torch.Tensor:  # [P, heads, width, head_dim], zeros on the left
+                    return torch.cat([F.pad(getattr(c.layers[j], kv), (0, 0, ids.shape[1] - len(p), 0))
+                                      for (_, c), p in zip(parts, prompts)])
+
+                for j, layer in enumerate(cache.layers):
+                    layer.keys, layer.values = stacked(j, "keys"), stacked(j, "values")
+                return torch.cat([logits for logits, _ in parts]), cache
+        return self._forward(input_ids=ids, attention_mask=mask, position_ids=positions)
+
+    def _use_static(self, device: torch.device) -> bool:
+        return self.static_cache if self.static_cache is not None else device.type == "cuda"
+
+    def _decode_fn(self, device: torch.device):
+        """The model's compiled __call__ (HF's own `get_compiled_call`: inductor, reduce-overhead) or None."""
+        if not (self.compile if self.compile is not None else device.type == "cuda"):
+            return None
+        if self._compiled is None:
+            self._compiled = self.model.get_compiled_call(None) if hasattr(self.model, "get_compiled_call") else \
+                torch.compile(self.model, mode="reduce-overhead")
+        return self._compiled
+
+    def _static_cache(self, cache, rows: int, width: int, total: int):
+        """A StaticCache holding `cache` (a DynamicCache of `width` tokens), room for `total` tokens; None when the
+        model has layers a static cache treats differently (sliding windows)."""
+        from transformers import StaticCache
+        from transformers.cache_utils import StaticLayer
+
+        length = -(-total // self.cache_bucket) * self.cache_bucket
+        first = cache.layers[0].keys
+        key = (rows, length, first.dtype, first.device)
+        static = self._static[1] if self._static is not None and self._static[0] == key else None
+        if static is None:
+            static = StaticCache(config=self.model.config, max_cache_len=length)
+            if any(type(layer) is not StaticLayer for layer in static.layers) or len(static.layers) != len(cache.layers):
+                return None
+        for dst, src in zip(static.layers, cache.layers):
+            if not dst.is_initialized:
+                dst.lazy_initialization(src.keys, src.values)
+            dst.keys[:, :, :width].copy_(src.keys)
+            dst.values[:, :, :width].copy_(src.values)
+            dst.cumulative_length.fill_(width)  # the next token goes to slot `width`
+        self._static = (key, static)
+        return static
 
     def _generate(self, prompts: list[list[int]], params: SamplingParams) -> RolloutBatch:
         device, pad, n = next(self.model.parameters()).device, self.tokenizer.pad_token_id, params.n
-        width = max(len(p) for p in prompts)
+        width, steps = max(len(p) for p in prompts), params.max_new_tokens
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         was_training = self.model.training
         self.model.eval()
-        logits, cache = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions)
+        logits, cache = self._prefill(prompts, ids, mask, positions)
         cache.batch_repeat_interleave(n)
-        logits, attn = logits.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
+        logits = logits.repeat_interleave(n, 0)
+        N = len(logits)
+        static = self._static_cache(cache, N, width, width + steps) if self._use_static(device) else None
+        # attention mask over cache slots: the prompt's, then 1 for every generated token (future slots are causal)
+        attn = torch.cat([mask.repeat_interleave(n, 0), mask.new_ones(N, static.layers[0].max_cache_len - width
+                                                                        if static is not None else steps)], dim=1)
+        fn = self._decode_fn(device) if static is not None else None
+        cache = static if static is not None else cache
+        check_every = self.check_every or (16 if static is not None and device.type == "cuda" else 1)
         next_pos = positions[:, -1].repeat_interleave(n) + 1
         eos = torch.tensor(self.eos or [-1], device=device)
-        done = torch.zeros(len(attn), dtype=torch.bool, device=device)
-        tokens, logprobs = [], []
-        for step in range(params.max_new_tokens):
-            scores = logits.float() / (1.0 if params.greedy else params.temperature)
+        tokens = torch.full((N, steps), pad, dtype=torch.long, device=device)
+        logprobs = torch.zeros(N, steps, device=device)
+        live = torch.arange(N, device=device)  # rows of the full batch still in the decoding batch
+        done = torch.zeros(N, dtype=torch.bool, device=device)  # per decoding-batch row
+        made = 0
+        for step in range(steps):
+            scores = logits / (1.0 if params.greedy else params.temperature)
             logp = torch.log_softmax(scores, dim=-1)
             if params.greedy:
                 tok = scores.argmax(-1)
@@ -102,23 +185,33 @@ class HFRollout:
                 probs = torch.softmax(filter_logits(scores, params.top_k, params.top_p), dim=-1)
                 tok = torch.multinomial(probs, 1)[:, 0]
             tok = torch.where(done, torch.full_like(tok, pad), tok)
-            tokens.append(tok)
-            logprobs.append(logp.gather(-1, tok[:, None])[:, 0])
+            tokens[live, step] = tok
+            logprobs[live, step] = logp.gather(-1, tok[:, None])[:, 0]
+            made = step + 1
             done |= torch.isin(tok, eos)
-            if bool(done.all()) or step == params.max_new_tokens - 1:
+            if step == steps - 1 or (made % check_every == 0 and bool(done.all())):
                 break
-            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-            logits, cache = self._forward(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
-                                          cache=cache)
+            if static is None and 4 * int(done.sum()) >= len(done):  # drop finished rows: later steps skip them
+                keep = (~done).nonzero()[:, 0]
+                cache.batch_select_indices(keep)
+                live, done, attn, next_pos, tok = live[keep], done[keep], attn[keep], next_pos[keep], tok[keep]
+            width_now = attn.shape[1] if static is not None else width + step + 1
+            if fn is not None and hasattr(torch.compiler, "cudagraph_mark_step_begin"):
+                torch.compiler.cudagraph_mark_step_begin()
+            logits, cache = self._forward(fn, input_ids=tok[:, None], attention_mask=attn[:, :width_now],
+                                          position_ids=next_pos[:, None], cache=cache)
             next_pos = next_pos + 1
         self.model.train(was_training)
-        completion = torch.stack(tokens, dim=1)
+        completion = tokens[:, :made]
         cmask = completion_mask(completion, self.eos)
         completion = torch.where(cmask.bool(), completion, torch.full_like(completion, pad))
+        # trailing columns where every row had already finished (the check runs every `check_every` steps)
+        width_c = int(cmask.any(0).nonzero()[-1]) + 1 if cmask.any() else made
+        completion, cmask = completion[:, :width_c], cmask[:, :width_c]
         texts = self.tokenizer.batch_decode([c[m.bool()] for c, m in zip(completion, cmask)], skip_special_tokens=True)
         return RolloutBatch(prompt_ids=ids.repeat_interleave(n, 0), prompt_mask=mask.repeat_interleave(n, 0),
                             completion_ids=completion, completion_mask=cmask,
-                            logprobs=torch.stack(logprobs, dim=1) * cmask, texts=texts)
+                            logprobs=logprobs[:, :width_c] * cmask, texts=texts)
 
 
 def completion_mask(completion: torch.Tensor, eos: list[int]) -> torch.Tensor:

@@ -64,3 +64,51 @@ def test_policy_checks(tiny_llama, tmp_path):
     loaded.tokenizer.save_pretrained(d)
     with pytest.raises(UserError, match="does not belong to this model"):
         load_policy(str(d), device="cpu")
+
+
+@pytest.mark.parametrize("packed,static", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_sliding"])
+def test_hf_rollout_paths_agree(arch, packed, static, request):
+    """Per-prompt (packed) or batched prefill, dynamic or static cache: the same greedy tokens, and sampler
+    log-probs equal to the training forward's (sliding-window models fall back to batched + dynamic)."""
+    policy = load_policy(str(request.getfixturevalue(arch)), device="cpu")
+    tok, model = policy.tokenizer, policy.model
+    ps = prompts(tok) + [tok("hello there")["input_ids"]]
+    params = SamplingParams(n=2, max_new_tokens=7, greedy=True)
+    ref = HFRollout(model, tok, eos_ids(policy), packed_prefill=False, static_cache=False).generate(ps, params)
+    b = HFRollout(model, tok, eos_ids(policy), packed_prefill=packed, static_cache=static, cache_bucket=8).generate(
+        ps, params)
+    assert torch.equal(b.completion_ids, ref.completion_ids) and torch.equal(b.completion_mask, ref.completion_mask)
+    lp, _ = forward_logprobs(model, b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask, 1.0)
+    m = b.completion_mask.bool()
+    assert torch.allclose(lp[m], b.logprobs[m], atol=1e-4)
+
+
+def test_hf_rollout_drops_finished_rows(policy):
+    """Rows that hit EOS leave the decoding batch; the others go on with the right cache rows and log-probs."""
+    tok, model = policy.tokenizer, policy.model
+    engine = HFRollout(model, tok, list(range(0, len(tok), 3)), static_cache=False)  # a third of the vocab ends
+    torch.manual_seed(1)
+    b = engine.generate(prompts(tok), SamplingParams(n=4, max_new_tokens=12, temperature=1.0))
+    assert b.lengths.min() < b.lengths.max()
+    lp, _ = forward_logprobs(model, b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask, 1.0)
+    m = b.completion_mask.bool()
+    assert torch.allclose(lp[m], b.logprobs[m], atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_hf_rollout_compiled_static_cuda(tiny_llama):
+    """CUDA default: static cache + torch.compile (CUDA graphs). Sampler log-probs equal the training forward's,
+    greedy tokens equal the eager dynamic path's, and a second call (graph replay) gives the same tokens."""
+    policy = load_policy(str(tiny_llama), device="cuda")
+    tok, model = policy.tokenizer, policy.model
+    params = SamplingParams(n=3, max_new_tokens=10, greedy=True)
+    eager = HFRollout(model, tok, eos_ids(policy), static_cache=False, compile=False).generate(prompts(tok), params)
+    engine = HFRollout(model, tok, eos_ids(policy))
+    assert engine._use_static(torch.device("cuda")) and engine._decode_fn(torch.device("cuda")) is not None
+    first, again = engine.generate(prompts(tok), params), engine.generate(prompts(tok), params)
+    assert torch.equal(first.completion_ids, again.completion_ids)
+    assert torch.equal(first.completion_ids, eager.completion_ids)
+    lp, _ = forward_logprobs(model, first.prompt_ids, first.prompt_mask, first.completion_ids, first.completion_mask, 1.0)
+    m = first.completion_mask.bool()
+    assert torch.allclose(lp[m], first.logprobs[m], atol=1e-3)

@@ -1,0 +1,110 @@
+"""`make bench-cpu`: the three CPU comparisons with the demo model, in one process, in about 10-15 minutes.
+
+1. tagging: `rpt-data tag` (run_tag end to end) vs the naive HF-logits tagger on the same windows (bench/tag.py);
+2. rollouts: HFRollout vs HF `generate(do_sample=True)` on the same prompts, batch and lengths (bench/rollout.py);
+3. trainer step: `rpt_train` vs TRL's GRPOTrainer, identical settings (bench/trainer.py).
+
+Each comparison alternates the two sides and takes medians. Writes bench/results/cpu-<N>core.json and prints a
+table, then, as its last line, one JSON object with the headline numbers. Only the ratios of one run mean much on
+a shared machine; absolute numbers move with the load (recorded as loadavg).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, environment, pick_device, write_json  # noqa: E402
+
+import rollout  # noqa: E402
+import tag  # noqa: E402
+import trainer  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for every side (default 1: on a shared 2-core machine two OpenMP threads "
+                        "stall whenever another job holds a core, and timings swing 10x)")
+    p.add_argument("--tag-records", type=int, default=32)
+    p.add_argument("--tag-reps", type=int, default=2)
+    p.add_argument("--rollout-reps", type=int, default=2)
+    p.add_argument("--trainer-steps", type=int, default=3)
+    p.add_argument("--trainer-reward", default="shaped,rpt")
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / f"cpu-{os.cpu_count()}core.json"))
+    args = p.parse_args(argv)
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        sys.exit("error: the TRL baseline needs `trl`: run `make bench-cpu` (it installs it) or "
+                 "`.venv/bin/python -m pip install trl`")
+    t_start = time.perf_counter()
+    device = pick_device("cpu")
+
+    log("== tagging: rpt-data tag vs naive HF logits ==")
+    targs = tag.resolve(tag.parser().parse_args(["--preset", "cpu", "--device", "cpu", "--threads", str(args.threads),
+                                                 "--records", str(args.tag_records), "--reps", str(args.tag_reps)]))
+    t = tag.run(targs, log)
+    log("== rollouts: HFRollout vs HF generate ==")
+    rargs = rollout.resolve(rollout.parser().parse_args(["--preset", "cpu", "--device", "cpu",
+                                                         "--threads", str(args.threads),
+                                                         "--reps", str(args.rollout_reps)]))
+    r = rollout.run(rargs, log)
+    log("== trainer step: rpt_train vs TRL GRPOTrainer ==")
+    trargs = trainer.resolve(trainer.parser().parse_args(["--preset", "cpu", "--device", "cpu",
+                                                          "--threads", str(args.threads),
+                                                          "--steps", str(args.trainer_steps),
+                                                          "--reward", args.trainer_reward]))
+    tr = trainer.run(trargs, log, shards=t["shards_dir"])
+
+    shaped = tr["rewards"].get("shaped") or next(iter(tr["rewards"].values()))
+    headline = {
+        "tag_tokens_per_s": t["tokens_per_s"], "naive_tokens_per_s": t["naive_tokens_per_s"],
+        "tag_speedup": t["speedup_vs_naive"],
+        "rollout_tokens_per_s": r["tokens_per_s"], "hf_generate_tokens_per_s": r["hf_generate_tokens_per_s"],
+        "rollout_speedup": r["speedup_vs_hf_generate"],
+        "rollout_group_speedup": r["scenarios"].get("group", {}).get("speedup_vs_hf_generate"),
+        "step_seconds": tr["step_seconds"], "trl_step_seconds": tr["trl_step_seconds"],
+        "trainer_speedup": tr["speedup_vs_trl"],
+        "step_split": {k: shaped["ours"][f"{k}_seconds"] for k in trainer.PHASES},
+        "trl_step_split": {k: shaped["trl"][f"{k}_seconds"] for k in trainer.PHASES},
+    }
+    if "rpt" in tr["rewards"]:
+        headline["step_seconds_rpt_reward"] = tr["rewards"]["rpt"]["ours"]["step_seconds"]
+        headline["trl_step_seconds_rpt_reward"] = tr["rewards"]["rpt"]["trl"]["step_seconds"]
+    headline |= {"targets": {"tag_speedup>=1.3": headline["tag_speedup"] >= 1.3,
+                             "rollout_not_slower": headline["rollout_speedup"] >= 1.0},
+                 "device": environment(device, args.threads)["device"], "torch_threads": args.threads,
+                 "wall_seconds": round(time.perf_counter() - t_start, 1)}
+    for part in (t, r, tr):
+        part.pop("shards_dir", None)
+    write_json(args.out, {**headline, "tag": t, "rollout": r, "trainer": tr})
+
+    rows = [("tagging (tokens/s)", t["tokens_per_s"], t["naive_tokens_per_s"], "naive HF logits"),
+            ("rollout, 8 distinct prompts (tokens/s)", r["tokens_per_s"], r["hf_generate_tokens_per_s"], "HF generate")]
+    if "group" in r["scenarios"]:
+        g = r["scenarios"]["group"]
+        rows.append(("rollout, 2 prompts x 4 (tokens/s)", g["ours_tokens_per_s"], g["hf_generate_tokens_per_s"],
+                     "HF generate"))
+    for name, res in tr["rewards"].items():
+        rows.append((f"trainer step, {name} reward (s/step)", res["ours"]["step_seconds"], res["trl"]["step_seconds"],
+                     "TRL GRPOTrainer"))
+    print(f"\n{'':42s} {'ours':>10s} {'baseline':>10s} {'ratio':>7s}")
+    for name, ours, base, what in rows:
+        ratio = base / ours if "s/step" in name else ours / base
+        print(f"{name:42s} {ours:10.2f} {base:10.2f} {ratio:6.2f}x  vs {what}")
+    print(f"results: {args.out} ({headline['wall_seconds']:.0f} s, {args.threads} thread(s), "
+          f"load {t['loadavg_start']} -> {tr['loadavg_end']})")
+    print(json.dumps(headline))
+
+
+if __name__ == "__main__":
+    main()
