@@ -48,6 +48,21 @@ def shard_metadata(tokenizer_identity: dict) -> dict[str, str]:
     return {META_SCHEMA_VERSION: str(SCHEMA_VERSION), META_VOCAB_HASH: str(tokenizer_identity.get("vocab_hash", ""))}
 
 
+def footer_problems(metadata: dict | None, manifest: dict) -> list[str]:
+    """How a shard's footer stamp (Parquet key-value metadata) disagrees with its manifest: another schema
+    version or another tokenizer. A shard without a stamp is not judged here."""
+    meta = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in (metadata or {}).items()}
+    version, vocab = str(manifest.get("schema_version")), str((manifest.get("tokenizer") or {}).get("vocab_hash"))
+    problems = []
+    if meta.get(META_SCHEMA_VERSION, version) != version:
+        problems.append(f"written with shard schema version {meta[META_SCHEMA_VERSION]}, the manifest has version {version}")
+    if meta.get(META_VOCAB_HASH, vocab) != vocab:
+        problems.append(f"written with another tokenizer (vocabulary hash {meta[META_VOCAB_HASH]}, "
+                        f"the manifest's tokenizer has {vocab})")
+    return problems
+
+
 def file_digest(path: str | os.PathLike) -> dict:
     """{"bytes", "sha256"} of a file, read in 1 MiB blocks."""
     h, n = hashlib.sha256(), 0

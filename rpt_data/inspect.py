@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from rpt_common.errors import UserError
-from rpt_common.shards import (MANIFEST, META_SCHEMA_VERSION, META_VOCAB_HASH, SHARD_SCHEMA, file_digest,
+from rpt_common.shards import (MANIFEST, SHARD_SCHEMA, file_digest, footer_problems,
                                 read_manifest, shard_paths)
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
@@ -202,13 +202,7 @@ def _validate(out: str, manifest: dict) -> list[str]:
         if not table.schema.equals(SHARD_SCHEMA, check_metadata=False):
             problems.append(f"{entry['file']}: schema differs from the shard schema ({_schema_diff(table.schema)})")
             continue
-        meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-        if meta.get(META_SCHEMA_VERSION, str(manifest["schema_version"])) != str(manifest["schema_version"]):
-            problems.append(f"{entry['file']}: written with shard schema version {meta[META_SCHEMA_VERSION]}, "
-                            f"the manifest has version {manifest['schema_version']}")
-        if meta.get(META_VOCAB_HASH, tokenizer.get("vocab_hash")) != tokenizer.get("vocab_hash"):
-            problems.append(f"{entry['file']}: written with another tokenizer (vocabulary hash {meta[META_VOCAB_HASH]}, "
-                            f"the manifest's tokenizer has {tokenizer.get('vocab_hash')})")
+        problems += [f"{entry['file']}: {p}" for p in footer_problems(table.schema.metadata, manifest)]
         df = pl.from_arrow(table)
         problems += [f"{entry['file']}: {p}" for p in _check_rows(df, entry, metric, thr, tokenizer.get("vocab_size"))]
     return problems

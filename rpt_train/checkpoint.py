@@ -62,12 +62,29 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, tokenizer, state: 
     tokenizer.save_pretrained(tmp)
     torch.save({**state, "step": step, "rng": rng_state()}, tmp / STATE)
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "config": state.get("config")}, indent=1))
-    if final.exists():  # re-saving a step after a resume: replace the old copy
-        shutil.rmtree(final)
+    if final.exists():  # re-saving a step after a resume: move the old copy out of the way in one rename
+        _discard(final)
     os.replace(tmp, final)
-    for _, old in list_checkpoints(out)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    tidy_checkpoints(out, keep)
     return final
+
+
+def tidy_checkpoints(out: str | os.PathLike, keep: int) -> None:
+    """Delete all but the last `keep` checkpoints, and what a run killed while saving or deleting left."""
+    for _, old in list_checkpoints(out)[:-keep]:
+        _discard(old)
+    root = checkpoints_dir(out)
+    for p in [*root.glob(".del-*"), *root.glob(".tmp-step-*")]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _discard(path: Path) -> None:
+    """Delete a checkpoint so that a kill at any moment never leaves a half-deleted step-NNNNNN behind:
+    rename it to a hidden name first (atomic), then remove it."""
+    doomed = path.with_name(f".del-{path.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def load_trainer_state(path: Path) -> dict:

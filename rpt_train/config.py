@@ -74,6 +74,10 @@ class TrainConfig(CommonConfig):
     warmup_steps: int = opt(0, "linear warmup steps")
     lr_schedule: str = opt("constant", "after warmup: constant, linear or cosine decay to 0")
     grad_clip: float = opt(1.0, "max gradient norm (0 = off)")
+    on_bad_step: str = opt("skip", "a NaN/inf loss or gradient (or one above --bad-grad-norm): skip (drop the batch, "
+                           "log it, go on) or stop (exit; the last checkpoint stays intact)")
+    bad_grad_norm: float = opt(0.0, "also treat an update whose pre-clip gradient norm exceeds this as bad (0 = only NaN/inf)")
+    max_bad_steps: int = opt(10, "stop after this many bad steps in a row, even with --on-bad-step skip")
     ppo_epochs: int = opt(1, "passes over each rollout batch")
     mini_batch_size: int = opt(0, "sequences per optimizer update (0 = the whole batch)")
     micro_batch_size: int = opt(4, "sequences per forward/backward (gradient accumulation)")
@@ -204,6 +208,8 @@ def validate(cfg: CommonConfig) -> None:
         need(cfg.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1")
         need(cfg.clip_low >= 0 and cfg.resolved_clip_high() >= 0, "--clip-low/--clip-high must be non-negative")
         need(cfg.beta >= 0, "--beta must be non-negative")
+        need(cfg.on_bad_step in ("skip", "stop"), "--on-bad-step must be skip or stop")
+        need(cfg.bad_grad_norm >= 0 and cfg.max_bad_steps >= 1, "--bad-grad-norm must be >= 0, --max-bad-steps >= 1")
     if isinstance(cfg, EvalConfig):
         need(cfg.split in ("auto", "heldout", "train", "all"), "--split must be auto, heldout, train or all")
         need(cfg.split != "heldout" or cfg.heldout_fraction > 0, "--split heldout needs --heldout-fraction > 0")

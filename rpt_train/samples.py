@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rpt_common.errors import UserError
-from rpt_common.shards import SHARD_SCHEMA, read_manifest, shard_paths
+from rpt_common.shards import SHARD_SCHEMA, footer_problems, read_manifest, shard_paths
 
 BUCKET_NAMES = ("easy", "medium", "hard")
 _INDEX_COLUMNS = ["doc_id", "score_start", "selected"]
@@ -104,7 +104,14 @@ class ShardSet:
                 raise UserError(f"shard '{path}' has no column '{fld.name}'; it was not written by this rpt-data version")
             if not schema.field(fld.name).type.equals(fld.type):
                 raise UserError(f"shard '{path}' column '{fld.name}' is {schema.field(fld.name).type}, expected {fld.type}")
+        problems = footer_problems(schema.metadata, self.manifest)
+        if problems:
+            raise UserError(f"shard '{path}' was {problems[0]}; it does not belong to this directory "
+                            "(`rpt-data validate` lists every such file)")
         entry = self._manifest_entry(path)
+        if entry and "bytes" in entry and entry["bytes"] != os.path.getsize(path):
+            raise UserError(f"shard '{path}' has {os.path.getsize(path)} bytes but the manifest recorded {entry['bytes']}; "
+                            "it was modified or copied from another run, rerun `rpt-data tag`")
         if entry and "rows" in entry and entry["rows"] != f.metadata.num_rows:
             raise UserError(f"shard '{path}' has {f.metadata.num_rows} rows but the manifest says {entry['rows']}; "
                             "it is truncated or stale, rerun `rpt-data tag`")

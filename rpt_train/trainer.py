@@ -18,7 +18,8 @@ import yaml
 
 from rpt_common.errors import UserError
 from rpt_train.advantages import group_advantages, group_std
-from rpt_train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+from rpt_train.checkpoint import (latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state,
+                                  tidy_checkpoints)
 from rpt_train.config import EvalConfig, TrainConfig, to_dict
 from rpt_train.evaluate import EVAL_BUCKETS, evaluate, select_positions, write_json
 from rpt_train.loss import AGGREGATION, aggregate, clipped_surrogate, forward_logprobs, normalizer
@@ -31,7 +32,7 @@ from rpt_train.templates import PromptBuilder
 
 # Options that may change between a run and its --resume without changing what is computed.
 _RESUMABLE = {"steps", "save_every", "keep_checkpoints", "eval_every", "log_samples_every", "tensorboard", "resume",
-              "out", "model", "eval_limit", "eval_samples"}
+              "out", "model", "eval_limit", "eval_samples", "on_bad_step", "bad_grad_norm", "max_bad_steps"}
 
 
 @dataclass(kw_only=True, slots=True)
@@ -78,6 +79,8 @@ def prepare_out(cfg: TrainConfig) -> Path | None:
     if not cfg.resume and (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size:
         raise UserError(f"'{out}' already holds a run; pass --resume to continue it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.resume:
+        tidy_checkpoints(out, cfg.keep_checkpoints)
     if cfg.resume and ckpt is None:
         print(f"note: no checkpoint in '{out}' yet; starting from step 0", file=sys.stderr)
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -201,12 +204,13 @@ def update_policy(cfg: TrainConfig, model, ref, optimizer, batch: Groups) -> dic
     ref_lp = frozen_logprobs(cfg, ref, rollouts, trained)[0] if ref is not None else None
     params = [p for p in model.parameters() if p.requires_grad]
     sums = dict.fromkeys(("loss", "grad_norm", "clipped", "tokens", "entropy", "ent_tokens", "kl"), 0.0)
-    updates = 0
+    updates, bad, grad_norm = 0, None, 0.0
     model.train()
     for epoch in range(cfg.ppo_epochs):
         for m in minis:
             norm = normalizer(mode, rollouts.completion_mask[m], cfg.max_new_tokens)
             optimizer.zero_grad(set_to_none=True)
+            losses: list[float] = []
             for rows in micro(m, True):
                 p_ids, p_mask, c_ids, c_mask = micro_rows(rollouts, rows, device)
                 W = c_ids.shape[1]
@@ -221,7 +225,8 @@ def update_policy(cfg: TrainConfig, model, ref, optimizer, batch: Groups) -> dic
                 loss = aggregate(per_token, c_mask, mode, norm)
                 loss.backward()
                 mask = c_mask.bool()
-                sums["loss"] += float(loss.detach())
+                losses.append(float(loss.detach()))
+                sums["loss"] += losses[-1]
                 sums["clipped"] += float(clipped[mask].sum())
                 sums["tokens"] += float(mask.sum())
                 if ent is not None:
@@ -240,13 +245,22 @@ def update_policy(cfg: TrainConfig, model, ref, optimizer, batch: Groups) -> dic
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
             max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            bad = bad_update(cfg, grad_norm, losses)
+            if bad:  # no optimizer step: the weights and AdamW state stay as they were; the rest of the step is dropped
+                optimizer.zero_grad(set_to_none=True)
+                break
+            sums["grad_norm"] += grad_norm
             optimizer.step()
             updates += 1
+        if bad:
+            break
     model.eval()
+    n = max(updates, 1)
     stats = {
-        "loss": sums["loss"] / updates,
-        "grad_norm": sums["grad_norm"] / updates,
+        "loss": sums["loss"] / n if updates else (losses[-1] if losses else 0.0),
+        "grad_norm": sums["grad_norm"] / n if updates else grad_norm,
+        "bad_step": bad,
         "clip_ratio": sums["clipped"] / max(sums["tokens"], 1.0),
         "entropy": sums["entropy"] / max(sums["ent_tokens"], 1.0),
         "advantage_abs": float(advantages.abs().mean()),
@@ -257,6 +271,17 @@ def update_policy(cfg: TrainConfig, model, ref, optimizer, batch: Groups) -> dic
     return stats
 
 
+def bad_update(cfg: TrainConfig, grad_norm: float, losses: list[float]) -> str | None:
+    """Why an update must not be applied (NaN/inf loss or gradient, or a gradient norm above --bad-grad-norm)."""
+    if not all(math.isfinite(x) for x in losses):
+        return "non-finite loss"
+    if not math.isfinite(grad_norm):
+        return "non-finite gradient"
+    if cfg.bad_grad_norm > 0 and grad_norm > cfg.bad_grad_norm:
+        return f"gradient norm {grad_norm:.4g} > --bad-grad-norm {cfg.bad_grad_norm:g}"
+    return None
+
+
 def no_update(cfg: TrainConfig, model, made: list[Groups]) -> dict:
     """Every group had equal rewards after all rounds: no optimizer step; entropy still measured."""
     rollouts = made[0].rollouts
@@ -264,8 +289,8 @@ def no_update(cfg: TrainConfig, model, made: list[Groups]) -> dict:
     chunks = [list(range(i, min(i + cfg.micro_batch_size, N))) for i in range(0, N, cfg.micro_batch_size)]
     _, ent = frozen_logprobs(cfg, model, rollouts, chunks, with_entropy=True)
     mask = rollouts.completion_mask.bool().to(ent.device)
-    stats = {"loss": 0.0, "grad_norm": 0.0, "clip_ratio": 0.0, "entropy": float(ent[mask].mean()) if mask.any() else 0.0,
-             "advantage_abs": 0.0, "updates": 0}
+    stats = {"loss": 0.0, "grad_norm": 0.0, "bad_step": None, "clip_ratio": 0.0, "advantage_abs": 0.0, "updates": 0,
+             "entropy": float(ent[mask].mean()) if mask.any() else 0.0}
     if cfg.beta > 0:
         stats["kl"] = None
     return stats
@@ -336,6 +361,7 @@ def train(cfg: TrainConfig, *, reward_fns: list[RewardFn] = (), engine: RolloutE
         where = cfg.bucket if cfg.min_entropy is None else f"entropy > {cfg.min_entropy}"
         print(f"training on {len(data)} positions from '{cfg.shards}' ({where}), {cfg.batch_prompts} contexts x "
               f"{cfg.group_size} rollouts per step, steps {start + 1}..{cfg.steps}", flush=True)
+    bad_run = 0
     for step in range(start + 1, cfg.steps + 1):
         t0 = time.perf_counter()
         batch, made, stats = collect(cfg, data, prompts, engine, reward_fn, params)
@@ -350,6 +376,9 @@ def train(cfg: TrainConfig, *, reward_fns: list[RewardFn] = (), engine: RolloutE
             write_json(result, out / "eval" / f"step-{step:06d}.json")
             metrics |= {f"eval/{b}/{k}": v for b in EVAL_BUCKETS for k, v in result[b].items()}
         logger.log(metrics)
+        bad_run = bad_run + 1 if stats["bad_step"] else 0
+        if bad_run:
+            check_bad_step(cfg, step, stats["bad_step"], bad_run, out)
         if cfg.log_samples_every and step % cfg.log_samples_every == 0:
             logger.samples(sample_records(step, made, prompts, limit=2 * cfg.group_size))
         if step % cfg.save_every == 0 or step == cfg.steps:
@@ -359,6 +388,18 @@ def train(cfg: TrainConfig, *, reward_fns: list[RewardFn] = (), engine: RolloutE
             }, keep=cfg.keep_checkpoints)
     logger.close()
     return out
+
+
+def check_bad_step(cfg: TrainConfig, step: int, reason: str, in_a_row: int, out: Path) -> None:
+    """A bad update was dropped: warn and go on (--on-bad-step skip), or stop before anything is saved."""
+    if cfg.on_bad_step == "skip" and in_a_row < cfg.max_bad_steps:
+        print(f"warning: step {step}: {reason}; update skipped (weights unchanged)", file=sys.stderr, flush=True)
+        return
+    last = latest_checkpoint(out)
+    why = "--on-bad-step stop" if cfg.on_bad_step == "stop" else f"{in_a_row} bad steps in a row (--max-bad-steps)"
+    where = f"the last good checkpoint is '{last}'" if last else "no checkpoint was saved yet"
+    raise UserError(f"step {step}: {reason}; stopped ({why}) and {where}: lower --lr or check the data, "
+                    "then rerun with --resume")
 
 
 def warn_changed(saved: dict, now: dict) -> None:
