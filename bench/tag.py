@@ -101,26 +101,11 @@ def read_windows(out: str):
     return windows, stats
 
 
-def padcap_batches(windows, batch_tokens: int, max_pad: float = 0.125) -> list[list[int]]:
-    """A proposed change to `token_budget_batches` (not in rpt_data yet): the same longest-first token budget, and a
-    window shorter than (1 - max_pad) x its batch's longest starts a new batch, so padding stays under max_pad."""
-    order = sorted(range(len(windows)), key=lambda i: -len(windows[i].token_ids))
-    batches: list[list[int]] = []
-    for i in order:
-        n = len(windows[i].token_ids)
-        if batches and (len(batches[-1]) + 1) * len(windows[batches[-1][0]].token_ids) <= batch_tokens \
-                and n >= (1 - max_pad) * len(windows[batches[-1][0]].token_ids):
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
-
-
-def run_ours_compute(proxy, windows, batch_tokens: int, batching=None):
+def run_ours_compute(proxy, windows, batch_tokens: int):
     from rpt_data.proxy import token_budget_batches
 
     out = [None] * len(windows)
-    for idx in (batching or token_budget_batches)(windows, batch_tokens):
+    for idx in token_budget_batches(windows, batch_tokens):
         for i, s in zip(idx, proxy.score_batch([windows[i] for i in idx])):
             out[i] = s
     return out
@@ -238,7 +223,6 @@ def run(args, log=print) -> dict:
     naive_out: list = []  # the first naive run's stats, for the agreement check
     sides = {"e2e": lambda: run_ours_e2e(lm, args.cfg_kw),
              "compute": lambda: run_ours_compute(proxy, windows, args.batch_tokens),
-             "compute_padcap": lambda: run_ours_compute(proxy, windows, args.batch_tokens, padcap_batches),
              "naive": lambda: naive_out.append(run_naive(lm.model, windows, args.naive_batch_rows, pad))}
     chosen = [s.strip() for s in args.sides.split(",") if s.strip()]
     if "naive" not in chosen or not set(chosen) <= set(sides):
@@ -264,11 +248,6 @@ def run(args, log=print) -> dict:
     if "compute" in med:
         result["compute_tokens_per_s"] = tokens / med["compute"]
         result["compute_speedup_vs_naive"] = med["naive"] / med["compute"]
-    if "compute_padcap" in med:  # preview of the proposed batching (see padcap_batches)
-        result["compute_padcap_tokens_per_s"] = tokens / med["compute_padcap"]
-        result["compute_padcap_speedup_vs_naive"] = med["naive"] / med["compute_padcap"]
-        result["padcap_padded_tokens"] = sum(len(b) * len(windows[b[0]].token_ids)
-                                             for b in padcap_batches(windows, args.batch_tokens))
     peak = peak_flops(device)
     if peak:
         flops = forward_flops(lm.model, [len(w.token_ids) for w in windows])
@@ -350,7 +329,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["structured", "continuous"])
     p.add_argument("--dtype", help="float32 or bfloat16")
     p.add_argument("--reps", type=int, help="alternated rounds (median)")
-    p.add_argument("--sides", help="comma list of e2e, compute, compute_padcap (a proposed batching), naive")
+    p.add_argument("--sides", help="comma list of e2e, compute, naive")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--profile", help="write torch.profiler / cProfile tables to this directory")
     p.add_argument("--sweep", action="store_true", help="scaling with window length and vocabulary instead")

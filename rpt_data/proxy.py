@@ -75,17 +75,17 @@ class Proxy:
         return out
 
 
-def token_budget_batches(windows: list[Window], batch_tokens: int) -> list[list[int]]:
-    """Indices of `windows` grouped longest first so that rows x longest <= batch_tokens (padding stays small)."""
+def token_budget_batches(windows: list[Window], batch_tokens: int, max_pad: float = 0.125) -> list[list[int]]:
+    """Indices of `windows` grouped longest first so that rows x longest <= batch_tokens; a window shorter than
+    (1 - max_pad) x its batch's longest starts a new batch, so padding stays under max_pad of every batch."""
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i].token_ids))
-    batches, cur, longest = [], [], 0
+    batches: list[list[int]] = []
+    longest = 0
     for i in order:
         n = len(windows[i].token_ids)
-        if cur and (len(cur) + 1) * max(longest, n) > batch_tokens:
-            batches.append(cur)
-            cur, longest = [], 0
-        cur.append(i)
-        longest = max(longest, n)
-    if cur:
-        batches.append(cur)
+        if batches and (len(batches[-1]) + 1) * longest <= batch_tokens and n >= (1 - max_pad) * longest:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+            longest = n
     return batches

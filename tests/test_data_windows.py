@@ -86,3 +86,19 @@ def test_structured_streams_do_not_mix(tiny_llama):
         assert mine[0].token_start == 0
         got = np.concatenate([mine[0].token_ids] + [w.token_ids[2:] for w in mine[1:]])
         assert np.array_equal(got, ids)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 300), min_size=0, max_size=60), st.integers(1, 2000))
+def test_token_budget_batches_cover_every_window_once_within_budget_and_padding_cap(lengths, budget):
+    from types import SimpleNamespace
+
+    from rpt_data.proxy import token_budget_batches
+
+    windows = [SimpleNamespace(token_ids=[0] * n) for n in lengths]
+    batches = token_budget_batches(windows, budget, max_pad=0.125)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        longest = max(lengths[i] for i in b)
+        assert len(b) == 1 or len(b) * longest <= budget
+        assert all(lengths[i] >= 0.875 * longest for i in b)  # padding under 12.5% of every row
