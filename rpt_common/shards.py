@@ -20,6 +20,9 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
 SHARD_GLOB = "shard-*.parquet"
+# A multi-rank run: each rank records its own progress and rejects; `rpt-data merge` (or rank 0 under
+# torchrun) writes manifest.json from the records once every rank is complete.
+RANK_RECORD_GLOB = "rank-*.json"
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -77,10 +80,45 @@ def shard_name(rank: int, seq: int) -> str:
     return f"shard-{rank:05d}-{seq:05d}.parquet"
 
 
+def rank_record_name(rank: int) -> str:
+    return f"rank-{rank:05d}.json"
+
+
+def rank_rejects_name(rank: int) -> str:
+    return f"rejects-{rank:05d}.jsonl"
+
+
+def unfinished_ranks(out: str | os.PathLike) -> str | None:
+    """For a multi-rank directory without a manifest: which ranks are not done, as a sentence
+    ("rank 1 of 2 has not finished"); None when the directory holds no rank record."""
+    paths = sorted(Path(out).glob(RANK_RECORD_GLOB))
+    if not paths:
+        return None
+    records = {}
+    for p in paths:
+        try:
+            r = json.loads(p.read_text())
+            records[int(r["rank"])] = r
+        except (ValueError, KeyError, TypeError):
+            continue  # a damaged record counts as an unfinished rank below
+    world = max((int(r.get("world_size", 0)) for r in records.values()), default=0)
+    if not world:
+        return "its rank records (rank-*.json) are unreadable"
+    todo = [r for r in range(world) if not records.get(r, {}).get("complete")]
+    if not todo:
+        return f"all {world} ranks are complete but not merged yet"
+    ranks = ", ".join(map(str, todo[:8])) + (", ..." if len(todo) > 8 else "")
+    return f"rank{'s' if len(todo) > 1 else ''} {ranks} of {world} {'have' if len(todo) > 1 else 'has'} not finished"
+
+
 def read_manifest(out: str | os.PathLike) -> dict:
     """The manifest of a tag output directory, checked for the schema version this code reads."""
     path = Path(out) / MANIFEST
     if not path.exists():
+        pending = unfinished_ranks(out)
+        if pending:
+            raise UserError(f"'{out}' is a multi-rank output without {MANIFEST} yet: {pending}; "
+                            f"run `rpt-data merge {out}` once all ranks are done")
         raise UserError(f"'{out}' has no {MANIFEST}; it is not an `rpt-data tag` output directory")
     try:
         manifest = json.loads(path.read_text())

@@ -44,26 +44,30 @@ def main():
 @click.option("--on-bad-record", type=click.Choice(["skip", "fail"]),
               help="skip: log to rejects.jsonl and go on; fail: exit 2 naming file and line. [skip]")
 @click.option("--limit", type=int, help="Read at most N good records.")
-@click.option("--rank", type=int, help="This process's rank (default: $RANK or 0).")
-@click.option("--world-size", type=int, help="Number of ranks (default: $WORLD_SIZE or 1).")
+@click.option("--rank", type=int,
+              help="This process's rank, with --world-size. Default: torchrun's $RANK, else a Slurm array's "
+                   "$SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN, else $SLURM_PROCID, else 0.")
+@click.option("--world-size", type=int,
+              help="Number of ranks; each tags its part of the input into its own shards. Default: $WORLD_SIZE, "
+                   "else $SLURM_ARRAY_TASK_COUNT, else $SLURM_NTASKS, else 1. Independent ranks (Slurm array, "
+                   "explicit flags) end with `rpt-data merge OUT`; under torchrun rank 0 writes the manifest.")
 @click.option("--progress/--no-progress", default=None, help="Show a progress line on stderr. [on]")
 @user_errors
 def tag(recipe, **opts):
     """Tag high-entropy positions of a corpus with a proxy model (RECIPE.yaml optional)."""
-    import os
-
     from rpt_data.config import TagConfig
     from rpt_data.pipeline import run_tag
+    from rpt_data.ranks import resolve_ranks
 
     rec = load_recipe(recipe, section="tag")
     if "input" in rec:
         rec["inputs"] = rec.pop("input")
-    for key, env in (("rank", "RANK"), ("world_size", "WORLD_SIZE")):
-        if opts[key] is None and key not in rec and os.environ.get(env):
-            opts[key] = int(os.environ[env])
+    given = {k: opts[k] if opts[k] is not None else rec.get(k) for k in ("rank", "world_size")}
+    ranks = resolve_ranks(given["rank"], given["world_size"])
+    opts.update(rank=ranks.rank, world_size=ranks.world_size)
     cfg = build_config(TagConfig, rec, opts, source=recipe or "options")
     _quiet_transformers()
-    run_tag(cfg)
+    run_tag(cfg, ranks=ranks)
 
 
 @main.command(context_settings=CTX)
@@ -76,6 +80,25 @@ def inspect(out, plot, top):
     from rpt_data.inspect import inspect_out
 
     inspect_out(out, plot=plot, top=top)
+
+
+@main.command(context_settings=CTX)
+@click.argument("out", type=click.Path(file_okay=False))
+@user_errors
+def merge(out):
+    """Write OUT/manifest.json for a multi-rank `tag` run once every rank is done.
+
+    Refuses (exit 2, naming the rank or shard) unless ranks 0..W-1 are all complete, ran with the same
+    options, inputs and model, and every recorded shard is on disk with its recorded size. The ranks'
+    rejects-RRRRR.jsonl are merged into OUT/rejects.jsonl. Under torchrun rank 0 does this itself; run it
+    after a Slurm job array or independent `--rank/--world-size` processes (e.g. as a dependent job).
+    Safe to repeat.
+    """
+    from rpt_data.merge import merge_out
+
+    m = merge_out(out)
+    click.echo(f"{out}: merged {m['world_size']} ranks: {len(m['shards'])} shards, {m['totals']['rows']:,} windows, "
+               f"{m['records']:,} records, {m['bad_records']:,} bad records (rejects.jsonl)")
 
 
 @main.command(context_settings=CTX)

@@ -39,8 +39,8 @@ class TagConfig:
     overwrite: bool = False
     on_bad_record: str = "skip"
     limit: int | None = None  # good records to read
-    rank: int = 0
-    world_size: int = 1
+    rank: int = 0  # this process's part of the input; see rpt_data.ranks for the env defaults
+    world_size: int = 1  # > 1: each rank writes its own shards, then `rpt-data merge` (or torchrun rank 0)
     progress: bool = True
 
     def __post_init__(self):
@@ -67,8 +67,6 @@ class TagConfig:
         for ok, msg in checks:
             if not ok:
                 raise UserError(msg)
-        if self.world_size > 1:
-            raise UserError("multi-rank tagging (--world-size > 1) is not available in this version yet")
         if self.template is None and self.text_field is None:
             self.text_field = "text"
 

@@ -16,12 +16,16 @@ import numpy as np
 
 from rpt_common.errors import UserError
 from rpt_common.models import load_causal_lm
-from rpt_common.shards import MANIFEST, REJECTS, SCHEMA_VERSION, shard_metadata, shard_name
+from rpt_common.shards import (MANIFEST, REJECTS, SCHEMA_VERSION, rank_record_name, rank_rejects_name, shard_metadata,
+                                shard_name)
 from rpt_data.config import RUNTIME_ONLY, TagConfig
+from rpt_data.division import Division, divide
+from rpt_data.merge import merge_out, totals
 from rpt_data.proxy import Proxy, WindowStats, token_budget_batches
+from rpt_data.ranks import RankInfo, process_group, rank_device, resolve_ranks
 from rpt_data.readers import BadRecord, Record, RecordParser, expand_inputs, read_all, reject_duplicate_ids
 from rpt_data.windows import Window, windows_from_pieces
-from rpt_data.writer import build_table, is_ours, write_json_atomic, write_shard
+from rpt_data.writer import build_table, file_rank, is_ours, write_json_atomic, write_shard
 
 
 class BadRecordError(UserError):
@@ -35,8 +39,48 @@ def fingerprint(path: str) -> dict:
     return {"path": path, "bytes": sum(s.st_size for s in st), "mtime_ns": max((s.st_mtime_ns for s in st), default=0)}
 
 
+def record_name(cfg: TagConfig) -> str:
+    """Where a run records its progress: manifest.json for one rank, rank-RRRRR.json for each of several."""
+    return MANIFEST if cfg.world_size == 1 else rank_record_name(cfg.rank)
+
+
+def rejects_name(cfg: TagConfig) -> str:
+    return REJECTS if cfg.world_size == 1 else rank_rejects_name(cfg.rank)
+
+
+def _mine(name: str, cfg: TagConfig) -> bool:
+    """Files this process may remove: all of a 1-rank run's; only its own in a multi-rank run (the
+    other ranks write into the same directory at the same time)."""
+    return cfg.world_size == 1 or file_rank(name) == cfg.rank
+
+
+def _other_world_size(out: Path, cfg: TagConfig) -> None:
+    """Refuse files of a run with another number of ranks (with --overwrite, remove the ones that no
+    rank of this run owns), so that two runs never mix."""
+    names = os.listdir(out)
+    if cfg.world_size == 1:
+        stale = sorted(n for n in names if n.startswith("rank-"))
+    else:
+        stale = sorted(n for n in names if (file_rank(n) or 0) >= cfg.world_size)
+        try:  # a merged manifest names its world size; a 1-rank one does not
+            world_size = json.loads((out / MANIFEST).read_text()).get("world_size", 1)
+        except FileNotFoundError:  # none, or another rank just removed it
+            world_size = cfg.world_size
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            world_size = None  # unreadable: not known to be this run's
+        if world_size != cfg.world_size:
+            stale.insert(0, MANIFEST)
+    if not stale or cfg.overwrite:
+        for n in stale:  # the 1-rank case removes everything anyway
+            (out / n).unlink(missing_ok=True)
+        return
+    raise UserError(f"'{out}' holds a run with a different config (world_size differ: it has '{stale[0]}'); "
+                    "rerun with the same options to resume, --overwrite to start over, or a new --out")
+
+
 def prepare_out(cfg: TagConfig, inputs: list[dict]) -> dict | None:
-    """Check the output directory; return the manifest to resume from (None = start fresh)."""
+    """Check the output directory; return this rank's record to resume from (None = start fresh).
+    The record is manifest.json for a 1-rank run, rank-RRRRR.json for each rank of a multi-rank run."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out '{out}' exists and is not a directory")
@@ -45,18 +89,18 @@ def prepare_out(cfg: TagConfig, inputs: list[dict]) -> dict | None:
     if foreign:
         raise UserError(f"output directory '{out}' already holds files that rpt-data did not write "
                         f"(e.g. '{foreign[0]}'); choose an empty or new --out directory")
-    if cfg.overwrite:  # the manifest goes first: shards without one are never trusted
-        for n in sorted(os.listdir(out), key=lambda n: n != MANIFEST):
-            os.remove(out / n)
-        return None
-    if not (out / MANIFEST).exists():
-        for n in os.listdir(out):  # shards without a manifest were never recorded as complete
+    _other_world_size(out, cfg)
+    record = out / record_name(cfg)
+    mine = sorted((n for n in os.listdir(out) if _mine(n, cfg)), key=lambda n: n != record.name)
+    if cfg.overwrite or not record.exists():
+        # the record goes first: shards without one are never trusted (nor recorded as complete)
+        for n in mine:
             os.remove(out / n)
         return None
     try:
-        old = json.loads((out / MANIFEST).read_text())
+        old = json.loads(record.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{out / MANIFEST} is corrupt; rerun with --overwrite to start over")
+        raise UserError(f"{record} is corrupt; rerun with --overwrite to start over")
     if old.get("schema_version") != SCHEMA_VERSION:
         raise UserError(f"'{out}' was written with schema version {old.get('schema_version')}; "
                         "rerun with --overwrite or choose a new --out")
@@ -75,11 +119,12 @@ def prepare_out(cfg: TagConfig, inputs: list[dict]) -> dict | None:
         if not path.is_file() or path.stat().st_size != entry.get("bytes", path.stat().st_size):
             print(f"warning: {path} is missing or changed since it was recorded; redoing it and the shards after it",
                   file=sys.stderr)
+            old["complete"] = False
             break
         kept.append(entry)
     old["shards"] = kept
     listed = {s["file"] for s in kept}
-    for n in os.listdir(out):  # half-written or unrecorded shards are redone
+    for n in mine:  # half-written or unrecorded shards are redone
         if n.endswith(".tmp") or (n.startswith("shard-") and n not in listed):
             os.remove(out / n)
     return old
@@ -130,58 +175,84 @@ def shard_summary(name: str, windows: list[Window], stats: list[WindowStats], cf
     return entry, selected
 
 
-def totals(shards: list[dict]) -> dict:
-    keys = ("rows", "positions", "scored", "nan", "selected")
-    t = {k: sum(s[k] for s in shards) for k in keys}
-    t["buckets"] = {b: sum(s["buckets"][b] for s in shards) for b in (shards[0]["buckets"] if shards else {})}
-    return t
+def run_tag(cfg: TagConfig, console=None, ranks: RankInfo | None = None) -> dict:
+    """Run this rank's part of the tagging job; returns its record (the final manifest for one rank).
+    `ranks` says how the rank was found (default: cfg.rank/world_size as explicit flags): under
+    torchrun, rank 0 writes manifest.json once every rank is done; otherwise `rpt-data merge` does."""
+    ranks = ranks or resolve_ranks(cfg.rank, cfg.world_size)
+    record = _tag_rank(cfg, ranks)
+    if cfg.world_size > 1:
+        if ranks.torch_distributed:
+            with process_group() as dist:
+                dist.barrier()  # every rank's record is complete once all of them got here
+                if cfg.rank == 0:
+                    manifest = merge_out(cfg.out)
+                    print(f"all {cfg.world_size} ranks are done: {cfg.out}/{MANIFEST} lists "
+                          f"{len(manifest['shards'])} shards", file=sys.stderr)
+        else:
+            print(f"rank {cfg.rank} of {cfg.world_size} is done; "
+                  f"run `rpt-data merge {cfg.out}` once all ranks are done", file=sys.stderr)
+    return record
 
 
-def run_tag(cfg: TagConfig, console=None) -> dict:
-    """Run the whole tagging job; returns the final manifest."""
+def _tag_rank(cfg: TagConfig, ranks: RankInfo) -> dict:
     files = expand_inputs(cfg.inputs, cfg.format)
     inputs = [fingerprint(p) for p, _ in files]
+    division = divide(files, cfg.mode, cfg.limit, cfg.rank, cfg.world_size)
     parse = RecordParser(cfg.text_field, cfg.template, cfg.id_field)
     old = prepare_out(cfg, inputs)
     out = Path(cfg.out)
     if old and old.get("complete"):
-        print(f"'{out}' is already complete ({len(old['shards'])} shards); nothing to do "
+        what = f"'{out}'" if cfg.world_size == 1 else f"rank {cfg.rank} of {cfg.world_size} in '{out}'"
+        print(f"{what} is already complete ({len(old['shards'])} shards); nothing to do "
               "(use --overwrite to redo it)", file=sys.stderr)
         return old
-    lm = load_causal_lm(cfg.model, cfg.device, cfg.dtype)
+    if cfg.world_size > 1:  # a merged manifest would no longer describe the shards
+        (out / MANIFEST).unlink(missing_ok=True)
+    lm = load_causal_lm(cfg.model, rank_device(cfg.device, ranks.local_rank), cfg.dtype)
     if old and (old.get("proxy") != lm.identity or old.get("tokenizer") != lm.tokenizer_identity):
         raise UserError(f"the model behind --model {cfg.model} changed since '{out}' was started; "
                         "rerun with --overwrite to start over")
     proxy = Proxy(lm.model, top_k=cfg.top_k, chunk_rows=cfg.chunk_rows)
-    manifest = {
+    record = {
         "schema_version": SCHEMA_VERSION, "complete": False, "config": cfg.content_dict(),
         "tokenizer": lm.tokenizer_identity, "proxy": lm.identity, "inputs": inputs,
         "shards": list(old["shards"]) if old else [], "records": 0, "bad_records": 0, "bad_reasons": {},
     }
+    if cfg.world_size > 1:
+        record.update(rank=cfg.rank, world_size=cfg.world_size, division=division.describe())
     with disk_full_is_a_user_error(out):
-        _tag(cfg, files, parse, lm, proxy, manifest)
-    return manifest
+        _tag(cfg, division, parse, lm, proxy, record)
+    return record
 
 
-def _tag(cfg: TagConfig, files: list, parse: RecordParser, lm, proxy: Proxy, manifest: dict) -> None:
-    """Read, window, score and write shards after the `done` ones, updating `manifest` in place."""
+def _tag(cfg: TagConfig, division: Division, parse: RecordParser, lm, proxy: Proxy, manifest: dict) -> None:
+    """Read, window, score and write this rank's shards after the `done` ones, updating its record
+    (`manifest`: manifest.json for one rank, rank-RRRRR.json otherwise) in place."""
     from rpt_data.progress import TagProgress
 
     out = Path(cfg.out)
-    write_json_atomic(out / MANIFEST, manifest)
+    write_json_atomic(out / record_name(cfg), manifest)
     done = len(manifest["shards"])
-    counts = {"records": 0, "bad": 0}
+    counts = {"records": 0, "bad": 0, "seen": 0}  # seen: good records of the whole run (for --limit)
     reasons: dict[str, int] = {}
     progress = TagProgress(enabled=cfg.progress)
     t0 = time.perf_counter()
 
-    with open(out / REJECTS, "w") as rejects, progress:
+    with open(out / rejects_name(cfg), "w") as rejects, progress:
         def good_records() -> Iterator[Record]:
-            items = read_all(files, parse)
+            """This rank's records (every record when windows are striped); bad ones go to its rejects."""
+            items = read_all(division.files, parse)
             if cfg.mode == "structured" and cfg.id_field:
                 items = reject_duplicate_ids(items)
+            index = -1  # record number in reading order, good and bad (a text file's later blocks share it)
             for item in items:
+                if isinstance(item, BadRecord) or not item.cont:
+                    index += 1
+                mine = division.owns(index)
                 if isinstance(item, BadRecord):
+                    if not mine:
+                        continue
                     if cfg.on_bad_record == "fail":
                         where = f"{item.source}:{item.line}" if item.line else item.source
                         raise BadRecordError(f"bad record at {where}: {item.reason}; fix or remove it, or rerun with "
@@ -191,15 +262,20 @@ def _tag(cfg: TagConfig, files: list, parse: RecordParser, lm, proxy: Proxy, man
                     rejects.write(json.dumps({"file": item.source, "line": item.line, "reason": item.reason}) + "\n")
                     continue
                 if not item.cont:
-                    if cfg.limit is not None and counts["records"] >= cfg.limit:
+                    if cfg.limit is not None and counts["seen"] >= cfg.limit:
                         return
-                    counts["records"] += 1
-                    progress.records(counts["records"])
-                yield item
+                    counts["seen"] += 1
+                    if mine:
+                        counts["records"] += 1
+                        progress.records(counts["records"])
+                if mine or division.by == "windows":
+                    yield item
 
         windows = windows_from_pieces(
             pieces(good_records(), cfg.mode, cfg.separator), lm.tokenizer, cfg.window, cfg.context_prefix
         )
+        if division.by == "windows":  # every rank builds every window of the run and scores its stripe
+            windows = (w for g, w in enumerate(windows) if division.owns(g))
         for seq in itertools.count():
             chunk = list(itertools.islice(windows, cfg.shard_rows))
             if not chunk:
@@ -215,10 +291,10 @@ def _tag(cfg: TagConfig, files: list, parse: RecordParser, lm, proxy: Proxy, man
             table = build_table(chunk, stats, selected).replace_schema_metadata(shard_metadata(lm.tokenizer_identity))
             entry.update(write_shard(out / entry["file"], table))
             manifest["shards"].append(entry)
-            write_json_atomic(out / MANIFEST, manifest)
+            write_json_atomic(out / record_name(cfg), manifest)
 
     manifest.update(complete=True, records=counts["records"], bad_records=counts["bad"],
                     bad_reasons=dict(sorted(reasons.items(), key=lambda kv: -kv[1])), totals=totals(manifest["shards"]))
-    write_json_atomic(out / MANIFEST, manifest)
+    write_json_atomic(out / record_name(cfg), manifest)
     elapsed = time.perf_counter() - t0
     progress.summary(manifest, elapsed, progress.token_count, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

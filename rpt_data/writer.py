@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,21 @@ def write_json_atomic(path: Path, obj) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:  # e.g. a full disk: do not leave a partial file taking space
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_lines_atomic(path: Path, lines: Iterable[str]) -> None:
+    """Like write_json_atomic, for a text file streamed line by line (e.g. the merged rejects.jsonl)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.writelines(lines)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
@@ -91,6 +108,16 @@ def write_shard(path: Path, table: pa.Table) -> dict:
     return digest
 
 
+RANK_FILE = re.compile(r"(shard-(\d{5})-\d{5}\.parquet|rank-(\d{5})\.json|rejects-(\d{5})\.jsonl)")
+
+
 def is_ours(name: str) -> bool:
-    base = name[: -len(".tmp")] if name.endswith(".tmp") else name
-    return base in (MANIFEST, REJECTS) or (base.startswith("shard-") and base.endswith(".parquet"))
+    base = name.removesuffix(".tmp")
+    return base in (MANIFEST, REJECTS) or (base.startswith("shard-") and base.endswith(".parquet")) \
+        or RANK_FILE.fullmatch(base) is not None
+
+
+def file_rank(name: str) -> int | None:
+    """The rank a shard, rank record or per-rank rejects file (or its .tmp) belongs to; None for others."""
+    m = RANK_FILE.fullmatch(name.removesuffix(".tmp"))
+    return None if m is None else int(next(g for g in m.groups()[1:] if g is not None))

@@ -1,0 +1,150 @@
+"""`rpt-data merge`: manifest.json of a multi-rank run, written from the ranks' completion records.
+
+Each rank r of a W-rank run writes `rank-RRRRR.json` (the manifest of its own part, plus `rank`,
+`world_size` and `division`) and `rejects-RRRRR.jsonl`. The merge refuses unless ranks 0..W-1 are all
+complete, agree on config, inputs, tokenizer and proxy, and every recorded shard is on disk with its
+recorded size; then it writes rejects.jsonl and, last, manifest.json (the same schema as a 1-rank run's,
+shards of all ranks sorted by name, counts summed, plus `world_size`).
+"""
+from __future__ import annotations
+
+import heapq
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from rpt_common.errors import UserError
+from rpt_common.shards import MANIFEST, RANK_RECORD_GLOB, REJECTS, SCHEMA_VERSION, rank_record_name, rank_rejects_name
+from rpt_data.config import RUNTIME_ONLY
+from rpt_data.writer import write_json_atomic, write_lines_atomic
+
+# config keys that may differ between the ranks of one run
+PER_RANK = ("rank", "out", *RUNTIME_ONLY)
+
+
+def totals(shards: list[dict]) -> dict:
+    keys = ("rows", "positions", "scored", "nan", "selected")
+    t = {k: sum(s[k] for s in shards) for k in keys}
+    t["buckets"] = {b: sum(s["buckets"][b] for s in shards) for b in (shards[0]["buckets"] if shards else {})}
+    return t
+
+
+def same_run_config(a: dict, b: dict) -> list[str]:
+    """Config keys (other than per-rank ones) whose values differ."""
+    return sorted(k for k in set(a) | set(b) if k not in PER_RANK and a.get(k) != b.get(k))
+
+
+def read_rank_records(out: Path) -> dict[int, dict]:
+    records = {}
+    for p in sorted(out.glob(RANK_RECORD_GLOB)):
+        try:
+            rec = json.loads(p.read_text())
+            rank, rec["world_size"] = int(rec["rank"]), int(rec["world_size"])
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            raise UserError(f"{p} is corrupt; rerun that rank with --overwrite, then merge again") from None
+        if p.name != rank_record_name(rank):
+            raise UserError(f"{p} records rank {rank}; it was renamed or copied from another run")
+        records[rank] = rec
+    return records
+
+
+def merge_out(out: str) -> dict:
+    """Check that every rank of the run in `out` is complete and consistent; write and return manifest.json."""
+    root = Path(out)
+    if not root.is_dir():
+        raise UserError(f"'{out}' is not a directory")
+    records = read_rank_records(root)
+    if not records:
+        raise UserError(f"'{out}' holds no rank records (rank-*.json); only the output of a multi-rank "
+                        "`rpt-data tag` (--world-size > 1) needs a merge")
+    sizes = sorted({r["world_size"] for r in records.values()})
+    if len(sizes) > 1:
+        raise UserError(f"the rank records in '{out}' disagree on the world size ({' and '.join(map(str, sizes))}): "
+                        "the directory mixes two runs; rerun every rank with --overwrite")
+    world = sizes[0]
+    for r in range(world):
+        rec = records.get(r)
+        if rec is None:
+            raise UserError(f"rank {r} of {world} has not started (no {rank_record_name(r)} in '{out}'); run it "
+                            f"(`rpt-data tag ... --rank {r} --world-size {world}` or its array task), then merge again")
+        if not rec.get("complete"):
+            raise UserError(f"rank {r} of {world} has not finished ({len(rec.get('shards', []))} shards so far); "
+                            "rerun it with the same options (it resumes), then merge again")
+    ref = records[0]
+    for r in range(1, world):
+        _check_same_run(records[r], ref, r)
+    for r in range(world):
+        for entry in records[r]["shards"]:
+            path = root / entry["file"]
+            if not path.is_file() or path.stat().st_size != entry["bytes"]:
+                raise UserError(f"shard {entry['file']} of rank {r} is {'changed' if path.is_file() else 'missing'}; "
+                                "rerun that rank with the same options (it redoes the shard), then merge again")
+        if not (root / rank_rejects_name(r)).is_file():
+            raise UserError(f"{rank_rejects_name(r)} of rank {r} is missing; rerun that rank with --overwrite, "
+                            "then merge again")
+
+    write_lines_atomic(root / REJECTS, merged_rejects(root, world, [i["path"] for i in ref["inputs"]]))
+    shards = sorted((s for r in range(world) for s in records[r]["shards"]), key=lambda s: s["file"])
+    reasons = Counter()
+    for r in range(world):
+        reasons.update(records[r].get("bad_reasons", {}))
+    manifest = {
+        "schema_version": SCHEMA_VERSION, "complete": True,
+        "config": {k: v for k, v in ref["config"].items() if k != "rank"},
+        "tokenizer": ref["tokenizer"], "proxy": ref["proxy"], "inputs": ref["inputs"], "shards": shards,
+        "records": sum(records[r]["records"] for r in range(world)),
+        "bad_records": sum(records[r]["bad_records"] for r in range(world)),
+        "bad_reasons": dict(reasons.most_common()), "totals": totals(shards),
+        "world_size": world, "division": ref["division"]["by"],
+    }
+    if ref["division"]["by"] == "files" and ref["config"].get("mode") == "structured" and ref["config"].get("id_field"):
+        warn_ids_on_several_ranks(root, shards)
+    write_json_atomic(root / MANIFEST, manifest)
+    return manifest
+
+
+def _check_same_run(rec: dict, ref: dict, r: int) -> None:
+    if rec.get("schema_version") != ref.get("schema_version"):
+        raise UserError(f"rank {r} was written with schema version {rec.get('schema_version')}, rank 0 with "
+                        f"{ref.get('schema_version')}; rerun rank {r} with --overwrite")
+    diff = same_run_config(rec["config"], ref["config"])
+    if rec.get("division", {}).get("by") != ref.get("division", {}).get("by"):
+        diff.append("division")
+    if diff:
+        raise UserError(f"rank {r} was tagged with other options than rank 0 ({', '.join(diff)} differ); "
+                        f"rerun rank {r} with rank 0's options and --overwrite, then merge again")
+    if rec.get("inputs") != ref.get("inputs"):
+        raise UserError(f"rank {r} saw other input files than rank 0 (they changed between the two runs); "
+                        "rerun every rank with --overwrite")
+    if rec.get("tokenizer") != ref.get("tokenizer") or rec.get("proxy") != ref.get("proxy"):
+        raise UserError(f"rank {r} used another proxy model or tokenizer than rank 0; "
+                        f"rerun rank {r} with rank 0's --model and --overwrite")
+
+
+def merged_rejects(root: Path, world: int, input_paths: list[str]):
+    """The ranks' rejects as one file in a 1-rank run's order: input file order, then line. Each
+    rank's file is already in that order, so a streaming k-way merge suffices."""
+    order = {p: i for i, p in enumerate(input_paths)}
+
+    def lines(r: int):
+        with open(root / rank_rejects_name(r)) as f:
+            for line in f:
+                item = json.loads(line)
+                yield (order.get(item["file"], len(order)), item["line"] or 0), line
+
+    for _, line in heapq.merge(*(lines(r) for r in range(world)), key=lambda kv: kv[0]):
+        yield line
+
+
+def warn_ids_on_several_ranks(root: Path, shards: list[dict]) -> None:
+    """--id-field duplicates are rejected within a rank; a duplicate in files of two ranks is only found here."""
+    import polars as pl
+
+    if not shards:
+        return
+    first = pl.scan_parquet([str(root / s["file"]) for s in shards]).filter(pl.col("window_index") == 0)
+    dup = first.group_by("doc_id").len().filter(pl.col("len") > 1).collect()
+    if dup.height:
+        print(f"warning: {dup.height} id(s) (e.g. {dup['doc_id'][0]!r}) belong to records of files on different ranks; "
+              "a 1-rank run would have rejected the later ones as `duplicate id`", file=sys.stderr)
