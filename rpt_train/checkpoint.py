@@ -1,7 +1,11 @@
 """Checkpoints: `OUT/checkpoints/step-NNNNNN/` = HF `save_pretrained` weights + tokenizer + trainer_state.pt
-(optimizer, scheduler, RNG, sample cursor). Written to a temp dir and renamed, so a half-written one is never read."""
+(optimizer, scheduler, RNG, sample cursor). Written to a temp dir and renamed, so a half-written one is never read.
+Under FSDP2 the same layout: full (unsharded) weights and optimizer state, loadable on any number of ranks, plus
+every rank's RNG state; rank 0 writes."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import random
@@ -13,6 +17,7 @@ import numpy as np
 import torch
 
 from rpt_common.errors import UserError
+from rpt_train import distributed
 
 STATE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -43,6 +48,16 @@ def rng_state() -> dict:
     return state
 
 
+def restore_rng(saved: dict) -> bool:
+    """Set this rank's RNG state from a checkpoint's `rng` entry; False (nothing set) when the checkpoint was
+    written by another number of ranks."""
+    per_rank = saved.get("per_rank", [saved])
+    if len(per_rank) != distributed.world_size():
+        return False
+    set_rng_state(per_rank[distributed.rank()])
+    return True
+
+
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
@@ -52,21 +67,49 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(out: str | os.PathLike, step: int, model, tokenizer, state: dict, keep: int) -> Path:
-    """Write step-NNNNNN atomically (temp dir + rename), then delete all but the last `keep` checkpoints."""
+    """Write step-NNNNNN atomically (temp dir + rename), then delete all but the last `keep` checkpoints.
+    FSDP2: every rank calls it (the full weights and the RNG states are gathered), rank 0 writes and renames, and
+    the ranks leave together, so none reads or deletes a checkpoint before it is complete."""
+    weights = distributed.full_state_dict(model)  # None when unsharded: save_pretrained reads the model itself
+    rng = rng_state() if distributed.world_size() == 1 else {"per_rank": distributed.all_gather_objects(rng_state())}
     root = checkpoints_dir(out)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-step-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    torch.save({**state, "step": step, "rng": rng_state()}, tmp / STATE)
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "config": state.get("config")}, indent=1))
-    if final.exists():  # re-saving a step after a resume: move the old copy out of the way in one rename
-        _discard(final)
-    os.replace(tmp, final)
-    tidy_checkpoints(out, keep)
+
+    def write() -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".tmp-step-{step:06d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        with disk_full_is_a_user_error(tmp):
+            if weights is None:
+                model.save_pretrained(tmp, safe_serialization=True)
+            else:
+                model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+            tokenizer.save_pretrained(tmp)
+            torch.save({**state, "step": step, "rng": rng}, tmp / STATE)
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "config": state.get("config")}, indent=1))
+        if final.exists():  # re-saving a step after a resume: move the old copy out of the way in one rename
+            _discard(final)
+        os.replace(tmp, final)
+        tidy_checkpoints(out, keep)
+
+    distributed.broadcast_from_main(write)  # a full disk on rank 0 is raised on every rank, none waits forever
+    distributed.barrier()
     return final
+
+
+@contextlib.contextmanager
+def disk_full_is_a_user_error(tmp: Path):
+    """A full disk (or quota) while saving: the temp dir goes, earlier checkpoints stay, one sentence says what to do."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = latest_checkpoint(tmp.parent.parent)
+        where = f"the last complete checkpoint is '{last}'" if last else "no checkpoint was saved yet"
+        raise UserError(f"no space left on the device while saving checkpoint '{tmp.name[5:]}' ({e.strerror}); "
+                        f"{where}: free some space and rerun with --resume") from None
 
 
 def tidy_checkpoints(out: str | os.PathLike, keep: int) -> None:

@@ -3,6 +3,7 @@ the command line overrides the recipe, the recipe overrides the defaults in rpt_
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 
 import click
@@ -58,7 +59,8 @@ def run(recipe, **overrides):
     cfg = load_config(TrainConfig, recipe, overrides)
     _quiet_transformers()
     out = train(cfg)
-    click.echo(f"done: {out}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: once
+        click.echo(f"done: {out}")
 
 
 @main.command("eval")
@@ -83,3 +85,7 @@ def eval_cmd(recipe, **overrides):
     if cfg.out:
         write_json(result, cfg.out)
         click.echo(f"wrote {cfg.out}")
+
+
+if __name__ == "__main__":  # `torchrun ... -m rpt_train.cli run ...`
+    main()

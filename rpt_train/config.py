@@ -36,6 +36,9 @@ class CommonConfig:
     max_context_tokens: int = opt(0, "keep only the last N policy tokens of the context (0 = whole row)")
     template: str = opt("v0", "prompt template: v0, think-brief, answer-only, or a file containing {context}")
     chat_template: str = opt("auto", "apply the tokenizer's chat template: auto (when it has one), on, off")
+    response_prefix: str = opt("", "text the response starts with, written into the prompt after the chat template's "
+                               "assistant turn (e.g. '\\boxed{' with answer-only) and put back in front of every "
+                               "completion before its answer is extracted")
     answer_format: str = opt("boxed", "answer format: boxed (last \\boxed{} after </think>) or answer_tag")
     max_new_tokens: int = opt(8192, "completion budget in tokens (paper: 8k)")
     temperature: float = opt(0.8, "sampling temperature (paper: 0.8); log-probs use the same temperature")
@@ -82,6 +85,9 @@ class TrainConfig(CommonConfig):
     mini_batch_size: int = opt(0, "sequences per optimizer update (0 = the whole batch)")
     micro_batch_size: int = opt(4, "sequences per forward/backward (gradient accumulation)")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    rollout_gather: bool = opt(False, "under torchrun: generate with the full weights gathered once per rollout call "
+                               "(fast, needs the whole model on each device) instead of FSDP's per-layer all-gather "
+                               "at every token")
     bf16: bool = opt(True, "bf16 autocast on CUDA (ignored on CPU)")
     save_every: int = opt(100, "checkpoint every N steps (and at the end)")
     keep_checkpoints: int = opt(3, "keep the last K checkpoints")

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from rpt_common.errors import UserError
+from rpt_train import distributed
 from rpt_train.reward import extract_answer, prefix_match
 from rpt_train.rollout import SamplingParams
 from rpt_train.samples import BUCKET_NAMES, Sample, SampleBuilder, ShardSet
@@ -81,7 +82,7 @@ def greedy_next_tokens(model, tokenizer, contexts: list[str], batch_size: int = 
 
 def score_positions(model, tokenizer, engine, samples: list[Sample], cfg) -> list[Scored]:
     """K sampled completions and one greedy next token per position."""
-    prompts = PromptBuilder(tokenizer, cfg.template, cfg.chat_template)
+    prompts = PromptBuilder(tokenizer, cfg.template, cfg.chat_template, cfg.response_prefix)
     params = SamplingParams(n=cfg.samples, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                             top_p=cfg.top_p, top_k=cfg.top_k)
     per_call = max(1, (cfg.rollout_batch_size or 32) // cfg.samples)
@@ -92,13 +93,26 @@ def score_positions(model, tokenizer, engine, samples: list[Sample], cfg) -> lis
         batch = engine.generate([prompts.ids(s.context) for s in chunk], params)
         lengths = batch.lengths.tolist()
         for j, s in enumerate(chunk):
-            texts = batch.texts[j * cfg.samples:(j + 1) * cfg.samples]
+            texts = [prompts.completion(t) for t in batch.texts[j * cfg.samples:(j + 1) * cfg.samples]]
             answers = [extract_answer(t, cfg.answer_format) for t in texts]
             scored.append(Scored(sample=s, correct=[prefix_match(a, s.label_tokens) for a in answers],
                                  answered=[a is not None for a in answers],
                                  lengths=lengths[j * cfg.samples:(j + 1) * cfg.samples],
                                  ntp_correct=prefix_match(greedy[i + j], s.label_tokens), completions=texts))
     return scored
+
+
+def score_shared(model, tokenizer, engine, samples: list[Sample], cfg) -> list[Scored]:
+    """score_positions with the positions striped over the ranks (rank r takes r, r + W, ...) and gathered back.
+    A rank with fewer positions also scores a copy of the first (discarded): every rank runs the same forwards,
+    which FSDP's all-gathers need."""
+    world, rank = distributed.world_size(), distributed.rank()
+    if world == 1:
+        return score_positions(model, tokenizer, engine, samples, cfg)
+    mine = samples[rank::world]
+    padded = mine + samples[:1] * (-(-len(samples) // world) - len(mine))
+    scored = score_positions(model, tokenizer, engine, padded, cfg)[:len(mine)]
+    return [s for part in distributed.all_gather_objects(scored) for s in part]
 
 
 def bucket_metrics(scored: list[Scored]) -> dict:
@@ -118,7 +132,8 @@ def bucket_metrics(scored: list[Scored]) -> dict:
 def evaluate(model, tokenizer, engine, cfg, shards: ShardSet | None = None,
              chosen: dict[str, list[Sample]] | None = None) -> dict:
     """{bucket: {n, ntr_accuracy, ntr_pass_at_k, answer_rate, ntp_accuracy, completion_length}} + `meta`.
-    Seeded and isolated: the caller's RNG state is left as it was."""
+    Seeded and isolated: the caller's RNG state is left as it was. Under torchrun every rank calls it and scores
+    its share of the positions; every rank gets the whole result."""
     shards = shards or ShardSet(cfg.shards)
     chosen = chosen if chosen is not None else select_positions(shards, tokenizer, cfg)
     unique = {s.key: s for b in EVAL_BUCKETS for s in chosen[b]}
@@ -128,8 +143,8 @@ def evaluate(model, tokenizer, engine, cfg, shards: ShardSet | None = None,
     model.eval()
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed)
-        scored = {s.sample.key: s for s in score_positions(model, tokenizer, engine, list(unique.values()), cfg)}
+        torch.manual_seed(distributed.rank_seed(cfg.seed))
+        scored = {s.sample.key: s for s in score_shared(model, tokenizer, engine, list(unique.values()), cfg)}
     model.train(was_training)
     result = {b: bucket_metrics([scored[s.key] for s in chosen[b]]) for b in EVAL_BUCKETS}
     result["meta"] = {"k": cfg.samples, "split": eval_split(cfg), "positions": len(unique),

@@ -35,12 +35,17 @@ def _clean(value):
 
 
 class MetricsLogger:
-    def __init__(self, out: str, *, start_step: int, total_steps: int, tensorboard: bool = False, quiet: bool = False):
+    """`write=False` (ranks other than 0 under torchrun): every method does nothing."""
+
+    def __init__(self, out: str, *, start_step: int, total_steps: int, tensorboard: bool = False, quiet: bool = False,
+                 write: bool = True):
         self.out = Path(out)
         self.metrics_path, self.samples_path = self.out / "metrics.jsonl", self.out / "samples.jsonl"
+        self.total, self.quiet, self.tb, self.write = total_steps, quiet, None, write
+        if not write:
+            return
         for p in (self.metrics_path, self.samples_path):
             _truncate_jsonl(p, start_step)
-        self.total, self.quiet, self.tb = total_steps, quiet, None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -50,6 +55,8 @@ class MetricsLogger:
                       file=sys.stderr)
 
     def log(self, metrics: dict) -> None:
+        if not self.write:
+            return
         metrics = {k: _clean(v) for k, v in metrics.items()}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
@@ -63,6 +70,8 @@ class MetricsLogger:
             print(" | ".join(parts), flush=True)
 
     def samples(self, records: list[dict]) -> None:
+        if not self.write:
+            return
         with open(self.samples_path, "a") as f:
             for r in records:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")

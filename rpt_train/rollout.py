@@ -9,6 +9,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from rpt_train import distributed
+
 
 @dataclass(kw_only=True, slots=True)
 class SamplingParams:
@@ -67,12 +69,18 @@ class HFRollout:
     on CUDA): the prefilled cache is copied into a preallocated `StaticCache` (length rounded up to `cache_bucket`
     tokens, reused across calls), so every step has the same shapes; with `compile` (default on CUDA) the step
     runs through HF's `get_compiled_call` (torch.compile, mode reduce-overhead: CUDA graphs) and the all-finished
-    check syncs with the device every `check_every` steps only. Sliding-window models take the plain paths."""
+    check syncs with the device every `check_every` steps only. Sliding-window models take the plain paths.
+
+    `lockstep` (an FSDP2-sharded model, whose every forward all-gathers parameters across ranks): every rank runs
+    the same number of forwards. Prompt lists are padded to the longest rank's (with a discarded copy), and decoding
+    stops only when every rank's rows have finished (an all-reduce per check), so a rank whose completions end
+    early keeps stepping (on one finished row) until the slowest rank is done."""
 
     def __init__(self, model, tokenizer, eos_token_ids: list[int], batch_size: int = 0, *,
                  static_cache: bool | None = None, compile: bool | None = None, check_every: int | None = None,
-                 packed_prefill: bool | None = None, cache_bucket: int = 256):
+                 packed_prefill: bool | None = None, cache_bucket: int = 256, lockstep: bool = False):
         self.model, self.tokenizer, self.eos, self.batch_size = model, tokenizer, eos_token_ids, batch_size
+        self.lockstep = lockstep
         params = inspect.signature(model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5
         self.static_cache, self.compile, self.check_every = static_cache, compile, check_every
@@ -85,9 +93,15 @@ class HFRollout:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> RolloutBatch:
+        count = len(prompts)
+        if self.lockstep:  # same chunks and prefill forwards on every rank; the copies are dropped below
+            prompts = distributed.pad_to_max(prompts, prompts[0] if prompts else [self.tokenizer.pad_token_id])
+        if not prompts:
+            return empty_batch()
         per_call = max(1, (self.batch_size or len(prompts) * params.n) // params.n)
         chunks = [self._generate(prompts[i:i + per_call], params) for i in range(0, len(prompts), per_call)]
-        return concat_batches(chunks, self.tokenizer.pad_token_id)
+        batch = concat_batches(chunks, self.tokenizer.pad_token_id)
+        return batch if len(prompts) == count else select_rows(batch, list(range(count * params.n)))
 
     def _forward(self, fn=None, **kw):
         out = (fn or self.model)(**{k if k != "cache" else self.cache_kw: v for k, v in kw.items()}, use_cache=True,
@@ -114,6 +128,9 @@ class HFRollout:
                     layer.keys, layer.values = stacked(j, "keys"), stacked(j, "values")
                 return torch.cat([logits for logits, _ in parts]), cache
         return self._forward(input_ids=ids, attention_mask=mask, position_ids=positions)
+
+    def _all_done(self, done: torch.Tensor) -> bool:
+        return distributed.all_true(bool(done.all())) if self.lockstep else bool(done.all())
 
     def _use_static(self, device: torch.device) -> bool:
         return self.static_cache if self.static_cache is not None else device.type == "cuda"
@@ -189,10 +206,12 @@ class HFRollout:
             logprobs[live, step] = logp.gather(-1, tok[:, None])[:, 0]
             made = step + 1
             done |= torch.isin(tok, eos)
-            if step == steps - 1 or (made % check_every == 0 and bool(done.all())):
+            if step == steps - 1 or (made % check_every == 0 and self._all_done(done)):
                 break
             if static is None and 4 * int(done.sum()) >= len(done):  # drop finished rows: later steps skip them
                 keep = (~done).nonzero()[:, 0]
+                if len(keep) == 0:  # lockstep: this rank is done but another is not; step on with one finished row
+                    keep = done.new_zeros(1, dtype=torch.long)
                 cache.batch_select_indices(keep)
                 live, done, attn, next_pos, tok = live[keep], done[keep], attn[keep], next_pos[keep], tok[keep]
             width_now = attn.shape[1] if static is not None else width + step + 1
@@ -221,6 +240,13 @@ def completion_mask(completion: torch.Tensor, eos: list[int]) -> torch.Tensor:
     is_eos = torch.isin(completion, torch.tensor(eos, device=completion.device))
     after = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()  # EOS seen strictly before this token
     return (after == 0).long()
+
+
+def empty_batch() -> RolloutBatch:
+    """No rows (a rank whose share of a step's contexts is empty)."""
+    none = torch.zeros(0, 0, dtype=torch.long)
+    return RolloutBatch(prompt_ids=none, prompt_mask=none, completion_ids=none, completion_mask=none,
+                        logprobs=torch.zeros(0, 0), texts=[])
 
 
 def select_rows(batch: RolloutBatch, rows: list[int]) -> RolloutBatch:

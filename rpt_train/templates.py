@@ -50,19 +50,24 @@ def uses_chat_template(tokenizer, mode: str) -> bool:
 class PromptBuilder:
     """Context -> prompt token ids for one policy tokenizer."""
 
-    def __init__(self, tokenizer, template: str = "v0", chat_template: str = "auto"):
+    def __init__(self, tokenizer, template: str = "v0", chat_template: str = "auto", response_prefix: str = ""):
         self.tokenizer = tokenizer
         self.template = load_template(template)
         self.chat = uses_chat_template(tokenizer, chat_template)
+        self.response_prefix = response_prefix
+
+    def completion(self, generated: str) -> str:
+        """The whole response: the response prefix written into the prompt, then the generated text."""
+        return self.response_prefix + generated
 
     def text(self, context: str) -> str:
         body = self.template.replace("{context}", context)
         if not self.chat:
-            return body
+            return body + self.response_prefix
         messages = [{"role": "user", "content": body}]
         # enable_thinking is read by templates that support it (e.g. Qwen3) and ignored by the rest.
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                                  enable_thinking=True)
+                                                  enable_thinking=True) + self.response_prefix
 
     def ids(self, context: str) -> list[int]:
         # A chat template already writes its special tokens; a plain prompt gets the tokenizer's BOS, if any.

@@ -1,5 +1,9 @@
 """The RPT loop, top to bottom: draw contexts, roll out G completions each, reward by prefix match, keep groups
-whose rewards differ (dynamic sampling), group advantages, clipped-surrogate updates, log, evaluate, checkpoint."""
+whose rewards differ (dynamic sampling), group advantages, clipped-surrogate updates, log, evaluate, checkpoint.
+
+Under torchrun (WORLD_SIZE > 1) the policy (and reference) are FSDP2-sharded; every rank draws the same global
+contexts and rolls out its stripe of whole groups; loss normalisers and metrics are global; rank 0 writes.
+The collective bookkeeping lives in rpt_train/distributed.py."""
 from __future__ import annotations
 
 import contextlib
@@ -17,16 +21,17 @@ import torch
 import yaml
 
 from rpt_common.errors import UserError
+from rpt_train import distributed
 from rpt_train.advantages import group_advantages, group_std
-from rpt_train.checkpoint import (latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state,
-                                  tidy_checkpoints)
+from rpt_train.checkpoint import latest_checkpoint, load_trainer_state, restore_rng, save_checkpoint, tidy_checkpoints
 from rpt_train.config import EvalConfig, TrainConfig, to_dict
 from rpt_train.evaluate import EVAL_BUCKETS, evaluate, select_positions, write_json
 from rpt_train.loss import AGGREGATION, aggregate, clipped_surrogate, forward_logprobs, normalizer
 from rpt_train.metrics import MetricsLogger
 from rpt_train.policy import eos_ids, freeze, load_policy
 from rpt_train.reward import RewardFn, RewardInput, combine, extract_answer, load_reward_fn, prefix_match, rpt_reward
-from rpt_train.rollout import HFRollout, RolloutBatch, RolloutEngine, SamplingParams, concat_batches, select_rows
+from rpt_train.rollout import (HFRollout, RolloutBatch, RolloutEngine, SamplingParams, concat_batches, empty_batch,
+                               select_rows)
 from rpt_train.samples import Sample, TrainSamples
 from rpt_train.templates import PromptBuilder
 
@@ -43,6 +48,7 @@ class Groups:
     rollouts: RolloutBatch
     rewards: torch.Tensor  # [N]
     answers: list[str | None]
+    index: list[int] | None = None  # per group: its place in the step's global batch (all ranks), None = in order
 
 
 def seed_everything(seed: int) -> None:
@@ -97,43 +103,60 @@ def rollout_groups(samples: list[Sample], prompts: PromptBuilder, engine: Rollou
                    params: SamplingParams, answer_format: str) -> Groups:
     """G completions per context, their extracted answers and rewards."""
     rollouts = engine.generate([prompts.ids(s.context) for s in samples], params)
-    answers = [extract_answer(t, answer_format) for t in rollouts.texts]
+    texts = [prompts.completion(t) for t in rollouts.texts]
+    answers = [extract_answer(t, answer_format) for t in texts]
     per_row = [s for s in samples for _ in range(params.n)]
     items = [RewardInput(completion=t, answer=a, label_tokens=s.label_tokens, context=s.context)
-             for t, a, s in zip(rollouts.texts, answers, per_row)]
-    return Groups(samples=samples, rollouts=rollouts, rewards=torch.tensor(reward_fn(items), dtype=torch.float32),
+             for t, a, s in zip(texts, answers, per_row)]
+    rewards = reward_fn(items) if items else []
+    return Groups(samples=samples, rollouts=rollouts, rewards=torch.tensor(rewards, dtype=torch.float32),
                   answers=answers)
 
 
 def collect(cfg: TrainConfig, data: TrainSamples, prompts: PromptBuilder, engine: RolloutEngine,
             reward_fn: RewardFn, params: SamplingParams) -> tuple[Groups | None, list[Groups], dict]:
     """One step's training groups. With dynamic sampling, groups whose rewards all agree (zero std, no signal)
-    are dropped and new contexts drawn, at most --max-sampling-rounds rounds; stats cover every rollout made."""
-    G, need, rounds, made, kept = cfg.group_size, cfg.batch_prompts, 0, [], []
+    are dropped and new contexts drawn, at most --max-sampling-rounds rounds; stats cover every rollout made.
+    Several ranks: each round every rank draws the same global contexts (the sampler state stays global) and rolls
+    out contexts rank, rank + W, ...; the keep flags are shared so that every rank knows the global count still
+    needed and where its kept groups sit in the batch one process would have built. The batch is None when no
+    rank kept a group, and empty on a rank that kept none while others did."""
+    G, need, rounds, made, kept, index = cfg.group_size, cfg.batch_prompts, 0, [], [], []
+    rank, world, kept_before = distributed.rank(), distributed.world_size(), 0
     t0 = time.perf_counter()
     while need > 0 and rounds < (cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
         rounds += 1
-        groups = rollout_groups(data.next_batch(need), prompts, engine, reward_fn, params, cfg.answer_format)
+        drawn = data.next_batch(need)
+        groups = rollout_groups(drawn[rank::world], prompts, engine, reward_fn, params, cfg.answer_format)
         made.append(groups)
         keep = (group_std(groups.rewards, G) > 0).tolist() if cfg.dynamic_sampling else [True] * len(groups.samples)
+        stripes = distributed.all_gather_objects(keep)
+        flags = [stripes[i % world][i // world] for i in range(len(drawn))]  # every rank's keep flags, draw order
         if any(keep):
-            kept.append(take_groups(groups, [g for g, k in enumerate(keep) if k], G))
-            need -= sum(keep)
-    rollout_seconds = time.perf_counter() - t0
-    rewards = torch.cat([g.rewards for g in made])
+            mine = [g for g, k in enumerate(keep) if k]
+            kept.append(take_groups(groups, mine, G))
+            before = np.cumsum([0] + flags)
+            index += [kept_before + int(before[rank + g * world]) for g in mine]
+        kept_before += sum(flags)
+        need -= sum(flags)
+    rollout_seconds = distributed.all_max(time.perf_counter() - t0)
+    rewards = distributed.cat_from_ranks(torch.cat([g.rewards for g in made]))  # whole groups: still contiguous
     answers = [a for g in made for a in g.answers]
     labels = [s.label_tokens for g in made for s in g.samples for _ in range(G)]
-    lengths = torch.cat([g.rollouts.lengths for g in made]).float()
+    correct = distributed.cat_from_ranks(torch.tensor([prefix_match(a, lab) for a, lab in zip(answers, labels)],
+                                                      dtype=torch.bool))
+    answered = distributed.cat_from_ranks(torch.tensor([a is not None for a in answers], dtype=torch.bool))
+    lengths = distributed.cat_from_ranks(torch.cat([g.rollouts.lengths for g in made]).float())
     tokens = float(lengths.sum())
     stats = {
         "reward": float(rewards.mean()),
         "reward_std": float(group_std(rewards, G).mean()),
         "frac_reward_zero_std": float((group_std(rewards, G) == 0).float().mean()),
-        "ntr_accuracy": float(np.mean([prefix_match(a, lab) for a, lab in zip(answers, labels)])),
-        "answer_rate": float(np.mean([a is not None for a in answers])),
+        "ntr_accuracy": float(np.mean(correct.numpy())),
+        "answer_rate": float(np.mean(answered.numpy())),
         "completion_length": float(lengths.mean()),
         "sampling_rounds": rounds,
-        "groups_kept": sum(len(g.samples) for g in kept),
+        "groups_kept": kept_before,
         "rollout_tokens": int(tokens),
         "rollout_seconds": rollout_seconds,
         "rollout_tokens_per_s": tokens / max(rollout_seconds, 1e-9),
@@ -143,7 +166,9 @@ def collect(cfg: TrainConfig, data: TrainSamples, prompts: PromptBuilder, engine
     if kept:
         batch = Groups(samples=[s for g in kept for s in g.samples], answers=[a for g in kept for a in g.answers],
                        rollouts=concat_batches([g.rollouts for g in kept], pad=engine_pad(engine)),
-                       rewards=torch.cat([g.rewards for g in kept]))
+                       rewards=torch.cat([g.rewards for g in kept]), index=index)
+    elif kept_before:
+        batch = Groups(samples=[], answers=[], rollouts=empty_batch(), rewards=torch.zeros(0), index=[])
     return batch, made, stats
 
 
@@ -173,7 +198,10 @@ def frozen_logprobs(cfg, model, rollouts: RolloutBatch, chunks: list[list[int]],
     N, C = rollouts.completion_ids.shape
     device = next(model.parameters()).device
     out, ent = torch.zeros(N, C, device=device), torch.zeros(N, C, device=device)
-    for rows in chunks:
+    for rows in distributed.pad_to_max(chunks):
+        if rows is None:  # another rank has more chunks: a discarded forward keeps the FSDP all-gathers paired
+            forward_logprobs(model, *distributed.dummy_inputs(device), cfg.temperature)
+            continue
         p_ids, p_mask, c_ids, c_mask = micro_rows(rollouts, rows, device)
         with autocast(cfg, model):
             lp, e = forward_logprobs(model, p_ids, p_mask, c_ids, c_mask, cfg.temperature, with_entropy)
@@ -183,17 +211,41 @@ def frozen_logprobs(cfg, model, rollouts: RolloutBatch, chunks: list[list[int]],
     return out, ent
 
 
+def mini_batches(cfg: TrainConfig, batch: Groups) -> list[list[int]]:
+    """Local rows of each optimizer update. Update m takes the rows that one process would give it (global row
+    // --mini-batch-size), so the updates do not depend on the number of ranks; each rank gets every update's list
+    (possibly empty), so all ranks step together."""
+    N, G = len(batch.rewards), cfg.group_size
+    total = int(distributed.all_sum([N])[0])
+    if not cfg.mini_batch_size or cfg.mini_batch_size >= total:
+        return [list(range(N))]
+    index = batch.index if batch.index is not None else range(N // G)
+    update = [(index[r // G] * G + r % G) // cfg.mini_batch_size for r in range(N)]
+    return [[r for r in range(N) if update[r] == m] for m in range(-(-total // cfg.mini_batch_size))]
+
+
+def global_normalizer(mode: str, masks: torch.Tensor, max_new_tokens: int) -> float:
+    """`loss.normalizer` of the mini-batch made of every rank's rows (token and sequence counts summed)."""
+    if distributed.world_size() == 1:
+        return normalizer(mode, masks, max_new_tokens)
+    rows, tokens = distributed.all_sum([float(masks.shape[0]), float(masks.sum())])
+    if mode == "token":
+        return max(tokens, 1.0)
+    return max(rows, 1.0) * (max_new_tokens if mode == "constant" else 1)
+
+
 def update_policy(cfg: TrainConfig, model, ref, optimizer, batch: Groups) -> dict:
     """--ppo-epochs passes over the batch, one optimizer update per mini-batch, micro-batches accumulating grads.
     Rows with advantage 0 (and beta = 0) have exactly zero gradient: they count in the loss normaliser but skip
-    the backward pass. Old log-probs are recomputed before the first update when there is more than one."""
+    the backward pass. Old log-probs are recomputed before the first update when there is more than one.
+    Several ranks: each rank's loss is its rows' share of the global normaliser and FSDP sums the gradients, so
+    the update equals one process's on the whole batch; a rank short of micro-batches runs zero-weight passes."""
     rollouts = batch.rollouts
     advantages = group_advantages(batch.rewards, cfg.group_size, scale=cfg.resolved_scale_rewards(),
                                   anchor=cfg.advantage_anchor)
-    N, device, mode = len(batch.rewards), next(model.parameters()).device, AGGREGATION[cfg.loss]
+    device, mode = next(model.parameters()).device, AGGREGATION[cfg.loss]
     active = ((advantages != 0) | (cfg.beta > 0)).tolist()
-    mini = cfg.mini_batch_size or N
-    minis = [list(range(i, min(i + mini, N))) for i in range(0, N, mini)]
+    minis = mini_batches(cfg, batch)
 
     def micro(rows: list[int], want: bool) -> list[list[int]]:
         rows = [r for r in rows if active[r] == want]
@@ -202,16 +254,21 @@ def update_policy(cfg: TrainConfig, model, ref, optimizer, batch: Groups) -> dic
     trained = [c for m in minis for c in micro(m, True)]
     old = frozen_logprobs(cfg, model, rollouts, trained)[0] if cfg.ppo_epochs > 1 or len(minis) > 1 else None
     ref_lp = frozen_logprobs(cfg, ref, rollouts, trained)[0] if ref is not None else None
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # sharded ones under FSDP2
     sums = dict.fromkeys(("loss", "grad_norm", "clipped", "tokens", "entropy", "ent_tokens", "kl"), 0.0)
-    updates, bad, grad_norm = 0, None, 0.0
+    updates, bad, grad_norm, mini_loss = 0, None, 0.0, 0.0
     model.train()
     for epoch in range(cfg.ppo_epochs):
         for m in minis:
-            norm = normalizer(mode, rollouts.completion_mask[m], cfg.max_new_tokens)
+            norm = global_normalizer(mode, rollouts.completion_mask[m], cfg.max_new_tokens)
             optimizer.zero_grad(set_to_none=True)
             losses: list[float] = []
-            for rows in micro(m, True):
+            for rows in distributed.pad_to_max(micro(m, True)):
+                if rows is None:  # another rank has more micro-batches: a zero-weight pass (its collectives pair up)
+                    with autocast(cfg, model):
+                        logp, _ = forward_logprobs(model, *distributed.dummy_inputs(device), cfg.temperature)
+                    (logp.float().sum() * 0.0).backward()
+                    continue
                 p_ids, p_mask, c_ids, c_mask = micro_rows(rollouts, rows, device)
                 W = c_ids.shape[1]
                 with autocast(cfg, model):
@@ -226,7 +283,6 @@ def update_policy(cfg: TrainConfig, model, ref, optimizer, batch: Groups) -> dic
                 loss.backward()
                 mask = c_mask.bool()
                 losses.append(float(loss.detach()))
-                sums["loss"] += losses[-1]
                 sums["clipped"] += float(clipped[mask].sum())
                 sums["tokens"] += float(mask.sum())
                 if ent is not None:
@@ -234,22 +290,25 @@ def update_policy(cfg: TrainConfig, model, ref, optimizer, batch: Groups) -> dic
                     sums["ent_tokens"] += float(mask.sum())
                 if kl is not None:
                     sums["kl"] += float(kl.detach()[mask].sum())
-            for rows in micro(m, False):  # zero-advantage rows: never clipped; entropy measured without a graph
-                sums["tokens"] += float(rollouts.completion_mask[rows].sum())
-                if epoch == 0:
-                    _, ent = frozen_logprobs(cfg, model, select_rows(rollouts, rows), [list(range(len(rows)))], True)
+            idle = micro(m, False)  # zero-advantage rows: never clipped; entropy measured without a graph
+            sums["tokens"] += sum(float(rollouts.completion_mask[rows].sum()) for rows in idle)
+            if epoch == 0:
+                _, ent = frozen_logprobs(cfg, model, rollouts, idle, with_entropy=True)
+                for rows in idle:
                     mask = rollouts.completion_mask[rows].bool().to(ent.device)
-                    sums["entropy"] += float(ent[mask].sum())
+                    sums["entropy"] += float(ent[rows][mask].sum())
                     sums["ent_tokens"] += float(mask.sum())
             for p in params:  # untouched parameters get an exact zero gradient, as a full backward would give
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
             max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            bad = bad_update(cfg, grad_norm, losses)
+            grad_norm = distributed.clip_grad_norm(params, max_norm)  # of the global gradient
+            mini_loss = distributed.all_sum([sum(losses)])[0]  # NaN/inf on any rank makes it non-finite on all
+            bad = bad_update(cfg, grad_norm, [mini_loss])
             if bad:  # no optimizer step: the weights and AdamW state stay as they were; the rest of the step is dropped
                 optimizer.zero_grad(set_to_none=True)
                 break
+            sums["loss"] += mini_loss
             sums["grad_norm"] += grad_norm
             optimizer.step()
             updates += 1
@@ -257,13 +316,15 @@ def update_policy(cfg: TrainConfig, model, ref, optimizer, batch: Groups) -> dic
             break
     model.eval()
     n = max(updates, 1)
+    keys = ("clipped", "tokens", "entropy", "ent_tokens", "kl")
+    sums |= dict(zip(keys, distributed.all_sum([sums[k] for k in keys])))
     stats = {
-        "loss": sums["loss"] / n if updates else (losses[-1] if losses else 0.0),
+        "loss": sums["loss"] / n if updates else mini_loss,
         "grad_norm": sums["grad_norm"] / n if updates else grad_norm,
         "bad_step": bad,
         "clip_ratio": sums["clipped"] / max(sums["tokens"], 1.0),
         "entropy": sums["entropy"] / max(sums["ent_tokens"], 1.0),
-        "advantage_abs": float(advantages.abs().mean()),
+        "advantage_abs": float(distributed.cat_from_ranks(advantages).abs().mean()),
         "updates": updates,
     }
     if cfg.beta > 0:
@@ -288,23 +349,25 @@ def no_update(cfg: TrainConfig, model, made: list[Groups]) -> dict:
     N = rollouts.completion_ids.shape[0]
     chunks = [list(range(i, min(i + cfg.micro_batch_size, N))) for i in range(0, N, cfg.micro_batch_size)]
     _, ent = frozen_logprobs(cfg, model, rollouts, chunks, with_entropy=True)
-    mask = rollouts.completion_mask.bool().to(ent.device)
+    ent = distributed.cat_from_ranks(ent[rollouts.completion_mask.bool().to(ent.device)])
     stats = {"loss": 0.0, "grad_norm": 0.0, "bad_step": None, "clip_ratio": 0.0, "advantage_abs": 0.0, "updates": 0,
-             "entropy": float(ent[mask].mean()) if mask.any() else 0.0}
+             "entropy": float(ent.mean()) if len(ent) else 0.0}
     if cfg.beta > 0:
         stats["kl"] = None
     return stats
 
 
 def sample_records(step: int, made: list[Groups], prompts: PromptBuilder, limit: int) -> list[dict]:
-    """The first rollouts of the step for samples.jsonl: prompt tail, completion, answer, label, reward."""
+    """The first rollouts of the step for samples.jsonl: prompt tail, completion, answer, label, reward (under
+    torchrun: those of rank 0)."""
     records = []
-    for groups in made:
+    for groups in (g for g in made if g.samples):  # a rank's share of a refill round may be empty
         G = len(groups.answers) // len(groups.samples)
         for r, (text, answer) in enumerate(zip(groups.rollouts.texts, groups.answers)):
             s = groups.samples[r // G]
             records.append({"step": step, "key": s.key, "bucket": s.bucket, "entropy": s.entropy,
-                            "prompt_tail": prompts.text(s.context)[-300:], "completion": text, "answer": answer,
+                            "prompt_tail": prompts.text(s.context)[-300:], "answer": answer,
+                            "completion": prompts.completion(text),
                             "label": "".join(s.label_tokens), "label_tokens": s.label_tokens,
                             "correct": prefix_match(answer, s.label_tokens), "reward": float(groups.rewards[r])})
             if len(records) == limit:
@@ -318,23 +381,46 @@ def eval_config(cfg: TrainConfig) -> EvalConfig:
     return EvalConfig(**shared, limit=cfg.eval_limit, samples=cfg.eval_samples, split="auto")
 
 
+def rollout_engine(cfg: TrainConfig, model, policy) -> RolloutEngine:
+    """HFRollout on the policy. Sharded: generation either inside one all-gather of the full weights per call
+    (--rollout-gather) or through FSDP's per-layer all-gathers in lockstep; no torch.compile on a sharded model."""
+    if not distributed.is_sharded(model):
+        return HFRollout(model, policy.tokenizer, eos_ids(policy), cfg.rollout_batch_size)
+    engine = HFRollout(model, policy.tokenizer, eos_ids(policy), cfg.rollout_batch_size, compile=False,
+                       lockstep=not cfg.rollout_gather)
+    return distributed.GatheredEngine(engine, model) if cfg.rollout_gather else engine
+
+
 def train(cfg: TrainConfig, *, reward_fns: list[RewardFn] = (), engine: RolloutEngine | None = None,
           quiet: bool = False) -> Path:
-    """Run (or resume) `cfg.steps` RPT steps; returns the output directory."""
+    """Run (or resume) `cfg.steps` RPT steps; returns the output directory. Under torchrun (WORLD_SIZE > 1) every
+    rank runs this, the model FSDP2-sharded over all of them; rank 0 writes the logs."""
+    device = distributed.init_from_env(cfg.device)
+    try:
+        return _train(cfg, device, reward_fns, engine, quiet or not distributed.is_main())
+    finally:
+        distributed.shutdown()
+
+
+def _train(cfg: TrainConfig, device: str, reward_fns, engine: RolloutEngine | None, quiet: bool) -> Path:
     out = Path(cfg.out)
-    ckpt = prepare_out(cfg)
-    seed_everything(cfg.seed)
-    policy = load_policy(str(ckpt) if ckpt else cfg.model, cfg.device, cfg.dtype)
+    ckpt = distributed.broadcast_from_main(lambda: prepare_out(cfg))
+    seed_everything(distributed.rank_seed(cfg.seed))
+    policy = load_policy(str(ckpt) if ckpt else cfg.model, device, cfg.dtype)
     model, tok = policy.model, policy.tokenizer
     disable_dropout(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ref = freeze(load_policy(cfg.model, cfg.device, cfg.dtype).model) if cfg.beta > 0 else None
+    ref = load_policy(cfg.model, device, cfg.dtype).model if cfg.beta > 0 else None
+    if distributed.world_size() > 1:
+        model = distributed.shard_model(model, device)
+        ref = distributed.shard_model(ref, device) if ref is not None else None
+    ref = freeze(ref) if ref is not None else None
     data = TrainSamples(cfg, tok)
-    prompts = PromptBuilder(tok, cfg.template, cfg.chat_template)
+    prompts = PromptBuilder(tok, cfg.template, cfg.chat_template, cfg.response_prefix)
     reward_fn = combine([rpt_reward(cfg.reward_correct, cfg.reward_wrong, cfg.reward_no_answer),
                          *[load_reward_fn(s) for s in cfg.reward], *reward_fns])
-    engine = engine or HFRollout(model, tok, eos_ids(policy), cfg.rollout_batch_size)
+    engine = engine or rollout_engine(cfg, model, policy)
     params = SamplingParams(n=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                             top_p=cfg.top_p, top_k=cfg.top_k)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
@@ -343,24 +429,31 @@ def train(cfg: TrainConfig, *, reward_fns: list[RewardFn] = (), engine: RolloutE
     start = 0
     if ckpt is not None:
         state = load_trainer_state(ckpt)
-        warn_changed(state.get("config", {}), to_dict(cfg))
-        optimizer.load_state_dict(state["optimizer"])
+        if distributed.is_main():
+            warn_changed(state.get("config", {}), to_dict(cfg))
+        distributed.load_optimizer_state_dict(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         data.load_state_dict(state["sampler"])
-        set_rng_state(state["rng"])
         start = state["step"]
+        if not restore_rng(state["rng"]):
+            distributed.warn(f"'{ckpt}' holds the RNG states of another number of ranks; reseeding each rank from "
+                             "(--seed, step, rank): the run goes on but will not equal an uninterrupted one")
+            seed_everything(distributed.rank_seed(cfg.seed, start))
     if start >= cfg.steps:
-        print(f"note: '{out}' is already at step {start} >= --steps {cfg.steps}; nothing to do", file=sys.stderr)
+        if distributed.is_main():
+            print(f"note: '{out}' is already at step {start} >= --steps {cfg.steps}; nothing to do", file=sys.stderr)
         return out
-    logger = MetricsLogger(str(out), start_step=start, total_steps=cfg.steps, tensorboard=cfg.tensorboard, quiet=quiet)
+    logger = MetricsLogger(str(out), start_step=start, total_steps=cfg.steps, tensorboard=cfg.tensorboard, quiet=quiet,
+                           write=distributed.is_main())
     ecfg = eval_config(cfg) if cfg.eval_every else None
     if ecfg and cfg.heldout_fraction == 0:
-        print("warning: --eval-every without --heldout-fraction evaluates on training documents", file=sys.stderr)
+        distributed.warn("--eval-every without --heldout-fraction evaluates on training documents")
     eval_positions = select_positions(data.shards, tok, ecfg) if ecfg else None
     if not quiet:
         where = cfg.bucket if cfg.min_entropy is None else f"entropy > {cfg.min_entropy}"
+        ranks = f" on {distributed.world_size()} ranks" if distributed.world_size() > 1 else ""
         print(f"training on {len(data)} positions from '{cfg.shards}' ({where}), {cfg.batch_prompts} contexts x "
-              f"{cfg.group_size} rollouts per step, steps {start + 1}..{cfg.steps}", flush=True)
+              f"{cfg.group_size} rollouts per step{ranks}, steps {start + 1}..{cfg.steps}", flush=True)
     bad_run = 0
     for step in range(start + 1, cfg.steps + 1):
         t0 = time.perf_counter()
@@ -373,17 +466,18 @@ def train(cfg: TrainConfig, *, reward_fns: list[RewardFn] = (), engine: RolloutE
             scheduler.step()
         if ecfg and step % cfg.eval_every == 0:
             result = evaluate(model, tok, engine, ecfg, data.shards, eval_positions)
-            write_json(result, out / "eval" / f"step-{step:06d}.json")
+            if distributed.is_main():
+                write_json(result, out / "eval" / f"step-{step:06d}.json")
             metrics |= {f"eval/{b}/{k}": v for b in EVAL_BUCKETS for k, v in result[b].items()}
         logger.log(metrics)
         bad_run = bad_run + 1 if stats["bad_step"] else 0
         if bad_run:
             check_bad_step(cfg, step, stats["bad_step"], bad_run, out)
-        if cfg.log_samples_every and step % cfg.log_samples_every == 0:
+        if cfg.log_samples_every and step % cfg.log_samples_every == 0 and distributed.is_main():  # rank 0's rollouts
             logger.samples(sample_records(step, made, prompts, limit=2 * cfg.group_size))
         if step % cfg.save_every == 0 or step == cfg.steps:
             save_checkpoint(out, step, model, tok, {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "optimizer": distributed.optimizer_state_dict(model, optimizer), "scheduler": scheduler.state_dict(),
                 "sampler": data.state_dict(), "config": to_dict(cfg), "base_model": cfg.model,
             }, keep=cfg.keep_checkpoints)
     logger.close()
@@ -393,7 +487,7 @@ def train(cfg: TrainConfig, *, reward_fns: list[RewardFn] = (), engine: RolloutE
 def check_bad_step(cfg: TrainConfig, step: int, reason: str, in_a_row: int, out: Path) -> None:
     """A bad update was dropped: warn and go on (--on-bad-step skip), or stop before anything is saved."""
     if cfg.on_bad_step == "skip" and in_a_row < cfg.max_bad_steps:
-        print(f"warning: step {step}: {reason}; update skipped (weights unchanged)", file=sys.stderr, flush=True)
+        distributed.warn(f"step {step}: {reason}; update skipped (weights unchanged)")
         return
     last = latest_checkpoint(out)
     why = "--on-bad-step stop" if cfg.on_bad_step == "stop" else f"{in_a_row} bad steps in a row (--max-bad-steps)"

@@ -207,3 +207,34 @@ def test_rpt_train_refuses_shards_that_do_not_belong(tmp_path, train_shards, cas
     assert "\n" not in str(e.value)
     if case not in ("manifest_version",):
         assert shard.name in str(e.value)
+
+
+def test_a_full_disk_during_a_checkpoint_save_is_one_sentence_and_resume_completes(tiny_llama, train_shards, tmp_path,
+                                                                                   monkeypatch):
+    import errno
+
+    import rpt_train.checkpoint as checkpoint
+
+    calls = {"n": 0}
+    save = torch.save
+
+    def full_disk(obj, path, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the trainer state of step 2, after its weights were written
+            with open(path, "wb") as f:
+                f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return save(obj, path, *a, **kw)
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    cfg = _cfg(train_shards, tiny_llama, tmp_path / "run")
+    with pytest.raises(UserError, match=r"no space left on the device while saving checkpoint 'step-000002' .*the last "
+                                        r"complete checkpoint is '.*step-000001': free some space and rerun with "
+                                        r"--resume"):
+        trainer.train(cfg, reward_fns=[length_reward], quiet=True)
+    assert sorted(p.name for p in (Path(cfg.out) / "checkpoints").iterdir()) == ["step-000001"]
+    monkeypatch.setattr(checkpoint.torch, "save", save)
+    cfg.resume = True
+    trainer.train(cfg, reward_fns=[length_reward], quiet=True)
+    assert [x["step"] for x in _metrics(Path(cfg.out))] == [1, 2, 3, 4]
+    assert [s for s, _ in list_checkpoints(cfg.out)] == [3, 4]

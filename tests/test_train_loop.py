@@ -11,6 +11,7 @@ from rpt_train.checkpoint import latest_checkpoint, list_checkpoints
 from rpt_train.config import EvalConfig, TrainConfig
 from rpt_train.evaluate import EVAL_BUCKETS, evaluate, select_positions
 from rpt_train.policy import eos_ids, load_policy
+from rpt_train.reward import rpt_reward
 from rpt_train.rollout import HFRollout, RolloutBatch, SamplingParams
 from rpt_train.samples import ShardSet, TrainSamples
 from rpt_train.templates import PromptBuilder
@@ -181,3 +182,23 @@ def test_eval_reports_empty_buckets(train_shards, tiny_tok):
     cfg = EvalConfig(shards=str(train_shards), limit=3, bucket_thresholds=[0.5, 1.0, 99.0])
     chosen = select_positions(ShardSet(str(train_shards)), tiny_tok, cfg)
     assert chosen["hard"] == [] and len(chosen["medium"]) == 3
+
+
+def test_response_prefix_is_prompted_and_put_back_before_the_answer_is_extracted(train_shards, tiny_tok):
+    from rpt_train.trainer import rollout_groups
+
+    prompts = PromptBuilder(tiny_tok, "answer-only", "off", response_prefix="\\boxed{")
+    assert prompts.text("abc").endswith("### Context\nabc\\boxed{")
+    assert prompts.ids("abc") == tiny_tok(prompts.text("abc"))["input_ids"]
+    cfg = TrainConfig(shards=str(train_shards), bucket="all", batch_prompts=2, group_size=2)
+    samples = TrainSamples(cfg, tiny_tok).next_batch(2)
+
+    class Answers(ScriptedEngine):  # completions: the first label token then "}", or an unclosed box
+        def generate(self, prompts_, params):
+            batch = super().generate(prompts_, params)
+            batch.texts = [t for s in samples for t in ("".join(s.label_tokens[:1]) + "} more", "x")]
+            return batch
+
+    groups = rollout_groups(samples, prompts, Answers(tiny_tok), rpt_reward(), SamplingParams(n=2), "boxed")
+    assert groups.answers == [t for s in samples for t in ("".join(s.label_tokens[:1]), None)]
+    assert groups.rewards.tolist() == [1.0, 0.0, 1.0, 0.0]

@@ -1,0 +1,296 @@
+"""Multi-process plumbing for `rpt-train run` under torchrun: process group from the environment, rank helpers,
+reductions that are no-ops in a single process, FSDP2 sharding, and rank-count-independent (full) state dicts.
+
+Every FSDP2 forward all-gathers parameters, so every rank must run the same number of forwards and backwards:
+loops over a rank's own micro-batches are padded to the longest rank's count (`pad_to_max`) with zero-weight
+dummy passes (`dummy_inputs`). A single process (no WORLD_SIZE > 1 in the environment) never touches
+torch.distributed and behaves exactly as without this module."""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from rpt_common.errors import UserError
+
+_OWNED = False  # this module started the process group (and so ends it)
+
+
+def init_from_env(device: str) -> str:
+    """Join torchrun's process group when WORLD_SIZE > 1 (cuda:LOCAL_RANK with nccl, else CPU with gloo) and return
+    this rank's device; in a single process return `device` untouched. Reuses a group that is already up."""
+    global _OWNED
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not is_initialized():
+        return device
+    if not dist.is_available():
+        raise UserError("WORLD_SIZE > 1 but this torch build has no torch.distributed; run a single process")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda and not torch.cuda.is_available():
+        raise UserError("--device cuda was requested but no CUDA device is available")
+    if cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        # CPU tensors (small reductions, objects) go through gloo, CUDA tensors (FSDP collectives) through nccl
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
+        _OWNED = True
+    return f"cuda:{local}" if cuda else "cpu"
+
+
+def shutdown() -> None:
+    global _OWNED
+    if _OWNED and dist.is_initialized():
+        dist.destroy_process_group()
+    _OWNED = False
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def rank_seed(seed: int, *extra: int) -> int:
+    """The seed of this rank: `seed` itself on rank 0 (a single process is seeded as before), a SeedSequence
+    mix of (seed, *extra, rank) elsewhere."""
+    if rank() == 0 and not extra:
+        return seed
+    return int(np.random.SeedSequence([seed, *extra, rank()]).generate_state(1)[0])
+
+
+# ---- reductions (CPU tensors: gloo under both backends) ---------------------------------------------------------
+def all_sum(values: list[float]) -> list[float]:
+    """Element-wise sums over ranks (float64; NaN/inf propagate)."""
+    if world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_max(value: float) -> float:
+    if world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def all_true(flag: bool) -> bool:
+    """True on every rank iff `flag` is True on every rank."""
+    if world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t)
+
+
+def all_gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects)."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def cat_from_ranks(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of `t` stacked in rank order (`t` itself in a single process)."""
+    if world_size() == 1:
+        return t
+    return torch.cat([x.cpu() for x in all_gather_objects(t.detach().cpu())])
+
+
+def broadcast_from_main(fn):
+    """fn() on rank 0 and its result on every rank; a UserError on rank 0 is raised on every rank (no hang)."""
+    if world_size() == 1:
+        return fn()
+    box = [None]
+    if is_main():
+        try:
+            box = [("ok", fn())]
+        except UserError as e:
+            box = [("error", str(e))]
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise UserError(value)
+    return value
+
+
+def pad_to_max(items: list, filler=None) -> list:
+    """`items` padded with `filler` to the longest rank's length: loops that run FSDP passes stay in lockstep."""
+    if world_size() == 1:
+        return items
+    return items + [filler] * (int(all_max(len(items))) - len(items))
+
+
+def dummy_inputs(device) -> tuple[torch.Tensor, ...]:
+    """A one-token prompt and one-token completion (prompt_ids, prompt_mask, completion_ids, completion_mask) for
+    the padding passes of a rank with fewer micro-batches; their loss is multiplied by 0."""
+    one = torch.ones(1, 1, dtype=torch.long, device=device)
+    return one * 0, one, one * 0, one
+
+
+# ---- FSDP2 ------------------------------------------------------------------------------------------------------
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks (HF `_no_split_modules` classes, e.g. LlamaDecoderLayer): one FSDP unit each."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise UserError(f"cannot find the decoder layers of {type(model).__name__} to shard (no _no_split_modules)")
+    return layers
+
+
+def shard_model(model: torch.nn.Module, device: str) -> torch.nn.Module:
+    """FSDP2 over all ranks: `fully_shard` per decoder layer, then the root (embeddings, final norm, head). The
+    parameters move to `device` as they are sharded. Gradients are summed across ranks, not averaged: the loss
+    is already normalised by global counts (see trainer.update_policy). The root reshards after forward too
+    (FSDP2 keeps it gathered by default): no-grad forwards (old/reference log-probs, entropy) would otherwise
+    leave its full parameters registered in place of the sharded ones that the optimizer holds."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    mesh = init_device_mesh(torch.device(device).type, (world_size(),))
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM; NCCL is zero-copy only for SUM
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def gathered(model: torch.nn.Module, enabled: bool = True):
+    """Hold the full parameters on every rank inside the block (one all-gather per FSDP unit on entry), so that
+    forwards in it need no collective: ranks may then run different numbers of them (rollouts of different
+    lengths). Costs the memory of the unsharded model on each rank. No-op for an unsharded model."""
+    if not enabled or not is_sharded(model):
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    model.set_reshard_after_forward(False)
+    for m in units:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in units:
+            m.reshard()
+        model.set_reshard_after_forward(True)
+
+
+class GatheredEngine:
+    """A rollout engine whose generate() runs inside `gathered(model)`: one all-gather per call instead of one
+    per layer per generated token. Every rank must call generate() the same number of times."""
+
+    def __init__(self, engine, model):
+        self.engine, self.model = engine, model
+        self.tokenizer = getattr(engine, "tokenizer", None)
+
+    def generate(self, prompts, params):
+        with gathered(self.model):
+            return self.engine.generate(prompts, params)
+
+    def sync(self, model) -> None:
+        self.model = model
+        self.engine.sync(model)
+
+
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
+    """Clip to `max_norm` and return the pre-clip norm of the whole (global) gradient."""
+    if not is_initialized():
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for p in params):
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    if isinstance(norm, DTensor):  # a partial (per-shard) norm: reduce to the full one
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+    return float(norm)
+
+
+# ---- rank-count-independent state dicts -------------------------------------------------------------------------
+def full_state_dict(model: torch.nn.Module) -> dict | None:
+    """The unsharded weights, on CPU, on rank 0 ({} elsewhere); None for an unsharded model (read it directly).
+    Tied copies (lm_head = embeddings) are left out, as save_pretrained does for a plain model. A collective."""
+    if not is_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    return {k: v for k, v in full.items() if k not in tied}
+
+
+def _trained_names(model: torch.nn.Module) -> list[str]:
+    """Parameter names in the order of the optimizer's parameter list (trainer: requires_grad, deduplicated)."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def optimizer_state_dict(model: torch.nn.Module, optimizer) -> dict:
+    """optimizer.state_dict() for an unsharded model; for FSDP2 the full state keyed by parameter name (on rank 0,
+    {} elsewhere), loadable on any number of ranks. A collective when sharded."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state_dict(model: torch.nn.Module, optimizer, state: dict) -> None:
+    """Restore either form (index-keyed from a single process, name-keyed from FSDP2) into either kind of model."""
+    names = _trained_names(model)
+    by_name = any(isinstance(k, str) for k in state["state"]) or any(
+        isinstance(p, str) for g in state["param_groups"] for p in g["params"])
+    if not is_sharded(model):
+        if by_name:  # name -> index in the optimizer's parameter list
+            index = {n: i for i, n in enumerate(names)}
+            state = {"state": {index[k]: v for k, v in state["state"].items()},
+                     "param_groups": [{**g, "params": [index[p] for p in g["params"]]} for g in state["param_groups"]]}
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    if not by_name:
+        state = {"state": {names[k]: v for k, v in state["state"].items()},
+                 "param_groups": [{**g, "params": [names[p] for p in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def warn(message: str) -> None:
+    """A warning printed once (by rank 0)."""
+    if is_main():
+        print(f"warning: {message}", file=sys.stderr, flush=True)

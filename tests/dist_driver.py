@@ -1,0 +1,129 @@
+"""Multi-rank scenarios for tests/test_train_distributed.py, run by every rank of
+`python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dist_driver.py PLAN.json`.
+
+The process group is started here, so that several `train()` calls share it (train() leaves a group it did not
+start alone). Each scenario writes under the plan's root; the test reads the results from there."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+torch.set_num_threads(1)
+
+from shard_fixtures import length_reward  # noqa: E402
+
+from rpt_train.rollout import RolloutBatch  # noqa: E402
+
+
+class PromptEngine:
+    """Completions that are a function of the prompt only (so how contexts are split over ranks does not matter):
+    completion j of a prompt has 1 + (h + j) % 4 tokens, or the same length for all j when h % 3 == 0 (a group
+    with equal rewards under `length_reward`, dropped by dynamic sampling)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def generate(self, prompts, params):
+        pad = self.tokenizer.pad_token_id
+        rows = []
+        for p in prompts:
+            h = sum(p) % 97
+            for j in range(params.n):
+                n = 1 + ((h if h % 3 == 0 else h + j) % 4)
+                rows.append((p, [(h * 31 + j * 17 + k * 7) % 250 + 5 for k in range(n)]))
+        P = max((len(p) for p, _ in rows), default=0)
+        C = max((len(c) for _, c in rows), default=0)
+        def table(values):  # [rows, width] even when there are no rows
+            return torch.tensor(values, dtype=torch.long).view(len(rows), -1 if values else 0)
+
+        return RolloutBatch(prompt_ids=table([[pad] * (P - len(p)) + p for p, _ in rows]),
+                            prompt_mask=table([[0] * (P - len(p)) + [1] * len(p) for p, _ in rows]),
+                            completion_ids=table([c + [pad] * (C - len(c)) for _, c in rows]),
+                            completion_mask=table([[1] * len(c) + [0] * (C - len(c)) for _, c in rows]),
+                            logprobs=None, texts=["x" * len(c) for _, c in rows])
+
+    def sync(self, model):
+        pass
+
+
+def config(plan: dict, out: Path, **kw):
+    from rpt_train.config import TrainConfig
+
+    return TrainConfig(**(plan["base"] | {"out": str(out)} | kw))
+
+
+def scripted_train(plan: dict, out: Path, poison_rank: int | None = None, poison_step: int = 0, flat: bool = False,
+                   **kw) -> None:
+    """train() with PromptEngine; with poison_rank, that rank's loss is NaN at poison_step; `flat`: every reward 0."""
+    import rpt_train.trainer as trainer
+    from rpt_common.models import load_tokenizer
+
+    cfg = config(plan, out, **kw)
+    saved = trainer.collect, trainer.aggregate
+    state = {"step": 0}
+    if poison_rank is not None:
+        def counting_collect(*a, **k):
+            state["step"] += 1
+            return saved[0](*a, **k)
+
+        def poisoned_aggregate(*a, **k):
+            loss = saved[1](*a, **k)
+            hit = state["step"] == poison_step and torch.distributed.get_rank() == poison_rank
+            return loss * float("nan") if hit else loss
+
+        trainer.collect, trainer.aggregate = counting_collect, poisoned_aggregate
+    try:
+        trainer.train(cfg, reward_fns=[] if flat else [length_reward], engine=PromptEngine(load_tokenizer(cfg.model)),
+                      quiet=True)
+    finally:
+        trainer.collect, trainer.aggregate = saved
+
+
+def lockstep(plan: dict, out: Path) -> None:
+    """HFRollout through the sharded model while rank 0's rows end at once (half the vocabulary is EOS) and rank
+    1's never do: no hang, and each rank gets what the unsharded model samples with the same seed."""
+    from rpt_train import distributed
+    from rpt_train.policy import load_policy
+    from rpt_train.rollout import HFRollout, SamplingParams
+
+    rank = torch.distributed.get_rank()
+    policy = load_policy(plan["base"]["model"], "cpu")
+    plain = load_policy(plan["base"]["model"], "cpu").model
+    sharded = distributed.shard_model(policy.model, "cpu")
+    eos = list(range(0, len(policy.tokenizer), 2)) if rank == 0 else []
+    prompts = [policy.tokenizer("The quick brown fox")["input_ids"], policy.tokenizer("Let x_n be")["input_ids"]]
+    mine = prompts[: 1 + rank]  # uneven prompt counts too: rank 0 runs a discarded copy of its prompt
+    params = SamplingParams(n=2, max_new_tokens=7, temperature=1.0)
+    results = {}
+    for name, model, step_together, batch_prompts in (("sharded", sharded, True, mine),
+                                                       ("plain", plain, False, mine + mine[:1] * (2 - len(mine)))):
+        torch.manual_seed(1234 + rank)
+        batch = HFRollout(model, policy.tokenizer, eos, lockstep=step_together).generate(batch_prompts, params)
+        rows = len(mine) * params.n
+        results[name] = {"ids": batch.completion_ids[:rows].tolist(), "mask": batch.completion_mask[:rows].tolist()}
+    (out / f"lockstep-rank{rank}.json").write_text(json.dumps(results))
+
+
+def main() -> None:
+    plan = json.loads(Path(sys.argv[1]).read_text())
+    root = Path(plan["root"])
+    torch.distributed.init_process_group("gloo")
+    try:
+        for name, kw in plan["scripted"]:  # deterministic rollouts: equal to one process
+            scripted_train(plan, root / name, **kw)
+        if plan.get("lockstep"):
+            lockstep(plan, root)
+        from rpt_train.trainer import train
+
+        for name, kw in plan["sampled"]:  # HFRollout through FSDP; resumes
+            train(config(plan, root / name, **kw), reward_fns=[length_reward], quiet=True)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""`rpt-train run` on 2 CPU ranks (gloo, FSDP2): the CLI under torchrun, a 2-rank update equal to the 1-process
+update on the same global batch, a NaN on one rank skipping the step on all, rollouts in lockstep when ranks
+finish at different lengths, and resume on the same and on another number of ranks."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from shard_fixtures import length_reward, train_shards, tiny_tok  # noqa: F401
+
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
+
+from rpt_train.checkpoint import list_checkpoints  # noqa: E402
+from rpt_train.config import TrainConfig  # noqa: E402
+from rpt_train.trainer import train  # noqa: E402
+
+TESTS = Path(__file__).parent
+REPO = TESTS.parent
+TIMING = ("seconds", "rollout_seconds", "rollout_tokens_per_s")
+CONTRACT = {"step", "loss", "lr", "reward", "reward_std", "frac_reward_zero_std", "answer_rate", "completion_length",
+            "clip_ratio", "entropy", "kl", "seconds"}
+LOSSES = ("dapo", "grpo", "dr_grpo")
+
+
+def torchrun(*args, timeout: int = 300) -> subprocess.CompletedProcess:
+    """2 CPU ranks on this machine, one thread each; tests/ importable (reward functions, the driver)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(TESTS), str(REPO)]))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in open(out / "metrics.jsonl")]
+
+
+def weights(out: Path, step: int) -> dict:
+    return load_file(dict(list_checkpoints(out))[step] / "model.safetensors")
+
+
+BASE = dict(bucket="all", batch_prompts=5, group_size=3, max_new_tokens=4, lr=1e-2, save_every=1, keep_checkpoints=4,
+            log_samples_every=1, micro_batch_size=2)
+# odd batch (3 + 2 contexts), refills, several mini-batches, 2 PPO epochs, KL to a sharded reference, active clip
+SCRIPTED = dict(steps=2, beta=0.05, ppo_epochs=2, mini_batch_size=6, grad_clip=0.5, max_sampling_rounds=3)
+SAMPLED = dict(beta=0.05, rollout_gather=True, eval_every=3, eval_limit=2, heldout_fraction=0.3)
+
+
+def run_driver(root: Path, base: dict, **plan) -> tuple[Path, dict]:
+    """One torchrun launch of tests/dist_driver.py running the plan's 2-rank scenarios under `root`."""
+    (root / "plan.json").write_text(json.dumps({"root": str(root), "base": base, "scripted": [], "sampled": []} | plan))
+    proc = torchrun(TESTS / "dist_driver.py", root / "plan.json")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return root, base
+
+
+@pytest.fixture(scope="module")
+def scripted(tiny_llama, train_shards, tmp_path_factory):
+    """Deterministic rollouts (one run per loss, one with a NaN on rank 1 at step 2) and the lockstep check."""
+    base = BASE | {"shards": str(train_shards), "model": str(tiny_llama)}
+    return run_driver(tmp_path_factory.mktemp("dist"), base, lockstep=True,
+                      scripted=[[f"scripted-{loss}", SCRIPTED | {"loss": loss}] for loss in LOSSES]
+                      + [["scripted-nan", {"steps": 3, "poison_rank": 1, "poison_step": 2}],
+                         ["scripted-flat", {"steps": 1, "flat": True, "max_sampling_rounds": 2}]])
+
+
+@pytest.fixture(scope="module")
+def sampled(tiny_llama, train_shards, tmp_path_factory):
+    """HFRollout through FSDP: 3 steps, and 2 steps then --resume to 3; a 1-process checkpoint resumed on 2 ranks."""
+    root = tmp_path_factory.mktemp("dist")
+    base = BASE | {"shards": str(train_shards), "model": str(tiny_llama)}
+    # a 1-process checkpoint (index-keyed optimizer state, one RNG state) for the 2 ranks to resume
+    train(TrainConfig(**base, out=str(root / "from-one"), steps=1), reward_fns=[length_reward], quiet=True)
+    return run_driver(root, base, sampled=[["hf-full", SAMPLED | {"steps": 3}], ["hf-part", SAMPLED | {"steps": 2}],
+                                           ["hf-part", SAMPLED | {"steps": 3, "resume": True}],
+                                           ["from-one", {"steps": 2, "resume": True}]])
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_two_rank_update_equals_the_one_process_update(scripted, tmp_path, loss):
+    from dist_driver import PromptEngine
+
+    from rpt_common.models import load_tokenizer
+
+    root, base = scripted
+    cfg = TrainConfig(**base | SCRIPTED | {"loss": loss, "out": str(tmp_path / "one")})
+    one = train(cfg, reward_fns=[length_reward], engine=PromptEngine(load_tokenizer(cfg.model)), quiet=True)
+    two = root / f"scripted-{loss}"
+    a, b = metrics(one), metrics(two)
+    assert [m["step"] for m in b] == [1, 2]
+    assert a[0]["sampling_rounds"] > 1 and a[0]["updates"] == 2 * 3  # refills; 2 epochs x 3 mini-batches
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            same = x[k] == y[k] if not isinstance(x[k], float) else x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6)
+            assert same, (k, x[k], y[k])
+    start = load_file(Path(base["model"]) / "model.safetensors")
+    for step in (1, 2):
+        wa, wb = weights(one, step), weights(two, step)
+        assert wa.keys() == wb.keys() == start.keys()
+        # AdamW moves every weight by up to lr = 1e-2 per update whatever the gradient's size, so summation-order
+        # noise in near-zero gradients shows up at ~1e-5; the updates themselves are ~1e-2
+        assert max(float((wa[k] - start[k]).abs().max()) for k in wa) > 1e-2
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-4, msg=k)
+
+
+def test_a_nan_loss_on_one_rank_skips_the_step_on_every_rank(scripted):
+    root, _ = scripted
+    m = metrics(root / "scripted-nan")
+    assert [x["step"] for x in m] == [1, 2, 3]
+    assert [x["bad_step"] for x in m] == [None, "non-finite loss", None] and m[1]["updates"] == 0
+    assert m[2]["updates"] == 1
+    w1, w2, w3 = (weights(root / "scripted-nan", s) for s in (1, 2, 3))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)  # the skipped step changed nothing, on either rank's shard
+    assert not all(torch.equal(w2[k], w3[k]) for k in w2)
+
+
+def test_a_step_without_informative_groups_updates_nothing(scripted, tmp_path):
+    from dist_driver import PromptEngine
+
+    from rpt_common.models import load_tokenizer
+
+    root, base = scripted
+    cfg = TrainConfig(**base | {"steps": 1, "max_sampling_rounds": 2, "out": str(tmp_path / "one")})
+    one = train(cfg, engine=PromptEngine(load_tokenizer(cfg.model)), quiet=True)
+    (a,), (b,) = metrics(one), metrics(root / "scripted-flat")
+    assert b["updates"] == 0 and b["groups_kept"] == 0 and b["sampling_rounds"] == 2 and b["entropy"] > 0
+    assert b["entropy"] == pytest.approx(a["entropy"], rel=1e-5)
+    assert all(torch.equal(v, weights(root / "scripted-flat", 1)[k]) for k, v in weights(one, 1).items())
+
+
+def test_rollouts_through_fsdp_step_in_lockstep_when_ranks_finish_at_different_lengths(scripted):
+    root, _ = scripted
+    for rank in (0, 1):
+        r = json.loads((root / f"lockstep-rank{rank}.json").read_text())
+        assert r["sharded"] == r["plain"]
+    early = json.loads((root / "lockstep-rank0.json").read_text())["sharded"]["mask"]
+    late = json.loads((root / "lockstep-rank1.json").read_text())["sharded"]["mask"]
+    assert max(map(sum, early)) < 7 and len(late) == 4 and all(sum(m) == 7 for m in late)
+
+
+def test_two_rank_resume_equals_the_uninterrupted_run(sampled):
+    root, _ = sampled
+    full, part = metrics(root / "hf-full"), metrics(root / "hf-part")
+    assert [m["step"] for m in full] == [1, 2, 3]
+    assert full == part  # rollouts sampled by each rank from its restored RNG state
+    assert "eval/all/ntr_accuracy" in full[2] and (root / "hf-full" / "eval" / "step-000003.json").exists()
+    w = weights(root / "hf-full", 3)
+    assert all(torch.equal(w[k], weights(root / "hf-part", 3)[k]) for k in w)
+
+
+def test_resume_across_rank_counts(sampled, tmp_path, capsys):
+    root, base = sampled
+    # 1 process -> 2 ranks (the driver): index-keyed AdamW state loaded into the sharded optimizer
+    assert [m["step"] for m in metrics(root / "from-one")] == [1, 2]
+    state = torch.load(dict(list_checkpoints(root / "from-one"))[2] / "trainer_state.pt", weights_only=False)
+    assert len(state["rng"]["per_rank"]) == 2 and "model.embed_tokens.weight" in state["optimizer"]["state"]
+    assert state["optimizer"]["state"]["model.embed_tokens.weight"]["step"] == 2  # AdamW went on from step 1
+    # 2 ranks -> 1 process: name-keyed optimizer state, RNG reseeded with a warning
+    out = tmp_path / "two-then-one"
+    shutil.copytree(root / "hf-part", out)
+    train(TrainConfig(**base | SAMPLED | {"steps": 4, "resume": True, "out": str(out)}), reward_fns=[length_reward],
+          quiet=True)
+    assert "RNG states of another number of ranks" in capsys.readouterr().err
+    m = metrics(out)
+    assert [x["step"] for x in m] == [1, 2, 3, 4] and m[:3] == metrics(root / "hf-part")
+    state = torch.load(dict(list_checkpoints(out))[4] / "trainer_state.pt", weights_only=False)
+    assert all(s["step"] == 4 for s in state["optimizer"]["state"].values())
+
+
+def test_torchrun_cli_writes_logs_once_and_a_loadable_checkpoint(tiny_llama, train_shards, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    proc = torchrun("-m", "rpt_train.cli", "run", "--shards", train_shards, "--model", tiny_llama, "--out", out,
+                    "--steps", 2, "--batch-prompts", 3, "--group-size", 2, "--max-new-tokens", 5, "--bucket", "all",
+                    "--save-every", 1, "--beta", 0.05, "--lr", 1e-2, "--micro-batch-size", 2,
+                    "--reward", "shard_fixtures:length_reward", "--log-samples-every", 1, "--eval-every", 2,
+                    "--eval-limit", 3, "--heldout-fraction", 0.3)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert proc.stdout.count("step 2/2") == 1 and proc.stdout.count("done:") == 1
+    lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert [m["step"] for m in lines] == [1, 2] and CONTRACT <= set(lines[0])
+    assert {json.loads(x)["step"] for x in open(out / "samples.jsonl")} == {1, 2}
+    assert [s for s, _ in list_checkpoints(out)] == [1, 2]
+    assert json.loads((out / "eval" / "step-000002.json").read_text())["all"]["n"] == 3
+    assert lines[1]["eval/all/n"] == 3
+    model = AutoModelForCausalLM.from_pretrained(out / "checkpoints" / "step-000002")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    before = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    assert not torch.equal(model.model.norm.weight, before.model.norm.weight)
