@@ -140,18 +140,42 @@ def _state_problems(out: Path) -> list[str]:
     return problems
 
 
-def _child(cfg: dict, kind: str | None, point: int, log: Path, counts_file: Path | None, precheck: bool) -> None:
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    code = 1
-    try:
+def forked(body, log: Path | None, delay: float | None = None) -> int:
+    """Run body() in a forked child whose stdout/stderr go to `log`; returns its exit code (0, 1 with the
+    traceback in the log, or what body passed to os._exit), or -9 when it was killed: by the fault hooks, or
+    by this process after `delay` seconds."""
+    pid = os.fork()
+    if pid == 0:
+        fd = os.open(log or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        code = 1
+        try:
+            body()
+            code = 0
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    if delay is not None:
+        time.sleep(delay)
+        os.kill(pid, signal.SIGKILL)  # a child that already exited is a zombie: no effect
+    _, status = os.waitpid(pid, 0)
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def _fork_run(cfg, kind=None, point=0, delay=None, log=None, counts_file=None, precheck=False) -> int:
+    """Run one tag job in a forked child; returns its exit code, or -9 when it was killed."""
+    def body():
         from rpt_data.config import TagConfig
         from rpt_data.pipeline import run_tag
 
-        out = Path(cfg["out"])
         if precheck:
-            problems = _state_problems(out)
+            problems = _state_problems(Path(cfg["out"]))
             if problems:
                 print("STATE PROBLEMS: " + json.dumps(problems), flush=True)
                 os._exit(3)
@@ -160,27 +184,8 @@ def _child(cfg: dict, kind: str | None, point: int, log: Path, counts_file: Path
         run_tag(TagConfig(**cfg))
         if counts_file is not None:
             counts_file.write_text(json.dumps(counts))
-        code = 0
-    except BaseException:
-        import traceback
 
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-
-
-def _fork_run(cfg, kind=None, point=0, delay=None, log=None, counts_file=None, precheck=False) -> int:
-    """Run one tag job in a forked child; returns its exit code, or -9 when it was killed."""
-    pid = os.fork()
-    if pid == 0:
-        _child(cfg, kind, point, log, counts_file, precheck)
-    if delay is not None:
-        time.sleep(delay)
-        os.kill(pid, signal.SIGKILL)  # a child that already exited is a zombie: no effect
-    _, status = os.waitpid(pid, 0)
-    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    return forked(body, log, delay)
 
 
 def kill_harness(plan: dict) -> dict:

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from data_helpers import forked
+
 KILL_KINDS = ("weights", "state", "rename", "discard", "metrics", "timer")
 
 
@@ -114,12 +116,9 @@ def state_problems(out: Path) -> list[str]:
     return []
 
 
-def _child(cfg: dict, kind: str | None, point: int, log: Path, counts_file: Path | None) -> None:
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    code = 1
-    try:
+def _fork_run(cfg, kind=None, point=0, delay=None, log=None, counts_file=None) -> int:
+    """Run one training job in a forked child; returns its exit code, or -9 when it was killed."""
+    def body():
         from shard_fixtures import length_reward
 
         from rpt_train.config import TrainConfig
@@ -134,26 +133,8 @@ def _child(cfg: dict, kind: str | None, point: int, log: Path, counts_file: Path
         train(TrainConfig(**cfg), reward_fns=[length_reward], quiet=True)
         if counts_file is not None:
             counts_file.write_text(json.dumps(counts))
-        code = 0
-    except BaseException:
-        import traceback
 
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-
-
-def _fork_run(cfg, kind=None, point=0, delay=None, log=None, counts_file=None) -> int:
-    pid = os.fork()
-    if pid == 0:
-        _child(cfg, kind, point, log, counts_file)
-    if delay is not None:
-        time.sleep(delay)
-        os.kill(pid, signal.SIGKILL)
-    _, status = os.waitpid(pid, 0)
-    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    return forked(body, log, delay)
 
 
 def _resumed_step(out: Path) -> int:
