@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.setup-stamp
 PIP     := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: setup demo test test-all learn-check bench-cpu clean-venv
+.PHONY: setup demo test test-all test-faults learn-check bench-cpu clean-venv
 
 setup: $(STAMP)
 
@@ -28,6 +28,10 @@ test: setup
 
 test-all: setup
 	$(BIN)/python -m pytest -m "not gpu"
+
+# The randomized fault loops (kill -9 again and again, multi-MB records): about 1.5 min; CI runs them too.
+test-faults: setup
+	$(BIN)/python -m pytest -m slow tests/test_faults_data.py tests/test_faults_train.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -97,12 +97,15 @@ def write_md(res: dict, metrics: list[dict], samples: list[dict], path: Path) ->
         "", "![reward and answer rate](smollm2-champ-curves.png)", "",
         "Per step: " + ", ".join(f"{m['step']}: reward {m['reward']:.2f}, answered {m['answer_rate']:.2f}, "
                                  f"zero-std groups {m['frac_reward_zero_std']:.2f}" for m in metrics), "",
-        "## Sample completions (training rollouts)", "",
+        "## Sample completions (training rollouts, first and last step)", "",
     ]
-    for s in samples[:4]:
-        lines += [f"- step {s.get('step')}, reward {s.get('reward')}: label {s.get('label')!r}, "
-                  f"answer {s.get('answer')!r}", "", "  ```", "  " + str(s.get("completion", ""))[:400].replace("\n", "\n  "),
-                  "  ```"]
+    first, last = (min(s["step"] for s in samples), max(s["step"] for s in samples)) if samples else (0, 0)
+    for title, step in (("first step", first), ("last step", last)):
+        lines += [f"### {title} ({step})", ""]
+        for s in [s for s in samples if s["step"] == step][:6]:
+            lines += [f"- reward {s.get('reward')}: label {s.get('label')!r}, answer {s.get('answer')!r}, "
+                      f"completion {str(s.get('completion', ''))[:200]!r}"]
+        lines.append("")
     lines += ["", "## What this shows", "", res["verdict"], ""]
     path.write_text("\n".join(lines))
 
@@ -140,5 +143,16 @@ def main(recipe: str) -> None:
     print(verdict)
 
 
+def report(recipe: str) -> None:
+    """Rewrite results/smollm2-champ.{md,png} from results/smollm2-champ.json and the run's logs."""
+    res = json.loads(Path("results/smollm2-champ.json").read_text())
+    out = Path(load_config(TrainConfig, recipe).out)
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    curves_png(metrics, Path("results/smollm2-champ-curves.png"))
+    write_md(res, metrics, samples, Path("results/smollm2-champ.md"))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "pipelines/smollm2-champ.yaml")
+    args = [a for a in sys.argv[1:] if a != "--report"]
+    (report if "--report" in sys.argv else main)(args[0] if args else "pipelines/smollm2-champ.yaml")
