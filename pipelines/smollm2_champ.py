@@ -88,6 +88,7 @@ def write_md(res: dict, metrics: list[dict], samples: list[dict], path: Path) ->
         "| | " + " | ".join(EVAL_BUCKETS) + " |", "|---|" + "---|" * len(EVAL_BUCKETS),
         "| n | " + " | ".join(str(b[x]["n"]) for x in EVAL_BUCKETS) + " |",
         "| NTP accuracy (greedy, before) | " + " | ".join(fmt(b[x], "ntp_accuracy") for x in EVAL_BUCKETS) + " |",
+        "| NTP accuracy (greedy, after) | " + " | ".join(fmt(a[x], "ntp_accuracy") for x in EVAL_BUCKETS) + " |",
         "| NTR accuracy, before RPT | " + " | ".join(fmt(b[x], "ntr_accuracy") for x in EVAL_BUCKETS) + " |",
         "| NTR accuracy, after RPT | " + " | ".join(fmt(a[x], "ntr_accuracy") for x in EVAL_BUCKETS) + " |",
         f"| NTR pass@{res['eval']['samples']}, before | " + " | ".join(fmt(b[x], "ntr_pass_at_k") for x in EVAL_BUCKETS) + " |",
@@ -107,6 +108,8 @@ def write_md(res: dict, metrics: list[dict], samples: list[dict], path: Path) ->
                       f"completion {str(s.get('completion', ''))[:200]!r}"]
         lines.append("")
     lines += ["", "## What this shows", "", res["verdict"], ""]
+    if res.get("notes"):  # written after looking at the run (results/smollm2-champ.json: notes)
+        lines += ["## What worked and what did not", ""] + [p + "\n" for p in res["notes"]]
     path.write_text("\n".join(lines))
 
 
