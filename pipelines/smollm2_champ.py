@@ -1,4 +1,5 @@
-"""SmolLM2-135M-Instruct on CHAMP: evaluate, train with RPT, evaluate again; write results/smollm2-champ.{json,md}.
+"""SmolLM2-135M-Instruct on CHAMP: evaluate, train with RPT, evaluate again; write results/NAME.{json,md} and
+results/NAME-curves.png, NAME being the recipe's file name (pipelines/smollm2-champ.yaml -> smollm2-champ).
 
 Runs the same code as `rpt-train eval` / `rpt-train run` on the shards of `make demo` (out/demo), with the
 held-out problems of the recipe's split. Accuracies get Wilson 95% intervals; the markdown holds the table in
@@ -95,7 +96,7 @@ def write_md(res: dict, metrics: list[dict], samples: list[dict], path: Path) ->
         f"| NTR pass@{res['eval']['samples']}, after | " + " | ".join(fmt(a[x], "ntr_pass_at_k") for x in EVAL_BUCKETS) + " |",
         "| answer rate, before | " + " | ".join(f"{b[x]['answer_rate']:.3f}" if b[x]["n"] else "-" for x in EVAL_BUCKETS) + " |",
         "| answer rate, after | " + " | ".join(f"{a[x]['answer_rate']:.3f}" if a[x]["n"] else "-" for x in EVAL_BUCKETS) + " |",
-        "", "![reward and answer rate](smollm2-champ-curves.png)", "",
+        "", f"![reward and answer rate]({path.stem}-curves.png)", "",
         "Per step: " + ", ".join(f"{m['step']}: reward {m['reward']:.2f}, answered {m['answer_rate']:.2f}, "
                                  f"zero-std groups {m['frac_reward_zero_std']:.2f}" for m in metrics), "",
         "## Sample completions (training rollouts, first and last step)", "",
@@ -108,7 +109,7 @@ def write_md(res: dict, metrics: list[dict], samples: list[dict], path: Path) ->
                       f"completion {str(s.get('completion', ''))[:200]!r}"]
         lines.append("")
     lines += ["", "## What this shows", "", res["verdict"], ""]
-    if res.get("notes"):  # written after looking at the run (results/smollm2-champ.json: notes)
+    if res.get("notes"):  # written after looking at the run (results/NAME.json: notes)
         lines += ["## What worked and what did not", ""] + [p + "\n" for p in res["notes"]]
     path.write_text("\n".join(lines))
 
@@ -139,21 +140,28 @@ def main(recipe: str) -> None:
     res = {"before": before, "after": after, "train_config": to_dict(tcfg), "eval": to_dict(ecfg), "steps": tcfg.steps,
            "train_seconds": train_seconds, "total_seconds": time.perf_counter() - t0,
            "device": f"CPU ({platform.processor() or platform.machine()}, 2 cores, shared)", "verdict": verdict}
-    Path("results").mkdir(exist_ok=True)
-    Path("results/smollm2-champ.json").write_text(json.dumps(res, indent=1))
-    curves_png(metrics, Path("results/smollm2-champ-curves.png"))
-    write_md(res, metrics, samples, Path("results/smollm2-champ.md"))
+    json_path, png_path, md_path = result_paths(recipe)
+    json_path.parent.mkdir(exist_ok=True)
+    json_path.write_text(json.dumps(res, indent=1))
+    curves_png(metrics, png_path)
+    write_md(res, metrics, samples, md_path)
     print(verdict)
 
 
 def report(recipe: str) -> None:
-    """Rewrite results/smollm2-champ.{md,png} from results/smollm2-champ.json and the run's logs."""
-    res = json.loads(Path("results/smollm2-champ.json").read_text())
+    """Rewrite results/NAME.md and the plot from results/NAME.json and the run's logs."""
+    json_path, png_path, md_path = result_paths(recipe)
+    res = json.loads(json_path.read_text())
     out = Path(load_config(TrainConfig, recipe).out)
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
-    curves_png(metrics, Path("results/smollm2-champ-curves.png"))
-    write_md(res, metrics, samples, Path("results/smollm2-champ.md"))
+    curves_png(metrics, png_path)
+    write_md(res, metrics, samples, md_path)
+
+
+def result_paths(recipe: str) -> tuple[Path, Path, Path]:
+    name = Path(recipe).stem
+    return Path("results") / f"{name}.json", Path("results") / f"{name}-curves.png", Path("results") / f"{name}.md"
 
 
 if __name__ == "__main__":
