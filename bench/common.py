@@ -56,6 +56,16 @@ def pick_device(spec: str) -> torch.device:
     return torch.device(spec)
 
 
+def apply_preset(args, presets: dict):
+    """Fill every option left unset (None) from the preset: --preset, else gpu on a CUDA device, else cpu."""
+    preset = args.preset or ("gpu" if pick_device(args.device).type == "cuda" else "cpu")
+    for k, v in presets[preset].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    args.preset = preset
+    return args
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

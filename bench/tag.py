@@ -28,7 +28,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (alternate, champ_records, environment, forward_flops, median, peak_flops,  # noqa: E402
+from common import (apply_preset, alternate, champ_records, environment, forward_flops, median, peak_flops,  # noqa: E402
                     pick_device, results_path, setup_threads, synthetic_model, write_json, CHAMP_TEMPLATE)
 
 import numpy as np  # noqa: E402
@@ -342,12 +342,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def resolve(args) -> argparse.Namespace:
-    preset = args.preset or ("gpu" if pick_device(args.device).type == "cuda" else "cpu")
-    for k, v in PRESETS[preset].items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
-    args.preset = preset
-    return args
+    return apply_preset(args, PRESETS)
 
 
 def main(argv=None) -> None:

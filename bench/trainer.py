@@ -30,7 +30,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (CHAMP_TEMPLATE, champ_records, environment, median, pick_device, results_path,  # noqa: E402
+from common import (apply_preset, CHAMP_TEMPLATE, champ_records, environment, median, pick_device, results_path,  # noqa: E402
                     setup_threads, synthetic_model, write_json)
 
 import torch  # noqa: E402
@@ -319,12 +319,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def resolve(args) -> argparse.Namespace:
-    preset = args.preset or ("gpu" if pick_device(args.device).type == "cuda" else "cpu")
-    for k, v in PRESETS[preset].items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
-    args.preset = preset
-    return args
+    return apply_preset(args, PRESETS)
 
 
 def main(argv=None) -> None:
