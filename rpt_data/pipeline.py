@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import itertools
 import json
 import os
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rpt_common.errors import UserError
+from rpt_common.errors import UserError, is_disk_full
 from rpt_common.models import load_causal_lm
 from rpt_common.shards import (MANIFEST, REJECTS, SCHEMA_VERSION, rank_record_name, rank_rejects_name, shard_metadata,
                                 shard_name)
@@ -137,7 +136,7 @@ def disk_full_is_a_user_error(out: Path):
     try:
         yield
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if not is_disk_full(e):
             raise
         where = f"'{e.filename}'" if e.filename else f"'{out}'"
         raise UserError(f"no space left on the device while writing {where} ({e.strerror}); free some space "

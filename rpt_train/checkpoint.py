@@ -5,7 +5,6 @@ every rank's RNG state; rank 0 writes."""
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import random
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rpt_common.errors import UserError
+from rpt_common.errors import UserError, is_disk_full
 from rpt_train import distributed
 
 STATE = "trainer_state.pt"
@@ -92,8 +91,9 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, tokenizer, state: 
         os.replace(tmp, final)
         tidy_checkpoints(out, keep)
 
-    distributed.broadcast_from_main(write)  # a full disk on rank 0 is raised on every rank, none waits forever
-    distributed.barrier()
+    # Rank 0 writes; the others wait in the broadcast until it is done, so the ranks leave together, and a full
+    # disk on rank 0 is raised on every rank (none waits forever).
+    distributed.broadcast_from_main(write)
     return final
 
 
@@ -103,7 +103,7 @@ def disk_full_is_a_user_error(tmp: Path):
     try:
         yield
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if not is_disk_full(e):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
         last = latest_checkpoint(tmp.parent.parent)

@@ -304,7 +304,7 @@ def update_policy(cfg: TrainConfig, model, ref, optimizer, batch: Groups) -> dic
             max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
             grad_norm = distributed.clip_grad_norm(params, max_norm)  # of the global gradient
             mini_loss = distributed.all_sum([sum(losses)])[0]  # NaN/inf on any rank makes it non-finite on all
-            bad = bad_update(cfg, grad_norm, [mini_loss])
+            bad = bad_update(cfg, grad_norm, mini_loss)
             if bad:  # no optimizer step: the weights and AdamW state stay as they were; the rest of the step is dropped
                 optimizer.zero_grad(set_to_none=True)
                 break
@@ -332,9 +332,9 @@ def update_policy(cfg: TrainConfig, model, ref, optimizer, batch: Groups) -> dic
     return stats
 
 
-def bad_update(cfg: TrainConfig, grad_norm: float, losses: list[float]) -> str | None:
+def bad_update(cfg: TrainConfig, grad_norm: float, loss: float) -> str | None:
     """Why an update must not be applied (NaN/inf loss or gradient, or a gradient norm above --bad-grad-norm)."""
-    if not all(math.isfinite(x) for x in losses):
+    if not math.isfinite(loss):
         return "non-finite loss"
     if not math.isfinite(grad_norm):
         return "non-finite gradient"
