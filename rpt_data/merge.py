@@ -19,7 +19,7 @@ from rpt_common.shards import MANIFEST, RANK_RECORD_GLOB, REJECTS, SCHEMA_VERSIO
 from rpt_data.config import RUNTIME_ONLY
 from rpt_data.writer import write_json_atomic, write_lines_atomic
 
-# config keys that may differ between the ranks of one run
+# config keys that may differ between the ranks of one run, or between a run and its resume
 PER_RANK = ("rank", "out", *RUNTIME_ONLY)
 
 

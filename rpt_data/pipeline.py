@@ -17,9 +17,9 @@ from rpt_common.errors import UserError, is_disk_full
 from rpt_common.models import load_causal_lm
 from rpt_common.shards import (MANIFEST, REJECTS, SCHEMA_VERSION, rank_record_name, rank_rejects_name, shard_metadata,
                                 shard_name)
-from rpt_data.config import RUNTIME_ONLY, TagConfig
+from rpt_data.config import TagConfig
 from rpt_data.division import Division, divide
-from rpt_data.merge import merge_out, totals
+from rpt_data.merge import merge_out, same_run_config, totals
 from rpt_data.proxy import Proxy, WindowStats, token_budget_batches
 from rpt_data.ranks import RankInfo, process_group, rank_device, resolve_ranks
 from rpt_data.readers import BadRecord, Record, RecordParser, expand_inputs, read_all, reject_duplicate_ids
@@ -103,10 +103,9 @@ def prepare_out(cfg: TagConfig, inputs: list[dict]) -> dict | None:
     if old.get("schema_version") != SCHEMA_VERSION:
         raise UserError(f"'{out}' was written with schema version {old.get('schema_version')}; "
                         "rerun with --overwrite or choose a new --out")
-    old_cfg, new_cfg = old.get("config", {}), cfg.content_dict()
-    # `out` may differ: a stopped run may be moved or copied (e.g. to a disk with space) and resumed there
-    ignored = {"out", *RUNTIME_ONLY}  # an older manifest may still record knobs that are runtime-only now
-    diff = sorted(k for k in set(old_cfg) | set(new_cfg) if k not in ignored and old_cfg.get(k) != new_cfg.get(k))
+    # `out` may differ: a stopped run may be moved or copied (e.g. to a disk with space) and resumed there; an
+    # older manifest may still record knobs that are runtime-only now; `rank` names this very record
+    diff = same_run_config(old.get("config", {}), cfg.content_dict())
     if diff:
         raise UserError(f"'{out}' holds a run with a different config ({', '.join(diff)} differ); "
                         "rerun with the same options to resume, --overwrite to start over, or a new --out")
