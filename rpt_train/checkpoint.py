@@ -91,9 +91,10 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, tokenizer, state: 
         os.replace(tmp, final)
         tidy_checkpoints(out, keep)
 
-    # Rank 0 writes; the others wait in the broadcast until it is done, so the ranks leave together, and a full
-    # disk on rank 0 is raised on every rank (none waits forever).
-    distributed.broadcast_from_main(write)
+    distributed.broadcast_from_main(write)  # a full disk on rank 0 is raised on every rank, none waits forever
+    # The broadcast alone does not make the ranks leave together: gloo may return on rank 0 before the others have
+    # received, and a rank that then tears the group down aborts them (seen in a 2-rank CLI run). Keep the barrier.
+    distributed.barrier()
     return final
 
 
