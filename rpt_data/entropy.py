@@ -3,27 +3,19 @@
 `token_stats` reduces a block of logits; `head_token_stats` runs the lm_head in row chunks and
 reduces each chunk, so peak extra memory is O(chunk_rows x V). CUDA tensors (and CPU tensors under
 TRITON_INTERPRET=1) use the fused Triton kernel in `rpt_data.kernels`; everything else uses the
-pure-torch reference below, which is also what the kernel is tested against.
+pure-torch reference beside it (`rpt_data.kernels.token_stats_ref`), re-exported here.
 """
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
 
 import torch
 
-DEFAULT_TOP_K = 16
+from rpt_data.kernels.token_stats_ref import DEFAULT_TOP_K, TokenStats, token_stats_torch
+
+__all__ = ["DEFAULT_TOP_K", "TokenStats", "head_token_stats", "token_stats", "token_stats_torch", "triton_enabled"]
 # Extra memory one head chunk may take on CPU (fp32 logits) when chunk_rows is not given.
 _CHUNK_BYTES = 64 * 2**20
-
-
-class TokenStats(NamedTuple):
-    """Float32 `entropy`, `topk_entropy`, `target_logprob` (nats) and int64 `argmax`, each [N]."""
-
-    entropy: torch.Tensor
-    topk_entropy: torch.Tensor
-    target_logprob: torch.Tensor
-    argmax: torch.Tensor
 
 
 def triton_enabled(t: torch.Tensor) -> bool:
@@ -37,37 +29,6 @@ def triton_enabled(t: torch.Tensor) -> bool:
     return True
 
 
-def _entropy_of(logits: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy (nats) of softmax over the last dim; -inf entries contribute 0."""
-    p = torch.softmax(logits, dim=-1)
-    return -torch.special.xlogy(p, p).sum(-1)  # xlogy(0, 0) = 0: masked entries add nothing
-
-
-def token_stats_torch(
-    logits: torch.Tensor, targets: torch.Tensor | None = None, top_k: int = DEFAULT_TOP_K
-) -> TokenStats:
-    """Reference implementation: fp32 softmax / log_softmax / topk. NaN rows give NaN and argmax -1;
-    all -inf rows give NaN entropies and target log-prob (argmax 0, as torch.argmax)."""
-    x = logits.float()
-    n, v = x.shape
-    k = min(top_k, v)
-    entropy = _entropy_of(x)
-    top_vals, _ = torch.topk(x, k, dim=-1)
-    topk_entropy = _entropy_of(top_vals)
-    nan_row = torch.isnan(x).any(-1)
-    argmax = torch.where(nan_row, -1, x.argmax(-1))
-    if targets is None:
-        target_logprob = torch.full((n,), float("nan"), device=x.device)
-    else:
-        lse = torch.logsumexp(x, dim=-1)
-        target_logprob = x.gather(1, targets.long().view(-1, 1)).squeeze(1) - lse
-    # A NaN row, or a row masked entirely to -inf (no distribution at all), has no entropy.
-    undefined = nan_row | torch.isneginf(x).all(-1)
-    entropy = torch.where(undefined, float("nan"), entropy)
-    topk_entropy = torch.where(undefined, float("nan"), topk_entropy)
-    return TokenStats(entropy.float(), topk_entropy.float(), target_logprob.float(), argmax.long())
-
-
 def token_stats(
     logits: torch.Tensor, targets: torch.Tensor | None = None, top_k: int = DEFAULT_TOP_K
 ) -> TokenStats:
@@ -79,7 +40,7 @@ def token_stats(
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if triton_enabled(logits):
-        from rpt_data.kernels import token_stats_triton
+        from rpt_data.kernels.token_stats import token_stats_triton
 
         return token_stats_triton(logits, targets, top_k)
     return token_stats_torch(logits, targets, top_k)
@@ -104,8 +65,9 @@ def head_token_stats(
 ) -> TokenStats:
     """`token_stats(hidden @ weight.T + bias)` in row chunks; the full [N, V] logits never exist.
 
-    `softcap` applies tanh soft-capping (Gemma-2 style: cap * tanh(logits / cap)); `logit_scale`
-    multiplies logits (Cohere style). Tied embeddings just pass the embedding matrix as `weight`.
+    `logit_scale` multiplies the logits (Cohere's logit_scale, Granite's 1 / logits_scaling: see
+    rpt_common.heads), then `softcap` applies tanh soft-capping (Gemma-2 style: cap * tanh(logits / cap)).
+    Tied embeddings just pass the embedding matrix as `weight`.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden [N, D] and weight [V, D] expected, got {tuple(hidden.shape)} and {tuple(weight.shape)}")

@@ -14,6 +14,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from rpt_common.bos import NO_BOS
 from rpt_common.errors import UserError
 from rpt_common.shards import MANIFEST, RANK_RECORD_GLOB, REJECTS, SCHEMA_VERSION, rank_record_name, rank_rejects_name
 from rpt_data.config import RUNTIME_ONLY
@@ -33,6 +34,21 @@ def totals(shards: list[dict]) -> dict:
 def same_run_config(a: dict, b: dict) -> list[str]:
     """Config keys (other than per-rank ones) whose values differ."""
     return sorted(k for k in set(a) | set(b) if k not in PER_RANK and a.get(k) != b.get(k))
+
+
+def input_key(f: dict) -> dict:
+    """An input fingerprint as compared: a file by its resolved path, however it was spelled (a record written
+    before `resolved` existed holds the path as given: resolved against this directory); a stream unit as is."""
+    if "shard" in f:
+        return f
+    key = {k: v for k, v in f.items() if k != "path"}
+    key.setdefault("resolved", str(Path(f["path"]).resolve()))
+    return key
+
+
+def same_inputs(a: list[dict] | None, b: list[dict] | None) -> bool:
+    """True when two runs (or a run and its resume, or two ranks) read the same input files."""
+    return [input_key(f) for f in a or []] == [input_key(f) for f in b or []]
 
 
 def read_rank_records(out: Path) -> dict[int, dict]:
@@ -92,7 +108,8 @@ def merge_out(out: str) -> dict:
     manifest = {
         "schema_version": SCHEMA_VERSION, "complete": True,
         "config": {k: v for k, v in ref["config"].items() if k != "rank"},
-        "tokenizer": ref["tokenizer"], "proxy": ref["proxy"], "inputs": ref["inputs"], "shards": shards,
+        "tokenizer": ref["tokenizer"], "proxy": ref["proxy"], "bos": ref.get("bos", NO_BOS), "inputs": ref["inputs"],
+        "shards": shards,
         "records": sum(records[r]["records"] for r in range(world)),
         "bad_records": sum(records[r]["bad_records"] for r in range(world)),
         "bad_reasons": dict(reasons.most_common()), "totals": totals(shards),
@@ -114,10 +131,11 @@ def _check_same_run(rec: dict, ref: dict, r: int) -> None:
     if diff:
         raise UserError(f"rank {r} was tagged with other options than rank 0 ({', '.join(diff)} differ); "
                         f"rerun rank {r} with rank 0's options and --overwrite, then merge again")
-    if rec.get("inputs") != ref.get("inputs"):
+    if not same_inputs(rec.get("inputs"), ref.get("inputs")):
         raise UserError(f"rank {r} saw other input files than rank 0 (they changed between the two runs); "
                         "rerun every rank with --overwrite")
-    if rec.get("tokenizer") != ref.get("tokenizer") or rec.get("proxy") != ref.get("proxy"):
+    if (rec.get("tokenizer") != ref.get("tokenizer") or rec.get("proxy") != ref.get("proxy")
+            or rec.get("bos", NO_BOS) != ref.get("bos", NO_BOS)):
         raise UserError(f"rank {r} used another proxy model or tokenizer than rank 0; "
                         f"rerun rank {r} with rank 0's --model and --overwrite")
 

@@ -1,12 +1,16 @@
 """The proxy pass: windows -> hidden states -> chunked head + stats, batched by token budget."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from rpt_data.entropy import head_token_stats
+from rpt_common.bos import bos_token_id
+from rpt_common.errors import UserError
+from rpt_common.heads import head_spec
+from rpt_data.entropy import head_token_stats, token_stats_torch
 from rpt_data.windows import Window
 
 
@@ -20,40 +24,77 @@ class WindowStats:
     argmax: np.ndarray
 
 
-class Proxy:
-    """Wraps an HF causal LM: the trunk gives hidden states, the head is applied chunk by chunk."""
+# The start-up check's input: ordinary prose and code, cut to CHECK_TOKENS tokens.
+CHECK_TEXT = ("The quick brown fox jumps over the lazy dog. In 1905, Einstein wrote four papers; "
+              "def f(n):\n    return n * (n + 1) // 2\n")
+CHECK_TOKENS = 32
 
-    def __init__(self, model: torch.nn.Module, top_k: int = 16, chunk_rows: int | None = None):
+
+class Proxy:
+    """Wraps an HF causal LM: the trunk gives hidden states, the head (`head_spec`) is applied chunk by chunk.
+
+    With `bos` (the tokenizer's BOS id, see rpt_common.bos) the model sees BOS + window tokens, while stats
+    stay indexed by window token: index t is p(x_t | BOS, x<t), so index 0 can be scored too.
+    """
+
+    def __init__(self, model: torch.nn.Module, top_k: int = 16, chunk_rows: int | None = None, bos: int | None = None):
         self.model = model
         self.trunk = getattr(model, model.base_model_prefix)
-        head = model.get_output_embeddings()
-        self.weight, self.bias = head.weight, getattr(head, "bias", None)
-        cfg = model.config
-        self.softcap = getattr(cfg, "final_logit_softcapping", None)
-        self.logit_scale = getattr(cfg, "logit_scale", None)
-        self.top_k, self.chunk_rows = top_k, chunk_rows
+        self.head = head_spec(model)
+        self.top_k, self.chunk_rows, self.bos = top_k, chunk_rows, bos
         self.device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        # CUDA: TF32 matmuls, and bf16/fp16 autocast when the weights are in that dtype (norms, softmax
+        # and rotary stay where autocast puts them); the CPU path is left exactly as it was.
+        self.autocast = self.device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+        self.dtype = dtype
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+    @property
+    def offset(self) -> int:
+        """Model inputs before a window's first token (1 with a BOS)."""
+        return 0 if self.bos is None else 1
+
+    def _context(self):
+        if self.autocast:
+            return torch.autocast("cuda", dtype=self.dtype)
+        return contextlib.nullcontext()
+
+    def _inputs(self, windows: list[Window]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded [B, offset + longest] ids (BOS first when there is one) and their attention mask."""
+        off = self.offset
+        longest = max(len(w.token_ids) for w in windows) + off
+        ids = torch.zeros(len(windows), longest, dtype=torch.long)
+        mask = torch.zeros(len(windows), longest, dtype=torch.long)
+        for i, w in enumerate(windows):
+            n = len(w.token_ids)
+            if off:
+                ids[i, 0] = self.bos
+            ids[i, off : off + n] = torch.from_numpy(w.token_ids.astype(np.int64))
+            mask[i, : off + n] = 1
+        return ids.to(self.device), mask.to(self.device)
 
     @torch.inference_mode()
     def score_batch(self, windows: list[Window]) -> list[WindowStats]:
         """One forward over right-padded windows; stats only for positions t >= score_start."""
-        longest = max(len(w.token_ids) for w in windows)
-        ids = torch.zeros(len(windows), longest, dtype=torch.long)
-        mask = torch.zeros(len(windows), longest, dtype=torch.long)
-        for i, w in enumerate(windows):
-            ids[i, : len(w.token_ids)] = torch.from_numpy(w.token_ids.astype(np.int64))
-            mask[i, : len(w.token_ids)] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        hidden = self.trunk(input_ids=ids, attention_mask=mask).last_hidden_state
-        # Stats at index t describe p(. | x<t): they come from the hidden state at t - 1.
-        rows, targets = [], []
+        ids, mask = self._inputs(windows)
+        with self._context():
+            hidden = self.trunk(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        # Stats at index t describe p(. | x<t): they come from the hidden state of the input before x_t,
+        # which sits at t - 1 + offset (the BOS, if any, is input 0).
+        off, rows, targets = self.offset, [], []
         for i, w in enumerate(windows):
             n = len(w.token_ids)
-            rows.append(hidden[i, w.score_start - 1 : n - 1])
-            targets.append(ids[i, w.score_start : n])
+            if w.score_start + off < 1:
+                raise ValueError(f"window {w.doc_id}#{w.window_index} scores position 0 but the model sees no BOS")
+            rows.append(hidden[i, w.score_start - 1 + off : n - 1 + off])
+            targets.append(ids[i, w.score_start + off : n + off])
+        h = self.head
         st = head_token_stats(
-            torch.cat(rows), self.weight, torch.cat(targets), top_k=self.top_k, chunk_rows=self.chunk_rows,
-            bias=self.bias, softcap=self.softcap, logit_scale=self.logit_scale,
+            torch.cat(rows).to(h.weight.dtype), h.weight, torch.cat(targets), top_k=self.top_k,
+            chunk_rows=self.chunk_rows, bias=h.bias, softcap=h.softcap, logit_scale=h.scale,
         )
         cols = [t.cpu().numpy() for t in st]
         out, off = [], 0
@@ -73,6 +114,66 @@ class Proxy:
             per[3][broken] = -1
             out.append(WindowStats(*per))
         return out
+
+    @torch.inference_mode()
+    def verify(self, token_ids: np.ndarray) -> float:
+        """Score one window both ways, through `score_batch` and through the model's own forward (logits in
+        full), and refuse (UserError, exit 2) unless their stats agree; returns the largest difference (nats)."""
+        w = Window(doc_id="head-check", window_index=0, token_start=0, text="", token_ids=token_ids.astype(np.int32),
+                   token_bytes=np.zeros(len(token_ids), np.int32), score_start=0 if self.bos is not None else 1)
+        ours = self.score_batch([w])[0]
+        ids, mask = self._inputs([w])
+        with self._context():
+            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[0]
+        s, n, off = w.score_start, len(token_ids), self.offset
+        rows = logits[s - 1 + off : n - 1 + off].float()
+        ref = token_stats_torch(rows, ids[0, s + off : n + off], self.top_k)
+        tol = check_tolerance(logits.dtype, rows, self.device)
+        worst, what = 0.0, "entropy"
+        for name, a in zip(("entropy", "topk_entropy", "target_logprob"), (ours.entropy, ours.topk_entropy,
+                                                                          ours.target_logprob)):
+            d = np.abs(a[s:].astype(np.float64) - getattr(ref, name).cpu().numpy())
+            d = np.where(np.isnan(d), np.inf, d)  # a NaN on either side: the check window must give finite stats
+            if d.size and d.max() > worst:
+                worst, what = float(d.max()), name
+        # argmax: equal, or a near-tie of the model's own logits (within the same tolerance)
+        mine = torch.from_numpy(ours.argmax[s:].astype(np.int64)).to(rows.device).clamp(min=0)
+        gap = rows.max(-1).values - rows.gather(1, mine.view(-1, 1)).squeeze(1)
+        if gap.numel() and float(gap.max()) > tol:
+            worst, what = max(worst, float(gap.max())), "argmax (logit gap)"
+        if worst > tol:
+            raise UserError(
+                f"the tagger's head does not reproduce the model's own logits for model type '{self.head.model_type}' "
+                f"(max difference {worst:.3g} in {what} on a {n}-token check window, tolerance {tol:.2g}); "
+                "this family's head (final scale, soft-cap, bias) is not supported, so no shard was written")
+        return worst
+
+
+def check_tolerance(dtype: torch.dtype, logits: torch.Tensor, device: torch.device) -> float:
+    """Two rounding steps of the largest logit in the logits' dtype (TF32 for fp32 on CUDA), + 1e-3 nats:
+    ~1e-3 in fp32, ~2 bf16 ulps of max|logit| in bf16 (two matmul kernels may round one logit differently)."""
+    eps = torch.finfo(dtype).eps
+    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        eps = 2.0**-10
+    finite = logits[torch.isfinite(logits)]
+    top = float(finite.abs().max()) if finite.numel() else 1.0
+    return 1e-3 + 2 * eps * max(top, 1.0)
+
+
+def check_ids(tokenizer) -> np.ndarray:
+    """The start-up check's window: CHECK_TEXT's first CHECK_TOKENS tokens (no special tokens)."""
+    ids = tokenizer(CHECK_TEXT, add_special_tokens=False)["input_ids"][:CHECK_TOKENS]
+    if len(ids) < 2:  # a tokenizer that cannot spell the text: any ids do
+        ids = list(range(min(len(tokenizer), CHECK_TOKENS)))
+    return np.asarray(ids, dtype=np.int32)
+
+
+def build_proxy(lm, top_k: int = 16, chunk_rows: int | None = None) -> Proxy:
+    """The tagger's proxy for a loaded model (rpt_common.models.LoadedModel): the BOS rule from its tokenizer,
+    and the head checked against the model's own forward before anything is scored."""
+    proxy = Proxy(lm.model, top_k=top_k, chunk_rows=chunk_rows, bos=bos_token_id(lm.tokenizer))
+    proxy.verify(check_ids(lm.tokenizer))
+    return proxy
 
 
 def token_budget_batches(windows: list[Window], batch_tokens: int, max_pad: float = 0.125) -> list[list[int]]:

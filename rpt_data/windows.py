@@ -6,6 +6,10 @@ only in the later window (`score_start = context_prefix`), so every position t >
 is scored exactly once with at least min(t, context_prefix) tokens before it. The first window of
 a stream has `score_start = 1`: position 0 has no context. With context_prefix = 0 (plain
 windowing) the first token of every later window cannot be scored at all.
+
+`has_bos`: the proxy sees its BOS in front of every window (never stored in `token_ids`), so position 0
+of a window has context: the first window has `score_start = 0`, later ones `context_prefix`, and every
+position t >= 0 of a stream is scored exactly once.
 """
 from __future__ import annotations
 
@@ -53,8 +57,9 @@ def tokenize_batch(tokenizer, texts: list[str]) -> list[tuple[np.ndarray, np.nda
 class StreamWindower:
     """Accumulates one stream's tokens and bytes; emits windows as soon as they are full."""
 
-    def __init__(self, window: int, context_prefix: int):
+    def __init__(self, window: int, context_prefix: int, has_bos: bool = False):
         self.window, self.prefix = window, context_prefix
+        self.first_scored = 0 if has_bos else 1  # the first window position that has context
         self.doc_id: str | None = None
 
     def start(self, doc_id: str) -> None:
@@ -95,7 +100,7 @@ class StreamWindower:
         w = Window(
             doc_id=self.doc_id, window_index=self.window_index, token_start=self.token_start, text=text,
             token_ids=self.ids[:n].copy(), token_bytes=(ends - self.start_byte).astype(np.int32),
-            score_start=1 if first else max(self.prefix, 1),
+            score_start=self.first_scored if first else max(self.prefix, self.first_scored),
         )
         drop = n - self.prefix if n == self.window else n
         if drop > 0:
@@ -109,10 +114,11 @@ class StreamWindower:
 
 
 def windows_from_pieces(
-    pieces: Iterable[tuple[str, str, bool]], tokenizer, window: int, context_prefix: int, batch: int = 256
+    pieces: Iterable[tuple[str, str, bool]], tokenizer, window: int, context_prefix: int, batch: int = 256,
+    has_bos: bool = False,
 ) -> Iterator[Window]:
     """pieces: (doc_id, text, new_stream). Tokenizes in batches and yields windows in stream order."""
-    w = StreamWindower(window, context_prefix)
+    w = StreamWindower(window, context_prefix, has_bos)
     pending: list[tuple[str, str, bool]] = []
 
     def flush():

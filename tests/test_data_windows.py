@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from rpt_data.windows import StreamWindower, char_to_byte, tokenize_batch, windows_from_pieces
 
 
-def run_windower(n_tokens: int, window: int, prefix: int, piece: int):
-    w = StreamWindower(window, prefix)
+def run_windower(n_tokens: int, window: int, prefix: int, piece: int, has_bos: bool = False):
+    w = StreamWindower(window, prefix, has_bos)
     w.start("d")
     out = []
     for s in range(0, n_tokens, piece):
@@ -36,6 +36,22 @@ def test_each_position_scored_once_with_prefix(n, window, prefix, piece):
             assert t >= min(pos, prefix)  # at least min(t, context_prefix) real tokens of context
             scored.append(pos)
     assert scored == list(range(1, n))  # position 0 has no context; every other exactly once
+
+
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(1, 200), window=st.integers(2, 40), prefix=st.integers(0, 39), piece=st.integers(1, 50))
+def test_with_a_bos_every_position_is_scored_once(n, window, prefix, piece):
+    """The proxy sees its BOS before every window: position 0 has context, so a stream's positions 0..n-1 are each
+    scored exactly once (plain windowing too), with min(t, context_prefix) real tokens before them."""
+    prefix = min(prefix, window - 1)
+    wins = run_windower(n, window, prefix, piece, has_bos=True)
+    scored = []
+    for i, w in enumerate(wins):
+        assert w.score_start == (0 if i == 0 else prefix)
+        for t in range(w.score_start, len(w.token_ids)):
+            assert t >= min(w.token_start + t, prefix)
+            scored.append(w.token_start + t)
+    assert scored == list(range(n))
 
 
 def test_plain_windowing_loses_window_starts():

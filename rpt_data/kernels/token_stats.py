@@ -57,8 +57,8 @@ import torch
 import triton
 import triton.language as tl
 
-# Launch counter: tests assert on it to prove the Triton path (not the torch fallback) ran.
-LAUNCHES = 0
+from rpt_data.kernels.token_stats_ref import TokenStats, token_stats_torch
+
 # Largest power-of-two k the kernel handles; larger top_k goes to the torch reference.
 MAX_KP = 256
 DEFAULT_BLOCK_V = 2048
@@ -249,6 +249,15 @@ def kernel_is_interpreted() -> bool:
     return isinstance(_token_stats_kernel, InterpretedFunction) and isinstance(standard.topk, InterpretedFunction)
 
 
+def launch_kernel(x, tgt, outs, v, k, block_v, kp, unroll, has_targets, num_warps) -> None:
+    """One launch of the kernel over the rows of `x` (one program per row); tests spy on this function
+    to prove the Triton path, not the torch fallback, ran."""
+    _token_stats_kernel[(x.shape[0],)](
+        x, x.stride(0), tgt, *outs, v, k,
+        BLOCK_V=block_v, KP=kp, UNROLL=unroll, HAS_TARGETS=has_targets, num_warps=num_warps,
+    )
+
+
 def token_stats_triton(
     logits: torch.Tensor,
     targets: torch.Tensor | None = None,
@@ -264,9 +273,6 @@ def token_stats_triton(
     multi-block paths on tiny inputs); `return_flags=True` also returns the per-row int32 flags
     (FLAG_TOPK_SLOW | FLAG_NAN_RESCAN) saying which slow paths ran.
     """
-    global LAUNCHES
-    from rpt_data.entropy import TokenStats, token_stats_torch
-
     if logits.dim() != 2:
         raise ValueError(f"logits must be [N, V], got shape {tuple(logits.shape)}")
     if not logits.is_floating_point():
@@ -299,11 +305,8 @@ def token_stats_triton(
         x = logits if (logits.stride(1) == 1 or v == 1) else logits.contiguous()
         tgt = targets.to(device=dev, dtype=torch.int64).contiguous() if targets is not None else flags
         bv, num_warps, unroll = launch_config(v, kp, block_v)
-        _token_stats_kernel[(n,)](
-            x, x.stride(0), tgt, entropy, topk_entropy, target_lp, argmax, flags, v, k,
-            BLOCK_V=bv, KP=kp, UNROLL=unroll, HAS_TARGETS=targets is not None, num_warps=num_warps,
-        )
-        LAUNCHES += 1
+        launch_kernel(x, tgt, (entropy, topk_entropy, target_lp, argmax, flags), v, k, bv, kp, unroll,
+                      targets is not None, num_warps)
     st = TokenStats(entropy, topk_entropy, target_lp, argmax)
     return (st, flags) if return_flags else st
 
