@@ -41,6 +41,13 @@ SHARD_SCHEMA = pa.schema(
     ]
 )
 STAT_COLUMNS = ("entropy", "topk_entropy", "target_logprob", "proxy_argmax")
+# The manifest's tagging `metric` names the entropy column tags and buckets use; old manifests without one, or
+# without `buckets`, were tagged with these defaults.
+METRIC_COLUMNS = {"topk": "topk_entropy", "full": "entropy"}
+DEFAULT_METRIC = "topk"
+DEFAULT_BUCKETS = (0.5, 1.0, 1.5)
+# Windows per Parquet row group: the unit a training sample reads (old shards: one row group per shard).
+DEFAULT_ROW_GROUP_ROWS = 32
 # Parquet footer key-value metadata of every shard: what wrote it, so `rpt-data validate` can tell a
 # shard of another run (another tokenizer, another schema version) from one of this run.
 META_SCHEMA_VERSION = "rpt.schema_version"

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rpt_common.shards import MANIFEST, REJECTS, SHARD_SCHEMA, file_digest
+from rpt_common.shards import DEFAULT_ROW_GROUP_ROWS, MANIFEST, REJECTS, SHARD_SCHEMA, file_digest
 from rpt_data.proxy import WindowStats
 from rpt_data.windows import Window
 
@@ -90,13 +90,14 @@ def build_table(windows: list[Window], stats: list[WindowStats], selected: list[
     return pa.Table.from_pydict(cols, schema=SHARD_SCHEMA)
 
 
-def write_shard(path: Path, table: pa.Table) -> dict:
-    """Write to `<name>.tmp`, fsync, rename: a shard file either is complete or does not exist.
-    Returns {"bytes", "sha256"} of the file, for the manifest (validate and resume check them)."""
+def write_shard(path: Path, table: pa.Table, row_group_rows: int = DEFAULT_ROW_GROUP_ROWS) -> dict:
+    """Write to `<name>.tmp`, fsync, rename: a shard file either is complete or does not exist. Row groups of
+    `row_group_rows` windows are what a training sample reads. Returns {"bytes", "sha256", "row_group_rows"}
+    of the file, for the manifest (validate and resume check the digest)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            pq.write_table(table, f, compression="zstd")
+            pq.write_table(table, f, compression="zstd", row_group_size=row_group_rows)
             f.flush()
             os.fsync(f.fileno())
         digest = file_digest(tmp)
@@ -105,7 +106,7 @@ def write_shard(path: Path, table: pa.Table) -> dict:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
-    return digest
+    return {**digest, "row_group_rows": row_group_rows}
 
 
 RANK_FILE = re.compile(r"(shard-(\d{5})-\d{5}\.parquet|rank-(\d{5})\.json|rejects-(\d{5})\.jsonl)")

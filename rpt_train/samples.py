@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rpt_common.errors import UserError
-from rpt_common.shards import SHARD_SCHEMA, footer_problems, read_manifest, shard_paths
+from rpt_common.shards import (DEFAULT_BUCKETS, DEFAULT_METRIC, METRIC_COLUMNS, SHARD_SCHEMA, footer_problems,
+                               read_manifest, shard_paths)
+from rpt_train.candidates import Candidates, candidates_of
+from rpt_train.reward import extract_answer
 
 BUCKET_NAMES = ("easy", "medium", "hard")
-_INDEX_COLUMNS = ["doc_id", "score_start", "selected"]
+_INDEX_COLUMNS = ["doc_id", "score_start", "token_bytes", "selected"]
 _ROW_COLUMNS = ["doc_id", "window_index", "text", "token_bytes"]
 
 
@@ -30,24 +31,6 @@ class Sample:
     label_tokens: list[str]  # first labels_length policy tokens of the continuation, exact text pieces
     entropy: float  # proxy entropy at the position (nats, --entropy-metric)
     bucket: str  # hardest bucket the position belongs to: hard, medium, easy or none
-
-
-@dataclass(kw_only=True, slots=True)
-class Candidates:
-    """Scored positions of a shard set, as aligned numpy arrays."""
-
-    shard: np.ndarray  # int32 index into ShardSet.paths
-    row: np.ndarray  # int64 row inside that shard
-    t: np.ndarray  # int32 position inside the row (token predicted from x<t)
-    value: np.ndarray  # float32 entropy (nats)
-    selected: np.ndarray  # bool: in the tagger's `selected` list
-    heldout: np.ndarray  # bool: document is in the held-out split
-
-    def take(self, mask: np.ndarray) -> "Candidates":
-        return Candidates(**{k: getattr(self, k)[mask] for k in self.__slots__})
-
-    def __len__(self) -> int:
-        return len(self.t)
 
 
 def is_heldout(doc_id: str, fraction: float, seed: int) -> bool:
@@ -77,7 +60,11 @@ class ShardSet:
             raise UserError(f"'{directory}' is incomplete (manifest complete: false); rerun `rpt-data tag` to finish it")
         self.paths = self._listed_paths()
         self.files = [self._open(p) for p in self.paths]
-        self._cache: OrderedDict = OrderedDict()
+        # first row of each row group, per shard: old shards have one row group, new ones a few dozen windows each
+        self._group_starts = [np.cumsum([0] + [f.metadata.row_group(g).num_rows
+                                               for g in range(f.metadata.num_row_groups)]) for f in self.files]
+        self.row_groups_read = 0  # row-group reads by rows(): one per needed row group per call
+        self.zero_width = 0  # positions the last candidates() call left out for a zero-width proxy token
 
     def _listed_paths(self) -> list[str]:
         entries = self.manifest.get("shards")
@@ -130,50 +117,87 @@ class ShardSet:
             raise UserError(f"shard '{self.paths[i]}' is corrupt (row group {rg}: {str(e).splitlines()[0]}); "
                             "rerun `rpt-data tag`")
 
-    def candidates(self, metric: str, heldout_fraction: float = 0.0, split_seed: int = 0) -> Candidates:
-        """Every scored position t >= max(score_start, 1) with a finite `metric`, in shard/row/t order."""
-        parts = []
+    def candidates(self, metric: str, heldout_fraction: float = 0.0, split_seed: int = 0, *,
+                   cuts=()) -> Candidates:
+        """Every scored position t >= max(score_start, 1) with a finite `metric` and a proxy token of non-zero byte
+        width, in shard/row/t order; `cuts`: entropy thresholds whose comparisons stay exact in the float16 table."""
+        parts, self.zero_width = [], 0
         for i, f in enumerate(self.files):
-            row0 = 0
             for rg in range(f.metadata.num_row_groups):
                 table = self._read(i, rg, _INDEX_COLUMNS + [metric])
-                parts.append(_candidates_of(table, metric, i, row0, heldout_fraction, split_seed))
-                row0 += table.num_rows
-        return Candidates(**{k: np.concatenate([getattr(p, k) for p in parts]) for k in Candidates.__slots__})
+                held = np.array([is_heldout(d, heldout_fraction, split_seed) for d in table.column("doc_id").to_pylist()],
+                                dtype=bool)
+                part, zero = candidates_of(table, metric, i, int(self._group_starts[i][rg]), held, cuts)
+                parts.append(part)
+                self.zero_width += zero
+        return Candidates.concat(parts)
+
+    def rows(self, shard, row, columns=None) -> list[dict]:
+        """Rows (doc_id, window_index, text, token_bytes by default) at the aligned arrays shard[j], row[j], in
+        that order; each needed row group is read once, and only the asked rows are turned into Python objects."""
+        shard, row = np.asarray(shard, dtype=np.int64), np.asarray(row, dtype=np.int64)
+        out: list = [None] * len(row)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for j, (s, r) in enumerate(zip(shard.tolist(), row.tolist())):
+            rg = int(np.searchsorted(self._group_starts[s], r, side="right")) - 1
+            groups.setdefault((s, rg), []).append(j)
+        for (s, rg), js in sorted(groups.items()):
+            table = self._read(s, rg, columns or _ROW_COLUMNS)
+            self.row_groups_read += 1
+            local = row[js] - int(self._group_starts[s][rg])
+            for j, values in zip(js, table.take(pa.array(local)).to_pylist()):
+                out[j] = values
+        return out
 
     def row(self, shard: int, row: int) -> dict:
-        """doc_id, window_index, text, token_bytes of one row (row groups cached, LRU of 4)."""
-        f = self.files[shard]
-        rg, offset = 0, row
-        while offset >= f.metadata.row_group(rg).num_rows:
-            offset -= f.metadata.row_group(rg).num_rows
-            rg += 1
-        key = (shard, rg)
-        if key not in self._cache:
-            self._cache[key] = self._read(shard, rg, _ROW_COLUMNS).to_pylist()
-            if len(self._cache) > 4:
-                self._cache.popitem(last=False)
-        self._cache.move_to_end(key)
-        return self._cache[key][offset]
+        """doc_id, window_index, text, token_bytes of one row."""
+        return self.rows([shard], [row])[0]
+
+    def defaults(self) -> tuple[str, list[float]]:
+        """(entropy metric column, bucket thresholds) the shards were tagged with, from the manifest's config."""
+        conf = self.manifest.get("config") or {}
+        metric, buckets = conf.get("metric", DEFAULT_METRIC), conf.get("buckets", list(DEFAULT_BUCKETS))
+        if metric not in METRIC_COLUMNS:
+            raise UserError(f"the manifest of '{self.directory}' has metric '{metric}', expected one of "
+                            f"{', '.join(METRIC_COLUMNS)}; pass --entropy-metric")
+        return METRIC_COLUMNS[metric], [float(b) for b in buckets]
 
 
-def _candidates_of(table: pa.Table, metric: str, shard: int, row0: int, fraction: float, seed: int) -> Candidates:
-    values = table.column(metric).combine_chunks()
-    lengths = pc.fill_null(pc.list_value_length(values), 0).to_numpy().astype(np.int64)
-    flat = pc.list_flatten(values).to_numpy(zero_copy_only=False).astype(np.float32)
-    parent = np.repeat(np.arange(len(lengths)), lengths)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else np.zeros(0, np.int64)
-    t = np.arange(len(flat)) - starts[parent]
-    score_start = table.column("score_start").to_numpy()
-    keep = (t >= np.maximum(score_start[parent], 1)) & np.isfinite(flat)
-    sel = table.column("selected").combine_chunks()
-    sel_len = pc.fill_null(pc.list_value_length(sel), 0).to_numpy().astype(np.int64)
-    sel_keys = np.repeat(np.arange(len(sel_len)), sel_len) * (1 << 32) + pc.list_flatten(sel).to_numpy()
-    selected = np.isin(parent * (1 << 32) + t, sel_keys)
-    held = np.array([is_heldout(d, fraction, seed) for d in table.column("doc_id").to_pylist()], dtype=bool)
-    return Candidates(shard=np.full(int(keep.sum()), shard, np.int32), row=(parent[keep] + row0).astype(np.int64),
-                      t=t[keep].astype(np.int32), value=flat[keep], selected=selected[keep],
-                      heldout=held[parent[keep]] if len(held) else np.zeros(0, bool))
+def resolve_shard_defaults(cfg, shards: ShardSet) -> None:
+    """Fill the config's unset (None) `entropy_metric` and `bucket_thresholds` in place from the shards' manifest,
+    so shards tagged with --metric full or other --buckets are read as tagged; explicit values win."""
+    metric, buckets = shards.defaults()
+    if cfg.entropy_metric is None:
+        cfg.entropy_metric = metric
+    if cfg.bucket_thresholds is None:
+        if len(buckets) != len(BUCKET_NAMES):
+            raise UserError(f"the shards in '{shards.directory}' were tagged with {len(buckets)} bucket thresholds "
+                            f"({buckets}); rpt-train needs three: pass --bucket-thresholds easy,medium,hard")
+        cfg.bucket_thresholds = buckets
+
+
+def cuts_of(cfg) -> list[float]:
+    """Entropy thresholds a run compares against (kept exact in the float16 candidate table)."""
+    extra = [cfg.min_entropy] if getattr(cfg, "min_entropy", None) is not None else []
+    return [*cfg.bucket_thresholds, *extra]
+
+
+def expressible(answer: str, fmt: str = "boxed") -> bool:
+    """Whether some completion can answer `answer`: extract_answer gives it back from its own markup. `{x` cannot
+    (`\\boxed{{x}` never closes), `{x}` can (`\\boxed{{x}}`); tests check nothing else is ever extracted."""
+    wrapped = f"\\boxed{{{answer}}}" if fmt == "boxed" else f"<answer>{answer}</answer>"
+    return extract_answer(wrapped, fmt) == answer
+
+
+def answerable(labels: list[str], fmt: str = "boxed") -> list[str]:
+    """`labels` cut after the last boundary prefix an answer can express ([] when none can): the prefixes beyond
+    it could never be rewarded."""
+    last, prefix = 0, ""
+    for j, piece in enumerate(labels, 1):
+        prefix += piece
+        if expressible(prefix, fmt):
+            last = j
+    return labels[:last]
 
 
 def label_pieces(tokenizer, continuation: str, labels_length: int) -> list[str]:
@@ -203,18 +227,27 @@ def context_tail(tokenizer, context: str, max_tokens: int) -> str:
 
 
 class SampleBuilder:
-    """Turns candidate indices into Samples for one policy tokenizer (None for unusable positions)."""
+    """Turns candidate indices into Samples for one policy tokenizer (None for unusable positions, counted in
+    `skipped`; `unexpressible` counts those whose label no answer can express)."""
 
     def __init__(self, shards: ShardSet, cands: Candidates, tokenizer, *, labels_length: int,
-                 max_context_tokens: int, thresholds: list[float]):
+                 max_context_tokens: int, thresholds: list[float], answer_format: str = "boxed"):
         self.shards, self.cands, self.tokenizer = shards, cands, tokenizer
         self.labels_length, self.max_context_tokens, self.thresholds = labels_length, max_context_tokens, thresholds
-        self.skipped = 0
+        self.answer_format = answer_format
+        self.skipped = self.unexpressible = 0
 
     def __call__(self, i: int) -> Sample | None:
-        c = self.cands
-        row = self.shards.row(int(c.shard[i]), int(c.row[i]))
-        t = int(c.t[i])
+        return self.many([i])[0]
+
+    def many(self, indices) -> list[Sample | None]:
+        """Samples of several candidates, in order, reading each needed row group once."""
+        idx = np.asarray(indices, dtype=np.int64)
+        r = self.cands.row_of(idx)
+        rows = self.shards.rows(self.cands.row_shard[r], self.cands.row_index[r])
+        return [self._sample(row, int(self.cands.t[i]), float(self.cands.value[i])) for i, row in zip(idx, rows)]
+
+    def _sample(self, row: dict, t: int, value: float) -> Sample | None:
         data = row["text"].encode("utf-8")
         cut = row["token_bytes"][t - 1]  # context = bytes [0, end of token t-1)
         try:
@@ -226,9 +259,14 @@ class SampleBuilder:
         if not labels or not context:
             self.skipped += 1
             return None
+        labels = answerable(labels, self.answer_format)
+        if not labels:  # e.g. a continuation "{x": no boundary prefix has balanced braces
+            self.skipped += 1
+            self.unexpressible += 1
+            return None
         return Sample(key=f"{row['doc_id']}/{row['window_index']}/{t}", doc_id=row["doc_id"],
                       context=context_tail(self.tokenizer, context, self.max_context_tokens), label_tokens=labels,
-                      entropy=float(c.value[i]), bucket=bucket_of(float(c.value[i]), self.thresholds))
+                      entropy=value, bucket=bucket_of(value, self.thresholds))
 
 
 class PositionSampler:
@@ -239,7 +277,11 @@ class PositionSampler:
         self._perm = self._permutation()
 
     def _permutation(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        # Generator.permutation(n) shuffles an int64 arange; shuffling a uint32 one gives the same order in half
+        # the memory (4 bytes per candidate)
+        perm = np.arange(self.n, dtype=np.uint32 if self.n < 2**32 else np.int64)
+        np.random.default_rng([self.seed, self.epoch]).shuffle(perm)
+        return perm
 
     def next(self) -> int:
         if self.cursor >= self.n:
@@ -262,12 +304,12 @@ class PositionSampler:
 def select_mask(cands: Candidates, *, bucket: str, min_entropy: float | None, thresholds: list[float]) -> np.ndarray:
     """Candidates a training run draws from: above --min-entropy, in --bucket, or the tagger's `selected`."""
     if min_entropy is not None:
-        return cands.value > min_entropy
+        return cands.above(min_entropy)
     if bucket == "all":
         return np.ones(len(cands), bool)
     if bucket == "selected":
         return cands.selected.copy()
-    return cands.value > thresholds[BUCKET_NAMES.index(bucket)]
+    return cands.above(thresholds[BUCKET_NAMES.index(bucket)])
 
 
 class TrainSamples:
@@ -275,7 +317,8 @@ class TrainSamples:
 
     def __init__(self, cfg, tokenizer):
         self.shards = ShardSet(cfg.shards)
-        cands = self.shards.candidates(cfg.entropy_metric, cfg.heldout_fraction, cfg.split_seed)
+        resolve_shard_defaults(cfg, self.shards)
+        cands = self.shards.candidates(cfg.entropy_metric, cfg.heldout_fraction, cfg.split_seed, cuts=cuts_of(cfg))
         mask = select_mask(cands, bucket=cfg.bucket, min_entropy=cfg.min_entropy, thresholds=cfg.bucket_thresholds)
         mask &= ~cands.heldout
         if not mask.any():
@@ -284,28 +327,29 @@ class TrainSamples:
                             f"{int(cands.heldout.sum())} held out); choose an easier --bucket or a lower --min-entropy")
         self.cands = cands.take(mask)
         self.build = SampleBuilder(self.shards, self.cands, tokenizer, labels_length=cfg.labels_length,
-                                   max_context_tokens=cfg.max_context_tokens, thresholds=cfg.bucket_thresholds)
+                                   max_context_tokens=cfg.max_context_tokens, thresholds=cfg.bucket_thresholds,
+                                   answer_format=cfg.answer_format)
         self.sampler = PositionSampler(len(self.cands), cfg.seed)
 
     def __len__(self) -> int:
         return len(self.cands)
 
     def state_dict(self) -> dict:
-        return {**self.sampler.state_dict(), "skipped": self.build.skipped}
+        return {**self.sampler.state_dict(), "skipped": self.build.skipped, "unexpressible": self.build.unexpressible}
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state)
-        self.build.skipped = state.get("skipped", 0)
+        self.build.skipped, self.build.unexpressible = state.get("skipped", 0), state.get("unexpressible", 0)
 
     def next_batch(self, k: int) -> list[Sample]:
-        """The next k usable samples; unusable positions are skipped (and counted)."""
+        """The next k usable samples; unusable positions are skipped (and counted). Draws come in rounds of the
+        number still missing, so the samples equal one-by-one drawing while each row group is read once a round."""
         out, tries = [], 0
         while len(out) < k:
-            tries += 1
             if tries > 100 * k + len(self.cands):
                 raise UserError(f"almost no position in '{self.shards.directory}' gives a usable sample "
                                 f"({self.build.skipped} skipped): the policy tokenizer cannot reproduce the continuations")
-            s = self.build(self.sampler.next())
-            if s is not None:
-                out.append(s)
+            drawn = [self.sampler.next() for _ in range(k - len(out))]
+            tries += len(drawn)
+            out += [s for s in self.build.many(drawn) if s is not None]
         return out

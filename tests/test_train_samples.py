@@ -24,13 +24,14 @@ def test_candidates_are_scored_positions(train_shards):
     cands = shards.candidates("topk_entropy")
     table = pq.read_table(shards.paths[0])
     expected = sum(1 for r in table.to_pylist() for t, v in enumerate(r["topk_entropy"])
-                   if t >= max(r["score_start"], 1) and v is not None and np.isfinite(v))
+                   if t >= max(r["score_start"], 1) and v is not None and np.isfinite(v)
+                   and r["token_bytes"][t] > r["token_bytes"][t - 1])  # zero-width tokens are no candidates
     assert len(cands) == expected > 0
     for i in range(0, len(cands), 7):
         row = table.slice(int(cands.row[i]), 1).to_pylist()[0]
         t = int(cands.t[i])
         assert t >= max(row["score_start"], 1)
-        assert cands.value[i] == pytest.approx(row["topk_entropy"][t])
+        assert cands.value[i] == pytest.approx(row["topk_entropy"][t], rel=2e-3)  # float16 table
         assert bool(cands.selected[i]) == (t in row["selected"])
 
 

@@ -1,0 +1,157 @@
+"""The candidate table: every usable scored position of a shard set in a compact row-grouped (CSR) layout,
+about 4 bytes per position (uint16 t, float16 entropy, 1 selected bit) plus 17 bytes per window."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from rpt_common.errors import UserError
+
+
+@dataclass(kw_only=True, slots=True)
+class Candidates:
+    """Scored positions, grouped by window: window r owns positions offsets[r]:offsets[r + 1]."""
+
+    row_shard: np.ndarray  # int32 [R]: index into ShardSet.paths
+    row_index: np.ndarray  # int32 [R]: row inside that shard
+    row_heldout: np.ndarray  # bool [R]: the window's document is in the held-out split
+    offsets: np.ndarray  # int64 [R + 1]
+    t: np.ndarray  # uint16 [N] (uint32 past 65,535 tokens per window): token predicted from x<t
+    value: np.ndarray  # float16 [N]: entropy (nats), rounded so that `value > cut` is exact for the build's cuts
+    selected_bits: np.ndarray  # uint8 [ceil(N / 8)]: the tagger's `selected`, little-endian bit order
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, k).nbytes for k in self.__slots__)
+
+    def row_of(self, idx) -> np.ndarray:
+        """Window (index into the row_* arrays) of each candidate index."""
+        return np.searchsorted(self.offsets, np.asarray(idx, dtype=np.int64), side="right") - 1
+
+    def per_position(self, row_values: np.ndarray) -> np.ndarray:
+        return np.repeat(row_values, np.diff(self.offsets))
+
+    # Per-position views (N-sized temporaries, for selection and tests; the table itself stays compact).
+    @property
+    def selected(self) -> np.ndarray:
+        return np.unpackbits(self.selected_bits, count=len(self), bitorder="little").astype(bool)
+
+    @property
+    def heldout(self) -> np.ndarray:
+        return self.per_position(self.row_heldout)
+
+    @property
+    def shard(self) -> np.ndarray:
+        return self.per_position(self.row_shard)
+
+    @property
+    def row(self) -> np.ndarray:
+        return self.per_position(self.row_index)
+
+    def above(self, cut: float) -> np.ndarray:
+        """value > cut, compared in float64 (exact for the cuts the table was built with)."""
+        return self.value > np.float64(cut)
+
+    def take(self, mask: np.ndarray) -> "Candidates":
+        """The candidates where the boolean `mask` is true, order kept; windows left empty are dropped."""
+        mask = np.asarray(mask, dtype=bool)
+        kept = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
+        counts = kept[self.offsets[1:]] - kept[self.offsets[:-1]]
+        rows = counts > 0
+        return Candidates(row_shard=self.row_shard[rows], row_index=self.row_index[rows],
+                          row_heldout=self.row_heldout[rows], offsets=_offsets(counts[rows]), t=self.t[mask],
+                          value=self.value[mask], selected_bits=np.packbits(self.selected[mask], bitorder="little"))
+
+    @staticmethod
+    def concat(parts: list["Candidates"]) -> "Candidates":
+        if not parts:
+            return Candidates.concat([_empty()])
+        counts = np.concatenate([np.diff(p.offsets) for p in parts])
+        cat = {k: np.concatenate([getattr(p, k) for p in parts]) for k in ("row_shard", "row_index", "row_heldout",
+                                                                           "t", "value")}
+        selected = np.concatenate([p.selected for p in parts])
+        return Candidates(**cat, offsets=_offsets(counts), selected_bits=np.packbits(selected, bitorder="little"))
+
+
+def _offsets(counts: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=out[1:])
+    return out
+
+
+def _empty() -> Candidates:
+    return Candidates(row_shard=np.zeros(0, np.int32), row_index=np.zeros(0, np.int32),
+                      row_heldout=np.zeros(0, bool), offsets=np.zeros(1, np.int64), t=np.zeros(0, np.uint16),
+                      value=np.zeros(0, np.float16), selected_bits=np.zeros(0, np.uint8))
+
+
+def to_float16(values: np.ndarray, cuts=()) -> np.ndarray:
+    """float32 -> float16 (nearest), nudged by at most two float16 steps next to each cut c so that `v > c`
+    keeps its answer whether it is asked in float16 (numpy's rule for a Python float), float32 or float64.
+    Cuts too close together for that (under float16 resolution): float32 values, exact as they are."""
+    out = values.astype(np.float16)
+    wide = values.astype(np.float64)
+    for c in cuts:
+        c = float(c)
+        if not abs(c) < float(np.finfo(np.float16).max):  # every stored entropy is on one side already
+            continue
+        near = (float(np.float16(c)), float(np.float32(c)), c)
+        down, up = np.float16(min(near)), np.float16(max(near))
+        if float(down) > min(near):
+            down = np.nextafter(down, np.float16(-np.inf))
+        if float(up) <= max(near):
+            up = np.nextafter(up, np.float16(np.inf))
+        above = wide > c
+        out = np.where(above, np.maximum(out, up), np.minimum(out, down)).astype(np.float16)
+    for c in cuts:  # two cuts within a few float16 steps of each other can undo one another's nudge
+        if not np.array_equal(out > np.float64(c), wide > c):
+            return values.astype(np.float32)
+    return out
+
+
+def _flat(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(per-row list lengths, flattened values as numpy; nulls -> NaN for floats) of a list column."""
+    col = table.column(name).combine_chunks()
+    lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy().astype(np.int64)
+    return lengths, pc.list_flatten(col).to_numpy(zero_copy_only=False)
+
+
+def candidates_of(table: pa.Table, metric: str, shard: int, row0: int, heldout: np.ndarray,
+                  cuts=()) -> tuple[Candidates, int]:
+    """Candidates of one row group (rows row0.. of `shard`): positions t >= max(score_start, 1) with a finite
+    `metric` whose proxy token has a byte width (a later piece of a multi-byte character has none: its context
+    and continuation are its neighbour's). Returns them and the number of zero-width positions left out."""
+    lengths, flat = _flat(table, metric)
+    flat = flat.astype(np.float32)
+    tb_lengths, tb = _flat(table, "token_bytes")
+    if not np.array_equal(lengths, tb_lengths):
+        raise UserError(f"a shard row of shard {shard} has {metric} and token_bytes of different lengths; "
+                        "it was not written by rpt-data, rerun `rpt-data tag`")
+    starts = _offsets(lengths)
+    parent = np.repeat(np.arange(len(lengths)), lengths)
+    t = np.arange(len(flat)) - starts[parent]
+    score_start = table.column("score_start").to_numpy()
+    scored = (t >= np.maximum(score_start[parent], 1)) & np.isfinite(flat)
+    zero_width = np.zeros(len(flat), dtype=bool)
+    zero_width[1:] = tb[1:] == tb[:-1]
+    zero_width &= t >= 1  # t = 0 compares with the previous row's last token: never a zero width
+    keep = scored & ~zero_width
+    sel_lengths, sel = _flat(table, "selected")
+    sel_flag = np.zeros(len(flat), dtype=bool)
+    sel_parent = np.repeat(np.arange(len(sel_lengths)), sel_lengths)
+    ok = (sel >= 0) & (sel < lengths[sel_parent])
+    sel_flag[starts[sel_parent[ok]] + sel[ok]] = True
+    counts = np.bincount(parent[keep], minlength=len(lengths))
+    rows = counts > 0
+    t_type = np.uint16 if len(lengths) == 0 or lengths.max() <= np.iinfo(np.uint16).max else np.uint32
+    cands = Candidates(row_shard=np.full(int(rows.sum()), shard, np.int32),
+                       row_index=(np.flatnonzero(rows) + row0).astype(np.int32), row_heldout=heldout[rows],
+                       offsets=_offsets(counts[rows]), t=t[keep].astype(t_type), value=to_float16(flat[keep], cuts),
+                       selected_bits=np.packbits(sel_flag[keep], bitorder="little"))
+    return cands, int((scored & zero_width).sum())
