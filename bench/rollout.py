@@ -33,7 +33,7 @@ PRESETS = {
     "cpu": dict(model="demo", dtype="float32", batch=8, group=4, max_new_tokens=32, reps=3,
                 scenarios="distinct,group", hf_static=False),
     "gpu": dict(model="qwen2-0.5b", dtype="bfloat16", batch=64, group=8, max_new_tokens=512, reps=3,
-                scenarios="distinct,group", hf_static=True),
+                scenarios="distinct,group", hf_static=True, static_cache=True),  # the path to measure on a GPU
 }
 
 
@@ -182,9 +182,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-static", action=argparse.BooleanOptionalAction, default=None,
                    help="also time generate(cache_implementation='static') (HF's own compiled decode)")
     p.add_argument("--static-cache", action=argparse.BooleanOptionalAction, default=None,
-                   help="HFRollout static-cache path (default: on CUDA)")
+                   help="HFRollout static-cache path (default: the preset's; off in HFRollout itself)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="HFRollout compiled decode (default: on CUDA)")
+                   help="HFRollout compiled decode (default: with the static cache on CUDA)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out")
     return p

@@ -139,10 +139,12 @@ def profiled(args, name: str):
 def run_ours(args, shards: str, model: str, steps: int, device: torch.device, work: Path) -> list[dict]:
     """rpt_train.trainer.train for `steps` steps with timers around its phases (checkpointing switched off)."""
     import rpt_train.trainer as T
+    import rpt_train.update as U
     from rpt_train.reward import RewardInput
 
     clock = Clock()
-    saved = {k: getattr(T, k) for k in ("HFRollout", "combine", "frozen_logprobs", "save_checkpoint", "MetricsLogger")}
+    saved = {k: getattr(T, k) for k in ("HFRollout", "combine", "save_checkpoint", "MetricsLogger")}
+    frozen_logprobs = U.frozen_logprobs
 
     class TimedRollout(saved["HFRollout"]):
         def generate(self, prompts, params):
@@ -158,7 +160,7 @@ def run_ours(args, shards: str, model: str, steps: int, device: torch.device, wo
 
     T.HFRollout, T.MetricsLogger = TimedRollout, StepLogger
     T.combine = lambda fns: clock.wrap("reward", saved["combine"](fns))
-    T.frozen_logprobs = clock.wrap("logprobs", saved["frozen_logprobs"])
+    U.frozen_logprobs = clock.wrap("logprobs", frozen_logprobs)
     T.save_checkpoint = lambda *a, **k: None
     try:
         cfg = train_config(args, shards, model, str(work / f"ours-{time.time_ns()}"), steps, device)
@@ -167,6 +169,7 @@ def run_ours(args, shards: str, model: str, steps: int, device: torch.device, wo
     finally:
         for k, v in saved.items():
             setattr(T, k, v)
+        U.frozen_logprobs = frozen_logprobs
     return clock.steps
 
 

@@ -132,9 +132,25 @@ def _discard(path: Path) -> None:
 
 
 def load_trainer_state(path: Path) -> dict:
-    try:
-        # Our own file: numpy and python RNG states need full unpickling.
-        return torch.load(path / STATE, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as e:
-        raise UserError(f"checkpoint '{path}' has an unreadable {STATE} ({e}); delete that checkpoint to resume "
-                        "from the one before")
+    """trainer_state.pt, read once (by rank 0 under torchrun): every rank gets the small entries (scheduler, sampler,
+    RNG, step, config), the optimizer state stays on rank 0, which broadcasts it shard by shard (distributed.py)."""
+    def read() -> dict:
+        try:
+            # Our own file: numpy and python RNG states need full unpickling.
+            return torch.load(path / STATE, map_location="cpu", weights_only=False)
+        except (OSError, RuntimeError, EOFError) as e:
+            raise UserError(f"checkpoint '{path}' has an unreadable {STATE} ({e}); delete that checkpoint to resume "
+                            "from the one before")
+
+    if distributed.world_size() == 1:
+        return read()
+    state = read() if distributed.is_main() else None
+    small = distributed.broadcast_from_main(lambda: {k: v for k, v in state.items() if k != "optimizer"})
+    return state if distributed.is_main() else small
+
+
+def base_model_identity(spec: str) -> str:
+    """What a run's base model is, comparable across resumes: `demo`, or the absolute path --model resolves to."""
+    from rpt_train.policy import resolve_policy
+
+    return spec if spec == "demo" else str(Path(resolve_policy(spec)).expanduser().resolve())

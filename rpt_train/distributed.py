@@ -161,19 +161,52 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
-def shard_model(model: torch.nn.Module, device: str) -> torch.nn.Module:
+def load_sharded_policy(spec: str, device: str, dtype: str, bf16: bool = True, prepare=None):
+    """`policy.load_policy` (then prepare(model)); under torchrun FSDP2-sharded, its weights read once: rank 0
+    loads them and broadcasts (`set_model_state_dict(broadcast_from_rank0=True)`), the other ranks build the
+    model on the meta device and receive their shards; buffers (rotary tables) are broadcast as well."""
+    from rpt_train.policy import load_policy
+
+    if world_size() == 1:
+        loaded = load_policy(spec, device, dtype)
+        if prepare:
+            prepare(loaded.model)
+        return loaded
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    loaded = load_policy(spec, device, dtype, weights=is_main())
+    model = loaded.model
+    if prepare:
+        prepare(model)
+    full = dict(model.state_dict()) if is_main() else {}
+    shard_model(model, device, bf16)
+    if not is_main():
+        model.to_empty(device=device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buf in model.buffers():
+        dist.broadcast(buf, src=0)
+    return loaded
+
+
+def shard_model(model: torch.nn.Module, device: str, bf16: bool = False) -> torch.nn.Module:
     """FSDP2 over all ranks: `fully_shard` per decoder layer, then the root (embeddings, final norm, head). The
     parameters move to `device` as they are sharded. Gradients are summed across ranks, not averaged: the loss
-    is already normalised by global counts (see trainer.update_policy). The root reshards after forward too
+    is already normalised by global counts (see update.update_policy). The root reshards after forward too
     (FSDP2 keeps it gathered by default): no-grad forwards (old/reference log-probs, entropy) would otherwise
     leave its full parameters registered in place of the sharded ones that the optimizer holds."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    mesh = init_device_mesh(torch.device(device).type, (world_size(),))
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    kind = torch.device(device).type
+    mesh = init_device_mesh(kind, (world_size(),))
+    # bf16 on CUDA: all-gather and compute in bf16, gradients reduced (and kept) in float32
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 and kind == "cuda" \
+        else MixedPrecisionPolicy()
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
@@ -270,8 +303,11 @@ def optimizer_state_dict(model: torch.nn.Module, optimizer) -> dict:
 
 
 def load_optimizer_state_dict(model: torch.nn.Module, optimizer, state: dict) -> None:
-    """Restore either form (index-keyed from a single process, name-keyed from FSDP2) into either kind of model."""
+    """Restore either form (index-keyed from a single process, name-keyed from FSDP2) into either kind of model.
+    Sharded: `state` is needed on rank 0 only (the checkpoint is read there), which broadcasts every rank's shard."""
     names = _trained_names(model)
+    if is_sharded(model) and not is_main():
+        state = {"state": {}, "param_groups": []}
     by_name = any(isinstance(k, str) for k in state["state"]) or any(
         isinstance(p, str) for g in state["param_groups"] for p in g["params"])
     if not is_sharded(model):
@@ -286,8 +322,8 @@ def load_optimizer_state_dict(model: torch.nn.Module, optimizer, state: dict) ->
     if not by_name:
         state = {"state": {names[k]: v for k, v in state["state"].items()},
                  "param_groups": [{**g, "params": [names[p] for p in g["params"]]} for g in state["param_groups"]]}
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
-                             options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state if is_main() else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 def warn(message: str) -> None:

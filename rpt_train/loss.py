@@ -1,29 +1,10 @@
 """The clipped surrogate with separate low/high clip (clip-higher), optional k3 KL to a frozen reference,
-and the three aggregations; plus the forward pass that gives per-token log-probs and entropy."""
+and the three aggregations (the forward pass giving per-token log-probs and entropy is rpt_train/logprobs.py)."""
 from __future__ import annotations
 
 import torch
 
 AGGREGATION = {"grpo": "sequence", "dapo": "token", "dr_grpo": "constant"}
-
-
-def forward_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float,
-                     with_entropy: bool = False):
-    """Per-token log p(completion token) under logits / temperature, [B, C]; entropy (nats) too if asked.
-    Left-padded prompt + right-padded completion in one sequence; position ids follow the attention mask."""
-    ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    mask = torch.cat([prompt_mask, completion_mask], dim=1)
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    C = completion_ids.shape[1]
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                   logits_to_keep=C + 1).logits[:, :-1]  # logits at t predict token t+1
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    token_logp = logp.gather(-1, completion_ids[..., None])[..., 0]
-    if not with_entropy:
-        return token_logp, None
-    with torch.no_grad():
-        entropy = -(logp.exp() * logp).sum(-1)
-    return token_logp, entropy
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, normalizer: float) -> torch.Tensor:

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from rpt_common.errors import UserError
-from rpt_common.models import LoadedModel, load_causal_lm
+from rpt_common.models import (LoadedModel, load_causal_lm, load_tokenizer, pick_dtype, resolve_model_path,
+                                 tokenizer_identity)
 
 
 def resolve_policy(spec: str) -> str:
@@ -23,9 +24,11 @@ def resolve_policy(spec: str) -> str:
     return spec
 
 
-def load_policy(spec: str, device: str = "auto", dtype: str = "float32") -> LoadedModel:
-    """The causal LM and tokenizer, with the tokenizer checked against the embedding and padding set left."""
-    loaded = load_causal_lm(resolve_policy(spec), device=device, dtype=dtype)
+def load_policy(spec: str, device: str = "auto", dtype: str = "float32", weights: bool = True) -> LoadedModel:
+    """The causal LM and tokenizer, with the tokenizer checked against the embedding and padding set left.
+    weights=False: the model built from its config on the meta device (no weights read; FSDP ranks > 0)."""
+    loaded = load_causal_lm(resolve_policy(spec), device=device, dtype=dtype) if weights else \
+        meta_causal_lm(resolve_policy(spec), dtype)
     tok, model = loaded.tokenizer, loaded.model
     if loaded.path.endswith(".gguf"):
         # GGUF weights come back de-quantized; the stale quantized flag would make save_pretrained refuse.
@@ -42,6 +45,19 @@ def load_policy(spec: str, device: str = "auto", dtype: str = "float32") -> Load
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     return loaded
+
+
+def meta_causal_lm(spec: str, dtype: str) -> LoadedModel:
+    """Tokenizer + the model's skeleton on the meta device, for a rank that receives its weights by broadcast."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory, gguf = resolve_model_path(spec)
+    config = AutoConfig.from_pretrained(directory, **({"gguf_file": gguf} if gguf else {}))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=pick_dtype(dtype, torch.device("cpu")))
+    tok = load_tokenizer(spec)
+    return LoadedModel(model=model.eval(), tokenizer=tok, path=str(directory / gguf) if gguf else str(directory),
+                       identity={"path": spec}, tokenizer_identity=tokenizer_identity(tok))
 
 
 def eos_ids(loaded: LoadedModel) -> list[int]:

@@ -2,14 +2,17 @@
 `HFRollout` samples with the HF model itself (KV cache, left padding); a faster engine (vLLM, SGLang) can plug in."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
 import inspect
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
+from rpt_common.errors import UserError
 from rpt_train import distributed
+from rpt_train.plan import GIB, kv_cache_bytes
 
 
 @dataclass(kw_only=True, slots=True)
@@ -58,18 +61,35 @@ def filter_logits(scores: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return scores
 
 
+def autocast_bf16(device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast on a CUDA device (rollouts, eval, the training forward); a no-op elsewhere or when disabled."""
+    if enabled and torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def enable_tf32(device) -> None:
+    """TF32 matmuls and convolutions on CUDA (what stays float32 under autocast); nothing on CPU."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 class HFRollout:
     """Sampling with the HF model and its KV cache: each distinct prompt is prefilled once and its cache repeated
     for the n completions; chunks of `batch_size` sequences (0 = all at once).
 
     Prefill (`packed_prefill`, default on CPU): every prompt runs alone, so no compute goes to padding, and the
     caches are stacked with zero (masked) slots on the left; otherwise one left-padded batch (default on CUDA).
-    Decode, dynamic path (default on CPU): a growing KV cache; finished rows leave the batch (cache included)
-    once they are a quarter of it, so later steps cost only the live rows. Static path (`static_cache`, default
-    on CUDA): the prefilled cache is copied into a preallocated `StaticCache` (length rounded up to `cache_bucket`
-    tokens, reused across calls), so every step has the same shapes; with `compile` (default on CUDA) the step
-    runs through HF's `get_compiled_call` (torch.compile, mode reduce-overhead: CUDA graphs) and the all-finished
-    check syncs with the device every `check_every` steps only. Sliding-window models take the plain paths.
+    Decode, dynamic path (the default everywhere): a growing KV cache; finished rows leave the batch (cache
+    included) once they are a quarter of it, so later steps cost only the live rows. Static path (`static_cache`,
+    off until measured on a GPU): the prefilled cache is copied into a preallocated `StaticCache` sized to the call
+    (length rounded up to `cache_bucket` tokens) and kept: a later call that fits reuses it, with its rows padded
+    (finished copies of row 0) to the cache's row count, so compiled graphs see the same shapes. A cache that would
+    not fit the free device memory (or `memory_limit` bytes) is refused up front. With `compile` (default: static
+    on CUDA) the step runs through HF's `get_compiled_call` (torch.compile, reduce-overhead: CUDA graphs) and the
+    all-finished check syncs every `check_every` steps only. Sliding-window models take the plain paths.
+    On CUDA every call runs under bf16 autocast (`bf16`), so the KV cache is bf16 too.
 
     `lockstep` (an FSDP2-sharded model, whose every forward all-gathers parameters across ranks): every rank runs
     the same number of forwards. Prompt lists are padded to the longest rank's (with a discarded copy), and decoding
@@ -78,14 +98,16 @@ class HFRollout:
 
     def __init__(self, model, tokenizer, eos_token_ids: list[int], batch_size: int = 0, *,
                  static_cache: bool | None = None, compile: bool | None = None, check_every: int | None = None,
-                 packed_prefill: bool | None = None, cache_bucket: int = 256, lockstep: bool = False):
+                 packed_prefill: bool | None = None, cache_bucket: int = 256, lockstep: bool = False,
+                 bf16: bool = True, memory_limit: int | None = None):
         self.model, self.tokenizer, self.eos, self.batch_size = model, tokenizer, eos_token_ids, batch_size
         self.lockstep = lockstep
         params = inspect.signature(model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5
         self.static_cache, self.compile, self.check_every = static_cache, compile, check_every
         self.packed_prefill, self.cache_bucket = packed_prefill, cache_bucket
-        self._static = None  # (batch, length, dtype, device) -> StaticCache, reused so compiled graphs stay valid
+        self.bf16, self.memory_limit = bf16, memory_limit
+        self._static = None  # {"cache", "rows", "length", "dtype", "device"}: reused so compiled graphs stay valid
         self._compiled = None
 
     def sync(self, model: torch.nn.Module) -> None:
@@ -99,7 +121,8 @@ class HFRollout:
         if not prompts:
             return empty_batch()
         per_call = max(1, (self.batch_size or len(prompts) * params.n) // params.n)
-        chunks = [self._generate(prompts[i:i + per_call], params) for i in range(0, len(prompts), per_call)]
+        with autocast_bf16(next(self.model.parameters()).device, self.bf16):
+            chunks = [self._generate(prompts[i:i + per_call], params) for i in range(0, len(prompts), per_call)]
         batch = concat_batches(chunks, self.tokenizer.pad_token_id)
         return batch if len(prompts) == count else select_rows(batch, list(range(count * params.n)))
 
@@ -133,11 +156,11 @@ class HFRollout:
         return distributed.all_true(bool(done.all())) if self.lockstep else bool(done.all())
 
     def _use_static(self, device: torch.device) -> bool:
-        return self.static_cache if self.static_cache is not None else device.type == "cuda"
+        return bool(self.static_cache)
 
     def _decode_fn(self, device: torch.device):
         """The model's compiled __call__ (HF's own `get_compiled_call`: inductor, reduce-overhead) or None."""
-        if not (self.compile if self.compile is not None else device.type == "cuda"):
+        if not (self.compile if self.compile is not None else device.type == "cuda" and self._use_static(device)):
             return None
         if self._compiled is None:
             self._compiled = self.model.get_compiled_call(None) if hasattr(self.model, "get_compiled_call") else \
@@ -145,27 +168,46 @@ class HFRollout:
         return self._compiled
 
     def _static_cache(self, cache, rows: int, width: int, total: int):
-        """A StaticCache holding `cache` (a DynamicCache of `width` tokens), room for `total` tokens; None when the
-        model has layers a static cache treats differently (sliding windows)."""
+        """(StaticCache, its row count) holding `cache` (a DynamicCache of `rows` x `width` tokens, padded here to
+        the cache's rows with copies of row 0), room for `total` tokens; a kept cache is reused when it is large
+        enough. (None, rows) when the model has layers a static cache treats differently (sliding windows)."""
         from transformers import StaticCache
         from transformers.cache_utils import StaticLayer
 
-        length = -(-total // self.cache_bucket) * self.cache_bucket
         first = cache.layers[0].keys
-        key = (rows, length, first.dtype, first.device)
-        static = self._static[1] if self._static is not None and self._static[0] == key else None
-        if static is None:
+        kept = self._static
+        if not (kept and kept["rows"] >= rows and kept["length"] >= total and kept["dtype"] == first.dtype
+                and kept["device"] == first.device):
+            self._static = kept = None  # freed before the new one is allocated
+            length = -(-total // self.cache_bucket) * self.cache_bucket
+            self._check_room(len(cache.layers), first.shape[1] * first.shape[3], rows, length, first)
             static = StaticCache(config=self.model.config, max_cache_len=length)
             if any(type(layer) is not StaticLayer for layer in static.layers) or len(static.layers) != len(cache.layers):
-                return None
+                return None, rows
+            kept = {"cache": static, "rows": rows, "length": length, "dtype": first.dtype, "device": first.device}
+        if kept["rows"] > rows:
+            cache.batch_select_indices(torch.cat([torch.arange(rows), torch.zeros(kept["rows"] - rows, dtype=torch.long)])
+                                       .to(first.device))
+        static = kept["cache"]
         for dst, src in zip(static.layers, cache.layers):
             if not dst.is_initialized:
                 dst.lazy_initialization(src.keys, src.values)
             dst.keys[:, :, :width].copy_(src.keys)
             dst.values[:, :, :width].copy_(src.values)
             dst.cumulative_length.fill_(width)  # the next token goes to slot `width`
-        self._static = (key, static)
-        return static
+        self._static = kept
+        return static, kept["rows"]
+
+    def _check_room(self, layers: int, kv_dim: int, rows: int, length: int, like: torch.Tensor) -> None:
+        """Refuse a static cache larger than the free device memory (or `memory_limit`), before allocating it."""
+        need = kv_cache_bytes(layers, kv_dim, rows, length, like.element_size())
+        free = self.memory_limit
+        if free is None and like.device.type == "cuda":
+            free = torch.cuda.mem_get_info(like.device)[0]
+        if free is not None and need > free:
+            raise UserError(f"the static KV cache for {rows} sequences x {length} tokens needs {need / GIB:.2f} GiB but "
+                            f"only {free / GIB:.2f} GiB are free on {like.device}; lower --rollout-batch-size or "
+                            "--max-new-tokens, or decode with the dynamic cache (--no-static-cache)")
 
     def _generate(self, prompts: list[list[int]], params: SamplingParams) -> RolloutBatch:
         device, pad, n = next(self.model.parameters()).device, self.tokenizer.pad_token_id, params.n
@@ -178,20 +220,24 @@ class HFRollout:
         logits, cache = self._prefill(prompts, ids, mask, positions)
         cache.batch_repeat_interleave(n)
         logits = logits.repeat_interleave(n, 0)
-        N = len(logits)
-        static = self._static_cache(cache, N, width, width + steps) if self._use_static(device) else None
+        real = N = len(logits)
+        static = None
+        if self._use_static(device):
+            static, N = self._static_cache(cache, N, width, width + steps)
+        rows = torch.cat([torch.arange(real), torch.zeros(N - real, dtype=torch.long)]).to(device)  # padded: row 0
+        logits, row_mask = logits[rows], mask.repeat_interleave(n, 0)[rows]
         # attention mask over cache slots: the prompt's, then 1 for every generated token (future slots are causal)
-        attn = torch.cat([mask.repeat_interleave(n, 0), mask.new_ones(N, static.layers[0].max_cache_len - width
-                                                                        if static is not None else steps)], dim=1)
+        attn = torch.cat([row_mask, mask.new_ones(N, static.layers[0].max_cache_len - width
+                                                  if static is not None else steps)], dim=1)
         fn = self._decode_fn(device) if static is not None else None
         cache = static if static is not None else cache
         check_every = self.check_every or (16 if static is not None and device.type == "cuda" else 1)
-        next_pos = positions[:, -1].repeat_interleave(n) + 1
+        next_pos = positions[:, -1].repeat_interleave(n)[rows] + 1
         eos = torch.tensor(self.eos or [-1], device=device)
         tokens = torch.full((N, steps), pad, dtype=torch.long, device=device)
         logprobs = torch.zeros(N, steps, device=device)
         live = torch.arange(N, device=device)  # rows of the full batch still in the decoding batch
-        done = torch.zeros(N, dtype=torch.bool, device=device)  # per decoding-batch row
+        done = torch.arange(N, device=device) >= real  # per decoding-batch row; padding rows are done from the start
         made = 0
         for step in range(steps):
             scores = logits / (1.0 if params.greedy else params.temperature)
@@ -221,6 +267,7 @@ class HFRollout:
                                           position_ids=next_pos[:, None], cache=cache)
             next_pos = next_pos + 1
         self.model.train(was_training)
+        tokens, logprobs = tokens[:real], logprobs[:real]
         completion = tokens[:, :made]
         cmask = completion_mask(completion, self.eos)
         completion = torch.where(cmask.bool(), completion, torch.full_like(completion, pad))

@@ -1,19 +1,17 @@
 """The RPT loop, top to bottom: draw contexts, roll out G completions each, reward by prefix match, keep groups
 whose rewards differ (dynamic sampling), group advantages, clipped-surrogate updates, log, evaluate, checkpoint.
 
-Under torchrun (WORLD_SIZE > 1) the policy (and reference) are FSDP2-sharded; every rank draws the same global
-contexts and rolls out its stripe of whole groups; loss normalisers and metrics are global; rank 0 writes.
-The collective bookkeeping lives in rpt_train/distributed.py."""
+Rollout collection is rpt_train/collect.py, the policy update rpt_train/update.py, the memory plan
+rpt_train/plan.py. Under torchrun (WORLD_SIZE > 1) the policy (and reference) are FSDP2-sharded; every rank draws
+the same global contexts and rolls out its stripe of whole groups; rank 0 writes (rpt_train/distributed.py)."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import random
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,34 +19,25 @@ import torch
 import yaml
 
 from rpt_common.errors import UserError
-from rpt_train import distributed
-from rpt_train.advantages import group_advantages, group_std
-from rpt_train.checkpoint import latest_checkpoint, load_trainer_state, restore_rng, save_checkpoint, tidy_checkpoints
+from rpt_common.models import pick_device
+from rpt_train import distributed, plan
+from rpt_train.checkpoint import (base_model_identity, latest_checkpoint, load_trainer_state, restore_rng,
+                                  save_checkpoint, tidy_checkpoints)
+from rpt_train.collect import collect, rollout_groups, sample_records  # noqa: F401 (tests use these from here)
 from rpt_train.config import EvalConfig, TrainConfig, to_dict
 from rpt_train.evaluate import EVAL_BUCKETS, evaluate, select_positions, write_json
-from rpt_train.loss import AGGREGATION, aggregate, clipped_surrogate, forward_logprobs, normalizer
 from rpt_train.metrics import MetricsLogger
-from rpt_train.policy import eos_ids, freeze, load_policy
-from rpt_train.reward import RewardFn, RewardInput, combine, extract_answer, load_reward_fn, prefix_match, rpt_reward
-from rpt_train.rollout import (HFRollout, RolloutBatch, RolloutEngine, SamplingParams, concat_batches, empty_batch,
-                               select_rows)
-from rpt_train.samples import Sample, TrainSamples
+from rpt_train.policy import eos_ids, freeze
+from rpt_train.reward import RewardFn, combine, load_reward_fn, rpt_reward
+from rpt_train.rollout import HFRollout, RolloutEngine, SamplingParams, enable_tf32
+from rpt_train.samples import TrainSamples
 from rpt_train.templates import PromptBuilder
+from rpt_train.update import autocast, no_update, update_policy
 
 # Options that may change between a run and its --resume without changing what is computed.
 _RESUMABLE = {"steps", "save_every", "keep_checkpoints", "eval_every", "log_samples_every", "tensorboard", "resume",
-              "out", "model", "eval_limit", "eval_samples", "on_bad_step", "bad_grad_norm", "max_bad_steps"}
-
-
-@dataclass(kw_only=True, slots=True)
-class Groups:
-    """Rollouts of some contexts, G rows per context, group-contiguous."""
-
-    samples: list[Sample]
-    rollouts: RolloutBatch
-    rewards: torch.Tensor  # [N]
-    answers: list[str | None]
-    index: list[int] | None = None  # per group: its place in the step's global batch (all ranks), None = in order
+              "out", "model", "eval_limit", "eval_samples", "on_bad_step", "bad_grad_norm", "max_bad_steps",
+              "logprob_chunk_tokens", "device_memory"}
 
 
 def seed_everything(seed: int) -> None:
@@ -93,288 +82,6 @@ def prepare_out(cfg: TrainConfig) -> Path | None:
     return ckpt
 
 
-def autocast(cfg: TrainConfig, model) -> contextlib.AbstractContextManager:
-    if cfg.bf16 and next(model.parameters()).is_cuda:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def rollout_groups(samples: list[Sample], prompts: PromptBuilder, engine: RolloutEngine, reward_fn: RewardFn,
-                   params: SamplingParams, answer_format: str) -> Groups:
-    """G completions per context, their extracted answers and rewards."""
-    rollouts = engine.generate([prompts.ids(s.context) for s in samples], params)
-    texts = [prompts.completion(t) for t in rollouts.texts]
-    answers = [extract_answer(t, answer_format) for t in texts]
-    per_row = [s for s in samples for _ in range(params.n)]
-    items = [RewardInput(completion=t, answer=a, label_tokens=s.label_tokens, context=s.context)
-             for t, a, s in zip(texts, answers, per_row)]
-    rewards = reward_fn(items) if items else []
-    return Groups(samples=samples, rollouts=rollouts, rewards=torch.tensor(rewards, dtype=torch.float32),
-                  answers=answers)
-
-
-def collect(cfg: TrainConfig, data: TrainSamples, prompts: PromptBuilder, engine: RolloutEngine,
-            reward_fn: RewardFn, params: SamplingParams) -> tuple[Groups | None, list[Groups], dict]:
-    """One step's training groups. With dynamic sampling, groups whose rewards all agree (zero std, no signal)
-    are dropped and new contexts drawn, at most --max-sampling-rounds rounds; stats cover every rollout made.
-    Several ranks: each round every rank draws the same global contexts (the sampler state stays global) and rolls
-    out contexts rank, rank + W, ...; the keep flags are shared so that every rank knows the global count still
-    needed and where its kept groups sit in the batch one process would have built. The batch is None when no
-    rank kept a group, and empty on a rank that kept none while others did."""
-    G, need, rounds, made, kept, index = cfg.group_size, cfg.batch_prompts, 0, [], [], []
-    rank, world, kept_before = distributed.rank(), distributed.world_size(), 0
-    t0 = time.perf_counter()
-    while need > 0 and rounds < (cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
-        rounds += 1
-        drawn = data.next_batch(need)
-        groups = rollout_groups(drawn[rank::world], prompts, engine, reward_fn, params, cfg.answer_format)
-        made.append(groups)
-        keep = (group_std(groups.rewards, G) > 0).tolist() if cfg.dynamic_sampling else [True] * len(groups.samples)
-        stripes = distributed.all_gather_objects(keep)
-        flags = [stripes[i % world][i // world] for i in range(len(drawn))]  # every rank's keep flags, draw order
-        if any(keep):
-            mine = [g for g, k in enumerate(keep) if k]
-            kept.append(take_groups(groups, mine, G))
-            before = np.cumsum([0] + flags)
-            index += [kept_before + int(before[rank + g * world]) for g in mine]
-        kept_before += sum(flags)
-        need -= sum(flags)
-    rollout_seconds = distributed.all_max(time.perf_counter() - t0)
-    rewards = distributed.cat_from_ranks(torch.cat([g.rewards for g in made]))  # whole groups: still contiguous
-    answers = [a for g in made for a in g.answers]
-    labels = [s.label_tokens for g in made for s in g.samples for _ in range(G)]
-    correct = distributed.cat_from_ranks(torch.tensor([prefix_match(a, lab) for a, lab in zip(answers, labels)],
-                                                      dtype=torch.bool))
-    answered = distributed.cat_from_ranks(torch.tensor([a is not None for a in answers], dtype=torch.bool))
-    lengths = distributed.cat_from_ranks(torch.cat([g.rollouts.lengths for g in made]).float())
-    tokens = float(lengths.sum())
-    stats = {
-        "reward": float(rewards.mean()),
-        "reward_std": float(group_std(rewards, G).mean()),
-        "frac_reward_zero_std": float((group_std(rewards, G) == 0).float().mean()),
-        "ntr_accuracy": float(np.mean(correct.numpy())),
-        "answer_rate": float(np.mean(answered.numpy())),
-        "completion_length": float(lengths.mean()),
-        "sampling_rounds": rounds,
-        "groups_kept": kept_before,
-        "rollout_tokens": int(tokens),
-        "rollout_seconds": rollout_seconds,
-        "rollout_tokens_per_s": tokens / max(rollout_seconds, 1e-9),
-        "samples_skipped": data.build.skipped,
-    }
-    batch = None
-    if kept:
-        batch = Groups(samples=[s for g in kept for s in g.samples], answers=[a for g in kept for a in g.answers],
-                       rollouts=concat_batches([g.rollouts for g in kept], pad=engine_pad(engine)),
-                       rewards=torch.cat([g.rewards for g in kept]), index=index)
-    elif kept_before:
-        batch = Groups(samples=[], answers=[], rollouts=empty_batch(), rewards=torch.zeros(0), index=[])
-    return batch, made, stats
-
-
-def engine_pad(engine) -> int:
-    tok = getattr(engine, "tokenizer", None)
-    return tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
-
-
-def take_groups(groups: Groups, keep: list[int], G: int) -> Groups:
-    rows = [g * G + j for g in keep for j in range(G)]
-    return Groups(samples=[groups.samples[g] for g in keep], rollouts=select_rows(groups.rollouts, rows),
-                  rewards=groups.rewards[rows], answers=[groups.answers[r] for r in rows])
-
-
-def micro_rows(rollouts: RolloutBatch, rows: list[int], device) -> tuple[torch.Tensor, ...]:
-    """Rows of a batch with the columns that are padding in every one of them cut away."""
-    pm, cm = rollouts.prompt_mask[rows], rollouts.completion_mask[rows]
-    first = int(pm.any(0).nonzero()[0]) if pm.any() else 0
-    width = int(cm.any(0).nonzero()[-1]) + 1 if cm.any() else 1
-    return tuple(t.to(device) for t in (rollouts.prompt_ids[rows][:, first:], pm[:, first:],
-                                        rollouts.completion_ids[rows][:, :width], cm[:, :width]))
-
-
-@torch.no_grad()
-def frozen_logprobs(cfg, model, rollouts: RolloutBatch, chunks: list[list[int]], with_entropy: bool = False):
-    """[N, C] log-probs of `model` before any update (old policy or reference); entropy [N, C] too if asked."""
-    N, C = rollouts.completion_ids.shape
-    device = next(model.parameters()).device
-    out, ent = torch.zeros(N, C, device=device), torch.zeros(N, C, device=device)
-    for rows in distributed.pad_to_max(chunks):
-        if rows is None:  # another rank has more chunks: a discarded forward keeps the FSDP all-gathers paired
-            forward_logprobs(model, *distributed.dummy_inputs(device), cfg.temperature)
-            continue
-        p_ids, p_mask, c_ids, c_mask = micro_rows(rollouts, rows, device)
-        with autocast(cfg, model):
-            lp, e = forward_logprobs(model, p_ids, p_mask, c_ids, c_mask, cfg.temperature, with_entropy)
-        out[rows, :lp.shape[1]] = lp.float()
-        if e is not None:
-            ent[rows, :e.shape[1]] = e.float()
-    return out, ent
-
-
-def mini_batches(cfg: TrainConfig, batch: Groups) -> list[list[int]]:
-    """Local rows of each optimizer update. Update m takes the rows that one process would give it (global row
-    // --mini-batch-size), so the updates do not depend on the number of ranks; each rank gets every update's list
-    (possibly empty), so all ranks step together."""
-    N, G = len(batch.rewards), cfg.group_size
-    total = int(distributed.all_sum([N])[0])
-    if not cfg.mini_batch_size or cfg.mini_batch_size >= total:
-        return [list(range(N))]
-    index = batch.index if batch.index is not None else range(N // G)
-    update = [(index[r // G] * G + r % G) // cfg.mini_batch_size for r in range(N)]
-    return [[r for r in range(N) if update[r] == m] for m in range(-(-total // cfg.mini_batch_size))]
-
-
-def global_normalizer(mode: str, masks: torch.Tensor, max_new_tokens: int) -> float:
-    """`loss.normalizer` of the mini-batch made of every rank's rows (token and sequence counts summed)."""
-    if distributed.world_size() == 1:
-        return normalizer(mode, masks, max_new_tokens)
-    rows, tokens = distributed.all_sum([float(masks.shape[0]), float(masks.sum())])
-    if mode == "token":
-        return max(tokens, 1.0)
-    return max(rows, 1.0) * (max_new_tokens if mode == "constant" else 1)
-
-
-def update_policy(cfg: TrainConfig, model, ref, optimizer, batch: Groups) -> dict:
-    """--ppo-epochs passes over the batch, one optimizer update per mini-batch, micro-batches accumulating grads.
-    Rows with advantage 0 (and beta = 0) have exactly zero gradient: they count in the loss normaliser but skip
-    the backward pass. Old log-probs are recomputed before the first update when there is more than one.
-    Several ranks: each rank's loss is its rows' share of the global normaliser and FSDP sums the gradients, so
-    the update equals one process's on the whole batch; a rank short of micro-batches runs zero-weight passes."""
-    rollouts = batch.rollouts
-    advantages = group_advantages(batch.rewards, cfg.group_size, scale=cfg.resolved_scale_rewards(),
-                                  anchor=cfg.advantage_anchor)
-    device, mode = next(model.parameters()).device, AGGREGATION[cfg.loss]
-    active = ((advantages != 0) | (cfg.beta > 0)).tolist()
-    minis = mini_batches(cfg, batch)
-
-    def micro(rows: list[int], want: bool) -> list[list[int]]:
-        rows = [r for r in rows if active[r] == want]
-        return [rows[j:j + cfg.micro_batch_size] for j in range(0, len(rows), cfg.micro_batch_size)]
-
-    trained = [c for m in minis for c in micro(m, True)]
-    old = frozen_logprobs(cfg, model, rollouts, trained)[0] if cfg.ppo_epochs > 1 or len(minis) > 1 else None
-    ref_lp = frozen_logprobs(cfg, ref, rollouts, trained)[0] if ref is not None else None
-    params = [p for group in optimizer.param_groups for p in group["params"]]  # sharded ones under FSDP2
-    sums = dict.fromkeys(("loss", "grad_norm", "clipped", "tokens", "entropy", "ent_tokens", "kl"), 0.0)
-    updates, bad, grad_norm, mini_loss = 0, None, 0.0, 0.0
-    model.train()
-    for epoch in range(cfg.ppo_epochs):
-        for m in minis:
-            norm = global_normalizer(mode, rollouts.completion_mask[m], cfg.max_new_tokens)
-            optimizer.zero_grad(set_to_none=True)
-            losses: list[float] = []
-            for rows in distributed.pad_to_max(micro(m, True)):
-                if rows is None:  # another rank has more micro-batches: a zero-weight pass (its collectives pair up)
-                    with autocast(cfg, model):
-                        logp, _ = forward_logprobs(model, *distributed.dummy_inputs(device), cfg.temperature)
-                    (logp.float().sum() * 0.0).backward()
-                    continue
-                p_ids, p_mask, c_ids, c_mask = micro_rows(rollouts, rows, device)
-                W = c_ids.shape[1]
-                with autocast(cfg, model):
-                    logp, ent = forward_logprobs(model, p_ids, p_mask, c_ids, c_mask, cfg.temperature, epoch == 0)
-                logp = logp.float()
-                old_lp = old[rows, :W] if old is not None else logp.detach()
-                per_token, clipped, kl = clipped_surrogate(
-                    logp, old_lp, advantages[rows].to(device), clip_low=cfg.clip_low,
-                    clip_high=cfg.resolved_clip_high(), beta=cfg.beta,
-                    ref_logp=ref_lp[rows, :W] if ref_lp is not None else None)
-                loss = aggregate(per_token, c_mask, mode, norm)
-                loss.backward()
-                mask = c_mask.bool()
-                losses.append(float(loss.detach()))
-                sums["clipped"] += float(clipped[mask].sum())
-                sums["tokens"] += float(mask.sum())
-                if ent is not None:
-                    sums["entropy"] += float(ent[mask].sum())
-                    sums["ent_tokens"] += float(mask.sum())
-                if kl is not None:
-                    sums["kl"] += float(kl.detach()[mask].sum())
-            idle = micro(m, False)  # zero-advantage rows: never clipped; entropy measured without a graph
-            sums["tokens"] += sum(float(rollouts.completion_mask[rows].sum()) for rows in idle)
-            if epoch == 0:
-                _, ent = frozen_logprobs(cfg, model, rollouts, idle, with_entropy=True)
-                for rows in idle:
-                    mask = rollouts.completion_mask[rows].bool().to(ent.device)
-                    sums["entropy"] += float(ent[rows][mask].sum())
-                    sums["ent_tokens"] += float(mask.sum())
-            for p in params:  # untouched parameters get an exact zero gradient, as a full backward would give
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            grad_norm = distributed.clip_grad_norm(params, max_norm)  # of the global gradient
-            mini_loss = distributed.all_sum([sum(losses)])[0]  # NaN/inf on any rank makes it non-finite on all
-            bad = bad_update(cfg, grad_norm, mini_loss)
-            if bad:  # no optimizer step: the weights and AdamW state stay as they were; the rest of the step is dropped
-                optimizer.zero_grad(set_to_none=True)
-                break
-            sums["loss"] += mini_loss
-            sums["grad_norm"] += grad_norm
-            optimizer.step()
-            updates += 1
-        if bad:
-            break
-    model.eval()
-    n = max(updates, 1)
-    keys = ("clipped", "tokens", "entropy", "ent_tokens", "kl")
-    sums |= dict(zip(keys, distributed.all_sum([sums[k] for k in keys])))
-    stats = {
-        "loss": sums["loss"] / n if updates else mini_loss,
-        "grad_norm": sums["grad_norm"] / n if updates else grad_norm,
-        "bad_step": bad,
-        "clip_ratio": sums["clipped"] / max(sums["tokens"], 1.0),
-        "entropy": sums["entropy"] / max(sums["ent_tokens"], 1.0),
-        "advantage_abs": float(distributed.cat_from_ranks(advantages).abs().mean()),
-        "updates": updates,
-    }
-    if cfg.beta > 0:
-        stats["kl"] = sums["kl"] / max(sums["tokens"], 1.0)
-    return stats
-
-
-def bad_update(cfg: TrainConfig, grad_norm: float, loss: float) -> str | None:
-    """Why an update must not be applied (NaN/inf loss or gradient, or a gradient norm above --bad-grad-norm)."""
-    if not math.isfinite(loss):
-        return "non-finite loss"
-    if not math.isfinite(grad_norm):
-        return "non-finite gradient"
-    if cfg.bad_grad_norm > 0 and grad_norm > cfg.bad_grad_norm:
-        return f"gradient norm {grad_norm:.4g} > --bad-grad-norm {cfg.bad_grad_norm:g}"
-    return None
-
-
-def no_update(cfg: TrainConfig, model, made: list[Groups]) -> dict:
-    """Every group had equal rewards after all rounds: no optimizer step; entropy still measured."""
-    rollouts = made[0].rollouts
-    N = rollouts.completion_ids.shape[0]
-    chunks = [list(range(i, min(i + cfg.micro_batch_size, N))) for i in range(0, N, cfg.micro_batch_size)]
-    _, ent = frozen_logprobs(cfg, model, rollouts, chunks, with_entropy=True)
-    ent = distributed.cat_from_ranks(ent[rollouts.completion_mask.bool().to(ent.device)])
-    stats = {"loss": 0.0, "grad_norm": 0.0, "bad_step": None, "clip_ratio": 0.0, "advantage_abs": 0.0, "updates": 0,
-             "entropy": float(ent.mean()) if len(ent) else 0.0}
-    if cfg.beta > 0:
-        stats["kl"] = None
-    return stats
-
-
-def sample_records(step: int, made: list[Groups], prompts: PromptBuilder, limit: int) -> list[dict]:
-    """The first rollouts of the step for samples.jsonl: prompt tail, completion, answer, label, reward (under
-    torchrun: those of rank 0)."""
-    records = []
-    for groups in (g for g in made if g.samples):  # a rank's share of a refill round may be empty
-        G = len(groups.answers) // len(groups.samples)
-        for r, (text, answer) in enumerate(zip(groups.rollouts.texts, groups.answers)):
-            s = groups.samples[r // G]
-            records.append({"step": step, "key": s.key, "bucket": s.bucket, "entropy": s.entropy,
-                            "prompt_tail": prompts.text(s.context)[-300:], "answer": answer,
-                            "completion": prompts.completion(text),
-                            "label": "".join(s.label_tokens), "label_tokens": s.label_tokens,
-                            "correct": prefix_match(answer, s.label_tokens), "reward": float(groups.rewards[r])})
-            if len(records) == limit:
-                return records
-    return records
-
-
 def eval_config(cfg: TrainConfig) -> EvalConfig:
     shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(EvalConfig) if hasattr(cfg, f.name)}
     shared.pop("out")
@@ -384,10 +91,11 @@ def eval_config(cfg: TrainConfig) -> EvalConfig:
 def rollout_engine(cfg: TrainConfig, model, policy) -> RolloutEngine:
     """HFRollout on the policy. Sharded: generation either inside one all-gather of the full weights per call
     (--rollout-gather) or through FSDP's per-layer all-gathers in lockstep; no torch.compile on a sharded model."""
+    kw = {"static_cache": cfg.static_cache, "bf16": cfg.bf16}
     if not distributed.is_sharded(model):
-        return HFRollout(model, policy.tokenizer, eos_ids(policy), cfg.rollout_batch_size)
+        return HFRollout(model, policy.tokenizer, eos_ids(policy), cfg.rollout_batch_size, **kw)
     engine = HFRollout(model, policy.tokenizer, eos_ids(policy), cfg.rollout_batch_size, compile=False,
-                       lockstep=not cfg.rollout_gather)
+                       lockstep=not cfg.rollout_gather, **kw)
     return distributed.GatheredEngine(engine, model) if cfg.rollout_gather else engine
 
 
@@ -406,16 +114,12 @@ def _train(cfg: TrainConfig, device: str, reward_fns, engine: RolloutEngine | No
     out = Path(cfg.out)
     ckpt = distributed.broadcast_from_main(lambda: prepare_out(cfg))
     seed_everything(distributed.rank_seed(cfg.seed))
-    policy = load_policy(str(ckpt) if ckpt else cfg.model, device, cfg.dtype)
-    model, tok = policy.model, policy.tokenizer
-    disable_dropout(model)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ref = load_policy(cfg.model, device, cfg.dtype).model if cfg.beta > 0 else None
-    if distributed.world_size() > 1:
-        model = distributed.shard_model(model, device)
-        ref = distributed.shard_model(ref, device) if ref is not None else None
-    ref = freeze(ref) if ref is not None else None
+    state = load_trainer_state(ckpt) if ckpt else None  # read by rank 0, the optimizer state kept there only
+    base = check_base_model(cfg, state, out)
+    check_memory(cfg, str(pick_device(device)), quiet)
+    enable_tf32(pick_device(device))
+    model, ref, policy = build_models(cfg, device, ckpt, base)
+    tok = policy.tokenizer
     data = TrainSamples(cfg, tok)
     prompts = PromptBuilder(tok, cfg.template, cfg.chat_template, cfg.response_prefix)
     reward_fn = combine([rpt_reward(cfg.reward_correct, cfg.reward_wrong, cfg.reward_no_answer),
@@ -426,19 +130,7 @@ def _train(cfg: TrainConfig, device: str, reward_fns, engine: RolloutEngine | No
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
-    start = 0
-    if ckpt is not None:
-        state = load_trainer_state(ckpt)
-        if distributed.is_main():
-            warn_changed(state.get("config", {}), to_dict(cfg))
-        distributed.load_optimizer_state_dict(model, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        data.load_state_dict(state["sampler"])
-        start = state["step"]
-        if not restore_rng(state["rng"]):
-            distributed.warn(f"'{ckpt}' holds the RNG states of another number of ranks; reseeding each rank from "
-                             "(--seed, step, rank): the run goes on but will not equal an uninterrupted one")
-            seed_everything(distributed.rank_seed(cfg.seed, start))
+    start = resume(cfg, ckpt, state, model, optimizer, scheduler, data) if state is not None else 0
     if start >= cfg.steps:
         if distributed.is_main():
             print(f"note: '{out}' is already at step {start} >= --steps {cfg.steps}; nothing to do", file=sys.stderr)
@@ -465,7 +157,8 @@ def _train(cfg: TrainConfig, device: str, reward_fns, engine: RolloutEngine | No
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
             scheduler.step()
         if ecfg and step % cfg.eval_every == 0:
-            result = evaluate(model, tok, engine, ecfg, data.shards, eval_positions)
+            with autocast(cfg, model):
+                result = evaluate(model, tok, engine, ecfg, data.shards, eval_positions)
             if distributed.is_main():
                 write_json(result, out / "eval" / f"step-{step:06d}.json")
             metrics |= {f"eval/{b}/{k}": v for b in EVAL_BUCKETS for k, v in result[b].items()}
@@ -478,10 +171,66 @@ def _train(cfg: TrainConfig, device: str, reward_fns, engine: RolloutEngine | No
         if step % cfg.save_every == 0 or step == cfg.steps:
             save_checkpoint(out, step, model, tok, {
                 "optimizer": distributed.optimizer_state_dict(model, optimizer), "scheduler": scheduler.state_dict(),
-                "sampler": data.state_dict(), "config": to_dict(cfg), "base_model": cfg.model,
+                "sampler": data.state_dict(), "config": to_dict(cfg), "base_model": base,
             }, keep=cfg.keep_checkpoints)
     logger.close()
     return out
+
+
+def build_models(cfg: TrainConfig, device: str, ckpt: Path | None, base: str):
+    """(policy model, frozen reference or None, LoadedModel of the policy): the policy from the checkpoint when
+    resuming, the reference from the run's base model; FSDP2-sharded under torchrun."""
+    policy = distributed.load_sharded_policy(str(ckpt) if ckpt else cfg.model, device, cfg.dtype, cfg.bf16,
+                                             prepare=lambda m: prepare_policy(cfg, m))
+    ref = distributed.load_sharded_policy(base, device, cfg.dtype, cfg.bf16).model if cfg.beta > 0 else None
+    return policy.model, freeze(ref) if ref is not None else None, policy
+
+
+def prepare_policy(cfg: TrainConfig, model: torch.nn.Module) -> None:
+    """What the policy needs before sharding: dropout off, gradient checkpointing when asked."""
+    disable_dropout(model)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def check_base_model(cfg: TrainConfig, state: dict | None, out: Path) -> str:
+    """The run's base model (its KL reference): --model on a fresh start; on --resume the saved one, and with
+    --beta > 0 a --model that resolves to another model is refused (the reference must not change mid-run)."""
+    now = base_model_identity(cfg.model)
+    if state is None or not state.get("base_model"):
+        return now
+    saved = state["base_model"]
+    if cfg.beta > 0 and base_model_identity(saved) != now:
+        raise UserError(f"--model '{cfg.model}' is not the base model '{saved}' of the run in '{out}', whose KL "
+                        f"reference (--beta {cfg.beta:g}) it must stay; resume with --model '{saved}'")
+    return saved
+
+
+def check_memory(cfg: TrainConfig, device: str, quiet: bool) -> None:
+    """Print the memory plan (rank 0) and stop with one sentence when it exceeds the device."""
+    try:
+        shapes = plan.load_shapes(cfg.model)
+    except UserError:
+        return  # the policy load below says what is wrong with --model
+    memory = plan.plan_memory(cfg, shapes, world_size=distributed.world_size(), device_type=torch.device(device).type,
+                              device_bytes=plan.device_memory(cfg, device))
+    if not quiet:
+        print(plan.render(memory), flush=True)
+    plan.check(memory)
+
+
+def resume(cfg: TrainConfig, ckpt: Path, state: dict, model, optimizer, scheduler, data: TrainSamples) -> int:
+    """Optimizer (broadcast from rank 0 under FSDP2), scheduler, sampler and RNG states from a checkpoint; the step."""
+    if distributed.is_main():
+        warn_changed(state.get("config", {}), to_dict(cfg))
+    distributed.load_optimizer_state_dict(model, optimizer, state.get("optimizer", {}))
+    scheduler.load_state_dict(state["scheduler"])
+    data.load_state_dict(state["sampler"])
+    if not restore_rng(state["rng"]):
+        distributed.warn(f"'{ckpt}' holds the RNG states of another number of ranks; reseeding each rank from "
+                         "(--seed, step, rank): the run goes on but will not equal an uninterrupted one")
+        seed_everything(distributed.rank_seed(cfg.seed, state["step"]))
+    return state["step"]
 
 
 def check_bad_step(cfg: TrainConfig, step: int, reason: str, in_a_row: int, out: Path) -> None:

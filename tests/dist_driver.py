@@ -60,10 +60,11 @@ def scripted_train(plan: dict, out: Path, poison_rank: int | None = None, poison
                    **kw) -> None:
     """train() with PromptEngine; with poison_rank, that rank's loss is NaN at poison_step; `flat`: every reward 0."""
     import rpt_train.trainer as trainer
+    import rpt_train.update as update
     from rpt_common.models import load_tokenizer
 
     cfg = config(plan, out, **kw)
-    saved = trainer.collect, trainer.aggregate
+    saved = trainer.collect, update.aggregate
     state = {"step": 0}
     if poison_rank is not None:
         def counting_collect(*a, **k):
@@ -75,12 +76,12 @@ def scripted_train(plan: dict, out: Path, poison_rank: int | None = None, poison
             hit = state["step"] == poison_step and torch.distributed.get_rank() == poison_rank
             return loss * float("nan") if hit else loss
 
-        trainer.collect, trainer.aggregate = counting_collect, poisoned_aggregate
+        trainer.collect, update.aggregate = counting_collect, poisoned_aggregate
     try:
         trainer.train(cfg, reward_fns=[] if flat else [length_reward], engine=PromptEngine(load_tokenizer(cfg.model)),
                       quiet=True)
     finally:
-        trainer.collect, trainer.aggregate = saved
+        trainer.collect, update.aggregate = saved
 
 
 def lockstep(plan: dict, out: Path) -> None:

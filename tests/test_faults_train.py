@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from shard_fixtures import length_reward, train_shards, tiny_tok  # noqa: F401
 
 import rpt_train.trainer as trainer
+import rpt_train.update as update
 from rpt_common.errors import UserError
 from rpt_common.shards import META_SCHEMA_VERSION, META_VOCAB_HASH
 from rpt_train.checkpoint import list_checkpoints
@@ -47,7 +48,7 @@ def poison(monkeypatch):
     """poison(steps, what): make the loss NaN ('nan') or the gradient huge ('explode') at the given steps."""
     def install(steps: set[int], what: str = "nan"):
         state = {"step": 0}
-        collect, aggregate = trainer.collect, trainer.aggregate
+        collect, aggregate = trainer.collect, update.aggregate
 
         def counting_collect(*a, **kw):
             state["step"] += 1
@@ -60,7 +61,7 @@ def poison(monkeypatch):
             return loss
 
         monkeypatch.setattr(trainer, "collect", counting_collect)
-        monkeypatch.setattr(trainer, "aggregate", poisoned_aggregate)
+        monkeypatch.setattr(update, "aggregate", poisoned_aggregate)
     return install
 
 
@@ -97,7 +98,8 @@ def test_stop_mode_exits_with_the_last_good_checkpoint_intact_and_resumes(tiny_l
 def test_an_exploding_gradient_is_a_bad_step_and_too_many_in_a_row_stop_the_run(tiny_llama, train_shards, tmp_path,
                                                                                  poison):
     poison({2, 3}, "explode")
-    cfg = _cfg(train_shards, tiny_llama, tmp_path / "run", bad_grad_norm=1e6, max_bad_steps=2)
+    # dynamic sampling: every step trains on groups with reward variance, so the poisoned loss has a gradient
+    cfg = _cfg(train_shards, tiny_llama, tmp_path / "run", bad_grad_norm=1e6, max_bad_steps=2, dynamic_sampling=True)
     with pytest.raises(UserError, match=r"step 3: gradient norm .* > --bad-grad-norm 1e\+06; stopped \(2 bad steps "
                                         r"in a row \(--max-bad-steps\)\)"):
         trainer.train(cfg, reward_fns=[length_reward], quiet=True)

@@ -125,6 +125,23 @@ def test_resume_equals_uninterrupted_run(tiny_llama, train_shards, tmp_path):
     assert (full / "eval" / "step-000002.json").exists()
 
 
+def test_resume_with_beta_keeps_the_original_kl_reference(tiny_llama, train_shards, tmp_path, monkeypatch):
+    """--beta > 0: a resume takes its reference from the saved base model, and a --model that resolves to another
+    model (here the run directory itself, i.e. its latest checkpoint) is refused in one sentence."""
+    from rpt_train import distributed
+
+    out = _train(train_shards, tmp_path / "run", 1, model=str(tiny_llama))
+    state = torch.load(latest_checkpoint(out) / "trainer_state.pt", weights_only=False)
+    assert state["base_model"] == str(tiny_llama.resolve())
+    with pytest.raises(UserError, match=r"is not the base model .* KL reference \(--beta 0.05\)"):
+        _train(train_shards, out, 2, model=str(out), resume=True)
+    loaded, load = [], distributed.load_sharded_policy
+    monkeypatch.setattr(distributed, "load_sharded_policy", lambda spec, *a, **k: loaded.append(spec) or load(spec, *a, **k))
+    _train(train_shards, out, 2, model=str(tiny_llama), resume=True)
+    assert loaded == [str(latest_checkpoint(out).parent / "step-000001"), str(tiny_llama.resolve())]  # policy, ref
+    assert [m["step"] for m in _metrics(out)] == [1, 2]
+
+
 def test_half_written_checkpoints_are_ignored(tmp_path):
     root = tmp_path / "checkpoints"
     (root / "step-000005").mkdir(parents=True)  # no trainer_state.pt: not complete

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from rpt_common.models import load_causal_lm
-from rpt_train.loss import forward_logprobs
+from rpt_train.logprobs import forward_logprobs
 from rpt_train.policy import eos_ids, load_policy
 from rpt_train.rollout import HFRollout, SamplingParams, completion_mask, concat_batches
 
@@ -98,13 +98,14 @@ def test_hf_rollout_drops_finished_rows(policy):
 
 @pytest.mark.gpu
 def test_hf_rollout_compiled_static_cuda(tiny_llama):
-    """CUDA default: static cache + torch.compile (CUDA graphs). Sampler log-probs equal the training forward's,
-    greedy tokens equal the eager dynamic path's, and a second call (graph replay) gives the same tokens."""
+    """CUDA, static cache asked for: torch.compile (CUDA graphs) by default. Sampler log-probs equal the training
+    forward's, greedy tokens equal the eager dynamic path's, and a second call (graph replay) gives the same tokens."""
     policy = load_policy(str(tiny_llama), device="cuda")
     tok, model = policy.tokenizer, policy.model
     params = SamplingParams(n=3, max_new_tokens=10, greedy=True)
     eager = HFRollout(model, tok, eos_ids(policy), static_cache=False, compile=False).generate(prompts(tok), params)
-    engine = HFRollout(model, tok, eos_ids(policy))
+    assert not HFRollout(model, tok, eos_ids(policy))._use_static(torch.device("cuda"))  # dynamic by default
+    engine = HFRollout(model, tok, eos_ids(policy), static_cache=True)
     assert engine._use_static(torch.device("cuda")) and engine._decode_fn(torch.device("cuda")) is not None
     first, again = engine.generate(prompts(tok), params), engine.generate(prompts(tok), params)
     assert torch.equal(first.completion_ids, again.completion_ids)
@@ -112,3 +113,27 @@ def test_hf_rollout_compiled_static_cuda(tiny_llama):
     lp, _ = forward_logprobs(model, first.prompt_ids, first.prompt_mask, first.completion_ids, first.completion_mask, 1.0)
     m = first.completion_mask.bool()
     assert torch.allclose(lp[m], first.logprobs[m], atol=1e-3)
+
+
+def test_static_cache_is_reused_padded_and_refused_when_too_large(policy):
+    """A static cache that fits is kept and reused by a smaller call (rows padded with finished copies), with the
+    tokens of an unpadded dynamic run; one larger than `memory_limit` is refused before it is allocated."""
+    from rpt_common.errors import UserError
+
+    tok, model = policy.tokenizer, policy.model
+    assert not HFRollout(model, tok, eos_ids(policy))._use_static(torch.device("cpu"))  # dynamic by default
+    engine = HFRollout(model, tok, eos_ids(policy), static_cache=True, cache_bucket=8)
+    params = SamplingParams(n=2, max_new_tokens=6, greedy=True)
+    engine.generate(prompts(tok) + [tok("hello there")["input_ids"]], params)  # 6 rows
+    kept = engine._static
+    assert kept["rows"] == 6 and kept["length"] % 8 == 0
+    small = engine.generate(prompts(tok)[:1], params)  # 2 rows: padded to the kept cache's 6
+    assert engine._static is kept and small.completion_ids.shape[0] == 2
+    dynamic = HFRollout(model, tok, eos_ids(policy)).generate(prompts(tok)[:1], params)
+    assert torch.equal(small.completion_ids, dynamic.completion_ids)
+    m = small.completion_mask.bool()
+    lp, _ = forward_logprobs(model, small.prompt_ids, small.prompt_mask, small.completion_ids, small.completion_mask, 1.0)
+    assert torch.allclose(lp[m], small.logprobs[m], atol=1e-4)
+    tight = HFRollout(model, tok, eos_ids(policy), static_cache=True, memory_limit=1024)
+    with pytest.raises(UserError, match="static KV cache for 4 sequences"):
+        tight.generate(prompts(tok), params)

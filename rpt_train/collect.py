@@ -1,0 +1,144 @@
+"""One step's rollouts: draw contexts, roll out G completions each, reward by prefix match, and (dynamic
+sampling) keep only groups whose rewards differ, refilling from new contexts. Rank bookkeeping is apart.
+
+Several ranks: each round every rank draws the same global contexts (the sampler state stays global) and rolls
+out its stripe of whole groups (contexts rank, rank + W, ...); `_Placement` shares the keep flags so every rank
+knows the global count still needed and where its kept groups sit in the batch one process would have built."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from rpt_train import distributed
+from rpt_train.advantages import group_std
+from rpt_train.reward import RewardFn, RewardInput, extract_answer, prefix_match
+from rpt_train.rollout import RolloutBatch, RolloutEngine, SamplingParams, concat_batches, empty_batch, select_rows
+from rpt_train.samples import Sample, TrainSamples
+from rpt_train.templates import PromptBuilder
+
+
+@dataclass(kw_only=True, slots=True)
+class Groups:
+    """Rollouts of some contexts, G rows per context, group-contiguous."""
+
+    samples: list[Sample]
+    rollouts: RolloutBatch
+    rewards: torch.Tensor  # [N]
+    answers: list[str | None]
+    index: list[int] | None = None  # per group: its place in the step's global batch (all ranks), None = in order
+
+
+def rollout_groups(samples: list[Sample], prompts: PromptBuilder, engine: RolloutEngine, reward_fn: RewardFn,
+                   params: SamplingParams, answer_format: str) -> Groups:
+    """G completions per context, their extracted answers and rewards."""
+    rollouts = engine.generate([prompts.ids(s.context) for s in samples], params)
+    texts = [prompts.completion(t) for t in rollouts.texts]
+    answers = [extract_answer(t, answer_format) for t in texts]
+    per_row = [s for s in samples for _ in range(params.n)]
+    items = [RewardInput(completion=t, answer=a, label_tokens=s.label_tokens, context=s.context)
+             for t, a, s in zip(texts, answers, per_row)]
+    rewards = reward_fn(items) if items else []
+    return Groups(samples=samples, rollouts=rollouts, rewards=torch.tensor(rewards, dtype=torch.float32),
+                  answers=answers)
+
+
+@dataclass(slots=True)
+class _Placement:
+    """Where this rank's kept groups go in the global batch, over the refill rounds of one step."""
+
+    kept_before: int = 0  # groups kept by all ranks in earlier rounds
+    index: list[int] = field(default_factory=list)
+
+    def add_round(self, keep: list[bool], drawn: int) -> int:
+        """Record this rank's keep flags of one round; returns the groups kept by all ranks in it."""
+        rank, world = distributed.rank(), distributed.world_size()
+        stripes = distributed.all_gather_objects(keep)
+        flags = [stripes[i % world][i // world] for i in range(drawn)]  # every rank's keep flags, draw order
+        before = np.cumsum([0] + flags)
+        self.index += [self.kept_before + int(before[rank + g * world]) for g, k in enumerate(keep) if k]
+        self.kept_before += sum(flags)
+        return sum(flags)
+
+
+def collect(cfg, data: TrainSamples, prompts: PromptBuilder, engine: RolloutEngine, reward_fn: RewardFn,
+            params: SamplingParams) -> tuple[Groups | None, list[Groups], dict]:
+    """One step's training groups. With dynamic sampling, groups whose rewards all agree (zero std, no signal)
+    are dropped and new contexts drawn, at most --max-sampling-rounds rounds; stats cover every rollout made.
+    The batch is None when no rank kept a group, and empty on a rank that kept none while others did."""
+    G, need, rounds, made, kept = cfg.group_size, cfg.batch_prompts, 0, [], []
+    rank, world, place = distributed.rank(), distributed.world_size(), _Placement()
+    t0 = time.perf_counter()
+    while need > 0 and rounds < (cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
+        rounds += 1
+        drawn = data.next_batch(need)
+        groups = rollout_groups(drawn[rank::world], prompts, engine, reward_fn, params, cfg.answer_format)
+        made.append(groups)
+        keep = (group_std(groups.rewards, G) > 0).tolist() if cfg.dynamic_sampling else [True] * len(groups.samples)
+        if any(keep):
+            kept.append(take_groups(groups, [g for g, k in enumerate(keep) if k], G))
+        need -= place.add_round(keep, len(drawn))
+    stats = rollout_stats(made, G, distributed.all_max(time.perf_counter() - t0))
+    stats |= {"sampling_rounds": rounds, "groups_kept": place.kept_before, "samples_skipped": data.build.skipped}
+    batch = None
+    if kept:
+        batch = Groups(samples=[s for g in kept for s in g.samples], answers=[a for g in kept for a in g.answers],
+                       rollouts=concat_batches([g.rollouts for g in kept], pad=engine_pad(engine)),
+                       rewards=torch.cat([g.rewards for g in kept]), index=place.index)
+    elif place.kept_before:
+        batch = Groups(samples=[], answers=[], rollouts=empty_batch(), rewards=torch.zeros(0), index=[])
+    return batch, made, stats
+
+
+def rollout_stats(made: list[Groups], G: int, rollout_seconds: float) -> dict:
+    """Reward, accuracy, answer rate and length over every rollout of the step (all ranks)."""
+    rewards = distributed.cat_from_ranks(torch.cat([g.rewards for g in made]))  # whole groups: still contiguous
+    answers = [a for g in made for a in g.answers]
+    labels = [s.label_tokens for g in made for s in g.samples for _ in range(G)]
+    correct = distributed.cat_from_ranks(torch.tensor([prefix_match(a, lab) for a, lab in zip(answers, labels)],
+                                                      dtype=torch.bool))
+    answered = distributed.cat_from_ranks(torch.tensor([a is not None for a in answers], dtype=torch.bool))
+    lengths = distributed.cat_from_ranks(torch.cat([g.rollouts.lengths for g in made]).float())
+    tokens = float(lengths.sum())
+    return {
+        "reward": float(rewards.mean()),
+        "reward_std": float(group_std(rewards, G).mean()),
+        "frac_reward_zero_std": float((group_std(rewards, G) == 0).float().mean()),
+        "ntr_accuracy": float(np.mean(correct.numpy())),
+        "answer_rate": float(np.mean(answered.numpy())),
+        "completion_length": float(lengths.mean()),
+        "rollout_tokens": int(tokens),
+        "rollout_seconds": rollout_seconds,
+        "rollout_tokens_per_s": tokens / max(rollout_seconds, 1e-9),
+    }
+
+
+def engine_pad(engine) -> int:
+    tok = getattr(engine, "tokenizer", None)
+    return tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
+
+
+def take_groups(groups: Groups, keep: list[int], G: int) -> Groups:
+    rows = [g * G + j for g in keep for j in range(G)]
+    return Groups(samples=[groups.samples[g] for g in keep], rollouts=select_rows(groups.rollouts, rows),
+                  rewards=groups.rewards[rows], answers=[groups.answers[r] for r in rows])
+
+
+def sample_records(step: int, made: list[Groups], prompts: PromptBuilder, limit: int) -> list[dict]:
+    """The first rollouts of the step for samples.jsonl: prompt tail, completion, answer, label, reward (under
+    torchrun: those of rank 0)."""
+    records = []
+    for groups in (g for g in made if g.samples):  # a rank's share of a refill round may be empty
+        G = len(groups.answers) // len(groups.samples)
+        for r, (text, answer) in enumerate(zip(groups.rollouts.texts, groups.answers)):
+            s = groups.samples[r // G]
+            records.append({"step": step, "key": s.key, "bucket": s.bucket, "entropy": s.entropy,
+                            "prompt_tail": prompts.text(s.context)[-300:], "answer": answer,
+                            "completion": prompts.completion(text),
+                            "label": "".join(s.label_tokens), "label_tokens": s.label_tokens,
+                            "correct": prefix_match(answer, s.label_tokens), "reward": float(groups.rewards[r])})
+            if len(records) == limit:
+                return records
+    return records

@@ -1,0 +1,212 @@
+"""Planned peak memory per device of `rpt-train run`, from the model's config alone (no weights loaded):
+weights, AdamW moments, gradients, the rollouts' KV cache, one micro-batch's activations, the log-prob chunks.
+
+Rollouts and the policy update do not overlap in time (gradients are freed after each update), so the peak is
+weights + optimizer + the larger of (KV cache) and (gradients + activations + log-prob chunk, or the AdamW
+step's temporaries). Activations count what autograd keeps per token of a Llama/Qwen-style block (no T x T
+attention: flash / memory-efficient SDPA); tests/test_train_plan.py checks the whole against CPU peaks."""
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rpt_common.errors import UserError
+
+GIB = 1024 ** 3
+TERMS = ("weights", "optimizer", "gradients", "kv_cache", "activations", "logprobs")
+# The option that shrinks each term, named when the plan does not fit.
+REMEDY = {"weights": "--world-size (more FSDP ranks) or --dtype bfloat16",
+          "optimizer": "--world-size (more FSDP ranks) or --dtype bfloat16",
+          "gradients": "--world-size (more FSDP ranks) or --dtype bfloat16",
+          "kv_cache": "--rollout-batch-size (fewer sequences per generate call) or --max-new-tokens",
+          "activations": "--micro-batch-size or --gradient-checkpointing",
+          "logprobs": "--logprob-chunk-tokens"}
+DEFAULT_PROMPT_TOKENS = 1024  # planned prompt length when --max-context-tokens is 0 (whole rows)
+TEMPLATE_TOKENS = 128  # the prompt template around a context, at most
+
+
+@dataclass(kw_only=True, slots=True)
+class Shapes:
+    """What the plan needs of a causal LM's config."""
+
+    params: int
+    layer_params: int
+    layers: int
+    hidden: int
+    intermediate: int
+    kv_dim: int  # key/value heads x head dim
+    vocab: int
+
+    @classmethod
+    def from_config(cls, config) -> "Shapes":
+        """Exact parameter counts from the model built on the meta device (no memory, no weights read)."""
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        params = sum(p.numel() for p in model.parameters())  # tied weights counted once
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        layers = text.num_hidden_layers
+        blocks = [m for m in model.modules() if type(m).__name__ in set(model._no_split_modules or [])]
+        layer_params = max((sum(p.numel() for p in b.parameters()) for b in blocks), default=params // layers)
+        return cls(params=params, layer_params=layer_params, layers=layers, hidden=text.hidden_size,
+                   intermediate=text.intermediate_size, kv_dim=getattr(text, "num_key_value_heads", heads) * head_dim,
+                   vocab=text.vocab_size)
+
+
+@dataclass(kw_only=True, slots=True)
+class MemoryPlan:
+    terms: dict[str, int]  # bytes per device
+    extra: dict[str, int] = field(default_factory=dict)  # parts of the peak that are no term of their own
+    total: int = 0
+    device_bytes: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.device_bytes is None or self.total <= self.device_bytes
+
+    def largest(self) -> str:
+        return max(self.terms, key=self.terms.get)
+
+    def to_json(self) -> dict:
+        return {"fits": self.fits, "device_bytes": self.device_bytes, "total_bytes": self.total, **self.terms,
+                **self.extra}
+
+
+def dtype_bytes(name: str, device_type: str) -> int:
+    from rpt_common.models import pick_dtype
+
+    return torch.empty(0, dtype=pick_dtype(name, torch.device(device_type))).element_size()
+
+
+def kv_cache_bytes(layers: int, kv_dim: int, rows: int, tokens: int, element: int) -> int:
+    """Keys and values of `rows` sequences of `tokens` tokens in every layer."""
+    return 2 * layers * kv_dim * rows * tokens * element
+
+
+def activation_bytes(s: Shapes, rows: int, tokens: int, element: int, checkpointed: bool) -> int:
+    """What autograd keeps for one micro-batch of `rows` x `tokens`: per token and block ~6 hidden-size tensors
+    (norm inputs/outputs, q, attention output), k and v, and 4 MLP-width ones (gate, act, up, product); with
+    gradient checkpointing one hidden state per block plus one block recomputed."""
+    per_block = 6 * s.hidden + 2 * s.kv_dim + 4 * s.intermediate
+    outer = 4 * s.hidden  # embeddings and final norm
+    if checkpointed:
+        return rows * tokens * element * (s.layers * s.hidden + per_block + outer)
+    return rows * tokens * element * (s.layers * per_block + outer)
+
+
+def logprob_bytes(vocab: int, tokens: int, chunk_tokens: int) -> int:
+    """One checkpointed chunk of the log-prob path at the backward's peak: the recomputed logits and log-softmax
+    and their gradients, ~4 float32 [chunk, V] tensors."""
+    return 4 * min(tokens, chunk_tokens) * vocab * 4
+
+
+def full_logprob_bytes(vocab: int, rows: int, completion: int) -> int:
+    """The old [B, C, V] path for comparison: logits, tempered copy, log-softmax and its gradient in float32."""
+    return 4 * rows * completion * vocab * 4
+
+
+def plan_memory(cfg, shapes: Shapes, *, world_size: int = 1, device_type: str = "cuda",
+                device_bytes: int | None = None, prompt_tokens: int | None = None) -> MemoryPlan:
+    """The plan of `rpt-train run` with TrainConfig `cfg` on `world_size` devices of `device_bytes` each."""
+    W = max(1, world_size)
+    weight = dtype_bytes(cfg.dtype, device_type)
+    # bf16 autocast on CUDA: activations and the KV cache in bf16; on CPU everything in the weights' dtype
+    act = 2 if cfg.bf16 and device_type == "cuda" else weight
+    prompt = prompt_tokens or ((cfg.max_context_tokens + TEMPLATE_TOKENS) if cfg.max_context_tokens
+                               else DEFAULT_PROMPT_TOKENS)
+    tokens = prompt + cfg.max_new_tokens
+    policy = shapes.params * weight
+    models = policy * (2 if cfg.beta > 0 else 1)  # the frozen reference has the policy's shapes
+    rows_per_rank = -(-cfg.batch_prompts // W) * cfg.group_size
+    rows = min(rows_per_rank, cfg.rollout_batch_size) if cfg.rollout_batch_size else rows_per_rank
+    micro = cfg.micro_batch_size
+    terms = {
+        "weights": -(-models // W),
+        "optimizer": -(-2 * policy // W),  # AdamW's two moments, in the parameters' dtype
+        "gradients": -(-policy // W),
+        # the dynamic cache grows by torch.cat: one layer's keys and values exist twice for a moment; plus the
+        # sampler's [rows, V] float32 buffers (logits, tempered, log-softmax, filtered, probabilities, copy)
+        "kv_cache": kv_cache_bytes(shapes.layers, shapes.kv_dim, rows, tokens, act) * (shapes.layers + 1) // shapes.layers
+        + 6 * rows * shapes.vocab * 4,
+        "activations": activation_bytes(shapes, micro, tokens, act, cfg.gradient_checkpointing),
+        "logprobs": logprob_bytes(shapes.vocab, micro * cfg.max_new_tokens, cfg.logprob_chunk_tokens),
+    }
+    extra = {"optimizer_step": -(-policy // W)}  # foreach AdamW: one parameter-sized temporary while stepping
+    if W > 1:  # FSDP: full parameters of a block (and the next, prefetched) while it runs
+        extra["fsdp_gather"] = 2 * shapes.layer_params * weight
+        if cfg.rollout_gather:
+            extra["rollout_gather"] = policy - -(-policy // W)
+    rollout = terms["kv_cache"] + extra.get("rollout_gather", 0)
+    update = terms["gradients"] + max(terms["activations"] + terms["logprobs"], extra["optimizer_step"])
+    total = terms["weights"] + terms["optimizer"] + max(rollout, update) + extra.get("fsdp_gather", 0)
+    notes = [f"{shapes.params / 1e9:.3g}B parameters, {W} device(s), {rows} rollout rows x {tokens} tokens "
+             f"(prompt {prompt} planned + {cfg.max_new_tokens} new), micro-batch {micro}"]
+    return MemoryPlan(terms=terms, extra=extra, total=total, device_bytes=device_bytes, notes=notes)
+
+
+def load_shapes(spec: str) -> Shapes:
+    """Shapes of `demo`, an HF model directory (config.json is enough), a .gguf file or a `rpt-train run` dir."""
+    from transformers import AutoConfig
+
+    from rpt_common.models import resolve_model_path
+    from rpt_train.policy import resolve_policy
+
+    directory, gguf = resolve_model_path(resolve_policy(spec))
+    try:
+        config = AutoConfig.from_pretrained(directory, gguf_file=gguf) if gguf else AutoConfig.from_pretrained(directory)
+        return Shapes.from_config(config)
+    except (OSError, ValueError, KeyError) as e:  # also a config that is no causal LM's (e.g. T5)
+        raise UserError(f"cannot plan for '{spec}': {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+
+def device_memory(cfg, device: str) -> int | None:
+    """Bytes of one device: --device-memory (GiB) when given, else the CUDA device's own; None on CPU."""
+    if cfg.device_memory:
+        return int(cfg.device_memory * GIB)
+    if str(device).startswith(("cuda", "auto")) and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.device("cuda" if device == "auto" else device)).total_memory
+    return None
+
+
+def render(plan: MemoryPlan) -> str:
+    lines = [f"memory plan per device ({plan.notes[0]}):"]
+    lines += [f"  {k:<12} {v / GIB:9.2f} GiB" for k, v in plan.terms.items()]
+    lines += [f"  {k:<12} {v / GIB:9.2f} GiB  (part of the peak)" for k, v in plan.extra.items()]
+    where = f" of {plan.device_bytes / GIB:.2f} GiB" if plan.device_bytes else " (no device size known)"
+    lines.append(f"  planned peak {plan.total / GIB:.2f} GiB{where}: {'fits' if plan.fits else 'DOES NOT FIT'}")
+    return "\n".join(lines)
+
+
+def refusal(plan: MemoryPlan) -> str:
+    """One sentence: the plan, the largest term and the option that shrinks it."""
+    big = plan.largest()
+    return (f"the planned peak memory {plan.total / GIB:.1f} GiB exceeds the device's {plan.device_bytes / GIB:.1f} "
+            f"GiB; the largest term is {big} ({plan.terms[big] / GIB:.1f} GiB): lower it with {REMEDY[big]}")
+
+
+def check(plan: MemoryPlan) -> None:
+    if not plan.fits:
+        raise UserError(refusal(plan))
+
+
+def _proc_status(key: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in text.splitlines() if line.startswith(key + ":"))) * 1024
+
+
+def measured_peak(fn):
+    """(fn(), peak resident bytes above the start while it ran): Linux /proc, VmHWM reset through clear_refs; sees
+    torch's CPU allocations (tracemalloc does not). Run with MALLOC_MMAP_THRESHOLD_ fixed so freed tensors go back
+    to the OS and do not hide later ones."""
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+    start = _proc_status("VmRSS")
+    out = fn()
+    return out, _proc_status("VmHWM") - start

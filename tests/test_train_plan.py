@@ -1,0 +1,127 @@
+"""The memory plan: its terms against peaks measured on this CPU (a subprocess reads /proc's VmHWM around one
+micro-batch update and one rollout call), FSDP division, the refusal sentence, and `rpt-train plan` (--json, exit
+codes, a directory with only config.json)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from rpt_train.cli import main
+from rpt_train.config import TrainConfig
+from rpt_train.plan import Shapes, plan_memory, refusal
+
+TESTS = Path(__file__).parent
+REPO = TESTS.parent
+CONFIGS = REPO / "bench" / "configs"
+# The plan may not be below what was measured by more than 10%, nor above it by more than 60% (it is meant to
+# be a safe upper bound; the dynamic KV cache and autograd keep a little less than what is counted).
+LOW, HIGH = 0.9, 1.6
+
+MEASURE = r'''
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+from transformers import AutoModelForCausalLM, LlamaConfig
+from rpt_train.config import TrainConfig
+from rpt_train.logprobs import forward_logprobs
+from rpt_train.plan import Shapes, measured_peak, plan_memory
+from rpt_train.rollout import HFRollout, SamplingParams
+from tiny import make_tokenizer
+torch.set_num_threads(1)
+out = []
+for H, I, V, B, P, C, chunk, ckpt in json.loads(sys.argv[2]):
+    config = LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).train()
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    cfg = TrainConfig(shards="x", micro_batch_size=B, max_new_tokens=C, logprob_chunk_tokens=chunk,
+                      gradient_checkpointing=ckpt, batch_prompts=B, group_size=2, device="cpu")
+    terms = plan_memory(cfg, Shapes.from_config(config), device_type="cpu", prompt_tokens=P).terms
+    ids, cids = torch.randint(0, V, (B, P)), torch.randint(0, V, (B, C))
+    ones = torch.ones(B, P + C, dtype=torch.long)
+    def update():
+        forward_logprobs(model, ids, ones[:, :P], cids, ones[:, P:], 0.8, True, chunk)[0].sum().backward()
+    update(); model.zero_grad(set_to_none=True)  # warm-up: one-off allocations are no part of the plan
+    _, peak = measured_peak(update)
+    out.append({"kind": "update", "measured": peak,
+                "planned": terms["gradients"] + terms["activations"] + terms["logprobs"]})
+tok = make_tokenizer()
+for H, prompts, P, C in json.loads(sys.argv[3]):
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=H, intermediate_size=2 * H, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    engine = HFRollout(model, tok, [])  # no EOS: every row runs to the end
+    engine.generate([[5] * P] * prompts, SamplingParams(n=2, max_new_tokens=4))  # warm-up
+    _, peak = measured_peak(lambda: engine.generate([[5] * P] * prompts, SamplingParams(n=2, max_new_tokens=C)))
+    cfg = TrainConfig(shards="x", batch_prompts=prompts, group_size=2, max_new_tokens=C, device="cpu")
+    terms = plan_memory(cfg, Shapes.from_config(config), device_type="cpu", prompt_tokens=P).terms
+    out.append({"kind": "rollout", "measured": peak, "planned": terms["kv_cache"]})
+print(json.dumps(out))
+'''
+
+
+def test_plan_is_within_tolerance_of_measured_cpu_peaks():
+    shapes = [[128, 256, 32000, 2, 32, 256, 256, False],  # the log-prob chunk dominates
+              [512, 1024, 512, 4, 64, 448, 1024, False],  # activations dominate
+              [512, 1024, 512, 4, 64, 448, 1024, True]]  # gradient checkpointing
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(REPO))  # freed tensors leave RSS
+    rollouts = [[512, 16, 16, 256], [256, 32, 64, 192]]  # hidden, prompts (x 2 rollouts), prompt, new tokens
+    run = subprocess.run([sys.executable, "-c", MEASURE, str(TESTS), json.dumps(shapes), json.dumps(rollouts)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads(run.stdout.splitlines()[-1])
+    for r in results:
+        assert r["measured"] > 4 * 2 ** 20, r  # large enough to be measured at all
+        assert LOW <= r["planned"] / r["measured"] <= HIGH, r
+
+
+def test_fsdp_divides_the_model_terms_and_refusal_names_the_largest_term():
+    shapes = Shapes(params=10 ** 9, layer_params=10 ** 7, layers=24, hidden=2048, intermediate=8192, kv_dim=256,
+                    vocab=150000)
+    cfg = TrainConfig(shards="x", max_new_tokens=1024, batch_prompts=8, group_size=8, micro_batch_size=1)
+    one = plan_memory(cfg, shapes, world_size=1, device_bytes=10 * 2 ** 30)
+    four = plan_memory(cfg, shapes, world_size=4, device_bytes=10 * 2 ** 30)
+    for term in ("weights", "optimizer", "gradients"):
+        assert four.terms[term] == one.terms[term] // 4
+    assert one.terms["weights"] == 4 * 10 ** 9 and one.terms["optimizer"] == 8 * 10 ** 9
+    assert one.terms["kv_cache"] == 4 * four.terms["kv_cache"]  # 8 contexts over 4 ranks: 2 each, G rows apiece
+    assert not one.fits and one.largest() == "optimizer"
+    assert "the largest term is optimizer" in refusal(one) and "--world-size" in refusal(one)
+    chunked = plan_memory(TrainConfig(shards="x", logprob_chunk_tokens=64), shapes)
+    assert chunked.terms["logprobs"] == 4 * 64 * 150000 * 4
+
+
+@pytest.mark.parametrize("memory,code", [("80", 0), ("4", 2)])
+def test_plan_cli_from_config_json_alone(tmp_path, memory, code):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text((CONFIGS / "qwen2-1.5b" / "config.json").read_text())  # no weights
+    result = CliRunner().invoke(main, ["plan", "--model", str(model), "--device-memory", memory, "--json",
+                                       "--max-new-tokens", "8192", "--batch-prompts", "256", "--group-size", "8",
+                                       "--rollout-batch-size", "64", "--micro-batch-size", "1", "--dtype", "bfloat16"])
+    assert result.exit_code == code, result.output
+    plan = json.loads(result.output.strip().splitlines()[-1])
+    assert plan["fits"] is (code == 0) and plan["device_bytes"] == int(float(memory) * 2 ** 30)
+    assert {"total_bytes", "weights", "optimizer", "gradients", "kv_cache", "activations", "logprobs"} <= plan.keys()
+    assert plan["weights"] == 2 * 1_543_714_304  # Qwen2-1.5B: 1.54B parameters in bf16
+    if code:
+        assert "the largest term is" in result.output
+
+
+def test_run_prints_the_plan_and_refuses_before_loading_when_it_does_not_fit(tiny_llama, tmp_path, capsys,
+                                                                              monkeypatch):
+    from rpt_common.errors import UserError
+    from rpt_train import distributed
+    from rpt_train.trainer import train
+
+    monkeypatch.setattr(distributed, "load_sharded_policy", lambda *a, **k: pytest.fail("loaded a model"))
+    cfg = TrainConfig(shards="x", model=str(tiny_llama), out=str(tmp_path / "run"), device="cpu",
+                      device_memory=0.0001, max_new_tokens=64)
+    with pytest.raises(UserError, match=r"exceeds the device's 0.0 GiB; the largest term is \w+ .*: lower it with --"):
+        train(cfg)
+    assert "memory plan per device" in capsys.readouterr().out
