@@ -1,0 +1,162 @@
+"""`rpt-train export`: the RPT samples `run` would draw (same sampler order, template, chat template, labels in the
+policy's tokenizer, held-out split), written for verl, TRL or OpenRLHF, train and held-out apart, in bounded memory."""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rpt_common.errors import UserError
+from rpt_common.models import load_tokenizer, tokenizer_identity
+from rpt_train.config import ExportConfig, to_dict
+from rpt_train.policy import resolve_policy
+from rpt_train.samples import PositionSampler, Sample, SampleBuilder, TrainSamples, cuts_of, select_mask
+from rpt_train.templates import PromptBuilder
+
+DATA_SOURCE = "rpt"
+SUFFIX = {"verl": ".parquet", "trl": ".parquet", "openrlhf": ".jsonl"}
+_MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+_META = [("key", pa.string()), ("doc_id", pa.string()), ("bucket", pa.string()), ("entropy", pa.float32())]
+VERL_SCHEMA = pa.schema([
+    ("data_source", pa.string()), ("prompt", _MESSAGES), ("ability", pa.string()),
+    ("reward_model", pa.struct([("style", pa.string()), ("ground_truth", pa.string())])),
+    ("extra_info", pa.struct([("split", pa.string()), ("index", pa.int64()), *_META])),
+])
+
+
+def trl_schema(conversational: bool) -> pa.Schema:
+    return pa.schema([("prompt", _MESSAGES if conversational else pa.string()), ("label_tokens", pa.list_(pa.string())),
+                      ("response_prefix", pa.string()), *_META])
+
+
+def check_engine(cfg: ExportConfig, prompts: PromptBuilder) -> None:
+    """Refuse what an engine cannot reproduce: verl renders the policy's chat template itself, with the generation
+    prompt last, so it needs a chat template and cannot prefill a response prefix."""
+    if cfg.format != "verl":
+        return
+    if not prompts.chat:
+        raise UserError("verl applies the policy's chat template to the exported messages itself, but the policy has "
+                        "none (or --chat-template off); use --format trl or openrlhf, which take rendered prompts")
+    if cfg.response_prefix:
+        raise UserError("verl cannot prefill a --response-prefix (its agent loop ends the prompt with the chat "
+                        "template's generation prompt); drop it, or use --format trl or openrlhf")
+
+
+def record(fmt: str, s: Sample, prompts: PromptBuilder, split: str, index: int) -> dict:
+    """One exported row in the engine's own schema; labels stay exact strings (JSON-encoded where the engine
+    wants one string)."""
+    meta = {"key": s.key, "doc_id": s.doc_id, "bucket": s.bucket, "entropy": s.entropy}
+    label = json.dumps(s.label_tokens, ensure_ascii=False)
+    body = prompts.template.replace("{context}", s.context)
+    if fmt == "verl":
+        return {"data_source": DATA_SOURCE, "prompt": [{"role": "user", "content": body}],
+                "ability": "next_token_reasoning", "reward_model": {"style": "rule", "ground_truth": label},
+                "extra_info": {"split": split, "index": index, **meta}}
+    if fmt == "trl":  # conversational unless a response prefix must be prefilled into a rendered prompt
+        prompt = [{"role": "user", "content": body}] if trl_conversational(prompts) else prompts.text(s.context)
+        return {"prompt": prompt, "label_tokens": s.label_tokens, "response_prefix": prompts.response_prefix, **meta}
+    return {"input": prompts.text(s.context), "label": label, **meta}
+
+
+def trl_conversational(prompts: PromptBuilder) -> bool:
+    return prompts.chat and not prompts.response_prefix
+
+
+class Writer:
+    """Rows appended in batches to `path` through a temporary file, renamed when complete."""
+
+    def __init__(self, path: Path, schema: pa.Schema | None):
+        self.path, self.tmp, self.rows = path, path.with_name(path.name + ".tmp"), 0
+        self._parquet = pq.ParquetWriter(self.tmp, schema) if schema is not None else None
+        self._jsonl = open(self.tmp, "w", encoding="utf-8") if schema is None else None
+        self.schema = schema
+
+    def write(self, rows: list[dict]) -> None:
+        if self._parquet is not None:
+            self._parquet.write_table(pa.Table.from_pylist(rows, schema=self.schema))
+        else:
+            self._jsonl.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        self.rows += len(rows)
+
+    def close(self) -> None:
+        (self._parquet or self._jsonl).close()
+        os.replace(self.tmp, self.path)
+
+
+def one_pass(sampler: PositionSampler, build: SampleBuilder, limit: int, batch: int, advance) -> Iterator[list[Sample]]:
+    """Batches of usable samples in the sampler's order (the order `run` draws them), one epoch at most."""
+    left, made = sampler.n - sampler.cursor, 0
+    while left > 0 and (limit == 0 or made < limit):
+        k = min(batch, left)
+        left -= k
+        samples = [s for s in build.many([sampler.next() for _ in range(k)]) if s is not None]
+        samples = samples[:limit - made] if limit else samples
+        made += len(samples)
+        advance(k)
+        yield samples
+
+
+def heldout_stream(cfg: ExportConfig, data: TrainSamples, tokenizer) -> tuple[PositionSampler, SampleBuilder]:
+    """The held-out documents' positions under the same position filter, in a seeded order."""
+    cands = data.shards.candidates(cfg.entropy_metric, cfg.heldout_fraction, cfg.split_seed, cuts=cuts_of(cfg))
+    cands = cands.take(select_mask(cands, bucket=cfg.bucket, min_entropy=cfg.min_entropy,
+                                   thresholds=cfg.bucket_thresholds) & cands.heldout)
+    build = SampleBuilder(data.shards, cands, tokenizer, labels_length=cfg.labels_length,
+                          max_context_tokens=cfg.max_context_tokens, thresholds=cfg.bucket_thresholds,
+                          answer_format=cfg.answer_format)
+    return PositionSampler(len(cands), cfg.seed), build
+
+
+def prepare_out(cfg: ExportConfig) -> Path:
+    out = Path(cfg.out)
+    names = [f"{split}{SUFFIX[cfg.format]}" for split in ("train", "heldout")] + ["export.json"]
+    existing = [n for n in names if (out / n).exists()]
+    if existing and not cfg.overwrite:
+        raise UserError(f"'{out}' already holds an export ({existing[0]}); pass --overwrite or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    for n in existing:
+        (out / n).unlink()
+    return out
+
+
+def export(cfg: ExportConfig) -> dict:
+    """Write OUT/train.{parquet|jsonl} (and heldout.* with --heldout-fraction > 0) plus OUT/export.json."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    tok = load_tokenizer(resolve_policy(cfg.model))
+    prompts = PromptBuilder(tok, cfg.template, cfg.chat_template, cfg.response_prefix)
+    check_engine(cfg, prompts)
+    data = TrainSamples(cfg, tok)  # fills the shards' entropy metric and buckets into cfg
+    out = prepare_out(cfg)
+    schema = {"verl": VERL_SCHEMA, "trl": trl_schema(trl_conversational(prompts)), "openrlhf": None}[cfg.format]
+    streams = {"train": (data.sampler, data.build, cfg.limit)}
+    if cfg.heldout_fraction > 0:
+        streams["heldout"] = (*heldout_stream(cfg, data, tok), cfg.heldout_limit)
+    files = {}
+    bar = Progress(TextColumn("[bold]export {task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("positions, {task.fields[rows]:,} samples"), TimeElapsedColumn(),
+                   console=Console(stderr=True), disable=not cfg.progress)
+    with bar:
+        for split, (sampler, build, limit) in streams.items():
+            task = bar.add_task(split, total=sampler.n, rows=0)
+            writer = Writer(out / f"{split}{SUFFIX[cfg.format]}", schema)
+            for samples in one_pass(sampler, build, limit, cfg.batch_rows, lambda k: bar.advance(task, k)):
+                writer.write([record(cfg.format, s, prompts, split, writer.rows + j) for j, s in enumerate(samples)])
+                bar.update(task, rows=writer.rows)
+            writer.close()
+            files[split] = {"file": writer.path.name, "rows": writer.rows, "positions": sampler.n,
+                            "skipped": build.skipped}
+    if files["train"]["rows"] == 0:
+        raise UserError(f"no training position in '{cfg.shards}' gives a usable sample for this policy's tokenizer "
+                        f"({files['train']['skipped']} skipped)")
+    meta = {"format": cfg.format, "files": files, "config": to_dict(cfg), "tokenizer": tokenizer_identity(tok),
+            "chat_template": prompts.chat, "response_prefix": cfg.response_prefix}
+    tmp = out / "export.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1, ensure_ascii=False))
+    os.replace(tmp, out / "export.json")
+    return meta
