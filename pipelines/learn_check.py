@@ -15,19 +15,29 @@ early and all-wrong groups stop giving signal.
 
 Run: `make learn-check` or `python pipelines/learn_check.py --out out/learn-check`. The last line of
 output is one JSON object: {"before", "after", "control_after", ...} (held-out accuracies in [0, 1]),
-plus answer rates and the same model's greedy next-token accuracy for each.
+plus answer rates and the same model's greedy next-token accuracy for each. The README's table comes from
+`python pipelines/learn_check.py --seeds 0,1,2 --table` (one run per seed, then markdown rows).
+
+Reproducibility: one torch thread (pinned before torch starts), deterministic algorithms and seeded everything
+give one answer per seed and code version on any CPU of one kind (same ISA, torch build). The answer moves when
+the code changes which random numbers a seed draws or the order of a float sum (a rollout engine that drops
+finished rows, a restructured loss): such a change gives another, equally valid trajectory, so the README's
+table is regenerated with the command above whenever trainer, rollout or sample code changes.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import sys
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch starts its thread pools
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+import torch  # noqa: E402
 
 WORDS = ["ka", "lo", "mi", "nu", "pe", "ri", "su", "to"]
 
@@ -155,13 +165,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-prompts", type=int, default=16)
     ap.add_argument("--loss", default="dapo")
     ap.add_argument("--eval-limit", type=int, default=300)
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds: one run each, in OUT/seed-N")
+    ap.add_argument("--table", action="store_true", help="with --seeds: print the README's markdown rows")
     args = ap.parse_args(argv)
+    if args.seeds is not None:
+        return seed_table(args, argv or sys.argv[1:])
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
     # one thread: the tiny model gains nothing from more, and results do not depend on the core count
     torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
 
     from rpt_data.config import TagConfig
     from rpt_data.pipeline import run_tag
@@ -211,9 +226,32 @@ def main(argv=None) -> dict:
     result.update({f"{k}_answer_rate": v["answer_rate"] for k, v in acc.items()})
     result.update({f"{k}_ntp_accuracy": v["ntp_accuracy"] for k, v in acc.items()})
     result.update(steps=args.steps, loss=args.loss, lr=args.lr, seed=args.seed, heldout_positions=before["n"],
-                  seconds=round(time.perf_counter() - t0, 1))
+                  seconds=round(time.perf_counter() - t0, 1), torch=torch.__version__, threads=torch.get_num_threads())
     print(json.dumps(result))
     return result
+
+
+def seed_table(args, argv: list[str]) -> dict:
+    """One run per seed of --seeds (each its own process state, in OUT/seed-N), then the README rows."""
+    import subprocess
+
+    drop = {"--seeds", "--table", "--seed", "--out"}
+    rest = [a for i, a in enumerate(argv) if a not in drop and (i == 0 or argv[i - 1] not in drop)]
+    rows = {}
+    for seed in [int(x) for x in args.seeds.split(",")]:
+        proc = subprocess.run([sys.executable, __file__, "--seed", str(seed), "--out", f"{args.out}/seed-{seed}", *rest],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(proc.stderr[-2000:])
+        rows[seed] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(json.dumps(rows[seed]), flush=True)
+    if args.table:
+        print("| seed | before | after RPT | control (shuffled rewards) | model's own greedy NTP before |")
+        print("|---|---|---|---|---|")
+        for seed, r in rows.items():
+            print(f"| {seed} | {r['before']:.3f} | {r['after']:.3f} | {r['control_after']:.3f} "
+                  f"| {r['before_ntp_accuracy']:.3f} |")
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Next-token-reasoning evaluation per entropy bucket: ntr_accuracy (first sample), ntr_pass_at_k (any of K),
-answer_rate, and ntp_accuracy (the same model's greedy next token on the raw context, scored by prefix match)."""
+"""Next-token-reasoning evaluation per entropy bucket: ntr_accuracy (first sample), ntr_greedy_accuracy (temperature
+0), ntr_pass_at_k (any of K), answer_rate, and ntp_accuracy (the same model's greedy next token on the raw context,
+scored by prefix match); each accuracy with its Wilson 95% interval."""
 from __future__ import annotations
 
 import json
@@ -9,15 +10,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rpt_common.bos import encode_with_bos
 from rpt_common.errors import UserError
 from rpt_train import distributed
 from rpt_train.reward import extract_answer, prefix_match
 from rpt_train.rollout import SamplingParams
-from rpt_train.samples import BUCKET_NAMES, Sample, SampleBuilder, ShardSet
+from rpt_train.samples import BUCKET_NAMES, Sample, SampleBuilder, ShardSet, cuts_of, resolve_shard_defaults
+from rpt_train.stats import wilson
 from rpt_train.templates import PromptBuilder
 
 EVAL_BUCKETS = BUCKET_NAMES + ("all",)
-FIELDS = ("n", "ntr_accuracy", "ntr_pass_at_k", "answer_rate", "ntp_accuracy", "completion_length")
+FIELDS = ("n", "ntr_accuracy", "ntr_greedy_accuracy", "ntr_pass_at_k", "answer_rate", "ntp_accuracy",
+          "completion_length")
+ACCURACIES = ("ntr_accuracy", "ntr_greedy_accuracy", "ntr_pass_at_k", "ntp_accuracy")  # each gets a Wilson `_ci`
 
 
 @dataclass(kw_only=True, slots=True)
@@ -30,6 +35,8 @@ class Scored:
     lengths: list[int]
     ntp_correct: bool
     completions: list[str]
+    greedy_correct: bool  # the temperature-0 completion's answer
+    greedy_completion: str
 
 
 def eval_split(cfg) -> str:
@@ -39,7 +46,8 @@ def eval_split(cfg) -> str:
 def select_positions(shards: ShardSet, tokenizer, cfg) -> dict[str, list[Sample]]:
     """Up to `cfg.limit` usable positions per bucket (easy/medium/hard nested above the thresholds, plus all),
     each bucket the first qualifying positions of one seeded permutation, so buckets share positions."""
-    cands = shards.candidates(cfg.entropy_metric, cfg.heldout_fraction, cfg.split_seed)
+    resolve_shard_defaults(cfg, shards)
+    cands = shards.candidates(cfg.entropy_metric, cfg.heldout_fraction, cfg.split_seed, cuts=cuts_of(cfg))
     split = eval_split(cfg)
     if split != "all":
         cands = cands.take(cands.heldout if split == "heldout" else ~cands.heldout)
@@ -47,7 +55,8 @@ def select_positions(shards: ShardSet, tokenizer, cfg) -> dict[str, list[Sample]
         raise UserError(f"no scored position in the '{split}' documents of '{cfg.shards}'; "
                         "check --split / --heldout-fraction")
     build = SampleBuilder(shards, cands, tokenizer, labels_length=cfg.labels_length,
-                          max_context_tokens=cfg.max_context_tokens, thresholds=cfg.bucket_thresholds)
+                          max_context_tokens=cfg.max_context_tokens, thresholds=cfg.bucket_thresholds,
+                          answer_format=cfg.answer_format)
     order = np.random.default_rng([cfg.seed, 0xE5A1]).permutation(len(cands))
     built: dict[int, Sample | None] = {}
     chosen = {}
@@ -67,13 +76,18 @@ def select_positions(shards: ShardSet, tokenizer, cfg) -> dict[str, list[Sample]
 
 @torch.no_grad()
 def greedy_next_tokens(model, tokenizer, contexts: list[str], batch_size: int = 16) -> list[str]:
-    """The model's greedy next token after each raw context (tokenizer's BOS if it adds one), decoded."""
+    """The model's greedy next token after each raw context, decoded. The context is encoded as the tagger fed
+    its proxy (rpt_common.bos: BOS if the tokenizer adds one, never an EOS), left-padded."""
     device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = []
     for i in range(0, len(contexts), batch_size):
-        enc = tokenizer(contexts[i:i + batch_size], return_tensors="pt", padding=True).to(device)
-        positions = (enc["attention_mask"].cumsum(1) - 1).clamp(min=0)
-        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], position_ids=positions,
+        rows = encode_with_bos(tokenizer, contexts[i:i + batch_size])
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
                        logits_to_keep=1).logits[:, -1]
         out += [tokenizer.decode([int(t)], skip_special_tokens=False, clean_up_tokenization_spaces=False)
                 for t in logits.argmax(-1)]
@@ -81,10 +95,11 @@ def greedy_next_tokens(model, tokenizer, contexts: list[str], batch_size: int = 
 
 
 def score_positions(model, tokenizer, engine, samples: list[Sample], cfg) -> list[Scored]:
-    """K sampled completions and one greedy next token per position."""
+    """K sampled completions, one greedy (temperature 0) completion and one greedy next token per position."""
     prompts = PromptBuilder(tokenizer, cfg.template, cfg.chat_template, cfg.response_prefix)
     params = SamplingParams(n=cfg.samples, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                             top_p=cfg.top_p, top_k=cfg.top_k)
+    greedy_params = SamplingParams(n=1, max_new_tokens=cfg.max_new_tokens, greedy=True)  # argmax: draws no RNG
     per_call = max(1, (cfg.rollout_batch_size or 32) // cfg.samples)
     greedy = greedy_next_tokens(model, tokenizer, [s.context for s in samples])
     scored = []
@@ -92,13 +107,18 @@ def score_positions(model, tokenizer, engine, samples: list[Sample], cfg) -> lis
         chunk = samples[i:i + per_call]
         batch = engine.generate([prompts.ids(s.context) for s in chunk], params)
         lengths = batch.lengths.tolist()
+        greedy_texts = [prompts.completion(t) for t in engine.generate([prompts.ids(s.context) for s in chunk],
+                                                                      greedy_params).texts]
         for j, s in enumerate(chunk):
             texts = [prompts.completion(t) for t in batch.texts[j * cfg.samples:(j + 1) * cfg.samples]]
             answers = [extract_answer(t, cfg.answer_format) for t in texts]
             scored.append(Scored(sample=s, correct=[prefix_match(a, s.label_tokens) for a in answers],
                                  answered=[a is not None for a in answers],
                                  lengths=lengths[j * cfg.samples:(j + 1) * cfg.samples],
-                                 ntp_correct=prefix_match(greedy[i + j], s.label_tokens), completions=texts))
+                                 ntp_correct=prefix_match(greedy[i + j], s.label_tokens), completions=texts,
+                                 greedy_correct=prefix_match(extract_answer(greedy_texts[j], cfg.answer_format),
+                                                             s.label_tokens),
+                                 greedy_completion=greedy_texts[j]))
     return scored
 
 
@@ -116,25 +136,39 @@ def score_shared(model, tokenizer, engine, samples: list[Sample], cfg) -> list[S
 
 
 def bucket_metrics(scored: list[Scored]) -> dict:
-    """Means over positions; answer_rate and completion_length over all samples. Empty bucket: n=0, nulls."""
+    """Means over positions (each accuracy with its Wilson 95% interval `<name>_ci`); answer_rate and
+    completion_length over all samples. Empty bucket: n=0, nulls."""
     if not scored:
-        return {f: (0 if f == "n" else None) for f in FIELDS}
-    return {
+        return {f: (0 if f == "n" else None) for f in FIELDS} | {f"{a}_ci": None for a in ACCURACIES}
+    r = {
         "n": len(scored),
         "ntr_accuracy": float(np.mean([s.correct[0] for s in scored])),
+        "ntr_greedy_accuracy": float(np.mean([s.greedy_correct for s in scored])),
         "ntr_pass_at_k": float(np.mean([any(s.correct) for s in scored])),
         "answer_rate": float(np.mean([a for s in scored for a in s.answered])),
         "ntp_accuracy": float(np.mean([s.ntp_correct for s in scored])),
         "completion_length": float(np.mean([n for s in scored for n in s.lengths])),
     }
+    return r | {f"{a}_ci": wilson(r[a], r["n"]) for a in ACCURACIES}
+
+
+def position_record(s: Scored) -> dict:
+    """One evaluated position as JSON: where it comes from, its label, every outcome and completion."""
+    return {"key": s.sample.key, "doc_id": s.sample.doc_id, "bucket": s.sample.bucket, "entropy": s.sample.entropy,
+            "label": "".join(s.sample.label_tokens), "correct": s.correct, "greedy_correct": s.greedy_correct,
+            "ntp_correct": s.ntp_correct, "completions": s.completions, "greedy_completion": s.greedy_completion}
 
 
 def evaluate(model, tokenizer, engine, cfg, shards: ShardSet | None = None,
-             chosen: dict[str, list[Sample]] | None = None) -> dict:
-    """{bucket: {n, ntr_accuracy, ntr_pass_at_k, answer_rate, ntp_accuracy, completion_length}} + `meta`.
+             chosen: dict[str, list[Sample]] | None = None, details: bool = False) -> dict:
+    """{bucket: {n, ntr_accuracy, ntr_greedy_accuracy, ntr_pass_at_k, answer_rate, ntp_accuracy, completion_length,
+    and a Wilson 95% `<accuracy>_ci` [lo, hi] for each accuracy}} + `meta`.
+    `details`: also `positions`, one record per distinct position (doc_id, outcomes, completions), and `chosen`,
+    the keys of each bucket.
     Seeded and isolated: the caller's RNG state is left as it was. Under torchrun every rank calls it and scores
     its share of the positions; every rank gets the whole result."""
     shards = shards or ShardSet(cfg.shards)
+    resolve_shard_defaults(cfg, shards)
     chosen = chosen if chosen is not None else select_positions(shards, tokenizer, cfg)
     unique = {s.key: s for b in EVAL_BUCKETS for s in chosen[b]}
     if not unique:
@@ -149,6 +183,9 @@ def evaluate(model, tokenizer, engine, cfg, shards: ShardSet | None = None,
     result = {b: bucket_metrics([scored[s.key] for s in chosen[b]]) for b in EVAL_BUCKETS}
     result["meta"] = {"k": cfg.samples, "split": eval_split(cfg), "positions": len(unique),
                       "thresholds": dict(zip(BUCKET_NAMES, cfg.bucket_thresholds)), "metric": cfg.entropy_metric}
+    if details:
+        result["positions"] = [position_record(scored[k]) for k in unique]
+        result["chosen"] = {b: [s.key for s in chosen[b]] for b in EVAL_BUCKETS}
     return result
 
 
@@ -158,12 +195,12 @@ def print_table(result: dict, title: str = "next-token reasoning") -> None:
 
     k = result.get("meta", {}).get("k", "k")
     table = Table(title=title)
-    for col in ("bucket", "n", "ntr_acc", f"pass@{k}", "answered", "ntp_acc", "length"):
+    for col in ("bucket", "n", "ntr_acc", "ntr_greedy", f"pass@{k}", "answered", "ntp_acc", "length"):
         table.add_column(col, justify="left" if col == "bucket" else "right")
     for b in EVAL_BUCKETS:
         r = result[b]
         cells = [r[f] for f in FIELDS[1:]]
-        table.add_row(b, str(r["n"]), *("-" if v is None else f"{v:.3f}" if i < 4 else f"{v:.1f}"
+        table.add_row(b, str(r["n"]), *("-" if v is None else f"{v:.3f}" if i < 5 else f"{v:.1f}"
                                         for i, v in enumerate(cells)))
     Console().print(table)
 

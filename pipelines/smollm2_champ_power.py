@@ -1,0 +1,453 @@
+"""SmolLM2-135M-Instruct on CHAMP with statistical power and controls (issue 16): one command per arm.
+
+Arms (same recipe, positions, steps, seeds): `before` (the untrained policy), `rpt` (rpt-train on the prefix-match
+reward), `shuffled` (the same, rewards shuffled across each round's rollouts: isolates the reward signal from format
+learning), `sft` (supervised cross-entropy on the true next token written in the same answer format, same prompts).
+Each arm writes OUT/ARM/eval.json (held-out problems only, never held-out positions of trained problems); `report`
+assembles results/smollm2-champ-power.{json,md,png} with Wilson intervals, the detectable effect and a verdict.
+
+  python pipelines/smollm2_champ_power.py ARM [--recipe pipelines/smollm2-champ-power.yaml] [--smoke] [--threads N]
+  ARM: before | rpt | shuffled | sft | report | all      (--smoke: tiny sizes, everything under out/, no results/)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # learn_check: the shuffled-reward control
+from learn_check import shuffled_reward  # noqa: E402
+
+from rpt_common.errors import UserError  # noqa: E402
+from rpt_train.config import EvalConfig, TrainConfig, field_types, load_config, to_dict  # noqa: E402
+from rpt_train.evaluate import EVAL_BUCKETS, evaluate, write_json  # noqa: E402
+from rpt_train.stats import wilson  # noqa: E402
+
+ARMS = ("before", "rpt", "shuffled", "sft")
+FIELDS = ("n", "ntr_accuracy", "ntr_greedy_accuracy", "ntr_pass_at_k", "answer_rate", "ntp_accuracy")
+ACCURACIES = ("ntr_accuracy", "ntr_greedy_accuracy", "ntr_pass_at_k", "ntp_accuracy")
+# a few steps, a few positions: every arm end to end in minutes on CPU
+SMOKE = {"steps": 2, "batch_prompts": 2, "group_size": 4, "max_sampling_rounds": 1, "save_every": 2,
+         "limit": 4, "samples": 2, "max_new_tokens": 6}
+
+
+# ---- power ------------------------------------------------------------------------------------------------------
+
+def normal_quantile(q: float) -> float:
+    from statistics import NormalDist
+
+    return NormalDist().inv_cdf(q)
+
+
+def detectable_effect(n: int, p0: float, alpha: float = 0.05, power: float = 0.8, deff: float = 1.0) -> float:
+    """Smallest p1 - p0 that a two-sided two-proportion z-test (level alpha, pooled null variance) detects with
+    the given power, each arm n positions deflated to n / deff effective ones (positions of one problem correlate)."""
+    n_eff = n / deff
+    za, zb = normal_quantile(1 - alpha / 2), normal_quantile(power)
+
+    def needed(p1: float) -> float:  # positions per arm this p1 needs (Fleiss, without continuity correction)
+        pbar = (p0 + p1) / 2
+        num = za * math.sqrt(2 * pbar * (1 - pbar)) + zb * math.sqrt(p0 * (1 - p0) + p1 * (1 - p1))
+        return (num / (p1 - p0)) ** 2
+
+    lo, hi = p0, 1.0
+    if needed(hi) > n_eff:
+        return float("nan")  # not even p1 = 1 is detectable
+    for _ in range(60):  # needed() falls as p1 moves away from p0: bisect on it
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if needed(mid) > n_eff else (lo, mid)
+    return hi - p0
+
+
+def icc_anova(groups: list[list[float]]) -> float:
+    """One-way ANOVA intraclass correlation of outcomes grouped by problem, clipped to [0, 1] (0 if undefined)."""
+    groups = [g for g in groups if g]
+    N, k = sum(map(len, groups)), len(groups)
+    if k < 2 or N <= k:
+        return 0.0
+    mean = sum(map(sum, groups)) / N
+    msb = sum(len(g) * (sum(g) / len(g) - mean) ** 2 for g in groups) / (k - 1)
+    msw = sum((x - sum(g) / len(g)) ** 2 for g in groups for x in g) / (N - k)
+    m0 = (N - sum(len(g) ** 2 for g in groups) / N) / (k - 1)
+    denom = msb + (m0 - 1) * msw
+    return min(1.0, max(0.0, (msb - msw) / denom)) if denom > 0 else 0.0
+
+
+def design_effect(sizes: list[int], icc: float) -> float:
+    """1 + (m - 1) ICC with m the size-weighted mean number of positions per problem (unequal clusters)."""
+    if not sizes:
+        return 1.0
+    m = sum(s * s for s in sizes) / sum(sizes)
+    return 1 + (m - 1) * icc
+
+
+def two_proportion_p(p1: float, p2: float, n1: int, n2: int, deff: float = 1.0) -> float:
+    """Two-sided p-value of the pooled two-proportion z-test on effective sample sizes n / deff."""
+    n1, n2 = n1 / deff, n2 / deff
+    pool = (p1 * n1 + p2 * n2) / (n1 + n2)
+    se = math.sqrt(pool * (1 - pool) * (1 / n1 + 1 / n2))
+    if se == 0:
+        return 1.0
+    from statistics import NormalDist
+
+    return 2 * (1 - NormalDist().cdf(abs(p1 - p2) / se))
+
+
+def power_table(before: dict, alpha: float = 0.05, power: float = 0.8) -> dict:
+    """Per bucket: n, baseline p0 (before NTR accuracy), ICC (greedy-NTP outcomes of the before positions grouped
+    by problem: NTR outcomes are almost all 0), design effect and the detectable effect."""
+    pos = {p["key"]: p for p in before["positions"]}
+    by_doc: dict[str, list[float]] = {}
+    for p in pos.values():
+        by_doc.setdefault(p["doc_id"], []).append(float(p["ntp_correct"]))
+    icc = icc_anova(list(by_doc.values()))
+    table = {}
+    for b in EVAL_BUCKETS:
+        keys = before["chosen"][b]
+        sizes: dict[str, int] = {}
+        for k in keys:
+            sizes[pos[k]["doc_id"]] = sizes.get(pos[k]["doc_id"], 0) + 1
+        n, p0 = len(keys), before[b]["ntr_accuracy"] or 0.0
+        deff = design_effect(list(sizes.values()), icc)
+        table[b] = {"n": n, "problems": len(sizes), "p0": p0, "icc": round(icc, 4), "design_effect": round(deff, 3),
+                    "n_effective": round(n / deff, 1),
+                    "detectable_effect": round(detectable_effect(n, p0, alpha, power, deff), 4) if n else None,
+                    "detectable_effect_iid": round(detectable_effect(n, p0, alpha, power), 4) if n else None}
+    return {"alpha": alpha, "power": power, "test": "two-sided two-proportion z-test (pooled), n / design effect",
+            "buckets": table}
+
+
+# ---- arms -------------------------------------------------------------------------------------------------------
+
+def configs(args) -> tuple[TrainConfig, EvalConfig, Path]:
+    extra = SMOKE if args.smoke else {}
+    tcfg = load_config(TrainConfig, args.recipe, {k: v for k, v in extra.items() if k in field_types(TrainConfig)})
+    ecfg = load_config(EvalConfig, args.recipe, {"split": "heldout",
+                                                 **{k: v for k, v in extra.items() if k in field_types(EvalConfig)}})
+    root = Path(tcfg.out + ("-smoke" if args.smoke else ""))
+    return tcfg, ecfg, root
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return f"GPU ({torch.cuda.get_device_name(0)})"
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.get_num_threads()} threads)"
+
+
+def run_eval(ecfg: EvalConfig, model: str) -> dict:
+    from rpt_train.policy import eos_ids, load_policy
+    from rpt_train.rollout import HFRollout
+    from rpt_train.trainer import seed_everything
+
+    cfg = EvalConfig(**{**to_dict(ecfg), "model": model})
+    seed_everything(cfg.seed)
+    policy = load_policy(cfg.model, cfg.device, cfg.dtype)
+    engine = HFRollout(policy.model, policy.tokenizer, eos_ids(policy), cfg.rollout_batch_size)
+    return evaluate(policy.model, policy.tokenizer, engine, cfg, details=True)
+
+
+def answer_target(label: str, response_prefix: str) -> str:
+    """What the policy should generate after the prompt for `label`: the boxed answer minus the response prefix
+    that the prompt already ends with."""
+    answer = "\\boxed{" + label + "}"
+    return answer[len(response_prefix):] if response_prefix and answer.startswith(response_prefix) else answer
+
+
+def sft_train(cfg: TrainConfig, label_tokens: int = 1) -> dict:
+    """Supervised control: per step the next --batch-prompts contexts of the same seeded training stream as RPT,
+    cross-entropy (token mean) on the true first `label_tokens` label tokens in the answer format, then EOS; same
+    optimizer, lr schedule and gradient clipping as rpt-train. Writes OUT/metrics.jsonl and OUT/model."""
+    from rpt_train.metrics import MetricsLogger
+    from rpt_train.policy import load_policy
+    from rpt_train.samples import TrainSamples
+    from rpt_train.templates import PromptBuilder
+    from rpt_train.trainer import disable_dropout, lr_factor, seed_everything
+
+    if cfg.answer_format != "boxed":
+        raise UserError("the sft arm writes \\boxed{} answers; use --answer-format boxed")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    policy = load_policy(cfg.model, cfg.device, cfg.dtype)
+    model, tok = policy.model, policy.tokenizer
+    disable_dropout(model)
+    device = next(model.parameters()).device
+    data = TrainSamples(cfg, tok)
+    prompts = PromptBuilder(tok, cfg.template, cfg.chat_template, cfg.response_prefix)
+    eos = tok.eos_token_id
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg))
+    logger = MetricsLogger(str(out), start_step=0, total_steps=cfg.steps)
+    tokens_seen = 0
+    model.train()
+    for step in range(1, cfg.steps + 1):
+        t0 = time.perf_counter()
+        rows = []
+        for s in data.next_batch(cfg.batch_prompts):
+            target = tok(answer_target("".join(s.label_tokens[:label_tokens]), cfg.response_prefix),
+                         add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+            rows.append((prompts.ids(s.context), target))
+        n_target = sum(len(t) for _, t in rows)
+        opt.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for i in range(0, len(rows), cfg.micro_batch_size):
+            micro = rows[i:i + cfg.micro_batch_size]
+            width = max(len(p) + len(t) for p, t in micro)
+            ids = torch.full((len(micro), width), tok.pad_token_id, dtype=torch.long)
+            attn = torch.zeros(len(micro), width, dtype=torch.long)
+            labels = torch.full((len(micro), width), -100, dtype=torch.long)
+            for r, (p, t) in enumerate(micro):  # right padding: positions stay 0..len-1 without position_ids
+                ids[r, :len(p) + len(t)] = torch.tensor(p + t)
+                attn[r, :len(p) + len(t)] = 1
+                labels[r, len(p):len(p) + len(t)] = torch.tensor(t)
+            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:].to(device),
+                                                    ignore_index=-100, reduction="sum")
+            (nll / n_target).backward()  # token mean over the whole step's targets
+            loss_sum += float(nll.detach())
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
+        opt.step()
+        lr = sched.get_last_lr()[0]
+        sched.step()
+        tokens_seen += sum(len(p) + len(t) for p, t in rows)
+        logger.log({"step": step, "loss": loss_sum / n_target, "lr": lr, "grad_norm": grad_norm,
+                    "target_tokens": n_target, "tokens": tokens_seen, "seconds": time.perf_counter() - t0})
+    logger.close()
+    model.save_pretrained(out / "model")
+    tok.save_pretrained(out / "model")
+    return {"trained_tokens": tokens_seen, "label_tokens": label_tokens}
+
+
+def train_arm(arm: str, tcfg: TrainConfig, root: Path) -> tuple[str, dict]:
+    """Train one arm into ROOT/ARM/train; returns the model to evaluate and compute stats."""
+    from rpt_train.trainer import train
+
+    out = root / arm / "train"
+    cfg = TrainConfig(**{**to_dict(tcfg), "out": str(out)})
+    if arm == "sft":
+        stats = sft_train(cfg)
+        return str(out / "model"), stats
+    # shuffled: the RPT reward is switched off and a permuted copy of it is added (learn_check's control)
+    fns = [shuffled_reward(cfg.seed)] if arm == "shuffled" else []
+    if fns:
+        cfg = TrainConfig(**{**to_dict(cfg), "reward_correct": 0.0})
+    train(cfg, reward_fns=fns)
+    metrics = read_jsonl(out / "metrics.jsonl")
+    return str(out), {"rollout_tokens": sum(m.get("rollout_tokens", 0) for m in metrics),
+                      "groups_trained": sum(m.get("groups_kept", 0) for m in metrics)}
+
+
+def run_arm(arm: str, args) -> Path:
+    """Train (unless `before`) and evaluate one arm; ROOT/ARM/eval.json. A rerun starts the arm over."""
+    tcfg, ecfg, root = configs(args)
+    shutil.rmtree(root / arm, ignore_errors=True)
+    (root / arm).mkdir(parents=True)
+    t0 = time.perf_counter()
+    model, stats = (tcfg.model, {}) if arm == "before" else train_arm(arm, tcfg, root)
+    train_seconds = time.perf_counter() - t0
+    result = run_eval(ecfg, model)
+    path = root / arm / "eval.json"
+    write_json({"arm": arm, "eval": result, "steps": 0 if arm == "before" else tcfg.steps,
+                "train_seconds": train_seconds, "seconds": time.perf_counter() - t0, "device": device_name(),
+                "compute": stats, "train_config": to_dict(tcfg), "eval_config": to_dict(ecfg)}, path)
+    print(f"{arm}: " + ", ".join(f"{b} {result[b]['ntr_accuracy']:.3f}" for b in EVAL_BUCKETS) + f" -> {path}")
+    return path
+
+
+# ---- report -----------------------------------------------------------------------------------------------------
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def compare(a: dict, b: dict, power: dict, key: str = "ntr_accuracy") -> dict:
+    """Per bucket: a - b on `key`, its p-value (design-effect adjusted) and whether the Wilson intervals separate."""
+    out = {}
+    for x in EVAL_BUCKETS:
+        if not a[x]["n"] or not b[x]["n"]:
+            continue
+        deff = power["buckets"][x]["design_effect"]
+        ca, cb = a[x][f"{key}_ci"], b[x][f"{key}_ci"]
+        out[x] = {"diff": round(a[x][key] - b[x][key], 4),
+                  "p_value": round(two_proportion_p(a[x][key], b[x][key], a[x]["n"], b[x]["n"], deff), 4),
+                  "intervals_separate": bool(ca[0] > cb[1] or cb[0] > ca[1])}
+    return out
+
+
+def verdict_text(comparisons: dict, power: dict) -> str:
+    """A plain sentence per comparison on the `all` bucket, then the decision."""
+    mde = power["buckets"]["all"]["detectable_effect"]
+    parts, wins = [], {}
+    for name, c in comparisons.items():
+        r = c.get("all")
+        if r is None:
+            continue
+        wins[name] = r["diff"] > 0 and r["p_value"] < power["alpha"]
+        parts.append(f"{name}: {r['diff']:+.3f} (p = {r['p_value']:.3f}{', significant' if wins[name] else ''})")
+    if wins.get("rpt - before") and wins.get("rpt - shuffled"):
+        head = "RPT improved held-out NTR accuracy significantly, beyond the shuffled-reward control"
+        head += " and beyond SFT." if wins.get("rpt - sft") else "; it did not beat SFT on the same data."
+    elif wins.get("rpt - before"):
+        head = "RPT improved held-out NTR accuracy over the untrained model, but not significantly over the control"
+        head += " with shuffled rewards: the gain cannot be credited to the reward signal."
+    else:
+        head = (f"No significant RPT effect: the design detects a change of {mde:.3f} on `all` (95%/80%) and "
+                "none of that size was seen.")
+    return head + " On `all`: " + "; ".join(parts) + "."
+
+
+def curves_png(runs: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("reward", "mean reward per step"), ("answer_rate", "answer rate per step"),
+              ("frac_reward_zero_std", "groups with zero reward variance"), ("loss", "loss per step")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
+    for ax, (key, title) in zip(axes, panels):
+        for arm, metrics in runs.items():
+            pts = [(m["step"], m[key]) for m in metrics if m.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker=".", label=arm)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def cell(r: dict, key: str) -> str:
+    if r.get(key) is None:
+        return "-"
+    ci = r.get(f"{key}_ci")
+    return f"{r[key]:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{r[key]:.3f}"
+
+
+def write_md(res: dict, runs: dict[str, list[dict]], evals: dict, path: Path, png: Path) -> None:
+    k = res["config"]["eval"]["samples"]
+    head = "| | " + " | ".join(EVAL_BUCKETS) + " |"
+    lines = [
+        "# SmolLM2-135M-Instruct on CHAMP: RPT against shuffled-reward and SFT controls, with power", "",
+        f"Device: {res['device']}. Steps per trained arm: {res['steps']}. Held-out problems only "
+        f"({res['arms']['before']['all']['n']} positions in `all`), {k} samples per position; "
+        "95% Wilson intervals in brackets. Seconds per arm: "
+        + ", ".join(f"{a} {s:.0f}" for a, s in res["seconds"].items()) + ".", "",
+        "## Next-token prediction and reasoning accuracy (paper Table 1 layout)", "", head,
+        "|---|" + "---|" * len(EVAL_BUCKETS),
+        "| n | " + " | ".join(str(res["arms"]["before"][b]["n"]) for b in EVAL_BUCKETS) + " |"]
+    rows = [("NTP accuracy (greedy next token)", "ntp_accuracy"), ("NTR accuracy (sampled)", "ntr_accuracy"),
+            ("NTR accuracy (greedy)", "ntr_greedy_accuracy"), (f"NTR pass@{k}", "ntr_pass_at_k")]
+    for title, key in rows:
+        for arm in ARMS:
+            lines.append(f"| {title}, {arm} | " + " | ".join(cell(res["arms"][arm][b], key) for b in EVAL_BUCKETS) + " |")
+    for arm in ARMS:
+        lines.append(f"| answer rate, {arm} | " + " | ".join(
+            "-" if res["arms"][arm][b]["answer_rate"] is None else f"{res['arms'][arm][b]['answer_rate']:.3f}"
+            for b in EVAL_BUCKETS) + " |")
+    pw = res["power"]
+    lines += ["", "## Power: the smallest effect this design detects", "",
+              f"Two-sided two-proportion z-test at {pw['alpha']:.2f}, power {pw['power']:.2f}, against the `before` "
+              "NTR accuracy p0. Positions of one problem are correlated: the design effect 1 + (m - 1) ICC (m = "
+              "size-weighted positions per problem, ICC of the before arm's greedy-NTP outcomes by problem) shrinks "
+              "n to n_effective.", "",
+              "| bucket | n | problems | p0 | ICC | design effect | n effective | detectable effect | (if independent) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for b in EVAL_BUCKETS:
+        t = pw["buckets"][b]
+        lines.append(f"| {b} | {t['n']} | {t['problems']} | {t['p0']:.3f} | {t['icc']:.3f} | {t['design_effect']:.2f} "
+                     f"| {t['n_effective']} | {t['detectable_effect']} | {t['detectable_effect_iid']} |")
+    lines += ["", "## Comparisons (NTR accuracy, sampled)", "", "| comparison | " + " | ".join(EVAL_BUCKETS) + " |",
+              "|---|" + "---|" * len(EVAL_BUCKETS)]
+    for name, c in res["comparisons"].items():
+        lines.append(f"| {name} | " + " | ".join(
+            f"{c[b]['diff']:+.3f} (p {c[b]['p_value']:.3f})" if b in c else "-" for b in EVAL_BUCKETS) + " |")
+    lines += ["", f"![reward, answer rate, zero-variance groups, loss]({png.name})", ""]
+    for arm, metrics in runs.items():
+        if metrics and "reward" in metrics[0]:
+            n = max(1, len(metrics) // 10)
+            lines.append(f"{arm}, every {n} steps: " + ", ".join(
+                f"{m['step']}: reward {m['reward']:.3f}, answered {m['answer_rate']:.2f}, zero-std "
+                f"{m['frac_reward_zero_std']:.2f}" for m in metrics[::n]))
+            lines.append("")
+    lines += ["## Sample completions (held-out, greedy, after training)", ""]
+    for arm in ("rpt", "shuffled", "sft"):
+        pos = evals[arm]["eval"]["positions"]
+        picks = [p for p in pos if p["greedy_correct"]][:3] + [p for p in pos if not p["greedy_correct"]][:3]
+        lines += [f"### {arm}", ""] + [f"- label {p['label']!r}: greedy {p['greedy_completion'][:120]!r}, sampled "
+                                       f"{[c[:40] for c in p['completions'][:2]]!r}" for p in picks] + [""]
+    lines += ["## Verdict", "", res["verdict"], ""]
+    if res.get("notes"):  # the lever log, written after looking at the runs (results JSON: notes)
+        lines += ["## What was tried and what each lever did", ""] + [p + "\n" for p in res["notes"]]
+    path.write_text("\n".join(lines))
+
+
+def report(args) -> Path:
+    """Assemble the arms' eval.json files into NAME.{json,md,png} (results/ normally, ROOT/ with --smoke)."""
+    tcfg, ecfg, root = configs(args)
+    evals = {}
+    for arm in ARMS:
+        p = root / arm / "eval.json"
+        if not p.exists():
+            raise UserError(f"arm '{arm}' has no '{p}' yet; run `python pipelines/smollm2_champ_power.py {arm}"
+                            f"{' --smoke' if args.smoke else ''}` first")
+        evals[arm] = json.loads(p.read_text())
+    name = Path(args.recipe).stem
+    dest = root if args.smoke else Path("results")
+    dest.mkdir(parents=True, exist_ok=True)
+    json_path, md_path, png_path = dest / f"{name}.json", dest / f"{name}.md", dest / f"{name}.png"
+    arms = {a: {b: {f: e["eval"][b][f] for f in FIELDS} | {f"{f}_ci": e["eval"][b][f"{f}_ci"] for f in ACCURACIES}
+                for b in EVAL_BUCKETS} for a, e in evals.items()}
+    power = power_table(evals["before"]["eval"])
+    comparisons = {f"{a} - {b}": compare(arms[a], arms[b], power) for a, b in
+                   (("rpt", "before"), ("shuffled", "before"), ("sft", "before"), ("rpt", "shuffled"), ("rpt", "sft"))}
+    old = json.loads(json_path.read_text()) if json_path.exists() else {}
+    res = {"arms": arms, "config": {"train": evals["rpt"]["train_config"], "eval": evals["before"]["eval_config"]},
+           "steps": evals["rpt"]["steps"], "seconds": {a: round(e["seconds"], 1) for a, e in evals.items()},
+           "device": evals["rpt"]["device"], "compute": {a: e["compute"] for a, e in evals.items()},
+           "power": power, "detectable_effect": {b: power["buckets"][b]["detectable_effect"] for b in EVAL_BUCKETS},
+           "comparisons": comparisons, "verdict": verdict_text(comparisons, power)}
+    if old.get("notes"):
+        res["notes"] = old["notes"]  # the hand-written lever log survives a re-report
+    res.update({"arms": {a: res["arms"][a] for a in ARMS}})
+    json_path.write_text(json.dumps(res, indent=1))
+    runs = {a: read_jsonl(root / a / "train" / "metrics.jsonl") for a in ("rpt", "shuffled", "sft")}
+    curves_png(runs, png_path)
+    write_md(res, runs, evals, md_path, png_path)
+    print(res["verdict"])
+    print(f"wrote {json_path}, {md_path}, {png_path}")
+    return json_path
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("arm", choices=ARMS + ("report", "all"))
+    ap.add_argument("--recipe", default="pipelines/smollm2-champ-power.yaml")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, outputs under out/ only")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default: all cores)")
+    args = ap.parse_args(argv)
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for arm in (ARMS if args.arm == "all" else () if args.arm == "report" else (args.arm,)):
+        run_arm(arm, args)
+    if args.arm in ("report", "all"):
+        report(args)
+
+
+if __name__ == "__main__":
+    from rpt_common.errors import user_errors
+
+    user_errors(main)()

@@ -1,0 +1,17 @@
+"""Interval estimates for the evaluation's accuracies: the Wilson score interval of a binomial proportion
+(well behaved at 0/n and n/n, where the normal approximation collapses to a point)."""
+from __future__ import annotations
+
+import math
+
+Z95 = 1.959963984540054  # two-sided 95% standard-normal quantile
+
+
+def wilson(p: float | None, n: int, z: float = Z95) -> list[float] | None:
+    """[lo, hi] of the Wilson interval for a proportion p observed over n trials (None when p is None or n = 0)."""
+    if p is None or n == 0:
+        return None
+    d = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / d
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return [max(0.0, centre - half), min(1.0, centre + half)]
