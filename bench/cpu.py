@@ -2,7 +2,9 @@
 
 1. tagging: `rpt-data tag` (run_tag end to end) vs the naive HF-logits tagger on the same windows (bench/tag.py);
 2. rollouts: HFRollout vs HF `generate(do_sample=True)` on the same prompts, batch and lengths (bench/rollout.py);
-3. trainer step: `rpt_train` vs TRL's GRPOTrainer, identical settings (bench/trainer.py).
+3. trainer step: `rpt_train` vs TRL's GRPOTrainer, identical settings (bench/trainer.py);
+4. sample access: one 256-context step from 1 GB of synthetic shards, old reader/layout vs new (bench/samples.py).
+5. memory: peak of the log-prob/entropy pass and of one micro-batch, full [B, C, V] vs chunked (bench/memory.py).
 
 Each comparison alternates the two sides and takes medians. Writes bench/results/cpu-<N>core.json and prints a
 table, then, as its last line, one JSON object with the headline numbers. Only the ratios of one run mean much on
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, environment, pick_device, write_json  # noqa: E402
 
 import rollout  # noqa: E402
+import samples  # noqa: E402
 import tag  # noqa: E402
 import trainer  # noqa: E402
 
@@ -39,6 +43,7 @@ def main(argv=None) -> None:
     p.add_argument("--rollout-reps", type=int, default=2)
     p.add_argument("--trainer-steps", type=int, default=3)
     p.add_argument("--trainer-reward", default="shaped,rpt")
+    p.add_argument("--samples-gb", type=float, default=1.0, help="synthetic shard GB for the sample-access bench")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / f"cpu-{os.cpu_count()}core.json"))
     args = p.parse_args(argv)
     try:
@@ -64,6 +69,11 @@ def main(argv=None) -> None:
                                                           "--steps", str(args.trainer_steps),
                                                           "--reward", args.trainer_reward]))
     tr = trainer.run(trargs, log, shards=t["shards_dir"])
+    log("== sample access: candidate table and 256-context step, old vs new ==")
+    sa = samples.run(samples.parser().parse_args(["--gb", str(args.samples_gb)]), log)
+    log("== memory: log-prob/entropy path and one micro-batch, full [B, C, V] vs chunked (bench/memory.py) ==")
+    subprocess.run([sys.executable, str(REPO / "bench" / "memory.py"), "--device", "cpu"], check=True)  # own malloc env
+    mem = json.loads((REPO / "bench" / "results" / "memory-cpu.json").read_text())
 
     shaped = tr["rewards"].get("shaped") or next(iter(tr["rewards"].values()))
     headline = {
@@ -77,6 +87,9 @@ def main(argv=None) -> None:
         "step_split": {k: shaped["ours"][f"{k}_seconds"] for k in trainer.PHASES},
         "trl_step_split": {k: shaped["trl"][f"{k}_seconds"] for k in trainer.PHASES},
     }
+    new, old = sa["results"]["new_reader/new_layout"], sa["results"]["old_reader/old_layout"]
+    headline |= {"sample_batch_seconds": new["batch_seconds"], "old_sample_batch_seconds": old["batch_seconds"],
+                 "candidate_bytes_per_position": round(new["bytes_per_position"], 2)}
     if "rpt" in tr["rewards"]:
         headline["step_seconds_rpt_reward"] = tr["rewards"]["rpt"]["ours"]["step_seconds"]
         headline["trl_step_seconds_rpt_reward"] = tr["rewards"]["rpt"]["trl"]["step_seconds"]
@@ -86,7 +99,7 @@ def main(argv=None) -> None:
                  "wall_seconds": round(time.perf_counter() - t_start, 1)}
     for part in (t, r, tr):
         part.pop("shards_dir", None)
-    write_json(args.out, {**headline, "tag": t, "rollout": r, "trainer": tr})
+    write_json(args.out, {**headline, "tag": t, "rollout": r, "trainer": tr, "samples": sa, "memory": mem})
 
     rows = [("tagging (tokens/s)", t["tokens_per_s"], t["naive_tokens_per_s"], "naive HF logits"),
             ("rollout, 8 distinct prompts (tokens/s)", r["tokens_per_s"], r["hf_generate_tokens_per_s"], "HF generate")]
@@ -97,6 +110,8 @@ def main(argv=None) -> None:
     for name, res in tr["rewards"].items():
         rows.append((f"trainer step, {name} reward (s/step)", res["ours"]["step_seconds"], res["trl"]["step_seconds"],
                      "TRL GRPOTrainer"))
+    rows.append(("sample access, 256 contexts (s/step)", new["batch_seconds"], old["batch_seconds"],
+                 "old reader, 1 row group/shard"))
     print(f"\n{'':42s} {'ours':>10s} {'baseline':>10s} {'ratio':>7s}")
     for name, ours, base, what in rows:
         ratio = base / ours if "s/step" in name else ours / base

@@ -28,7 +28,7 @@ def main():
 @click.option("--model", help="Proxy model: HF directory, .gguf file, or 'demo' (SmolLM2-135M-Instruct). [demo]")
 @click.option("--window", type=int, help="Tokens per window, context prefix included. [1024]")
 @click.option("--context-prefix", type=int,
-              help="Context-only tokens repeated at the start of each later window of a stream. [128]")
+              help="Context-only tokens repeated at the start of each later window of a stream. [256]")
 @click.option("--top-k", type=int, help="k of the top-k entropy. [16]")
 @click.option("--metric", type=click.Choice(["topk", "full"]), help="Entropy used for tags and buckets. [topk]")
 @click.option("--select-above", type=float, help="Tag positions whose entropy exceeds this (nats). [0.5]")
@@ -40,6 +40,8 @@ def main():
               help="Model dtype; auto = bf16 on GPU, fp32 on CPU. [auto]")
 @click.option("--out", help="Output directory for shards, manifest.json and rejects.jsonl.")
 @click.option("--shard-rows", type=int, help="Windows per Parquet shard. [1024]")
+@click.option("--row-group-rows", type=int,
+              help="Windows per Parquet row group, the unit one training sample reads (recorded per shard). [32]")
 @click.option("--overwrite/--resume", default=None, help="Start over instead of resuming a stopped run. [--resume]")
 @click.option("--on-bad-record", type=click.Choice(["skip", "fail"]),
               help="skip: log to rejects.jsonl and go on; fail: exit 2 naming file and line. [skip]")
@@ -116,6 +118,44 @@ def validate(out):
     if problems:
         sys.exit(1)
     click.echo(f"{out}: ok")
+
+
+@main.command("prefix-study", context_settings=CTX)
+@click.argument("recipe", required=False, type=click.Path(dir_okay=False))
+@click.option("--input", "inputs", multiple=True, help="Continuous corpus: file, directory, glob or hf:// (repeatable).")
+@click.option("--format", type=click.Choice(["jsonl", "parquet", "text", "hf"]), help="Input format (as for tag).")
+@click.option("--text-field", help="Field holding the text (default: text).")
+@click.option("--template", help="Python format string over record fields (as for tag).")
+@click.option("--separator", help="Text between records of one file. [\\n\\n]")
+@click.option("--model", help="Proxy model: HF directory, .gguf file, or 'demo'. [demo]")
+@click.option("--window", type=int, help="Production window in tokens, prefix included. [1024]")
+@click.option("--prefixes", help="Comma-separated context prefixes to compare. [0,16,32,64,128,256]")
+@click.option("--reference-context", type=int, help="Real tokens of context before every reference position. [1024]")
+@click.option("--tokens-per-stream", type=int, help="Sample: the first N tokens of every input file. [16384]")
+@click.option("--tolerance", type=float,
+              help="Recommend the smallest prefix whose first-16 tag disagreement is at most this share. [0.02]")
+@click.option("--top-k", type=int, help="k of the top-k entropy. [16]")
+@click.option("--metric", type=click.Choice(["topk", "full"]), help="Entropy used for tags. [topk]")
+@click.option("--select-above", type=float, help="Tag threshold in nats. [0.5]")
+@click.option("--buckets", help="Comma-separated bucket thresholds in nats. [0.5,1.0,1.5]")
+@click.option("--batch-tokens", type=int, help="Padded tokens per forward pass. [16384]")
+@click.option("--device", help="auto, cpu or cuda[:N]. [auto]")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="Model dtype. [auto]")
+@click.option("--out", help="Directory for prefix-study.json, .md and .png.")
+@click.option("--note", help="Free text put at the top of the report (e.g. what the corpus is).")
+@user_errors
+def prefix_study(recipe, **opts):
+    """Measure the windowing bias of each context prefix against a long-context reference (RECIPE.yaml optional)."""
+    from rpt_data.study import StudyConfig, run_study
+
+    rec = load_recipe(recipe, section="prefix_study")
+    if "input" in rec:
+        rec["inputs"] = rec.pop("input")
+    cfg = build_config(StudyConfig, rec, opts, source=recipe or "options")
+    _quiet_transformers()
+    res = run_study(cfg)
+    click.echo(f"recommended context prefix: {res['recommended_prefix']} ({res['recommendation_rule']}); "
+               f"wrote {cfg.out}/prefix-study.json, .md, .png")
 
 
 def _quiet_transformers():

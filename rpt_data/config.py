@@ -11,7 +11,8 @@ MODES = ("structured", "continuous")
 METRICS = ("topk", "full")
 # Knobs that do not change the shards: changing them between a run and its resume is allowed.
 # on_bad_record: a `fail` run stops at the first bad record, so its shards are a prefix of a `skip` run's.
-RUNTIME_ONLY = ("overwrite", "batch_tokens", "chunk_rows", "progress", "on_bad_record")
+# row_group_rows: only the Parquet layout; each shard's manifest entry records the size it was written with.
+RUNTIME_ONLY = ("overwrite", "batch_tokens", "chunk_rows", "progress", "on_bad_record", "row_group_rows")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -25,7 +26,7 @@ class TagConfig:
     separator: str = "\n\n"  # joins records of one file into a continuous stream
     model: str = "demo"
     window: int = 1024  # tokens per window, context prefix included
-    context_prefix: int = 128  # tokens of context-only overlap between consecutive windows
+    context_prefix: int = 256  # tokens of context-only overlap between windows; measured: results/context-prefix.md
     top_k: int = 16
     metric: str = "topk"  # which entropy `selected` and buckets use: topk_entropy or entropy
     select_above: float = 0.5  # nats
@@ -36,6 +37,7 @@ class TagConfig:
     dtype: str = "auto"
     out: str | None = None
     shard_rows: int = 1024  # windows per shard
+    row_group_rows: int = 32  # windows per Parquet row group: what one training sample reads (rpt_common.shards)
     overwrite: bool = False
     on_bad_record: str = "skip"
     limit: int | None = None  # good records to read
@@ -60,6 +62,7 @@ class TagConfig:
             (0 <= self.context_prefix < self.window, "--context-prefix must be >= 0 and smaller than --window"),
             (self.top_k >= 1, "--top-k must be >= 1"),
             (self.batch_tokens >= 1 and self.shard_rows >= 1, "--batch-tokens and --shard-rows must be >= 1"),
+            (self.row_group_rows >= 1, "--row-group-rows must be >= 1"),
             (self.limit is None or self.limit >= 0, "--limit must be >= 0"),
             (0 <= self.rank < self.world_size, "--rank must be in [0, --world-size)"),
             (not (self.text_field and self.template), "give --text-field or --template, not both"),

@@ -13,16 +13,18 @@ from pathlib import Path
 
 import numpy as np
 
+from rpt_common.bos import NO_BOS
 from rpt_common.errors import UserError, is_disk_full
 from rpt_common.models import load_causal_lm
 from rpt_common.shards import (MANIFEST, REJECTS, SCHEMA_VERSION, rank_record_name, rank_rejects_name, shard_metadata,
                                 shard_name)
 from rpt_data.config import TagConfig
 from rpt_data.division import Division, divide
-from rpt_data.merge import merge_out, same_run_config, totals
-from rpt_data.proxy import Proxy, WindowStats, token_budget_batches
+from rpt_data.merge import merge_out, same_inputs, same_run_config, totals
+from rpt_data.proxy import Proxy, WindowStats, build_proxy, token_budget_batches
 from rpt_data.ranks import RankInfo, process_group, rank_device, resolve_ranks
-from rpt_data.readers import BadRecord, Record, RecordParser, expand_inputs, read_all, reject_duplicate_ids
+from rpt_data.readers import (STREAM_PREFIX, BadRecord, Record, RecordParser, expand_inputs, read_all,
+                              reject_duplicate_ids, stream_fingerprint)
 from rpt_data.windows import Window, windows_from_pieces
 from rpt_data.writer import build_table, file_rank, is_ours, write_json_atomic, write_shard
 
@@ -32,10 +34,15 @@ class BadRecordError(UserError):
 
 
 def fingerprint(path: str) -> dict:
+    if path.startswith(STREAM_PREFIX):
+        return stream_fingerprint(path)
     p = Path(path)
     files = [f for f in p.rglob("*") if f.is_file()] if p.is_dir() else [p]
     st = [f.stat() for f in files]
-    return {"path": path, "bytes": sum(s.st_size for s in st), "mtime_ns": max((s.st_mtime_ns for s in st), default=0)}
+    # `resolved`: what resume compares (merge.same_inputs), so a path given relative to another directory is the
+    # same input; `path` stays as given (rejects name files that way)
+    return {"path": path, "resolved": str(p.resolve()), "bytes": sum(s.st_size for s in st),
+            "mtime_ns": max((s.st_mtime_ns for s in st), default=0)}
 
 
 def record_name(cfg: TagConfig) -> str:
@@ -109,7 +116,7 @@ def prepare_out(cfg: TagConfig, inputs: list[dict]) -> dict | None:
     if diff:
         raise UserError(f"'{out}' holds a run with a different config ({', '.join(diff)} differ); "
                         "rerun with the same options to resume, --overwrite to start over, or a new --out")
-    if old.get("inputs") != inputs:
+    if not same_inputs(old.get("inputs"), inputs):
         raise UserError(f"the input files changed since '{out}' was started; rerun with --overwrite to start over")
     kept = []  # recorded shards still on disk as written; the first one that is not and all later are redone
     for entry in old.get("shards", []):
@@ -208,13 +215,15 @@ def _tag_rank(cfg: TagConfig, ranks: RankInfo) -> dict:
     if cfg.world_size > 1:  # a merged manifest would no longer describe the shards
         (out / MANIFEST).unlink(missing_ok=True)
     lm = load_causal_lm(cfg.model, rank_device(cfg.device, ranks.local_rank), cfg.dtype)
-    if old and (old.get("proxy") != lm.identity or old.get("tokenizer") != lm.tokenizer_identity):
+    proxy = build_proxy(lm, top_k=cfg.top_k, chunk_rows=cfg.chunk_rows)  # exit 2 here if its head is not exact
+    bos = {"used": proxy.bos is not None, "token_id": proxy.bos}
+    if old and (old.get("proxy") != lm.identity or old.get("tokenizer") != lm.tokenizer_identity
+                or old.get("bos", NO_BOS) != bos):  # a record without `bos` predates BOS support: none was used
         raise UserError(f"the model behind --model {cfg.model} changed since '{out}' was started; "
                         "rerun with --overwrite to start over")
-    proxy = Proxy(lm.model, top_k=cfg.top_k, chunk_rows=cfg.chunk_rows)
     record = {
         "schema_version": SCHEMA_VERSION, "complete": False, "config": cfg.content_dict(),
-        "tokenizer": lm.tokenizer_identity, "proxy": lm.identity, "inputs": inputs,
+        "tokenizer": lm.tokenizer_identity, "proxy": lm.identity, "bos": bos, "inputs": inputs,
         "shards": list(old["shards"]) if old else [], "records": 0, "bad_records": 0, "bad_reasons": {},
     }
     if cfg.world_size > 1:
@@ -270,7 +279,8 @@ def _tag(cfg: TagConfig, division: Division, parse: RecordParser, lm, proxy: Pro
                     yield item
 
         windows = windows_from_pieces(
-            pieces(good_records(), cfg.mode, cfg.separator), lm.tokenizer, cfg.window, cfg.context_prefix
+            pieces(good_records(), cfg.mode, cfg.separator), lm.tokenizer, cfg.window, cfg.context_prefix,
+            has_bos=proxy.bos is not None,
         )
         if division.by == "windows":  # every rank builds every window of the run and scores its stripe
             windows = (w for g, w in enumerate(windows) if division.owns(g))
@@ -287,7 +297,7 @@ def _tag(cfg: TagConfig, division: Division, parse: RecordParser, lm, proxy: Pro
                 progress.tokens(sum(len(chunk[i].token_ids) for i in idx))
             entry, selected = shard_summary(shard_name(cfg.rank, seq), chunk, stats, cfg)
             table = build_table(chunk, stats, selected).replace_schema_metadata(shard_metadata(lm.tokenizer_identity))
-            entry.update(write_shard(out / entry["file"], table))
+            entry.update(write_shard(out / entry["file"], table, cfg.row_group_rows))
             manifest["shards"].append(entry)
             write_json_atomic(out / record_name(cfg), manifest)
 

@@ -9,7 +9,7 @@ import typing
 import click
 
 from rpt_common.errors import user_errors
-from rpt_train.config import EvalConfig, TrainConfig, _base, field_types, load_config
+from rpt_train.config import EvalConfig, ExportConfig, TrainConfig, _base, field_types, load_config
 
 
 def config_options(cls):
@@ -71,20 +71,73 @@ def eval_cmd(recipe, **overrides):
     """Next-token-reasoning accuracy per entropy bucket (easy/medium/hard/all), printed and saved as JSON."""
     from rpt_train.evaluate import evaluate, print_table, write_json
     from rpt_train.policy import eos_ids, load_policy
-    from rpt_train.rollout import HFRollout
+    from rpt_train.rollout import HFRollout, autocast_bf16, enable_tf32
     from rpt_train.trainer import seed_everything
 
     cfg = load_config(EvalConfig, recipe, overrides)
     _quiet_transformers()
     seed_everything(cfg.seed)
     policy = load_policy(cfg.model, cfg.device, cfg.dtype)
-    engine = HFRollout(policy.model, policy.tokenizer, eos_ids(policy), cfg.rollout_batch_size)
-    result = evaluate(policy.model, policy.tokenizer, engine, cfg)
+    engine = HFRollout(policy.model, policy.tokenizer, eos_ids(policy), cfg.rollout_batch_size,
+                       static_cache=cfg.static_cache)
+    device = next(policy.model.parameters()).device
+    enable_tf32(device)
+    with autocast_bf16(device):  # bf16 on CUDA (rollouts and the greedy next-token pass), nothing on CPU
+        result = evaluate(policy.model, policy.tokenizer, engine, cfg)
     result["meta"]["model"] = policy.path
     print_table(result, title=f"next-token reasoning: {cfg.model} on {cfg.shards}")
     if cfg.out:
         write_json(result, cfg.out)
         click.echo(f"wrote {cfg.out}")
+
+
+@main.command("plan")
+@click.argument("recipe", required=False, type=click.Path(dir_okay=False))
+@click.option("--world-size", "world_size", type=int, default=1, help="FSDP ranks sharing weights, AdamW, gradients")
+@click.option("--prompt-tokens", "prompt_tokens", type=int, default=None,
+              help="planned prompt length [default: --max-context-tokens + 128, or 1024]")
+@click.option("--json", "as_json", is_flag=True, help="print the plan as one JSON object on the last line")
+@config_options(TrainConfig)
+@user_errors
+def plan_cmd(recipe, world_size, prompt_tokens, as_json, **overrides):
+    """Planned peak memory per device of `run` with these options, from the model's config alone (no weights
+    loaded); exit 2 when it does not fit --device-memory (or the CUDA device's own memory)."""
+    import json
+
+    from rpt_train import plan
+
+    overrides["shards"] = overrides.get("shards") or "(unused by plan)"
+    cfg = load_config(TrainConfig, recipe, overrides)
+    _quiet_transformers()
+    target = "cpu" if cfg.device == "cpu" else "cuda"  # --device auto plans for the GPU a run is meant for
+    memory = plan.plan_memory(cfg, plan.load_shapes(cfg.model), world_size=world_size, device_type=target,
+                              device_bytes=plan.device_memory(cfg, cfg.device if target == "cuda" else "cpu"),
+                              prompt_tokens=prompt_tokens)
+    click.echo(plan.render(memory))
+    if not memory.fits:
+        click.echo(f"error: {plan.refusal(memory)}", err=True)
+    if as_json:
+        click.echo(json.dumps(memory.to_json()))
+    if not memory.fits:
+        raise SystemExit(2)
+
+
+@main.command("export")
+@click.argument("recipe", required=False, type=click.Path(dir_okay=False))
+@config_options(ExportConfig)
+@user_errors
+def export_cmd(recipe, **overrides):
+    """Write the samples `run` would draw as a verl, TRL or OpenRLHF dataset (train and held-out files apart)."""
+    from rpt_common.errors import UserError
+    from rpt_train.export import export
+
+    if not overrides.get("out"):  # a recipe's `out:` is the training run's directory, not the export's
+        raise UserError("rpt-train export needs --out DIR on the command line")
+    cfg = load_config(ExportConfig, recipe, overrides)
+    _quiet_transformers()
+    meta = export(cfg)
+    for split, f in meta["files"].items():
+        click.echo(f"{split}: {f['rows']} samples -> {os.path.join(cfg.out, f['file'])} ({f['skipped']} skipped)")
 
 
 if __name__ == "__main__":  # `torchrun ... -m rpt_train.cli run ...`

@@ -28,8 +28,10 @@ class CommonConfig:
 
     shards: str = opt("", "`rpt-data tag` output directory (manifest.json + shard-*.parquet)")
     model: str = opt("demo", "policy: HF model directory, .gguf file, `demo`, or a `rpt-train run` --out dir (latest checkpoint)")
-    entropy_metric: str = opt("topk_entropy", "per-position statistic that buckets use: topk_entropy or entropy (nats)")
-    bucket_thresholds: list[float] = opt([0.5, 1.0, 1.5], "entropy thresholds of easy,medium,hard (nested: above each)")
+    entropy_metric: str | None = opt(None, "per-position statistic that buckets use: topk_entropy or entropy (nats); "
+                                     "default: the one the shards were tagged with (manifest metric topk or full)")
+    bucket_thresholds: list[float] | None = opt(None, "entropy thresholds of easy,medium,hard (nested: above each); "
+                                                "default: the shards' manifest buckets (0.5,1.0,1.5 when it has none)")
     heldout_fraction: float = opt(0.0, "fraction of documents (seeded hash of doc_id) held out of training for eval")
     split_seed: int = opt(0, "seed of the held-out document split")
     labels_length: int = opt(8, "ground-truth tokens (policy tokenizer) whose boundaries count for prefix match")
@@ -45,6 +47,8 @@ class CommonConfig:
     top_p: float = opt(1.0, "nucleus sampling mass (1 = off)")
     top_k: int = opt(0, "top-k sampling (0 = off)")
     rollout_batch_size: int = opt(0, "sequences per generate call (0 = all at once)")
+    static_cache: bool = opt(False, "decode with a preallocated static KV cache (compiled on CUDA) instead of the "
+                             "dynamic one whose finished rows leave; off until measured on a GPU")
     seed: int = opt(0, "seed of sampling order, rollouts and everything random")
     device: str = opt("auto", "auto, cpu or cuda")
     dtype: str = opt("float32", "weights dtype (float32 keeps AdamW exact; bf16 autocast is separate)")
@@ -89,6 +93,10 @@ class TrainConfig(CommonConfig):
                                "(fast, needs the whole model on each device) instead of FSDP's per-layer all-gather "
                                "at every token")
     bf16: bool = opt(True, "bf16 autocast on CUDA (ignored on CPU)")
+    logprob_chunk_tokens: int = opt(1024, "completion tokens per lm_head chunk of the log-prob/entropy pass "
+                                    "(extra memory ~ 4 x chunk x vocab x 4 bytes, never the full [B, C, V])")
+    device_memory: float = opt(0.0, "GiB per device for the memory plan (0 = the CUDA device's own; on CPU the "
+                               "plan is only checked when this is given)")
     save_every: int = opt(100, "checkpoint every N steps (and at the end)")
     keep_checkpoints: int = opt(3, "keep the last K checkpoints")
     eval_every: int = opt(0, "evaluate on held-out positions every N steps (0 = off)")
@@ -113,6 +121,21 @@ class EvalConfig(CommonConfig):
     limit: int = opt(100, "positions per bucket")
     samples: int = opt(4, "samples per position (ntr_pass_at_k uses all, ntr_accuracy the first)")
     split: str = opt("auto", "documents to evaluate: heldout, train, all; auto = heldout when --heldout-fraction > 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class ExportConfig(CommonConfig):
+    """`rpt-train export`: the samples `run` would draw, in verl, TRL or OpenRLHF dataset format (train, held-out)."""
+
+    format: str = opt("", "dataset format: verl (RL parquet), trl (GRPOTrainer parquet) or openrlhf (jsonl)")
+    out: str = opt("", "output directory: train and heldout files, export.json (from the command line only)")
+    bucket: str = opt("selected", "positions to export: selected (the tagger's threshold), easy, medium, hard, all")
+    min_entropy: float | None = opt(None, "export positions whose entropy exceeds X nats (overrides --bucket)")
+    limit: int = opt(0, "training samples at most (0 = one pass over every training position, in `run`'s order)")
+    heldout_limit: int = opt(0, "held-out samples at most (0 = all); needs --heldout-fraction > 0")
+    batch_rows: int = opt(1024, "samples built and written per batch (bounds memory)")
+    overwrite: bool = opt(False, "replace an earlier export in --out")
+    progress: bool = opt(True, "show a progress bar on stderr")
 
 
 def field_types(cls) -> dict[str, object]:
@@ -167,11 +190,12 @@ def _norm(d: dict) -> dict:
 def load_config(cls, recipe: str | None = None, overrides: dict | None = None):
     """cls() <- recipe (flat keys, then its `run:`/`train:` or `eval:` section) <- CLI overrides (not None)."""
     types_ = field_types(cls)
-    others = set(field_types(TrainConfig)) | set(field_types(EvalConfig)) | {"run", "train", "eval", "tag"}
-    section = ("eval",) if cls is EvalConfig else ("run", "train")
+    others = set(field_types(TrainConfig)) | set(field_types(EvalConfig)) | set(field_types(ExportConfig))
+    others |= {"run", "train", "eval", "tag", "export"}
+    section = ("eval",) if cls is EvalConfig else ("run", "train", "export") if cls is ExportConfig else ("run", "train")
     raw = _norm(read_yaml(recipe))
     values: dict = {}
-    layers = [{k: v for k, v in raw.items() if k not in ("run", "train", "eval", "tag")}]
+    layers = [{k: v for k, v in raw.items() if k not in ("run", "train", "eval", "tag", "export")}]
     layers += [_norm(raw[s]) for s in section if isinstance(raw.get(s), dict)]
     for layer in layers:
         for key, value in layer.items():
@@ -194,8 +218,8 @@ def validate(cfg: CommonConfig) -> None:
             raise UserError(msg)
 
     need(bool(cfg.shards), "no shards given; pass --shards DIR (an `rpt-data tag` output directory)")
-    need(cfg.entropy_metric in ("topk_entropy", "entropy"), "--entropy-metric must be topk_entropy or entropy")
-    need(len(cfg.bucket_thresholds) == 3, "--bucket-thresholds needs three values (easy,medium,hard), e.g. 0.5,1.0,1.5")
+    need(cfg.entropy_metric in (None, "topk_entropy", "entropy"), "--entropy-metric must be topk_entropy or entropy")
+    need(cfg.bucket_thresholds is None or len(cfg.bucket_thresholds) == 3, "--bucket-thresholds needs three values (easy,medium,hard), e.g. 0.5,1.0,1.5")
     need(0.0 <= cfg.heldout_fraction < 1.0, "--heldout-fraction must be in [0, 1)")
     need(cfg.labels_length >= 1, "--labels-length must be at least 1")
     need(cfg.max_new_tokens >= 1, "--max-new-tokens must be at least 1")
@@ -216,6 +240,13 @@ def validate(cfg: CommonConfig) -> None:
         need(cfg.beta >= 0, "--beta must be non-negative")
         need(cfg.on_bad_step in ("skip", "stop"), "--on-bad-step must be skip or stop")
         need(cfg.bad_grad_norm >= 0 and cfg.max_bad_steps >= 1, "--bad-grad-norm must be >= 0, --max-bad-steps >= 1")
+        need(cfg.logprob_chunk_tokens >= 1, "--logprob-chunk-tokens must be at least 1")
+        need(cfg.device_memory >= 0, "--device-memory must be non-negative (GiB; 0 = the device's own)")
+    if isinstance(cfg, ExportConfig):
+        need(cfg.format in ("verl", "trl", "openrlhf"), "--format must be verl, trl or openrlhf")
+        need(cfg.bucket in BUCKETS + ("all", "selected"), "--bucket must be easy, medium, hard, all or selected")
+        need(cfg.limit >= 0 and cfg.heldout_limit >= 0 and cfg.batch_rows >= 1,
+             "--limit and --heldout-limit must be >= 0, --batch-rows >= 1")
     if isinstance(cfg, EvalConfig):
         need(cfg.split in ("auto", "heldout", "train", "all"), "--split must be auto, heldout, train or all")
         need(cfg.split != "heldout" or cfg.heldout_fraction > 0, "--split heldout needs --heldout-fraction > 0")
