@@ -14,4 +14,7 @@ def wilson(p: float | None, n: int, z: float = Z95) -> list[float] | None:
     d = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / d
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return [max(0.0, centre - half), min(1.0, centre + half)]
+    # at p = 0 (or 1) the bound is exactly 0 (or 1); computed, it is off by a rounding error
+    lo = 0.0 if p <= 0 else max(0.0, centre - half)
+    hi = 1.0 if p >= 1 else min(1.0, centre + half)
+    return [lo, hi]

@@ -35,6 +35,10 @@ def test_wilson_matches_published_values(k, n, lo, hi):
     assert got == pytest.approx([lo, hi], abs=1e-4)
 
 
+def test_wilson_bounds_are_exact_at_zero_and_one():
+    assert wilson(0.0, 100)[0] == 0.0 and wilson(1.0, 100)[1] == 1.0
+
+
 def test_wilson_of_nothing_is_none():
     assert wilson(None, 10) is None and wilson(0.5, 0) is None
 
