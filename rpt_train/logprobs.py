@@ -12,6 +12,8 @@ import contextlib
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from rpt_common.heads import head_spec
+
 DEFAULT_CHUNK_TOKENS = 1024
 
 
@@ -28,14 +30,17 @@ def sequence_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask):
 
 
 def chunk_logprobs(head, hidden, targets, temperature: float, with_entropy: bool, chunk_tokens: int,
-                   softcap: float | None = None):
-    """log p(target) [N] of logits = head(hidden) / temperature for hidden [N, H], targets [N]; entropy [N] (nats,
-    no grad) if asked. `chunk_tokens` rows at a time; under autograd each chunk is recomputed in backward."""
+                   softcap: float | None = None, scale: float | None = None):
+    """log p(target) [N] of logits = softcap(scale * head(hidden)) / temperature for hidden [N, H], targets [N];
+    entropy [N] (nats, no grad) if asked. `chunk_tokens` rows at a time; under autograd each chunk is recomputed
+    in backward. `scale` and `softcap` are what the model's forward applies after its head (rpt_common.heads)."""
     entropies: dict[int, torch.Tensor] = {}
 
     def one(i: int, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         logits = head(h)
-        if softcap:  # as the model's own forward applies it after the head (Gemma-2 style)
+        if scale is not None:  # Granite's 1 / logits_scaling, Cohere's logit_scale, ...
+            logits = logits * scale
+        if softcap:  # Gemma-2 style
             logits = torch.tanh(logits / softcap) * softcap
         logp = torch.log_softmax(at_least_fp32(logits) / temperature, dim=-1)
         if with_entropy and i not in entropies:  # not again when the backward recomputes the chunk
@@ -78,13 +83,13 @@ def forward_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_
     ids, mask, positions = sequence_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask)
     B, C = completion_ids.shape
     head = model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    spec = head_spec(model)  # the scale / soft-cap the model's forward applies after the head it calls
     found = {}
 
     def chunked(hidden, original):  # hidden [B, C + 1, H]: position t predicts completion token t
         h = hidden[:, :-1].reshape(B * C, hidden.shape[-1])
         lp, ent = chunk_logprobs(original, h, completion_ids.reshape(-1), temperature, with_entropy,
-                                 max(1, chunk_tokens), softcap)
+                                 max(1, chunk_tokens), spec.softcap, spec.scale)
         found["entropy"] = ent.view(B, C) if ent is not None else None
         found["logp"] = lp.view(B, C)
         return found["logp"]  # stands in for the logits; the model may only wrap it in its output
