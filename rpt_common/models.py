@@ -1,6 +1,7 @@
 """Load a causal LM + tokenizer from `demo`, an HF directory or a `.gguf` file, with clear errors."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -55,6 +56,20 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in table:
         raise UserError(f"unknown dtype '{dtype}'; use auto, float32, bfloat16 or float16")
     return table[dtype]
+
+
+def cuda_autocast(device, dtype: torch.dtype = torch.bfloat16, enabled: bool = True):
+    """Autocast to `dtype` on a CUDA device; a no-op elsewhere or when disabled (the CPU path stays as it is)."""
+    if enabled and torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def enable_tf32(device) -> None:
+    """TF32 matmuls and convolutions on CUDA (what stays float32 under autocast); nothing on CPU."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def tokenizer_identity(tokenizer) -> dict:

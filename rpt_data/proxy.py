@@ -1,7 +1,6 @@
 """The proxy pass: windows -> hidden states -> chunked head + stats, batched by token budget."""
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,6 +9,7 @@ import torch
 from rpt_common.bos import bos_token_id
 from rpt_common.errors import UserError
 from rpt_common.heads import head_spec
+from rpt_common.models import cuda_autocast, enable_tf32
 from rpt_data.entropy import head_token_stats, token_stats_torch
 from rpt_data.windows import Window
 
@@ -48,9 +48,7 @@ class Proxy:
         # and rotary stay where autocast puts them); the CPU path is left exactly as it was.
         self.autocast = self.device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
         self.dtype = dtype
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        enable_tf32(self.device)
 
     @property
     def offset(self) -> int:
@@ -58,9 +56,7 @@ class Proxy:
         return 0 if self.bos is None else 1
 
     def _context(self):
-        if self.autocast:
-            return torch.autocast("cuda", dtype=self.dtype)
-        return contextlib.nullcontext()
+        return cuda_autocast(self.device, self.dtype, self.autocast)
 
     def _inputs(self, windows: list[Window]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded [B, offset + longest] ids (BOS first when there is one) and their attention mask."""

@@ -71,7 +71,8 @@ def eval_cmd(recipe, **overrides):
     """Next-token-reasoning accuracy per entropy bucket (easy/medium/hard/all), printed and saved as JSON."""
     from rpt_train.evaluate import evaluate, print_table, write_json
     from rpt_train.policy import eos_ids, load_policy
-    from rpt_train.rollout import HFRollout, autocast_bf16, enable_tf32
+    from rpt_common.models import enable_tf32
+    from rpt_train.rollout import HFRollout, autocast_bf16
     from rpt_train.trainer import seed_everything
 
     cfg = load_config(EvalConfig, recipe, overrides)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from rpt_common.errors import UserError
+from rpt_common.models import cuda_autocast
 from rpt_train import distributed
 from rpt_train.plan import GIB, kv_cache_bytes
 
@@ -63,16 +64,7 @@ def filter_logits(scores: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 def autocast_bf16(device, enabled: bool = True) -> contextlib.AbstractContextManager:
     """bf16 autocast on a CUDA device (rollouts, eval, the training forward); a no-op elsewhere or when disabled."""
-    if enabled and torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def enable_tf32(device) -> None:
-    """TF32 matmuls and convolutions on CUDA (what stays float32 under autocast); nothing on CPU."""
-    if torch.device(device).type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    return cuda_autocast(device, torch.bfloat16, enabled)
 
 
 class HFRollout:

@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from rpt_common.errors import UserError
-from rpt_common.models import pick_device
+from rpt_common.models import enable_tf32, pick_device
 from rpt_train import distributed, plan
 from rpt_train.checkpoint import (base_model_identity, latest_checkpoint, load_trainer_state, restore_rng,
                                   save_checkpoint, tidy_checkpoints)
@@ -29,7 +29,7 @@ from rpt_train.evaluate import EVAL_BUCKETS, evaluate, select_positions, write_j
 from rpt_train.metrics import MetricsLogger
 from rpt_train.policy import eos_ids, freeze
 from rpt_train.reward import RewardFn, combine, load_reward_fn, rpt_reward
-from rpt_train.rollout import HFRollout, RolloutEngine, SamplingParams, enable_tf32
+from rpt_train.rollout import HFRollout, RolloutEngine, SamplingParams
 from rpt_train.samples import TrainSamples
 from rpt_train.templates import PromptBuilder
 from rpt_train.update import autocast, no_update, update_policy
