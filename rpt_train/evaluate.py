@@ -105,10 +105,10 @@ def score_positions(model, tokenizer, engine, samples: list[Sample], cfg) -> lis
     scored = []
     for i in range(0, len(samples), per_call):
         chunk = samples[i:i + per_call]
-        batch = engine.generate([prompts.ids(s.context) for s in chunk], params)
+        ids = [prompts.ids(s.context) for s in chunk]
+        batch = engine.generate(ids, params)
         lengths = batch.lengths.tolist()
-        greedy_texts = [prompts.completion(t) for t in engine.generate([prompts.ids(s.context) for s in chunk],
-                                                                      greedy_params).texts]
+        greedy_texts = [prompts.completion(t) for t in engine.generate(ids, greedy_params).texts]
         for j, s in enumerate(chunk):
             texts = [prompts.completion(t) for t in batch.texts[j * cfg.samples:(j + 1) * cfg.samples]]
             answers = [extract_answer(t, cfg.answer_format) for t in texts]

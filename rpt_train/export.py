@@ -14,7 +14,7 @@ from rpt_common.errors import UserError
 from rpt_common.models import load_tokenizer, tokenizer_identity
 from rpt_train.config import ExportConfig, to_dict
 from rpt_train.policy import resolve_policy
-from rpt_train.samples import PositionSampler, Sample, SampleBuilder, TrainSamples, cuts_of, select_mask
+from rpt_train.samples import PositionSampler, Sample, SampleBuilder, TrainSamples
 from rpt_train.templates import PromptBuilder
 
 DATA_SOURCE = "rpt"
@@ -51,13 +51,12 @@ def record(fmt: str, s: Sample, prompts: PromptBuilder, split: str, index: int) 
     wants one string)."""
     meta = {"key": s.key, "doc_id": s.doc_id, "bucket": s.bucket, "entropy": s.entropy}
     label = json.dumps(s.label_tokens, ensure_ascii=False)
-    body = prompts.template.replace("{context}", s.context)
     if fmt == "verl":
-        return {"data_source": DATA_SOURCE, "prompt": [{"role": "user", "content": body}],
+        return {"data_source": DATA_SOURCE, "prompt": prompts.messages(s.context),
                 "ability": "next_token_reasoning", "reward_model": {"style": "rule", "ground_truth": label},
                 "extra_info": {"split": split, "index": index, **meta}}
     if fmt == "trl":  # conversational unless a response prefix must be prefilled into a rendered prompt
-        prompt = [{"role": "user", "content": body}] if trl_conversational(prompts) else prompts.text(s.context)
+        prompt = prompts.messages(s.context) if trl_conversational(prompts) else prompts.text(s.context)
         return {"prompt": prompt, "label_tokens": s.label_tokens, "response_prefix": prompts.response_prefix, **meta}
     return {"input": prompts.text(s.context), "label": label, **meta}
 
@@ -100,15 +99,9 @@ def one_pass(sampler: PositionSampler, build: SampleBuilder, limit: int, batch: 
         yield samples
 
 
-def heldout_stream(cfg: ExportConfig, data: TrainSamples, tokenizer) -> tuple[PositionSampler, SampleBuilder]:
-    """The held-out documents' positions under the same position filter, in a seeded order."""
-    cands = data.shards.candidates(cfg.entropy_metric, cfg.heldout_fraction, cfg.split_seed, cuts=cuts_of(cfg))
-    cands = cands.take(select_mask(cands, bucket=cfg.bucket, min_entropy=cfg.min_entropy,
-                                   thresholds=cfg.bucket_thresholds) & cands.heldout)
-    build = SampleBuilder(data.shards, cands, tokenizer, labels_length=cfg.labels_length,
-                          max_context_tokens=cfg.max_context_tokens, thresholds=cfg.bucket_thresholds,
-                          answer_format=cfg.answer_format)
-    return PositionSampler(len(cands), cfg.seed), build
+def heldout_stream(cfg: ExportConfig, data: TrainSamples) -> tuple[PositionSampler, SampleBuilder]:
+    """The held-out documents' positions under the same position filter (kept by TrainSamples), in a seeded order."""
+    return PositionSampler(len(data.heldout_cands), cfg.seed), data.builder(data.heldout_cands)
 
 
 def prepare_out(cfg: ExportConfig) -> Path:
@@ -131,12 +124,12 @@ def export(cfg: ExportConfig) -> dict:
     tok = load_tokenizer(resolve_policy(cfg.model))
     prompts = PromptBuilder(tok, cfg.template, cfg.chat_template, cfg.response_prefix)
     check_engine(cfg, prompts)
-    data = TrainSamples(cfg, tok)  # fills the shards' entropy metric and buckets into cfg
+    data = TrainSamples(cfg, tok, keep_heldout=True)  # fills the shards' entropy metric and buckets into cfg
     out = prepare_out(cfg)
     schema = {"verl": VERL_SCHEMA, "trl": trl_schema(trl_conversational(prompts)), "openrlhf": None}[cfg.format]
     streams = {"train": (data.sampler, data.build, cfg.limit)}
     if cfg.heldout_fraction > 0:
-        streams["heldout"] = (*heldout_stream(cfg, data, tok), cfg.heldout_limit)
+        streams["heldout"] = (*heldout_stream(cfg, data), cfg.heldout_limit)
     files = {}
     bar = Progress(TextColumn("[bold]export {task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("positions, {task.fields[rows]:,} samples"), TimeElapsedColumn(),

@@ -315,21 +315,29 @@ def select_mask(cands: Candidates, *, bucket: str, min_entropy: float | None, th
 class TrainSamples:
     """The training stream: held-out documents excluded, positions filtered, order seeded and resumable."""
 
-    def __init__(self, cfg, tokenizer):
+    def __init__(self, cfg, tokenizer, *, keep_heldout: bool = False):
+        """`keep_heldout`: also keep the held-out documents' positions under the same filter (`heldout_cands`)."""
+        self.cfg, self.tokenizer = cfg, tokenizer
         self.shards = ShardSet(cfg.shards)
         resolve_shard_defaults(cfg, self.shards)
         cands = self.shards.candidates(cfg.entropy_metric, cfg.heldout_fraction, cfg.split_seed, cuts=cuts_of(cfg))
         mask = select_mask(cands, bucket=cfg.bucket, min_entropy=cfg.min_entropy, thresholds=cfg.bucket_thresholds)
+        self.heldout_cands = cands.take(mask & cands.heldout) if keep_heldout else None
         mask &= ~cands.heldout
         if not mask.any():
             what = f"entropy above {cfg.min_entropy}" if cfg.min_entropy is not None else f"bucket '{cfg.bucket}'"
             raise UserError(f"no training position in '{cfg.shards}' has {what} ({len(cands)} scored positions, "
                             f"{int(cands.heldout.sum())} held out); choose an easier --bucket or a lower --min-entropy")
         self.cands = cands.take(mask)
-        self.build = SampleBuilder(self.shards, self.cands, tokenizer, labels_length=cfg.labels_length,
-                                   max_context_tokens=cfg.max_context_tokens, thresholds=cfg.bucket_thresholds,
-                                   answer_format=cfg.answer_format)
+        self.build = self.builder(self.cands)
         self.sampler = PositionSampler(len(self.cands), cfg.seed)
+
+    def builder(self, cands: Candidates) -> SampleBuilder:
+        """A SampleBuilder over `cands` with this run's tokenizer, labels, context cut and answer format."""
+        c = self.cfg
+        return SampleBuilder(self.shards, cands, self.tokenizer, labels_length=c.labels_length,
+                             max_context_tokens=c.max_context_tokens, thresholds=c.bucket_thresholds,
+                             answer_format=c.answer_format)
 
     def __len__(self) -> int:
         return len(self.cands)

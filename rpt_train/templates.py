@@ -60,11 +60,14 @@ class PromptBuilder:
         """The whole response: the response prefix written into the prompt, then the generated text."""
         return self.response_prefix + generated
 
+    def messages(self, context: str) -> list[dict]:
+        """The prompt as chat messages (one user turn), before any chat template is applied."""
+        return [{"role": "user", "content": self.template.replace("{context}", context)}]
+
     def text(self, context: str) -> str:
-        body = self.template.replace("{context}", context)
+        messages = self.messages(context)
         if not self.chat:
-            return body + self.response_prefix
-        messages = [{"role": "user", "content": body}]
+            return messages[0]["content"] + self.response_prefix
         # enable_thinking is read by templates that support it (e.g. Qwen3) and ignored by the rest.
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
                                                   enable_thinking=True) + self.response_prefix
