@@ -161,9 +161,9 @@ def answer_target(label: str, response_prefix: str) -> str:
     return answer[len(response_prefix):] if response_prefix and answer.startswith(response_prefix) else answer
 
 
-def sft_train(cfg: TrainConfig, label_tokens: int = 1) -> dict:
-    """Supervised control: per step the next --batch-prompts contexts of the same seeded training stream as RPT,
-    cross-entropy (token mean) on the true first `label_tokens` label tokens in the answer format, then EOS; same
+def sft_train(cfg: TrainConfig, draws: list[int], label_tokens: int = 1) -> dict:
+    """Supervised control: per step the same contexts the RPT arm drew at that step (`draws[step - 1]` of the same
+    seeded training stream, refill rounds included, so both arms see the same positions), cross-entropy (token mean) on the true first `label_tokens` label tokens in the answer format, then EOS; same
     optimizer, lr schedule and gradient clipping as rpt-train. Writes OUT/metrics.jsonl and OUT/model."""
     from rpt_train.metrics import MetricsLogger
     from rpt_train.policy import load_policy
@@ -191,7 +191,7 @@ def sft_train(cfg: TrainConfig, label_tokens: int = 1) -> dict:
     for step in range(1, cfg.steps + 1):
         t0 = time.perf_counter()
         rows = []
-        for s in data.next_batch(cfg.batch_prompts):
+        for s in data.next_batch(draws[step - 1]):
             target = tok(answer_target("".join(s.label_tokens[:label_tokens]), cfg.response_prefix),
                          add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
             rows.append((prompts.ids(s.context), target))
@@ -223,7 +223,7 @@ def sft_train(cfg: TrainConfig, label_tokens: int = 1) -> dict:
     logger.close()
     model.save_pretrained(out / "model")
     tok.save_pretrained(out / "model")
-    return {"trained_tokens": tokens_seen, "label_tokens": label_tokens}
+    return {"trained_tokens": tokens_seen, "label_tokens": label_tokens, "contexts": sum(draws[:cfg.steps])}
 
 
 def train_arm(arm: str, tcfg: TrainConfig, root: Path) -> tuple[str, dict]:
@@ -233,7 +233,12 @@ def train_arm(arm: str, tcfg: TrainConfig, root: Path) -> tuple[str, dict]:
     out = root / arm / "train"
     cfg = TrainConfig(**{**to_dict(tcfg), "out": str(out)})
     if arm == "sft":
-        stats = sft_train(cfg)
+        rpt_metrics = read_jsonl(root / "rpt" / "train" / "metrics.jsonl")
+        draws = [m.get("contexts_drawn") for m in rpt_metrics]
+        if len(draws) < cfg.steps or None in draws:
+            raise UserError(f"the sft arm trains on the contexts the rpt arm drew: '{root / 'rpt'}' has no complete "
+                            "run with contexts_drawn per step; run the rpt arm first")
+        stats = sft_train(cfg, draws)
         return str(out / "model"), stats
     # shuffled: the RPT reward is switched off and a permuted copy of it is added (learn_check's control)
     fns = [shuffled_reward(cfg.seed)] if arm == "shuffled" else []
@@ -242,7 +247,8 @@ def train_arm(arm: str, tcfg: TrainConfig, root: Path) -> tuple[str, dict]:
     train(cfg, reward_fns=fns)
     metrics = read_jsonl(out / "metrics.jsonl")
     return str(out), {"rollout_tokens": sum(m.get("rollout_tokens", 0) for m in metrics),
-                      "groups_trained": sum(m.get("groups_kept", 0) for m in metrics)}
+                      "groups_trained": sum(m.get("groups_kept", 0) for m in metrics),
+                      "contexts": sum(m.get("contexts_drawn", 0) for m in metrics)}
 
 
 def run_arm(arm: str, args) -> Path:

@@ -68,12 +68,13 @@ def collect(cfg, data: TrainSamples, prompts: PromptBuilder, engine: RolloutEngi
     """One step's training groups. With dynamic sampling, groups whose rewards all agree (zero std, no signal)
     are dropped and new contexts drawn, at most --max-sampling-rounds rounds; stats cover every rollout made.
     The batch is None when no rank kept a group, and empty on a rank that kept none while others did."""
-    G, need, rounds, made, kept = cfg.group_size, cfg.batch_prompts, 0, [], []
+    G, need, rounds, made, kept, n_drawn = cfg.group_size, cfg.batch_prompts, 0, [], [], 0
     rank, world, place = distributed.rank(), distributed.world_size(), _Placement()
     t0 = time.perf_counter()
     while need > 0 and rounds < (cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
         rounds += 1
         drawn = data.next_batch(need)
+        n_drawn += len(drawn)
         groups = rollout_groups(drawn[rank::world], prompts, engine, reward_fn, params, cfg.answer_format)
         made.append(groups)
         keep = (group_std(groups.rewards, G) > 0).tolist() if cfg.dynamic_sampling else [True] * len(groups.samples)
@@ -81,7 +82,8 @@ def collect(cfg, data: TrainSamples, prompts: PromptBuilder, engine: RolloutEngi
             kept.append(take_groups(groups, [g for g, k in enumerate(keep) if k], G))
         need -= place.add_round(keep, len(drawn))
     stats = rollout_stats(made, G, distributed.all_max(time.perf_counter() - t0))
-    stats |= {"sampling_rounds": rounds, "groups_kept": place.kept_before, "samples_skipped": data.build.skipped}
+    stats |= {"sampling_rounds": rounds, "contexts_drawn": n_drawn, "groups_kept": place.kept_before,
+              "samples_skipped": data.build.skipped}
     batch = None
     if kept:
         batch = Groups(samples=[s for g in kept for s in g.samples], answers=[a for g in kept for a in g.answers],

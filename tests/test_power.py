@@ -101,7 +101,7 @@ def test_sft_loss_is_cross_entropy_on_the_answer_tokens_only(power, tiny_llama, 
     cfg = TrainConfig(shards=str(train_shards), model=str(tiny_llama), out=str(tmp_path / "sft"), bucket="all",
                       steps=1, batch_prompts=3, micro_batch_size=2, template="answer-only", chat_template="off",
                       response_prefix="\\boxed{", lr=1e-3, device="cpu")
-    power.sft_train(cfg)
+    power.sft_train(cfg, [3])
     logged = json.loads((tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()[0])
     # expected: the untrained model's mean NLL of "label}<eos>" after each prompt, one row at a time
     policy = load_policy(str(tiny_llama), device="cpu")
