@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # learn_check: the shu
 from learn_check import shuffled_reward  # noqa: E402
 
 from rpt_common.errors import UserError  # noqa: E402
-from rpt_train.config import EvalConfig, TrainConfig, field_types, load_config, to_dict  # noqa: E402
+from rpt_train.config import EvalConfig, TrainConfig, coerce, field_types, load_config, to_dict  # noqa: E402
 from rpt_train.evaluate import EVAL_BUCKETS, evaluate, write_json  # noqa: E402
 from rpt_train.stats import wilson  # noqa: E402
 
@@ -127,9 +127,25 @@ def power_table(before: dict, alpha: float = 0.05, power: float = 0.8) -> dict:
 
 # ---- arms -------------------------------------------------------------------------------------------------------
 
+def parse_sets(pairs: list[str]) -> dict:
+    """`--set key=value` training overrides of a variant (values read as YAML), keys checked against TrainConfig."""
+    import yaml
+
+    out = {}
+    for pair in pairs or ():
+        key, eq, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in field_types(TrainConfig):
+            raise UserError(f"--set '{pair}': expected KEY=VALUE with KEY a training option (see `rpt-train run --help`)")
+        out[key] = coerce(key, field_types(TrainConfig)[key], yaml.safe_load(value))
+    return out
+
+
 def configs(args) -> tuple[TrainConfig, EvalConfig, Path]:
     extra = SMOKE if args.smoke else {}
-    tcfg = load_config(TrainConfig, args.recipe, {k: v for k, v in extra.items() if k in field_types(TrainConfig)})
+    sets = parse_sets(getattr(args, "set", None))
+    tcfg = load_config(TrainConfig, args.recipe,
+                       {k: v for k, v in extra.items() if k in field_types(TrainConfig)} | sets)
     ecfg = load_config(EvalConfig, args.recipe, {"split": "heldout",
                                                  **{k: v for k, v in extra.items() if k in field_types(EvalConfig)}})
     root = Path(tcfg.out + ("-smoke" if args.smoke else ""))
@@ -226,11 +242,12 @@ def sft_train(cfg: TrainConfig, draws: list[int], label_tokens: int = 1) -> dict
     return {"trained_tokens": tokens_seen, "label_tokens": label_tokens, "contexts": sum(draws[:cfg.steps])}
 
 
-def train_arm(arm: str, tcfg: TrainConfig, root: Path) -> tuple[str, dict]:
-    """Train one arm into ROOT/ARM/train; returns the model to evaluate and compute stats."""
+def train_arm(arm: str, tcfg: TrainConfig, root: Path, name: str | None = None) -> tuple[str, dict]:
+    """Train one arm into ROOT/NAME/train (NAME: the arm, or a variant's name); returns the model to evaluate and
+    compute stats."""
     from rpt_train.trainer import train
 
-    out = root / arm / "train"
+    out = root / (name or arm) / "train"
     cfg = TrainConfig(**{**to_dict(tcfg), "out": str(out)})
     if arm == "sft":
         rpt_metrics = read_jsonl(root / "rpt" / "train" / "metrics.jsonl")
@@ -252,19 +269,21 @@ def train_arm(arm: str, tcfg: TrainConfig, root: Path) -> tuple[str, dict]:
 
 
 def run_arm(arm: str, args) -> Path:
-    """Train (unless `before`) and evaluate one arm; ROOT/ARM/eval.json. A rerun starts the arm over."""
+    """Train (unless `before`) and evaluate one arm; ROOT/ARM/eval.json (ROOT/NAME/ for a --name'd variant with
+    --set overrides: a lever tried, reported beside the arms). A rerun starts the arm over."""
     tcfg, ecfg, root = configs(args)
-    shutil.rmtree(root / arm, ignore_errors=True)
-    (root / arm).mkdir(parents=True)
+    name = getattr(args, "name", None) or arm
+    shutil.rmtree(root / name, ignore_errors=True)
+    (root / name).mkdir(parents=True)
     t0 = time.perf_counter()
-    model, stats = (tcfg.model, {}) if arm == "before" else train_arm(arm, tcfg, root)
+    model, stats = (tcfg.model, {}) if arm == "before" else train_arm(arm, tcfg, root, name)
     train_seconds = time.perf_counter() - t0
     result = run_eval(ecfg, model)
-    path = root / arm / "eval.json"
-    write_json({"arm": arm, "eval": result, "steps": 0 if arm == "before" else tcfg.steps,
+    path = root / name / "eval.json"
+    write_json({"arm": arm, "name": name, "overrides": parse_sets(getattr(args, "set", None)), "eval": result, "steps": 0 if arm == "before" else tcfg.steps,
                 "train_seconds": train_seconds, "seconds": time.perf_counter() - t0, "device": device_name(),
                 "compute": stats, "train_config": to_dict(tcfg), "eval_config": to_dict(ecfg)}, path)
-    print(f"{arm}: " + ", ".join(f"{b} {result[b]['ntr_accuracy']:.3f}" for b in EVAL_BUCKETS) + f" -> {path}")
+    print(f"{name}: " + ", ".join(f"{b} {result[b]['ntr_accuracy']:.3f}" for b in EVAL_BUCKETS) + f" -> {path}")
     return path
 
 
@@ -377,6 +396,25 @@ def write_md(res: dict, runs: dict[str, list[dict]], evals: dict, path: Path, pn
     for name, c in res["comparisons"].items():
         lines.append(f"| {name} | " + " | ".join(
             f"{c[b]['diff']:+.3f} (p {c[b]['p_value']:.3f})" if b in c else "-" for b in EVAL_BUCKETS) + " |")
+    for key, comps in res.get("comparisons_by_metric", {}).items():
+        lines += ["", f"{key}:", "", "| comparison | " + " | ".join(EVAL_BUCKETS) + " |",
+                  "|---|" + "---|" * len(EVAL_BUCKETS)]
+        for name, c in comps.items():
+            lines.append(f"| {name} | " + " | ".join(
+                f"{c[b]['diff']:+.3f} (p {c[b]['p_value']:.3f})" if b in c else "-" for b in EVAL_BUCKETS) + " |")
+    if res.get("levers"):
+        lines += ["", "## Levers tried (variants of an arm, same held-out evaluation, bucket `all`)", "",
+                  "| variant | arm | overrides | NTR sampled | NTR greedy | pass@k | answer rate | NTP | NTR - before "
+                  "| NTP - before |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for name, v in res["levers"].items():
+            r = v["buckets"]["all"]
+            d, dn = v["vs_before"].get("all"), v["vs_before_ntp"].get("all")
+            lines.append(f"| {name} | {v['arm']} | {json.dumps(v['overrides'])} | {cell(r, 'ntr_accuracy')} | "
+                         f"{cell(r, 'ntr_greedy_accuracy')} | {cell(r, 'ntr_pass_at_k')} | "
+                         f"{'-' if r['answer_rate'] is None else format(r['answer_rate'], '.3f')} | "
+                         f"{cell(r, 'ntp_accuracy')} | "
+                         + (f"{d['diff']:+.3f} (p {d['p_value']:.3f})" if d else "-") + " | "
+                         + (f"{dn['diff']:+.3f} (p {dn['p_value']:.3f})" if dn else "-") + " |")
     lines += ["", f"![reward, answer rate, zero-variance groups, loss]({png.name})", ""]
     for arm, metrics in runs.items():
         if metrics and "reward" in metrics[0]:
@@ -411,22 +449,38 @@ def report(args) -> Path:
     dest = root if args.smoke else Path("results")
     dest.mkdir(parents=True, exist_ok=True)
     json_path, md_path, png_path = dest / f"{name}.json", dest / f"{name}.md", dest / f"{name}.png"
-    arms = {a: {b: {f: e["eval"][b][f] for f in FIELDS} | {f"{f}_ci": e["eval"][b][f"{f}_ci"] for f in ACCURACIES}
-                for b in EVAL_BUCKETS} for a, e in evals.items()}
+    def buckets(e: dict) -> dict:
+        return {b: {f: e["eval"][b][f] for f in FIELDS} | {f"{f}_ci": e["eval"][b][f"{f}_ci"] for f in ACCURACIES}
+                for b in EVAL_BUCKETS}
+
+    arms = {a: buckets(e) for a, e in evals.items()}
     power = power_table(evals["before"]["eval"])
-    comparisons = {f"{a} - {b}": compare(arms[a], arms[b], power) for a, b in
-                   (("rpt", "before"), ("shuffled", "before"), ("sft", "before"), ("rpt", "shuffled"), ("rpt", "sft"))}
+    pairs = (("rpt", "before"), ("shuffled", "before"), ("sft", "before"), ("rpt", "shuffled"), ("rpt", "sft"))
+    comparisons = {f"{a} - {b}": compare(arms[a], arms[b], power) for a, b in pairs}
+    by_metric = {key: {f"{a} - {b}": compare(arms[a], arms[b], power, key) for a, b in pairs}
+                 for key in ("ntr_greedy_accuracy", "ntp_accuracy")}
+    levers = {}  # variants run with --name/--set: the levers tried, on the same held-out evaluation
+    for p in sorted(root.glob("*/eval.json")):
+        if p.parent.name in ARMS:
+            continue
+        e = json.loads(p.read_text())
+        b = buckets(e)
+        levers[p.parent.name] = {"arm": e["arm"], "overrides": e.get("overrides", {}), "steps": e["steps"],
+                                 "seconds": round(e["seconds"], 1), "compute": e["compute"], "buckets": b,
+                                 "vs_before": compare(b, arms["before"], power),
+                                 "vs_before_ntp": compare(b, arms["before"], power, "ntp_accuracy")}
     old = json.loads(json_path.read_text()) if json_path.exists() else {}
     res = {"arms": arms, "config": {"train": evals["rpt"]["train_config"], "eval": evals["before"]["eval_config"]},
            "steps": evals["rpt"]["steps"], "seconds": {a: round(e["seconds"], 1) for a, e in evals.items()},
            "device": evals["rpt"]["device"], "compute": {a: e["compute"] for a, e in evals.items()},
            "power": power, "detectable_effect": {b: power["buckets"][b]["detectable_effect"] for b in EVAL_BUCKETS},
-           "comparisons": comparisons, "verdict": verdict_text(comparisons, power)}
+           "comparisons": comparisons, "comparisons_by_metric": by_metric, "levers": levers,
+           "verdict": verdict_text(comparisons, power)}
     if old.get("notes"):
         res["notes"] = old["notes"]  # the hand-written lever log survives a re-report
     res.update({"arms": {a: res["arms"][a] for a in ARMS}})
     json_path.write_text(json.dumps(res, indent=1))
-    runs = {a: read_jsonl(root / a / "train" / "metrics.jsonl") for a in ("rpt", "shuffled", "sft")}
+    runs = {a: read_jsonl(root / a / "train" / "metrics.jsonl") for a in ("rpt", "shuffled", "sft", *levers)}
     curves_png(runs, png_path)
     write_md(res, runs, evals, md_path, png_path)
     print(res["verdict"])
@@ -440,7 +494,12 @@ def main(argv=None) -> None:
     ap.add_argument("--recipe", default="pipelines/smollm2-champ-power.yaml")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, outputs under out/ only")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default: all cores)")
+    ap.add_argument("--name", help="run ARM as a variant (a lever tried) into OUT/NAME; the report lists it apart")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a variant's training override, e.g. --set bucket=all (repeatable; needs --name)")
     args = ap.parse_args(argv)
+    if (args.name or args.set) and (args.arm in ("report", "all") or not args.name or args.name in ARMS):
+        ap.error("--name/--set run one arm as a variant: give ARM, a --name that is not an arm's, and the --set overrides")
     from transformers.utils import logging
 
     logging.set_verbosity_error()

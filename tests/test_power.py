@@ -139,3 +139,27 @@ def test_power_script_smoke_runs_every_arm_and_reports(power, tiny_llama, train_
     assert (root / "tiny-power.md").read_text().count("| NTR accuracy (sampled), ") == 4
     assert (root / "tiny-power.png").stat().st_size > 0
     assert len((root / "sft" / "train" / "metrics.jsonl").read_text().splitlines()) == power.SMOKE["steps"]
+    # the SFT arm drew, step by step, as many contexts as the RPT arm did (refill rounds included)
+    rpt_draws = [json.loads(x)["contexts_drawn"] for x in (root / "rpt" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert res["compute"]["sft"]["contexts"] == sum(rpt_draws) == res["compute"]["rpt"]["contexts"] > 0
+    assert set(res["comparisons_by_metric"]) == {"ntr_greedy_accuracy", "ntp_accuracy"} and res["levers"] == {}
+
+    # a lever: one arm rerun as a named variant with a training override, listed apart by the report
+    power.main(["rpt", "--recipe", str(recipe), "--smoke", "--name", "rpt-hi-lr", "--set", "lr=1e-3"])
+    power.main(["report", "--recipe", str(recipe), "--smoke"])
+    res = json.loads((root / "tiny-power.json").read_text())
+    assert list(res["arms"]) == ["before", "rpt", "shuffled", "sft"] and list(res["levers"]) == ["rpt-hi-lr"]
+    lever = res["levers"]["rpt-hi-lr"]
+    assert lever["arm"] == "rpt" and lever["overrides"] == {"lr": 1e-3} and "all" in lever["vs_before"]
+    assert yaml.safe_load((root / "rpt-hi-lr" / "train" / "config.yaml").read_text())["lr"] == 1e-3
+    assert "| rpt-hi-lr | rpt |" in (root / "tiny-power.md").read_text()
+
+
+def test_power_variant_options_are_checked(power):
+    with pytest.raises(SystemExit):
+        power.main(["rpt", "--set", "lr=1e-3"])  # --set without --name
+    with pytest.raises(SystemExit):
+        power.main(["rpt", "--name", "sft", "--set", "lr=1e-3"])  # a variant may not take an arm's name
+    from rpt_common.errors import UserError
+    with pytest.raises(UserError, match="no-such-key"):
+        power.parse_sets(["no-such-key=1"])
