@@ -143,9 +143,8 @@ def parse_sets(pairs: list[str]) -> dict:
 
 def configs(args) -> tuple[TrainConfig, EvalConfig, Path]:
     extra = SMOKE if args.smoke else {}
-    sets = parse_sets(getattr(args, "set", None))
     tcfg = load_config(TrainConfig, args.recipe,
-                       {k: v for k, v in extra.items() if k in field_types(TrainConfig)} | sets)
+                       {k: v for k, v in extra.items() if k in field_types(TrainConfig)} | args.overrides)
     ecfg = load_config(EvalConfig, args.recipe, {"split": "heldout",
                                                  **{k: v for k, v in extra.items() if k in field_types(EvalConfig)}})
     root = Path(tcfg.out + ("-smoke" if args.smoke else ""))
@@ -179,8 +178,8 @@ def answer_target(label: str, response_prefix: str) -> str:
 
 def sft_train(cfg: TrainConfig, draws: list[int], label_tokens: int = 1) -> dict:
     """Supervised control: per step the same contexts the RPT arm drew at that step (`draws[step - 1]` of the same
-    seeded training stream, refill rounds included, so both arms see the same positions), cross-entropy (token mean) on the true first `label_tokens` label tokens in the answer format, then EOS; same
-    optimizer, lr schedule and gradient clipping as rpt-train. Writes OUT/metrics.jsonl and OUT/model."""
+    seeded training stream, refill rounds included, so both arms see the same positions), cross-entropy (token
+    mean) on the true first `label_tokens` label tokens in the answer format, then EOS; same optimizer, lr schedule and gradient clipping as rpt-train. Writes OUT/metrics.jsonl and OUT/model."""
     from rpt_train.metrics import MetricsLogger
     from rpt_train.policy import load_policy
     from rpt_train.samples import TrainSamples
@@ -272,7 +271,7 @@ def run_arm(arm: str, args) -> Path:
     """Train (unless `before`) and evaluate one arm; ROOT/ARM/eval.json (ROOT/NAME/ for a --name'd variant with
     --set overrides: a lever tried, reported beside the arms). A rerun starts the arm over."""
     tcfg, ecfg, root = configs(args)
-    name = getattr(args, "name", None) or arm
+    name = args.name or arm
     shutil.rmtree(root / name, ignore_errors=True)
     (root / name).mkdir(parents=True)
     t0 = time.perf_counter()
@@ -280,7 +279,8 @@ def run_arm(arm: str, args) -> Path:
     train_seconds = time.perf_counter() - t0
     result = run_eval(ecfg, model)
     path = root / name / "eval.json"
-    write_json({"arm": arm, "name": name, "overrides": parse_sets(getattr(args, "set", None)), "eval": result, "steps": 0 if arm == "before" else tcfg.steps,
+    write_json({"arm": arm, "name": name, "overrides": args.overrides, "eval": result,
+                "steps": 0 if arm == "before" else tcfg.steps,
                 "train_seconds": train_seconds, "seconds": time.perf_counter() - t0, "device": device_name(),
                 "compute": stats, "train_config": to_dict(tcfg), "eval_config": to_dict(ecfg)}, path)
     print(f"{name}: " + ", ".join(f"{b} {result[b]['ntr_accuracy']:.3f}" for b in EVAL_BUCKETS) + f" -> {path}")
@@ -358,6 +358,12 @@ def cell(r: dict, key: str) -> str:
     return f"{r[key]:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{r[key]:.3f}"
 
 
+def comparison_rows(comparisons: dict) -> list[str]:
+    """One markdown row per comparison: the difference and its p-value in each bucket."""
+    return [f"| {name} | " + " | ".join(f"{c[b]['diff']:+.3f} (p {c[b]['p_value']:.3f})" if b in c else "-"
+                                        for b in EVAL_BUCKETS) + " |" for name, c in comparisons.items()]
+
+
 def write_md(res: dict, runs: dict[str, list[dict]], evals: dict, path: Path, png: Path) -> None:
     k = res["config"]["eval"]["samples"]
     head = "| | " + " | ".join(EVAL_BUCKETS) + " |"
@@ -393,15 +399,10 @@ def write_md(res: dict, runs: dict[str, list[dict]], evals: dict, path: Path, pn
                      f"| {t['n_effective']} | {t['detectable_effect']} | {t['detectable_effect_iid']} |")
     lines += ["", "## Comparisons (NTR accuracy, sampled)", "", "| comparison | " + " | ".join(EVAL_BUCKETS) + " |",
               "|---|" + "---|" * len(EVAL_BUCKETS)]
-    for name, c in res["comparisons"].items():
-        lines.append(f"| {name} | " + " | ".join(
-            f"{c[b]['diff']:+.3f} (p {c[b]['p_value']:.3f})" if b in c else "-" for b in EVAL_BUCKETS) + " |")
+    lines += comparison_rows(res["comparisons"])
     for key, comps in res.get("comparisons_by_metric", {}).items():
         lines += ["", f"{key}:", "", "| comparison | " + " | ".join(EVAL_BUCKETS) + " |",
-                  "|---|" + "---|" * len(EVAL_BUCKETS)]
-        for name, c in comps.items():
-            lines.append(f"| {name} | " + " | ".join(
-                f"{c[b]['diff']:+.3f} (p {c[b]['p_value']:.3f})" if b in c else "-" for b in EVAL_BUCKETS) + " |")
+                  "|---|" + "---|" * len(EVAL_BUCKETS)] + comparison_rows(comps)
     if res.get("levers"):
         lines += ["", "## Levers tried (variants of an arm, same held-out evaluation, bucket `all`)", "",
                   "| variant | arm | overrides | NTR sampled | NTR greedy | pass@k | answer rate | NTP | NTR - before "
@@ -499,7 +500,9 @@ def main(argv=None) -> None:
                     help="a variant's training override, e.g. --set bucket=all (repeatable; needs --name)")
     args = ap.parse_args(argv)
     if (args.name or args.set) and (args.arm in ("report", "all") or not args.name or args.name in ARMS):
-        ap.error("--name/--set run one arm as a variant: give ARM, a --name that is not an arm's, and the --set overrides")
+        ap.error("--name/--set run one arm as a variant: give ARM, a --name that is not an arm's, and the --set "
+                 "overrides")
+    args.overrides = parse_sets(args.set)  # checked before any model loads
     from transformers.utils import logging
 
     logging.set_verbosity_error()
