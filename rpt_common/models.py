@@ -65,11 +65,16 @@ def cuda_autocast(device, dtype: torch.dtype = torch.bfloat16, enabled: bool = T
     return contextlib.nullcontext()
 
 
-def enable_tf32(device) -> None:
-    """TF32 matmuls and convolutions on CUDA (what stays float32 under autocast); nothing on CPU."""
-    if torch.device(device).type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+def enable_tf32(device, dtype: torch.dtype | None = None) -> bool:
+    """TF32 matmuls and convolutions on CUDA only with a bf16/fp16 compute dtype (for what autocast leaves in
+    float32); float32 (or no dtype given) means exact float32, so TF32 is switched off. Nothing on CPU.
+    Returns whether TF32 is on."""
+    if torch.device(device).type != "cuda":
+        return False
+    on = dtype in (torch.bfloat16, torch.float16)
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+    return on
 
 
 def tokenizer_identity(tokenizer) -> dict:

@@ -1,12 +1,40 @@
 """`rpt-data`: tag a corpus with proxy-model entropy, inspect and validate the shards."""
 from __future__ import annotations
 
+import re
+import sys
+
 import click
 
 from rpt_common.errors import user_errors
 from rpt_common.recipe import build_config, load_recipe
 
 CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+ESCAPES = {"\\n": "\n", "\\t": "\t", "\\\\": "\\"}  # what `--template "{a}\n\n{b}"` means as typed in a shell
+
+
+def unescape(ctx, param, value: str | None) -> str | None:
+    """\\n, \\t and \\\\ typed in an option value -> newline, tab, backslash (other backslashes stay as typed)."""
+    return None if value is None else re.sub(r"\\[nt\\]", lambda m: ESCAPES[m.group()], value)
+
+
+def proxy_options(fn):
+    """The proxy-model options `tag` and `prefix-study` share: one declaration, one help text."""
+    options = [
+        click.option("--model",
+                     help="Proxy model: HF directory, .gguf file, or 'demo' (SmolLM2-135M-Instruct). [demo]"),
+        click.option("--top-k", type=int, help="k of the top-k entropy. [16]"),
+        click.option("--metric", type=click.Choice(["topk", "full"]), help="Entropy used for tags and buckets. [topk]"),
+        click.option("--select-above", type=float, help="Tag positions whose entropy exceeds this (nats). [0.5]"),
+        click.option("--buckets", help="Comma-separated bucket thresholds in nats (easy,medium,hard). [0.5,1.0,1.5]"),
+        click.option("--batch-tokens", type=int, help="Padded tokens per forward pass. [16384]"),
+        click.option("--device", help="auto, cpu or cuda[:N]. [auto]"),
+        click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+                     help="Model dtype; auto = bf16 on GPU, fp32 on CPU. [auto]"),
+    ]
+    for option in reversed(options):  # click lists options in decorator order, top to bottom
+        fn = option(fn)
+    return fn
 
 
 @click.group(context_settings=CTX)
@@ -20,24 +48,20 @@ def main():
 @click.option("--format", type=click.Choice(["jsonl", "parquet", "text", "hf"]),
               help="Input format; inferred from the extension when omitted (hf = datasets.save_to_disk dir).")
 @click.option("--text-field", help="Field holding the text (default: text).")
-@click.option("--template", help='Python format string over record fields, e.g. "{problem}\\n\\n{solution}".')
+@click.option("--template", callback=unescape,
+              help='Python format string over record fields, e.g. "{problem}\\n\\n{solution}" '
+                   '(\\n, \\t and \\\\ are read as newline, tab and backslash).')
 @click.option("--id-field", help="Field holding a stable document id (default: <file>:<line>).")
 @click.option("--mode", type=click.Choice(["structured", "continuous"]),
               help="structured: each record its own stream; continuous: each file one stream. [structured]")
-@click.option("--separator", help="Text between records of one file in continuous mode. [\\n\\n]")
-@click.option("--model", help="Proxy model: HF directory, .gguf file, or 'demo' (SmolLM2-135M-Instruct). [demo]")
+@click.option("--separator", callback=unescape,
+              help="Text between records of one file in continuous mode (\\n, \\t, \\\\ as in --template). [\\n\\n]")
 @click.option("--window", type=int, help="Tokens per window, context prefix included. [1024]")
 @click.option("--context-prefix", type=int,
-              help="Context-only tokens repeated at the start of each later window of a stream. [256]")
-@click.option("--top-k", type=int, help="k of the top-k entropy. [16]")
-@click.option("--metric", type=click.Choice(["topk", "full"]), help="Entropy used for tags and buckets. [topk]")
-@click.option("--select-above", type=float, help="Tag positions whose entropy exceeds this (nats). [0.5]")
-@click.option("--buckets", help="Comma-separated bucket thresholds in nats (easy,medium,hard). [0.5,1.0,1.5]")
-@click.option("--batch-tokens", type=int, help="Padded tokens per forward pass. [16384]")
+              help="Context-only tokens repeated at the start of each later window of a stream. "
+                   "[a quarter of --window, at most 256: 256 for 1024]")
+@proxy_options
 @click.option("--chunk-rows", type=int, help="Rows per lm_head chunk (default: 2048 on GPU, ~64 MiB of logits on CPU).")
-@click.option("--device", help="auto, cpu or cuda[:N]. [auto]")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-              help="Model dtype; auto = bf16 on GPU, fp32 on CPU. [auto]")
 @click.option("--out", help="Output directory for shards, manifest.json and rejects.jsonl.")
 @click.option("--shard-rows", type=int, help="Windows per Parquet shard. [1024]")
 @click.option("--row-group-rows", type=int,
@@ -69,7 +93,12 @@ def tag(recipe, **opts):
     opts.update(rank=ranks.rank, world_size=ranks.world_size)
     cfg = build_config(TagConfig, rec, opts, source=recipe or "options")
     _quiet_transformers()
-    run_tag(cfg, ranks=ranks)
+    try:
+        run_tag(cfg, ranks=ranks)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: '{cfg.out}' keeps every complete shard; rerun the same command to resume "
+                   "after them (--overwrite starts over)", err=True)
+        sys.exit(130)
 
 
 @main.command(context_settings=CTX)
@@ -125,22 +154,15 @@ def validate(out):
 @click.option("--input", "inputs", multiple=True, help="Continuous corpus: file, directory, glob or hf:// (repeatable).")
 @click.option("--format", type=click.Choice(["jsonl", "parquet", "text", "hf"]), help="Input format (as for tag).")
 @click.option("--text-field", help="Field holding the text (default: text).")
-@click.option("--template", help="Python format string over record fields (as for tag).")
-@click.option("--separator", help="Text between records of one file. [\\n\\n]")
-@click.option("--model", help="Proxy model: HF directory, .gguf file, or 'demo'. [demo]")
+@click.option("--template", callback=unescape, help="Python format string over record fields (as for tag).")
+@click.option("--separator", callback=unescape, help="Text between records of one file (as for tag). [\\n\\n]")
 @click.option("--window", type=int, help="Production window in tokens, prefix included. [1024]")
 @click.option("--prefixes", help="Comma-separated context prefixes to compare. [0,16,32,64,128,256]")
 @click.option("--reference-context", type=int, help="Real tokens of context before every reference position. [1024]")
 @click.option("--tokens-per-stream", type=int, help="Sample: the first N tokens of every input file. [16384]")
 @click.option("--tolerance", type=float,
               help="Recommend the smallest prefix whose first-16 tag disagreement is at most this share. [0.02]")
-@click.option("--top-k", type=int, help="k of the top-k entropy. [16]")
-@click.option("--metric", type=click.Choice(["topk", "full"]), help="Entropy used for tags. [topk]")
-@click.option("--select-above", type=float, help="Tag threshold in nats. [0.5]")
-@click.option("--buckets", help="Comma-separated bucket thresholds in nats. [0.5,1.0,1.5]")
-@click.option("--batch-tokens", type=int, help="Padded tokens per forward pass. [16384]")
-@click.option("--device", help="auto, cpu or cuda[:N]. [auto]")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="Model dtype. [auto]")
+@proxy_options
 @click.option("--out", help="Directory for prefix-study.json, .md and .png.")
 @click.option("--note", help="Free text put at the top of the report (e.g. what the corpus is).")
 @user_errors

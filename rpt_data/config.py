@@ -12,7 +12,18 @@ METRICS = ("topk", "full")
 # Knobs that do not change the shards: changing them between a run and its resume is allowed.
 # on_bad_record: a `fail` run stops at the first bad record, so its shards are a prefix of a `skip` run's.
 # row_group_rows: only the Parquet layout; each shard's manifest entry records the size it was written with.
-RUNTIME_ONLY = ("overwrite", "batch_tokens", "chunk_rows", "progress", "on_bad_record", "row_group_rows")
+# device, dtype: compared as what they resolve to (the manifest's `precision`: device type, dtype, TF32), so
+# `auto` resumed on another kind of machine is refused, and `auto` vs the dtype it meant is not.
+RUNTIME_ONLY = ("overwrite", "batch_tokens", "chunk_rows", "progress", "on_bad_record", "row_group_rows", "device",
+                "dtype")
+
+
+STUDIED_PREFIX = 256  # the context prefix measured for 1024-token windows: results/context-prefix.md
+
+
+def default_context_prefix(window: int) -> int:
+    """A quarter of the window, at most the studied 256 tokens (so always smaller than the window)."""
+    return min(STUDIED_PREFIX, max(window, 0) // 4)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -26,7 +37,7 @@ class TagConfig:
     separator: str = "\n\n"  # joins records of one file into a continuous stream
     model: str = "demo"
     window: int = 1024  # tokens per window, context prefix included
-    context_prefix: int = 256  # tokens of context-only overlap between windows; measured: results/context-prefix.md
+    context_prefix: int | None = None  # context-only overlap (tokens); None: default_context_prefix(window)
     top_k: int = 16
     metric: str = "topk"  # which entropy `selected` and buckets use: topk_entropy or entropy
     select_above: float = 0.5  # nats
@@ -59,7 +70,9 @@ class TagConfig:
             (self.metric in METRICS, f"--metric must be one of {', '.join(METRICS)}"),
             (self.on_bad_record in ("skip", "fail"), "--on-bad-record must be skip or fail"),
             (self.window >= 2, "--window must be at least 2 tokens"),
-            (0 <= self.context_prefix < self.window, "--context-prefix must be >= 0 and smaller than --window"),
+            (self.context_prefix is None or 0 <= self.context_prefix < self.window,
+             f"--context-prefix must be >= 0 and smaller than --window ({self.window}); leave it out for the "
+             f"default, {default_context_prefix(self.window)} for this window"),
             (self.top_k >= 1, "--top-k must be >= 1"),
             (self.batch_tokens >= 1 and self.shard_rows >= 1, "--batch-tokens and --shard-rows must be >= 1"),
             (self.row_group_rows >= 1, "--row-group-rows must be >= 1"),
@@ -70,6 +83,8 @@ class TagConfig:
         for ok, msg in checks:
             if not ok:
                 raise UserError(msg)
+        if self.context_prefix is None:
+            self.context_prefix = default_context_prefix(self.window)
         if self.template is None and self.text_field is None:
             self.text_field = "text"
 

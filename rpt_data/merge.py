@@ -16,6 +16,7 @@ from pathlib import Path
 
 from rpt_common.bos import NO_BOS
 from rpt_common.errors import UserError
+from rpt_common.recipe import changed_options
 from rpt_common.shards import MANIFEST, RANK_RECORD_GLOB, REJECTS, SCHEMA_VERSION, rank_record_name, rank_rejects_name
 from rpt_data.config import RUNTIME_ONLY
 from rpt_data.writer import write_json_atomic, write_lines_atomic
@@ -32,8 +33,8 @@ def totals(shards: list[dict]) -> dict:
 
 
 def same_run_config(a: dict, b: dict) -> list[str]:
-    """Config keys (other than per-rank ones) whose values differ."""
-    return sorted(k for k in set(a) | set(b) if k not in PER_RANK and a.get(k) != b.get(k))
+    """Config keys (other than per-rank ones) whose values differ (the resume rule training shares)."""
+    return changed_options(a, b, PER_RANK)
 
 
 def input_key(f: dict) -> dict:
@@ -108,7 +109,8 @@ def merge_out(out: str) -> dict:
     manifest = {
         "schema_version": SCHEMA_VERSION, "complete": True,
         "config": {k: v for k, v in ref["config"].items() if k != "rank"},
-        "tokenizer": ref["tokenizer"], "proxy": ref["proxy"], "bos": ref.get("bos", NO_BOS), "inputs": ref["inputs"],
+        "tokenizer": ref["tokenizer"], "proxy": ref["proxy"], "bos": ref.get("bos", NO_BOS),
+        **({"precision": ref["precision"]} if "precision" in ref else {}), "inputs": ref["inputs"],
         "shards": shards,
         "records": sum(records[r]["records"] for r in range(world)),
         "bad_records": sum(records[r]["bad_records"] for r in range(world)),
@@ -138,6 +140,10 @@ def _check_same_run(rec: dict, ref: dict, r: int) -> None:
             or rec.get("bos", NO_BOS) != ref.get("bos", NO_BOS)):
         raise UserError(f"rank {r} used another proxy model or tokenizer than rank 0; "
                         f"rerun rank {r} with rank 0's --model and --overwrite")
+    if rec.get("precision") != ref.get("precision"):
+        raise UserError(f"rank {r} ran the proxy in another precision than rank 0 ({rec.get('precision')} vs "
+                        f"{ref.get('precision')}); rerun rank {r} on rank 0's kind of device and --dtype "
+                        "with --overwrite")
 
 
 def merged_rejects(root: Path, world: int, input_paths: list[str]):

@@ -21,7 +21,7 @@ from rpt_common.shards import (MANIFEST, REJECTS, SCHEMA_VERSION, rank_record_na
 from rpt_data.config import TagConfig
 from rpt_data.division import Division, divide
 from rpt_data.merge import merge_out, same_inputs, same_run_config, totals
-from rpt_data.proxy import Proxy, WindowStats, build_proxy, token_budget_batches
+from rpt_data.proxy import Proxy, WindowStats, build_proxy, check_context_length, token_budget_batches
 from rpt_data.ranks import RankInfo, process_group, rank_device, resolve_ranks
 from rpt_data.readers import (STREAM_PREFIX, BadRecord, Record, RecordParser, expand_inputs, read_all,
                               reject_duplicate_ids, stream_fingerprint)
@@ -31,6 +31,25 @@ from rpt_data.writer import build_table, file_rank, is_ours, write_json_atomic, 
 
 class BadRecordError(UserError):
     """--on-bad-record fail: the message names the file and the 1-based line or row."""
+
+
+def no_text_error(cfg: TagConfig, reasons: dict[str, int], examples: dict[str, BadRecord]) -> UserError:
+    """No record of the input yields text: one sentence with the input, the main reason (with the fields or
+    columns that exist, which the reason names) and what to change."""
+    inputs = ", ".join(f"'{i}'" for i in cfg.inputs)
+    if not reasons:
+        return UserError(f"no record of {inputs} yields text: the input holds no record")
+    kind = max(reasons, key=reasons.get)
+    ex = examples[kind]
+    where = f"{ex.source}:{ex.line}" if ex.line else ex.source
+    others = sum(reasons.values()) - reasons[kind]
+    also = f" ({others:,} more for other reasons)" if others else ""
+    fix = ("choose the text with --text-field NAME or --template over the fields that exist"
+           if kind.startswith(("missing field", "null field", "no column", "field '", "column '")) else "fix the input")
+    unit = "record" if ex.line else "file"  # line 0: the whole file was rejected (e.g. a parquet column missing)
+    n = f"{reasons[kind]:,} {unit}{'s' if reasons[kind] > 1 else ''}"
+    return UserError(f"no record of {inputs} yields text: {n} rejected for {ex.reason}, first at {where}{also}; "
+                     f"{fix} and rerun with the same --out (rejects: '{Path(cfg.out) / rejects_name(cfg)}')")
 
 
 def fingerprint(path: str) -> dict:
@@ -80,7 +99,7 @@ def _other_world_size(out: Path, cfg: TagConfig) -> None:
         for n in stale:  # the 1-rank case removes everything anyway
             (out / n).unlink(missing_ok=True)
         return
-    raise UserError(f"'{out}' holds a run with a different config (world_size differ: it has '{stale[0]}'); "
+    raise UserError(f"'{out}' holds a run with a different config (world_size differs: it has '{stale[0]}'); "
                     "rerun with the same options to resume, --overwrite to start over, or a new --out")
 
 
@@ -114,7 +133,8 @@ def prepare_out(cfg: TagConfig, inputs: list[dict]) -> dict | None:
     # older manifest may still record knobs that are runtime-only now; `rank` names this very record
     diff = same_run_config(old.get("config", {}), cfg.content_dict())
     if diff:
-        raise UserError(f"'{out}' holds a run with a different config ({', '.join(diff)} differ); "
+        verb = "differs" if len(diff) == 1 else "differ"
+        raise UserError(f"'{out}' holds a run with a different config ({', '.join(diff)} {verb}); "
                         "rerun with the same options to resume, --overwrite to start over, or a new --out")
     if not same_inputs(old.get("inputs"), inputs):
         raise UserError(f"the input files changed since '{out}' was started; rerun with --overwrite to start over")
@@ -216,14 +236,20 @@ def _tag_rank(cfg: TagConfig, ranks: RankInfo) -> dict:
         (out / MANIFEST).unlink(missing_ok=True)
     lm = load_causal_lm(cfg.model, rank_device(cfg.device, ranks.local_rank), cfg.dtype)
     proxy = build_proxy(lm, top_k=cfg.top_k, chunk_rows=cfg.chunk_rows)  # exit 2 here if its head is not exact
+    check_context_length(lm.model, cfg.window, proxy.offset)
     bos = {"used": proxy.bos is not None, "token_id": proxy.bos}
     if old and (old.get("proxy") != lm.identity or old.get("tokenizer") != lm.tokenizer_identity
                 or old.get("bos", NO_BOS) != bos):  # a record without `bos` predates BOS support: none was used
         raise UserError(f"the model behind --model {cfg.model} changed since '{out}' was started; "
                         "rerun with --overwrite to start over")
+    precision = proxy.precision()
+    if old and old.get("precision", precision) != precision:  # a record without one predates this check
+        raise UserError(f"'{out}' was started with the proxy in {_precision_words(old['precision'])} and this run "
+                        f"would use {_precision_words(precision)} (--device {cfg.device} --dtype {cfg.dtype}), which "
+                        "gives other stats; rerun on such a device or with that --dtype, or --overwrite to start over")
     record = {
         "schema_version": SCHEMA_VERSION, "complete": False, "config": cfg.content_dict(),
-        "tokenizer": lm.tokenizer_identity, "proxy": lm.identity, "bos": bos, "inputs": inputs,
+        "tokenizer": lm.tokenizer_identity, "proxy": lm.identity, "bos": bos, "precision": precision, "inputs": inputs,
         "shards": list(old["shards"]) if old else [], "records": 0, "bad_records": 0, "bad_reasons": {},
     }
     if cfg.world_size > 1:
@@ -231,6 +257,10 @@ def _tag_rank(cfg: TagConfig, ranks: RankInfo) -> dict:
     with disk_full_is_a_user_error(out):
         _tag(cfg, division, parse, lm, proxy, record)
     return record
+
+
+def _precision_words(p: dict) -> str:
+    return f"{p.get('dtype')} on {p.get('device')}" + (" with TF32" if p.get("tf32") else "")
 
 
 def _tag(cfg: TagConfig, division: Division, parse: RecordParser, lm, proxy: Proxy, manifest: dict) -> None:
@@ -241,8 +271,11 @@ def _tag(cfg: TagConfig, division: Division, parse: RecordParser, lm, proxy: Pro
     out = Path(cfg.out)
     write_json_atomic(out / record_name(cfg), manifest)
     done = len(manifest["shards"])
+    if done:
+        print(f"resuming after {done} shard{'s' if done > 1 else ''} already in '{out}'", file=sys.stderr, flush=True)
     counts = {"records": 0, "bad": 0, "seen": 0}  # seen: good records of the whole run (for --limit)
     reasons: dict[str, int] = {}
+    examples: dict[str, BadRecord] = {}  # the first bad record of each reason
     progress = TagProgress(enabled=cfg.progress)
     t0 = time.perf_counter()
 
@@ -266,6 +299,7 @@ def _tag(cfg: TagConfig, division: Division, parse: RecordParser, lm, proxy: Pro
                                              "--on-bad-record skip to list it in rejects.jsonl and go on")
                     counts["bad"] += 1
                     reasons[item.kind] = reasons.get(item.kind, 0) + 1
+                    examples.setdefault(item.kind, item)
                     rejects.write(json.dumps({"file": item.source, "line": item.line, "reason": item.reason}) + "\n")
                     continue
                 if not item.cont:
@@ -278,10 +312,12 @@ def _tag(cfg: TagConfig, division: Division, parse: RecordParser, lm, proxy: Pro
                 if mine or division.by == "windows":
                     yield item
 
+        texts = pieces(good_records(), cfg.mode, cfg.separator)
+        first = next(texts, None)  # no good record: no window (and no empty batch for the tokenizer)
         windows = windows_from_pieces(
-            pieces(good_records(), cfg.mode, cfg.separator), lm.tokenizer, cfg.window, cfg.context_prefix,
+            itertools.chain([first], texts), lm.tokenizer, cfg.window, cfg.context_prefix,
             has_bos=proxy.bos is not None,
-        )
+        ) if first is not None else iter(())
         if division.by == "windows":  # every rank builds every window of the run and scores its stripe
             windows = (w for g, w in enumerate(windows) if division.owns(g))
         for seq in itertools.count():
@@ -300,7 +336,12 @@ def _tag(cfg: TagConfig, division: Division, parse: RecordParser, lm, proxy: Pro
             entry.update(write_shard(out / entry["file"], table, cfg.row_group_rows))
             manifest["shards"].append(entry)
             write_json_atomic(out / record_name(cfg), manifest)
+            progress.shard(entry["file"], len(manifest["shards"]))
 
+    # none of the whole run's records yields text (a rank of a by-files division knows only its files)
+    if counts["seen"] == 0 and cfg.limit != 0 and (cfg.world_size == 1 or division.by != "files"):
+        (out / record_name(cfg)).unlink()  # nothing to resume: the corrected command starts over here
+        raise no_text_error(cfg, reasons, examples)
     manifest.update(complete=True, records=counts["records"], bad_records=counts["bad"],
                     bad_reasons=dict(sorted(reasons.items(), key=lambda kv: -kv[1])), totals=totals(manifest["shards"]))
     write_json_atomic(out / record_name(cfg), manifest)

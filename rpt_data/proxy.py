@@ -44,11 +44,15 @@ class Proxy:
         self.top_k, self.chunk_rows, self.bos = top_k, chunk_rows, bos
         self.device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
-        # CUDA: TF32 matmuls, and bf16/fp16 autocast when the weights are in that dtype (norms, softmax
-        # and rotary stay where autocast puts them); the CPU path is left exactly as it was.
+        # CUDA: bf16/fp16 autocast when the weights are in that dtype (norms, softmax and rotary stay where
+        # autocast puts them), TF32 only then; float32 weights run in exact float32. The CPU path is left as it was.
         self.autocast = self.device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
         self.dtype = dtype
-        enable_tf32(self.device)
+        self.tf32 = enable_tf32(self.device, dtype)
+
+    def precision(self) -> dict:
+        """What `--device/--dtype auto` resolved to, as the manifest records it: a resume must match it."""
+        return {"device": self.device.type, "dtype": str(self.dtype).removeprefix("torch."), "tf32": self.tf32}
 
     @property
     def offset(self) -> int:
@@ -170,6 +174,16 @@ def build_proxy(lm, top_k: int = 16, chunk_rows: int | None = None) -> Proxy:
     proxy = Proxy(lm.model, top_k=top_k, chunk_rows=chunk_rows, bos=bos_token_id(lm.tokenizer))
     proxy.verify(check_ids(lm.tokenizer))
     return proxy
+
+
+def check_context_length(model, window: int, offset: int) -> None:
+    """Refuse (exit 2) a window that, with the BOS in front (`offset`), is longer than the proxy's trained context."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and window + offset > limit:
+        bos = " plus its BOS" if offset else ""
+        raise UserError(f"--window {window}{bos} is longer than the proxy's context of {limit} tokens "
+                        f"(max_position_embeddings), so its stats would come from positions it was never trained on; "
+                        f"use --window {limit - offset} or less")
 
 
 def token_budget_batches(windows: list[Window], batch_tokens: int, max_pad: float = 0.125) -> list[list[int]]:

@@ -11,10 +11,12 @@ import codecs
 import functools
 import glob
 import gzip
+import itertools
 import json
 import os
 import re
 import string
+import sys
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -92,12 +94,11 @@ def expand_inputs(inputs: list[str], fmt: str | None) -> list[tuple[str, str]]:
             paths = [spec]
         for p in paths:
             if os.path.isdir(p) and not _is_hf_dataset_dir(Path(p)):
-                found = sorted(
-                    os.path.join(d, f) for d, _, fs in os.walk(p) for f in fs
-                    if (fmt or infer_format(f)) and not f.startswith(".")
-                )
+                files = sorted(os.path.join(d, f) for d, _, fs in os.walk(p) for f in fs if not f.startswith("."))
+                found = [f for f in files if fmt or infer_format(f)]
                 if not found:
                     raise UserError(f"input directory '{p}' holds no readable file (.jsonl, .jsonl.gz, .parquet, .txt)")
+                warn_skipped(p, sorted(set(files) - set(found)))
                 paths_fmt = [(f, fmt or infer_format(f)) for f in found]
             else:
                 f = fmt or infer_format(p)
@@ -109,6 +110,17 @@ def expand_inputs(inputs: list[str], fmt: str | None) -> list[tuple[str, str]]:
                     seen.add(os.path.realpath(p))
                     out.append((p, f))
     return out
+
+
+def warn_skipped(directory: str, skipped: list[str]) -> None:
+    """Name the files of an input directory that are not read (format unknown from the name), on stderr."""
+    if not skipped:
+        return
+    names = [os.path.relpath(f, directory) for f in skipped]
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    print(f"warning: {len(names)} file(s) in '{directory}' are skipped: their format is not known from the name "
+          f"({shown}); rename them, or pass --format to read every file of the directory as that format",
+          file=sys.stderr)
 
 
 class RecordParser:
@@ -129,13 +141,15 @@ class RecordParser:
         if self.template is not None:
             for f in self.template_fields:
                 if obj.get(f) is None:
-                    return BadRecord(source, line, f"missing field '{f}' used by --template")
+                    what = "null" if f in obj else "missing"
+                    return BadRecord(source, line, f"{what} field '{f}' used by --template{_fields(obj)}")
                 if not isinstance(obj[f], (str, int, float)) or isinstance(obj[f], bool):
                     return BadRecord(source, line, f"field '{f}' is {type(obj[f]).__name__}, not text")
             text = self.template.format_map(obj)
         else:
             if obj.get(self.text_field) is None:
-                return BadRecord(source, line, f"{'null' if self.text_field in obj else 'missing'} field '{self.text_field}'")
+                what = "null" if self.text_field in obj else "missing"
+                return BadRecord(source, line, f"{what} field '{self.text_field}'{_fields(obj)}")
             text = obj[self.text_field]
             if not isinstance(text, str):
                 return BadRecord(source, line, f"field '{self.text_field}' is {type(text).__name__}, not a string")
@@ -161,6 +175,13 @@ class RecordParser:
         return Record(doc_id, text, source, line)
 
 
+def _fields(obj: dict) -> str:
+    """' (fields: a, b)': what a record has, for a reason that names a field it lacks."""
+    names = [str(k) for k in obj]
+    shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+    return f" (fields: {shown})" if names else " (no fields)"
+
+
 def read_jsonl(path: str, parse: RecordParser) -> Iterator[Record | BadRecord]:
     opener = gzip.open if path.endswith(".gz") else open
     lineno = 0
@@ -175,9 +196,9 @@ def read_jsonl(path: str, parse: RecordParser) -> Iterator[Record | BadRecord]:
                     yield BadRecord(path, lineno, f"invalid UTF-8 (byte {e.start} of the line)")
                     continue
                 try:
-                    obj = json.loads(line)
+                    obj = json.loads(line.rstrip("\r\n"))  # an error at the end is on this line, not the next
                 except json.JSONDecodeError as e:
-                    yield BadRecord(path, lineno, f"malformed JSON: {e.msg} at column {e.colno}")
+                    yield BadRecord(path, lineno, f"malformed JSON: {e.msg.removesuffix(' at')} at column {e.colno}")
                     continue
                 except (ValueError, RecursionError) as e:  # an integer of > 4300 digits, nesting too deep
                     yield BadRecord(path, lineno, f"malformed JSON: {str(e).split(':')[0]}")
@@ -267,17 +288,19 @@ def read_hf(path: str, parse: RecordParser) -> Iterator[Record | BadRecord]:
             yield parse({c: batch[c][i] for c in parse.columns}, path, start + i + 1)
 
 
-def read_text(path: str, parse: RecordParser) -> Iterator[Record | BadRecord]:
-    """One record per file, streamed as ~1 MiB blocks cut after a newline and checked as they are read (one
-    pass): damage (not UTF-8, a NUL byte) ends the file with a BadRecord, keeping the blocks before the last one
-    read (a block is yielded once the next one has decoded, so a file of one block is rejected whole)."""
+def read_text(path: str, parse: RecordParser, block_bytes: int | None = None) -> Iterator[Record | BadRecord]:
+    """One record per file, streamed as ~1 MiB blocks (`block_bytes`, default TEXT_BLOCK_BYTES) cut after a newline
+    and checked as they are read (one pass): damage (not UTF-8, a NUL byte) ends the file with a BadRecord, keeping
+    the blocks before the last one read (a block is yielded once the next one has decoded, so a file of one block is
+    rejected whole). Blocks are pieces of one stream: the tokenizer sees them joined (rpt_data.windows)."""
+    block_bytes = block_bytes or TEXT_BLOCK_BYTES
     decoder = codecs.getincrementaldecoder("utf-8")()
     carry, line, first, offset, newlines = "", 1, True, 0, 0
     ready: Record | None = None  # the previous block, yielded once this one has decoded
     held: list[str] = []  # leading blocks of only whitespace: a file of nothing else is an "empty text"
     with open(path, "rb") as f:
         while True:
-            raw = f.read(TEXT_BLOCK_BYTES)
+            raw = f.read(block_bytes)
             pending = len(decoder.getstate()[0])  # bytes of a character cut by the previous block
             try:
                 text = decoder.decode(raw, final=not raw)
@@ -360,7 +383,9 @@ def open_stream(spec: str):
             if len(fmts) != 1 or None in fmts or "hf" in fmts:
                 raise UserError(f"input '{spec}': data files must share one format datasets reads "
                                 f"(.jsonl, .parquet, .txt); got {', '.join(files[:3])}")
-            return datasets.load_dataset(STREAM_BUILDERS[fmts.pop()], data_files=files, split=split, streaming=True)
+            builder = STREAM_BUILDERS[fmts.pop()]
+            return datasets.load_dataset(builder, data_files=files, split=split, streaming=True,
+                                         **({"keep_linebreaks": True} if builder == "text" else {}))
         if _is_hf_dataset_dir(Path(name)):
             ds = datasets.load_from_disk(name)
             ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
@@ -368,7 +393,10 @@ def open_stream(spec: str):
         if not local and datasets.config.HF_HUB_OFFLINE:
             raise UserError(f"input '{spec}': '{name}' is neither a local path nor reachable, since HF_HUB_OFFLINE "
                             "is set; download the dataset and pass its directory, or unset HF_HUB_OFFLINE")
-        return datasets.load_dataset(name, config, split=split, streaming=True)
+        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+        if _is_text_stream(ds):  # .txt files: again with each line's newline kept (read as a plain path is)
+            ds = datasets.load_dataset(name, config, split=split, streaming=True, keep_linebreaks=True)
+        return ds
     except UserError:
         raise
     except (ConnectionError, OSError) as e:
@@ -393,12 +421,42 @@ def stream_fingerprint(path: str) -> dict:
             "bytes": sum(s.st_size for s in st), "mtime_ns": max((s.st_mtime_ns for s in st), default=0)}
 
 
+def _is_text_stream(ds) -> bool:
+    """Whether datasets reads these files with its `text` builder (one row per line)."""
+    return getattr(getattr(ds, "info", None), "builder_name", None) == "text"
+
+
+def read_text_rows(path: str, lines: Iterator[str]) -> Iterator[Record | BadRecord]:
+    """A text file that datasets streams as lines (newlines kept) read as read_text reads the file: one record,
+    in blocks of about TEXT_BLOCK_BYTES characters (leading blank lines stay with the first text)."""
+    parts, size, line, first = [], 0, 1, True
+    for text in itertools.chain(lines, [None]):
+        if text is not None:
+            parts.append(text)
+            size += len(text)
+            if size < TEXT_BLOCK_BYTES:
+                continue
+        block = "".join(parts)
+        if not block or (first and not block.strip()):  # only blank so far: keep it for the first text
+            if text is None:
+                break
+            continue
+        yield Record(path, block, path, line, cont=not first)
+        first, parts, size, line = False, [], 0, line + block.count("\n")
+    if first:
+        yield BadRecord(path, 1, "empty text")
+
+
 def read_stream(path: str, parse: RecordParser) -> Iterator[Record | BadRecord]:
-    """One shard of an hf:// input, streamed by datasets; `line` is the 1-based row within the shard."""
+    """One shard of an hf:// input, streamed by datasets; `line` is the 1-based row within the shard. A shard of
+    text files (datasets' `text` builder, one shard per file) is one record, as a plain path to the file is."""
     spec, shard = _stream_unit(path)
     ds = open_stream(spec)
     if shard is not None:
         ds = ds.shard(num_shards=ds.n_shards, index=shard)
+    if _is_text_stream(ds):
+        yield from read_text_rows(path, (row["text"] for row in ds))
+        return
     names = list(ds.features) if ds.features is not None else None  # None: not known before the first row
     if names is not None:
         missing = [c for c in parse.columns if c not in names]

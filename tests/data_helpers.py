@@ -242,3 +242,61 @@ def kill_harness_main() -> None:
     model_type = json.loads((Path(plan["cfg"]["model"]) / "config.json").read_text())["model_type"]
     importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
     Path(sys.argv[2]).write_text(json.dumps(kill_harness(plan)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny tokenizers of the three kinds the tagger must handle, built in-process in well under a second:
+# byte-level BPE (GPT-2 / Llama-3 / Qwen style), SentencePiece-like BPE with a Metaspace word-start
+# marker (Llama-2 / Mistral style, byte fallback) and a WordPiece (BERT style: whitespace dropped).
+# ---------------------------------------------------------------------------------------------
+TOKENIZER_CORPUS = [s + " " for s in SENTENCES] + ["<|endoftext|> </s> [SEP] tab\tand  two  spaces\n\n"]
+
+
+def make_tokenizer_of(kind: str, trim_offsets: bool = False):
+    """A fast tokenizer (transformers) of `kind`: bytelevel | metaspace | wordpiece; `trim_offsets`: a byte-level
+    one whose ByteLevel post-processor trims offsets and whose tokens may end in spaces (no pre-split regex)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = TOKENIZER_CORPUS * 20
+    if kind == "bytelevel":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=not trim_offsets)
+        tok.decoder = decoders.ByteLevel()
+        specials = ["<|endoftext|>"]
+        tok.train_from_iterator(corpus, trainer=trainers.BpeTrainer(
+            vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False))
+        if trim_offsets:
+            tok.post_processor = processors.ByteLevel(trim_offsets=True)
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    if kind == "metaspace":
+        tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+        specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+        tok.train_from_iterator(corpus, trainer=trainers.BpeTrainer(
+            vocab_size=420, special_tokens=specials, show_progress=False))
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    if kind == "wordpiece":
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        tok.train_from_iterator(corpus, trainer=trainers.WordPieceTrainer(
+            vocab_size=300, special_tokens=["[UNK]", "[SEP]", "[CLS]"], show_progress=False))
+        return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", sep_token="[SEP]", cls_token="[CLS]")
+    raise ValueError(kind)
+
+
+def stream_tokens(windows) -> tuple[list, bytes]:
+    """One stream's tokens and text back from its windows: (ids, text bytes), each window's context prefix dropped."""
+    ids, text = [], b""
+    for w in windows:
+        skip = 0 if w.window_index == 0 else len(ids) - w.token_start  # tokens already seen
+        data = w.text.encode()
+        lo = 0 if skip == 0 else int(w.token_bytes[skip - 1])
+        ids += w.token_ids[skip:].tolist()
+        text += data[lo:]
+    return ids, text

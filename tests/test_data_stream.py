@@ -120,10 +120,12 @@ def test_missing_column_is_one_bad_record_for_the_shard(tmp_path):
     assert len(items) == 1 and items[0].line == 0 and "no column 'body'" in items[0].reason
 
 
-def test_text_files_stream_line_by_line(tmp_path):
-    (tmp_path / "t.txt").write_text("first line\nsecond line\n")
+def test_text_files_are_one_record_as_a_plain_path(tmp_path):
+    """datasets' text builder streams a .txt line by line; hf:// reads it as one record of the file's text (each
+    newline kept), as the plain path is read (tests/test_data_scale.py compares the shards)."""
+    (tmp_path / "t.txt").write_text("first line\n\nsecond line\n")
     items = list(read_all(expand_inputs([f"hf://{tmp_path / 't.txt'}"], None), RecordParser("text", None, None)))
-    assert [(i.text, i.line) for i in items] == [("first line", 1), ("second line", 2)]
+    assert [(i.text, i.line, i.cont) for i in items] == [("first line\n\nsecond line\n", 1, False)]
 
 
 def test_hub_name_offline_is_one_sentence(monkeypatch):

@@ -15,8 +15,8 @@ def run_windower(n_tokens: int, window: int, prefix: int, piece: int, has_bos: b
     for s in range(0, n_tokens, piece):
         e = min(s + piece, n_tokens)
         ids = np.arange(s, e, dtype=np.int32)
-        ends = np.arange(s - s + 1, e - s + 1, dtype=np.int64)  # one byte per token, "a" * n
-        out += w.add(ids, ends, "a" * (e - s))
+        ends = np.arange(s + 1, e + 1, dtype=np.int64)  # one byte per token, "a" * n
+        out += w.add(ids, ends, b"a" * (e - s))
     return out + w.finish()
 
 

@@ -1,0 +1,133 @@
+"""The windowing invariant: a stream's tokens are the tokenization of its whole text and their bytes tile it,
+whatever the pieces it arrives in (records, text blocks) and however small the tokenizer's spans are."""
+import functools
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from data_helpers import make_tokenizer_of, stream_tokens
+from rpt_common.errors import UserError
+from rpt_data.windows import TokenSpans, windows_from_pieces
+
+KINDS = ("bytelevel", "metaspace", "wordpiece")
+FRAGMENTS = ["The", " quick", " brown", "fox", ".", ",", " ", "  ", "\n", "\n\n", "\t", "é", "naïve", "日本語", "🙂",
+             "<|endoftext|>", "</s>", "[SEP]", "<s>", "a" * 40, "x_(n+1)", "café", "239"]
+
+
+@functools.lru_cache(maxsize=None)
+def tokenizer(kind: str):
+    return make_tokenizer_of(kind)
+
+
+def reference(tok, text: str) -> tuple[list, np.ndarray]:
+    ids = tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return ids, TokenSpans(tok)([text])[0][1]
+
+
+texts = st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text("ab é日🙂\n<>|", max_size=12)), max_size=40).map("".join)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from(KINDS), streams=st.lists(texts, min_size=1, max_size=3), data=st.data(),
+       span=st.integers(8, 160), window=st.integers(2, 24), prefix=st.integers(0, 23))
+def test_stream_tokens_equal_whole_text_tokens_and_tile_it(kind, streams, data, span, window, prefix):
+    tok = tokenizer(kind)
+    prefix = min(prefix, window - 1)
+    pieces = []
+    for d, text in enumerate(streams):  # each stream in random pieces: records joined, text blocks, cut anywhere
+        cuts = sorted(set(data.draw(st.lists(st.integers(0, len(text)), max_size=6))))
+        parts = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        pieces += [(f"d{d}", p, i == 0) for i, p in enumerate(parts)]
+    wins = list(windows_from_pieces(pieces, tok, window, prefix, batch=2, span_bytes=span))
+    for d, text in enumerate(streams):
+        mine = [w for w in wins if w.doc_id == f"d{d}"]
+        ids, got = stream_tokens(mine)
+        ref_ids, ref_ends = reference(tok, text)
+        assert ids == ref_ids
+        ends = np.concatenate([w.token_bytes[(0 if w.window_index == 0 else prefix):] + (
+            0 if w.window_index == 0 else int(ref_ends[w.token_start - 1])) for w in mine]) if mine else []
+        assert list(ends) == list(ref_ends)
+        data_ = text.encode()
+        assert got == data_[: len(got)]  # the windows' text tiles the stream's, in order
+        if kind != "wordpiece":  # byte-level and Metaspace tokens cover every byte; WordPiece drops whitespace
+            assert got == data_
+        else:
+            assert not data_[len(got):].strip()
+
+
+@pytest.mark.parametrize("count", [255, 256, 257])
+def test_round_counts_of_streams_end_cleanly(count):
+    """The old batcher flushed once more after its loop and crashed (IndexError) when the count was a multiple
+    of its batch of 256 streams."""
+    tok = tokenizer("bytelevel")
+    wins = list(windows_from_pieces([(str(i), "The quick fox.", True) for i in range(count)], tok, 8, 2))
+    assert len({w.doc_id for w in wins}) == count
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_special_token_strings_are_text(kind):
+    tok = tokenizer(kind)
+    text = "one <|endoftext|> two </s> three [SEP] four <s>"
+    specials = set(tok.all_special_ids)
+    wins = list(windows_from_pieces([("d", text, True)], tok, 64, 8))
+    assert not specials & set(wins[0].token_ids.tolist())
+
+
+def test_metaspace_adds_no_word_start_marker_at_joins_or_blocks():
+    """Records joined into one stream, and a file read in blocks, put no '▁' token where a piece starts."""
+    tok = tokenizer("metaspace")
+    text = "The quick brown fox.\n\nThe lazy dog."
+    pieces = [("d", "The quick brown fox.", True), ("d", "\n\nThe lazy", False), ("d", " dog.", False)]
+    wins = list(windows_from_pieces(pieces, tok, 64, 8))
+    assert wins[0].token_ids.tolist() == reference(tok, text)[0]
+
+
+def test_trimmed_offsets_give_the_tokens_own_bytes():
+    """A ByteLevel post-processor with trim_offsets=True moves token ends off trailing spaces; the spans are
+    rebuilt from the tokens' bytes, so each token's span holds exactly its own bytes."""
+    tok = make_tokenizer_of("bytelevel", trim_offsets=True)
+    text = "The quick brown fox jumps over the lazy dog. " * 3
+    offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    pieces = tok.convert_ids_to_tokens(tok(text, add_special_tokens=False)["input_ids"])
+    assert any(p.endswith("Ġ") for p in pieces) and offsets[-1][1] < len(text)  # the trimmed case is exercised
+    w = next(iter(windows_from_pieces([("d", text, True)], tok, 256, 8)))
+    data, prev = w.text.encode(), 0
+    for tid, end in zip(w.token_ids.tolist(), w.token_bytes.tolist()):
+        assert data[prev:end] == tok.convert_tokens_to_string([tok.convert_ids_to_tokens(tid)]).encode()
+        prev = end
+    assert prev == len(text.encode())
+
+
+class OverlappingOffsets:
+    """A stand-in fast tokenizer whose offsets overlap (token 1 re-covers token 0's text)."""
+    name_or_path = "overlapping-offsets"
+
+    def __call__(self, texts, **kw):
+        return {"input_ids": [[1, 2] for _ in texts], "offset_mapping": [[(0, 3), (1, len(t))] for t in texts]}
+
+    def convert_ids_to_tokens(self, i):
+        return f"t{i}"
+
+
+def test_offsets_that_do_not_tile_are_refused_naming_the_tokenizer():
+    with pytest.raises(UserError, match="overlapping-offsets.*do not tile"):
+        list(windows_from_pieces([("d", "hello world", True)], OverlappingOffsets(), 8, 2))
+
+
+def test_a_word_longer_than_the_span_is_tokenized_whole():
+    """WordPiece turns a word over 100 characters into [UNK]: spans must not cut inside it."""
+    tok = tokenizer("wordpiece")
+    text = "the quick fox " * 4 + "a" * 300 + " the end"
+    pieces = [("d", text[i : i + 16], i == 0) for i in range(0, len(text), 16)]
+    ids, _ = stream_tokens(windows_from_pieces(pieces, tok, 32, 4, span_bytes=16))
+    assert ids == reference(tok, text)[0] and tok.unk_token_id in ids
+
+
+def test_a_stream_without_a_safe_cut_is_refused(monkeypatch):
+    import rpt_data.windows as windows
+
+    monkeypatch.setattr(windows, "MAX_SPAN_BYTES", 64)
+    with pytest.raises(UserError, match="cannot be tokenized in pieces.*split that text"):
+        list(windows_from_pieces([("d", "a" * 400, True)], tokenizer("bytelevel"), 16, 4, span_bytes=16))
