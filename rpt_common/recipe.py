@@ -46,3 +46,14 @@ def build_config(cls, recipe: dict[str, Any], overrides: dict[str, Any], source:
         return cls(**values)
     except (TypeError, ValueError) as e:
         raise UserError(str(e))
+
+
+def changed_options(saved: dict, now: dict, runtime_only=()) -> list[str]:
+    """The option names whose values differ between a run's saved config and the one resuming it, other than
+    `runtime_only` ones (which change how, not what, is computed). One rule for tagging and training resumes."""
+    return sorted(k for k in set(saved) | set(now) if k not in runtime_only and saved.get(k) != now.get(k))
+
+
+def differ(names: list[str]) -> str:
+    """'a differs' / 'a, b differ'."""
+    return f"{', '.join(names)} {'differs' if len(names) == 1 else 'differ'}"

@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 
@@ -17,27 +16,7 @@ import torch
 
 from rpt_common.errors import UserError, is_disk_full
 from rpt_train import distributed
-
-STATE = "trainer_state.pt"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def checkpoints_dir(out: str | os.PathLike) -> Path:
-    return Path(out) / "checkpoints"
-
-
-def list_checkpoints(out: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints (renamed into place, with trainer state) as (step, path), oldest first."""
-    root = checkpoints_dir(out)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / STATE).exists()]
-    return sorted(found)
-
-
-def latest_checkpoint(out: str | os.PathLike) -> Path | None:
-    found = list_checkpoints(out)
-    return found[-1][1] if found else None
+from rpt_train.rundir import STATE, checkpoints_dir, latest_checkpoint, list_checkpoints  # noqa: F401 (re-exported)
 
 
 def rng_state() -> dict:

@@ -12,6 +12,7 @@ from rpt_common.errors import UserError
 from rpt_common.recipe import read_yaml
 
 BUCKETS = ("easy", "medium", "hard")
+INHERITED_SPLIT = "the run's own when --model is a `rpt-train run` directory or one of its checkpoints, else"
 LOSSES = ("grpo", "dr_grpo", "dapo")
 
 
@@ -32,8 +33,9 @@ class CommonConfig:
                                      "default: the one the shards were tagged with (manifest metric topk or full)")
     bucket_thresholds: list[float] | None = opt(None, "entropy thresholds of easy,medium,hard (nested: above each); "
                                                 "default: the shards' manifest buckets (0.5,1.0,1.5 when it has none)")
-    heldout_fraction: float = opt(0.0, "fraction of documents (seeded hash of doc_id) held out of training for eval")
-    split_seed: int = opt(0, "seed of the held-out document split")
+    heldout_fraction: float | None = opt(None, "fraction of documents (seeded hash of doc_id) held out of training "
+                                         f"for eval: {INHERITED_SPLIT} 0")
+    split_seed: int | None = opt(None, f"seed of the held-out document split: {INHERITED_SPLIT} 0")
     labels_length: int = opt(8, "ground-truth tokens (policy tokenizer) whose boundaries count for prefix match")
     max_context_tokens: int = opt(0, "keep only the last N policy tokens of the context (0 = whole row)")
     template: str = opt("v0", "prompt template: v0, think-brief, answer-only, or a file containing {context}")
@@ -51,16 +53,27 @@ class CommonConfig:
                              "dynamic one whose finished rows leave; off until measured on a GPU")
     seed: int = opt(0, "seed of sampling order, rollouts and everything random")
     device: str = opt("auto", "auto, cpu or cuda")
-    dtype: str = opt("float32", "weights dtype (float32 keeps AdamW exact; bf16 autocast is separate)")
+    dtype: str = opt("float32", "compute dtype: float32, bfloat16, float16 or auto (bf16 on CUDA). `run` trains "
+                     "float32 master weights and AdamW state whatever this says and computes under autocast to it "
+                     "(FSDP2: all-gathers in it); `eval` loads the weights in it")
+
+    def __post_init__(self):
+        inherit_split(self)
 
 
 @dataclass(kw_only=True, slots=True)
-class TrainConfig(CommonConfig):
+class SampleConfig(CommonConfig):
+    """Which positions `run` trains on and `export` writes (one source for both)."""
+
+    bucket: str = opt("selected", "positions drawn: selected (the tagger's threshold), easy, medium, hard, all")
+    min_entropy: float | None = opt(None, "positions whose entropy exceeds X nats (overrides --bucket)")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig(SampleConfig):
     """`rpt-train run`: RPT with the GRPO family on prebuilt shards (defaults follow the paper, Sec. 3-4)."""
 
-    out: str = opt("out/train", "output directory: metrics.jsonl, samples.jsonl, checkpoints/, eval/")
-    bucket: str = opt("selected", "positions to train on: selected (the tagger's threshold), easy, medium, hard, all")
-    min_entropy: float | None = opt(None, "train on positions whose entropy exceeds X nats (overrides --bucket)")
+    out: str = opt("out/train", "output directory: metrics.jsonl, samples.jsonl, checkpoints/, eval/, run.json")
     steps: int = opt(1000, "training steps (one rollout batch each)")
     batch_prompts: int = opt(32, "contexts per step (paper: 256)")
     group_size: int = opt(8, "rollouts per context, G (paper: 8)")
@@ -87,16 +100,19 @@ class TrainConfig(CommonConfig):
     max_bad_steps: int = opt(10, "stop after this many bad steps in a row, even with --on-bad-step skip")
     ppo_epochs: int = opt(1, "passes over each rollout batch")
     mini_batch_size: int = opt(0, "sequences per optimizer update (0 = the whole batch)")
-    micro_batch_size: int = opt(4, "sequences per forward/backward (gradient accumulation)")
+    micro_batch_size: int = opt(4, "sequences per forward/backward (gradient accumulation); with --share-prefix, "
+                                "groups (each one packed row of a context and its completions)")
+    share_prefix: bool = opt(True, "compute each context once per group in the update (one packed row with a block "
+                             "mask); same losses and gradients; families or lengths where it cannot pay run unshared")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
     rollout_gather: bool = opt(False, "under torchrun: generate with the full weights gathered once per rollout call "
                                "(fast, needs the whole model on each device) instead of FSDP's per-layer all-gather "
                                "at every token")
-    bf16: bool = opt(True, "bf16 autocast on CUDA (ignored on CPU)")
+    bf16: bool = opt(True, "bf16 autocast on CUDA with --dtype float32 (ignored on CPU); weights stay float32")
     logprob_chunk_tokens: int = opt(1024, "completion tokens per lm_head chunk of the log-prob/entropy pass "
                                     "(extra memory ~ 4 x chunk x vocab x 4 bytes, never the full [B, C, V])")
     device_memory: float = opt(0.0, "GiB per device for the memory plan (0 = the CUDA device's own; on CPU the "
-                               "plan is only checked when this is given)")
+                               "machine's memory, and a plan beyond it only warns unless this is given)")
     save_every: int = opt(100, "checkpoint every N steps (and at the end)")
     keep_checkpoints: int = opt(3, "keep the last K checkpoints")
     eval_every: int = opt(0, "evaluate on held-out positions every N steps (0 = off)")
@@ -120,17 +136,16 @@ class EvalConfig(CommonConfig):
     out: str = opt("", "write the results as JSON to this file (default: print only)")
     limit: int = opt(100, "positions per bucket")
     samples: int = opt(4, "samples per position (ntr_pass_at_k uses all, ntr_accuracy the first)")
-    split: str = opt("auto", "documents to evaluate: heldout, train, all; auto = heldout when --heldout-fraction > 0")
+    split: str = opt("auto", "documents to evaluate: heldout, train, all; auto = heldout when the (inherited) "
+                     "--heldout-fraction is > 0")
 
 
 @dataclass(kw_only=True, slots=True)
-class ExportConfig(CommonConfig):
+class ExportConfig(SampleConfig):
     """`rpt-train export`: the samples `run` would draw, in verl, TRL or OpenRLHF dataset format (train, held-out)."""
 
     format: str = opt("", "dataset format: verl (RL parquet), trl (GRPOTrainer parquet) or openrlhf (jsonl)")
     out: str = opt("", "output directory: train and heldout files, export.json (from the command line only)")
-    bucket: str = opt("selected", "positions to export: selected (the tagger's threshold), easy, medium, hard, all")
-    min_entropy: float | None = opt(None, "export positions whose entropy exceeds X nats (overrides --bucket)")
     limit: int = opt(0, "training samples at most (0 = one pass over every training position, in `run`'s order)")
     heldout_limit: int = opt(0, "held-out samples at most (0 = all); needs --heldout-fraction > 0")
     batch_rows: int = opt(1024, "samples built and written per batch (bounds memory)")
@@ -211,6 +226,21 @@ def load_config(cls, recipe: str | None = None, overrides: dict | None = None):
     return cfg
 
 
+def inherit_split(cfg) -> None:
+    """Fill an unset (None) --heldout-fraction / --split-seed in place (every config does on construction): from the
+    run's provenance when --model is a `rpt-train run` directory or one of its checkpoints, so eval and export (and
+    a run that starts from another's checkpoint) keep its held-out documents apart; else 0. Explicit values win."""
+    if cfg.heldout_fraction is not None and cfg.split_seed is not None:
+        return
+    from rpt_train.rundir import read_provenance
+
+    saved = read_provenance(cfg.model) or {}
+    if cfg.heldout_fraction is None:
+        cfg.heldout_fraction = float(saved.get("heldout_fraction", 0.0))
+    if cfg.split_seed is None:
+        cfg.split_seed = int(saved.get("split_seed", 0))
+
+
 def validate(cfg: CommonConfig) -> None:
     """Range and choice checks, each failure one sentence naming the option."""
     def need(ok: bool, msg: str):
@@ -220,15 +250,16 @@ def validate(cfg: CommonConfig) -> None:
     need(bool(cfg.shards), "no shards given; pass --shards DIR (an `rpt-data tag` output directory)")
     need(cfg.entropy_metric in (None, "topk_entropy", "entropy"), "--entropy-metric must be topk_entropy or entropy")
     need(cfg.bucket_thresholds is None or len(cfg.bucket_thresholds) == 3, "--bucket-thresholds needs three values (easy,medium,hard), e.g. 0.5,1.0,1.5")
-    need(0.0 <= cfg.heldout_fraction < 1.0, "--heldout-fraction must be in [0, 1)")
+    need(cfg.heldout_fraction is None or 0.0 <= cfg.heldout_fraction < 1.0, "--heldout-fraction must be in [0, 1)")
     need(cfg.labels_length >= 1, "--labels-length must be at least 1")
     need(cfg.max_new_tokens >= 1, "--max-new-tokens must be at least 1")
     need(cfg.temperature > 0, "--temperature must be positive (greedy decoding is not sampling)")
     need(0 < cfg.top_p <= 1, "--top-p must be in (0, 1]")
     need(cfg.chat_template in ("auto", "on", "off"), "--chat-template must be auto, on or off")
     need(cfg.answer_format in ("boxed", "answer_tag"), "--answer-format must be boxed or answer_tag")
-    if isinstance(cfg, TrainConfig):
+    if isinstance(cfg, SampleConfig):
         need(cfg.bucket in BUCKETS + ("all", "selected"), "--bucket must be easy, medium, hard, all or selected")
+    if isinstance(cfg, TrainConfig):
         need(cfg.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}")
         need(cfg.steps >= 1 and cfg.batch_prompts >= 1, "--steps and --batch-prompts must be at least 1")
         need(cfg.group_size >= 2, "--group-size must be at least 2 (advantages compare rollouts of one context)")
@@ -244,7 +275,6 @@ def validate(cfg: CommonConfig) -> None:
         need(cfg.device_memory >= 0, "--device-memory must be non-negative (GiB; 0 = the device's own)")
     if isinstance(cfg, ExportConfig):
         need(cfg.format in ("verl", "trl", "openrlhf"), "--format must be verl, trl or openrlhf")
-        need(cfg.bucket in BUCKETS + ("all", "selected"), "--bucket must be easy, medium, hard, all or selected")
         need(cfg.limit >= 0 and cfg.heldout_limit >= 0 and cfg.batch_rows >= 1,
              "--limit and --heldout-limit must be >= 0, --batch-rows >= 1")
     if isinstance(cfg, EvalConfig):

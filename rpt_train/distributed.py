@@ -161,25 +161,26 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
-def load_sharded_policy(spec: str, device: str, dtype: str, bf16: bool = True, prepare=None):
-    """`policy.load_policy` (then prepare(model)); under torchrun FSDP2-sharded, its weights read once: rank 0
-    loads them and broadcasts (`set_model_state_dict(broadcast_from_rank0=True)`), the other ranks build the
-    model on the meta device and receive their shards; buffers (rotary tables) are broadcast as well."""
+def load_sharded_policy(spec: str, device: str, compute_dtype: torch.dtype | None = None, prepare=None):
+    """`policy.load_policy` in float32 (the master weights: a bf16 checkpoint is upcast), then prepare(model); under
+    torchrun FSDP2-sharded with `compute_dtype` as its parameter dtype, its weights read once: rank 0 loads them
+    and broadcasts (`set_model_state_dict(broadcast_from_rank0=True)`), the other ranks build the model on the meta
+    device and receive their shards; buffers (rotary tables) are broadcast as well."""
     from rpt_train.policy import load_policy
 
     if world_size() == 1:
-        loaded = load_policy(spec, device, dtype)
+        loaded = load_policy(spec, device, "float32")
         if prepare:
             prepare(loaded.model)
         return loaded
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    loaded = load_policy(spec, device, dtype, weights=is_main())
+    loaded = load_policy(spec, device, "float32", weights=is_main())
     model = loaded.model
     if prepare:
         prepare(model)
     full = dict(model.state_dict()) if is_main() else {}
-    shard_model(model, device, bf16)
+    shard_model(model, device, compute_dtype)
     if not is_main():
         model.to_empty(device=device)
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
@@ -188,21 +189,19 @@ def load_sharded_policy(spec: str, device: str, dtype: str, bf16: bool = True, p
     return loaded
 
 
-def shard_model(model: torch.nn.Module, device: str, bf16: bool = False) -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, device: str, compute_dtype: torch.dtype | None = None) -> torch.nn.Module:
     """FSDP2 over all ranks: `fully_shard` per decoder layer, then the root (embeddings, final norm, head). The
-    parameters move to `device` as they are sharded. Gradients are summed across ranks, not averaged: the loss
-    is already normalised by global counts (see update.update_policy). The root reshards after forward too
-    (FSDP2 keeps it gathered by default): no-grad forwards (old/reference log-probs, entropy) would otherwise
-    leave its full parameters registered in place of the sharded ones that the optimizer holds."""
+    parameters move to `device` as they are sharded and stay float32 (the masters AdamW steps); with a
+    `compute_dtype` (bf16) they are all-gathered and computed in it, gradients reduced and kept in float32.
+    Gradients are summed across ranks, not averaged: the loss is already normalised by global counts (see
+    update.update_policy). The root reshards after forward too (FSDP2 keeps it gathered by default): no-grad
+    forwards (old/reference log-probs, entropy) would otherwise leave its full parameters registered in place of
+    the sharded ones that the optimizer holds."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    kind = torch.device(device).type
-    mesh = init_device_mesh(kind, (world_size(),))
-    # bf16 on CUDA: all-gather and compute in bf16, gradients reduced (and kept) in float32
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 and kind == "cuda" \
+    mesh = init_device_mesh(torch.device(device).type, (world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype is not None \
         else MixedPrecisionPolicy()
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=mp)

@@ -13,6 +13,7 @@ import torch
 from rpt_common.bos import encode_with_bos
 from rpt_common.errors import UserError
 from rpt_train import distributed
+from rpt_train.rundir import read_provenance
 from rpt_train.reward import extract_answer, prefix_match
 from rpt_train.rollout import SamplingParams
 from rpt_train.samples import BUCKET_NAMES, Sample, SampleBuilder, ShardSet, cuts_of, resolve_shard_defaults
@@ -49,6 +50,9 @@ def select_positions(shards: ShardSet, tokenizer, cfg) -> dict[str, list[Sample]
     resolve_shard_defaults(cfg, shards)
     cands = shards.candidates(cfg.entropy_metric, cfg.heldout_fraction, cfg.split_seed, cuts=cuts_of(cfg))
     split = eval_split(cfg)
+    if split == "all" and cfg.split == "auto" and read_provenance(cfg.model) is not None:
+        distributed.warn(f"'{cfg.model}' is a training run that held out no documents: its eval scores documents it "
+                         "trained on")
     if split != "all":
         cands = cands.take(cands.heldout if split == "heldout" else ~cands.heldout)
     if len(cands) == 0:
@@ -94,13 +98,16 @@ def greedy_next_tokens(model, tokenizer, contexts: list[str], batch_size: int = 
     return out
 
 
-def score_positions(model, tokenizer, engine, samples: list[Sample], cfg) -> list[Scored]:
-    """K sampled completions, one greedy (temperature 0) completion and one greedy next token per position."""
+def score_positions(model, tokenizer, engine, samples: list[Sample], cfg, progress=None) -> list[Scored]:
+    """K sampled completions, one greedy (temperature 0) completion and one greedy next token per position;
+    `progress(done, total)`, when given, is called before the first and after every chunk of positions."""
     prompts = PromptBuilder(tokenizer, cfg.template, cfg.chat_template, cfg.response_prefix)
     params = SamplingParams(n=cfg.samples, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                             top_p=cfg.top_p, top_k=cfg.top_k)
     greedy_params = SamplingParams(n=1, max_new_tokens=cfg.max_new_tokens, greedy=True)  # argmax: draws no RNG
     per_call = max(1, (cfg.rollout_batch_size or 32) // cfg.samples)
+    if progress:
+        progress(0, len(samples))
     greedy = greedy_next_tokens(model, tokenizer, [s.context for s in samples])
     scored = []
     for i in range(0, len(samples), per_call):
@@ -119,19 +126,21 @@ def score_positions(model, tokenizer, engine, samples: list[Sample], cfg) -> lis
                                  greedy_correct=prefix_match(extract_answer(greedy_texts[j], cfg.answer_format),
                                                              s.label_tokens),
                                  greedy_completion=greedy_texts[j]))
+        if progress:
+            progress(len(scored), len(samples))
     return scored
 
 
-def score_shared(model, tokenizer, engine, samples: list[Sample], cfg) -> list[Scored]:
+def score_shared(model, tokenizer, engine, samples: list[Sample], cfg, progress=None) -> list[Scored]:
     """score_positions with the positions striped over the ranks (rank r takes r, r + W, ...) and gathered back.
     A rank with fewer positions also scores a copy of the first (discarded): every rank runs the same forwards,
     which FSDP's all-gathers need."""
     world, rank = distributed.world_size(), distributed.rank()
     if world == 1:
-        return score_positions(model, tokenizer, engine, samples, cfg)
+        return score_positions(model, tokenizer, engine, samples, cfg, progress)
     mine = samples[rank::world]
     padded = mine + samples[:1] * (-(-len(samples) // world) - len(mine))
-    scored = score_positions(model, tokenizer, engine, padded, cfg)[:len(mine)]
+    scored = score_positions(model, tokenizer, engine, padded, cfg, progress if rank == 0 else None)[:len(mine)]
     return [s for part in distributed.all_gather_objects(scored) for s in part]
 
 
@@ -160,9 +169,10 @@ def position_record(s: Scored) -> dict:
 
 
 def evaluate(model, tokenizer, engine, cfg, shards: ShardSet | None = None,
-             chosen: dict[str, list[Sample]] | None = None, details: bool = False) -> dict:
+             chosen: dict[str, list[Sample]] | None = None, details: bool = False, progress=None) -> dict:
     """{bucket: {n, ntr_accuracy, ntr_greedy_accuracy, ntr_pass_at_k, answer_rate, ntp_accuracy, completion_length,
     and a Wilson 95% `<accuracy>_ci` [lo, hi] for each accuracy}} + `meta`.
+    `progress(done, total)`: called as positions are scored (rank 0's share under torchrun).
     `details`: also `positions`, one record per distinct position (doc_id, outcomes, completions), and `chosen`,
     the keys of each bucket.
     Seeded and isolated: the caller's RNG state is left as it was. Under torchrun every rank calls it and scores
@@ -178,10 +188,12 @@ def evaluate(model, tokenizer, engine, cfg, shards: ShardSet | None = None,
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(distributed.rank_seed(cfg.seed))
-        scored = {s.sample.key: s for s in score_shared(model, tokenizer, engine, list(unique.values()), cfg)}
+        scored = {s.sample.key: s for s in score_shared(model, tokenizer, engine, list(unique.values()), cfg,
+                                                        progress)}
     model.train(was_training)
     result = {b: bucket_metrics([scored[s.key] for s in chosen[b]]) for b in EVAL_BUCKETS}
-    result["meta"] = {"k": cfg.samples, "split": eval_split(cfg), "positions": len(unique),
+    result["meta"] = {"k": cfg.samples, "split": eval_split(cfg), "heldout_fraction": cfg.heldout_fraction,
+                      "split_seed": cfg.split_seed, "positions": len(unique),
                       "thresholds": dict(zip(BUCKET_NAMES, cfg.bucket_thresholds)), "metric": cfg.entropy_metric}
     if details:
         result["positions"] = [position_record(scored[k]) for k in unique]

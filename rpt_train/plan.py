@@ -1,28 +1,35 @@
 """Planned peak memory per device of `rpt-train run`, from the model's config alone (no weights loaded):
 weights, AdamW moments, gradients, the rollouts' KV cache, one micro-batch's activations, the log-prob chunks.
 
-Rollouts and the policy update do not overlap in time (gradients are freed after each update), so the peak is
-weights + optimizer + the larger of (KV cache) and (gradients + activations + log-prob chunk, or the AdamW
-step's temporaries). Activations count what autograd keeps per token of a Llama/Qwen-style block (no T x T
+Precision (rpt_train.precision): weights, gradients and AdamW moments are float32 whatever --dtype says; the
+KV cache and activations are in the compute dtype, and a bf16/fp16 compute dtype adds the low-precision weight
+copies autocast keeps (one device) or FSDP all-gathers (a block or two at a time, or the whole model with
+--rollout-gather). Rollouts and the policy update do not overlap in time (gradients are freed after each update),
+so the peak is weights + optimizer + those copies + the larger of (KV cache) and (gradients + activations +
+log-prob chunk, or the AdamW step's temporaries). Activations count what autograd keeps per token of a Llama/Qwen-style block (no T x T
 attention: flash / memory-efficient SDPA); tests/test_train_plan.py checks the whole against CPU peaks."""
 from __future__ import annotations
 
 import gc
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from rpt_common.errors import UserError
+from rpt_train import packing, precision
 
 GIB = 1024 ** 3
 TERMS = ("weights", "optimizer", "gradients", "kv_cache", "activations", "logprobs")
-# The option that shrinks each term, named when the plan does not fit.
-REMEDY = {"weights": "--world-size (more FSDP ranks) or --dtype bfloat16",
-          "optimizer": "--world-size (more FSDP ranks) or --dtype bfloat16",
-          "gradients": "--world-size (more FSDP ranks) or --dtype bfloat16",
+# The option that shrinks each term, named when the plan does not fit. Never bf16 weights: AdamW at lr 1e-6
+# cannot move them (rpt_train.precision).
+REMEDY = {"weights": "--world-size (more FSDP ranks)",
+          "optimizer": "--world-size (more FSDP ranks)",
+          "gradients": "--world-size (more FSDP ranks)",
           "kv_cache": "--rollout-batch-size (fewer sequences per generate call) or --max-new-tokens",
-          "activations": "--micro-batch-size or --gradient-checkpointing",
+          "activations": "--gradient-checkpointing or a smaller --micro-batch-size",
           "logprobs": "--logprob-chunk-tokens"}
 DEFAULT_PROMPT_TOKENS = 1024  # planned prompt length when --max-context-tokens is 0 (whole rows)
 TEMPLATE_TOKENS = 128  # the prompt template around a context, at most
@@ -65,11 +72,13 @@ class MemoryPlan:
     extra: dict[str, int] = field(default_factory=dict)  # parts of the peak that are no term of their own
     total: int = 0
     device_bytes: int | None = None
+    device_source: str = "device"  # what device_bytes is: the device's (or --device-memory), or the machine's RAM
     notes: list[str] = field(default_factory=list)
 
     @property
-    def fits(self) -> bool:
-        return self.device_bytes is None or self.total <= self.device_bytes
+    def fits(self) -> bool | None:
+        """Whether the peak fits the device; None when no device size is known (a CPU plan for a GPU run)."""
+        return None if self.device_bytes is None else self.total <= self.device_bytes
 
     def largest(self) -> str:
         return max(self.terms, key=self.terms.get)
@@ -77,12 +86,6 @@ class MemoryPlan:
     def to_json(self) -> dict:
         return {"fits": self.fits, "device_bytes": self.device_bytes, "total_bytes": self.total, **self.terms,
                 **self.extra}
-
-
-def dtype_bytes(name: str, device_type: str) -> int:
-    from rpt_common.models import pick_dtype
-
-    return torch.empty(0, dtype=pick_dtype(name, torch.device(device_type))).element_size()
 
 
 def kv_cache_bytes(layers: int, kv_dim: int, rows: int, tokens: int, element: int) -> int:
@@ -113,12 +116,13 @@ def full_logprob_bytes(vocab: int, rows: int, completion: int) -> int:
 
 
 def plan_memory(cfg, shapes: Shapes, *, world_size: int = 1, device_type: str = "cuda",
-                device_bytes: int | None = None, prompt_tokens: int | None = None) -> MemoryPlan:
+                device_bytes: int | None = None, device_source: str = "device",
+                prompt_tokens: int | None = None) -> MemoryPlan:
     """The plan of `rpt-train run` with TrainConfig `cfg` on `world_size` devices of `device_bytes` each."""
     W = max(1, world_size)
-    weight = dtype_bytes(cfg.dtype, device_type)
-    # bf16 autocast on CUDA: activations and the KV cache in bf16; on CPU everything in the weights' dtype
-    act = 2 if cfg.bf16 and device_type == "cuda" else weight
+    weight = precision.element_bytes(precision.MASTER)  # float32 masters, gradients and AdamW moments
+    compute = precision.compute_dtype(cfg, device_type)
+    act = precision.element_bytes(compute)  # activations and the KV cache
     prompt = prompt_tokens or ((cfg.max_context_tokens + TEMPLATE_TOKENS) if cfg.max_context_tokens
                                else DEFAULT_PROMPT_TOKENS)
     tokens = prompt + cfg.max_new_tokens
@@ -127,6 +131,11 @@ def plan_memory(cfg, shapes: Shapes, *, world_size: int = 1, device_type: str = 
     rows_per_rank = -(-cfg.batch_prompts // W) * cfg.group_size
     rows = min(rows_per_rank, cfg.rollout_batch_size) if cfg.rollout_batch_size else rows_per_rank
     micro = cfg.micro_batch_size
+    # --share-prefix, where it pays at these lengths: a micro-batch is `micro` groups, each one packed row of a
+    # context and its G completions with a [T, T] bool block mask (rpt_train/packing.py)
+    shared = getattr(cfg, "share_prefix", False) and packing.pays(prompt, cfg.max_new_tokens, cfg.group_size,
+                                                                 shapes.hidden, shapes.intermediate)
+    row_tokens = prompt + cfg.group_size * cfg.max_new_tokens if shared else tokens
     terms = {
         "weights": -(-models // W),
         "optimizer": -(-2 * policy // W),  # AdamW's two moments, in the parameters' dtype
@@ -135,20 +144,28 @@ def plan_memory(cfg, shapes: Shapes, *, world_size: int = 1, device_type: str = 
         # sampler's [rows, V] float32 buffers (logits, tempered, log-softmax, filtered, probabilities, copy)
         "kv_cache": kv_cache_bytes(shapes.layers, shapes.kv_dim, rows, tokens, act) * (shapes.layers + 1) // shapes.layers
         + 6 * rows * shapes.vocab * 4,
-        "activations": activation_bytes(shapes, micro, tokens, act, cfg.gradient_checkpointing),
-        "logprobs": logprob_bytes(shapes.vocab, micro * cfg.max_new_tokens, cfg.logprob_chunk_tokens),
+        "activations": activation_bytes(shapes, micro, row_tokens, act, cfg.gradient_checkpointing)
+        + (micro * row_tokens ** 2 if shared else 0),
+        "logprobs": logprob_bytes(shapes.vocab, micro * cfg.max_new_tokens * (cfg.group_size if shared else 1),
+                                  cfg.logprob_chunk_tokens),
     }
     extra = {"optimizer_step": -(-policy // W)}  # foreach AdamW: one parameter-sized temporary while stepping
-    if W > 1:  # FSDP: full parameters of a block (and the next, prefetched) while it runs
-        extra["fsdp_gather"] = 2 * shapes.layer_params * weight
-        if cfg.rollout_gather:
-            extra["rollout_gather"] = policy - -(-policy // W)
+    if W > 1:  # FSDP: full parameters of a block (and the next, prefetched) in the compute dtype while it runs
+        extra["fsdp_gather"] = 2 * shapes.layer_params * act
+        if cfg.rollout_gather:  # the whole model all-gathered (compute dtype) for each generate call
+            extra["rollout_gather"] = shapes.params * act if compute is not None else policy - -(-policy // W)
+    elif compute is not None:  # autocast's cached bf16/fp16 copy of every weight inside a forward and backward
+        extra["autocast_weights"] = shapes.params * act
     rollout = terms["kv_cache"] + extra.get("rollout_gather", 0)
     update = terms["gradients"] + max(terms["activations"] + terms["logprobs"], extra["optimizer_step"])
-    total = terms["weights"] + terms["optimizer"] + max(rollout, update) + extra.get("fsdp_gather", 0)
+    total = (terms["weights"] + terms["optimizer"] + max(rollout, update) + extra.get("fsdp_gather", 0)
+             + extra.get("autocast_weights", 0))
     notes = [f"{shapes.params / 1e9:.3g}B parameters, {W} device(s), {rows} rollout rows x {tokens} tokens "
-             f"(prompt {prompt} planned + {cfg.max_new_tokens} new), micro-batch {micro}"]
-    return MemoryPlan(terms=terms, extra=extra, total=total, device_bytes=device_bytes, notes=notes)
+             f"(prompt {prompt} planned + {cfg.max_new_tokens} new), micro-batch {micro}"
+             f"{' groups (shared prefix)' if shared else ''}, float32 weights, "
+             f"compute in {str(compute or precision.MASTER).removeprefix('torch.')}"]
+    return MemoryPlan(terms=terms, extra=extra, total=total, device_bytes=device_bytes, device_source=device_source,
+                      notes=notes)
 
 
 def load_shapes(spec: str) -> Shapes:
@@ -166,33 +183,55 @@ def load_shapes(spec: str) -> Shapes:
         raise UserError(f"cannot plan for '{spec}': {str(e).splitlines()[0] if str(e) else type(e).__name__}")
 
 
-def device_memory(cfg, device: str) -> int | None:
-    """Bytes of one device: --device-memory (GiB) when given, else the CUDA device's own; None on CPU."""
+def device_memory(cfg, device: str) -> tuple[int | None, str]:
+    """(bytes of one device, what they are): --device-memory (GiB) when given, else the CUDA device's own, on CPU
+    the machine's memory; (None, ...) for a CUDA device this machine does not have."""
     if cfg.device_memory:
-        return int(cfg.device_memory * GIB)
+        return int(cfg.device_memory * GIB), "device"
     if str(device).startswith(("cuda", "auto")) and torch.cuda.is_available():
-        return torch.cuda.get_device_properties(torch.device("cuda" if device == "auto" else device)).total_memory
-    return None
+        cuda = torch.device("cuda" if device == "auto" else device)
+        return torch.cuda.get_device_properties(cuda).total_memory, "device"
+    if str(device).startswith("cpu"):
+        return machine_memory(), "machine"
+    return None, "device"
+
+
+def machine_memory() -> int | None:
+    """This machine's physical memory in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def render(plan: MemoryPlan) -> str:
     lines = [f"memory plan per device ({plan.notes[0]}):"]
-    lines += [f"  {k:<12} {v / GIB:9.2f} GiB" for k, v in plan.terms.items()]
-    lines += [f"  {k:<12} {v / GIB:9.2f} GiB  (part of the peak)" for k, v in plan.extra.items()]
-    where = f" of {plan.device_bytes / GIB:.2f} GiB" if plan.device_bytes else " (no device size known)"
-    lines.append(f"  planned peak {plan.total / GIB:.2f} GiB{where}: {'fits' if plan.fits else 'DOES NOT FIT'}")
+    lines += [f"  {k:<16} {v / GIB:9.2f} GiB" for k, v in plan.terms.items()]
+    lines += [f"  {k:<16} {v / GIB:9.2f} GiB  (part of the peak)" for k, v in plan.extra.items()]
+    if plan.device_bytes is None:
+        verdict = " (no device size known): fit unknown; pass --device-memory GIB"
+    else:
+        of = "this machine's memory" if plan.device_source == "machine" else "the device's"
+        verdict = f" of {plan.device_bytes / GIB:.2f} GiB ({of}): {'fits' if plan.fits else 'DOES NOT FIT'}"
+    lines.append(f"  planned peak {plan.total / GIB:.2f} GiB{verdict}")
     return "\n".join(lines)
 
 
 def refusal(plan: MemoryPlan) -> str:
     """One sentence: the plan, the largest term and the option that shrinks it."""
     big = plan.largest()
-    return (f"the planned peak memory {plan.total / GIB:.1f} GiB exceeds the device's {plan.device_bytes / GIB:.1f} "
+    of = "this machine's memory" if plan.device_source == "machine" else "the device's"
+    return (f"the planned peak memory {plan.total / GIB:.1f} GiB exceeds {of} {plan.device_bytes / GIB:.1f} "
             f"GiB; the largest term is {big} ({plan.terms[big] / GIB:.1f} GiB): lower it with {REMEDY[big]}")
 
 
 def check(plan: MemoryPlan) -> None:
-    if not plan.fits:
+    """Refuse a plan beyond the device; beyond this machine's memory (a CPU run without --device-memory: the plan
+    counts every rollout at full length) only warn."""
+    if plan.fits is False:
+        if plan.device_source == "machine":
+            print(f"warning: {refusal(plan)}; going on (pass --device-memory GIB to stop instead)", file=sys.stderr)
+            return
         raise UserError(refusal(plan))
 
 

@@ -9,12 +9,11 @@ import torch
 from rpt_common.errors import UserError
 from rpt_common.models import (LoadedModel, load_causal_lm, load_tokenizer, pick_dtype, resolve_model_path,
                                  tokenizer_identity)
+from rpt_train.rundir import latest_checkpoint
 
 
 def resolve_policy(spec: str) -> str:
     """`spec`, or the latest checkpoint when `spec` is a `rpt-train run` output directory."""
-    from rpt_train.checkpoint import latest_checkpoint
-
     p = Path(spec)
     if spec != "demo" and p.is_dir() and not (p / "config.json").exists() and (p / "checkpoints").is_dir():
         ckpt = latest_checkpoint(p)

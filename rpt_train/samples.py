@@ -18,7 +18,7 @@ from rpt_train.reward import extract_answer
 
 BUCKET_NAMES = ("easy", "medium", "hard")
 _INDEX_COLUMNS = ["doc_id", "score_start", "token_bytes", "selected"]
-_ROW_COLUMNS = ["doc_id", "window_index", "text", "token_bytes"]
+_ROW_COLUMNS = ["doc_id", "window_index", "token_start", "text", "token_bytes"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -150,8 +150,14 @@ class ShardSet:
         return out
 
     def row(self, shard: int, row: int) -> dict:
-        """doc_id, window_index, text, token_bytes of one row."""
+        """doc_id, window_index, token_start, text, token_bytes of one row."""
         return self.rows([shard], [row])[0]
+
+    def after(self, shard: int, row: int) -> tuple[int, int] | None:
+        """Where the row after (shard, row) is: the next one in its shard, else the next shard's first."""
+        if row + 1 < int(self._group_starts[shard][-1]):
+            return shard, row + 1
+        return (shard + 1, 0) if shard + 1 < len(self.files) else None
 
     def defaults(self) -> tuple[str, list[float]]:
         """(entropy metric column, bucket thresholds) the shards were tagged with, from the manifest's config."""
@@ -200,10 +206,15 @@ def answerable(labels: list[str], fmt: str = "boxed") -> list[str]:
     return labels[:last]
 
 
+def label_chars(labels_length: int) -> int:
+    """Characters of the continuation that label_pieces tokenizes first (more only when they give too few tokens)."""
+    return labels_length * 32 + 64
+
+
 def label_pieces(tokenizer, continuation: str, labels_length: int) -> list[str]:
     """The continuation's first `labels_length` policy tokens as text pieces whose concatenations are exact
     prefixes of it. Tokens that split a character merge with the next (no string can end mid-character)."""
-    cut = continuation[: labels_length * 32 + 64]
+    cut = continuation[: label_chars(labels_length)]
     ids = tokenizer(cut, add_special_tokens=False)["input_ids"]
     if len(ids) <= labels_length and len(cut) < len(continuation):
         ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
@@ -216,14 +227,42 @@ def label_pieces(tokenizer, continuation: str, labels_length: int) -> list[str]:
     return pieces
 
 
+def ends_within(continuation: str, labels_length: int) -> bool:
+    """Whether `continuation` is shorter than what label_pieces tokenizes: its label boundaries (the last word's
+    tokens too) may then depend on the text after it."""
+    return len(continuation) < label_chars(labels_length)
+
+
+def following_text(row: dict, nxt: dict) -> str | None:
+    """The text of `nxt` (the next window of row's stream) after the end of `row`: windows overlap by the context
+    prefix, so it starts at the byte end of row's last token inside nxt. None when nxt is no such window."""
+    if nxt["doc_id"] != row["doc_id"] or nxt["window_index"] != row["window_index"] + 1:
+        return None
+    k = row["token_start"] + len(row["token_bytes"]) - 1 - nxt["token_start"]  # row's last token, in nxt
+    if not -1 <= k < len(nxt["token_bytes"]):
+        return None
+    try:
+        return nxt["text"].encode("utf-8")[nxt["token_bytes"][k] if k >= 0 else 0:].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
 def context_tail(tokenizer, context: str, max_tokens: int) -> str:
-    """The context cut to its last `max_tokens` policy tokens (cut at a character offset, 0 = keep all)."""
+    """The context cut to its last `max_tokens` policy tokens (0 = keep all): the decoded text of those tokens
+    when it is a suffix of the context, else the cut at the tokenizer's character offset, which is only trusted
+    when it lies inside the context (a ByteLevel post-processor with trim_offsets moves a token's start past its
+    leading space: the tail is then one space shorter, never longer)."""
     if max_tokens <= 0 or len(context) <= max_tokens:
         return context
     enc = tokenizer(context, add_special_tokens=False, return_offsets_mapping=True)
-    if len(enc["input_ids"]) <= max_tokens:
+    ids = enc["input_ids"]
+    if len(ids) <= max_tokens:
         return context
-    return context[enc["offset_mapping"][-max_tokens][0]:]
+    tail = tokenizer.decode(ids[-max_tokens:], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    if tail and context.endswith(tail):
+        return tail
+    start = enc["offset_mapping"][-max_tokens][0]
+    return context[min(max(start, 0), len(context)):]
 
 
 class SampleBuilder:
@@ -236,26 +275,63 @@ class SampleBuilder:
         self.labels_length, self.max_context_tokens, self.thresholds = labels_length, max_context_tokens, thresholds
         self.answer_format = answer_format
         self.skipped = self.unexpressible = 0
+        self.following_reads = 0  # row-group reads for the text after a window (labels across its edge)
 
     def __call__(self, i: int) -> Sample | None:
         return self.many([i])[0]
 
     def many(self, indices) -> list[Sample | None]:
-        """Samples of several candidates, in order, reading each needed row group once."""
+        """Samples of several candidates, in order, reading each needed row group once (and, for positions whose
+        labels run past their window's end, the rows after it)."""
         idx = np.asarray(indices, dtype=np.int64)
         r = self.cands.row_of(idx)
-        rows = self.shards.rows(self.cands.row_shard[r], self.cands.row_index[r])
-        return [self._sample(row, int(self.cands.t[i]), float(self.cands.value[i])) for i, row in zip(idx, rows)]
+        shard, row = self.cands.row_shard[r], self.cands.row_index[r]
+        rows = self.shards.rows(shard, row)
+        cuts = [self._cut(rw, int(self.cands.t[i])) for i, rw in zip(idx, rows)]
+        tails = self._following([(int(a), int(b)) for a, b in zip(shard, row)], rows, cuts)
+        return [self._sample(rw, cut, tail, int(self.cands.t[i]), float(self.cands.value[i]))
+                for i, rw, cut, tail in zip(idx, rows, cuts, tails)]
 
-    def _sample(self, row: dict, t: int, value: float) -> Sample | None:
+    def _cut(self, row: dict, t: int) -> tuple[str, str] | None:
+        """(context, continuation inside the row) at position t, or None when the proxy's token boundary falls
+        inside a character."""
         data = row["text"].encode("utf-8")
         cut = row["token_bytes"][t - 1]  # context = bytes [0, end of token t-1)
         try:
-            context, continuation = data[:cut].decode("utf-8"), data[cut:].decode("utf-8")
-        except UnicodeDecodeError:  # the proxy's token boundary falls inside a character
+            return data[:cut].decode("utf-8"), data[cut:].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+
+    def _following(self, where: list[tuple[int, int]], rows: list[dict], cuts) -> list[str]:
+        """The stream's text after each row, as far as the labels of its position need it (the next windows of the
+        same document, read a hop at a time for all positions at once); '' where none is needed or there is none."""
+        tails = [""] * len(rows)
+        todo = [j for j, c in enumerate(cuts) if c is not None and ends_within(c[1], self.labels_length)]
+        here = {j: (where[j], rows[j]) for j in todo}
+        while todo:
+            nxt = {j: self.shards.after(*here[j][0]) for j in todo}
+            todo = [j for j in todo if nxt[j] is not None]
+            before = self.shards.row_groups_read
+            read = self.shards.rows([nxt[j][0] for j in todo], [nxt[j][1] for j in todo]) if todo else []
+            self.following_reads += self.shards.row_groups_read - before
+            still = []
+            for j, nx in zip(todo, read):
+                more = following_text(here[j][1], nx)
+                if not more:
+                    continue
+                tails[j] += more
+                here[j] = (nxt[j], nx)
+                if ends_within(cuts[j][1] + tails[j], self.labels_length):
+                    still.append(j)
+            todo = still
+        return tails
+
+    def _sample(self, row: dict, cut: tuple[str, str] | None, tail: str, t: int, value: float) -> Sample | None:
+        if cut is None:  # the proxy's token boundary falls inside a character
             self.skipped += 1
             return None
-        labels = label_pieces(self.tokenizer, continuation, self.labels_length)
+        context, continuation = cut
+        labels = label_pieces(self.tokenizer, continuation + tail, self.labels_length)
         if not labels or not context:
             self.skipped += 1
             return None
@@ -315,10 +391,11 @@ def select_mask(cands: Candidates, *, bucket: str, min_entropy: float | None, th
 class TrainSamples:
     """The training stream: held-out documents excluded, positions filtered, order seeded and resumable."""
 
-    def __init__(self, cfg, tokenizer, *, keep_heldout: bool = False):
-        """`keep_heldout`: also keep the held-out documents' positions under the same filter (`heldout_cands`)."""
+    def __init__(self, cfg, tokenizer, *, keep_heldout: bool = False, shards: ShardSet | None = None):
+        """`keep_heldout`: also keep the held-out documents' positions under the same filter (`heldout_cands`);
+        `shards`: the ShardSet of cfg.shards when the caller has opened it already."""
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.shards = ShardSet(cfg.shards)
+        self.shards = shards or ShardSet(cfg.shards)
         resolve_shard_defaults(cfg, self.shards)
         cands = self.shards.candidates(cfg.entropy_metric, cfg.heldout_fraction, cfg.split_seed, cuts=cuts_of(cfg))
         mask = select_mask(cands, bucket=cfg.bucket, min_entropy=cfg.min_entropy, thresholds=cfg.bucket_thresholds)

@@ -20,7 +20,8 @@ import yaml
 
 from rpt_common.errors import UserError
 from rpt_common.models import enable_tf32, pick_device
-from rpt_train import distributed, plan
+from rpt_common.recipe import changed_options, differ
+from rpt_train import distributed, plan, precision, rundir
 from rpt_train.checkpoint import (base_model_identity, latest_checkpoint, load_trainer_state, restore_rng,
                                   save_checkpoint, tidy_checkpoints)
 from rpt_train.collect import collect, rollout_groups, sample_records  # noqa: F401 (tests use these from here)
@@ -30,14 +31,15 @@ from rpt_train.metrics import MetricsLogger
 from rpt_train.policy import eos_ids, freeze
 from rpt_train.reward import RewardFn, combine, load_reward_fn, rpt_reward
 from rpt_train.rollout import HFRollout, RolloutEngine, SamplingParams
-from rpt_train.samples import TrainSamples
+from rpt_train.samples import ShardSet, TrainSamples, resolve_shard_defaults
 from rpt_train.templates import PromptBuilder
 from rpt_train.update import autocast, no_update, update_policy
 
-# Options that may change between a run and its --resume without changing what is computed.
-_RESUMABLE = {"steps", "save_every", "keep_checkpoints", "eval_every", "log_samples_every", "tensorboard", "resume",
-              "out", "model", "eval_limit", "eval_samples", "on_bad_step", "bad_grad_norm", "max_bad_steps",
-              "logprob_chunk_tokens", "device_memory"}
+# Options that may change between a run and its --resume without changing what is computed (--steps: within the
+# schedule's horizon, see schedule_horizon); any other change is refused, as `rpt-data tag` refuses its own.
+RUNTIME_ONLY = {"steps", "save_every", "keep_checkpoints", "eval_every", "log_samples_every", "tensorboard", "resume",
+                "out", "model", "eval_limit", "eval_samples", "on_bad_step", "bad_grad_norm", "max_bad_steps",
+                "logprob_chunk_tokens", "device_memory", "device", "share_prefix"}
 
 
 def seed_everything(seed: int) -> None:
@@ -53,12 +55,15 @@ def disable_dropout(model: torch.nn.Module) -> None:
             m.p = 0.0
 
 
-def lr_factor(cfg: TrainConfig):
-    """Multiplier of --lr at training step i (0-based): linear warmup, then constant / linear / cosine to 0."""
+def lr_factor(cfg: TrainConfig, horizon: int | None = None):
+    """Multiplier of --lr at training step i (0-based): linear warmup, then constant / linear / cosine to 0 at step
+    `horizon` (default --steps; a resumed run keeps the one it started with)."""
+    horizon = horizon or cfg.steps
+
     def factor(i: int) -> float:
         if i < cfg.warmup_steps:
             return (i + 1) / cfg.warmup_steps
-        progress = (i - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        progress = (i - cfg.warmup_steps) / max(1, horizon - cfg.warmup_steps)
         if cfg.lr_schedule == "linear":
             return max(0.0, 1.0 - progress)
         if cfg.lr_schedule == "cosine":
@@ -78,7 +83,6 @@ def prepare_out(cfg: TrainConfig) -> Path | None:
         tidy_checkpoints(out, cfg.keep_checkpoints)
     if cfg.resume and ckpt is None:
         print(f"note: no checkpoint in '{out}' yet; starting from step 0", file=sys.stderr)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return ckpt
 
 
@@ -91,7 +95,8 @@ def eval_config(cfg: TrainConfig) -> EvalConfig:
 def rollout_engine(cfg: TrainConfig, model, policy) -> RolloutEngine:
     """HFRollout on the policy. Sharded: generation either inside one all-gather of the full weights per call
     (--rollout-gather) or through FSDP's per-layer all-gathers in lockstep; no torch.compile on a sharded model."""
-    kw = {"static_cache": cfg.static_cache, "bf16": cfg.bf16}
+    device = next(model.parameters()).device
+    kw = {"static_cache": cfg.static_cache, "bf16": precision.compute_dtype(cfg, device) is not None}
     if not distributed.is_sharded(model):
         return HFRollout(model, policy.tokenizer, eos_ids(policy), cfg.rollout_batch_size, **kw)
     engine = HFRollout(model, policy.tokenizer, eos_ids(policy), cfg.rollout_batch_size, compile=False,
@@ -112,15 +117,20 @@ def train(cfg: TrainConfig, *, reward_fns: list[RewardFn] = (), engine: RolloutE
 
 def _train(cfg: TrainConfig, device: str, reward_fns, engine: RolloutEngine | None, quiet: bool) -> Path:
     out = Path(cfg.out)
+    shards = ShardSet(cfg.shards)  # the inputs are checked before anything is planned, written or loaded
+    resolve_shard_defaults(cfg, shards)
     ckpt = distributed.broadcast_from_main(lambda: prepare_out(cfg))
     seed_everything(distributed.rank_seed(cfg.seed))
     state = load_trainer_state(ckpt) if ckpt else None  # read by rank 0, the optimizer state kept there only
+    if state is not None:
+        check_options(state.get("config", {}), to_dict(cfg), out)
+    horizon = schedule_horizon(cfg, state, out)
     base = check_base_model(cfg, state, out)
     check_memory(cfg, str(pick_device(device)), quiet)
     enable_tf32(pick_device(device))
     model, ref, policy = build_models(cfg, device, ckpt, base)
     tok = policy.tokenizer
-    data = TrainSamples(cfg, tok)
+    data = TrainSamples(cfg, tok, shards=shards)
     prompts = PromptBuilder(tok, cfg.template, cfg.chat_template, cfg.response_prefix)
     reward_fn = combine([rpt_reward(cfg.reward_correct, cfg.reward_wrong, cfg.reward_no_answer),
                          *[load_reward_fn(s) for s in cfg.reward], *reward_fns])
@@ -129,7 +139,7 @@ def _train(cfg: TrainConfig, device: str, reward_fns, engine: RolloutEngine | No
                             top_p=cfg.top_p, top_k=cfg.top_k)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, horizon))
     start = resume(cfg, ckpt, state, model, optimizer, scheduler, data) if state is not None else 0
     if start >= cfg.steps:
         if distributed.is_main():
@@ -141,6 +151,9 @@ def _train(cfg: TrainConfig, device: str, reward_fns, engine: RolloutEngine | No
     if ecfg and cfg.heldout_fraction == 0:
         distributed.warn("--eval-every without --heldout-fraction evaluates on training documents")
     eval_positions = select_positions(data.shards, tok, ecfg) if ecfg else None
+    if distributed.is_main():  # only now: a run refused before its first step leaves no config behind
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        rundir.write_record(out, rundir.provenance(cfg, horizon))
     if not quiet:
         where = cfg.bucket if cfg.min_entropy is None else f"entropy > {cfg.min_entropy}"
         ranks = f" on {distributed.world_size()} ranks" if distributed.world_size() > 1 else ""
@@ -171,7 +184,7 @@ def _train(cfg: TrainConfig, device: str, reward_fns, engine: RolloutEngine | No
         if step % cfg.save_every == 0 or step == cfg.steps:
             save_checkpoint(out, step, model, tok, {
                 "optimizer": distributed.optimizer_state_dict(model, optimizer), "scheduler": scheduler.state_dict(),
-                "sampler": data.state_dict(), "config": to_dict(cfg), "base_model": base,
+                "sampler": data.state_dict(), "config": to_dict(cfg), "base_model": base, "horizon": horizon,
             }, keep=cfg.keep_checkpoints)
     logger.close()
     return out
@@ -179,10 +192,12 @@ def _train(cfg: TrainConfig, device: str, reward_fns, engine: RolloutEngine | No
 
 def build_models(cfg: TrainConfig, device: str, ckpt: Path | None, base: str):
     """(policy model, frozen reference or None, LoadedModel of the policy): the policy from the checkpoint when
-    resuming, the reference from the run's base model; FSDP2-sharded under torchrun."""
-    policy = distributed.load_sharded_policy(str(ckpt) if ckpt else cfg.model, device, cfg.dtype, cfg.bf16,
+    resuming, the reference from the run's base model; float32 weights (rpt_train.precision), FSDP2-sharded
+    under torchrun with the compute dtype as FSDP's parameter dtype."""
+    compute = precision.compute_dtype(cfg, pick_device(device))
+    policy = distributed.load_sharded_policy(str(ckpt) if ckpt else cfg.model, device, compute,
                                              prepare=lambda m: prepare_policy(cfg, m))
-    ref = distributed.load_sharded_policy(base, device, cfg.dtype, cfg.bf16).model if cfg.beta > 0 else None
+    ref = distributed.load_sharded_policy(base, device, compute).model if cfg.beta > 0 else None
     return policy.model, freeze(ref) if ref is not None else None, policy
 
 
@@ -212,8 +227,9 @@ def check_memory(cfg: TrainConfig, device: str, quiet: bool) -> None:
         shapes = plan.load_shapes(cfg.model)
     except UserError:
         return  # the policy load below says what is wrong with --model
+    size, source = plan.device_memory(cfg, device)
     memory = plan.plan_memory(cfg, shapes, world_size=distributed.world_size(), device_type=torch.device(device).type,
-                              device_bytes=plan.device_memory(cfg, device))
+                              device_bytes=size, device_source=source)
     if not quiet:
         print(plan.render(memory), flush=True)
     plan.check(memory)
@@ -221,8 +237,6 @@ def check_memory(cfg: TrainConfig, device: str, quiet: bool) -> None:
 
 def resume(cfg: TrainConfig, ckpt: Path, state: dict, model, optimizer, scheduler, data: TrainSamples) -> int:
     """Optimizer (broadcast from rank 0 under FSDP2), scheduler, sampler and RNG states from a checkpoint; the step."""
-    if distributed.is_main():
-        warn_changed(state.get("config", {}), to_dict(cfg))
     distributed.load_optimizer_state_dict(model, optimizer, state.get("optimizer", {}))
     scheduler.load_state_dict(state["scheduler"])
     data.load_state_dict(state["sampler"])
@@ -245,8 +259,26 @@ def check_bad_step(cfg: TrainConfig, step: int, reason: str, in_a_row: int, out:
                     "then rerun with --resume")
 
 
-def warn_changed(saved: dict, now: dict) -> None:
-    changed = [k for k in now if k not in _RESUMABLE and k in saved and saved[k] != now[k]]
+def check_options(saved: dict, now: dict, out: Path) -> None:
+    """A --resume with other options than the run's (RUNTIME_ONLY ones aside) is refused in one sentence."""
+    changed = changed_options(saved, now, RUNTIME_ONLY)
     if changed:
-        print(f"warning: resuming with changed options ({', '.join(changed)}); "
-              "the run will not equal an uninterrupted one", file=sys.stderr)
+        was = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} there" for k in changed)
+        raise UserError(f"'{out}' holds a run with other options ({differ(changed)}: {was}); resume with the same "
+                        "options, or start a new run in another --out")
+
+
+def schedule_horizon(cfg: TrainConfig, state: dict | None, out: Path) -> int:
+    """The step at which a linear / cosine schedule reaches 0: --steps on a fresh start, the run's own on --resume.
+    A --steps beyond it would restart the decay (the lr would rise again): refused in one sentence."""
+    if state is None or cfg.lr_schedule == "constant":
+        return cfg.steps
+    saved = int(state.get("horizon") or state.get("config", {}).get("steps") or cfg.steps)
+    if cfg.steps > saved:
+        raise UserError(f"--steps {cfg.steps} runs past the {saved} steps over which the {cfg.lr_schedule} "
+                        f"--lr-schedule of '{out}' decays to 0; resume with --steps {saved} at most, or start a new "
+                        f"run in another --out from --model '{out}'")
+    if cfg.steps < saved and distributed.is_main():
+        print(f"note: the {cfg.lr_schedule} --lr-schedule of '{out}' keeps its horizon of {saved} steps; this run "
+              f"stops at step {cfg.steps}", file=sys.stderr)
+    return saved

@@ -87,7 +87,8 @@ def test_unexpressible_positions_are_skipped_and_counted(tiny_llama, tiny_tok, t
     for i, (s, row) in enumerate(zip(samples, rows)):
         if s is None:
             continue
-        cont = row["text"].encode()[row["token_bytes"][int(cands.t[i]) - 1]:].decode()
+        data = BRACES[int(row["doc_id"].removeprefix("doc"))].encode()  # labels may run into the next window
+        cont = data[data.index(row["text"].encode()) + row["token_bytes"][int(cands.t[i]) - 1]:].decode()
         assert cont.startswith("".join(s.label_tokens))
     answer_tag = SampleBuilder(shards, cands, tiny_tok, labels_length=2, max_context_tokens=0, thresholds=TH,
                                answer_format="answer_tag")
@@ -167,7 +168,8 @@ def test_grouped_reads_equal_one_by_one_reads(tiny_llama, tiny_tok, tmp_path):
     before = shards.row_groups_read
     grouped = build.many(idx)
     groups = {(int(cands.row_shard[r]), int(cands.row_index[r]) // 2) for r in cands.row_of(idx)}
-    assert shards.row_groups_read - before == len(groups) < len(idx)
+    # one read per needed row group, plus those of the next windows for labels that run past a window's end
+    assert shards.row_groups_read - before - build.following_reads == len(groups) < len(idx)
     assert grouped == [build(int(i)) for i in idx]
     cfg = TrainConfig(shards=str(out), bucket="all", labels_length=3)
     a, b = TrainSamples(cfg, tiny_tok), TrainSamples(cfg, tiny_tok)

@@ -1,6 +1,7 @@
 """The memory plan: its terms against peaks measured on this CPU (a subprocess reads /proc's VmHWM around one
 micro-batch update and one rollout call), FSDP division, the refusal sentence, and `rpt-train plan` (--json, exit
 codes, a directory with only config.json)."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from shard_fixtures import train_shards  # noqa: F401
 
 from rpt_train.cli import main
 from rpt_train.config import TrainConfig
@@ -108,20 +110,49 @@ def test_plan_cli_from_config_json_alone(tmp_path, memory, code):
     plan = json.loads(result.output.strip().splitlines()[-1])
     assert plan["fits"] is (code == 0) and plan["device_bytes"] == int(float(memory) * 2 ** 30)
     assert {"total_bytes", "weights", "optimizer", "gradients", "kv_cache", "activations", "logprobs"} <= plan.keys()
-    assert plan["weights"] == 2 * 1_543_714_304  # Qwen2-1.5B: 1.54B parameters in bf16
+    # Qwen2-1.5B: 1.54B parameters, float32 masters whatever --dtype says; bf16 is the compute dtype: autocast's
+    # bf16 copy of the weights beside them, and no remedy proposes bf16 weights
+    assert plan["weights"] == 4 * 1_543_714_304 and plan["autocast_weights"] == 2 * 1_543_714_304
+    assert "compute in bfloat16" in result.output
+    assert not [line for line in result.output.splitlines() if line.startswith("error:") and "--dtype" in line]
     if code:
         assert "the largest term is" in result.output
 
 
-def test_run_prints_the_plan_and_refuses_before_loading_when_it_does_not_fit(tiny_llama, tmp_path, capsys,
-                                                                              monkeypatch):
+def test_run_prints_the_plan_and_refuses_before_loading_when_it_does_not_fit(tiny_llama, train_shards, tmp_path,
+                                                                              capsys, monkeypatch):
     from rpt_common.errors import UserError
     from rpt_train import distributed
     from rpt_train.trainer import train
 
     monkeypatch.setattr(distributed, "load_sharded_policy", lambda *a, **k: pytest.fail("loaded a model"))
-    cfg = TrainConfig(shards="x", model=str(tiny_llama), out=str(tmp_path / "run"), device="cpu",
+    cfg = TrainConfig(shards=str(train_shards), model=str(tiny_llama), out=str(tmp_path / "run"), device="cpu",
                       device_memory=0.0001, max_new_tokens=64)
     with pytest.raises(UserError, match=r"exceeds the device's 0.0 GiB; the largest term is \w+ .*: lower it with --"):
         train(cfg)
     assert "memory plan per device" in capsys.readouterr().out
+    # the inputs are checked first: missing shards are said before any plan is printed
+    with pytest.raises(UserError, match="nope"):
+        train(dataclasses.replace(cfg, shards=str(tmp_path / "nope")))
+    assert "memory plan" not in capsys.readouterr().out
+
+
+def test_plan_never_says_fits_without_a_device_size(tmp_path, monkeypatch):
+    """A GPU plan on a machine without that GPU says "unknown" (JSON fits: null, exit 0); --device cpu is judged
+    against this machine's memory (exit 2 beyond it), and a CPU run beyond it only warns."""
+    from rpt_train import plan
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text((CONFIGS / "qwen2-1.5b" / "config.json").read_text())
+    monkeypatch.setattr(plan.torch.cuda, "is_available", lambda: False)
+    args = ["plan", "--model", str(model), "--json", "--max-new-tokens", "8192", "--batch-prompts", "256"]
+    unknown = CliRunner().invoke(main, args)
+    assert unknown.exit_code == 0 and "fits" not in unknown.output.replace('"fits"', "")
+    assert "fit unknown" in unknown.output and json.loads(unknown.output.splitlines()[-1])["fits"] is None
+    monkeypatch.setattr(plan, "machine_memory", lambda: 24 * 2 ** 30)
+    cpu = CliRunner().invoke(main, args + ["--device", "cpu"])
+    assert cpu.exit_code == 2 and "of 24.00 GiB (this machine's memory): DOES NOT FIT" in cpu.output
+    memory = plan.plan_memory(TrainConfig(shards="x"), plan.load_shapes(str(model)), device_type="cpu",
+                              device_bytes=2 ** 30, device_source="machine")
+    plan.check(memory)  # a warning, not a refusal

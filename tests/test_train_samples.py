@@ -7,14 +7,14 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from shard_fixtures import train_shards, tiny_tok, write_shards_standin  # noqa: F401
+from shard_fixtures import TEXTS, train_shards, tiny_tok, write_shards_standin  # noqa: F401
 from tiny import make_tokenizer
 
 from rpt_common.errors import UserError
 from rpt_train.config import EvalConfig, TrainConfig
 from rpt_train.evaluate import select_positions
-from rpt_train.samples import (PositionSampler, SampleBuilder, ShardSet, TrainSamples, bucket_of, is_heldout,
-                               label_pieces, select_mask)
+from rpt_train.samples import (PositionSampler, SampleBuilder, ShardSet, TrainSamples, answerable, bucket_of,
+                               is_heldout, label_pieces, select_mask)
 
 TH = [0.5, 1.0, 1.5]
 
@@ -48,11 +48,41 @@ def test_sample_cuts_context_and_labels_at_the_byte_offset(train_shards, tiny_to
         cut = row["token_bytes"][int(cands.t[i]) - 1]
         data = row["text"].encode()
         assert s.context.encode() == data[:cut]
-        assert data[cut:].decode().startswith("".join(s.label_tokens))
+        # the labels are the document's next tokens, across the window's end (the next window's text) too
+        following = doc_continuation(row, int(cands.t[i]))
+        assert s.label_tokens == answerable(label_pieces(tiny_tok, following, 4))
         assert 1 <= len(s.label_tokens) <= 4 and all(s.label_tokens)
         assert s.bucket == bucket_of(s.entropy, TH)
         n += 1
     assert n > 0.8 * len(cands)
+
+
+def doc_continuation(row: dict, t: int, texts=TEXTS) -> str:
+    """The whole document's text after position t of `row` (a window of texts[i] for doc_id 'doc<i>')."""
+    data = texts[int(row["doc_id"].removeprefix("doc"))].encode()
+    return data[data.index(row["text"].encode()) + row["token_bytes"][t - 1]:].decode()
+
+
+def test_labels_run_across_the_window_edge(tiny_llama, tiny_tok, tmp_path):
+    """Short windows (16 tokens, prefix 4): a mid-stream window's last positions take their labels from the next
+    window's text, so every position's labels equal the whole document's, and none is cut at the edge."""
+    from shard_fixtures import write_shards
+
+    shards = ShardSet(str(write_shards(tmp_path / "short", tiny_llama, window=16, context_prefix=4)))
+    cands = shards.candidates("topk_entropy")
+    build = SampleBuilder(shards, cands, tiny_tok, labels_length=6, max_context_tokens=0, thresholds=TH)
+    samples = build.many(np.arange(len(cands)))
+    rows = shards.rows(cands.shard, cands.row)
+    edge = 0
+    for i, (s, row) in enumerate(zip(samples, rows)):
+        if s is None:
+            continue
+        t = int(cands.t[i])
+        following = doc_continuation(row, t)
+        assert s.label_tokens == answerable(label_pieces(tiny_tok, following, 6)), s.key
+        inside = row["text"].encode()[row["token_bytes"][t - 1]:].decode()
+        edge += not inside.startswith("".join(s.label_tokens))  # labels that run past the window's end
+    assert edge > 10 and build.following_reads > 0
 
 
 @settings(max_examples=60, deadline=None)
@@ -80,6 +110,22 @@ def test_context_tail_keeps_last_tokens(train_shards, tiny_tok):
     a, b = full(i), short(i)
     assert a.context.endswith(b.context) and len(b.context) < len(a.context)
     assert len(tiny_tok(b.context, add_special_tokens=False)["input_ids"]) <= 6
+
+
+def test_context_tail_does_not_trust_trimmed_offsets():
+    """A ByteLevel post-processor with trim_offsets moves a token's start past its leading space: the tail is the
+    last tokens' own text (a suffix of the context, leading space included), not the trimmed offset's cut."""
+    from data_helpers import make_tokenizer_of
+
+    from rpt_train.samples import context_tail
+
+    tok = make_tokenizer_of("bytelevel", trim_offsets=True)
+    context = "Let x_n be the number of strings of length n; then the quick brown fox jumps over the lazy dog."
+    ids = tok(context, add_special_tokens=False)["input_ids"]
+    for k in range(1, 12):
+        tail = context_tail(tok, context, k)
+        assert context.endswith(tail) and tail == tok.decode(ids[-k:], clean_up_tokenization_spaces=False), k
+        assert len(tok(tail, add_special_tokens=False)["input_ids"]) <= k + 1
 
 
 def test_sampler_without_replacement_and_resumable():
