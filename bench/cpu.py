@@ -5,6 +5,8 @@
 3. trainer step: `rpt_train` vs TRL's GRPOTrainer, identical settings (bench/trainer.py);
 4. sample access: one 256-context step from 1 GB of synthetic shards, old reader/layout vs new (bench/samples.py).
 5. memory: peak of the log-prob/entropy pass and of one micro-batch, full [B, C, V] vs chunked (bench/memory.py).
+6. step: one RPT step with and without --share-prefix over C = 256/1024, R = 12/64, G = 8/16, and TRL's
+   GRPOTrainer at C = 1024, R = 12, G = 16 (bench/step.py -> bench/results/step-cpu.json; the longest part).
 
 Each comparison alternates the two sides and takes medians. Writes bench/results/cpu-<N>core.json and prints a
 table, then, as its last line, one JSON object with the headline numbers. Only the ratios of one run mean much on
@@ -44,6 +46,7 @@ def main(argv=None) -> None:
     p.add_argument("--trainer-steps", type=int, default=3)
     p.add_argument("--trainer-reward", default="shaped,rpt")
     p.add_argument("--samples-gb", type=float, default=1.0, help="synthetic shard GB for the sample-access bench")
+    p.add_argument("--step-shapes", default=None, help="C:R:G list for bench/step.py (default: its full grid)")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / f"cpu-{os.cpu_count()}core.json"))
     args = p.parse_args(argv)
     try:
@@ -74,6 +77,11 @@ def main(argv=None) -> None:
     log("== memory: log-prob/entropy path and one micro-batch, full [B, C, V] vs chunked (bench/memory.py) ==")
     subprocess.run([sys.executable, str(REPO / "bench" / "memory.py"), "--device", "cpu"], check=True)  # own malloc env
     mem = json.loads((REPO / "bench" / "results" / "memory-cpu.json").read_text())
+    log("== step: shared-prefix update vs unshared vs TRL GRPOTrainer (bench/step.py) ==")
+    step_args = ["--device", "cpu", "--threads", str(args.threads)]
+    step_args += ["--shapes", args.step_shapes] if args.step_shapes else []
+    subprocess.run([sys.executable, str(REPO / "bench" / "step.py"), *step_args], check=True)  # own malloc env
+    step = json.loads((REPO / "bench" / "results" / "step-cpu.json").read_text())
 
     shaped = tr["rewards"].get("shaped") or next(iter(tr["rewards"].values()))
     headline = {
@@ -93,13 +101,23 @@ def main(argv=None) -> None:
     if "rpt" in tr["rewards"]:
         headline["step_seconds_rpt_reward"] = tr["rewards"]["rpt"]["ours"]["step_seconds"]
         headline["trl_step_seconds_rpt_reward"] = tr["rewards"]["rpt"]["trl"]["step_seconds"]
+    main_shape = next((row for row in step["shapes"]
+                       if (row["context_tokens"], row["new_tokens"], row["group_size"]) == (1024, 12, 16)), None)
+    if main_shape is not None:
+        headline["shared_update_speedup"] = main_shape["update_speedup"]
+        headline["step_speedup_vs_trl"] = main_shape.get("step_speedup_vs_trl")
     headline |= {"targets": {"tag_speedup>=1.3": headline["tag_speedup"] >= 1.3,
                              "rollout_not_slower": headline["rollout_speedup"] >= 1.0},
                  "device": environment(device, args.threads)["device"], "torch_threads": args.threads,
                  "wall_seconds": round(time.perf_counter() - t_start, 1)}
+    if main_shape is not None:
+        headline["targets"]["shared_update>=4x"] = main_shape["update_speedup"] >= 4
+        if main_shape.get("step_speedup_vs_trl") is not None:
+            headline["targets"]["step_vs_trl>=4x"] = main_shape["step_speedup_vs_trl"] >= 4
     for part in (t, r, tr):
         part.pop("shards_dir", None)
-    write_json(args.out, {**headline, "tag": t, "rollout": r, "trainer": tr, "samples": sa, "memory": mem})
+    write_json(args.out, {**headline, "tag": t, "rollout": r, "trainer": tr, "samples": sa, "memory": mem,
+                          "step": {k: v for k, v in step.items() if k != "details"}})
 
     rows = [("tagging (tokens/s)", t["tokens_per_s"], t["naive_tokens_per_s"], "naive HF logits"),
             ("rollout, 8 distinct prompts (tokens/s)", r["tokens_per_s"], r["hf_generate_tokens_per_s"], "HF generate")]

@@ -14,7 +14,8 @@ Rewards (`--reward`):
   rpt_train then skips the backward pass (the gradient is exactly zero) while TRL still runs it.
 
 Per step: `seconds` and the split rollout (generation) / reward / logprobs (no-grad log-prob passes: old policy,
-reference, entropy of untrained rows) / update (the rest: training forward + backward + optimizer + bookkeeping).
+reference; none for logging: the entropy is the sampler's) / update (the rest: training forward + backward +
+optimizer + bookkeeping).
 The first step of each run is a warm-up (TRL's lazy set-up; our compiled decode on CUDA) and is not counted.
 """
 from __future__ import annotations

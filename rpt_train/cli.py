@@ -43,7 +43,7 @@ def _quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """Reinforcement Pre-Training on prebuilt `rpt-data tag` shards: train (`run`) and evaluate (`eval`)."""
 
@@ -58,9 +58,25 @@ def run(recipe, **overrides):
 
     cfg = load_config(TrainConfig, recipe, overrides)
     _quiet_transformers()
-    out = train(cfg)
+    try:
+        out = train(cfg)
+    except KeyboardInterrupt:
+        interrupted(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: once
         click.echo(f"done: {out}")
+
+
+def interrupted(cfg: TrainConfig) -> typing.NoReturn:
+    """Ctrl-C during `run`: say where the run can go on from (rank 0 only), exit 130."""
+    from rpt_train.checkpoint import latest_checkpoint
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        last = latest_checkpoint(cfg.out)
+        where = (f"its last checkpoint '{last}'" if last else
+                 f"step 0 (no checkpoint yet: one is saved every --save-every {cfg.save_every} steps)")
+        click.echo(f"\ninterrupted: rerun the same command with --resume to continue '{cfg.out}' from {where}",
+                   err=True)
+    raise SystemExit(130)
 
 
 @main.command("eval")
@@ -68,7 +84,14 @@ def run(recipe, **overrides):
 @config_options(EvalConfig)
 @user_errors
 def eval_cmd(recipe, **overrides):
-    """Next-token-reasoning accuracy per entropy bucket (easy/medium/hard/all), printed and saved as JSON."""
+    """Next-token-reasoning accuracy per entropy bucket (easy/medium/hard/all), printed and saved as JSON.
+
+    Cost: up to --limit positions per bucket (the buckets share positions), each with --samples sampled and one
+    greedy completion of up to --max-new-tokens tokens. With the defaults below (the paper's 8k-token budget) that
+    takes hours on a CPU; try --limit 8 --samples 1 --max-new-tokens 256 first. A progress bar (a line every 30 s
+    when stderr is not a terminal) shows the positions done.
+    """
+    from rpt_common.progress import CountProgress
     from rpt_train.evaluate import evaluate, print_table, write_json
     from rpt_train.policy import eos_ids, load_policy
     from rpt_common.models import enable_tf32
@@ -84,7 +107,9 @@ def eval_cmd(recipe, **overrides):
     device = next(policy.model.parameters()).device
     enable_tf32(device)
     with autocast_bf16(device):  # bf16 on CUDA (rollouts and the greedy next-token pass), nothing on CPU
-        result = evaluate(policy.model, policy.tokenizer, engine, cfg)
+        label = f"eval ({cfg.samples}+1 completions of <= {cfg.max_new_tokens:,} tokens each)"
+        with CountProgress(label, "positions") as progress:
+            result = evaluate(policy.model, policy.tokenizer, engine, cfg, progress=progress)
     result["meta"]["model"] = policy.path
     print_table(result, title=f"next-token reasoning: {cfg.model} on {cfg.shards}")
     if cfg.out:
@@ -102,7 +127,9 @@ def eval_cmd(recipe, **overrides):
 @user_errors
 def plan_cmd(recipe, world_size, prompt_tokens, as_json, **overrides):
     """Planned peak memory per device of `run` with these options, from the model's config alone (no weights
-    loaded); exit 2 when it does not fit --device-memory (or the CUDA device's own memory)."""
+    loaded); exit 2 when it does not fit --device-memory (or the CUDA device's own memory; with --device cpu this
+    machine's memory). Without a device size (--device auto/cuda on a machine without that GPU) the verdict is
+    "unknown", never "fits"."""
     import json
 
     from rpt_train import plan
@@ -111,15 +138,15 @@ def plan_cmd(recipe, world_size, prompt_tokens, as_json, **overrides):
     cfg = load_config(TrainConfig, recipe, overrides)
     _quiet_transformers()
     target = "cpu" if cfg.device == "cpu" else "cuda"  # --device auto plans for the GPU a run is meant for
+    size, source = plan.device_memory(cfg, cfg.device if target == "cuda" else "cpu")
     memory = plan.plan_memory(cfg, plan.load_shapes(cfg.model), world_size=world_size, device_type=target,
-                              device_bytes=plan.device_memory(cfg, cfg.device if target == "cuda" else "cpu"),
-                              prompt_tokens=prompt_tokens)
+                              device_bytes=size, device_source=source, prompt_tokens=prompt_tokens)
     click.echo(plan.render(memory))
-    if not memory.fits:
+    if memory.fits is False:
         click.echo(f"error: {plan.refusal(memory)}", err=True)
     if as_json:
         click.echo(json.dumps(memory.to_json()))
-    if not memory.fits:
+    if memory.fits is False:
         raise SystemExit(2)
 
 

@@ -95,7 +95,8 @@ def collect(cfg, data: TrainSamples, prompts: PromptBuilder, engine: RolloutEngi
 
 
 def rollout_stats(made: list[Groups], G: int, rollout_seconds: float) -> dict:
-    """Reward, accuracy, answer rate and length over every rollout of the step (all ranks)."""
+    """Reward, accuracy, answer rate, length and policy entropy over every rollout of the step (all ranks); entropy
+    None when the engine gives none (the update then measures it on the rows it trains)."""
     rewards = distributed.cat_from_ranks(torch.cat([g.rewards for g in made]))  # whole groups: still contiguous
     answers = [a for g in made for a in g.answers]
     labels = [s.label_tokens for g in made for s in g.samples for _ in range(G)]
@@ -104,7 +105,13 @@ def rollout_stats(made: list[Groups], G: int, rollout_seconds: float) -> dict:
     answered = distributed.cat_from_ranks(torch.tensor([a is not None for a in answers], dtype=torch.bool))
     lengths = distributed.cat_from_ranks(torch.cat([g.rollouts.lengths for g in made]).float())
     tokens = float(lengths.sum())
+    entropy = None  # the policy entropy (nats per token) from the sampler's own distributions: no forward to log it
+    if all(g.rollouts.entropy is not None for g in made):
+        total, count = distributed.all_sum([sum(float(g.rollouts.entropy.sum()) for g in made),
+                                            sum(float(g.rollouts.completion_mask.sum()) for g in made)])
+        entropy = total / count if count else None
     return {
+        "entropy": entropy,
         "reward": float(rewards.mean()),
         "reward_std": float(group_std(rewards, G).mean()),
         "frac_reward_zero_std": float((group_std(rewards, G) == 0).float().mean()),

@@ -36,6 +36,7 @@ class RolloutBatch:
     completion_mask: torch.Tensor  # [N, C] 1 = generated, up to and including the first EOS
     logprobs: torch.Tensor | None  # [N, C] the sampler's log-probs (tempered logits); None if the engine has none
     texts: list[str]  # completions decoded without special tokens
+    entropy: torch.Tensor | None = None  # [N, C] nats of the sampling distribution (tempered logits) per token
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -228,6 +229,7 @@ class HFRollout:
         eos = torch.tensor(self.eos or [-1], device=device)
         tokens = torch.full((N, steps), pad, dtype=torch.long, device=device)
         logprobs = torch.zeros(N, steps, device=device)
+        entropy = torch.zeros(N, steps, device=device)  # the policy entropy metric, with no forward of its own
         live = torch.arange(N, device=device)  # rows of the full batch still in the decoding batch
         done = torch.arange(N, device=device) >= real  # per decoding-batch row; padding rows are done from the start
         made = 0
@@ -242,6 +244,7 @@ class HFRollout:
             tok = torch.where(done, torch.full_like(tok, pad), tok)
             tokens[live, step] = tok
             logprobs[live, step] = logp.gather(-1, tok[:, None])[:, 0]
+            entropy[live, step] = torch.special.entr(logp.exp()).sum(-1)
             made = step + 1
             done |= torch.isin(tok, eos)
             if step == steps - 1 or (made % check_every == 0 and self._all_done(done)):
@@ -259,7 +262,7 @@ class HFRollout:
                                           position_ids=next_pos[:, None], cache=cache)
             next_pos = next_pos + 1
         self.model.train(was_training)
-        tokens, logprobs = tokens[:real], logprobs[:real]
+        tokens, logprobs, entropy = tokens[:real], logprobs[:real], entropy[:real]
         completion = tokens[:, :made]
         cmask = completion_mask(completion, self.eos)
         completion = torch.where(cmask.bool(), completion, torch.full_like(completion, pad))
@@ -269,7 +272,7 @@ class HFRollout:
         texts = self.tokenizer.batch_decode([c[m.bool()] for c, m in zip(completion, cmask)], skip_special_tokens=True)
         return RolloutBatch(prompt_ids=ids.repeat_interleave(n, 0), prompt_mask=mask.repeat_interleave(n, 0),
                             completion_ids=completion, completion_mask=cmask,
-                            logprobs=logprobs[:, :width_c] * cmask, texts=texts)
+                            logprobs=logprobs[:, :width_c] * cmask, texts=texts, entropy=entropy[:, :width_c] * cmask)
 
 
 def completion_mask(completion: torch.Tensor, eos: list[int]) -> torch.Tensor:
@@ -285,14 +288,15 @@ def empty_batch() -> RolloutBatch:
     """No rows (a rank whose share of a step's contexts is empty)."""
     none = torch.zeros(0, 0, dtype=torch.long)
     return RolloutBatch(prompt_ids=none, prompt_mask=none, completion_ids=none, completion_mask=none,
-                        logprobs=torch.zeros(0, 0), texts=[])
+                        logprobs=torch.zeros(0, 0), texts=[], entropy=torch.zeros(0, 0))
 
 
 def select_rows(batch: RolloutBatch, rows: list[int]) -> RolloutBatch:
     return RolloutBatch(prompt_ids=batch.prompt_ids[rows], prompt_mask=batch.prompt_mask[rows],
                         completion_ids=batch.completion_ids[rows], completion_mask=batch.completion_mask[rows],
                         logprobs=batch.logprobs[rows] if batch.logprobs is not None else None,
-                        texts=[batch.texts[r] for r in rows])
+                        texts=[batch.texts[r] for r in rows],
+                        entropy=batch.entropy[rows] if batch.entropy is not None else None)
 
 
 def concat_batches(chunks: list[RolloutBatch], pad: int) -> RolloutBatch:
@@ -315,4 +319,5 @@ def concat_batches(chunks: list[RolloutBatch], pad: int) -> RolloutBatch:
         completion_mask=torch.cat([right(c.completion_mask, C, 0) for c in chunks]),
         logprobs=None if any(c.logprobs is None for c in chunks) else torch.cat([right(c.logprobs, C, 0.0) for c in chunks]),
         texts=[t for c in chunks for t in c.texts],
+        entropy=None if any(c.entropy is None for c in chunks) else torch.cat([right(c.entropy, C, 0.0) for c in chunks]),
     )

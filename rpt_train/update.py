@@ -1,35 +1,54 @@
 """The policy update of one step: --ppo-epochs passes, one AdamW update per mini-batch, micro-batches
 accumulating gradients through the chunked log-prob path; plus the no-grad (old / reference) log-probs.
 
+--share-prefix: a micro-batch is `--micro-batch-size` groups, each one packed row of its context and its trained
+completions (rpt_train/packing.py), for the training pass and the old / reference passes alike. The policy
+entropy comes from the rollouts' own sampling distributions (collect.rollout_stats); only an engine that gives
+none has it measured here, on the trained rows, from the training pass itself: no forward runs to log.
+
 Several ranks: each rank's loss is its rows' share of the global normaliser and FSDP sums the gradients, so the
 update equals one process's on the whole batch; a rank short of micro-batches runs zero-weight passes
 (`distributed.pad_to_max` / `dummy_inputs`) so that every FSDP all-gather has its partner."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
 
-from rpt_train import distributed
+from rpt_train import distributed, packing, precision
 from rpt_train.advantages import group_advantages
 from rpt_train.collect import Groups
 from rpt_train.logprobs import forward_logprobs
 from rpt_train.loss import AGGREGATION, aggregate, clipped_surrogate, normalizer
-from rpt_train.rollout import RolloutBatch, autocast_bf16
+from rpt_train.rollout import RolloutBatch
 
 _SUMS = ("clipped", "tokens", "entropy", "ent_tokens", "kl")
 
 
 def autocast(cfg, model):
-    """bf16 autocast when --bf16 and the model is on CUDA; a no-op elsewhere."""
-    return autocast_bf16(next(model.parameters()).device, cfg.bf16)
+    """Autocast to the run's compute dtype over the float32 master weights (rpt_train.precision)."""
+    return precision.autocast(cfg, next(model.parameters()).device)
 
 
-def logprobs(cfg, model, inputs, with_entropy: bool = False):
+def logprobs(cfg, model, inputs, with_entropy: bool = False, shared: bool = False):
     """forward_logprobs under the run's autocast, temperature and chunk size; log-probs as float32 at least."""
     with autocast(cfg, model):
-        lp, ent = forward_logprobs(model, *inputs, cfg.temperature, with_entropy, cfg.logprob_chunk_tokens)
+        lp, ent = forward_logprobs(model, *inputs, cfg.temperature, with_entropy, cfg.logprob_chunk_tokens,
+                                   share_prefix=shared)
     return lp.float(), ent
+
+
+def sharing(cfg, model, rollouts: RolloutBatch) -> bool:
+    """Whether this update packs each context with its completions: --share-prefix, a family that allows it, and
+    the step's longest prompt and completions (over all ranks) short enough for the packed row to cost less."""
+    if not cfg.share_prefix or packing.mask_kind(model) is None:
+        return False
+    prompt = distributed.all_max(float(rollouts.prompt_mask.sum(1).max()) if len(rollouts.texts) else 0.0)
+    new = distributed.all_max(float(rollouts.completion_mask.shape[1]) if len(rollouts.texts) else 0.0)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return packing.pays(int(prompt), int(new), cfg.group_size, config.hidden_size,
+                        getattr(config, "intermediate_size", None) or 4 * config.hidden_size)
 
 
 def micro_rows(rollouts: RolloutBatch, rows: list[int], device) -> tuple[torch.Tensor, ...]:
@@ -42,20 +61,18 @@ def micro_rows(rollouts: RolloutBatch, rows: list[int], device) -> tuple[torch.T
 
 
 @torch.no_grad()
-def frozen_logprobs(cfg, model, rollouts: RolloutBatch, chunks: list[list[int]], with_entropy: bool = False):
-    """[N, C] log-probs of `model` before any update (old policy or reference); entropy [N, C] too if asked."""
+def frozen_logprobs(cfg, model, rollouts: RolloutBatch, chunks: list[list[int]], shared: bool = False):
+    """[N, C] log-probs of `model` before any update (old policy or reference), the micro-batches `chunks`."""
     N, C = rollouts.completion_ids.shape
     device = next(model.parameters()).device
-    out, ent = torch.zeros(N, C, device=device), torch.zeros(N, C, device=device)
+    out = torch.zeros(N, C, device=device)
     for rows in distributed.pad_to_max(chunks):
         if rows is None:  # another rank has more chunks: a discarded forward keeps the FSDP all-gathers paired
-            logprobs(cfg, model, distributed.dummy_inputs(device))
+            logprobs(cfg, model, distributed.dummy_inputs(device), shared=shared)
             continue
-        lp, e = logprobs(cfg, model, micro_rows(rollouts, rows, device), with_entropy)
+        lp, _ = logprobs(cfg, model, micro_rows(rollouts, rows, device), shared=shared)
         out[rows, :lp.shape[1]] = lp
-        if e is not None:
-            ent[rows, :e.shape[1]] = e.float()
-    return out, ent
+    return out
 
 
 def mini_batches(cfg, batch: Groups) -> list[list[int]]:
@@ -81,17 +98,17 @@ def global_normalizer(mode: str, masks: torch.Tensor, max_new_tokens: int) -> fl
     return max(rows, 1.0) * (max_new_tokens if mode == "constant" else 1)
 
 
-def micro_step(cfg, model, batch: Groups, rows, advantages, old, ref_lp, norm: float, first_epoch: bool,
-               sums: dict) -> float:
+def micro_step(cfg, model, batch: Groups, rows, advantages, old, ref_lp, norm: float, with_entropy: bool,
+               sums: dict, shared: bool = False) -> float:
     """Forward + backward of one micro-batch (rows None: a zero-weight pass for FSDP); its loss, sums updated."""
     device = next(model.parameters()).device
     if rows is None:  # another rank has more micro-batches: a zero-weight pass (its collectives pair up)
-        logp, _ = logprobs(cfg, model, distributed.dummy_inputs(device))
+        logp, _ = logprobs(cfg, model, distributed.dummy_inputs(device), shared=shared)
         (logp.sum() * 0.0).backward()
         return 0.0
     inputs = micro_rows(batch.rollouts, rows, device)
     c_mask, W = inputs[3], inputs[3].shape[1]
-    logp, ent = logprobs(cfg, model, inputs, first_epoch)
+    logp, ent = logprobs(cfg, model, inputs, with_entropy, shared)
     per_token, clipped, kl = clipped_surrogate(
         logp, old[rows, :W] if old is not None else logp.detach(), advantages[rows].to(device),
         clip_low=cfg.clip_low, clip_high=cfg.resolved_clip_high(), beta=cfg.beta,
@@ -109,35 +126,29 @@ def micro_step(cfg, model, batch: Groups, rows, advantages, old, ref_lp, norm: f
     return float(loss.detach())
 
 
-def idle_rows(cfg, model, batch: Groups, idle: list[list[int]], first_epoch: bool, sums: dict) -> None:
-    """Zero-advantage rows (beta = 0): no backward, never clipped; their entropy measured without a graph."""
-    masks = batch.rollouts.completion_mask
-    sums["tokens"] += sum(float(masks[rows].sum()) for rows in idle)
-    if first_epoch:
-        _, ent = frozen_logprobs(cfg, model, batch.rollouts, idle, with_entropy=True)
-        for rows in idle:
-            mask = masks[rows].bool().to(ent.device)
-            sums["entropy"] += float(ent[rows][mask].sum())
-            sums["ent_tokens"] += float(mask.sum())
-
-
 def update_policy(cfg, model, ref, optimizer, batch: Groups) -> dict:
     """--ppo-epochs passes over the batch, one optimizer update per mini-batch, micro-batches accumulating grads.
     Rows with advantage 0 (and beta = 0) have exactly zero gradient: they count in the loss normaliser but skip
-    the backward pass. Old log-probs are recomputed before the first update when there is more than one."""
+    every pass. Old log-probs are recomputed before the first update when there is more than one."""
     rollouts = batch.rollouts
-    advantages = group_advantages(batch.rewards, cfg.group_size, scale=cfg.resolved_scale_rewards(),
-                                  anchor=cfg.advantage_anchor)
+    G = cfg.group_size
+    advantages = group_advantages(batch.rewards, G, scale=cfg.resolved_scale_rewards(), anchor=cfg.advantage_anchor)
     active = ((advantages != 0) | (cfg.beta > 0)).tolist()
     minis = mini_batches(cfg, batch)
+    shared = sharing(cfg, model, rollouts)
+    measure = rollouts.entropy is None  # no sampler entropy: take it from the training pass (trained rows)
 
-    def micro(rows: list[int], want: bool) -> list[list[int]]:
-        rows = [r for r in rows if active[r] == want]
-        return [rows[j:j + cfg.micro_batch_size] for j in range(0, len(rows), cfg.micro_batch_size)]
+    def micro(rows: list[int]) -> list[list[int]]:
+        """The trained rows of a mini-batch in micro-batches: --micro-batch-size rows, or groups when shared."""
+        rows = [r for r in rows if active[r]]
+        if not shared:
+            return [rows[j:j + cfg.micro_batch_size] for j in range(0, len(rows), cfg.micro_batch_size)]
+        groups = [list(rows_of) for _, rows_of in itertools.groupby(rows, key=lambda r: r // G)]  # group-contiguous
+        return [sum(groups[j:j + cfg.micro_batch_size], []) for j in range(0, len(groups), cfg.micro_batch_size)]
 
-    trained = [c for m in minis for c in micro(m, True)]
-    old = frozen_logprobs(cfg, model, rollouts, trained)[0] if cfg.ppo_epochs > 1 or len(minis) > 1 else None
-    ref_lp = frozen_logprobs(cfg, ref, rollouts, trained)[0] if ref is not None else None
+    trained = [c for m in minis for c in micro(m)]
+    old = frozen_logprobs(cfg, model, rollouts, trained, shared) if cfg.ppo_epochs > 1 or len(minis) > 1 else None
+    ref_lp = frozen_logprobs(cfg, ref, rollouts, trained, shared) if ref is not None else None
     params = [p for group in optimizer.param_groups for p in group["params"]]  # sharded ones under FSDP2
     sums = dict.fromkeys(("loss", "grad_norm") + _SUMS, 0.0)
     updates, bad, grad_norm, mini_loss = 0, None, 0.0, 0.0
@@ -146,9 +157,10 @@ def update_policy(cfg, model, ref, optimizer, batch: Groups) -> dict:
         for m in minis:
             norm = global_normalizer(AGGREGATION[cfg.loss], rollouts.completion_mask[m], cfg.max_new_tokens)
             optimizer.zero_grad(set_to_none=True)
-            losses = [micro_step(cfg, model, batch, rows, advantages, old, ref_lp, norm, epoch == 0, sums)
-                      for rows in distributed.pad_to_max(micro(m, True))]
-            idle_rows(cfg, model, batch, micro(m, False), epoch == 0, sums)
+            losses = [micro_step(cfg, model, batch, rows, advantages, old, ref_lp, norm, measure and epoch == 0,
+                                 sums, shared) for rows in distributed.pad_to_max(micro(m))]
+            # zero-advantage rows run no pass; their tokens count in the clip ratio's denominator
+            sums["tokens"] += float(rollouts.completion_mask[[r for r in m if not active[r]]].sum())
             for p in params:  # untouched parameters get an exact zero gradient, as a full backward would give
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
@@ -172,10 +184,12 @@ def update_policy(cfg, model, ref, optimizer, batch: Groups) -> dict:
         "grad_norm": sums["grad_norm"] / n if updates else grad_norm,
         "bad_step": bad,
         "clip_ratio": sums["clipped"] / max(sums["tokens"], 1.0),
-        "entropy": sums["entropy"] / max(sums["ent_tokens"], 1.0),
         "advantage_abs": float(distributed.cat_from_ranks(advantages).abs().mean()),
         "updates": updates,
+        "shared_prefix": shared,
     }
+    if measure:
+        stats["entropy"] = sums["entropy"] / sums["ent_tokens"] if sums["ent_tokens"] else None
     if cfg.beta > 0:
         stats["kl"] = sums["kl"] / max(sums["tokens"], 1.0)
     return stats
@@ -193,14 +207,9 @@ def bad_update(cfg, grad_norm: float, loss: float) -> str | None:
 
 
 def no_update(cfg, model, made: list[Groups]) -> dict:
-    """Every group had equal rewards after all rounds: no optimizer step; entropy still measured."""
-    rollouts = made[0].rollouts
-    N = rollouts.completion_ids.shape[0]
-    chunks = [list(range(i, min(i + cfg.micro_batch_size, N))) for i in range(0, N, cfg.micro_batch_size)]
-    _, ent = frozen_logprobs(cfg, model, rollouts, chunks, with_entropy=True)
-    ent = distributed.cat_from_ranks(ent[rollouts.completion_mask.bool().to(ent.device)])
-    stats = {"loss": 0.0, "grad_norm": 0.0, "bad_step": None, "clip_ratio": 0.0, "advantage_abs": 0.0, "updates": 0,
-             "entropy": float(ent.mean()) if len(ent) else 0.0}
+    """Every group had equal rewards after all rounds: no optimizer step and no forward (the entropy, when the
+    engine gives it, is already in the rollout stats)."""
+    stats = {"loss": 0.0, "grad_norm": 0.0, "bad_step": None, "clip_ratio": 0.0, "advantage_abs": 0.0, "updates": 0}
     if cfg.beta > 0:
         stats["kl"] = None
     return stats

@@ -22,7 +22,7 @@ from rpt_train.rollout import RolloutBatch  # noqa: E402
 class PromptEngine:
     """Completions that are a function of the prompt only (so how contexts are split over ranks does not matter):
     completion j of a prompt has 1 + (h + j) % 4 tokens, or the same length for all j when h % 3 == 0 (a group
-    with equal rewards under `length_reward`, dropped by dynamic sampling)."""
+    with equal rewards under `length_reward`, dropped by dynamic sampling); a made-up sampler entropy per token."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -44,7 +44,9 @@ class PromptEngine:
                             prompt_mask=table([[0] * (P - len(p)) + [1] * len(p) for p, _ in rows]),
                             completion_ids=table([c + [pad] * (C - len(c)) for _, c in rows]),
                             completion_mask=table([[1] * len(c) + [0] * (C - len(c)) for _, c in rows]),
-                            logprobs=None, texts=["x" * len(c) for _, c in rows])
+                            logprobs=None, texts=["x" * len(c) for _, c in rows],
+                            entropy=torch.tensor([[0.1 + (sum(p) + len(c) + k) % 5 / 5 if k < len(c) else 0.0
+                                                   for k in range(C)] for p, c in rows]).view(len(rows), C))
 
     def sync(self, model):
         pass

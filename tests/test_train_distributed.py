@@ -71,6 +71,24 @@ def scripted(tiny_llama, train_shards, tmp_path_factory):
                          ["scripted-flat", {"steps": 1, "flat": True, "max_sampling_rounds": 2}]])
 
 
+# every family whose forward changes the head's output (issue 21): tied, untied, soft-capped, scaled
+FAMILIES = {"llama": {}, "qwen2": {"tie": False}, "gemma2": {}, "granite": {}, "cohere": {}}
+FAMILY_RUN = dict(steps=1, beta=0.05, ppo_epochs=2, mini_batch_size=6, grad_clip=0.5, max_sampling_rounds=2)
+
+
+@pytest.fixture(scope="module")
+def families(train_shards, tmp_path_factory):
+    """One 2-rank step per family with the shared-prefix update (the default) and one unshared (Llama)."""
+    from tiny import make_model_dir
+
+    root = tmp_path_factory.mktemp("dist-families")
+    models = {arch: str(make_model_dir(root / f"model-{arch}", arch=arch, **kw)) for arch, kw in FAMILIES.items()}
+    base = BASE | {"shards": str(train_shards)}
+    runs = [[f"family-{arch}", FAMILY_RUN | {"model": path}] for arch, path in models.items()]
+    runs.append(["family-llama-unshared", FAMILY_RUN | {"model": models["llama"], "share_prefix": False}])
+    return run_driver(root, base, scripted=runs) + (models,)
+
+
 @pytest.fixture(scope="module")
 def sampled(tiny_llama, train_shards, tmp_path_factory):
     """HFRollout through FSDP: 3 steps, and 2 steps then --resume to 3; a 1-process checkpoint resumed on 2 ranks."""
@@ -110,6 +128,31 @@ def test_two_rank_update_equals_the_one_process_update(scripted, tmp_path, loss)
         assert max(float((wa[k] - start[k]).abs().max()) for k in wa) > 1e-2
         for k in wa:
             torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-4, msg=k)
+
+
+@pytest.mark.parametrize("run", [*FAMILIES, "llama-unshared"])
+def test_every_family_under_fsdp2_equals_one_process(families, tmp_path, run):
+    """FSDP2 over Llama (tied), Qwen2 (untied), Gemma-2 (soft-capped head), Granite and Cohere (scaled heads):
+    the step's metrics and weights equal one process's; the shared-prefix path ran where it was asked for."""
+    from dist_driver import PromptEngine
+
+    from rpt_common.models import load_tokenizer
+
+    root, base, models = families
+    arch = run.split("-")[0]
+    kw = FAMILY_RUN | {"model": models[arch], "share_prefix": run == arch}
+    cfg = TrainConfig(**base | kw | {"out": str(tmp_path / "one")})
+    one = train(cfg, reward_fns=[length_reward], engine=PromptEngine(load_tokenizer(cfg.model)), quiet=True)
+    (a,), (b,) = metrics(one), metrics(root / f"family-{run}")
+    assert a["updates"] == b["updates"] > 0 and b["shared_prefix"] is (run == arch)
+    for k in a:
+        same = a[k] == b[k] if not isinstance(a[k], float) else a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6)
+        assert same, (k, a[k], b[k])
+    start = load_file(Path(models[arch]) / "model.safetensors")
+    wa, wb = weights(one, 1), weights(root / f"family-{run}", 1)
+    assert max(float((wa[k] - start[k]).abs().max()) for k in wa) > 1e-2
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-4, msg=k)
 
 
 def test_a_nan_loss_on_one_rank_skips_the_step_on_every_rank(scripted):

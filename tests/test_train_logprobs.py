@@ -1,5 +1,6 @@
-"""The chunked, checkpointed log-prob/entropy path against the full [B, C, V] log-softmax, in float64: values,
-entropy and gradients at odd chunk sizes, tied and untied heads, with and without temperature."""
+"""The chunked, checkpointed log-prob/entropy path (trunk, then the head on the completion tokens only) against
+the model's own full [B, C, V] log-softmax, in float64: values, entropy and gradients at odd chunk sizes, tied
+and untied heads, with and without temperature; 0 where the completion is padding."""
 import pytest
 import torch
 
@@ -16,6 +17,11 @@ def batch(vocab: int, seed: int = 0):
     return prompt, pmask, comp, cmask
 
 
+def real(ref, inputs):
+    """The reference with the padded completion positions set to 0, as forward_logprobs returns them."""
+    return ref * inputs[3] if ref is not None else None
+
+
 def grads(model, logp, weight):
     model.zero_grad(set_to_none=True)
     (logp * weight).sum().backward()
@@ -28,7 +34,7 @@ def test_chunked_equals_full_in_float64(arch, chunk, temperature, request):
     model = load_policy(str(request.getfixturevalue(arch)), device="cpu").model.double()
     inputs = batch(model.config.vocab_size)
     weight = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    ref, ref_ent = forward_logprobs_full(model, *inputs, temperature, with_entropy=True)
+    ref, ref_ent = (real(x, inputs) for x in forward_logprobs_full(model, *inputs, temperature, with_entropy=True))
     ref_grads = grads(model, ref, weight)
     lp, ent = forward_logprobs(model, *inputs, temperature, with_entropy=True, chunk_tokens=chunk)
     assert lp.dtype == torch.float64 and lp.shape == (3, 4)
@@ -39,7 +45,7 @@ def test_chunked_equals_full_in_float64(arch, chunk, temperature, request):
     assert new_grads.keys() == ref_grads.keys() and model.get_output_embeddings().weight.grad is not None
     for name in ref_grads:
         torch.testing.assert_close(new_grads[name], ref_grads[name], rtol=1e-10, atol=1e-12, msg=name)
-    assert "forward" not in vars(model.get_output_embeddings())  # the head is given back
+    assert "forward" not in vars(model)  # the model's own forward is given back
 
 
 def test_no_grad_and_without_entropy(tiny_llama):
@@ -47,7 +53,7 @@ def test_no_grad_and_without_entropy(tiny_llama):
     inputs = batch(model.config.vocab_size, seed=3)
     with torch.no_grad():
         lp, ent = forward_logprobs(model, *inputs, 1.0, chunk_tokens=2)
-        ref, _ = forward_logprobs_full(model, *inputs, 1.0)
+        ref = real(forward_logprobs_full(model, *inputs, 1.0)[0], inputs)
     assert ent is None and not lp.requires_grad
     torch.testing.assert_close(lp, ref, rtol=1e-12, atol=1e-12)
 
@@ -71,7 +77,7 @@ def test_with_the_models_gradient_checkpointing(tiny_llama):
     model.train()
     inputs = batch(model.config.vocab_size, seed=5)
     weight = torch.ones(3, 4, dtype=torch.float64)
-    ref, _ = forward_logprobs_full(model, *inputs, 0.9)
+    ref = real(forward_logprobs_full(model, *inputs, 0.9)[0], inputs)
     ref_grads = grads(model, ref, weight)
     lp, _ = forward_logprobs(model, *inputs, 0.9, chunk_tokens=3)
     torch.testing.assert_close(lp, ref, rtol=1e-12, atol=1e-12)
@@ -90,7 +96,7 @@ def test_chunked_equals_full_for_scaled_and_capped_heads(arch, dtype, tol, tmp_p
     model = load_policy(str(make_model_dir(tmp_path / arch, arch=arch)), device="cpu").model.to(dtype)
     inputs = batch(model.config.vocab_size, seed=7)
     weight = torch.randn(3, 4, dtype=dtype, generator=torch.Generator().manual_seed(2))
-    ref, ref_ent = forward_logprobs_full(model, *inputs, 0.8, with_entropy=True)
+    ref, ref_ent = (real(x, inputs) for x in forward_logprobs_full(model, *inputs, 0.8, with_entropy=True))
     ref_grads = grads(model, ref, weight)
     lp, ent = forward_logprobs(model, *inputs, 0.8, with_entropy=True, chunk_tokens=5)
     torch.testing.assert_close(lp, ref, rtol=tol, atol=tol)
