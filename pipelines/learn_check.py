@@ -15,7 +15,7 @@ early and all-wrong groups stop giving signal.
 
 Run: `make learn-check` or `python pipelines/learn_check.py --out out/learn-check`. The last line of
 output is one JSON object: {"before", "after", "control_after", ...} (held-out accuracies in [0, 1]),
-plus answer rates and the same model's greedy next-token accuracy for each. The README's table comes from
+plus answer rates and the same model's greedy next-token accuracy for each. The table in docs/results.md comes from
 `python pipelines/learn_check.py --seeds 0,1,2 --table` (one run per seed, then markdown rows).
 
 Reproducibility: one torch thread (pinned before torch starts), deterministic algorithms and seeded everything

@@ -17,7 +17,7 @@ LOSSES = ("grpo", "dr_grpo", "dapo")
 
 
 def opt(default, help: str, **kw):
-    """A config field with its help text (shown by `--help` and in docs/rpt-train.md)."""
+    """A config field with its help text (shown by `--help` and in docs/cli.md)."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
