@@ -7,6 +7,8 @@
 5. memory: peak of the log-prob/entropy pass and of one micro-batch, full [B, C, V] vs chunked (bench/memory.py).
 6. step: one RPT step with and without --share-prefix over C = 256/1024, R = 12/64, G = 8/16, and TRL's
    GRPOTrainer at C = 1024, R = 12, G = 16 (bench/step.py -> bench/results/step-cpu.json; the longest part).
+7. tagging-path memory: peak RSS of read + tokenize + window for 8 -> 128 MiB inputs, each size in a fresh process
+   (bench/stream.py --tag-path -> bench/results/stream-tag.json).
 
 Each comparison alternates the two sides and takes medians. Writes bench/results/cpu-<N>core.json and prints a
 table, then, as its last line, one JSON object with the headline numbers. Only the ratios of one run mean much on
@@ -82,6 +84,9 @@ def main(argv=None) -> None:
     step_args += ["--shapes", args.step_shapes] if args.step_shapes else []
     subprocess.run([sys.executable, str(REPO / "bench" / "step.py"), *step_args], check=True)  # own malloc env
     step = json.loads((REPO / "bench" / "results" / "step-cpu.json").read_text())
+    log("== tagging-path memory: read + tokenize + window, 8 -> 128 MiB (bench/stream.py --tag-path) ==")
+    subprocess.run([sys.executable, str(REPO / "bench" / "stream.py"), "--tag-path", "--sizes", "8,16,32,64,128",
+                    "--json", str(REPO / "bench" / "results" / "stream-tag.json")], check=True)
 
     shaped = tr["rewards"].get("shaped") or next(iter(tr["rewards"].values()))
     headline = {
