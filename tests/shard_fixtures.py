@@ -44,15 +44,10 @@ def write_shards(out: Path, model_dir: Path, texts=TEXTS, window: int = 64, cont
 
 
 def _byte_decoder() -> dict[str, int]:
-    """Inverse of GPT-2's bytes_to_unicode: byte-level BPE token characters -> bytes."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
+    """Inverse of GPT-2's bytes_to_unicode: byte-level BPE token characters -> bytes (the tagger's own table)."""
+    from rpt_data.windows import _gpt2_byte_alphabet
+
+    return _gpt2_byte_alphabet()
 
 
 def write_shards_standin(out: Path, model_dir: Path, texts=TEXTS, window: int = 64, context_prefix: int = 16,
