@@ -40,6 +40,9 @@ def groups() -> dict[str, click.Group]:
 
 # ---- docs/cli.md: generated from the click commands' help -------------------------------------------------------
 
+SIZE = {"terminal_width": WIDTH, "max_content_width": WIDTH}
+
+
 def render_cli() -> str:
     """docs/cli.md: every subcommand's `--help`, as click prints it at WIDTH columns."""
     out = ["# Command-line reference", "",
@@ -52,8 +55,11 @@ def render_cli() -> str:
             sections.append((prog, name, group.get_command(None, name)))
     out += [f"- [`{prog} {name}`](#{prog}-{name})" for prog, name, _ in sections] + [""]
     for prog, name, cmd in sections:
-        parent = click.Context(groups()[prog], info_name=prog, terminal_width=WIDTH, max_content_width=WIDTH)
-        ctx = click.Context(cmd, info_name=name, parent=parent, terminal_width=WIDTH, max_content_width=WIDTH)
+        # The contexts the commands really run in (their context_settings: `-h`): click caches each command's help
+        # option from the first context that asks, so a bare Context here would leak `--help`-only into other tests.
+        group = groups()[prog]
+        parent = click.Context(group, info_name=prog, **{**group.context_settings, **SIZE})
+        ctx = click.Context(cmd, info_name=name, parent=parent, **{**cmd.context_settings, **SIZE})
         out += [f"## {prog} {name}", ""]
         target = EXPLAINED.get(f"{prog} {name}")
         if target:
@@ -67,6 +73,12 @@ def test_cli_reference_matches_help():
     assert commands == set(EXPLAINED), "every subcommand has a page of the manual that explains it (EXPLAINED)"
     assert CLI_MD.read_text() == render_cli(), (
         "docs/cli.md differs from the commands' --help: regenerate it with `.venv/bin/python tests/test_docs.py`")
+    from click.testing import CliRunner
+
+    for prog, group in groups().items():  # rendering the page must not change what the commands accept
+        for name in group.list_commands(None):
+            result = CliRunner().invoke(group, [name, "-h"])
+            assert result.exit_code == 0 and "Options:" in result.output, (prog, name, result.output)
 
 
 # ---- commands in code blocks ------------------------------------------------------------------------------------
