@@ -1,13 +1,21 @@
-"""SmolLM2-135M-Instruct on CHAMP with statistical power and controls (issue 16): one command per arm.
+"""Does RPT learn on SmolLM2-135M-Instruct (CHAMP)? Four arms with power, a warm start and a learnability sampler
+(issues 16 and 23): one command per stage.
 
-Arms (same recipe, positions, steps, seeds): `before` (the untrained policy), `rpt` (rpt-train on the prefix-match
-reward), `shuffled` (the same, rewards shuffled across each round's rollouts: isolates the reward signal from format
-learning), `sft` (supervised cross-entropy on the true next token written in the same answer format, same prompts).
-Each arm writes OUT/ARM/eval.json (held-out problems only, never held-out positions of trained problems); `report`
-assembles results/smollm2-champ-power.{json,md,png} with Wilson intervals, the detectable effect and a verdict.
+`warm` (when the recipe has a `warm:` section): SFT on context -> `\\boxed{next token}` over documents disjoint from
+training and held-out ones (a second seeded hash of doc_id); every arm starts from its model and never trains on
+its documents (`--exclude-docs`), so `before` is the warm-started model. Arms (same recipe, positions, seeds):
+`before` (no training), `rpt` and `rpt-seed1` (rpt-train on the prefix-match reward at two seeds), `shuffled` (the
+same, rewards shuffled across each round's rollouts: isolates the reward signal from format learning), `sft`
+(supervised cross-entropy on the true next token in the same answer format, on exactly the contexts the `rpt` arm
+rolled out, read from its contexts.jsonl). `levers` measures, on held-out positions, the policy's probability of a
+correct first answer token under each prompt variant and model (what the sampler and the warm start act on).
+Each arm writes OUT/ARM/eval.json (held-out problems only) and a copy under results/smollm2-champ-power.arms/ (kept
+in git: `out/` does not survive a new machine). Arms resume: a trained arm continues from its last checkpoint, an
+arm with an eval.json is done (`--restart` starts it over). `report` assembles
+results/smollm2-champ-power.{json,md,png} with Wilson intervals, the detectable effect and a verdict.
 
-  python pipelines/smollm2_champ_power.py ARM [--recipe pipelines/smollm2-champ-power.yaml] [--smoke] [--threads N]
-  ARM: before | rpt | shuffled | sft | report | all      (--smoke: tiny sizes, everything under out/, no results/)
+  python pipelines/smollm2_champ_power.py STAGE [--recipe pipelines/smollm2-champ-power.yaml] [--smoke] [--threads N]
+  STAGE: warm | levers | before | rpt | rpt-seed1 | shuffled | sft | report | all   (--smoke: tiny, under out/ only)
 """
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # learn_check: the shuffled-reward control
@@ -31,12 +40,15 @@ from rpt_train.config import EvalConfig, TrainConfig, coerce, field_types, load_
 from rpt_train.evaluate import EVAL_BUCKETS, evaluate, write_json  # noqa: E402
 from rpt_train.stats import wilson  # noqa: E402
 
-ARMS = ("before", "rpt", "shuffled", "sft")
+ARMS = ("before", "rpt", "rpt-seed1", "shuffled", "sft")
+RPT_SEEDS = {"rpt": 0, "rpt-seed1": 1}  # the RPT arms: --seed offset
+WARM = {"fraction": 0.2, "steps": 40, "batch": 16, "lr": 1e-5}  # the recipe's `warm:` section overrides these
 FIELDS = ("n", "ntr_accuracy", "ntr_greedy_accuracy", "ntr_pass_at_k", "answer_rate", "ntp_accuracy")
 ACCURACIES = ("ntr_accuracy", "ntr_greedy_accuracy", "ntr_pass_at_k", "ntp_accuracy")
 # a few steps, a few positions: every arm end to end in minutes on CPU
 SMOKE = {"steps": 2, "batch_prompts": 2, "group_size": 4, "max_sampling_rounds": 1, "save_every": 2,
-         "limit": 4, "samples": 2, "max_new_tokens": 6}
+         "limit": 4, "samples": 2, "max_new_tokens": 6, "sampler_pool": 2}
+SMOKE_WARM = {"steps": 2, "batch": 2}
 
 
 # ---- power ------------------------------------------------------------------------------------------------------
@@ -141,14 +153,37 @@ def parse_sets(pairs: list[str]) -> dict:
     return out
 
 
-def configs(args) -> tuple[TrainConfig, EvalConfig, Path]:
-    extra = SMOKE if args.smoke else {}
-    tcfg = load_config(TrainConfig, args.recipe,
-                       {k: v for k, v in extra.items() if k in field_types(TrainConfig)} | args.overrides)
-    ecfg = load_config(EvalConfig, args.recipe, {"split": "heldout",
-                                                 **{k: v for k, v in extra.items() if k in field_types(EvalConfig)}})
+def configs(args) -> tuple[TrainConfig, EvalConfig, Path, dict | None]:
+    """The recipe's training and eval configs, the output root, and its `warm:` section (None: no warm start)."""
+    import tempfile
+
+    import yaml
+
+    from rpt_common.recipe import read_yaml
+
+    raw = read_yaml(args.recipe) or {}
+    warm = raw.pop("warm", None)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:  # the recipe without `warm:`
+        yaml.safe_dump(raw, f)
+    try:
+        extra = SMOKE if args.smoke else {}
+        tcfg = load_config(TrainConfig, f.name,
+                           {k: v for k, v in extra.items() if k in field_types(TrainConfig)} | args.overrides)
+        ecfg = load_config(EvalConfig, f.name, {"split": "heldout", **{k: v for k, v in extra.items()
+                                                                       if k in field_types(EvalConfig)}})
+    finally:
+        os.unlink(f.name)
     root = Path(tcfg.out + ("-smoke" if args.smoke else ""))
-    return tcfg, ecfg, root
+    if warm is not None:
+        unknown = set(warm) - set(WARM)
+        if unknown:
+            raise UserError(f"recipe '{args.recipe}': unknown warm: key(s) {sorted(unknown)}; known: {sorted(WARM)}")
+        warm = {**WARM, **warm, **(SMOKE_WARM if args.smoke else {}), "base_model": tcfg.model}
+        # every arm starts from the warm-started model and never trains on its documents
+        tcfg = TrainConfig(**{**to_dict(tcfg), "model": str(root / "warm" / "train" / "model"),
+                              "exclude_docs": str(root / "warm" / "docs.txt")})
+        ecfg = EvalConfig(**{**to_dict(ecfg), "model": tcfg.model})
+    return tcfg, ecfg, root, warm
 
 
 def device_name() -> str:
@@ -176,10 +211,10 @@ def answer_target(label: str, response_prefix: str) -> str:
     return answer[len(response_prefix):] if response_prefix and answer.startswith(response_prefix) else answer
 
 
-def sft_train(cfg: TrainConfig, draws: list[int], label_tokens: int = 1) -> dict:
-    """Supervised control: per step the same contexts the RPT arm drew at that step (`draws[step - 1]` of the same
-    seeded training stream, refill rounds included, so both arms see the same positions), cross-entropy (token
-    mean) on the true first `label_tokens` label tokens in the answer format, then EOS; same optimizer, lr schedule and gradient clipping as rpt-train. Writes OUT/metrics.jsonl and OUT/model."""
+def sft_train(cfg: TrainConfig, batches, label_tokens: int = 1) -> dict:
+    """Supervised cross-entropy (token mean) on the true first `label_tokens` label tokens in the answer format, then
+    EOS, of the contexts `batches(data, step)` gives at each step (data: the run's TrainSamples); same optimizer, lr
+    schedule and gradient clipping as rpt-train. Writes OUT/metrics.jsonl and OUT/model."""
     from rpt_train.metrics import MetricsLogger
     from rpt_train.policy import load_policy
     from rpt_train.samples import TrainSamples
@@ -189,7 +224,8 @@ def sft_train(cfg: TrainConfig, draws: list[int], label_tokens: int = 1) -> dict
     if cfg.answer_format != "boxed":
         raise UserError("the sft arm writes \\boxed{} answers; use --answer-format boxed")
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)  # short: a rerun starts over
+    out.mkdir(parents=True)
     seed_everything(cfg.seed)
     policy = load_policy(cfg.model, cfg.device, cfg.dtype)
     model, tok = policy.model, policy.tokenizer
@@ -201,15 +237,18 @@ def sft_train(cfg: TrainConfig, draws: list[int], label_tokens: int = 1) -> dict
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg))
     logger = MetricsLogger(str(out), start_step=0, total_steps=cfg.steps)
-    tokens_seen = 0
+    tokens_seen = contexts = 0
     model.train()
     for step in range(1, cfg.steps + 1):
         t0 = time.perf_counter()
         rows = []
-        for s in data.next_batch(draws[step - 1]):
+        for s in batches(data, step):
             target = tok(answer_target("".join(s.label_tokens[:label_tokens]), cfg.response_prefix),
                          add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
             rows.append((prompts.ids(s.context), target))
+        if not rows:
+            continue
+        contexts += len(rows)
         n_target = sum(len(t) for _, t in rows)
         opt.zero_grad(set_to_none=True)
         loss_sum = 0.0
@@ -238,23 +277,74 @@ def sft_train(cfg: TrainConfig, draws: list[int], label_tokens: int = 1) -> dict
     logger.close()
     model.save_pretrained(out / "model")
     tok.save_pretrained(out / "model")
-    return {"trained_tokens": tokens_seen, "label_tokens": label_tokens, "contexts": sum(draws[:cfg.steps])}
+    return {"trained_tokens": tokens_seen, "label_tokens": label_tokens, "contexts": contexts}
+
+
+def same_contexts(run: Path):
+    """`batches` for sft_train: step by step, the contexts an RPT run rolled out (its contexts.jsonl)."""
+    steps = {r["step"]: r["contexts"] for r in read_jsonl(run / "contexts.jsonl")}
+
+    def batches(data, step: int) -> list:
+        return [s for s in data.build.many(steps.get(step, [])) if s is not None]
+    return batches
+
+
+def doc_ids(shards: str) -> list[str]:
+    """Every document id of the shards, sorted."""
+    import pyarrow.parquet as pq
+
+    from rpt_train.samples import ShardSet
+
+    return sorted({d for path in ShardSet(shards).paths for d in pq.read_table(path, columns=["doc_id"])
+                   .column("doc_id").to_pylist()})
+
+
+def warm_start(tcfg: TrainConfig, root: Path, warm: dict, keep: Path | None) -> Path:
+    """SFT on the warm documents (not held out; a hash of doc_id with split-seed + 1 below `fraction`) into
+    ROOT/warm/train/model; ROOT/warm/docs.txt lists them (no arm trains on them), ROOT/warm/warm.json the cost."""
+    from rpt_train.samples import is_heldout
+
+    done = root / "warm" / "warm.json"
+    if done.exists():
+        print(f"warm: done ({done})")
+        return done
+    docs = doc_ids(tcfg.shards)
+    held = {d for d in docs if is_heldout(d, tcfg.heldout_fraction, tcfg.split_seed)}
+    chosen = [d for d in docs if d not in held and is_heldout(d, warm["fraction"], tcfg.split_seed + 1)]
+    if not chosen:
+        raise UserError(f"warm: no document falls in the warm fraction {warm['fraction']}; raise warm: fraction")
+    (root / "warm").mkdir(parents=True, exist_ok=True)
+    (root / "warm" / "docs.txt").write_text("".join(d + "\n" for d in chosen))
+    (root / "warm" / "rest.txt").write_text("".join(d + "\n" for d in docs if d not in set(chosen)))
+    cfg = TrainConfig(**{**to_dict(tcfg), "model": warm["base_model"], "exclude_docs": str(root / "warm" / "rest.txt"),
+                         "out": str(root / "warm" / "train"), "steps": warm["steps"],
+                         "batch_prompts": warm["batch"], "lr": warm["lr"], "warmup_steps": 0,
+                         "lr_schedule": "constant"})
+    t0 = time.perf_counter()
+    stats = sft_train(cfg, lambda data, step: data.next_batch(warm["batch"]))
+    metrics = read_jsonl(root / "warm" / "train" / "metrics.jsonl")
+    write_json({"documents": len(chosen), "heldout_documents": len(held), "all_documents": len(docs), **warm,
+                "seconds": time.perf_counter() - t0, "device": device_name(), "compute": stats,
+                "loss_first": metrics[0]["loss"], "loss_last": metrics[-1]["loss"]}, done)
+    keep_copy(done, keep)
+    print(f"warm: {len(chosen)} documents, loss {metrics[0]['loss']:.3f} -> {metrics[-1]['loss']:.3f}")
+    return done
 
 
 def train_arm(arm: str, tcfg: TrainConfig, root: Path, name: str | None = None) -> tuple[str, dict]:
-    """Train one arm into ROOT/NAME/train (NAME: the arm, or a variant's name); returns the model to evaluate and
-    compute stats."""
+    """Train one arm into ROOT/NAME/train (NAME: the arm, or a variant's name), resuming a stopped run; returns the
+    model to evaluate and compute stats."""
     from rpt_train.trainer import train
 
     out = root / (name or arm) / "train"
-    cfg = TrainConfig(**{**to_dict(tcfg), "out": str(out)})
+    cfg = TrainConfig(**{**to_dict(tcfg), "out": str(out), "seed": tcfg.seed + RPT_SEEDS.get(arm, 0),
+                         "resume": True})
     if arm == "sft":
-        rpt_metrics = read_jsonl(root / "rpt" / "train" / "metrics.jsonl")
-        draws = [m.get("contexts_drawn") for m in rpt_metrics]
-        if len(draws) < cfg.steps or None in draws:
-            raise UserError(f"the sft arm trains on the contexts the rpt arm drew: '{root / 'rpt'}' has no complete "
-                            "run with contexts_drawn per step; run the rpt arm first")
-        stats = sft_train(cfg, draws)
+        rpt = root / "rpt" / "train"
+        if len(read_jsonl(rpt / "contexts.jsonl")) < cfg.steps:
+            raise UserError(f"the sft arm trains on the contexts the rpt arm rolled out: '{rpt}' has no complete "
+                            "run with contexts.jsonl; run the rpt arm first")
+        stats = sft_train(cfg, same_contexts(rpt))
         return str(out / "model"), stats
     # shuffled: the RPT reward is switched off and a permuted copy of it is added (learn_check's control)
     fns = [shuffled_reward(cfg.seed)] if arm == "shuffled" else []
@@ -262,32 +352,123 @@ def train_arm(arm: str, tcfg: TrainConfig, root: Path, name: str | None = None) 
         cfg = TrainConfig(**{**to_dict(cfg), "reward_correct": 0.0})
     train(cfg, reward_fns=fns)
     metrics = read_jsonl(out / "metrics.jsonl")
+    mean = lambda k: (sum(m[k] for m in metrics if m.get(k) is not None) /  # noqa: E731
+                      max(1, sum(m.get(k) is not None for m in metrics)))
     return str(out), {"rollout_tokens": sum(m.get("rollout_tokens", 0) for m in metrics),
                       "groups_trained": sum(m.get("groups_kept", 0) for m in metrics),
-                      "contexts": sum(m.get("contexts_drawn", 0) for m in metrics)}
+                      "contexts": sum(m.get("contexts_drawn", 0) for m in metrics),
+                      "contexts_scored": sum(m.get("contexts_scored", 0) for m in metrics),
+                      "frac_reward_zero_std": round(mean("frac_reward_zero_std"), 4),
+                      "sampler_p_pool": round(mean("sampler_p_pool"), 4) if cfg.sampler != "uniform" else None,
+                      "sampler_p_chosen": round(mean("sampler_p_chosen"), 4) if cfg.sampler != "uniform" else None,
+                      "train_seconds": round(sum(m.get("seconds", 0) for m in metrics), 1)}
+
+
+def committed(root: Path, name: str, smoke: bool) -> Path | None:
+    """Where a stage's result is kept in git (results/<out name>.arms/NAME.json); none for --smoke."""
+    return None if smoke else Path("results") / f"{root.name}.arms" / f"{name}.json"
+
+
+def keep_copy(path: Path, keep: Path | None) -> None:
+    if keep is not None:
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, keep)
 
 
 def run_arm(arm: str, args) -> Path:
     """Train (unless `before`) and evaluate one arm; ROOT/ARM/eval.json (ROOT/NAME/ for a --name'd variant with
-    --set overrides: a lever tried, reported beside the arms). A rerun starts the arm over."""
-    tcfg, ecfg, root = configs(args)
+    --set overrides: a lever tried, reported beside the arms). An arm with an eval.json is done (--restart: over)."""
+    tcfg, ecfg, root, warm = configs(args)
     name = args.name or arm
-    shutil.rmtree(root / name, ignore_errors=True)
-    (root / name).mkdir(parents=True)
+    path = root / name / "eval.json"
+    if args.restart:
+        shutil.rmtree(root / name, ignore_errors=True)
+    elif path.exists():
+        print(f"{name}: done ({path})")
+        return path
+    if warm is not None:
+        warm_start(tcfg, root, warm, committed(root, "warm", args.smoke))
+    (root / name).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     model, stats = (tcfg.model, {}) if arm == "before" else train_arm(arm, tcfg, root, name)
     train_seconds = time.perf_counter() - t0
     result = run_eval(ecfg, model)
-    path = root / name / "eval.json"
-    write_json({"arm": arm, "name": name, "overrides": args.overrides, "eval": result,
-                "steps": 0 if arm == "before" else tcfg.steps,
-                "train_seconds": train_seconds, "seconds": time.perf_counter() - t0, "device": device_name(),
-                "compute": stats, "train_config": to_dict(tcfg), "eval_config": to_dict(ecfg)}, path)
+    record = {"arm": arm, "name": name, "overrides": args.overrides, "eval": result,
+              "steps": 0 if arm == "before" else tcfg.steps, "train_seconds": train_seconds,
+              "seconds": time.perf_counter() - t0, "device": device_name(), "compute": stats,
+              "train_config": to_dict(tcfg), "eval_config": to_dict(ecfg)}
+    if arm in RPT_SEEDS:
+        record["train_config"]["seed"] = tcfg.seed + RPT_SEEDS[arm]
+    write_json(record, path)
+    keep_copy(path, committed(root, name, args.smoke))
     print(f"{name}: " + ", ".join(f"{b} {result[b]['ntr_accuracy']:.3f}" for b in EVAL_BUCKETS) + f" -> {path}")
     return path
 
 
+# ---- levers: what the prompt and the warm start do to the policy's odds of a right first answer token -----------
+
+PROMPTS = {"answer-only, chat template": ("answer-only", "on"), "answer-only, no chat template": ("answer-only", "off")}
+LEVER_POSITIONS = 100  # held-out positions (the eval's `all` bucket, first of its seeded order)
+
+
+def lever_summary(p, group_size: int) -> dict:
+    from rpt_train.sampler import informative
+
+    p = np.asarray(p, dtype=np.float64)
+    return {"mean_p": round(float(p.mean()), 4), "share_p_above_0.01": round(float((p > 0.01).mean()), 4),
+            "informative_groups": round(float(informative(p, group_size).mean()), 4)}
+
+
+def measure_levers(args) -> Path:
+    """ROOT/levers.json: per model (the base; the warm-started one when the recipe has `warm:`) and prompt, on held-out
+    positions: the policy's mean P(correct first answer token) after the prompt (`--response-prefix` included),
+    the share of positions where it exceeds 0.01, and the expected share of informative groups of G uniform draws;
+    `raw context`: P(the label's first token) right after the bare context (what next-token prediction knows)."""
+    from rpt_train.evaluate import select_positions
+    from rpt_train.policy import load_policy
+    from rpt_train.sampler import LearnabilityScorer
+    from rpt_train.samples import ShardSet
+    from rpt_train.templates import PromptBuilder
+
+    tcfg, ecfg, root, warm = configs(args)
+    models = {"base": warm["base_model"] if warm else tcfg.model}
+    if warm is not None:
+        warm_start(tcfg, root, warm, committed(root, "warm", args.smoke))
+        models["warm-started"] = tcfg.model
+    limit = min(ecfg.limit, LEVER_POSITIONS)
+    result = {"positions": limit, "group_size": tcfg.group_size, "response_prefix": tcfg.response_prefix,
+              "device": device_name(), "models": {}}
+    t0 = time.perf_counter()
+    for label, spec in models.items():
+        policy = load_policy(spec, ecfg.device, ecfg.dtype)
+        tok = policy.tokenizer
+        cfg = EvalConfig(**{**to_dict(ecfg), "model": spec, "limit": limit})
+        chosen = select_positions(ShardSet(cfg.shards), tok, cfg)["all"]
+        scorer = LearnabilityScorer(policy.model, tok)
+        labels = ["".join(s.label_tokens) for s in chosen]
+        row = {"raw context": lever_summary(scorer.probabilities([tok(s.context)["input_ids"] for s in chosen], labels),
+                                            tcfg.group_size)}
+        for name, (template, chat) in PROMPTS.items():
+            if chat == "on" and not getattr(tok, "chat_template", None):
+                continue  # a tokenizer without one (the tests' tiny model)
+            prompts = PromptBuilder(tok, template, chat, tcfg.response_prefix)
+            row[name] = lever_summary(scorer.probabilities([prompts.ids(s.context) for s in chosen], labels),
+                                      tcfg.group_size)
+        result["models"][label] = row
+        print(f"levers, {label}: " + "; ".join(f"{k} {v['mean_p']:.3f}" for k, v in row.items()))
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    path = root / "levers.json"
+    write_json(result, path)
+    keep_copy(path, committed(root, "levers", args.smoke))
+    return path
+
+
 # ---- report -----------------------------------------------------------------------------------------------------
+
+def read_json_if(*paths: Path | None) -> dict | None:
+    """The first of `paths` that exists, read; None when none does."""
+    return next((json.loads(p.read_text()) for p in paths if p is not None and p.exists()), None)
+
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
@@ -308,21 +489,29 @@ def compare(a: dict, b: dict, power: dict, key: str = "ntr_accuracy") -> dict:
 
 
 def verdict_text(comparisons: dict, power: dict) -> str:
-    """A plain sentence per comparison on the `all` bucket, then the decision."""
+    """A plain sentence per comparison on the `all` bucket, then the decision (every RPT seed must agree)."""
     mde = power["buckets"]["all"]["detectable_effect"]
-    parts, wins = [], {}
+    parts, wins, losses = [], {}, {}
     for name, c in comparisons.items():
         r = c.get("all")
         if r is None:
             continue
         wins[name] = r["diff"] > 0 and r["p_value"] < power["alpha"]
-        parts.append(f"{name}: {r['diff']:+.3f} (p = {r['p_value']:.3f}{', significant' if wins[name] else ''})")
-    if wins.get("rpt - before") and wins.get("rpt - shuffled"):
-        head = "RPT improved held-out NTR accuracy significantly, beyond the shuffled-reward control"
-        head += " and beyond SFT." if wins.get("rpt - sft") else "; it did not beat SFT on the same data."
-    elif wins.get("rpt - before"):
-        head = "RPT improved held-out NTR accuracy over the untrained model, but not significantly over the control"
-        head += " with shuffled rewards: the gain cannot be credited to the reward signal."
+        losses[name] = r["diff"] < 0 and r["p_value"] < power["alpha"]
+        parts.append(f"{name}: {r['diff']:+.3f} (p = {r['p_value']:.3f}{', significant' if wins[name] or losses[name] else ''})")
+    seeds = [a for a in RPT_SEEDS if f"{a} - before" in wins]
+    every = lambda other: bool(seeds) and all(wins.get(f"{a} - {other}") for a in seeds)  # noqa: E731
+    if every("before") and every("shuffled"):
+        head = (f"RPT improved held-out NTR accuracy significantly at {len(seeds)} seed(s), beyond the shuffled-reward "
+                "control")
+        head += (" and beyond SFT." if every("sft") else
+                 "; it is significantly below SFT on the same contexts." if any(losses.get(f"{a} - sft") for a in seeds)
+                 else "; not significantly different from SFT on the same contexts.")
+    elif every("before"):
+        head = ("RPT improved held-out NTR accuracy over the untrained model, but not significantly over the control "
+                "with shuffled rewards: the gain cannot be credited to the reward signal.")
+    elif any(wins.get(f"{a} - before") for a in seeds):
+        head = "RPT improved held-out NTR accuracy significantly at one seed only: not a reproducible effect."
     else:
         head = (f"No significant RPT effect: the design detects a change of {mde:.3f} on `all` (95%/80%) and "
                 "none of that size was seen.")
@@ -364,11 +553,47 @@ def comparison_rows(comparisons: dict) -> list[str]:
                                         for b in EVAL_BUCKETS) + " |" for name, c in comparisons.items()]
 
 
+def setup_lines(res: dict) -> list[str]:
+    """Markdown: the warm start, the prompt levers measured, and each arm's compute and training signal."""
+    out = []
+    w = res.get("warm_start")
+    if w:
+        out += ["## Warm start (the common start of every arm: `before` is this model)", "",
+                f"SFT on context -> `\\boxed{{next token}}` over {w['documents']} documents disjoint from training and "
+                f"held-out ones ({w['all_documents']} in all, {w['heldout_documents']} held out): {w['steps']} steps of "
+                f"{w['batch']} contexts, lr {w['lr']:g}; loss {w['loss_first']:.3f} -> {w['loss_last']:.3f}; "
+                f"{w['seconds']:.0f} s on {w['device']}.", ""]
+    lv = res.get("prompt_levers")
+    if lv:
+        names = list(next(iter(lv["models"].values())))
+        out += ["## What the policy knows before training: P(a right first answer token)", "",
+                f"{lv['positions']} held-out positions; after the prompt ending in "
+                f"`{lv['response_prefix']}`. Cells: mean P / share of positions with P > 0.01 / expected share of "
+                f"groups of G = {lv['group_size']} uniform draws whose rewards differ (a gradient). `raw context`: "
+                "the label's first token right after the bare text.", "",
+                "| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for model, row in lv["models"].items():
+            out.append(f"| {model} | " + " | ".join(f"{row[n]['mean_p']:.3f} / {row[n]['share_p_above_0.01']:.2f} / "
+                                                    f"{row[n]['informative_groups']:.2f}" if n in row else "-"
+                                                    for n in names) + " |")
+        out.append("")
+    out += ["## Compute and training signal per arm", "",
+            "| arm | seconds | groups trained | contexts rolled out | contexts scored (sampler) | zero-variance groups "
+            "| P right, pool | P right, chosen |", "|---|---|---|---|---|---|---|---|"]
+    for arm, c in res["compute"].items():
+        f = lambda k, fmt="{}": "-" if c.get(k) is None else fmt.format(c[k])  # noqa: E731
+        out.append(f"| {arm} | {res['seconds'][arm]:.0f} | {f('groups_trained')} | {f('contexts')} | "
+                   f"{f('contexts_scored')} | {f('frac_reward_zero_std', '{:.3f}')} | {f('sampler_p_pool', '{:.3f}')} | "
+                   f"{f('sampler_p_chosen', '{:.3f}')} |")
+    return out + [""]
+
+
 def write_md(res: dict, runs: dict[str, list[dict]], evals: dict, path: Path, png: Path) -> None:
     k = res["config"]["eval"]["samples"]
     head = "| | " + " | ".join(EVAL_BUCKETS) + " |"
     lines = [
-        "# SmolLM2-135M-Instruct on CHAMP: RPT against shuffled-reward and SFT controls, with power", "",
+        "# Does RPT learn on SmolLM2-135M-Instruct (CHAMP)? Two RPT seeds against shuffled-reward and SFT controls, "
+        "with power", "",
         f"Device: {res['device']}. Steps per trained arm: {res['steps']}. Held-out problems only "
         f"({res['arms']['before']['all']['n']} positions in `all`), {k} samples per position; "
         "95% Wilson intervals in brackets. Seconds per arm: "
@@ -376,6 +601,7 @@ def write_md(res: dict, runs: dict[str, list[dict]], evals: dict, path: Path, pn
         "## Next-token prediction and reasoning accuracy (paper Table 1 layout)", "", head,
         "|---|" + "---|" * len(EVAL_BUCKETS),
         "| n | " + " | ".join(str(res["arms"]["before"][b]["n"]) for b in EVAL_BUCKETS) + " |"]
+    lines[-5:-5] = setup_lines(res)  # before the accuracy table
     rows = [("NTP accuracy (greedy next token)", "ntp_accuracy"), ("NTR accuracy (sampled)", "ntr_accuracy"),
             ("NTR accuracy (greedy)", "ntr_greedy_accuracy"), (f"NTR pass@{k}", "ntr_pass_at_k")]
     for title, key in rows:
@@ -425,7 +651,7 @@ def write_md(res: dict, runs: dict[str, list[dict]], evals: dict, path: Path, pn
                 f"{m['frac_reward_zero_std']:.2f}" for m in metrics[::n]))
             lines.append("")
     lines += ["## Sample completions (held-out, greedy, after training)", ""]
-    for arm in ("rpt", "shuffled", "sft"):
+    for arm in ARMS[1:]:
         pos = evals[arm]["eval"]["positions"]
         picks = [p for p in pos if p["greedy_correct"]][:3] + [p for p in pos if not p["greedy_correct"]][:3]
         lines += [f"### {arm}", ""] + [f"- label {p['label']!r}: greedy {p['greedy_completion'][:120]!r}, sampled "
@@ -438,10 +664,11 @@ def write_md(res: dict, runs: dict[str, list[dict]], evals: dict, path: Path, pn
 
 def report(args) -> Path:
     """Assemble the arms' eval.json files into NAME.{json,md,png} (results/ normally, ROOT/ with --smoke)."""
-    tcfg, ecfg, root = configs(args)
+    tcfg, ecfg, root, warm = configs(args)
     evals = {}
     for arm in ARMS:
         p = root / arm / "eval.json"
+        p = p if p.exists() or args.smoke else committed(root, arm, args.smoke)
         if not p.exists():
             raise UserError(f"arm '{arm}' has no '{p}' yet; run `python pipelines/smollm2_champ_power.py {arm}"
                             f"{' --smoke' if args.smoke else ''}` first")
@@ -456,13 +683,14 @@ def report(args) -> Path:
 
     arms = {a: buckets(e) for a, e in evals.items()}
     power = power_table(evals["before"]["eval"])
-    pairs = (("rpt", "before"), ("shuffled", "before"), ("sft", "before"), ("rpt", "shuffled"), ("rpt", "sft"))
+    pairs = [(r, "before") for r in RPT_SEEDS] + [("shuffled", "before"), ("sft", "before")]
+    pairs += [(r, other) for other in ("shuffled", "sft") for r in RPT_SEEDS]
     comparisons = {f"{a} - {b}": compare(arms[a], arms[b], power) for a, b in pairs}
     by_metric = {key: {f"{a} - {b}": compare(arms[a], arms[b], power, key) for a, b in pairs}
                  for key in ("ntr_greedy_accuracy", "ntp_accuracy")}
     levers = {}  # variants run with --name/--set: the levers tried, on the same held-out evaluation
     for p in sorted(root.glob("*/eval.json")):
-        if p.parent.name in ARMS:
+        if p.parent.name in ARMS or p.parent.name == "warm":
             continue
         e = json.loads(p.read_text())
         b = buckets(e)
@@ -476,12 +704,14 @@ def report(args) -> Path:
            "device": evals["rpt"]["device"], "compute": {a: e["compute"] for a, e in evals.items()},
            "power": power, "detectable_effect": {b: power["buckets"][b]["detectable_effect"] for b in EVAL_BUCKETS},
            "comparisons": comparisons, "comparisons_by_metric": by_metric, "levers": levers,
+           "warm_start": read_json_if(root / "warm" / "warm.json", committed(root, "warm", args.smoke)),
+           "prompt_levers": read_json_if(root / "levers.json", committed(root, "levers", args.smoke)),
            "verdict": verdict_text(comparisons, power)}
     if old.get("notes"):
         res["notes"] = old["notes"]  # the hand-written lever log survives a re-report
     res.update({"arms": {a: res["arms"][a] for a in ARMS}})
     json_path.write_text(json.dumps(res, indent=1))
-    runs = {a: read_jsonl(root / a / "train" / "metrics.jsonl") for a in ("rpt", "shuffled", "sft", *levers)}
+    runs = {a: read_jsonl(root / a / "train" / "metrics.jsonl") for a in (*ARMS[1:], *levers)}
     curves_png(runs, png_path)
     write_md(res, runs, evals, md_path, png_path)
     print(res["verdict"])
@@ -491,15 +721,16 @@ def report(args) -> Path:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("arm", choices=ARMS + ("report", "all"))
+    ap.add_argument("stage", choices=("warm", "levers") + ARMS + ("report", "all"))
     ap.add_argument("--recipe", default="pipelines/smollm2-champ-power.yaml")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, outputs under out/ only")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default: all cores)")
+    ap.add_argument("--restart", action="store_true", help="start the arm over (default: resume it; done if evaluated)")
     ap.add_argument("--name", help="run ARM as a variant (a lever tried) into OUT/NAME; the report lists it apart")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a variant's training override, e.g. --set bucket=all (repeatable; needs --name)")
     args = ap.parse_args(argv)
-    if (args.name or args.set) and (args.arm in ("report", "all") or not args.name or args.name in ARMS):
+    if (args.name or args.set) and (args.stage not in ARMS or not args.name or args.name in ARMS + ("warm",)):
         ap.error("--name/--set run one arm as a variant: give ARM, a --name that is not an arm's, and the --set "
                  "overrides")
     args.overrides = parse_sets(args.set)  # checked before any model loads
@@ -509,9 +740,16 @@ def main(argv=None) -> None:
     logging.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
-    for arm in (ARMS if args.arm == "all" else () if args.arm == "report" else (args.arm,)):
+    if args.stage == "warm":
+        tcfg, _, root, warm = configs(args)
+        if warm is None:
+            raise UserError(f"recipe '{args.recipe}' has no warm: section")
+        warm_start(tcfg, root, warm, committed(root, "warm", args.smoke))
+    if args.stage in ("levers", "all"):
+        measure_levers(args)
+    for arm in (ARMS if args.stage == "all" else (args.stage,) if args.stage in ARMS else ()):
         run_arm(arm, args)
-    if args.arm in ("report", "all"):
+    if args.stage in ("report", "all"):
         report(args)
 
 

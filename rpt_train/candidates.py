@@ -123,10 +123,11 @@ def _flat(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def candidates_of(table: pa.Table, metric: str, shard: int, row0: int, heldout: np.ndarray,
-                  cuts=()) -> tuple[Candidates, int]:
+                  cuts=(), dropped: np.ndarray | None = None) -> tuple[Candidates, int]:
     """Candidates of one row group (rows row0.. of `shard`): positions t >= max(score_start, 1) with a finite
     `metric` whose proxy token has a byte width (a later piece of a multi-byte character has none: its context
-    and continuation are its neighbour's). Returns them and the number of zero-width positions left out."""
+    and continuation are its neighbour's); rows flagged in `dropped` give none. Returns them and the number of
+    zero-width positions left out."""
     lengths, flat = _flat(table, metric)
     flat = flat.astype(np.float32)
     tb_lengths, tb = _flat(table, "token_bytes")
@@ -142,6 +143,8 @@ def candidates_of(table: pa.Table, metric: str, shard: int, row0: int, heldout: 
     zero_width[1:] = tb[1:] == tb[:-1]
     zero_width &= t >= 1  # t = 0 compares with the previous row's last token: never a zero width
     keep = scored & ~zero_width
+    if dropped is not None:
+        keep &= ~dropped[parent]
     sel_lengths, sel = _flat(table, "selected")
     sel_flag = np.zeros(len(flat), dtype=bool)
     sel_parent = np.repeat(np.arange(len(sel_lengths)), sel_lengths)

@@ -17,6 +17,7 @@ from rpt_train.advantages import group_std
 from rpt_train.reward import RewardFn, RewardInput, extract_answer, prefix_match
 from rpt_train.rollout import RolloutBatch, RolloutEngine, SamplingParams, concat_batches, empty_batch, select_rows
 from rpt_train.samples import Sample, TrainSamples
+from rpt_train.sampler import LearnabilityScorer, choose
 from rpt_train.templates import PromptBuilder
 
 
@@ -64,17 +65,26 @@ class _Placement:
 
 
 def collect(cfg, data: TrainSamples, prompts: PromptBuilder, engine: RolloutEngine, reward_fn: RewardFn,
-            params: SamplingParams) -> tuple[Groups | None, list[Groups], dict]:
+            params: SamplingParams, scorer: LearnabilityScorer | None = None
+            ) -> tuple[Groups | None, list[Groups], dict]:
     """One step's training groups. With dynamic sampling, groups whose rewards all agree (zero std, no signal)
     are dropped and new contexts drawn, at most --max-sampling-rounds rounds; stats cover every rollout made.
+    With a `scorer` (--sampler learnability) each round's contexts are the most learnable of a larger pool.
     The batch is None when no rank kept a group, and empty on a rank that kept none while others did."""
     G, need, rounds, made, kept, n_drawn = cfg.group_size, cfg.batch_prompts, 0, [], [], 0
     rank, world, place = distributed.rank(), distributed.world_size(), _Placement()
+    pool_p, chosen_p, rolled_out = [], [], []
     t0 = time.perf_counter()
     while need > 0 and rounds < (cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
         rounds += 1
-        drawn = data.next_batch(need)
+        drawn = data.next_batch(need * (cfg.sampler_pool if scorer is not None else 1))
+        if scorer is not None:
+            chosen, p = choose(drawn, [prompts.ids(s.context) for s in drawn], scorer, need, G)
+            drawn = [drawn[i] for i in chosen]
+            pool_p += p.tolist()
+            chosen_p += p[chosen].tolist()
         n_drawn += len(drawn)
+        rolled_out += [s.index for s in drawn]
         groups = rollout_groups(drawn[rank::world], prompts, engine, reward_fn, params, cfg.answer_format)
         made.append(groups)
         keep = (group_std(groups.rewards, G) > 0).tolist() if cfg.dynamic_sampling else [True] * len(groups.samples)
@@ -83,7 +93,10 @@ def collect(cfg, data: TrainSamples, prompts: PromptBuilder, engine: RolloutEngi
         need -= place.add_round(keep, len(drawn))
     stats = rollout_stats(made, G, distributed.all_max(time.perf_counter() - t0))
     stats |= {"sampling_rounds": rounds, "contexts_drawn": n_drawn, "groups_kept": place.kept_before,
-              "samples_skipped": data.build.skipped}
+              "samples_skipped": data.build.skipped, "contexts": rolled_out}
+    if scorer is not None:  # the policy's P(correct first answer token): the pool scored, the contexts rolled out
+        stats |= {"sampler_p_pool": float(np.mean(pool_p)), "sampler_p_chosen": float(np.mean(chosen_p)),
+                  "contexts_scored": len(pool_p)}
     batch = None
     if kept:
         batch = Groups(samples=[s for g in kept for s in g.samples], answers=[a for g in kept for a in g.answers],

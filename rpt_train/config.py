@@ -67,6 +67,8 @@ class SampleConfig(CommonConfig):
 
     bucket: str = opt("selected", "positions drawn: selected (the tagger's threshold), easy, medium, hard, all")
     min_entropy: float | None = opt(None, "positions whose entropy exceeds X nats (overrides --bucket)")
+    exclude_docs: str = opt("", "text file of doc_ids (one per line) never trained on or exported, e.g. a warm "
+                            "start's or a benchmark's documents")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -89,6 +91,11 @@ class TrainConfig(SampleConfig):
     beta: float = opt(0.0, "k3 KL weight to the frozen initial model (0 = no reference model loaded; paper: 0)")
     dynamic_sampling: bool = opt(True, "refill the batch with groups whose rewards differ (DAPO)")
     max_sampling_rounds: int = opt(4, "rollout rounds per step at most when refilling")
+    sampler: str = opt("uniform", "how contexts are drawn: uniform (seeded order), or learnability (of a pool of "
+                       "--sampler-pool x the contexts needed, those whose G rollouts the policy is least likely to "
+                       "answer all alike, from one forward over the pool's prompts; needs --response-prefix "
+                       "'\\boxed{'; see docs/training.md)")
+    sampler_pool: int = opt(4, "with --sampler learnability: contexts scored per context rolled out")
     lr: float = opt(1e-6, "AdamW learning rate (paper: 1e-6)")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     warmup_steps: int = opt(0, "linear warmup steps")
@@ -266,6 +273,8 @@ def validate(cfg: CommonConfig) -> None:
         need(cfg.lr_schedule in ("constant", "linear", "cosine"), "--lr-schedule must be constant, linear or cosine")
         need(cfg.micro_batch_size >= 1 and cfg.ppo_epochs >= 1, "--micro-batch-size and --ppo-epochs must be >= 1")
         need(cfg.max_sampling_rounds >= 1, "--max-sampling-rounds must be at least 1")
+        need(cfg.sampler in ("uniform", "learnability"), "--sampler must be uniform or learnability")
+        need(cfg.sampler_pool >= 1, "--sampler-pool must be at least 1")
         need(cfg.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1")
         need(cfg.clip_low >= 0 and cfg.resolved_clip_high() >= 0, "--clip-low/--clip-high must be non-negative")
         need(cfg.beta >= 0, "--beta must be non-negative")

@@ -41,10 +41,11 @@ class MetricsLogger:
                  write: bool = True):
         self.out = Path(out)
         self.metrics_path, self.samples_path = self.out / "metrics.jsonl", self.out / "samples.jsonl"
+        self.contexts_path = self.out / "contexts.jsonl"
         self.total, self.quiet, self.tb, self.write = total_steps, quiet, None, write
         if not write:
             return
-        for p in (self.metrics_path, self.samples_path):
+        for p in (self.metrics_path, self.samples_path, self.contexts_path):
             _truncate_jsonl(p, start_step)
         if tensorboard:
             try:
@@ -75,6 +76,14 @@ class MetricsLogger:
         with open(self.samples_path, "a") as f:
             for r in records:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+    def contexts(self, step: int, indices: list[int]) -> None:
+        """The candidate indices (`Sample.index`) rolled out at `step`, in draw order: what a control arm (SFT on
+        the same contexts) or an audit rebuilds the step's samples from."""
+        if not self.write:
+            return
+        with open(self.contexts_path, "a") as f:
+            f.write(json.dumps({"step": step, "contexts": indices}) + "\n")
 
     def close(self) -> None:
         if self.tb is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,7 @@ class Sample:
     label_tokens: list[str]  # first labels_length policy tokens of the continuation, exact text pieces
     entropy: float  # proxy entropy at the position (nats, --entropy-metric)
     bucket: str  # hardest bucket the position belongs to: hard, medium, easy or none
+    index: int = -1  # candidate index in the run's TrainSamples (same shards and options): rebuilds the sample
 
 
 def is_heldout(doc_id: str, fraction: float, seed: int) -> bool:
@@ -39,6 +41,16 @@ def is_heldout(doc_id: str, fraction: float, seed: int) -> bool:
         return False
     h = int.from_bytes(hashlib.blake2b(f"{seed}\x00{doc_id}".encode(), digest_size=8).digest(), "little")
     return h / 2**64 < fraction
+
+
+def read_doc_ids(path: str) -> frozenset[str]:
+    """The doc_ids listed in a text file, one per line (blank lines ignored); none for an empty path."""
+    if not path:
+        return frozenset()
+    try:
+        return frozenset(line.strip() for line in Path(path).read_text().splitlines() if line.strip())
+    except OSError as e:
+        raise UserError(f"cannot read --exclude-docs '{path}': {e.strerror or e}")
 
 
 def bucket_of(value: float, thresholds: list[float]) -> str:
@@ -118,16 +130,17 @@ class ShardSet:
                             "rerun `rpt-data tag`")
 
     def candidates(self, metric: str, heldout_fraction: float = 0.0, split_seed: int = 0, *,
-                   cuts=()) -> Candidates:
+                   cuts=(), exclude: frozenset[str] = frozenset()) -> Candidates:
         """Every scored position t >= max(score_start, 1) with a finite `metric` and a proxy token of non-zero byte
-        width, in shard/row/t order; `cuts`: entropy thresholds whose comparisons stay exact in the float16 table."""
+        width, in shard/row/t order, none of the documents in `exclude`; `cuts`: entropy thresholds whose comparisons stay exact in the float16 table."""
         parts, self.zero_width = [], 0
         for i, f in enumerate(self.files):
             for rg in range(f.metadata.num_row_groups):
                 table = self._read(i, rg, _INDEX_COLUMNS + [metric])
-                held = np.array([is_heldout(d, heldout_fraction, split_seed) for d in table.column("doc_id").to_pylist()],
-                                dtype=bool)
-                part, zero = candidates_of(table, metric, i, int(self._group_starts[i][rg]), held, cuts)
+                docs = table.column("doc_id").to_pylist()
+                held = np.array([is_heldout(d, heldout_fraction, split_seed) for d in docs], dtype=bool)
+                dropped = np.array([d in exclude for d in docs], dtype=bool) if exclude else None
+                part, zero = candidates_of(table, metric, i, int(self._group_starts[i][rg]), held, cuts, dropped)
                 parts.append(part)
                 self.zero_width += zero
         return Candidates.concat(parts)
@@ -289,8 +302,12 @@ class SampleBuilder:
         rows = self.shards.rows(shard, row)
         cuts = [self._cut(rw, int(self.cands.t[i])) for i, rw in zip(idx, rows)]
         tails = self._following([(int(a), int(b)) for a, b in zip(shard, row)], rows, cuts)
-        return [self._sample(rw, cut, tail, int(self.cands.t[i]), float(self.cands.value[i]))
-                for i, rw, cut, tail in zip(idx, rows, cuts, tails)]
+        samples = [self._sample(rw, cut, tail, int(self.cands.t[i]), float(self.cands.value[i]))
+                   for i, rw, cut, tail in zip(idx, rows, cuts, tails)]
+        for i, s in zip(idx.tolist(), samples):
+            if s is not None:
+                s.index = i
+        return samples
 
     def _cut(self, row: dict, t: int) -> tuple[str, str] | None:
         """(context, continuation inside the row) at position t, or None when the proxy's token boundary falls
@@ -397,7 +414,8 @@ class TrainSamples:
         self.cfg, self.tokenizer = cfg, tokenizer
         self.shards = shards or ShardSet(cfg.shards)
         resolve_shard_defaults(cfg, self.shards)
-        cands = self.shards.candidates(cfg.entropy_metric, cfg.heldout_fraction, cfg.split_seed, cuts=cuts_of(cfg))
+        cands = self.shards.candidates(cfg.entropy_metric, cfg.heldout_fraction, cfg.split_seed, cuts=cuts_of(cfg),
+                                       exclude=read_doc_ids(cfg.exclude_docs))
         mask = select_mask(cands, bucket=cfg.bucket, min_entropy=cfg.min_entropy, thresholds=cfg.bucket_thresholds)
         self.heldout_cands = cands.take(mask & cands.heldout) if keep_heldout else None
         mask &= ~cands.heldout

@@ -31,6 +31,7 @@ from rpt_train.metrics import MetricsLogger
 from rpt_train.policy import eos_ids, freeze
 from rpt_train.reward import RewardFn, combine, load_reward_fn, rpt_reward
 from rpt_train.rollout import HFRollout, RolloutEngine, SamplingParams
+from rpt_train.sampler import LearnabilityScorer, check_sampler
 from rpt_train.samples import ShardSet, TrainSamples, resolve_shard_defaults
 from rpt_train.templates import PromptBuilder
 from rpt_train.update import autocast, no_update, update_policy
@@ -118,6 +119,7 @@ def train(cfg: TrainConfig, *, reward_fns: list[RewardFn] = (), engine: RolloutE
 def _train(cfg: TrainConfig, device: str, reward_fns, engine: RolloutEngine | None, quiet: bool) -> Path:
     out = Path(cfg.out)
     shards = ShardSet(cfg.shards)  # the inputs are checked before anything is planned, written or loaded
+    check_sampler(cfg)
     resolve_shard_defaults(cfg, shards)
     ckpt = distributed.broadcast_from_main(lambda: prepare_out(cfg))
     seed_everything(distributed.rank_seed(cfg.seed))
@@ -135,6 +137,9 @@ def _train(cfg: TrainConfig, device: str, reward_fns, engine: RolloutEngine | No
     reward_fn = combine([rpt_reward(cfg.reward_correct, cfg.reward_wrong, cfg.reward_no_answer),
                          *[load_reward_fn(s) for s in cfg.reward], *reward_fns])
     engine = engine or rollout_engine(cfg, model, policy)
+    scorer = (LearnabilityScorer(model, tok, batch_size=cfg.rollout_batch_size or 16,
+                                 bf16=precision.compute_dtype(cfg, pick_device(device)) is not None)
+              if cfg.sampler == "learnability" else None)
     params = SamplingParams(n=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                             top_p=cfg.top_p, top_k=cfg.top_k)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
@@ -162,7 +167,8 @@ def _train(cfg: TrainConfig, device: str, reward_fns, engine: RolloutEngine | No
     bad_run = 0
     for step in range(start + 1, cfg.steps + 1):
         t0 = time.perf_counter()
-        batch, made, stats = collect(cfg, data, prompts, engine, reward_fn, params)
+        batch, made, stats = collect(cfg, data, prompts, engine, reward_fn, params, scorer)
+        logger.contexts(step, stats.pop("contexts"))
         stats |= update_policy(cfg, model, ref, optimizer, batch) if batch else no_update(cfg, model, made)
         engine.sync(model)
         metrics = {"step": step, "lr": scheduler.get_last_lr()[0], **stats, "seconds": time.perf_counter() - t0}

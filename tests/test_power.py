@@ -101,7 +101,7 @@ def test_sft_loss_is_cross_entropy_on_the_answer_tokens_only(power, tiny_llama, 
     cfg = TrainConfig(shards=str(train_shards), model=str(tiny_llama), out=str(tmp_path / "sft"), bucket="all",
                       steps=1, batch_prompts=3, micro_batch_size=2, template="answer-only", chat_template="off",
                       response_prefix="\\boxed{", lr=1e-3, device="cpu")
-    power.sft_train(cfg, [3])
+    power.sft_train(cfg, lambda data, step: data.next_batch(3))
     logged = json.loads((tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()[0])
     # expected: the untrained model's mean NLL of "label}<eos>" after each prompt, one row at a time
     policy = load_policy(str(tiny_llama), device="cpu")
@@ -122,33 +122,55 @@ def test_sft_loss_is_cross_entropy_on_the_answer_tokens_only(power, tiny_llama, 
 def test_power_script_smoke_runs_every_arm_and_reports(power, tiny_llama, train_shards, tmp_path):
     recipe = tmp_path / "tiny-power.yaml"
     recipe.write_text(yaml.safe_dump({
-        "shards": str(train_shards), "model": str(tiny_llama), "heldout-fraction": 0.5, "split-seed": 1,
+        "shards": str(train_shards), "model": str(tiny_llama), "heldout-fraction": 0.3, "split-seed": 4,
         "template": "answer-only", "chat-template": "off", "response-prefix": "\\boxed{", "device": "cpu",
-        "labels-length": 2, "run": {"out": str(tmp_path / "run"), "bucket": "all", "micro-batch-size": 4},
+        "labels-length": 2, "warm": {"fraction": 0.3},
+        "run": {"out": str(tmp_path / "run"), "bucket": "all", "micro-batch-size": 4, "sampler": "learnability"},
         "eval": {"limit": 3}}))
     power.main(["all", "--recipe", str(recipe), "--smoke"])
     root = tmp_path / "run-smoke"
     res = json.loads((root / "tiny-power.json").read_text())
-    assert list(res["arms"]) == ["before", "rpt", "shuffled", "sft"]
+    assert list(res["arms"]) == ["before", "rpt", "rpt-seed1", "shuffled", "sft"]
     for arm in res["arms"].values():
         for b in EVAL_BUCKETS:
             assert {"n", "ntr_accuracy", "ntr_greedy_accuracy", "ntr_pass_at_k", "answer_rate",
                     "ntp_accuracy"} <= set(arm[b])
     assert res["steps"] == power.SMOKE["steps"] and res["verdict"] and res["device"]
     assert set(res["detectable_effect"]) == set(EVAL_BUCKETS) and res["seconds"].keys() == res["arms"].keys()
-    assert (root / "tiny-power.md").read_text().count("| NTR accuracy (sampled), ") == 4
+    md = (root / "tiny-power.md").read_text()
+    assert md.count("| NTR accuracy (sampled), ") == 5 and "## Warm start" in md and "P(a right first answer" in md
     assert (root / "tiny-power.png").stat().st_size > 0
     assert len((root / "sft" / "train" / "metrics.jsonl").read_text().splitlines()) == power.SMOKE["steps"]
-    # the SFT arm drew, step by step, as many contexts as the RPT arm did (refill rounds included)
+    # the warm start: documents neither held out nor trained on by any arm; every arm starts from its model
+    warm_docs = set((root / "warm" / "docs.txt").read_text().split())
+    assert warm_docs and res["warm_start"]["documents"] == len(warm_docs)
+    assert res["config"]["train"]["model"] == str(root / "warm" / "train" / "model")
+    from rpt_train.samples import is_heldout
+    assert not any(is_heldout(d, 0.3, 4) for d in warm_docs)
+    tok = load_policy(str(tiny_llama), device="cpu").tokenizer
+    data = TrainSamples(TrainConfig(**{**res["config"]["train"], "model": str(tiny_llama)}), tok)
+    for arm in ("rpt", "rpt-seed1", "shuffled"):
+        rolled = [i for x in (root / arm / "train" / "contexts.jsonl").read_text().splitlines()
+                  for i in json.loads(x)["contexts"]]
+        assert rolled and not {s.doc_id for s in data.build.many(rolled)} & warm_docs
+    # the SFT arm trained on exactly the contexts the RPT arm rolled out (refill rounds included)
     rpt_draws = [json.loads(x)["contexts_drawn"] for x in (root / "rpt" / "train" / "metrics.jsonl").read_text().splitlines()]
     assert res["compute"]["sft"]["contexts"] == sum(rpt_draws) == res["compute"]["rpt"]["contexts"] > 0
+    assert res["compute"]["rpt"]["contexts_scored"] == 2 * res["compute"]["rpt"]["contexts"]  # --sampler-pool 2
     assert set(res["comparisons_by_metric"]) == {"ntr_greedy_accuracy", "ntp_accuracy"} and res["levers"] == {}
+    assert set(res["prompt_levers"]["models"]) == {"base", "warm-started"}
+    # the RPT seeds differ; a finished arm is not rerun
+    seeds = [yaml.safe_load((root / a / "train" / "config.yaml").read_text())["seed"] for a in ("rpt", "rpt-seed1")]
+    assert seeds[1] == seeds[0] + 1
+    before = (root / "rpt" / "eval.json").stat().st_mtime_ns
+    power.main(["rpt", "--recipe", str(recipe), "--smoke"])
+    assert (root / "rpt" / "eval.json").stat().st_mtime_ns == before
 
     # a lever: one arm rerun as a named variant with a training override, listed apart by the report
     power.main(["rpt", "--recipe", str(recipe), "--smoke", "--name", "rpt-hi-lr", "--set", "lr=1e-3"])
     power.main(["report", "--recipe", str(recipe), "--smoke"])
     res = json.loads((root / "tiny-power.json").read_text())
-    assert list(res["arms"]) == ["before", "rpt", "shuffled", "sft"] and list(res["levers"]) == ["rpt-hi-lr"]
+    assert list(res["arms"]) == ["before", "rpt", "rpt-seed1", "shuffled", "sft"] and list(res["levers"]) == ["rpt-hi-lr"]
     lever = res["levers"]["rpt-hi-lr"]
     assert lever["arm"] == "rpt" and lever["overrides"] == {"lr": 1e-3} and "all" in lever["vs_before"]
     assert yaml.safe_load((root / "rpt-hi-lr" / "train" / "config.yaml").read_text())["lr"] == 1e-3

@@ -1,0 +1,87 @@
+"""`--sampler learnability`: draw the contexts whose groups will carry a gradient.
+
+A group of G rollouts teaches nothing when all its rewards agree. If the policy answers a context correctly with
+probability p, that happens with probability p^G + (1 - p)^G, so of a pool of `--sampler-pool` x the contexts a
+step needs, the sampler keeps those with the largest 1 - p^G - (1 - p)^G. p is read from one batched forward of
+the pool's prompts (which must end where the answer starts: `--response-prefix '\\boxed{'`): the policy's
+probability that its first answer token is a non-empty prefix of the label. It is recomputed every step with the
+current weights, so the choice follows the policy as it learns. The other contexts of the pool are used up (the
+stream moves past them), as uniform drawing would have."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from rpt_common.errors import UserError
+from rpt_train import distributed
+from rpt_train.rollout import autocast_bf16
+
+SAMPLERS = ("uniform", "learnability")
+
+
+def check_sampler(cfg) -> None:
+    """The learnability score reads the first answer token right after the prompt: refuse prompts where the
+    policy would first write something else (a chat reply, a thinking block)."""
+    if cfg.sampler == "learnability" and not cfg.response_prefix.rstrip().endswith(
+            "\\boxed{" if cfg.answer_format == "boxed" else "<answer>"):
+        raise UserError("--sampler learnability scores the policy's first answer token, so the prompt must end where "
+                        "the answer starts: pass --response-prefix '\\boxed{' (or '<answer>' with --answer-format "
+                        f"answer_tag); got --response-prefix {cfg.response_prefix!r}")
+
+
+def informative(p: np.ndarray, group_size: int) -> np.ndarray:
+    """Probability that G rollouts, each correct with probability p, do not all agree."""
+    p = np.clip(np.asarray(p, dtype=np.float64), 0.0, 1.0)
+    return 1.0 - p ** group_size - (1.0 - p) ** group_size
+
+
+class LearnabilityScorer:
+    """P(first answer token is a non-empty prefix of the label | prompt) under the current policy."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, *, batch_size: int = 16, bf16: bool = False):
+        self.model, self.tokenizer, self.batch_size, self.bf16 = model, tokenizer, batch_size, bf16
+        pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        self.by_text: dict[str, list[int]] = {}
+        for i, piece in enumerate(pieces):
+            if piece and "\ufffd" not in piece:  # a lone piece of a multi-byte character spells nothing
+                self.by_text.setdefault(piece, []).append(i)
+
+    def label_ids(self, label: str) -> list[int]:
+        """Token ids whose text is a non-empty prefix of `label`."""
+        return [i for n in range(1, len(label) + 1) for i in self.by_text.get(label[:n], ())]
+
+    @torch.no_grad()
+    def probabilities(self, prompts: list[list[int]], labels: list[str]) -> np.ndarray:
+        device = next(self.model.parameters()).device
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        out = []
+        for i in range(0, len(prompts), self.batch_size):
+            chunk = prompts[i:i + self.batch_size]
+            width = max(len(p) for p in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros(len(chunk), width, dtype=torch.long)
+            for r, p in enumerate(chunk):  # left padding: the last position is every prompt's own last token
+                ids[r, width - len(p):] = torch.tensor(p)
+                mask[r, width - len(p):] = 1
+            positions = (mask.cumsum(1) - 1).clamp(min=0)
+            with autocast_bf16(device, self.bf16):
+                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                    position_ids=positions.to(device), logits_to_keep=1).logits[:, -1]
+            probs = torch.softmax(logits.float(), dim=-1).cpu()
+            for r, label in enumerate(labels[i:i + self.batch_size]):
+                hit = self.label_ids(label)
+                out.append(float(probs[r, hit].sum()) if hit else 0.0)
+        return np.array(out)
+
+
+def choose(samples: list, prompts: list[list[int]], scorer: LearnabilityScorer, k: int,
+           group_size: int) -> tuple[list[int], np.ndarray]:
+    """Indices (draw order) of the k samples most likely to give an informative group, and every sample's p.
+    Under torchrun every rank scores the same pool in lockstep and follows rank 0's choice."""
+    p = scorer.probabilities(prompts, ["".join(s.label_tokens) for s in samples])
+    score = informative(p, group_size)
+    order = np.argsort(-score, kind="stable")[:k]
+    chosen = sorted(int(i) for i in order)
+    if distributed.world_size() > 1:
+        chosen = distributed.all_gather_objects(chosen)[0]
+    return chosen, p
