@@ -213,11 +213,11 @@ def load_config(cls, recipe: str | None = None, overrides: dict | None = None):
     """cls() <- recipe (flat keys, then its `run:`/`train:` or `eval:` section) <- CLI overrides (not None)."""
     types_ = field_types(cls)
     others = set(field_types(TrainConfig)) | set(field_types(EvalConfig)) | set(field_types(ExportConfig))
-    others |= {"run", "train", "eval", "tag", "export"}
+    others |= {"run", "train", "eval", "tag", "export", "warm"}  # warm: the power pipeline's warm start
     section = ("eval",) if cls is EvalConfig else ("run", "train", "export") if cls is ExportConfig else ("run", "train")
     raw = _norm(read_yaml(recipe))
     values: dict = {}
-    layers = [{k: v for k, v in raw.items() if k not in ("run", "train", "eval", "tag", "export")}]
+    layers = [{k: v for k, v in raw.items() if k not in ("run", "train", "eval", "tag", "export", "warm")}]
     layers += [_norm(raw[s]) for s in section if isinstance(raw.get(s), dict)]
     for layer in layers:
         for key, value in layer.items():

@@ -165,6 +165,14 @@ def test_power_script_smoke_runs_every_arm_and_reports(power, tiny_llama, train_
     before = (root / "rpt" / "eval.json").stat().st_mtime_ns
     power.main(["rpt", "--recipe", str(recipe), "--smoke"])
     assert (root / "rpt" / "eval.json").stat().st_mtime_ns == before
+    # an arm not run yet: the report says it is interim and leaves the arm out
+    (root / "shuffled" / "eval.json").unlink()
+    power.main(["report", "--recipe", str(recipe), "--smoke"])
+    res = json.loads((root / "tiny-power.json").read_text())
+    assert "shuffled" not in res["arms"] and res["missing_arms"] == ["shuffled"] and "Interim" in res["verdict"]
+    assert "rpt - shuffled" not in res["comparisons"] and "shuffled-reward control is not run yet" in res["verdict"] \
+        or "No significant" in res["verdict"]
+    power.main(["shuffled", "--recipe", str(recipe), "--smoke"])
 
     # a lever: one arm rerun as a named variant with a training override, listed apart by the report
     power.main(["rpt", "--recipe", str(recipe), "--smoke", "--name", "rpt-hi-lr", "--set", "lr=1e-3"])
