@@ -280,9 +280,9 @@ def sft_train(cfg: TrainConfig, batches, label_tokens: int = 1) -> dict:
     return {"trained_tokens": tokens_seen, "label_tokens": label_tokens, "contexts": contexts}
 
 
-def same_contexts(run: Path):
-    """`batches` for sft_train: step by step, the contexts an RPT run rolled out (its contexts.jsonl)."""
-    steps = {r["step"]: r["contexts"] for r in read_jsonl(run / "contexts.jsonl")}
+def same_contexts(path: Path):
+    """`batches` for sft_train: step by step, the contexts an RPT run rolled out (its contexts.jsonl at `path`)."""
+    steps = {r["step"]: r["contexts"] for r in read_jsonl(path)}
 
     def batches(data, step: int) -> list:
         return [s for s in data.build.many(steps.get(step, [])) if s is not None]
@@ -331,7 +331,8 @@ def warm_start(tcfg: TrainConfig, root: Path, warm: dict, keep: Path | None) -> 
     return done
 
 
-def train_arm(arm: str, tcfg: TrainConfig, root: Path, name: str | None = None) -> tuple[str, dict]:
+def train_arm(arm: str, tcfg: TrainConfig, root: Path, name: str | None = None,
+              smoke: bool = True) -> tuple[str, dict]:
     """Train one arm into ROOT/NAME/train (NAME: the arm, or a variant's name), resuming a stopped run; returns the
     model to evaluate and compute stats."""
     from rpt_train.trainer import train
@@ -340,10 +341,12 @@ def train_arm(arm: str, tcfg: TrainConfig, root: Path, name: str | None = None) 
     cfg = TrainConfig(**{**to_dict(tcfg), "out": str(out), "seed": tcfg.seed + RPT_SEEDS.get(arm, 0),
                          "resume": True})
     if arm == "sft":
-        rpt = root / "rpt" / "train"
-        if len(read_jsonl(rpt / "contexts.jsonl")) < cfg.steps:
-            raise UserError(f"the sft arm trains on the contexts the rpt arm rolled out: '{rpt}' has no complete "
-                            "run with contexts.jsonl; run the rpt arm first")
+        rpt = root / "rpt" / "train" / "contexts.jsonl"
+        kept = committed(root, "rpt-contexts", smoke)
+        rpt = rpt if rpt.exists() or kept is None else kept.with_suffix(".jsonl")
+        if len(read_jsonl(rpt)) < cfg.steps:
+            raise UserError(f"the sft arm trains on the contexts the rpt arm rolled out: '{rpt}' is missing or "
+                            "incomplete; run the rpt arm first")
         stats = sft_train(cfg, same_contexts(rpt))
         return str(out / "model"), stats
     # shuffled: the RPT reward is switched off and a permuted copy of it is added (learn_check's control)
@@ -351,6 +354,9 @@ def train_arm(arm: str, tcfg: TrainConfig, root: Path, name: str | None = None) 
     if fns:
         cfg = TrainConfig(**{**to_dict(cfg), "reward_correct": 0.0})
     train(cfg, reward_fns=fns)
+    if (name or arm) == "rpt":  # what the sft arm trains on, kept in git beside the evals (not a variant's)
+        kept = committed(root, "rpt-contexts", smoke)
+        keep_copy(out / "contexts.jsonl", kept.with_suffix(".jsonl") if kept else None)
     metrics = read_jsonl(out / "metrics.jsonl")
     mean = lambda k: (sum(m[k] for m in metrics if m.get(k) is not None) /  # noqa: E731
                       max(1, sum(m.get(k) is not None for m in metrics)))
@@ -390,7 +396,7 @@ def run_arm(arm: str, args) -> Path:
         warm_start(tcfg, root, warm, committed(root, "warm", args.smoke))
     (root / name).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    model, stats = (tcfg.model, {}) if arm == "before" else train_arm(arm, tcfg, root, name)
+    model, stats = (tcfg.model, {}) if arm == "before" else train_arm(arm, tcfg, root, name, args.smoke)
     train_seconds = time.perf_counter() - t0
     result = run_eval(ecfg, model)
     record = {"arm": arm, "name": name, "overrides": args.overrides, "eval": result,
