@@ -217,6 +217,7 @@ def sft_train(cfg: TrainConfig, batches, label_tokens: int = 1) -> dict:
     schedule and gradient clipping as rpt-train. Writes OUT/metrics.jsonl and OUT/model."""
     from rpt_train.metrics import MetricsLogger
     from rpt_train.policy import load_policy
+    from rpt_train.precision import autocast
     from rpt_train.samples import TrainSamples
     from rpt_train.templates import PromptBuilder
     from rpt_train.trainer import disable_dropout, lr_factor, seed_everything
@@ -227,7 +228,7 @@ def sft_train(cfg: TrainConfig, batches, label_tokens: int = 1) -> dict:
     shutil.rmtree(out, ignore_errors=True)  # short: a rerun starts over
     out.mkdir(parents=True)
     seed_everything(cfg.seed)
-    policy = load_policy(cfg.model, cfg.device, cfg.dtype)
+    policy = load_policy(cfg.model, cfg.device, "float32")  # float32 masters; --dtype is the compute dtype only
     model, tok = policy.model, policy.tokenizer
     disable_dropout(model)
     device = next(model.parameters()).device
@@ -262,7 +263,8 @@ def sft_train(cfg: TrainConfig, batches, label_tokens: int = 1) -> dict:
                 ids[r, :len(p) + len(t)] = torch.tensor(p + t)
                 attn[r, :len(p) + len(t)] = 1
                 labels[r, len(p):len(p) + len(t)] = torch.tensor(t)
-            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits[:, :-1].float()
+            with autocast(cfg, device):
+                logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits[:, :-1].float()
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:].to(device),
                                                     ignore_index=-100, reduction="sum")
             (nll / n_target).backward()  # token mean over the whole step's targets

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from transformers import AutoModelForCausalLM
 from shard_fixtures import train_shards, tiny_tok  # noqa: F401
 
 from rpt_train.config import EvalConfig, TrainConfig
@@ -193,3 +194,17 @@ def test_power_variant_options_are_checked(power):
     from rpt_common.errors import UserError
     with pytest.raises(UserError, match="no-such-key"):
         power.parse_sets(["no-such-key=1"])
+
+
+def test_sft_keeps_float32_masters_under_a_bf16_compute_dtype(power, tiny_llama, train_shards, tmp_path):
+    """--dtype bfloat16 is a compute dtype: the SFT arm's weights and their update stay float32 (an AdamW step on
+    bf16 weights at a small lr rounds away), as in rpt-train."""
+    cfg = TrainConfig(shards=str(train_shards), model=str(tiny_llama), out=str(tmp_path / "sft"), bucket="all",
+                      steps=1, batch_prompts=3, micro_batch_size=3, template="answer-only", chat_template="off",
+                      response_prefix="\\boxed{", lr=1e-6, device="cpu", dtype="bfloat16")
+    power.sft_train(cfg, lambda data, step: data.next_batch(3))
+    before = load_policy(str(tiny_llama), device="cpu").model.state_dict()
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "sft" / "model").state_dict()
+    assert all(t.dtype == torch.float32 for t in after.values())
+    moved = sum(int((after[k] != before[k]).sum()) for k in before) / sum(t.numel() for t in before.values())
+    assert moved > 0.5
