@@ -131,3 +131,37 @@ def test_a_stream_without_a_safe_cut_is_refused(monkeypatch):
     monkeypatch.setattr(windows, "MAX_SPAN_BYTES", 64)
     with pytest.raises(UserError, match="cannot be tokenized in pieces.*split that text"):
         list(windows_from_pieces([("d", "a" * 400, True)], tokenizer("bytelevel"), 16, 4, span_bytes=16))
+
+
+class CallSizes:
+    """A tokenizer that records the bytes of text it is given per call."""
+
+    def __init__(self, tok):
+        self.tok, self.sizes = tok, []
+
+    def __call__(self, texts, **kw):
+        self.sizes.append(sum(len(t.encode()) for t in texts))
+        return self.tok(texts, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+@pytest.mark.parametrize("kind", ["bytelevel", "metaspace"])
+def test_tokenizer_calls_are_bounded_by_bytes_not_by_input_size(kind):
+    """Memory bound of the tagging path: the old batcher tokenized 256 pending pieces (records, or 1 MiB blocks of a
+    text file) in one call, so one call held up to 256 MiB of text. Each call now holds about `span_bytes`, for many
+    records and for one long stream in blocks alike, and the windows stay the whole text's tokenization."""
+    tok = tokenizer(kind)
+    sentence = "The quick brown fox jumps over the lazy dog. "
+    records = [(f"r{i}", sentence * 3, True) for i in range(300)]  # 300 records of 135 bytes
+    book = sentence * 400  # one 18 KB stream read in 1 KiB blocks
+    blocks = [("book", book[i : i + 1024], i == 0) for i in range(0, len(book), 1024)]
+    for pieces, text in ((records, None), (blocks, book)):
+        spy = CallSizes(tok)
+        wins = list(windows_from_pieces(pieces, spy, 64, 8, span_bytes=512))
+        assert max(spy.sizes) <= 2 * 512, spy.sizes
+        if text is not None:
+            assert stream_tokens(wins)[0] == reference(tok, text)[0]
+        else:
+            assert len({w.doc_id for w in wins}) == 300
