@@ -157,7 +157,7 @@ def validate(out):
 @click.option("--template", callback=unescape, help="Python format string over record fields (as for tag).")
 @click.option("--separator", callback=unescape, help="Text between records of one file (as for tag). [\\n\\n]")
 @click.option("--window", type=int, help="Production window in tokens, prefix included. [1024]")
-@click.option("--prefixes", help="Comma-separated context prefixes to compare. [0,16,32,64,128,256]")
+@click.option("--prefixes", help="Comma-separated context prefixes to compare. [those of 0,16,32,64,128,256 below --window]")
 @click.option("--reference-context", type=int, help="Real tokens of context before every reference position. [1024]")
 @click.option("--tokens-per-stream", type=int, help="Sample: the first N tokens of every input file. [16384]")
 @click.option("--tolerance", type=float,

@@ -18,6 +18,7 @@ from rpt_common.errors import UserError
 from rpt_data.config import TagConfig
 from rpt_data.readers import READERS, BadRecord, RecordParser, expand_inputs
 
+DEFAULT_PREFIXES = (0, 16, 32, 64, 128, 256)  # compared when --prefixes is not given (those below --window)
 FIRST = 16  # positions counted as "the start of a window" (`*_first16`)
 _TAG = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory
         for f in dataclasses.fields(TagConfig)}  # the tag job's defaults: one source of defaults
@@ -32,7 +33,7 @@ class StudyConfig:
     separator: str = _TAG["separator"]
     model: str = _TAG["model"]
     window: int = _TAG["window"]  # the production window (tokens, prefix included)
-    prefixes: list[int] = field(default_factory=lambda: [0, 16, 32, 64, 128, 256])
+    prefixes: list[int] | None = None  # None: those of DEFAULT_PREFIXES smaller than the window
     reference_context: int = 1024  # real tokens before every position the reference scores
     tokens_per_stream: int = 16384  # sample: the first N tokens of every stream (file)
     tolerance: float = 0.02  # allowed tag disagreement of the first 16 positions (share of positions)
@@ -49,6 +50,8 @@ class StudyConfig:
 
     def __post_init__(self):
         self.inputs = [self.inputs] if isinstance(self.inputs, str) else list(self.inputs)
+        if self.prefixes is None:
+            self.prefixes = [p for p in DEFAULT_PREFIXES if p < self.window]
         if isinstance(self.prefixes, str):
             self.prefixes = [int(x) for x in self.prefixes.split(",") if x.strip()]
         self.prefixes = sorted({int(p) for p in self.prefixes})

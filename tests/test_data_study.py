@@ -67,3 +67,9 @@ def test_recommendation_rule():
 def test_prefixes_must_fit_the_window():
     with pytest.raises(UserError, match="--prefixes"):
         StudyConfig(inputs=["x.txt"], out="o", window=32, prefixes="0,32")
+
+
+def test_default_prefixes_follow_the_window():
+    """`prefix-study --window 256` was refused by its own default prefixes (256 is not below the window)."""
+    assert StudyConfig(inputs=["x.txt"], out="o", window=256).prefixes == [0, 16, 32, 64, 128]
+    assert StudyConfig(inputs=["x.txt"], out="o").prefixes == [0, 16, 32, 64, 128, 256]
