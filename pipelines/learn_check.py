@@ -167,6 +167,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--eval-limit", type=int, default=300)
     ap.add_argument("--seeds", default=None, help="comma-separated seeds: one run each, in OUT/seed-N")
     ap.add_argument("--table", action="store_true", help="with --seeds: print the README's markdown rows")
+    ap.add_argument("--json", default=None, help="with --seeds: also write the rows to this JSON file")
     args = ap.parse_args(argv)
     if args.seeds is not None:
         return seed_table(args, argv or sys.argv[1:])
@@ -235,7 +236,7 @@ def seed_table(args, argv: list[str]) -> dict:
     """One run per seed of --seeds (each its own process state, in OUT/seed-N), then the README rows."""
     import subprocess
 
-    drop = {"--seeds", "--table", "--seed", "--out"}
+    drop = {"--seeds", "--table", "--seed", "--out", "--json"}
     rest = [a for i, a in enumerate(argv) if a not in drop and (i == 0 or argv[i - 1] not in drop)]
     rows = {}
     for seed in [int(x) for x in args.seeds.split(",")]:
@@ -246,11 +247,15 @@ def seed_table(args, argv: list[str]) -> dict:
         rows[seed] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(json.dumps(rows[seed]), flush=True)
     if args.table:
-        print("| seed | before | after RPT | control (shuffled rewards) | model's own greedy NTP before |")
-        print("|---|---|---|---|---|")
+        print("| seed | before | after RPT | control (shuffled rewards) | model's own greedy NTP before "
+              "| greedy NTP after RPT |")
+        print("|---|---|---|---|---|---|")
         for seed, r in rows.items():
             print(f"| {seed} | {r['before']:.3f} | {r['after']:.3f} | {r['control_after']:.3f} "
-                  f"| {r['before_ntp_accuracy']:.3f} |")
+                  f"| {r['before_ntp_accuracy']:.3f} | {r['after_ntp_accuracy']:.3f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"command": "pipelines/learn_check.py " + " ".join(argv),
+                                               "seeds": rows}, indent=1) + "\n")
     return rows
 
 
