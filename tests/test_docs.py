@@ -282,3 +282,43 @@ def test_tag_and_prefix_study_share_the_proxy_options():
 if __name__ == "__main__":
     CLI_MD.write_text(render_cli())
     print(f"wrote {CLI_MD.relative_to(ROOT)}", file=sys.stderr)
+
+
+PLAN_BASE = ["plan", "--max-new-tokens", "8192", "--batch-prompts", "256", "--group-size", "8", "--micro-batch-size",
+             "1", "--logprob-chunk-tokens", "1024", "--device-memory", "80", "--json"]
+PLAN_ROWS = {  # docs/scale.md "What fits on one 80 GB GPU": row (policy, options) -> the plan's options
+    ("Qwen2-1.5B-like (1.54B, V = 151,936)", "`--rollout-batch-size 64`"):
+        ["--model", "bench/configs/qwen2-1.5b", "--rollout-batch-size", "64"],
+    ("Qwen2-1.5B-like", "`--rollout-batch-size 64`, `--gradient-checkpointing`"):
+        ["--model", "bench/configs/qwen2-1.5b", "--rollout-batch-size", "64", "--gradient-checkpointing"],
+    ("Qwen2-1.5B-like", "all 2048 rollouts in one generate call (default `--rollout-batch-size 0`)"):
+        ["--model", "bench/configs/qwen2-1.5b"],
+    ("14B-like (14.8B)", "`--gradient-checkpointing`, `--rollout-batch-size 8`, 1 GPU"):
+        ["--model", "bench/configs/qwen2.5-14b", "--gradient-checkpointing", "--rollout-batch-size", "8"],
+    ("14B-like", "`--gradient-checkpointing`, `--rollout-batch-size 16`, FSDP over 4 GPUs"):
+        ["--model", "bench/configs/qwen2.5-14b", "--gradient-checkpointing", "--rollout-batch-size", "16",
+         "--world-size", "4"],
+    ("14B-like", "`--gradient-checkpointing`, `--rollout-batch-size 16`, FSDP over 8 GPUs"):
+        ["--model", "bench/configs/qwen2.5-14b", "--gradient-checkpointing", "--rollout-batch-size", "16",
+         "--world-size", "8"],
+    ("14B-like", "`--gradient-checkpointing`, `--rollout-batch-size 32`, FSDP over 8 GPUs"):
+        ["--model", "bench/configs/qwen2.5-14b", "--gradient-checkpointing", "--rollout-batch-size", "32",
+         "--world-size", "8"],
+}
+
+
+def test_the_memory_table_in_scale_md_is_the_plans():
+    """Every row of docs/scale.md's "what fits" table is what `rpt-train plan` says today (peak and verdict), so the
+    table follows the precision policy and the plan's model instead of drifting from them."""
+    import json
+
+    import rpt_train.cli
+
+    text = (ROOT / "docs" / "scale.md").read_text()
+    rows = re.findall(r"^\| (.+?) \| (.+?) \| ([\d.]+) GiB \| (yes|no)[^|]*\|$", text, re.M)
+    assert {(p, o) for p, o, _, _ in rows} == set(PLAN_ROWS)
+    for policy, options, peak, fits in rows:
+        result = CliRunner().invoke(rpt_train.cli.main, PLAN_BASE + PLAN_ROWS[(policy, options)])
+        plan = json.loads(result.output.strip().splitlines()[-1])
+        assert f"{plan['total_bytes'] / 2**30:.1f}" == peak, (policy, options)
+        assert plan["fits"] == (fits == "yes"), (policy, options)
