@@ -199,6 +199,12 @@ def run_study(cfg: StudyConfig) -> dict:
     n = cfg.tokens_per_stream
     # reference: scores `window` positions per window after `reference_context` tokens of context
     ref_layout = (cfg.reference_context + cfg.window, cfg.reference_context)
+    limit = getattr(lm.model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and ref_layout[0] + proxy.offset > limit:
+        raise UserError(f"the reference layout (--reference-context {cfg.reference_context} + --window {cfg.window} "
+                        f"tokens{' plus the BOS' if proxy.offset else ''}) is longer than the proxy's context of "
+                        f"{limit} tokens (max_position_embeddings), so the reference would be scored past what it "
+                        "was trained on; use a smaller --reference-context or --window")
     per_stream, merged = [], {}
     for doc, stream in streams:
         ref = score_layout(proxy, lm.tokenizer, stream, *ref_layout, n, cfg.batch_tokens)

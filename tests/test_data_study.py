@@ -73,3 +73,14 @@ def test_default_prefixes_follow_the_window():
     """`prefix-study --window 256` was refused by its own default prefixes (256 is not below the window)."""
     assert StudyConfig(inputs=["x.txt"], out="o", window=256).prefixes == [0, 16, 32, 64, 128]
     assert StudyConfig(inputs=["x.txt"], out="o").prefixes == [0, 16, 32, 64, 128, 256]
+
+
+def test_a_reference_longer_than_the_proxys_context_is_refused(tmp_path, tiny_sliding):
+    """The reference scores --reference-context + --window tokens per window: past max_position_embeddings (512
+    here) a RoPE proxy would score the reference on positions it never saw."""
+    (tmp_path / "a.txt").write_text(" ".join(SENTENCES * 12))
+    result = CliRunner().invoke(main, [
+        "prefix-study", "--input", str(tmp_path / "a.txt"), "--model", str(tiny_sliding), "--window", "32",
+        "--reference-context", "500", "--tokens-per-stream", "64", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "--reference-context 500 + --window 32" in result.output and "512 tokens" in result.output
