@@ -16,7 +16,7 @@ from pathlib import Path
 
 from rpt_common.bos import NO_BOS
 from rpt_common.errors import UserError
-from rpt_common.recipe import changed_options
+from rpt_common.recipe import changed_options, differ
 from rpt_common.shards import MANIFEST, RANK_RECORD_GLOB, REJECTS, SCHEMA_VERSION, rank_record_name, rank_rejects_name
 from rpt_data.config import RUNTIME_ONLY
 from rpt_data.writer import write_json_atomic, write_lines_atomic
@@ -131,7 +131,7 @@ def _check_same_run(rec: dict, ref: dict, r: int) -> None:
     if rec.get("division", {}).get("by") != ref.get("division", {}).get("by"):
         diff.append("division")
     if diff:
-        raise UserError(f"rank {r} was tagged with other options than rank 0 ({', '.join(diff)} differ); "
+        raise UserError(f"rank {r} was tagged with other options than rank 0 ({differ(diff)}); "
                         f"rerun rank {r} with rank 0's options and --overwrite, then merge again")
     if not same_inputs(rec.get("inputs"), ref.get("inputs")):
         raise UserError(f"rank {r} saw other input files than rank 0 (they changed between the two runs); "

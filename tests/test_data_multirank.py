@@ -187,7 +187,14 @@ def test_merge_refuses_a_missing_or_incomplete_rank_a_missing_shard_and_other_op
 
     run_tag(TagConfig(rank=1, **dict(base, select_above=0.9, overwrite=True)))
     assert not (out / "manifest.json").exists()  # a rank that starts over withdraws the merged manifest
-    with pytest.raises(UserError, match=r"rank 1 was tagged with other options than rank 0 \(select_above differ\)"):
+    with pytest.raises(UserError, match=r"rank 1 was tagged with other options than rank 0 \(select_above differs\)"):
+        merge_out(str(out))
+    run_tag(TagConfig(rank=1, **dict(base, overwrite=True)))
+    merge_out(str(out))
+
+    record.write_text(json.dumps(dict(json.loads(record.read_text()),
+                                      precision={"device": "cuda", "dtype": "bfloat16", "tf32": True})))
+    with pytest.raises(UserError, match="rank 1 ran the proxy in another precision than rank 0"):
         merge_out(str(out))
 
     run_tag(TagConfig(inputs=inputs, out=str(tmp_path / "one"), **opts(tiny_llama, **kw)))
