@@ -378,9 +378,23 @@ def committed(root: Path, name: str, smoke: bool) -> Path | None:
 
 
 def keep_copy(path: Path, keep: Path | None) -> None:
-    if keep is not None:
+    if keep is not None and path.exists():
         keep.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, keep)
+
+
+def committed_metrics(root: Path, name: str, smoke: bool) -> Path | None:
+    """Where an arm's per-step training metrics are kept in git, beside its result (NAME.metrics.jsonl)."""
+    keep = committed(root, name, smoke)
+    return None if keep is None else keep.with_suffix(".metrics.jsonl")
+
+
+def arm_metrics(root: Path, name: str, smoke: bool) -> list[dict]:
+    """An arm's training metrics: this machine's run directory, else the copy kept in git, else none."""
+    for p in (root / name / "train" / "metrics.jsonl", committed_metrics(root, name, smoke)):
+        if p is not None and p.exists():
+            return read_jsonl(p)
+    return []
 
 
 def run_arm(arm: str, args) -> Path:
@@ -408,6 +422,7 @@ def run_arm(arm: str, args) -> Path:
     if arm in RPT_SEEDS:
         record["train_config"]["seed"] = tcfg.seed + RPT_SEEDS[arm]
     write_json(record, path)
+    keep_copy(root / name / "train" / "metrics.jsonl", committed_metrics(root, name, args.smoke))
     keep_copy(path, committed(root, name, args.smoke))
     print(f"{name}: " + ", ".join(f"{b} {result[b]['ntr_accuracy']:.3f}" for b in EVAL_BUCKETS) + f" -> {path}")
     return path
@@ -652,6 +667,9 @@ def write_md(res: dict, runs: dict[str, list[dict]], evals: dict, path: Path, pn
                          + (f"{d['diff']:+.3f} (p {d['p_value']:.3f})" if d else "-") + " | "
                          + (f"{dn['diff']:+.3f} (p {dn['p_value']:.3f})" if dn else "-") + " |")
     lines += ["", f"![reward, answer rate, zero-variance groups, loss]({png.name})", ""]
+    if not any(runs.values()):
+        lines += ["The arms' per-step training metrics are not on the machine that wrote this report (`out/` does not "
+                  "survive a new machine): the plot is the one an earlier report drew from them.", ""]
     for arm, metrics in runs.items():
         if metrics and "reward" in metrics[0]:
             n = max(1, len(metrics) // 10)
@@ -727,8 +745,11 @@ def report(args) -> Path:
         res["notes"] = old["notes"]  # the hand-written lever log survives a re-report
     res.update({"arms": {a: res["arms"][a] for a in ARMS if a in res["arms"]}})
     json_path.write_text(json.dumps(res, indent=1))
-    runs = {a: read_jsonl(root / a / "train" / "metrics.jsonl") for a in (*ARMS[1:], *levers) if a in evals or a in levers}
-    curves_png(runs, png_path)
+    runs = {a: arm_metrics(root, a, args.smoke) for a in (*ARMS[1:], *levers) if a in evals or a in levers}
+    if any(runs.values()) or not png_path.exists():
+        curves_png(runs, png_path)
+    else:  # out/ did not survive a new machine and no metrics were kept: the plot drawn from them stays
+        print(f"no arm's training metrics are on this machine; kept the curves in {png_path}")
     write_md(res, runs, evals, md_path, png_path)
     print(res["verdict"])
     print(f"wrote {json_path}, {md_path}, {png_path}")

@@ -184,6 +184,28 @@ def test_power_script_smoke_runs_every_arm_and_reports(power, tiny_llama, train_
     assert lever["arm"] == "rpt" and lever["overrides"] == {"lr": 1e-3} and "all" in lever["vs_before"]
     assert yaml.safe_load((root / "rpt-hi-lr" / "train" / "config.yaml").read_text())["lr"] == 1e-3
     assert "| rpt-hi-lr | rpt |" in (root / "tiny-power.md").read_text()
+    # a new machine: no arm's training metrics left; the report keeps the plot drawn from them and says so
+    png = (root / "tiny-power.png").read_bytes()
+    for p in root.glob("*/train/metrics.jsonl"):
+        p.unlink()
+    power.main(["report", "--recipe", str(recipe), "--smoke"])
+    assert (root / "tiny-power.png").read_bytes() == png
+    assert "the plot is the one an earlier report drew" in (root / "tiny-power.md").read_text()
+
+
+def test_arm_metrics_fall_back_to_the_copy_kept_in_git(power, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "out" / "smollm2-champ-power"
+    kept = power.committed_metrics(root, "rpt-seed1", smoke=False)
+    assert kept == Path("results/smollm2-champ-power.arms/rpt-seed1.metrics.jsonl")
+    assert power.arm_metrics(root, "rpt-seed1", smoke=False) == []
+    kept.parent.mkdir(parents=True)
+    kept.write_text('{"step": 1, "reward": 0.5}\n')
+    assert power.arm_metrics(root, "rpt-seed1", smoke=False) == [{"step": 1, "reward": 0.5}]
+    (root / "rpt-seed1" / "train").mkdir(parents=True)
+    (root / "rpt-seed1" / "train" / "metrics.jsonl").write_text('{"step": 1, "reward": 0.25}\n')
+    assert power.arm_metrics(root, "rpt-seed1", smoke=False)[0]["reward"] == 0.25  # this machine's run first
+    assert power.committed_metrics(root, "rpt", smoke=True) is None
 
 
 def test_power_variant_options_are_checked(power):
