@@ -74,11 +74,27 @@ class LearnabilityScorer:
         return np.array(out)
 
 
+def pool_probabilities(scorer: LearnabilityScorer, prompts: list[list[int]], labels: list[str]) -> np.ndarray:
+    """p for the whole pool. Under torchrun each rank scores its stripe (contexts r, r+W, ...), padded with a
+    repeat so every rank runs as many forwards as the others (FSDP gathers each layer's weights in lockstep),
+    and the stripes are gathered: the pool costs each rank 1/W of its forwards."""
+    world, rank = distributed.world_size(), distributed.rank()
+    if world == 1 or not prompts:
+        return scorer.probabilities(prompts, labels)
+    mine = list(range(rank, len(prompts), world))
+    rows = mine + [mine[0] if mine else 0] * (-(-len(prompts) // world) - len(mine))
+    p_mine = scorer.probabilities([prompts[i] for i in rows], [labels[i] for i in rows])[:len(mine)]
+    p = np.zeros(len(prompts))
+    for r, values in enumerate(distributed.all_gather_objects(p_mine.tolist())):
+        p[r::world] = values
+    return p
+
+
 def choose(samples: list, prompts: list[list[int]], scorer: LearnabilityScorer, k: int,
            group_size: int) -> tuple[list[int], np.ndarray]:
     """Indices (draw order) of the k samples most likely to give an informative group, and every sample's p.
-    Under torchrun every rank scores the same pool in lockstep and follows rank 0's choice."""
-    p = scorer.probabilities(prompts, ["".join(s.label_tokens) for s in samples])
+    Under torchrun the ranks score stripes of the pool, share the p, and follow rank 0's choice."""
+    p = pool_probabilities(scorer, prompts, ["".join(s.label_tokens) for s in samples])
     score = informative(p, group_size)
     order = np.argsort(-score, kind="stable")[:k]
     chosen = sorted(int(i) for i in order)

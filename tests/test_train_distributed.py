@@ -74,6 +74,7 @@ def scripted(tiny_llama, train_shards, tmp_path_factory):
 # every family whose forward changes the head's output (issue 21): tied, untied, soft-capped, scaled
 FAMILIES = {"llama": {}, "qwen2": {"tie": False}, "gemma2": {}, "granite": {}, "cohere": {}}
 FAMILY_RUN = dict(steps=1, beta=0.05, ppo_epochs=2, mini_batch_size=6, grad_clip=0.5, max_sampling_rounds=2)
+LEARNABILITY = dict(sampler="learnability", sampler_pool=3, response_prefix="\\boxed{")
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +87,7 @@ def families(train_shards, tmp_path_factory):
     base = BASE | {"shards": str(train_shards)}
     runs = [[f"family-{arch}", FAMILY_RUN | {"model": path}] for arch, path in models.items()]
     runs.append(["family-llama-unshared", FAMILY_RUN | {"model": models["llama"], "share_prefix": False}])
+    runs.append(["family-llama-learnability", FAMILY_RUN | {"model": models["llama"], **LEARNABILITY}])
     return run_driver(root, base, scripted=runs) + (models,)
 
 
@@ -151,6 +153,27 @@ def test_every_family_under_fsdp2_equals_one_process(families, tmp_path, run):
     start = load_file(Path(models[arch]) / "model.safetensors")
     wa, wb = weights(one, 1), weights(root / f"family-{run}", 1)
     assert max(float((wa[k] - start[k]).abs().max()) for k in wa) > 1e-2
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-4, msg=k)
+
+
+def test_the_learnability_sampler_under_fsdp2_equals_one_process(families, tmp_path):
+    """Both ranks score the same pool through the sharded policy and roll out the contexts one process would."""
+    from dist_driver import PromptEngine
+
+    from rpt_common.models import load_tokenizer
+
+    root, base, models = families
+    cfg = TrainConfig(**base | FAMILY_RUN | LEARNABILITY | {"model": models["llama"], "out": str(tmp_path / "one")})
+    one = train(cfg, reward_fns=[length_reward], engine=PromptEngine(load_tokenizer(cfg.model)), quiet=True)
+    (a,), (b,) = metrics(one), metrics(root / "family-llama-learnability")
+    assert b["contexts_scored"] == 3 * b["contexts_drawn"] > 0 and a["updates"] == b["updates"] > 0
+    for k in a:
+        same = a[k] == b[k] if not isinstance(a[k], float) else a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6)
+        assert same, (k, a[k], b[k])
+    rolled = [(one / "contexts.jsonl").read_text(), (root / "family-llama-learnability" / "contexts.jsonl").read_text()]
+    assert rolled[0] == rolled[1] and rolled[0].strip()
+    wa, wb = weights(one, 1), weights(root / "family-llama-learnability", 1)
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-4, msg=k)
 

@@ -107,3 +107,33 @@ def test_exclude_docs_are_never_drawn(train_shards, tiny_tok, tmp_path):
     assert 0 < len(rest) < len(everything) and drawn == set(docs[2:])
     with pytest.raises(UserError, match="--exclude-docs"):
         TrainSamples(TrainConfig(shards=str(train_shards), exclude_docs=str(tmp_path / "missing.txt")), tiny_tok)
+
+
+def test_each_rank_scores_its_stripe_of_the_pool(monkeypatch):
+    """Under torchrun the pool's forwards are divided: rank r scores contexts r, r+W, ... (padded to as many rows
+    as every other rank, so the sharded forwards stay in lockstep) and the ranks' p are gathered in pool order."""
+    from rpt_train import distributed, sampler
+
+    world, pool = 3, 7
+    true_p = np.linspace(0.05, 0.95, pool)
+
+    class Scorer:
+        def __init__(self):
+            self.rows = []
+
+        def probabilities(self, prompts, labels):
+            self.rows.append([q[0] for q in prompts])
+            return np.array([true_p[q[0]] for q in prompts])
+
+    scorers = {r: Scorer() for r in range(world)}
+    stripes = {}
+    for rank in range(world):  # each rank's call, with the others' stripes answered as they would be
+        monkeypatch.setattr(distributed, "world_size", lambda: world)
+        monkeypatch.setattr(distributed, "rank", lambda r=rank: r)
+        monkeypatch.setattr(distributed, "all_gather_objects",
+                            lambda obj, r=rank: [obj if q == r else true_p[q::world].tolist() for q in range(world)])
+        stripes[rank] = sampler.pool_probabilities(scorers[rank], [[i] for i in range(pool)], ["x"] * pool)
+    for rank in range(world):
+        np.testing.assert_allclose(stripes[rank], true_p)
+        assert len(scorers[rank].rows) == 1 and len(scorers[rank].rows[0]) == 3  # ceil(7 / 3) rows, not 7
+        assert scorers[rank].rows[0][:len(range(rank, pool, world))] == list(range(rank, pool, world))
