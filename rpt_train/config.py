@@ -36,6 +36,9 @@ class CommonConfig:
     heldout_fraction: float | None = opt(None, "fraction of documents (seeded hash of doc_id) held out of training "
                                          f"for eval: {INHERITED_SPLIT} 0")
     split_seed: int | None = opt(None, f"seed of the held-out document split: {INHERITED_SPLIT} 0")
+    split_block_windows: int | None = opt(None, "held-out unit of continuous shards (one stream per file): blocks of "
+                                          "N consecutive windows of a stream, 0 = whole documents; default: "
+                                          f"{INHERITED_SPLIT} 16 for continuous shards, 0 for structured ones")
     labels_length: int = opt(8, "ground-truth tokens (policy tokenizer) whose boundaries count for prefix match")
     max_context_tokens: int = opt(0, "keep only the last N policy tokens of the context (0 = whole row)")
     template: str = opt("v0", "prompt template: v0, think-brief, answer-only, or a file containing {context}")
@@ -237,7 +240,7 @@ def inherit_split(cfg) -> None:
     """Fill an unset (None) --heldout-fraction / --split-seed in place (every config does on construction): from the
     run's provenance when --model is a `rpt-train run` directory or one of its checkpoints, so eval and export (and
     a run that starts from another's checkpoint) keep its held-out documents apart; else 0. Explicit values win."""
-    if cfg.heldout_fraction is not None and cfg.split_seed is not None:
+    if cfg.heldout_fraction is not None and cfg.split_seed is not None and cfg.split_block_windows is not None:
         return
     from rpt_train.rundir import read_provenance
 
@@ -246,6 +249,8 @@ def inherit_split(cfg) -> None:
         cfg.heldout_fraction = float(saved.get("heldout_fraction", 0.0))
     if cfg.split_seed is None:
         cfg.split_seed = int(saved.get("split_seed", 0))
+    if cfg.split_block_windows is None and saved:  # a run recorded before blocks existed split by document
+        cfg.split_block_windows = int(saved.get("split_block_windows", 0))
 
 
 def validate(cfg: CommonConfig) -> None:
@@ -258,6 +263,7 @@ def validate(cfg: CommonConfig) -> None:
     need(cfg.entropy_metric in (None, "topk_entropy", "entropy"), "--entropy-metric must be topk_entropy or entropy")
     need(cfg.bucket_thresholds is None or len(cfg.bucket_thresholds) == 3, "--bucket-thresholds needs three values (easy,medium,hard), e.g. 0.5,1.0,1.5")
     need(cfg.heldout_fraction is None or 0.0 <= cfg.heldout_fraction < 1.0, "--heldout-fraction must be in [0, 1)")
+    need(cfg.split_block_windows is None or cfg.split_block_windows >= 0, "--split-block-windows must be >= 0")
     need(cfg.labels_length >= 1, "--labels-length must be at least 1")
     need(cfg.max_new_tokens >= 1, "--max-new-tokens must be at least 1")
     need(cfg.temperature > 0, "--temperature must be positive (greedy decoding is not sampling)")

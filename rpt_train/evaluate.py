@@ -48,7 +48,8 @@ def select_positions(shards: ShardSet, tokenizer, cfg) -> dict[str, list[Sample]
     """Up to `cfg.limit` usable positions per bucket (easy/medium/hard nested above the thresholds, plus all),
     each bucket the first qualifying positions of one seeded permutation, so buckets share positions."""
     resolve_shard_defaults(cfg, shards)
-    cands = shards.candidates(cfg.entropy_metric, cfg.heldout_fraction, cfg.split_seed, cuts=cuts_of(cfg))
+    cands = shards.candidates(cfg.entropy_metric, cfg.heldout_fraction, cfg.split_seed, cuts=cuts_of(cfg),
+                              block_windows=cfg.split_block_windows)
     split = eval_split(cfg)
     if split == "all" and cfg.split == "auto" and read_provenance(cfg.model) is not None:
         distributed.warn(f"'{cfg.model}' is a training run that held out no documents: its eval scores documents it "
@@ -193,7 +194,8 @@ def evaluate(model, tokenizer, engine, cfg, shards: ShardSet | None = None,
     model.train(was_training)
     result = {b: bucket_metrics([scored[s.key] for s in chosen[b]]) for b in EVAL_BUCKETS}
     result["meta"] = {"k": cfg.samples, "split": eval_split(cfg), "heldout_fraction": cfg.heldout_fraction,
-                      "split_seed": cfg.split_seed, "positions": len(unique),
+                      "split_seed": cfg.split_seed, "split_block_windows": cfg.split_block_windows,
+                      "positions": len(unique),
                       "thresholds": dict(zip(BUCKET_NAMES, cfg.bucket_thresholds)), "metric": cfg.entropy_metric}
     if details:
         result["positions"] = [position_record(scored[k]) for k in unique]

@@ -36,7 +36,8 @@ def latest_checkpoint(out: str | os.PathLike) -> Path | None:
 
 def provenance(cfg, horizon: int) -> dict:
     """What a run directory records about how its run was set up: the split and the schedule's horizon."""
-    return {"heldout_fraction": cfg.heldout_fraction, "split_seed": cfg.split_seed, "shards": cfg.shards,
+    return {"heldout_fraction": cfg.heldout_fraction, "split_seed": cfg.split_seed,
+            "split_block_windows": cfg.split_block_windows, "shards": cfg.shards,
             "schedule": {"lr_schedule": cfg.lr_schedule, "warmup_steps": cfg.warmup_steps, "horizon": horizon}}
 
 

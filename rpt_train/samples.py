@@ -18,7 +18,9 @@ from rpt_train.candidates import Candidates, candidates_of
 from rpt_train.reward import extract_answer
 
 BUCKET_NAMES = ("easy", "medium", "hard")
-_INDEX_COLUMNS = ["doc_id", "score_start", "token_bytes", "selected"]
+_INDEX_COLUMNS = ["doc_id", "window_index", "score_start", "token_bytes", "selected"]
+SPLIT_BLOCK_WINDOWS = 16  # default held-out unit of a continuous stream: 16 consecutive windows
+MIN_HELDOUT_SHARE = 0.1  # a split holding out under this share of --heldout-fraction is refused
 _ROW_COLUMNS = ["doc_id", "window_index", "token_start", "text", "token_bytes"]
 
 
@@ -41,6 +43,12 @@ def is_heldout(doc_id: str, fraction: float, seed: int) -> bool:
         return False
     h = int.from_bytes(hashlib.blake2b(f"{seed}\x00{doc_id}".encode(), digest_size=8).digest(), "little")
     return h / 2**64 < fraction
+
+
+def split_unit(doc_id: str, window_index: int, block_windows: int) -> str:
+    """What the held-out split draws: the document, or (block_windows > 0) its block of that many consecutive
+    windows, so a continuous stream (one document per file) is split inside it rather than whole."""
+    return doc_id if block_windows <= 0 else f"{doc_id}#{window_index // block_windows}"
 
 
 def read_doc_ids(path: str) -> frozenset[str]:
@@ -129,16 +137,26 @@ class ShardSet:
             raise UserError(f"shard '{self.paths[i]}' is corrupt (row group {rg}: {str(e).splitlines()[0]}); "
                             "rerun `rpt-data tag`")
 
+    @property
+    def continuous(self) -> bool:
+        return (self.manifest.get("config") or {}).get("mode") == "continuous"
+
     def candidates(self, metric: str, heldout_fraction: float = 0.0, split_seed: int = 0, *,
-                   cuts=(), exclude: frozenset[str] = frozenset()) -> Candidates:
+                   cuts=(), exclude: frozenset[str] = frozenset(), block_windows: int = 0) -> Candidates:
         """Every scored position t >= max(score_start, 1) with a finite `metric` and a proxy token of non-zero byte
-        width, in shard/row/t order, none of the documents in `exclude`; `cuts`: entropy thresholds whose comparisons stay exact in the float16 table."""
+        width, in shard/row/t order, none of the documents in `exclude`; `cuts`: entropy thresholds whose comparisons
+        stay exact in the float16 table. The held-out split draws split_unit(doc_id, window_index, block_windows);
+        `heldout_units` / `heldout_docs` are then the units and documents with a held-out window."""
         parts, self.zero_width = [], 0
+        self.heldout_units, self.heldout_docs = set(), set()
         for i, f in enumerate(self.files):
             for rg in range(f.metadata.num_row_groups):
                 table = self._read(i, rg, _INDEX_COLUMNS + [metric])
                 docs = table.column("doc_id").to_pylist()
-                held = np.array([is_heldout(d, heldout_fraction, split_seed) for d in docs], dtype=bool)
+                units = [split_unit(d, w, block_windows) for d, w in zip(docs, table.column("window_index").to_pylist())]
+                held = np.array([is_heldout(u, heldout_fraction, split_seed) for u in units], dtype=bool)
+                self.heldout_units.update(u for u, h in zip(units, held) if h)
+                self.heldout_docs.update(d for d, h in zip(docs, held) if h)
                 dropped = np.array([d in exclude for d in docs], dtype=bool) if exclude else None
                 part, zero = candidates_of(table, metric, i, int(self._group_starts[i][rg]), held, cuts, dropped)
                 parts.append(part)
@@ -186,6 +204,8 @@ def resolve_shard_defaults(cfg, shards: ShardSet) -> None:
     """Fill the config's unset (None) `entropy_metric` and `bucket_thresholds` in place from the shards' manifest,
     so shards tagged with --metric full or other --buckets are read as tagged; explicit values win."""
     metric, buckets = shards.defaults()
+    if getattr(cfg, "split_block_windows", 0) is None:
+        cfg.split_block_windows = SPLIT_BLOCK_WINDOWS if shards.continuous else 0
     if cfg.entropy_metric is None:
         cfg.entropy_metric = metric
     if cfg.bucket_thresholds is None:
@@ -415,7 +435,8 @@ class TrainSamples:
         self.shards = shards or ShardSet(cfg.shards)
         resolve_shard_defaults(cfg, self.shards)
         cands = self.shards.candidates(cfg.entropy_metric, cfg.heldout_fraction, cfg.split_seed, cuts=cuts_of(cfg),
-                                       exclude=read_doc_ids(cfg.exclude_docs))
+                                       exclude=read_doc_ids(cfg.exclude_docs), block_windows=cfg.split_block_windows)
+        self.split = heldout_summary(cfg, self.shards, cands)
         mask = select_mask(cands, bucket=cfg.bucket, min_entropy=cfg.min_entropy, thresholds=cfg.bucket_thresholds)
         self.heldout_cands = cands.take(mask & cands.heldout) if keep_heldout else None
         mask &= ~cands.heldout
@@ -433,6 +454,28 @@ class TrainSamples:
         return SampleBuilder(self.shards, cands, self.tokenizer, labels_length=c.labels_length,
                              max_context_tokens=c.max_context_tokens, thresholds=c.bucket_thresholds,
                              answer_format=c.answer_format)
+
+def heldout_summary(cfg, shards: ShardSet, cands: Candidates) -> dict:
+    """How much the split held out (positions, share, units, documents); refuses, in one sentence, a split asked for
+    (--heldout-fraction > 0) that holds out nothing or almost nothing (under a tenth of the fraction asked)."""
+    positions = int(cands.heldout.sum())
+    share = positions / max(len(cands), 1)
+    unit = f"blocks of {cfg.split_block_windows} windows" if cfg.split_block_windows else "documents"
+    summary = {"positions": positions, "share": share, "units": len(shards.heldout_units),
+               "documents": len(shards.heldout_docs), "unit": unit}
+    if cfg.heldout_fraction > 0 and share < MIN_HELDOUT_SHARE * cfg.heldout_fraction:
+        raise UserError(f"--heldout-fraction {cfg.heldout_fraction} holds out {positions} of {len(cands)} scored "
+                        f"positions of '{cfg.shards}' ({len(shards.heldout_units)} {unit}): too few {unit} to split; "
+                        "raise --heldout-fraction, lower --split-block-windows, or pass --heldout-fraction 0")
+    return summary
+
+
+def heldout_line(summary: dict) -> str:
+    """`run`'s one-line report of the split."""
+    where = (f"{summary['documents']} documents" if summary["unit"] == "documents" else
+             f"{summary['units']} {summary['unit']} of {summary['documents']} documents")
+    return f"held out: {summary['positions']} positions ({summary['share']:.1%}) in {where}"
+
 
     def __len__(self) -> int:
         return len(self.cands)

@@ -32,7 +32,7 @@ from rpt_train.policy import eos_ids, freeze
 from rpt_train.reward import RewardFn, combine, load_reward_fn, rpt_reward
 from rpt_train.rollout import HFRollout, RolloutEngine, SamplingParams
 from rpt_train.sampler import LearnabilityScorer, check_sampler
-from rpt_train.samples import ShardSet, TrainSamples, resolve_shard_defaults
+from rpt_train.samples import ShardSet, TrainSamples, heldout_line, resolve_shard_defaults
 from rpt_train.templates import PromptBuilder
 from rpt_train.update import autocast, no_update, update_policy
 
@@ -125,7 +125,7 @@ def _train(cfg: TrainConfig, device: str, reward_fns, engine: RolloutEngine | No
     seed_everything(distributed.rank_seed(cfg.seed))
     state = load_trainer_state(ckpt) if ckpt else None  # read by rank 0, the optimizer state kept there only
     if state is not None:
-        check_options(state.get("config", {}), to_dict(cfg), out)
+        check_options({"split_block_windows": 0, **state.get("config", {})}, to_dict(cfg), out)  # older: by document
     horizon = schedule_horizon(cfg, state, out)
     base = check_base_model(cfg, state, out)
     check_memory(cfg, str(pick_device(device)), quiet)
@@ -158,12 +158,14 @@ def _train(cfg: TrainConfig, device: str, reward_fns, engine: RolloutEngine | No
     eval_positions = select_positions(data.shards, tok, ecfg) if ecfg else None
     if distributed.is_main():  # only now: a run refused before its first step leaves no config behind
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        rundir.write_record(out, rundir.provenance(cfg, horizon))
+        rundir.write_record(out, rundir.provenance(cfg, horizon) | {"heldout": data.split})
     if not quiet:
         where = cfg.bucket if cfg.min_entropy is None else f"entropy > {cfg.min_entropy}"
         ranks = f" on {distributed.world_size()} ranks" if distributed.world_size() > 1 else ""
         print(f"training on {len(data)} positions from '{cfg.shards}' ({where}), {cfg.batch_prompts} contexts x "
               f"{cfg.group_size} rollouts per step{ranks}, steps {start + 1}..{cfg.steps}", flush=True)
+        if cfg.heldout_fraction > 0:
+            print(heldout_line(data.split), flush=True)
     bad_run = 0
     for step in range(start + 1, cfg.steps + 1):
         t0 = time.perf_counter()
