@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.setup-stamp
 PIP     := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: setup demo test test-all test-faults test-verl learn-check bench-cpu clean-venv
+.PHONY: setup demo test test-all test-faults test-verl learn-check bench-cpu clean-venv gpu-wheels
 
 setup: $(STAMP)
 
@@ -59,3 +59,16 @@ learn-check: setup
 bench-cpu: setup
 	@$(BIN)/python -c "import trl" 2>/dev/null || $(PIP) install "trl>=1.16"
 	$(BIN)/python bench/cpu.py
+
+# What the lent GPU machine (no network) lacks, for bench/gpu.sh: the wheels of bench/gpu-wheels.txt (cp312,
+# manylinux x86_64, no deps: the list names each one) and the demo tokenizer + CHAMP (bench/gpu_assets.py), into
+# the ignored .whl/ that a device run carries; then bench/gpu.sh --dry-run checks imports and the 64 MiB limit.
+WHEEL_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64,--platform $(p))
+
+gpu-wheels:  # not `setup`: a Makefile edit would reinstall .venv; this needs only its pip and the demo assets
+	@test -x $(BIN)/python || { echo "run make setup first" >&2; exit 2; }
+	rm -rf .whl && mkdir -p .whl
+	$(PIP) download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $(WHEEL_PLATFORMS) \
+		-d .whl -r bench/gpu-wheels.txt
+	$(BIN)/python bench/gpu_assets.py pack --out .whl/assets.tar.gz
+	bench/gpu.sh --dry-run

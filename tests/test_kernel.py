@@ -381,8 +381,9 @@ def test_compiles_for_sm90_without_a_gpu():
 
 
 @pytest.mark.gpu
-def test_gpu_realistic_size():
-    n, v = 512, 151936
+@pytest.mark.parametrize("v", [151936, 256000])  # Qwen2 and Gemma(-2) vocabularies; bf16 logits
+def test_gpu_realistic_size(v):
+    n = 512
     g = torch.Generator(device="cuda").manual_seed(0)
     scale = torch.linspace(0.5, 6.0, n, device="cuda").view(n, 1)
     x = (torch.randn(n, v, device="cuda", generator=g) * scale).to(torch.bfloat16)
