@@ -90,29 +90,20 @@ def eval_cmd(recipe, **overrides):
     greedy completion of up to --max-new-tokens tokens. With the defaults below (the paper's 8k-token budget) that
     takes hours on a CPU; try --limit 8 --samples 1 --max-new-tokens 256 first. A progress bar (a line every 30 s
     when stderr is not a terminal) shows the positions done.
+
+    Under torchrun every rank scores a stripe of the positions with its own copy of the model (the result equals
+    one process's). --baseline MODEL scores a second model on the same positions with the same prompt and adds
+    the paired differences (interval, p-value) to the table and JSON. Given a `rpt-train run` directory as
+    --model, eval keeps the run's held-out split and prompt options (template, chat template, response prefix,
+    context cut, answer format) unless given here.
     """
-    from rpt_common.progress import CountProgress
-    from rpt_train.evaluate import evaluate, print_table, write_json
-    from rpt_train.policy import eos_ids, load_policy
-    from rpt_common.models import enable_tf32
-    from rpt_train.rollout import HFRollout, autocast_bf16
-    from rpt_train.trainer import seed_everything
+    from rpt_train.compare import run_eval
+    from rpt_train.evaluate import write_json
 
     cfg = load_config(EvalConfig, recipe, overrides)
     _quiet_transformers()
-    seed_everything(cfg.seed)
-    policy = load_policy(cfg.model, cfg.device, cfg.dtype)
-    engine = HFRollout(policy.model, policy.tokenizer, eos_ids(policy), cfg.rollout_batch_size,
-                       static_cache=cfg.static_cache)
-    device = next(policy.model.parameters()).device
-    enable_tf32(device)
-    with autocast_bf16(device):  # bf16 on CUDA (rollouts and the greedy next-token pass), nothing on CPU
-        label = f"eval ({cfg.samples}+1 completions of <= {cfg.max_new_tokens:,} tokens each)"
-        with CountProgress(label, "positions") as progress:
-            result = evaluate(policy.model, policy.tokenizer, engine, cfg, progress=progress)
-    result["meta"]["model"] = policy.path
-    print_table(result, title=f"next-token reasoning: {cfg.model} on {cfg.shards}")
-    if cfg.out:
+    result = run_eval(cfg)
+    if result is not None and cfg.out:  # rank 0
         write_json(result, cfg.out)
         click.echo(f"wrote {cfg.out}")
 
@@ -121,7 +112,8 @@ def eval_cmd(recipe, **overrides):
 @click.argument("recipe", required=False, type=click.Path(dir_okay=False))
 @click.option("--world-size", "world_size", type=int, default=1, help="FSDP ranks sharing weights, AdamW, gradients")
 @click.option("--prompt-tokens", "prompt_tokens", type=int, default=None,
-              help="planned prompt length [default: --max-context-tokens + 128, or 1024]")
+              help="planned prompt length [default: --max-context-tokens + 128, else the --shards' window + 128, "
+              "else 1024]")
 @click.option("--json", "as_json", is_flag=True, help="print the plan as one JSON object on the last line")
 @config_options(TrainConfig)
 @user_errors

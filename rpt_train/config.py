@@ -148,6 +148,8 @@ class EvalConfig(CommonConfig):
     samples: int = opt(4, "samples per position (ntr_pass_at_k uses all, ntr_accuracy the first)")
     split: str = opt("auto", "documents to evaluate: heldout, train, all; auto = heldout when the (inherited) "
                      "--heldout-fraction is > 0")
+    baseline: str = opt("", "also evaluate this model (e.g. the run's base) on the same positions with the same "
+                        "prompt, and report the paired differences (interval, p-value) per bucket")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -232,8 +234,30 @@ def load_config(cls, recipe: str | None = None, overrides: dict | None = None):
         if value is not None and value != ():
             values[key] = coerce(key, types_[key], value)
     cfg = cls(**values)
+    if cls is EvalConfig:
+        inherit_prompt(cfg, set(values))
     validate(cfg)
     return cfg
+
+
+PROMPT_OPTIONS = ("template", "chat_template", "response_prefix", "max_context_tokens", "answer_format")
+
+
+def inherit_prompt(cfg, given: set[str]) -> None:
+    """An eval of a `rpt-train run` directory (or checkpoint) prompts as the run did: its PROMPT_OPTIONS not given
+    in the recipe or on the command line come from the run's config.yaml (noted on stderr)."""
+    import os
+    import sys
+
+    from rpt_train.rundir import read_run_config
+
+    saved = read_run_config(cfg.model)
+    taken = [k for k in PROMPT_OPTIONS if k not in given and k in saved and saved[k] != getattr(cfg, k)]
+    for k in taken:
+        setattr(cfg, k, saved[k])
+    if taken and int(os.environ.get("RANK", "0")) == 0:  # under torchrun: once
+        said = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r}" for k in taken)
+        print(f"note: prompting as the run '{cfg.model}' did: {said}", file=sys.stderr)
 
 
 def inherit_split(cfg) -> None:

@@ -99,20 +99,35 @@ def greedy_next_tokens(model, tokenizer, contexts: list[str], batch_size: int = 
     return out
 
 
-def score_positions(model, tokenizer, engine, samples: list[Sample], cfg, progress=None) -> list[Scored]:
-    """K sampled completions, one greedy (temperature 0) completion and one greedy next token per position;
+def eval_chunks(samples: list[Sample], cfg) -> list[tuple[int, list[Sample]]]:
+    """The positions in numbered chunks of one generate call each (--rollout-batch-size / --samples positions)."""
+    per_call = max(1, (cfg.rollout_batch_size or 32) // cfg.samples)
+    return list(enumerate(samples[i:i + per_call] for i in range(0, len(samples), per_call)))
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    """The RNG seed of chunk `chunk`: a chunk draws the same completions whichever rank scores it."""
+    return int(np.random.SeedSequence([seed, 0xE7A1, chunk]).generate_state(1)[0])
+
+
+def score_positions(model, tokenizer, engine, samples: list[Sample], cfg, progress=None,
+                    chunks: list[tuple[int, list[Sample]]] | None = None) -> list[Scored]:
+    """K sampled completions, one greedy (temperature 0) completion and one greedy next token per position, a
+    chunk (eval_chunks; `chunks` replaces `samples` when given) at a time, each seeded by its number;
     `progress(done, total)`, when given, is called before the first and after every chunk of positions."""
     prompts = PromptBuilder(tokenizer, cfg.template, cfg.chat_template, cfg.response_prefix)
     params = SamplingParams(n=cfg.samples, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                             top_p=cfg.top_p, top_k=cfg.top_k)
     greedy_params = SamplingParams(n=1, max_new_tokens=cfg.max_new_tokens, greedy=True)  # argmax: draws no RNG
-    per_call = max(1, (cfg.rollout_batch_size or 32) // cfg.samples)
+    chunks = eval_chunks(samples, cfg) if chunks is None else chunks
+    total = sum(len(chunk) for _, chunk in chunks)
     if progress:
-        progress(0, len(samples))
-    greedy = greedy_next_tokens(model, tokenizer, [s.context for s in samples])
+        progress(0, total)
     scored = []
-    for i in range(0, len(samples), per_call):
-        chunk = samples[i:i + per_call]
+    for c, chunk in chunks:
+        torch.manual_seed(chunk_seed(cfg.seed, c))
+        # one forward per chunk: every rank runs as many as the others (FSDP's all-gathers)
+        greedy = greedy_next_tokens(model, tokenizer, [s.context for s in chunk], batch_size=len(chunk))
         ids = [prompts.ids(s.context) for s in chunk]
         batch = engine.generate(ids, params)
         lengths = batch.lengths.tolist()
@@ -123,26 +138,29 @@ def score_positions(model, tokenizer, engine, samples: list[Sample], cfg, progre
             scored.append(Scored(sample=s, correct=[prefix_match(a, s.label_tokens) for a in answers],
                                  answered=[a is not None for a in answers],
                                  lengths=lengths[j * cfg.samples:(j + 1) * cfg.samples],
-                                 ntp_correct=prefix_match(greedy[i + j], s.label_tokens), completions=texts,
+                                 ntp_correct=prefix_match(greedy[j], s.label_tokens), completions=texts,
                                  greedy_correct=prefix_match(extract_answer(greedy_texts[j], cfg.answer_format),
                                                              s.label_tokens),
                                  greedy_completion=greedy_texts[j]))
         if progress:
-            progress(len(scored), len(samples))
+            progress(len(scored), total)
     return scored
 
 
 def score_shared(model, tokenizer, engine, samples: list[Sample], cfg, progress=None) -> list[Scored]:
-    """score_positions with the positions striped over the ranks (rank r takes r, r + W, ...) and gathered back.
-    A rank with fewer positions also scores a copy of the first (discarded): every rank runs the same forwards,
+    """score_positions with the chunks of positions striped over the ranks (rank r takes chunks r, r + W, ...) and
+    gathered back in order: each chunk is seeded by its number, so W ranks score exactly what one process does.
+    A rank with fewer chunks also scores a copy of the first (discarded): every rank runs the same forwards,
     which FSDP's all-gathers need."""
     world, rank = distributed.world_size(), distributed.rank()
     if world == 1:
-        return score_positions(model, tokenizer, engine, samples, cfg, progress)
-    mine = samples[rank::world]
-    padded = mine + samples[:1] * (-(-len(samples) // world) - len(mine))
-    scored = score_positions(model, tokenizer, engine, padded, cfg, progress if rank == 0 else None)[:len(mine)]
-    return [s for part in distributed.all_gather_objects(scored) for s in part]
+        return score_positions(model, tokenizer, engine, samples, cfg, progress, chunks)
+    mine = chunks[rank::world]
+    padded = mine + chunks[:1] * (-(-len(chunks) // world) - len(mine))
+    scored = score_positions(model, tokenizer, engine, samples, cfg, progress if rank == 0 else None,
+                             padded)[:sum(len(chunk) for _, chunk in mine)]
+    parts = [iter(part) for part in distributed.all_gather_objects(scored)]
+    return [next(parts[c % world]) for c, chunk in chunks for _ in chunk]
 
 
 def bucket_metrics(scored: list[Scored]) -> dict:
@@ -156,6 +174,7 @@ def bucket_metrics(scored: list[Scored]) -> dict:
         "ntr_greedy_accuracy": float(np.mean([s.greedy_correct for s in scored])),
         "ntr_pass_at_k": float(np.mean([any(s.correct) for s in scored])),
         "answer_rate": float(np.mean([a for s in scored for a in s.answered])),
+    chunks = eval_chunks(samples, cfg)
         "ntp_accuracy": float(np.mean([s.ntp_correct for s in scored])),
         "completion_length": float(np.mean([n for s in scored for n in s.lengths])),
     }

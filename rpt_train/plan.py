@@ -31,7 +31,7 @@ REMEDY = {"weights": "--world-size (more FSDP ranks)",
           "kv_cache": "--rollout-batch-size (fewer sequences per generate call) or --max-new-tokens",
           "activations": "--gradient-checkpointing or a smaller --micro-batch-size",
           "logprobs": "--logprob-chunk-tokens"}
-DEFAULT_PROMPT_TOKENS = 1024  # planned prompt length when --max-context-tokens is 0 (whole rows)
+DEFAULT_PROMPT_TOKENS = 1024  # planned prompt length when --max-context-tokens is 0 and no shards are given
 TEMPLATE_TOKENS = 128  # the prompt template around a context, at most
 
 
@@ -123,8 +123,7 @@ def plan_memory(cfg, shapes: Shapes, *, world_size: int = 1, device_type: str = 
     weight = precision.element_bytes(precision.MASTER)  # float32 masters, gradients and AdamW moments
     compute = precision.compute_dtype(cfg, device_type)
     act = precision.element_bytes(compute)  # activations and the KV cache
-    prompt = prompt_tokens or ((cfg.max_context_tokens + TEMPLATE_TOKENS) if cfg.max_context_tokens
-                               else DEFAULT_PROMPT_TOKENS)
+    prompt, prompt_source = (prompt_tokens, "given") if prompt_tokens else planned_prompt(cfg)
     tokens = prompt + cfg.max_new_tokens
     policy = shapes.params * weight
     models = policy * (2 if cfg.beta > 0 else 1)  # the frozen reference has the policy's shapes
@@ -161,11 +160,36 @@ def plan_memory(cfg, shapes: Shapes, *, world_size: int = 1, device_type: str = 
     total = (terms["weights"] + terms["optimizer"] + max(rollout, update) + extra.get("fsdp_gather", 0)
              + extra.get("autocast_weights", 0))
     notes = [f"{shapes.params / 1e9:.3g}B parameters, {W} device(s), {rows} rollout rows x {tokens} tokens "
-             f"(prompt {prompt} planned + {cfg.max_new_tokens} new), micro-batch {micro}"
+             f"(prompt {prompt} planned: {prompt_source}; + {cfg.max_new_tokens} new), micro-batch {micro}"
              f"{' groups (shared prefix)' if shared else ''}, float32 weights, "
              f"compute in {str(compute or precision.MASTER).removeprefix('torch.')}"]
     return MemoryPlan(terms=terms, extra=extra, total=total, device_bytes=device_bytes, device_source=device_source,
                       notes=notes)
+
+
+def shard_window(shards: str) -> int | None:
+    """The window (tokens per row) the shards in `shards` were tagged with, from their manifest; None when there
+    are no such shards."""
+    from rpt_common.shards import read_manifest
+
+    if not shards or not Path(shards).is_dir():
+        return None
+    try:
+        window = (read_manifest(shards).get("config") or {}).get("window")
+    except UserError:
+        return None
+    return int(window) if window else None
+
+
+def planned_prompt(cfg) -> tuple[int, str]:
+    """(prompt tokens the plan counts, where the bound comes from): the context cut + template with
+    --max-context-tokens, else the shards' window + template (a context is at most one row), else 1024."""
+    if cfg.max_context_tokens:
+        return cfg.max_context_tokens + TEMPLATE_TOKENS, f"--max-context-tokens + {TEMPLATE_TOKENS} template"
+    window = shard_window(getattr(cfg, "shards", ""))
+    if window:
+        return window + TEMPLATE_TOKENS, f"shard window {window} + {TEMPLATE_TOKENS} template"
+    return DEFAULT_PROMPT_TOKENS, "default, no --shards to bound it"
 
 
 def load_shapes(spec: str) -> Shapes:

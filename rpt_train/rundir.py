@@ -81,3 +81,18 @@ def read_provenance(spec: str) -> dict | None:
         return None
     return {"heldout_fraction": config["heldout_fraction"], "split_seed": config.get("split_seed", 0),
             "shards": config.get("shards")}
+
+
+def read_run_config(spec: str) -> dict:
+    """The options the run behind --model `spec` (run dir or checkpoint) was started with (its config.yaml); {}
+    when `spec` is no run or the run has none."""
+    import yaml
+
+    run = run_dir_of(spec)
+    path = run / "config.yaml" if run is not None else None
+    if path is None or not path.exists():
+        return {}
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"'{path}' is unreadable ({e}); pass the run's prompt options (--template ...) yourself")

@@ -1,0 +1,116 @@
+"""`rpt-train eval --baseline MODEL`: the policy and a baseline scored on the same positions, and their paired
+differences per bucket and accuracy, with the interval and p-value the experiment reports use
+(rpt_train.stats.paired_difference: positions clustered by their held-out unit)."""
+from __future__ import annotations
+
+from rpt_train.evaluate import EVAL_BUCKETS
+from rpt_train.samples import split_unit
+
+# accuracy -> its per-position outcome in an eval's `positions` records
+OUTCOMES = {
+    "ntr_accuracy": lambda r: float(r["correct"][0]),
+    "ntr_greedy_accuracy": lambda r: float(r["greedy_correct"]),
+    "ntr_pass_at_k": lambda r: float(any(r["correct"])),
+    "ntp_accuracy": lambda r: float(r["ntp_correct"]),
+}
+
+
+def cluster_of(key: str, block_windows: int) -> str:
+    """The unit a position's outcomes correlate within: its document, or its block of a continuous stream."""
+    doc_id, window, _ = key.rsplit("/", 2)  # key = doc_id/window_index/t; a doc_id may hold '/'
+    return split_unit(doc_id, int(window), block_windows)
+
+
+def compare(policy: dict, baseline: dict, block_windows: int = 0) -> dict:
+    """{bucket: {accuracy: paired_difference(policy - baseline)}} over the positions both evaluated with details
+    (their `chosen` keys must agree: the same positions)."""
+    from rpt_train.stats import paired_difference  # the experiment reports' test, one definition
+
+    if policy["chosen"] != baseline["chosen"]:
+        raise ValueError("compare: the two evaluations scored different positions")
+    a = {r["key"]: r for r in policy["positions"]}
+    b = {r["key"]: r for r in baseline["positions"]}
+    out = {}
+    for bucket in EVAL_BUCKETS:
+        keys = policy["chosen"][bucket]
+        clusters = [cluster_of(k, block_windows) for k in keys]
+        out[bucket] = {name: paired_difference([f(a[k]) for k in keys], [f(b[k]) for k in keys], clusters)
+                       for name, f in OUTCOMES.items()}
+    return out
+
+
+def print_comparison(comparison: dict, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("bucket", "accuracy", "n", "difference", "95% interval", "p"):
+        table.add_column(col, justify="left" if col in ("bucket", "accuracy") else "right")
+    for bucket in EVAL_BUCKETS:
+        for name, d in comparison[bucket].items():
+            if d["diff"] is None:
+                table.add_row(bucket, name, str(d["n"]), "-", "-", "-")
+                continue
+            table.add_row(bucket, name, str(d["n"]), f"{d['diff']:+.3f}", f"[{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]",
+                          f"{d['p_value']:.3g}")
+    Console().print(table)
+
+
+def _score(cfg, spec: str, device: str, shards, chosen):
+    """Evaluate one model (loaded on this rank's device) on `chosen` positions (None: select them with its
+    tokenizer). Returns (result with details, the positions)."""
+    from rpt_common.models import enable_tf32
+    from rpt_common.progress import CountProgress
+    from rpt_train import distributed
+    from rpt_train.evaluate import evaluate, select_positions
+    from rpt_train.policy import eos_ids, load_policy
+    from rpt_train.rollout import HFRollout, autocast_bf16
+
+    policy = load_policy(spec, device, cfg.dtype)
+    engine = HFRollout(policy.model, policy.tokenizer, eos_ids(policy), cfg.rollout_batch_size,
+                       static_cache=cfg.static_cache)
+    if chosen is None:
+        chosen = select_positions(shards, policy.tokenizer, cfg)
+    where = next(policy.model.parameters()).device
+    enable_tf32(where)
+    with autocast_bf16(where):  # bf16 on CUDA (rollouts and the greedy next-token pass), nothing on CPU
+        label = f"eval {spec} ({cfg.samples}+1 completions of <= {cfg.max_new_tokens:,} tokens each)"
+        with CountProgress(label, "positions", enabled=distributed.is_main()) as progress:
+            result = evaluate(policy.model, policy.tokenizer, engine, cfg, shards, chosen, details=True,
+                              progress=progress)
+    result["meta"]["model"] = policy.path
+    return result, chosen
+
+
+def run_eval(cfg) -> dict | None:
+    """`rpt-train eval`: one process, or every rank of torchrun scoring its stripe of the positions (a replica of
+    the model per rank). With --baseline the baseline is scored on the same positions and compared. Returns the
+    result on rank 0 (None elsewhere)."""
+    from rpt_train import distributed
+    from rpt_train.evaluate import print_table
+    from rpt_train.samples import ShardSet
+    from rpt_train.trainer import seed_everything
+
+    device = distributed.init_from_env(cfg.device)
+    main = distributed.is_main()
+    try:
+        seed_everything(cfg.seed)
+        shards = ShardSet(cfg.shards)
+        result, chosen = _score(cfg, cfg.model, device, shards, None)
+        if cfg.baseline:
+            base, _ = _score(cfg, cfg.baseline, device, shards, chosen)
+            result["comparison"] = compare(result, base, cfg.split_block_windows)
+            result["baseline"] = {k: v for k, v in base.items() if k != "chosen"}
+        for r in (result, result.get("baseline", {})):  # per-position outcomes stay, their completions do not
+            for rec in r.get("positions", []):
+                rec.pop("completions", None)
+                rec.pop("greedy_completion", None)
+    finally:
+        distributed.shutdown()
+    if not main:
+        return None
+    print_table(result, title=f"next-token reasoning: {cfg.model} on {cfg.shards}")
+    if cfg.baseline:
+        print_table(result["baseline"], title=f"baseline: {cfg.baseline}")
+        print_comparison(result["comparison"], title=f"{cfg.model} - {cfg.baseline} (paired, same positions)")
+    return result

@@ -1,0 +1,91 @@
+"""Evaluation at scale (issue 36): `rpt-train eval` under torchrun equals one process (positions striped over ranks
+in seeded chunks), `--baseline` scores a second model on the same positions and reports paired differences, and an
+eval of a run prompts as the run did."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from shard_fixtures import train_shards  # noqa: F401
+
+from rpt_train.cli import main
+from rpt_train.compare import cluster_of, compare
+from rpt_train.config import EvalConfig, load_config
+from rpt_train.evaluate import EVAL_BUCKETS
+
+TESTS = Path(__file__).parent
+REPO = TESTS.parent
+
+
+def torchrun(*args, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(TESTS), str(REPO)]))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+
+
+def test_eval_on_two_ranks_equals_one_process(train_shards, tiny_llama, tmp_path):
+    """Every sampled and greedy completion, outcome and metric of 2 gloo ranks equals one process's."""
+    from eval_driver import score
+
+    one = score(str(train_shards), str(tiny_llama))
+    r = torchrun(TESTS / "eval_driver.py", train_shards, tiny_llama, tmp_path / "two.json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two.pop("world") == 2
+    assert len(one["positions"]) > 3  # more chunks (2 positions each) than ranks, one rank with an extra chunk
+    assert two == json.loads(json.dumps(one))
+
+
+def test_compare_pairs_the_same_positions():
+    keys = [f"data/part-{i % 2}.txt/{i}/5" for i in range(6)]
+    chosen = {b: keys for b in EVAL_BUCKETS}
+    rec = lambda k, c: {"key": k, "correct": [c, False], "greedy_correct": c, "ntp_correct": False}  # noqa: E731
+    a = {"chosen": chosen, "positions": [rec(k, i < 4) for i, k in enumerate(keys)]}
+    b = {"chosen": chosen, "positions": [rec(k, i < 1) for i, k in enumerate(keys)]}
+    out = compare(a, b, block_windows=0)
+    d = out["all"]["ntr_accuracy"]
+    assert d["n"] == 6 and d["diff"] == pytest.approx(0.5) and d["ci"][0] < 0.5 < d["ci"][1] and d["p_value"] < 0.05
+    assert out["all"]["ntp_accuracy"]["diff"] == 0 and out["all"]["ntp_accuracy"]["p_value"] == 1.0
+    assert cluster_of("data/part-0.txt/33/5", 16) == "data/part-0.txt#2" and cluster_of("a/b/1/2", 0) == "a/b"
+    with pytest.raises(ValueError):
+        compare(a, {**b, "chosen": {bb: keys[:3] for bb in EVAL_BUCKETS}})
+
+
+def test_eval_with_a_baseline_reports_paired_differences(train_shards, tiny_llama, tmp_path):
+    out = tmp_path / "eval.json"
+    r = CliRunner().invoke(main, ["eval", "--shards", str(train_shards), "--model", str(tiny_llama), "--baseline",
+                                  str(tiny_llama), "--device", "cpu", "--limit", "4", "--samples", "2",
+                                  "--max-new-tokens", "3", "--out", str(out)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert [p["key"] for p in res["positions"]] == [p["key"] for p in res["baseline"]["positions"]]
+    assert "completions" not in res["positions"][0]
+    for b in EVAL_BUCKETS:
+        for name, d in res["comparison"][b].items():
+            assert d["n"] == res[b]["n"] == res["baseline"][b]["n"]
+            # the same model: the deterministic outcomes agree position by position
+            if name in ("ntr_greedy_accuracy", "ntp_accuracy") and d["n"] >= 2:
+                assert d["diff"] == 0 and d["p_value"] == 1.0
+    assert "baseline" in r.output and "paired" in r.output
+
+
+def test_eval_of_a_run_prompts_as_the_run_did(train_shards, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"heldout_fraction": 0.3, "split_seed": 2}))
+    (run / "config.yaml").write_text(yaml.safe_dump({"template": "answer-only", "response_prefix": "\\boxed{",
+                                                     "max_context_tokens": 64, "chat_template": "off"}))
+    cfg = load_config(EvalConfig, None, {"shards": str(train_shards), "model": str(run)})
+    assert (cfg.template, cfg.response_prefix, cfg.max_context_tokens, cfg.chat_template) == \
+        ("answer-only", "\\boxed{", 64, "off")
+    assert (cfg.heldout_fraction, cfg.split_seed) == (0.3, 2)
+    given = load_config(EvalConfig, None, {"shards": str(train_shards), "model": str(run), "template": "v0"})
+    assert (given.template, given.response_prefix) == ("v0", "\\boxed{")  # what is typed wins
+    plain = load_config(EvalConfig, None, {"shards": str(train_shards), "model": "demo"})
+    assert (plain.template, plain.response_prefix) == ("v0", "")
