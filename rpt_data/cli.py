@@ -105,12 +105,37 @@ def tag(recipe, **opts):
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write entropy histograms (with bucket thresholds) to this PNG.")
 @click.option("--top", type=int, default=5, show_default=True, help="Show the N hardest positions with their context.")
+@click.option("--html", type=click.Path(dir_okay=False),
+              help="Also write a self-contained page (no network) with the text of a sample of documents, every "
+                   "scored token shaded by --metric, selected positions underlined, statistics on hover or focus.")
+@click.option("--docs", type=int, help="With --html: documents on the page. [20]")
+@click.option("--pick", type=click.Choice(["hardest", "random"]),
+              help="With --html: the documents of highest mean metric, or a seeded random sample. [hardest]")
+@click.option("--seed", type=int, help="With --html --pick random: the sample's seed. [0]")
+@click.option("--metric", type=click.Choice(["topk", "full", "surprisal"]),
+              help="With --html: shade by top-k entropy, full entropy or surprisal (-target log-prob), nats. "
+                   "[the run's tag metric]")
+@click.option("--doc-tokens", type=int,
+              help="With --html: at most this many scored tokens per document (a contiguous run of windows around "
+                   "the hardest one, or from a random one); bounds the page size. [2000]")
+@click.option("--compare", type=click.Path(file_okay=False),
+              help="With --html: a second output over the same text with the same tokenizer (another context "
+                   "prefix or proxy): shade by the per-token difference OTHER - OUT and mark flipped selections.")
 @user_errors
-def inspect(out, plot, top):
-    """Summarise a tag output directory with polars."""
+def inspect(out, plot, top, html, docs, pick, seed, metric, doc_tokens, compare):
+    """Summarise a tag output directory with polars (and, with --html, a token heatmap page)."""
     from rpt_data.inspect import inspect_out
 
+    page = {"docs": docs, "pick": pick, "seed": seed, "metric": metric, "doc_tokens": doc_tokens, "compare": compare}
+    if html is None and any(v is not None for v in page.values()):
+        raise click.UsageError(f"--{next(k for k, v in page.items() if v is not None).replace('_', '-')} needs --html FILE")
     inspect_out(out, plot=plot, top=top)
+    if html:
+        from rpt_data.view import write_html
+
+        got = write_html(out, html, **{k: v for k, v in page.items() if v is not None})
+        click.echo(f"page written to {html}: {got['docs']} documents, {got['tokens']:,} tokens, "
+                   f"{got['bytes'] / 1e6:.1f} MB")
 
 
 @main.command(context_settings=CTX)

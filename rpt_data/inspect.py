@@ -25,15 +25,15 @@ def listed_shards(out: str, manifest: dict) -> list[str]:
     return [os.path.join(out, s["file"]) for s in manifest.get("shards", [])]
 
 
-def positions_frame(out: str, paths: list[str]) -> pl.LazyFrame:
-    """One row per scored position: doc_id, window_index, pos (index in window), both entropies."""
+def positions_frame(out: str, paths: list[str], stats: tuple[str, ...] = ("entropy", "topk_entropy")) -> pl.LazyFrame:
+    """One row per scored position: doc_id, window_index, pos (index in window) and the `stats` columns."""
     if not paths:
         raise UserError(f"'{out}' holds no shard files")
     lf = pl.scan_parquet(paths)
     return (
-        lf.select("doc_id", "window_index", "score_start", "entropy", "topk_entropy",
+        lf.select("doc_id", "window_index", "score_start", *stats,
                   pos=pl.int_ranges(0, pl.col("token_ids").list.len()))
-        .explode("pos", "entropy", "topk_entropy")
+        .explode("pos", *stats)
         .filter(pl.col("pos") >= pl.col("score_start"))
     )
 
