@@ -153,6 +153,7 @@ def score_shared(model, tokenizer, engine, samples: list[Sample], cfg, progress=
     A rank with fewer chunks also scores a copy of the first (discarded): every rank runs the same forwards,
     which FSDP's all-gathers need."""
     world, rank = distributed.world_size(), distributed.rank()
+    chunks = eval_chunks(samples, cfg)
     if world == 1:
         return score_positions(model, tokenizer, engine, samples, cfg, progress, chunks)
     mine = chunks[rank::world]
@@ -174,7 +175,6 @@ def bucket_metrics(scored: list[Scored]) -> dict:
         "ntr_greedy_accuracy": float(np.mean([s.greedy_correct for s in scored])),
         "ntr_pass_at_k": float(np.mean([any(s.correct) for s in scored])),
         "answer_rate": float(np.mean([a for s in scored for a in s.answered])),
-    chunks = eval_chunks(samples, cfg)
         "ntp_accuracy": float(np.mean([s.ntp_correct for s in scored])),
         "completion_length": float(np.mean([n for s in scored for n in s.lengths])),
     }
