@@ -13,6 +13,7 @@ import torch
 from rpt_common.bos import encode_with_bos
 from rpt_common.errors import UserError
 from rpt_train import distributed
+from rpt_train.decoding import decode_batch_after
 from rpt_train.rundir import read_provenance
 from rpt_train.reward import extract_answer, prefix_match
 from rpt_train.rollout import SamplingParams
@@ -81,7 +82,7 @@ def select_positions(shards: ShardSet, tokenizer, cfg) -> dict[str, list[Sample]
 
 @torch.no_grad()
 def greedy_next_tokens(model, tokenizer, contexts: list[str], batch_size: int = 16) -> list[str]:
-    """The model's greedy next token after each raw context, decoded. The context is encoded as the tagger fed
+    """The model's greedy next token after each raw context, decoded as it reads after the context. The context is encoded as the tagger fed
     its proxy (rpt_common.bos: BOS if the tokenizer adds one, never an EOS), left-padded."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -94,8 +95,8 @@ def greedy_next_tokens(model, tokenizer, contexts: list[str], batch_size: int = 
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
                        logits_to_keep=1).logits[:, -1]
-        out += [tokenizer.decode([int(t)], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-                for t in logits.argmax(-1)]
+        # read after the context's last tokens: decoded alone, a SentencePiece token drops its leading space
+        out += decode_batch_after(tokenizer, rows, [[int(t)] for t in logits.argmax(-1)])
     return out
 
 

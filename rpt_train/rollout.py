@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from rpt_common.errors import UserError
 from rpt_common.models import cuda_autocast
 from rpt_train import distributed
+from rpt_train.decoding import decode_batch_after
 from rpt_train.plan import GIB, kv_cache_bytes
 
 
@@ -35,7 +36,7 @@ class RolloutBatch:
     completion_ids: torch.Tensor  # [N, C]
     completion_mask: torch.Tensor  # [N, C] 1 = generated, up to and including the first EOS
     logprobs: torch.Tensor | None  # [N, C] the sampler's log-probs (tempered logits); None if the engine has none
-    texts: list[str]  # completions decoded without special tokens
+    texts: list[str]  # completions decoded without special tokens, as they read after their prompt
     entropy: torch.Tensor | None = None  # [N, C] nats of the sampling distribution (tempered logits) per token
 
     @property
@@ -269,10 +270,19 @@ class HFRollout:
         # trailing columns where every row had already finished (the check runs every `check_every` steps)
         width_c = int(cmask.any(0).nonzero()[-1]) + 1 if cmask.any() else made
         completion, cmask = completion[:, :width_c], cmask[:, :width_c]
-        texts = self.tokenizer.batch_decode([c[m.bool()] for c, m in zip(completion, cmask)], skip_special_tokens=True)
+        texts = completion_texts(self.tokenizer, prompts, n, completion, cmask)
         return RolloutBatch(prompt_ids=ids.repeat_interleave(n, 0), prompt_mask=mask.repeat_interleave(n, 0),
                             completion_ids=completion, completion_mask=cmask,
                             logprobs=logprobs[:, :width_c] * cmask, texts=texts, entropy=entropy[:, :width_c] * cmask)
+
+
+def completion_texts(tokenizer, prompts: list[list[int]], n: int, completion: torch.Tensor,
+                     cmask: torch.Tensor) -> list[str]:
+    """Each completion row (prompt r // n's) decoded without special tokens as it reads after its prompt's last
+    tokens: decoded alone, a SentencePiece token drops its leading space, so the answer " the" after a response
+    prefix '\\boxed{' would read "the" and never earn its reward."""
+    return decode_batch_after(tokenizer, [prompts[r // n] for r in range(len(completion))],
+                              [c[m.bool()].tolist() for c, m in zip(completion, cmask)], skip_special_tokens=True)
 
 
 def completion_mask(completion: torch.Tensor, eos: list[int]) -> torch.Tensor:

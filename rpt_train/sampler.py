@@ -14,9 +14,11 @@ import torch
 
 from rpt_common.errors import UserError
 from rpt_train import distributed
+from rpt_train.decoding import decode_batch_after
 from rpt_train.rollout import autocast_bf16
 
 SAMPLERS = ("uniform", "learnability")
+_LEFT_TOKENS = 2  # prompt tokens a first answer token is read after (the response prefix's end); a table per tail
 
 
 def check_sampler(cfg) -> None:
@@ -40,15 +42,27 @@ class LearnabilityScorer:
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, batch_size: int = 16, bf16: bool = False):
         self.model, self.tokenizer, self.batch_size, self.bf16 = model, tokenizer, batch_size, bf16
-        pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-        self.by_text: dict[str, list[int]] = {}
-        for i, piece in enumerate(pieces):
-            if piece and "\ufffd" not in piece:  # a lone piece of a multi-byte character spells nothing
-                self.by_text.setdefault(piece, []).append(i)
+        self._by_text: dict[tuple[int, ...], dict[str, list[int]]] = {}  # per left context
 
-    def label_ids(self, label: str) -> list[int]:
-        """Token ids whose text is a non-empty prefix of `label`."""
-        return [i for n in range(1, len(label) + 1) for i in self.by_text.get(label[:n], ())]
+    def by_text(self, left: tuple[int, ...] = ()) -> dict[str, list[int]]:
+        """Every token's text as it reads after the token ids `left` (a SentencePiece decoder drops the leading
+        space of a token decoded alone), mapped to the tokens that write it."""
+        if left not in self._by_text:
+            pieces = decode_batch_after(self.tokenizer, [left] * len(self.tokenizer),
+                                        [[i] for i in range(len(self.tokenizer))])
+            table: dict[str, list[int]] = {}
+            for i, piece in enumerate(pieces):
+                if piece and "\ufffd" not in piece:  # a lone piece of a multi-byte character spells nothing
+                    table.setdefault(piece, []).append(i)
+            if len(self._by_text) >= 16:  # prompts end alike (the response prefix); a bound all the same
+                self._by_text.clear()
+            self._by_text[left] = table
+        return self._by_text[left]
+
+    def label_ids(self, label: str, prompt: list[int] = ()) -> list[int]:
+        """Token ids whose text, written right after `prompt`, is a non-empty prefix of `label`."""
+        table = self.by_text(tuple(prompt[-_LEFT_TOKENS:]))
+        return [i for n in range(1, len(label) + 1) for i in table.get(label[:n], ())]
 
     @torch.no_grad()
     def probabilities(self, prompts: list[list[int]], labels: list[str]) -> np.ndarray:
@@ -69,7 +83,7 @@ class LearnabilityScorer:
                                     position_ids=positions.to(device), logits_to_keep=1).logits[:, -1]
             probs = torch.softmax(logits.float(), dim=-1).cpu()
             for r, label in enumerate(labels[i:i + self.batch_size]):
-                hit = self.label_ids(label)
+                hit = self.label_ids(label, chunk[r])
                 out.append(float(probs[r, hit].sum()) if hit else 0.0)
         return np.array(out)
 

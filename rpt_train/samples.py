@@ -244,20 +244,55 @@ def label_chars(labels_length: int) -> int:
     return labels_length * 32 + 64
 
 
-def label_pieces(tokenizer, continuation: str, labels_length: int) -> list[str]:
+LEFT_CHARS = 64  # characters of the context label_pieces tokenizes with the continuation (the cut's word and more)
+
+
+def label_pieces(tokenizer, continuation: str, labels_length: int, left: str = "") -> list[str]:
     """The continuation's first `labels_length` policy tokens as text pieces whose concatenations are exact
-    prefixes of it. Tokens that split a character merge with the next (no string can end mid-character)."""
+    prefixes of it. The continuation is tokenized and decoded with its left context (the end of `left`, the text
+    before it): decoders that strip a leading space or join tokens with spaces give a token's text only after the
+    tokens before it, and a word-start marker must not be put where the continuation starts mid-word. A policy
+    token across the cut gives the first piece its part after the cut. Tokens that split a character merge with the
+    next (no string can end mid-character); a token the decoder cannot give back exactly ends the pieces."""
+    left = left[-LEFT_CHARS:]
     cut = continuation[: label_chars(labels_length)]
-    ids = tokenizer(cut, add_special_tokens=False)["input_ids"]
-    if len(ids) <= labels_length and len(cut) < len(continuation):
-        ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
-    pieces, done = [], 0
-    for i in range(1, min(labels_length, len(ids)) + 1):
-        text = tokenizer.decode(ids[:i], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    ids, rest, j0 = _joint_tokens(tokenizer, left, cut)
+    if len(ids) - j0 <= 4 * labels_length and len(cut) < len(continuation):
+        ids, rest, j0 = _joint_tokens(tokenizer, left, continuation)
+    def decode(i: int) -> str:
+        return tokenizer.decode(ids[:j0 + i], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    head, pieces, done = decode(0), [], 0
+    # byte tokens of one character make one piece: up to 4 tokens a piece
+    for i in range(1, min(4 * labels_length, len(ids) - j0) + 1):
+        full = decode(i)
+        if not full.startswith(head) or not full[len(head):].startswith(rest):
+            continue  # the decoder rewrote the left context (a character split across the cut)
+        text = full[len(head) + len(rest):]
         if len(text) > done and continuation.startswith(text):
             pieces.append(text[done:])
             done = len(text)
+            if len(pieces) == labels_length:
+                break
     return pieces
+
+
+def _joint_tokens(tokenizer, left: str, text: str) -> tuple[list[int], str, int]:
+    """(ids of left + text, the end of `left` that the first j0 tokens do not cover, j0): the first j0 tokens end
+    inside `left`, the others are the text's (the first may start inside `left`: a policy token across the cut)."""
+    enc = tokenizer(left + text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], [list(o) for o in enc["offset_mapping"]]
+    for a, b in zip(offsets, offsets[1:]):
+        if a[0] == b[0] and a[1] < b[1]:  # a word-start marker given its word's first character: it takes no text
+            a[1] = a[0]
+    j0 = 0
+    while j0 < len(ids) and offsets[j0][1] <= len(left):
+        j0 += 1
+    rest = left[offsets[j0 - 1][1]:] if j0 else left
+    if rest.isspace() and j0 and len(tokenizer.decode(ids[j0 - 1:j0], clean_up_tokenization_spaces=False)) > \
+            offsets[j0 - 1][1] - offsets[j0 - 1][0]:
+        rest = ""  # the offsets were trimmed off the token's own trailing space (ByteLevel trim_offsets)
+    return ids, rest, j0
 
 
 def ends_within(continuation: str, labels_length: int) -> bool:
@@ -368,7 +403,7 @@ class SampleBuilder:
             self.skipped += 1
             return None
         context, continuation = cut
-        labels = label_pieces(self.tokenizer, continuation + tail, self.labels_length)
+        labels = label_pieces(self.tokenizer, continuation + tail, self.labels_length, left=context)
         if not labels or not context:
             self.skipped += 1
             return None
