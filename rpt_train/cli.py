@@ -160,5 +160,32 @@ def export_cmd(recipe, **overrides):
         click.echo(f"{split}: {f['rows']} samples -> {os.path.join(cfg.out, f['file'])} ({f['skipped']} skipped)")
 
 
+@main.command("experiment")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.argument("arms", nargs=-1)
+@click.option("--report-only", is_flag=True, help="write the report from the arms finished so far; run nothing")
+@click.option("--rerun", is_flag=True, help="run the named ARMs over (their kept records and work directories go)")
+@click.option("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+@user_errors
+def experiment_cmd(spec, arms, report_only, rerun, threads):
+    """Run an experiment described as data (docs/experiments.md): every arm of SPEC, or the ARMs named, each
+    trained by its kind and evaluated on the same held-out positions, then the report RESULTS/NAME.{json,md,png}.
+
+    A finished arm (its record in RESULTS/NAME.arms/ARM.json) is not rerun; a training arm stopped half-way resumes
+    from its last checkpoint. Arms that depend on another (match_flops, contexts_of) run after it.
+    """
+    import torch
+
+    from rpt_train import experiment
+
+    if rerun and not arms:
+        raise click.UsageError("--rerun needs the ARMs to run over")
+    experiment.Experiment(experiment.load_spec(spec)).order(list(arms) or None)  # the spec and the arms asked checked
+    if threads:
+        torch.set_num_threads(threads)
+    _quiet_transformers()
+    experiment.run_experiment(spec, list(arms) or None, report_only=report_only, rerun=rerun)
+
+
 if __name__ == "__main__":  # `torchrun ... -m rpt_train.cli run ...`
     main()

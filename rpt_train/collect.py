@@ -73,13 +73,15 @@ def collect(cfg, data: TrainSamples, prompts: PromptBuilder, engine: RolloutEngi
     The batch is None when no rank kept a group, and empty on a rank that kept none while others did."""
     G, need, rounds, made, kept, n_drawn = cfg.group_size, cfg.batch_prompts, 0, [], [], 0
     rank, world, place = distributed.rank(), distributed.world_size(), _Placement()
-    pool_p, chosen_p, rolled_out = [], [], []
+    pool_p, chosen_p, rolled_out, scored_tokens = [], [], [], 0
     t0 = time.perf_counter()
     while need > 0 and rounds < (cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
         rounds += 1
         drawn = data.next_batch(need * (cfg.sampler_pool if scorer is not None else 1))
         if scorer is not None:
-            chosen, p = choose(drawn, [prompts.ids(s.context) for s in drawn], scorer, need, G)
+            pool_ids = [prompts.ids(s.context) for s in drawn]
+            scored_tokens += sum(map(len, pool_ids))  # one forward over the pool's prompts (all ranks together)
+            chosen, p = choose(drawn, pool_ids, scorer, need, G)
             drawn = [drawn[i] for i in chosen]
             pool_p += p.tolist()
             chosen_p += p[chosen].tolist()
@@ -96,7 +98,7 @@ def collect(cfg, data: TrainSamples, prompts: PromptBuilder, engine: RolloutEngi
               "samples_skipped": data.build.skipped, "contexts": rolled_out}
     if scorer is not None:  # the policy's P(correct first answer token): the pool scored, the contexts rolled out
         stats |= {"sampler_p_pool": float(np.mean(pool_p)), "sampler_p_chosen": float(np.mean(chosen_p)),
-                  "contexts_scored": len(pool_p)}
+                  "contexts_scored": len(pool_p), "scored_tokens": scored_tokens}
     batch = None
     if kept:
         batch = Groups(samples=[s for g in kept for s in g.samples], answers=[a for g in kept for a in g.answers],
@@ -132,6 +134,8 @@ def rollout_stats(made: list[Groups], G: int, rollout_seconds: float) -> dict:
         "answer_rate": float(np.mean(answered.numpy())),
         "completion_length": float(lengths.mean()),
         "rollout_tokens": int(tokens),
+        # prefill: HFRollout runs each distinct prompt once and repeats its cache for the G completions
+        "prompt_tokens": int(distributed.all_sum([sum(float(g.rollouts.prompt_mask.sum()) / G for g in made)])[0]),
         "rollout_seconds": rollout_seconds,
         "rollout_tokens_per_s": tokens / max(rollout_seconds, 1e-9),
     }

@@ -4,7 +4,7 @@ scored by prefix match); each accuracy with its Wilson 95% interval."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,8 @@ EVAL_BUCKETS = BUCKET_NAMES + ("all",)
 FIELDS = ("n", "ntr_accuracy", "ntr_greedy_accuracy", "ntr_pass_at_k", "answer_rate", "ntp_accuracy",
           "completion_length")
 ACCURACIES = ("ntr_accuracy", "ntr_greedy_accuracy", "ntr_pass_at_k", "ntp_accuracy")  # each gets a Wilson `_ci`
+# multi-token prediction: over every right sampled answer of the bucket (all K samples of each position)
+MTP_FIELDS = ("right_answers", "right_tokens_mean", "right_bytes_mean", "multi_token_share")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -39,6 +41,21 @@ class Scored:
     completions: list[str]
     greedy_correct: bool  # the temperature-0 completion's answer
     greedy_completion: str
+    right_tokens: list[int] = field(default_factory=list)  # per sample: label tokens a right answer covers, 0 = wrong
+
+
+def matched_tokens(answer: str | None, label_tokens: list[str]) -> int:
+    """How many label tokens a prefix-matching answer covers (the j of `prefix_match`); 0 when it does not match."""
+    if not answer:
+        return 0
+    want, acc = answer.encode(), b""
+    for j, t in enumerate(label_tokens, 1):
+        acc += t.encode() if isinstance(t, str) else t
+        if acc == want:
+            return j
+        if len(acc) >= len(want):
+            return 0
+    return 0
 
 
 def eval_split(cfg) -> str:
@@ -142,7 +159,8 @@ def score_positions(model, tokenizer, engine, samples: list[Sample], cfg, progre
                                  ntp_correct=prefix_match(greedy[j], s.label_tokens), completions=texts,
                                  greedy_correct=prefix_match(extract_answer(greedy_texts[j], cfg.answer_format),
                                                              s.label_tokens),
-                                 greedy_completion=greedy_texts[j]))
+                                 greedy_completion=greedy_texts[j],
+                                 right_tokens=[matched_tokens(a, s.label_tokens) for a in answers]))
         if progress:
             progress(len(scored), total)
     return scored
@@ -169,7 +187,8 @@ def bucket_metrics(scored: list[Scored]) -> dict:
     """Means over positions (each accuracy with its Wilson 95% interval `<name>_ci`); answer_rate and
     completion_length over all samples. Empty bucket: n=0, nulls."""
     if not scored:
-        return {f: (0 if f == "n" else None) for f in FIELDS} | {f"{a}_ci": None for a in ACCURACIES}
+        return ({f: (0 if f == "n" else None) for f in FIELDS} | {f"{a}_ci": None for a in ACCURACIES}
+                | mtp_metrics([]))
     r = {
         "n": len(scored),
         "ntr_accuracy": float(np.mean([s.correct[0] for s in scored])),
@@ -179,14 +198,26 @@ def bucket_metrics(scored: list[Scored]) -> dict:
         "ntp_accuracy": float(np.mean([s.ntp_correct for s in scored])),
         "completion_length": float(np.mean([n for s in scored for n in s.lengths])),
     }
-    return r | {f"{a}_ci": wilson(r[a], r["n"]) for a in ACCURACIES}
+    return r | {f"{a}_ci": wilson(r[a], r["n"]) for a in ACCURACIES} | mtp_metrics(scored)
+
+
+def mtp_metrics(scored: list[Scored]) -> dict:
+    """Multi-token prediction over the right sampled answers: their mean length in label tokens and in bytes, and
+    the share covering more than one token (None when no answer is right)."""
+    right = [(j, len("".join(s.sample.label_tokens[:j]).encode())) for s in scored for j in s.right_tokens if j]
+    if not right:
+        return {"right_answers": 0, "right_tokens_mean": None, "right_bytes_mean": None, "multi_token_share": None}
+    return {"right_answers": len(right), "right_tokens_mean": float(np.mean([j for j, _ in right])),
+            "right_bytes_mean": float(np.mean([b for _, b in right])),
+            "multi_token_share": float(np.mean([j > 1 for j, _ in right]))}
 
 
 def position_record(s: Scored) -> dict:
     """One evaluated position as JSON: where it comes from, its label, every outcome and completion."""
     return {"key": s.sample.key, "doc_id": s.sample.doc_id, "bucket": s.sample.bucket, "entropy": s.sample.entropy,
             "label": "".join(s.sample.label_tokens), "correct": s.correct, "greedy_correct": s.greedy_correct,
-            "ntp_correct": s.ntp_correct, "completions": s.completions, "greedy_completion": s.greedy_completion}
+            "ntp_correct": s.ntp_correct, "completions": s.completions, "greedy_completion": s.greedy_completion,
+            "right_tokens": s.right_tokens}
 
 
 def evaluate(model, tokenizer, engine, cfg, shards: ShardSet | None = None,

@@ -172,6 +172,10 @@ def _train(cfg: TrainConfig, device: str, reward_fns, engine: RolloutEngine | No
         batch, made, stats = collect(cfg, data, prompts, engine, reward_fn, params, scorer)
         logger.contexts(step, stats.pop("contexts"))
         stats |= update_policy(cfg, model, ref, optimizer, batch) if batch else no_update(cfg, model, made)
+        # compute accounting (experiment reports): every token through a forward (rollout prefill and decode, the
+        # sampler's scoring pass, the update's passes) and through a backward
+        stats["forward_tokens"] = (stats["prompt_tokens"] + stats["rollout_tokens"] + stats.get("scored_tokens", 0)
+                                   + stats["update_forward_tokens"])
         engine.sync(model)
         metrics = {"step": step, "lr": scheduler.get_last_lr()[0], **stats, "seconds": time.perf_counter() - t0}
         with warnings.catch_warnings():  # a step without an update (no informative group) is not a bug

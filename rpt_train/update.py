@@ -23,7 +23,7 @@ from rpt_train.logprobs import forward_logprobs
 from rpt_train.loss import AGGREGATION, aggregate, clipped_surrogate, normalizer
 from rpt_train.rollout import RolloutBatch
 
-_SUMS = ("clipped", "tokens", "entropy", "ent_tokens", "kl")
+_SUMS = ("clipped", "tokens", "entropy", "ent_tokens", "kl", "pass_tokens", "frozen_tokens")
 
 
 def autocast(cfg, model):
@@ -88,6 +88,17 @@ def mini_batches(cfg, batch: Groups) -> list[list[int]]:
     return [[r for r in range(N) if update[r] == m] for m in range(-(-total // cfg.mini_batch_size))]
 
 
+def pass_tokens(rollouts: RolloutBatch, rows: list[int], shared: bool, G: int) -> int:
+    """Tokens one forward over `rows` runs through the model: prompt + completion of each row, or with a shared
+    prefix each group's prompt once (rows are group-contiguous) and every completion. The compute accounting of
+    experiment reports (`forward_tokens`, `backward_tokens` in metrics.jsonl) counts these."""
+    pm, cm = rollouts.prompt_mask[rows], rollouts.completion_mask[rows]
+    if not shared:
+        return int(pm.sum() + cm.sum())
+    firsts = [i for i, r in enumerate(rows) if i == 0 or rows[i - 1] // G != r // G]
+    return int(pm[firsts].sum() + cm.sum())
+
+
 def global_normalizer(mode: str, masks: torch.Tensor, max_new_tokens: int) -> float:
     """`loss.normalizer` of the mini-batch made of every rank's rows (token and sequence counts summed)."""
     if distributed.world_size() == 1:
@@ -115,6 +126,7 @@ def micro_step(cfg, model, batch: Groups, rows, advantages, old, ref_lp, norm: f
         ref_logp=ref_lp[rows, :W] if ref_lp is not None else None)
     loss = aggregate(per_token, c_mask, AGGREGATION[cfg.loss], norm)
     loss.backward()
+    sums["pass_tokens"] += pass_tokens(batch.rollouts, rows, shared, cfg.group_size)
     mask = c_mask.bool()
     sums["clipped"] += float(clipped[mask].sum())
     sums["tokens"] += float(mask.sum())
@@ -151,6 +163,8 @@ def update_policy(cfg, model, ref, optimizer, batch: Groups) -> dict:
     ref_lp = frozen_logprobs(cfg, ref, rollouts, trained, shared) if ref is not None else None
     params = [p for group in optimizer.param_groups for p in group["params"]]  # sharded ones under FSDP2
     sums = dict.fromkeys(("loss", "grad_norm") + _SUMS, 0.0)
+    sums["frozen_tokens"] = sum(pass_tokens(rollouts, c, shared, G) for c in trained) * ((old is not None) +
+                                                                                          (ref_lp is not None))
     updates, bad, grad_norm, mini_loss = 0, None, 0.0, 0.0
     model.train()
     for epoch in range(cfg.ppo_epochs):
@@ -187,6 +201,8 @@ def update_policy(cfg, model, ref, optimizer, batch: Groups) -> dict:
         "advantage_abs": float(distributed.cat_from_ranks(advantages).abs().mean()),
         "updates": updates,
         "shared_prefix": shared,
+        "update_forward_tokens": int(sums["pass_tokens"] + sums["frozen_tokens"]),  # training + old/ref passes
+        "backward_tokens": int(sums["pass_tokens"]),
     }
     if measure:
         stats["entropy"] = sums["entropy"] / sums["ent_tokens"] if sums["ent_tokens"] else None
@@ -209,7 +225,8 @@ def bad_update(cfg, grad_norm: float, loss: float) -> str | None:
 def no_update(cfg, model, made: list[Groups]) -> dict:
     """Every group had equal rewards after all rounds: no optimizer step and no forward (the entropy, when the
     engine gives it, is already in the rollout stats)."""
-    stats = {"loss": 0.0, "grad_norm": 0.0, "bad_step": None, "clip_ratio": 0.0, "advantage_abs": 0.0, "updates": 0}
+    stats = {"loss": 0.0, "grad_norm": 0.0, "bad_step": None, "clip_ratio": 0.0, "advantage_abs": 0.0, "updates": 0,
+             "update_forward_tokens": 0, "backward_tokens": 0}
     if cfg.beta > 0:
         stats["kl"] = None
     return stats

@@ -28,6 +28,7 @@ EXPLAINED = {  # the manual page that explains each subcommand, linked from its 
     "rpt-train eval": "training.md#rpt-train-eval",
     "rpt-train plan": "scale.md#memory-at-the-papers-scale-rpt-train-plan-rpt_trainlogprobspy-rpt_trainplanpy",
     "rpt-train export": "engines.md",
+    "rpt-train experiment": "experiments.md",
 }
 
 
@@ -147,6 +148,7 @@ def dry_commands(monkeypatch):
     import rpt_data.pipeline
     import rpt_data.study
     import rpt_train.cli
+    import rpt_train.experiment
     import rpt_train.export
     import rpt_train.plan
     import rpt_train.policy
@@ -158,6 +160,7 @@ def dry_commands(monkeypatch):
     for module, name in [(rpt_data.pipeline, "run_tag"), (rpt_data.study, "run_study"),
                          (rpt_data.inspect, "inspect_out"), (rpt_data.inspect, "validate_out"),
                          (rpt_data.merge, "merge_out"), (rpt_train.trainer, "train"), (rpt_train.export, "export"),
+                         (rpt_train.experiment, "run_experiment"),
                          (rpt_train.policy, "load_policy"), (rpt_train.plan, "load_shapes"),
                          (rpt_data.cli, "_quiet_transformers"), (rpt_train.cli, "_quiet_transformers")]:
         monkeypatch.setattr(module, name, stop if name != "_quiet_transformers" else lambda: None)

@@ -1,0 +1,507 @@
+"""Experiments as data: a spec (YAML) names the options every arm starts from, an optional warm start, the eval
+design and the arms, each an arm kind plus option overrides; `rpt-train experiment SPEC [ARM...]` runs them.
+
+Every arm ends in the same held-out evaluation (same positions, samples, seed); each finished arm's record is
+written at once to RESULTS/NAME.arms/ARM.json (kept in git: `out/` does not survive a new machine) and is never
+rerun; a training arm stopped half-way resumes from its last checkpoint under OUT/ARM/train. Compute per arm is
+summed from the trainer's per-step token counters (rpt_train/report.py states the FLOP formula). Arm kinds are a
+registry (`register_arm_kind`): `eval`, `rpt`, `shuffled`, `sft`; a later kind plugs in with one decorator.
+The spec format: docs/experiments.md."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rpt_common.errors import UserError
+from rpt_common.recipe import read_yaml
+from rpt_train.config import EvalConfig, TrainConfig, field_types, load_config, to_dict
+
+SPEC_KEYS = {"name", "title", "recipe", "base", "warm", "eval", "arms", "comparisons", "metrics", "out", "results",
+             "alpha", "power", "primary_bucket", "notes"}
+ARM_KEYS = {"kind", "match_flops", "contexts_of", "label_tokens", "model", "description"}
+WARM = {"fraction": 0.2, "steps": 40, "batch": 16, "lr": 1e-5}  # a spec's `warm:` overrides these
+METRICS = ("ntr_accuracy", "ntr_greedy_accuracy", "ntr_pass_at_k", "ntp_accuracy")
+MATCHED_STEPS = 10**6  # a FLOP-matched arm stops at its budget; this only caps the step loop
+
+
+# ---- the spec -----------------------------------------------------------------------------------------------------
+
+@dataclass(kw_only=True, slots=True)
+class Arm:
+    name: str
+    kind: str
+    options: dict  # TrainConfig overrides (already type-checked)
+    match_flops: str | None = None  # train until this arm's FLOPs are spent (sft)
+    contexts_of: str | None = None  # train on exactly the contexts this arm rolled out (sft)
+    label_tokens: int = 1  # sft: label tokens in the supervised answer
+    model: str | None = None  # eval: the model to evaluate (default: the experiment's start model)
+    description: str = ""
+
+    def depends_on(self) -> list[str]:
+        return [a for a in (self.match_flops, self.contexts_of) if a]
+
+
+@dataclass(kw_only=True, slots=True)
+class Spec:
+    path: str
+    name: str
+    title: str
+    train: dict  # options every arm starts from (TrainConfig keys)
+    eval: dict  # the eval design (EvalConfig keys)
+    warm: dict | None
+    arms: dict[str, Arm]
+    comparisons: list[tuple[str, str]]
+    metrics: tuple[str, ...] = METRICS
+    out: str = ""
+    results: str = "results"
+    alpha: float = 0.05
+    power: float = 0.8
+    primary_bucket: str = "all"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def arms_dir(self) -> Path:
+        return Path(self.results) / f"{self.name}.arms"
+
+
+def _norm(d: dict) -> dict:
+    return {str(k).replace("-", "_"): v for k, v in (d or {}).items()}
+
+
+def _options(where: str, raw: dict, classes) -> dict:
+    """`raw` option values checked against the fields of `classes` (the first that has each key sets its type)."""
+    from rpt_train.config import coerce
+
+    out = {}
+    for key, value in _norm(raw).items():
+        cls = next((c for c in classes if key in field_types(c)), None)
+        if cls is None:
+            raise UserError(f"{where}: unknown option '{key}' (an option of `rpt-train run` or `rpt-train eval`, "
+                            "see docs/cli.md)")
+        out[key] = coerce(key, field_types(cls)[key], value)
+    return out
+
+
+def load_spec(path: str) -> Spec:
+    """Read and check a spec; every problem is one sentence naming the file and the key."""
+    raw = _norm(read_yaml(path))
+    unknown = sorted(set(raw) - SPEC_KEYS)
+    if unknown:
+        raise UserError(f"spec '{path}': unknown key(s) {unknown}; known: {sorted(SPEC_KEYS)}")
+    here = Path(path).parent
+    recipe: dict = {}
+    if raw.get("recipe"):  # a run/eval recipe: its flat keys, then its run: and eval: sections
+        rp = Path(raw["recipe"])
+        rp = rp if rp.exists() else here / rp
+        recipe = _norm(read_yaml(str(rp)))
+    flat = {k: v for k, v in recipe.items() if k not in ("run", "train", "eval", "tag", "export", "warm")}
+    train = {**flat, **_norm(recipe.get("run") or recipe.get("train")), **_norm(raw.get("base"))}
+    train = _options(f"spec '{path}' (recipe/base)", train, (TrainConfig, EvalConfig))
+    design = {**flat, **_norm(recipe.get("eval")), **_norm(raw.get("base")), **_norm(raw.get("eval"))}
+    design = _options(f"spec '{path}' (eval)", design, (EvalConfig, TrainConfig))
+    warm = raw.get("warm", recipe.get("warm"))
+    if warm is not None:
+        warm = _norm(warm)
+        bad = set(warm) - set(WARM)
+        if bad:
+            raise UserError(f"spec '{path}': unknown warm: key(s) {sorted(bad)}; known: {sorted(WARM)}")
+        warm = {**WARM, **warm}
+    if not isinstance(raw.get("arms"), dict) or not raw["arms"]:
+        raise UserError(f"spec '{path}': `arms:` must map arm names to a kind and options, e.g. `before: {{kind: "
+                        "eval}`")
+    arms = {}
+    for name, a in raw["arms"].items():
+        a = _norm(a or {})
+        where = f"spec '{path}', arm '{name}'"
+        kind = a.pop("kind", None)
+        if kind not in ARM_KINDS:
+            raise UserError(f"{where}: kind {kind!r} is not one of {sorted(ARM_KINDS)}")
+        extra = {k: a.pop(k) for k in list(a) if k in ARM_KEYS and not (k == "model" and kind != "eval")}
+        arms[str(name)] = Arm(name=str(name), kind=kind, options=_options(where, a, (TrainConfig,)), **extra)
+    for arm in arms.values():
+        for dep in arm.depends_on():
+            if dep not in arms:
+                raise UserError(f"spec '{path}', arm '{arm.name}': refers to arm '{dep}', which the spec does not have")
+            if not ARM_KINDS[arms[dep].kind].trains:
+                raise UserError(f"spec '{path}', arm '{arm.name}': arm '{dep}' trains nothing to match or copy")
+        if (arm.match_flops or arm.contexts_of) and arm.kind != "sft":
+            raise UserError(f"spec '{path}', arm '{arm.name}': match_flops / contexts_of are options of sft arms")
+        if arm.match_flops and arm.contexts_of:
+            raise UserError(f"spec '{path}', arm '{arm.name}': give match_flops or contexts_of, not both")
+    comparisons = []
+    for c in raw.get("comparisons") or []:
+        pair = (c.get("a"), c.get("b")) if isinstance(c, dict) else tuple(c) if isinstance(c, (list, tuple)) else ()
+        if len(pair) != 2 or any(x not in arms for x in pair):
+            raise UserError(f"spec '{path}': comparison {c!r} must name two arms of the spec, e.g. [rpt, before]")
+        comparisons.append(tuple(map(str, pair)))
+    metrics = tuple(raw.get("metrics") or METRICS)
+    if set(metrics) - set(METRICS):
+        raise UserError(f"spec '{path}': metrics must be among {list(METRICS)}")
+    name = str(raw.get("name") or Path(path).stem)
+    spec = Spec(path=str(path), name=name, title=str(raw.get("title") or name), train=train, eval=design, warm=warm,
+                arms=arms, comparisons=comparisons, metrics=metrics,
+                out=str(raw.get("out") or Path("out") / "experiments" / name),
+                results=str(raw.get("results") or "results"), alpha=float(raw.get("alpha", 0.05)),
+                power=float(raw.get("power", 0.8)), primary_bucket=str(raw.get("primary_bucket", "all")),
+                notes=list(raw.get("notes") or []))
+    for arm in arms.values():  # every arm's config must load now, not after an hour of another arm's training
+        Experiment(spec).train_config(arm, check_only=True)
+    Experiment(spec).eval_config("demo")
+    return spec
+
+
+# ---- arm kinds ------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ArmKind:
+    name: str
+    trains: bool
+    run: Callable  # (Experiment, Arm) -> (model to evaluate, facts for the record)
+    help: str
+
+
+ARM_KINDS: dict[str, ArmKind] = {}
+
+
+def register_arm_kind(name: str, help: str, trains: bool = True):
+    """Decorator: `fn(exp, arm) -> (model path or spec to evaluate, dict of facts)` becomes arm kind `name`."""
+    def deco(fn):
+        ARM_KINDS[name] = ArmKind(name=name, trains=trains, run=fn, help=help)
+        return fn
+    return deco
+
+
+@register_arm_kind("eval", "evaluate a model as it is (the start model, or the arm's `model:`)", trains=False)
+def _eval_arm(exp: "Experiment", arm: Arm):
+    return arm.model or exp.start_model(), {}
+
+
+@register_arm_kind("rpt", "rpt-train run with the arm's options (the prefix-match reward)")
+def _rpt_arm(exp: "Experiment", arm: Arm):
+    from rpt_train.trainer import train
+
+    cfg = exp.train_config(arm)
+    train(cfg)
+    return cfg.out, {"train_config": to_dict(cfg)}
+
+
+def shuffled_reward(seed: int):
+    """The RPT reward permuted across each round's rollouts: same reward mix, no information about the answers."""
+    from rpt_train.reward import prefix_match
+
+    rng = random.Random(seed)
+
+    def fn(items):
+        r = [1.0 if prefix_match(x.answer, x.label_tokens) else 0.0 for x in items]
+        rng.shuffle(r)
+        return r
+    return fn
+
+
+@register_arm_kind("shuffled", "rpt with rewards shuffled across each round's rollouts (isolates the reward signal)")
+def _shuffled_arm(exp: "Experiment", arm: Arm):
+    from rpt_train.trainer import train
+
+    cfg = exp.train_config(arm, {"reward_correct": 0.0})  # the prefix-match reward comes back permuted
+    train(cfg, reward_fns=[shuffled_reward(cfg.seed)])
+    return cfg.out, {"train_config": to_dict(cfg)}
+
+
+@register_arm_kind("sft", "supervised cross-entropy on the true next token(s) in the answer format: on the contexts "
+                   "another arm rolled out (contexts_of), with another arm's FLOPs (match_flops), or steps x "
+                   "batch-prompts contexts of the training stream")
+def _sft_arm(exp: "Experiment", arm: Arm):
+    from rpt_train.sft import next_contexts, same_contexts, sft_train
+
+    if arm.contexts_of:
+        path = exp.kept_contexts(arm.contexts_of)
+        steps = len({json.loads(x)["step"] for x in path.read_text().splitlines() if x.strip()})
+        cfg = exp.train_config(arm, {"steps": steps})
+        totals = sft_train(cfg, same_contexts(path), arm.label_tokens)
+    elif arm.match_flops:
+        target = exp.finished(arm.match_flops)["compute"]["flops"]
+        if target is None:
+            raise UserError(f"arm '{arm.name}': arm '{arm.match_flops}' has no FLOP count (an older record): "
+                            "rerun it with `--rerun` to match it")
+        cfg = exp.train_config(arm, {"steps": arm.options.get("steps", MATCHED_STEPS)})
+        if cfg.lr_schedule != "constant":
+            raise UserError(f"arm '{arm.name}': a FLOP-matched arm's step count is known only at the end; use "
+                            "lr_schedule: constant")
+        budget = matched_tokens(target, exp.params(cfg.model))
+        totals = sft_train(cfg, next_contexts(cfg.batch_prompts), arm.label_tokens, max_tokens=budget)
+        totals["matched_flops"] = target
+    else:
+        cfg = exp.train_config(arm)
+        totals = sft_train(cfg, next_contexts(cfg.batch_prompts), arm.label_tokens)
+    return str(Path(cfg.out) / "model"), {"sft": totals, "train_config": to_dict(cfg)}
+
+
+# ---- compute ---------------------------------------------------------------------------------------------------------
+
+def non_embedding_params(model: str) -> int:
+    """N of the FLOP formula: the model's parameters without its token embedding (and without an untied output
+    embedding), counted on the meta device from its config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rpt_common.models import resolve_model_path
+    from rpt_train.policy import resolve_policy
+
+    directory, gguf = resolve_model_path(resolve_policy(model))
+    config = AutoConfig.from_pretrained(directory, **({"gguf_file": gguf} if gguf else {}))
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(config)
+    skip = {id(m.get_input_embeddings().weight)}
+    out_emb = m.get_output_embeddings()
+    if out_emb is not None:
+        skip.add(id(out_emb.weight))
+    return sum(p.numel() for p in m.parameters() if id(p) not in skip)
+
+
+def flops(n_params: int, forward_tokens: int | None, backward_tokens: int | None) -> float | None:
+    """2 N per token forward, 4 N per token backward (Kaplan et al. 2020), N = non-embedding parameters."""
+    if forward_tokens is None or backward_tokens is None:
+        return None
+    return 2.0 * n_params * forward_tokens + 4.0 * n_params * backward_tokens
+
+
+def matched_tokens(target_flops: float, n_params: int) -> int:
+    """Tokens an SFT arm may train (each one forward and backward: 6 N FLOPs) within `target_flops`."""
+    return int(target_flops // (6 * n_params))
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"GPU ({torch.cuda.get_device_name(0)})"
+    return (f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+            f"{torch.get_num_threads()} threads)")
+
+
+def compute_of(metrics: list[dict], n_params: int) -> dict:
+    """Training compute summed over an arm's metrics.jsonl (None where the run logged no such counter)."""
+    def total(key):
+        vals = [m.get(key) for m in metrics]
+        return None if any(v is None for v in vals) else int(sum(vals))
+    if not metrics:
+        return {"rollout_tokens": 0, "forward_tokens": 0, "backward_tokens": 0, "flops": 0.0, "train_seconds": 0.0}
+    fwd, bwd = total("forward_tokens"), total("backward_tokens")
+    return {"rollout_tokens": total("rollout_tokens") or 0, "forward_tokens": fwd, "backward_tokens": bwd,
+            "flops": flops(n_params, fwd, bwd), "train_seconds": round(sum(m.get("seconds", 0) for m in metrics), 1)}
+
+
+# ---- running -----------------------------------------------------------------------------------------------------------
+
+class Experiment:
+    """One spec on this machine: where its work goes (OUT/ARM/train), where finished arms are kept
+    (RESULTS/NAME.arms/), the start model (the warm start's when the spec has one)."""
+
+    def __init__(self, spec: Spec):
+        self.spec = spec
+        self.root = Path(spec.out)
+        self.kept = spec.arms_dir
+        self._params: dict[str, int] = {}
+
+    # configs
+    def start_model(self) -> str:
+        return str(self.root / "warm" / "train" / "model") if self.spec.warm else self.spec.train.get("model", "demo")
+
+    def train_config(self, arm: Arm, extra: dict | None = None, check_only: bool = False) -> TrainConfig:
+        options = {**self.spec.train, **arm.options, **(extra or {})}
+        options = {k: v for k, v in options.items() if k in field_types(TrainConfig)}
+        options |= {"out": str(self.root / arm.name / "train"), "resume": True}
+        if self.spec.warm:  # every arm starts from the warm-started model and never trains on its documents
+            options |= {"model": self.start_model(), "exclude_docs": str(self.root / "warm" / "docs.txt")}
+        if check_only:
+            options["exclude_docs"] = ""
+        return load_config(TrainConfig, None, options)
+
+    def eval_config(self, model: str) -> EvalConfig:
+        design = {k: v for k, v in self.spec.eval.items() if k in field_types(EvalConfig)}
+        return load_config(EvalConfig, None, {"split": "heldout", **design, "model": model, "out": ""})
+
+    def params(self, model: str) -> int:
+        if model not in self._params:
+            self._params[model] = non_embedding_params(model)
+        return self._params[model]
+
+    # finished arms
+    def record_path(self, arm: str) -> Path:
+        return self.kept / f"{arm}.json"
+
+    def finished(self, arm: str) -> dict:
+        p = self.record_path(arm)
+        if not p.exists():
+            raise UserError(f"arm '{arm}' is not finished ('{p}' is missing); run `rpt-train experiment "
+                            f"{self.spec.path} {arm}` first")
+        return json.loads(p.read_text())
+
+    def kept_contexts(self, arm: str) -> Path:
+        """The contexts an RPT arm rolled out: this machine's run, else the copy kept beside its record."""
+        self.finished(arm)
+        for p in (self.root / arm / "train" / "contexts.jsonl", self.kept / f"{arm}.contexts.jsonl"):
+            if p.exists():
+                return p
+        raise UserError(f"arm '{arm}' is finished but its contexts.jsonl is neither in '{self.root / arm}' nor kept "
+                        f"in '{self.kept}'")
+
+    def order(self, names: list[str] | None) -> list[str]:
+        """The arms to run, each after the arms it depends on (those must be asked for too, or finished)."""
+        names = names or list(self.spec.arms)
+        bad = [n for n in names if n not in self.spec.arms]
+        if bad:
+            raise UserError(f"spec '{self.spec.path}' has no arm(s) {bad}; its arms: {list(self.spec.arms)}")
+        done, out = set(), []
+
+        def visit(n: str):
+            if n in done:
+                return
+            done.add(n)
+            for d in self.spec.arms[n].depends_on():
+                if d in names:
+                    visit(d)
+                elif not self.record_path(d).exists():
+                    raise UserError(f"arm '{n}' needs arm '{d}' finished first; run `rpt-train experiment "
+                                    f"{self.spec.path} {d} {n}`")
+            out.append(n)
+        for n in names:
+            visit(n)
+        return out
+
+    # stages
+    def warm_start(self) -> dict | None:
+        """SFT on the warm documents (neither held out nor trained on by any arm: a second hash of doc_id) into
+        OUT/warm/train/model; OUT/warm/docs.txt lists them. Done when its model and warm.json exist."""
+        if not self.spec.warm:
+            return None
+        from rpt_train.samples import is_heldout
+        from rpt_train.sft import next_contexts, sft_train
+
+        w, done = self.spec.warm, self.root / "warm" / "warm.json"
+        if done.exists() and (self.root / "warm" / "train" / "model" / "config.json").exists():
+            return json.loads(done.read_text())
+        base = load_config(TrainConfig, None, {k: v for k, v in self.spec.train.items()
+                                               if k in field_types(TrainConfig)})
+        docs = doc_ids(base.shards)
+        held = {d for d in docs if is_heldout(d, base.heldout_fraction, base.split_seed)}
+        chosen = [d for d in docs if d not in held and is_heldout(d, w["fraction"], base.split_seed + 1)]
+        if not chosen:
+            raise UserError(f"spec '{self.spec.path}': no document falls in the warm fraction {w['fraction']}; "
+                            "raise warm: fraction")
+        (self.root / "warm").mkdir(parents=True, exist_ok=True)
+        (self.root / "warm" / "docs.txt").write_text("".join(d + "\n" for d in chosen))
+        (self.root / "warm" / "rest.txt").write_text("".join(d + "\n" for d in docs if d not in set(chosen)))
+        cfg = load_config(TrainConfig, None, {**to_dict(base), "exclude_docs": str(self.root / "warm" / "rest.txt"),
+                                              "out": str(self.root / "warm" / "train"), "steps": w["steps"],
+                                              "batch_prompts": w["batch"], "lr": w["lr"], "warmup_steps": 0,
+                                              "lr_schedule": "constant", "save_every": w["steps"],
+                                              # rest.txt excludes the held-out documents already: same positions,
+                                              # and the split check has nothing to refuse
+                                              "heldout_fraction": 0.0})
+        t0 = time.perf_counter()
+        totals = sft_train(cfg, next_contexts(w["batch"]))
+        from rpt_train.sft import read_jsonl
+
+        metrics = read_jsonl(Path(cfg.out) / "metrics.jsonl")
+        record = {"documents": len(chosen), "heldout_documents": len(held), "all_documents": len(docs), **w,
+                  "base_model": base.model, "seconds": round(time.perf_counter() - t0, 1), "machine": machine(),
+                  "sft": totals, "compute": compute_of(metrics, self.params(base.model)),
+                  "loss_first": metrics[0]["loss"], "loss_last": metrics[-1]["loss"]}
+        write_json(record, done)
+        keep_copy(done, self.kept / "warm.json")
+        return record
+
+    def run_arm(self, name: str, rerun: bool = False) -> Path:
+        """Train (by its kind) and evaluate one arm, unless its record is kept already; the record is written the
+        moment the arm finishes, with the metrics (and a trainer's contexts) beside it."""
+        arm, path = self.spec.arms[name], self.record_path(name)
+        if rerun:
+            path.unlink(missing_ok=True)
+            shutil.rmtree(self.root / name, ignore_errors=True)
+        elif path.exists():
+            print(f"{name}: done ({path})")
+            return path
+        self.warm_start()
+        kind = ARM_KINDS[arm.kind]
+        t0 = time.perf_counter()
+        model, facts = kind.run(self, arm)
+        train_wall = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        result = run_eval(self.eval_config(model))
+        eval_seconds = time.perf_counter() - t1
+        work = self.root / name / "train"
+        from rpt_train.sft import read_jsonl
+
+        metrics = read_jsonl(work / "metrics.jsonl") if kind.trains else []
+        n = self.params(model)
+        compute = compute_of(metrics, n) | {"params": n, "eval_seconds": round(eval_seconds, 1),
+                                            "seconds": round(train_wall + eval_seconds, 1), "machine": machine()}
+        record = {"arm": name, "kind": arm.kind, "options": arm.options, "match_flops": arm.match_flops,
+                  "contexts_of": arm.contexts_of, "model": model, "eval": result, "compute": compute,
+                  "train_config": None, **facts, "eval_config": to_dict(self.eval_config(model)),
+                  "spec": self.spec.path}
+        if metrics:
+            keep_copy(work / "metrics.jsonl", self.kept / f"{name}.metrics.jsonl")
+        keep_copy(work / "contexts.jsonl", self.kept / f"{name}.contexts.jsonl")
+        write_json(record, path)
+        print(f"{name}: " + ", ".join(f"{b} {result[b]['ntr_accuracy']:.3f}" for b in ("easy", "medium", "hard", "all")
+                                      if result[b]["ntr_accuracy"] is not None) + f" -> {path}", flush=True)
+        return path
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """The held-out evaluation of one model, with every position's outcomes (the report pairs arms on them)."""
+    from rpt_train.evaluate import evaluate
+    from rpt_train.policy import eos_ids, load_policy
+    from rpt_train.rollout import HFRollout, autocast_bf16
+    from rpt_train.trainer import seed_everything
+
+    seed_everything(cfg.seed)
+    policy = load_policy(cfg.model, cfg.device, cfg.dtype)
+    engine = HFRollout(policy.model, policy.tokenizer, eos_ids(policy), cfg.rollout_batch_size)
+    with autocast_bf16(next(policy.model.parameters()).device):
+        return evaluate(policy.model, policy.tokenizer, engine, cfg, details=True)
+
+
+def doc_ids(shards: str) -> list[str]:
+    """Every document id of the shards, sorted."""
+    import pyarrow.parquet as pq
+
+    from rpt_train.samples import ShardSet
+
+    return sorted({d for path in ShardSet(shards).paths for d in pq.read_table(path, columns=["doc_id"])
+                   .column("doc_id").to_pylist()})
+
+
+def write_json(obj: dict, path: Path) -> None:
+    from rpt_train.evaluate import write_json as _write
+
+    _write(obj, path)
+
+
+def keep_copy(path: Path, keep: Path) -> None:
+    if path.exists():
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        tmp = keep.with_name(keep.name + ".tmp")
+        shutil.copyfile(path, tmp)
+        tmp.replace(keep)
+
+
+def run_experiment(spec_path: str, arms: list[str] | None = None, *, report_only: bool = False,
+                   rerun: bool = False) -> Path:
+    """Run the asked arms (all by default) that are not finished, then write the report; returns its JSON path."""
+    from rpt_train.report import write_report
+
+    spec = load_spec(spec_path)
+    exp = Experiment(spec)
+    if not report_only:
+        for name in exp.order(arms):
+            exp.run_arm(name, rerun=rerun)
+    return write_report(spec)

@@ -1,0 +1,251 @@
+"""The report of an experiment (rpt_train/experiment.py): RESULTS/NAME.{json,md,png} from the finished arms' records.
+
+JSON (the layout of DESIGN.md, "Experiment reports"): `arms` (arm -> bucket -> eval fields with Wilson intervals
+and the multi-token fields), `compute` (arm -> tokens, FLOPs by `flops_formula`, seconds, machine), `comparisons`
+(each declared pair: per metric and bucket the paired difference over the same positions, its interval, p-value,
+design effect and detectable effect, and a verdict), `verdict` (the comparisons' verdicts in one text)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rpt_train.evaluate import EVAL_BUCKETS, MTP_FIELDS
+from rpt_train.stats import paired_difference
+
+FIELDS = ("n", "ntr_accuracy", "ntr_greedy_accuracy", "ntr_pass_at_k", "answer_rate", "ntp_accuracy")
+TITLES = {"ntr_accuracy": "NTR accuracy (sampled)", "ntr_greedy_accuracy": "NTR accuracy (greedy)",
+          "ntr_pass_at_k": "NTR pass@k", "ntp_accuracy": "NTP accuracy (greedy next token)"}
+FLOPS_FORMULA = ("flops = 2 N forward_tokens + 4 N backward_tokens, N = non-embedding parameters (Kaplan et al. "
+                 "2020: the token embedding and the output head are left out). forward_tokens: rollout prefill (each "
+                 "distinct prompt once) + generated tokens + the learnability sampler's scoring pass + the update's "
+                 "forward passes (old / reference log-probs included); backward_tokens: the update's backward passes "
+                 "(SFT: every token of every row). Evaluation is the same for every arm and not counted.")
+COMPUTE = ("rollout_tokens", "forward_tokens", "backward_tokens", "flops", "seconds", "machine")
+
+
+def outcome(position: dict, metric: str) -> float:
+    """One position's 0/1 outcome under `metric` (from an eval record's `positions`)."""
+    if metric == "ntr_accuracy":
+        return float(position["correct"][0])
+    if metric == "ntr_pass_at_k":
+        return float(any(position["correct"]))
+    return float(position["greedy_correct" if metric == "ntr_greedy_accuracy" else "ntp_correct"])
+
+
+def arm_buckets(record: dict) -> dict:
+    """bucket -> the eval fields of an arm record (multi-token fields None in records written before they existed)."""
+    ev = record["eval"]
+    return {b: {f: ev[b].get(f) for f in FIELDS} | {f"{m}_ci": ev[b].get(f"{m}_ci") for m in TITLES}
+            | {f: ev[b].get(f) for f in MTP_FIELDS} for b in EVAL_BUCKETS}
+
+
+def arm_compute(record: dict) -> dict:
+    """The compute fields of an arm record; records of the bespoke power script (issue 23) lack the token counters:
+    None there."""
+    c = record.get("compute") or {}
+    out = {k: c.get(k) for k in COMPUTE}
+    out["seconds"] = out["seconds"] if out["seconds"] is not None else record.get("seconds")
+    out["machine"] = out["machine"] or record.get("device")
+    if record.get("kind") == "eval":
+        out |= {k: out[k] or 0 for k in ("rollout_tokens", "forward_tokens", "backward_tokens", "flops")}
+    for k in ("params", "train_seconds", "eval_seconds", "contexts", "groups_trained", "trained_tokens"):
+        if c.get(k) is not None:
+            out[k] = c[k]
+    sft = record.get("sft")
+    if sft:
+        out |= {"contexts": sft.get("contexts"), "trained_tokens": sft.get("trained_tokens"),
+                "budget_tokens": sft.get("budget_tokens")}
+    return out
+
+
+def compare(ra: dict, rb: dict, metric: str, alpha: float, power: float) -> dict:
+    """Per bucket: the paired difference a - b over the positions both arms evaluated (matched by key)."""
+    pa = {p["key"]: p for p in ra["eval"]["positions"]}
+    pb = {p["key"]: p for p in rb["eval"]["positions"]}
+    out = {}
+    for b in EVAL_BUCKETS:
+        keys = [k for k in ra["eval"]["chosen"][b] if k in pb and k in set(rb["eval"]["chosen"][b])]
+        if len(keys) < 2:
+            continue
+        r = paired_difference([outcome(pa[k], metric) for k in keys], [outcome(pb[k], metric) for k in keys],
+                              [pa[k]["doc_id"] for k in keys], alpha, power)
+        out[b] = {"a": sum(outcome(pa[k], metric) for k in keys) / len(keys),
+                  "b": sum(outcome(pb[k], metric) for k in keys) / len(keys)} | r
+    return out
+
+
+def verdict_of(name: str, c: dict, metric: str, bucket: str, alpha: float, ca: dict, cb: dict) -> str:
+    r = c.get(bucket)
+    if r is None or r["diff"] is None:
+        return f"{name}: no paired positions in `{bucket}`."
+    a, b = name.split(" - ")
+    if r["p_value"] < alpha:
+        head = f"{a} {'above' if r['diff'] > 0 else 'below'} {b}"
+    else:
+        head = f"no significant difference (this design detects {r['detectable_effect']:.3f})"
+    text = (f"{name}: {TITLES[metric]} on `{bucket}` {r['a']:.3f} vs {r['b']:.3f}, {r['diff']:+.3f} "
+            f"[{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}], p = {r['p_value']:.3f} (paired, n = {r['n']}, design effect "
+            f"{r['design_effect']:.2f}): {head}")
+    if ca.get("flops") and cb.get("flops"):
+        text += f"; {a} used {ca['flops'] / cb['flops']:.2f}x the FLOPs of {b}"
+    return text + "."
+
+
+def build_report(spec) -> dict:
+    """The report dict of a spec from its finished arms (missing ones listed: an interim report)."""
+    kept = spec.arms_dir
+    records, missing = {}, []
+    for name in spec.arms:
+        p = kept / f"{name}.json"
+        if p.exists():
+            records[name] = json.loads(p.read_text())
+        else:
+            missing.append(name)
+    arms = {a: arm_buckets(r) for a, r in records.items()}
+    compute = {a: arm_compute(r) for a, r in records.items()}
+    comparisons, verdicts = {}, []
+    for a, b in spec.comparisons:
+        if a not in records or b not in records:
+            continue
+        name = f"{a} - {b}"
+        by_metric = {m: compare(records[a], records[b], m, spec.alpha, spec.power) for m in spec.metrics}
+        mtp = {bk: (None if arms[a][bk]["right_tokens_mean"] is None or arms[b][bk]["right_tokens_mean"] is None
+                    else arms[a][bk]["right_tokens_mean"] - arms[b][bk]["right_tokens_mean"]) for bk in EVAL_BUCKETS}
+        primary = spec.metrics[0]
+        v = verdict_of(name, by_metric[primary], primary, spec.primary_bucket, spec.alpha, compute[a], compute[b])
+        comparisons[name] = {"a": a, "b": b, "metric": primary, "buckets": by_metric[primary],
+                             "by_metric": by_metric, "right_tokens_mean_diff": mtp, "verdict": v}
+        verdicts.append(v)
+    warm = kept / "warm.json"
+    verdict = " ".join(verdicts) or "No declared comparison has both arms finished yet."
+    if missing:
+        verdict += f" Interim: arm(s) {', '.join(missing)} not run yet."
+    return {"name": spec.name, "title": spec.title, "spec": spec.path, "eval_design": spec.eval,
+            "arms": arms, "compute": compute, "flops_formula": FLOPS_FORMULA, "comparisons": comparisons,
+            "verdict": verdict, "missing_arms": missing, "alpha": spec.alpha, "power": spec.power,
+            "test": "paired difference over the same held-out positions, normal interval, variance x design effect "
+                    "1 + (m - 1) ICC of the differences grouped by problem",
+            "warm_start": json.loads(warm.read_text()) if warm.exists() else None, "notes": spec.notes}
+
+
+def arm_metrics(spec, arm: str) -> list[dict]:
+    """An arm's per-step training metrics: this machine's run, else the copy kept beside its record."""
+    from rpt_train.sft import read_jsonl
+
+    for p in (Path(spec.out) / arm / "train" / "metrics.jsonl", spec.arms_dir / f"{arm}.metrics.jsonl"):
+        if p.exists():
+            return read_jsonl(p)
+    return []
+
+
+def cell(r: dict, key: str) -> str:
+    if r.get(key) is None:
+        return "-"
+    ci = r.get(f"{key}_ci")
+    return f"{r[key]:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{r[key]:.3f}"
+
+
+def num(v, fmt: str = "{:,}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def markdown(res: dict, png: str) -> str:
+    head = "| arm | " + " | ".join(EVAL_BUCKETS) + " |"
+    rule = "|---|" + "---|" * len(EVAL_BUCKETS)
+    design = res["eval_design"]
+    lines = [f"# {res['title']}", "",
+             f"Spec `{res['spec']}`. Held-out positions: up to {design.get('limit', '?')} per bucket, "
+             f"{design.get('samples', '?')} samples each, eval seed {design.get('seed', 0)}; 95% Wilson intervals in "
+             "brackets.", ""]
+    if res.get("warm_start"):
+        w = res["warm_start"]
+        lines += [f"Warm start (the start of every arm): SFT on {w['documents']} documents neither held out nor "
+                  f"trained on by an arm, {w['steps']} steps of {w['batch']} contexts, lr {w['lr']:g}; loss "
+                  f"{w['loss_first']:.3f} -> {w['loss_last']:.3f}.", ""]
+    lines += ["## Compute per arm", "", FLOPS_FORMULA, "",
+              "| arm | rollout tokens | forward tokens | backward tokens | FLOPs | seconds | machine |",
+              "|---|---|---|---|---|---|---|"]
+    for a, c in res["compute"].items():
+        lines.append(f"| {a} | {num(c['rollout_tokens'])} | {num(c['forward_tokens'])} | {num(c['backward_tokens'])} "
+                     f"| {num(c['flops'], '{:.3g}')} | {num(c['seconds'], '{:.0f}')} | {c['machine'] or '-'} |")
+    for key, title in TITLES.items():
+        lines += ["", f"## {title}", "", head, rule]
+        lines += [f"| {a} | " + " | ".join(cell(r[b], key) for b in EVAL_BUCKETS) + " |" for a, r in res["arms"].items()]
+    lines += ["", "## Multi-token prediction (right sampled answers)", "",
+              "Cells: mean length of a right answer in label tokens / in bytes / share longer than one token.", "",
+              head, rule]
+    for a, r in res["arms"].items():
+        lines.append(f"| {a} | " + " | ".join(
+            "-" if r[b]["right_tokens_mean"] is None else
+            f"{r[b]['right_tokens_mean']:.2f} / {r[b]['right_bytes_mean']:.1f} / {r[b]['multi_token_share']:.2f}"
+            for b in EVAL_BUCKETS) + " |")
+    if res["comparisons"]:
+        lines += ["", f"## Comparisons ({res['test']}; alpha {res['alpha']})", "",
+                  "Cells: difference [95% interval] (p; design effect; detectable effect at power "
+                  f"{res['power']}).", ""]
+        metrics = next(iter(res["comparisons"].values()))["by_metric"]
+        for m in metrics:
+            lines += [f"{TITLES[m]}:", "", "| comparison | " + " | ".join(EVAL_BUCKETS) + " |", rule]
+            for name, c in res["comparisons"].items():
+                lines.append(f"| {name} | " + " | ".join(
+                    "-" if b not in c["by_metric"][m] else
+                    "{diff:+.3f} [{lo:+.2f}, {hi:+.2f}] (p {p:.3f}; {d:.2f}; {e:.3f})".format(
+                        diff=c["by_metric"][m][b]["diff"], lo=c["by_metric"][m][b]["ci"][0],
+                        hi=c["by_metric"][m][b]["ci"][1], p=c["by_metric"][m][b]["p_value"],
+                        d=c["by_metric"][m][b]["design_effect"], e=c["by_metric"][m][b]["detectable_effect"])
+                    for b in EVAL_BUCKETS) + " |")
+            lines.append("")
+        lines += ["Right-answer length (tokens), difference of means:", "",
+                  "| comparison | " + " | ".join(EVAL_BUCKETS) + " |", rule]
+        for name, c in res["comparisons"].items():
+            lines.append(f"| {name} | " + " | ".join(num(c["right_tokens_mean_diff"][b], "{:+.2f}")
+                                                   for b in EVAL_BUCKETS) + " |")
+    lines += ["", f"![accuracy per arm and training curves]({png})", "", "## Verdict", "", res["verdict"], ""]
+    if res.get("notes"):
+        lines += ["## Notes", ""] + [n + "\n" for n in res["notes"]]
+    return "\n".join(lines)
+
+
+def plot(res: dict, runs: dict[str, list[dict]], path: Path, metric: str, bucket: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.6))
+    names = list(res["arms"])
+    vals = [res["arms"][a][bucket][metric] or 0.0 for a in names]
+    cis = [res["arms"][a][bucket].get(f"{metric}_ci") or [v, v] for a, v in zip(names, vals)]
+    ax.bar(range(len(names)), vals, yerr=[[v - c[0] for v, c in zip(vals, cis)], [c[1] - v for v, c in zip(vals, cis)]],
+           capsize=4)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_title(f"{TITLES[metric]}, `{bucket}` (95% Wilson)")
+    for arm, metrics in runs.items():
+        pts = [(m["step"], m["reward"]) for m in metrics if m.get("reward") is not None]
+        if pts:
+            ax2.plot(*zip(*pts), marker=".", label=arm)
+    ax2.set_title("mean reward per training step")
+    ax2.set_xlabel("step")
+    if ax2.lines:
+        ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_report(spec) -> Path:
+    """RESULTS/NAME.json, .md and .png; the plot keeps an earlier one when no training metrics are left."""
+    from rpt_train.evaluate import write_json
+
+    res = build_report(spec)
+    dest = Path(spec.results)
+    dest.mkdir(parents=True, exist_ok=True)
+    json_path, md_path, png_path = dest / f"{spec.name}.json", dest / f"{spec.name}.md", dest / f"{spec.name}.png"
+    write_json(res, json_path)
+    runs = {a: arm_metrics(spec, a) for a in res["arms"]}
+    if res["arms"]:
+        plot(res, runs, png_path, spec.metrics[0], spec.primary_bucket)
+    md_path.write_text(markdown(res, png_path.name))
+    print(res["verdict"])
+    print(f"wrote {json_path}, {md_path}, {png_path}")
+    return json_path

@@ -1,0 +1,139 @@
+"""The supervised control of an RPT experiment: cross-entropy on the true continuation in the RPT answer format
+(`\\boxed{label}` then EOS) after the same prompt, with rpt-train's optimizer, lr schedule, gradient clipping and
+float32 masters. Checkpointed like `rpt-train run` (OUT/checkpoints/step-N), so a stopped arm resumes.
+
+Which contexts each step trains on is the caller's `batches(data, step)`: the next ones of the training stream (a
+warm start, a FLOP-matched arm) or exactly those an RPT run rolled out (its contexts.jsonl). `max_tokens` stops
+before the first step that would pass a token budget (a FLOP-matched arm)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from rpt_common.errors import UserError
+from rpt_train.config import TrainConfig, to_dict
+
+
+def answer_target(label: str, response_prefix: str) -> str:
+    """What the policy should generate after the prompt for `label`: the boxed answer minus the response prefix
+    that the prompt already ends with."""
+    answer = "\\boxed{" + label + "}"
+    return answer[len(response_prefix):] if response_prefix and answer.startswith(response_prefix) else answer
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()] if Path(path).exists() else []
+
+
+def same_contexts(path: Path):
+    """`batches` for sft_train: step by step, the contexts an RPT run rolled out (its contexts.jsonl at `path`)."""
+    steps = {r["step"]: r["contexts"] for r in read_jsonl(path)}
+
+    def batches(data, step: int) -> list:
+        return [s for s in data.build.many(steps.get(step, [])) if s is not None]
+    return batches
+
+
+def next_contexts(k: int):
+    """`batches` for sft_train: the next k contexts of the training stream at every step."""
+    return lambda data, step: data.next_batch(k)
+
+
+def sft_train(cfg: TrainConfig, batches, label_tokens: int = 1, max_tokens: int | None = None) -> dict:
+    """Supervised cross-entropy (token mean over the step's targets) on the first `label_tokens` label tokens in the
+    answer format, then EOS, of the contexts `batches(data, step)` gives at step 1..cfg.steps. Writes OUT/metrics.jsonl
+    (per step: loss, lr, grad_norm, target_tokens, forward_tokens = backward_tokens = every token of every row,
+    seconds), checkpoints every --save-every steps and at the end, and OUT/model. Resumes from OUT's latest checkpoint.
+    `max_tokens`: stop before the first step whose tokens would bring the total past it. Returns the totals."""
+    from rpt_train.checkpoint import latest_checkpoint, load_trainer_state, restore_rng, save_checkpoint
+    from rpt_train.metrics import MetricsLogger
+    from rpt_train.policy import load_policy
+    from rpt_train.precision import autocast
+    from rpt_train.samples import TrainSamples
+    from rpt_train.templates import PromptBuilder
+    from rpt_train.trainer import disable_dropout, lr_factor, seed_everything
+
+    if cfg.answer_format != "boxed":
+        raise UserError("the sft arm writes \\boxed{} answers; use --answer-format boxed")
+    out = Path(cfg.out)
+    if (out / "model" / "config.json").exists() and (out / "sft.json").exists():
+        return json.loads((out / "sft.json").read_text())  # finished
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = latest_checkpoint(out)
+    state = load_trainer_state(ckpt) if ckpt else None
+    seed_everything(cfg.seed)
+    # float32 masters; --dtype is the compute dtype only
+    policy = load_policy(str(ckpt) if ckpt else cfg.model, cfg.device, "float32")
+    model, tok = policy.model, policy.tokenizer
+    disable_dropout(model)
+    device = next(model.parameters()).device
+    data = TrainSamples(cfg, tok)
+    prompts = PromptBuilder(tok, cfg.template, cfg.chat_template, cfg.response_prefix)
+    eos = tok.eos_token_id
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg))
+    totals = {"steps": 0, "contexts": 0, "target_tokens": 0, "trained_tokens": 0, "label_tokens": label_tokens,
+              "budget_tokens": max_tokens}
+    start = 0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        data.load_state_dict(state["sampler"])
+        restore_rng(state["rng"])
+        totals, start = state["totals"], state["step"]
+    logger = MetricsLogger(str(out), start_step=start, total_steps=cfg.steps)
+    model.train()
+    for step in range(start + 1, cfg.steps + 1):
+        t0 = time.perf_counter()
+        rows = []
+        for s in batches(data, step):
+            target = tok(answer_target("".join(s.label_tokens[:label_tokens]), cfg.response_prefix),
+                         add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+            rows.append((prompts.ids(s.context), target))
+        if not rows:
+            continue
+        step_tokens = sum(len(p) + len(t) for p, t in rows)
+        if max_tokens is not None and totals["trained_tokens"] + step_tokens > max_tokens:
+            break  # the budget is spent: the next step would pass it
+        n_target = sum(len(t) for _, t in rows)
+        opt.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for i in range(0, len(rows), cfg.micro_batch_size):
+            micro = rows[i:i + cfg.micro_batch_size]
+            width = max(len(p) + len(t) for p, t in micro)
+            ids = torch.full((len(micro), width), tok.pad_token_id, dtype=torch.long)
+            attn = torch.zeros(len(micro), width, dtype=torch.long)
+            labels = torch.full((len(micro), width), -100, dtype=torch.long)
+            for r, (p, t) in enumerate(micro):  # right padding: positions stay 0..len-1 without position_ids
+                ids[r, :len(p) + len(t)] = torch.tensor(p + t)
+                attn[r, :len(p) + len(t)] = 1
+                labels[r, len(p):len(p) + len(t)] = torch.tensor(t)
+            with autocast(cfg, device):
+                logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:].to(device),
+                                                    ignore_index=-100, reduction="sum")
+            (nll / n_target).backward()  # token mean over the whole step's targets
+            loss_sum += float(nll.detach())
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
+        opt.step()
+        lr = sched.get_last_lr()[0]
+        sched.step()
+        totals = {**totals, "steps": step, "contexts": totals["contexts"] + len(rows),
+                  "target_tokens": totals["target_tokens"] + n_target,
+                  "trained_tokens": totals["trained_tokens"] + step_tokens}
+        logger.log({"step": step, "loss": loss_sum / n_target, "lr": lr, "grad_norm": grad_norm,
+                    "target_tokens": n_target, "tokens": totals["trained_tokens"], "contexts_drawn": len(rows),
+                    "rollout_tokens": 0, "forward_tokens": step_tokens, "backward_tokens": step_tokens,
+                    "seconds": time.perf_counter() - t0})
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            save_checkpoint(out, step, model, tok, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                                    "sampler": data.state_dict(), "totals": totals,
+                                                    "config": to_dict(cfg)}, keep=cfg.keep_checkpoints)
+    logger.close()
+    model.save_pretrained(out / "model")
+    tok.save_pretrained(out / "model")
+    (out / "sft.json").write_text(json.dumps(totals, indent=1))
+    return totals

@@ -1,0 +1,304 @@
+"""Issue 33: experiments as data. A smoke spec with every arm kind end to end on a tiny model; resume of a half-
+finished arm equals an uninterrupted one; the report's statistics against hand-computed values; FLOP matching; the
+trainer's token counters; multi-token prediction fields; the committed power experiment read by the new report."""
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from shard_fixtures import train_shards, tiny_tok  # noqa: F401
+
+from rpt_common.errors import UserError
+from rpt_train import experiment, report
+from rpt_train.config import TrainConfig
+from rpt_train.evaluate import EVAL_BUCKETS, Scored, matched_tokens, mtp_metrics
+from rpt_train.stats import paired_difference
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"heldout-fraction": 0.3, "split-seed": 4, "template": "answer-only", "chat-template": "off",
+        "response-prefix": "\\boxed{", "device": "cpu", "labels-length": 2, "max-new-tokens": 6, "steps": 2,
+        "batch-prompts": 2, "group-size": 4, "max-sampling-rounds": 1, "micro-batch-size": 4, "bucket": "all",
+        "save-every": 1, "log-samples-every": 0, "lr": 1e-3, "loss": "dapo",
+        "reward": ["shard_fixtures:length_reward"]}  # random tiny models never answer: a reward with variance
+
+
+def write_spec(tmp_path: Path, shards, model, arms: dict, warm=None, comparisons=(), **base) -> Path:
+    spec = {"title": "tiny", "out": str(tmp_path / "work"), "results": str(tmp_path / "results"),
+            "base": {"shards": str(shards), "model": str(model), **TINY, **base},
+            "eval": {"limit": 3, "samples": 2}, "arms": arms, "comparisons": [list(c) for c in comparisons]}
+    if warm:
+        spec["warm"] = warm
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "tiny-exp.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+# ---- the report's statistics against hand-computed values ---------------------------------------------------------
+
+# a: 1 1 0 1 1 0, b: 0 0 0 1 0 0 -> d = 1 1 0 0 1 0 over problems p p q q r r
+A, B, DOCS = [1, 1, 0, 1, 1, 0], [0, 0, 0, 1, 0, 0], ["p", "p", "q", "q", "r", "r"]
+# by hand: mean d = 0.5; var(d) (n - 1) = 6 x 0.25 / 5 = 0.3. ANOVA by problem: group means 1, 0, 0.5; MSB =
+# 2 (0.25 + 0.25 + 0) / 2 = 0.5, MSW = 0.5 / 3; m0 = (6 - 12 / 6) / 2 = 2; ICC = (0.5 - 1/6) / (0.5 + 1/6) = 0.5;
+# m = 12 / 6 = 2, design effect = 1 + (2 - 1) 0.5 = 1.5; SE = sqrt(0.3 / 6 x 1.5) = sqrt(0.075)
+SE = math.sqrt(0.075)
+Z95 = 1.959963984540054
+
+
+def test_paired_difference_matches_hand_computed_values():
+    r = paired_difference(A, B, DOCS)
+    assert r["diff"] == pytest.approx(0.5) and r["icc"] == pytest.approx(0.5)
+    assert r["design_effect"] == pytest.approx(1.5) and r["se"] == pytest.approx(SE)
+    assert r["ci"] == pytest.approx([0.5 - Z95 * SE, 0.5 + Z95 * SE])
+    assert r["p_value"] == pytest.approx(math.erfc(0.5 / SE / math.sqrt(2)), rel=1e-9)  # = 0.0679
+    assert r["p_value"] == pytest.approx(0.0679, abs=1e-4)
+    assert r["detectable_effect"] == pytest.approx((Z95 + 0.8416212335729143) * SE)
+    # independent problems (one position each): no design effect
+    assert paired_difference(A, B, list("abcdef"))["design_effect"] == 1.0
+    same = paired_difference([1, 0, 1], [1, 0, 1], list("abc"))
+    assert same["diff"] == 0 and same["p_value"] == 1.0
+
+
+def fake_record(kind: str, outcomes: list[int], keys: list[str], docs: list[str]) -> dict:
+    """An arm record whose every bucket holds the same positions with these sampled-NTR outcomes."""
+    from rpt_train.stats import wilson
+
+    positions = [{"key": k, "doc_id": d, "correct": [bool(o), False], "greedy_correct": bool(o), "ntp_correct": False,
+                  "right_tokens": [2 if o else 0, 0]} for k, d, o in zip(keys, docs, outcomes)]
+    p = sum(outcomes) / len(outcomes)
+    bucket = {"n": len(keys), "ntr_accuracy": p, "ntr_greedy_accuracy": p, "ntr_pass_at_k": p, "answer_rate": 1.0,
+              "ntp_accuracy": 0.0, "right_tokens_mean": 2.0 if p else None, "right_bytes_mean": 3.0 if p else None,
+              "multi_token_share": 1.0 if p else None, "right_answers": sum(outcomes)}
+    bucket |= {f"{m}_ci": wilson(bucket[m], len(keys)) for m in report.TITLES}
+    ev = {b: dict(bucket) for b in EVAL_BUCKETS} | {"positions": positions, "chosen": {b: keys for b in EVAL_BUCKETS}}
+    return {"kind": kind, "eval": ev, "compute": {"rollout_tokens": 10, "forward_tokens": 100, "backward_tokens": 20,
+                                                  "flops": 2e3 if kind != "eval" else 0, "seconds": 1.0,
+                                                  "machine": "test"}}
+
+
+def test_report_statistics_on_a_fixed_table(tmp_path):
+    spec_path = write_spec(tmp_path, "unused-shards", "demo", {"a": {"kind": "rpt"}, "b": {"kind": "eval"}},
+                           comparisons=[("a", "b")])
+    spec = experiment.load_spec(str(spec_path))
+    keys = [f"k{i}" for i in range(6)]
+    spec.arms_dir.mkdir(parents=True)
+    (spec.arms_dir / "a.json").write_text(json.dumps(fake_record("rpt", A, keys, DOCS)))
+    (spec.arms_dir / "b.json").write_text(json.dumps(fake_record("eval", B, keys, DOCS)))
+    res = json.loads(report.write_report(spec).read_text())
+    assert set(res) >= {"arms", "compute", "comparisons", "verdict", "flops_formula"}
+    c = res["comparisons"]["a - b"]["buckets"]["all"]
+    assert (c["diff"], c["design_effect"], c["a"], c["b"]) == pytest.approx((0.5, 1.5, 4 / 6, 1 / 6))
+    assert c["p_value"] == pytest.approx(math.erfc(0.5 / SE / math.sqrt(2)))
+    assert c["ci"] == pytest.approx([0.5 - Z95 * SE, 0.5 + Z95 * SE])
+    assert "no significant difference" in res["comparisons"]["a - b"]["verdict"]  # p = 0.068 > 0.05
+    assert res["compute"]["b"]["flops"] == 0 and res["compute"]["a"]["flops"] == 2e3
+    assert res["comparisons"]["a - b"]["right_tokens_mean_diff"]["all"] == 0.0
+    assert res["arms"]["a"]["all"]["ntr_accuracy_ci"][0] < 4 / 6 < res["arms"]["a"]["all"]["ntr_accuracy_ci"][1]
+    md = (tmp_path / "results" / "tiny-exp.md").read_text()
+    assert "| a - b |" in md and "+0.500" in md and (tmp_path / "results" / "tiny-exp.png").stat().st_size > 0
+
+
+def test_the_committed_power_experiment_reads_with_the_new_report(tmp_path):
+    """The bespoke script's records (issue 23) through the spec port: same numbers, paired comparisons."""
+    shutil.copytree(REPO / "results" / "smollm2-champ-power.arms", tmp_path / "smollm2-champ-power.arms")
+    raw = yaml.safe_load((REPO / "pipelines" / "experiments" / "smollm2-champ-power.yaml").read_text())
+    raw["results"] = str(tmp_path)
+    path = tmp_path / "smollm2-champ-power.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    res = report.build_report(experiment.load_spec(str(path)))
+    assert res["missing_arms"] == [] and list(res["arms"]) == ["before", "rpt", "rpt-seed1", "shuffled", "sft"]
+    assert res["arms"]["before"]["all"]["ntr_accuracy"] == 0.15 and res["arms"]["rpt"]["all"]["ntr_accuracy"] == 0.31
+    c = res["comparisons"]["rpt - before"]["buckets"]["all"]
+    assert c["n"] == 200 and c["diff"] == pytest.approx(0.16) and c["p_value"] < 0.01
+    assert res["compute"]["rpt"]["rollout_tokens"] == 28152 and res["compute"]["rpt"]["flops"] is None
+
+
+# ---- spec checks -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arms,extra,message", [
+    ({"x": {"kind": "nope"}}, {}, "kind 'nope'"),
+    ({"x": {"kind": "rpt", "no_such_option": 1}}, {}, "unknown option 'no_such_option'"),
+    ({"x": {"kind": "sft", "match_flops": "y"}}, {}, "refers to arm 'y'"),
+    ({"x": {"kind": "eval"}, "y": {"kind": "sft", "match_flops": "x"}}, {}, "trains nothing"),
+    ({"x": {"kind": "rpt"}}, {"comparisons": [["x", "z"]]}, "must name two arms"),
+    ({"x": {"kind": "rpt"}}, {"bogus": 1}, "unknown key"),
+])
+def test_bad_specs_are_refused_with_the_file_named(tmp_path, arms, extra, message):
+    path = write_spec(tmp_path, "s", "demo", arms)
+    raw = yaml.safe_load(path.read_text()) | extra
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(UserError, match=message) as e:
+        experiment.load_spec(str(path))
+    assert str(path) in str(e.value)
+
+
+# ---- multi-token prediction and token counters ---------------------------------------------------------------------
+
+def test_matched_tokens_and_mtp_metrics():
+    labels = [" the", " cat", "s"]
+    assert [matched_tokens(a, labels) for a in (" the", " the cat", " the cats", " th", "", None, " dog")] == \
+        [1, 2, 3, 0, 0, 0, 0]
+    sample = type("S", (), {"label_tokens": labels})()
+    scored = [Scored(sample=sample, correct=[True, True], answered=[True, True], lengths=[1, 1], ntp_correct=False,
+                     completions=["", ""], greedy_correct=False, greedy_completion="", right_tokens=[1, 3]),
+              Scored(sample=sample, correct=[False, False], answered=[True, True], lengths=[1, 1], ntp_correct=False,
+                     completions=["", ""], greedy_correct=False, greedy_completion="", right_tokens=[0, 0])]
+    m = mtp_metrics(scored)
+    assert m == {"right_answers": 2, "right_tokens_mean": 2.0, "right_bytes_mean": (4 + 9) / 2,
+                 "multi_token_share": 0.5}
+    assert mtp_metrics(scored[1:])["right_tokens_mean"] is None
+
+
+def test_pass_tokens_counts_a_shared_prefix_once_per_group():
+    from rpt_train.rollout import RolloutBatch
+    from rpt_train.update import pass_tokens
+
+    pm = torch.tensor([[0, 1, 1], [0, 1, 1], [1, 1, 1], [1, 1, 1]])  # 2 groups of G = 2, prompts of 2 and 3 tokens
+    cm = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 0, 0]])
+    batch = RolloutBatch(prompt_ids=pm, prompt_mask=pm, completion_ids=cm, completion_mask=cm, logprobs=None,
+                         texts=[""] * 4)
+    assert pass_tokens(batch, [0, 1, 2, 3], shared=False, G=2) == 10 + 7
+    assert pass_tokens(batch, [0, 1, 2, 3], shared=True, G=2) == 2 + 3 + 7
+    assert pass_tokens(batch, [1, 2], shared=True, G=2) == 2 + 3 + 1 + 3
+
+
+# ---- FLOP matching ---------------------------------------------------------------------------------------------------
+
+def test_sft_stops_at_its_token_budget(tiny_llama, train_shards, tmp_path):
+    from rpt_train.sft import next_contexts, read_jsonl, sft_train
+
+    cfg = dict(shards=str(train_shards), model=str(tiny_llama), bucket="all", batch_prompts=2, micro_batch_size=2,
+               template="answer-only", chat_template="off", response_prefix="\\boxed{", lr=1e-3, device="cpu",
+               save_every=100)
+    free = sft_train(TrainConfig(**cfg, out=str(tmp_path / "free"), steps=5), next_contexts(2))
+    per_step = [m["forward_tokens"] for m in read_jsonl(tmp_path / "free" / "metrics.jsonl")]
+    assert free["trained_tokens"] == sum(per_step) and len(per_step) == 5
+    budget = sum(per_step[:3]) + per_step[3] - 1  # three steps fit, the fourth would pass it
+    got = sft_train(TrainConfig(**cfg, out=str(tmp_path / "capped"), steps=100), next_contexts(2), max_tokens=budget)
+    assert got["steps"] == 3 and got["trained_tokens"] == sum(per_step[:3]) <= budget
+    assert experiment.matched_tokens(6 * 1000 * budget + 5, 1000) == budget
+
+
+# ---- end to end --------------------------------------------------------------------------------------------------------
+
+SMOKE_ARMS = {"before": {"kind": "eval"}, "rpt": {"kind": "rpt"}, "shuffled": {"kind": "shuffled"},
+              "sft": {"kind": "sft", "contexts_of": "rpt"},
+              "sft-flops": {"kind": "sft", "match_flops": "rpt", "sampler": "uniform"}}
+
+
+def test_smoke_spec_runs_every_arm_kind_and_reports(tiny_llama, train_shards, tmp_path):
+    path = write_spec(tmp_path, train_shards, tiny_llama, SMOKE_ARMS, warm={"fraction": 0.3, "steps": 2, "batch": 2},
+                      comparisons=[("rpt", "before"), ("rpt", "shuffled"), ("rpt", "sft-flops")])
+    out = experiment.run_experiment(str(path))
+    res = json.loads(out.read_text())
+    assert list(res["arms"]) == list(SMOKE_ARMS) and res["missing_arms"] == []
+    for arm in res["arms"].values():
+        for b in EVAL_BUCKETS:
+            assert {"n", "ntr_accuracy", "ntr_greedy_accuracy", "ntr_pass_at_k", "ntp_accuracy", "ntr_accuracy_ci",
+                    "right_tokens_mean", "right_bytes_mean", "multi_token_share"} <= set(arm[b])
+    n = experiment.non_embedding_params(str(tiny_llama))
+    for name, c in res["compute"].items():
+        assert set(report.COMPUTE) <= set(c) and c["machine"]
+        assert c["flops"] == 2 * n * c["forward_tokens"] + 4 * n * c["backward_tokens"]
+    rpt, sft_flops = res["compute"]["rpt"], res["compute"]["sft-flops"]
+    assert res["compute"]["before"]["flops"] == 0 and rpt["rollout_tokens"] > 0 and rpt["backward_tokens"] > 0
+    assert rpt["forward_tokens"] > rpt["rollout_tokens"] + rpt["backward_tokens"]
+    # FLOP matching: the SFT arm's budget is the rpt arm's FLOPs in tokens at 6 N each, and it stays within it
+    assert sft_flops["budget_tokens"] == int(rpt["flops"] // (6 * n)) >= sft_flops["trained_tokens"] > 0
+    assert 0 < sft_flops["flops"] <= rpt["flops"]
+    assert set(res["comparisons"]) == {"rpt - before", "rpt - shuffled", "rpt - sft-flops"}
+    for c in res["comparisons"].values():
+        assert {"diff", "ci", "p_value", "design_effect", "detectable_effect"} <= set(c["buckets"]["all"])
+        assert c["verdict"]
+    # the warm start: documents neither held out nor trained on; every arm starts from its model
+    kept = tmp_path / "results" / "tiny-exp.arms"
+    warm_docs = set((tmp_path / "work" / "warm" / "docs.txt").read_text().split())
+    assert warm_docs and json.loads((kept / "warm.json").read_text())["documents"] == len(warm_docs)
+    rec = json.loads((kept / "rpt.json").read_text())
+    assert rec["train_config"]["model"] == str(tmp_path / "work" / "warm" / "train" / "model")
+    assert rec["train_config"]["exclude_docs"] == str(tmp_path / "work" / "warm" / "docs.txt")
+    # the sft arm trained on exactly the contexts the rpt arm rolled out
+    drawn = [json.loads(x)["contexts_drawn"] for x in (kept / "rpt.metrics.jsonl").read_text().splitlines()]
+    assert json.loads((kept / "sft.json").read_text())["sft"]["contexts"] == sum(drawn) > 0
+    # a finished arm is not rerun; --rerun runs it over
+    stamp = (kept / "rpt.json").stat().st_mtime_ns
+    experiment.run_experiment(str(path), ["rpt"])
+    assert (kept / "rpt.json").stat().st_mtime_ns == stamp
+    md = (tmp_path / "results" / "tiny-exp.md").read_text()
+    assert "## Compute per arm" in md and "2 N forward_tokens + 4 N backward_tokens" in md and "## Verdict" in md
+
+
+def test_an_arm_needs_its_dependency(tiny_llama, train_shards, tmp_path):
+    path = write_spec(tmp_path, train_shards, tiny_llama, SMOKE_ARMS)
+    with pytest.raises(UserError, match="needs arm 'rpt' finished first"):
+        experiment.run_experiment(str(path), ["sft"])
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kind", ["rpt", "sft"])
+def test_a_half_finished_arm_resumes_to_the_uninterrupted_result(kind, tiny_llama, train_shards, tmp_path,
+                                                                  monkeypatch):
+    import rpt_train.checkpoint as checkpoint
+    import rpt_train.trainer as trainer
+
+    arms = {"arm": {"kind": kind, "steps": 3}}
+    ref = write_spec(tmp_path / "ref", train_shards, tiny_llama, arms)
+    experiment.run_experiment(str(ref))
+    path = write_spec(tmp_path / "cut", train_shards, tiny_llama, arms)
+    real = checkpoint.save_checkpoint
+
+    def save_then_die(out, step, *a, **kw):  # killed right after the checkpoint of step 2
+        saved = real(out, step, *a, **kw)
+        if step == 2:
+            raise Stop
+        return saved
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+    with pytest.raises(Stop):
+        experiment.run_experiment(str(path))
+    kept = tmp_path / "cut" / "results" / "tiny-exp.arms"
+    assert not (kept / "arm.json").exists()  # not finished: no record
+    monkeypatch.undo()
+    experiment.run_experiment(str(path))
+    a = json.loads((tmp_path / "ref" / "results" / "tiny-exp.arms" / "arm.json").read_text())
+    b = json.loads((kept / "arm.json").read_text())
+    assert b["eval"]["positions"] == a["eval"]["positions"] and b["eval"]["all"] == a["eval"]["all"]
+    strip = lambda path: [{k: v for k, v in json.loads(x).items() if "seconds" not in k and "per_s" not in k}  # noqa: E731
+                          for x in path.read_text().splitlines()]
+    assert strip(kept / "arm.metrics.jsonl") == strip(tmp_path / "ref" / "results" / "tiny-exp.arms" / "arm.metrics.jsonl")
+    for key in ("rollout_tokens", "forward_tokens", "backward_tokens", "flops"):
+        assert b["compute"][key] == a["compute"][key]
+    from safetensors.torch import load_file
+
+    def weights(root):
+        work = root / "work" / "arm" / "train"
+        model_dir = work / "model" if kind == "sft" else sorted((work / "checkpoints").glob("step-*"))[-1]
+        return load_file(model_dir / "model.safetensors")
+    wa, wb = weights(tmp_path / "ref"), weights(tmp_path / "cut")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_the_power_spec_configures_the_arms_as_the_committed_run_did():
+    """The port of the bespoke script: every arm's training options and the eval design equal those recorded in
+    its committed records (the same held-out split, seed and positions), option by option."""
+    from rpt_train.config import to_dict
+
+    spec = experiment.load_spec(str(REPO / "pipelines" / "experiments" / "smollm2-champ-power.yaml"))
+    exp = experiment.Experiment(spec)
+    kept = REPO / "results" / "smollm2-champ-power.arms"
+    for arm in spec.arms:
+        rec = json.loads((kept / f"{arm}.json").read_text())
+        new_eval = to_dict(exp.eval_config(exp.start_model()))
+        assert {k: new_eval[k] for k in rec["eval_config"]} == rec["eval_config"], arm
+        if spec.arms[arm].kind != "eval":  # (the before record also kept a training config: unused)
+            new = to_dict(exp.train_config(spec.arms[arm]))
+            assert {k: new[k] for k in rec["train_config"] if k not in ("out", "resume")} == \
+                {k: v for k, v in rec["train_config"].items() if k not in ("out", "resume")}, arm
+    warm = json.loads((kept / "warm.json").read_text())
+    assert {k: warm[k] for k in experiment.WARM} == spec.warm
