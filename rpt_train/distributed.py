@@ -176,6 +176,7 @@ def load_sharded_policy(spec: str, device: str, compute_dtype: torch.dtype | Non
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     loaded = load_policy(spec, device, "float32", weights=is_main())
+    agree_with_main(loaded, spec)
     model = loaded.model
     if prepare:
         prepare(model)
@@ -187,6 +188,31 @@ def load_sharded_policy(spec: str, device: str, compute_dtype: torch.dtype | Non
     for buf in model.buffers():
         dist.broadcast(buf, src=0)
     return loaded
+
+
+def agree_with_main(loaded, spec: str) -> None:
+    """Give every rank rank 0's view of what rollouts read from the checkpoint: its generation config (EOS ids:
+    ranks > 0 build the model from config.json, whose EOS may be fewer than generation_config.json's), pad and EOS
+    tokens and chat template; a rank whose tokenizer has another vocabulary than rank 0's stops every rank."""
+    from transformers import GenerationConfig
+
+    if world_size() == 1:
+        return
+    tok, model = loaded.tokenizer, loaded.model
+    gen = getattr(model, "generation_config", None)
+    main = broadcast_from_main(lambda: {
+        "generation_config": gen.to_dict() if gen is not None else None, "pad_token": tok.pad_token,
+        "eos_token": tok.eos_token, "chat_template": getattr(tok, "chat_template", None),
+        "vocab": {k: v for k, v in loaded.tokenizer_identity.items() if k != "name"}})
+    vocab = {k: v for k, v in loaded.tokenizer_identity.items() if k != "name"}
+    if not all_true(vocab == main["vocab"]):
+        raise UserError(f"the tokenizer of '{spec}' differs between ranks (vocabulary {main['vocab']} on rank 0); "
+                        "every rank must read the same checkpoint")
+    if main["generation_config"] is not None:
+        model.generation_config = GenerationConfig.from_dict(main["generation_config"])
+    tok.pad_token, tok.eos_token = main["pad_token"], main["eos_token"]
+    if main["chat_template"] is not None or getattr(tok, "chat_template", None) is not None:
+        tok.chat_template = main["chat_template"]
 
 
 def shard_model(model: torch.nn.Module, device: str, compute_dtype: torch.dtype | None = None) -> torch.nn.Module:

@@ -111,6 +111,27 @@ def lockstep(plan: dict, out: Path) -> None:
     (out / f"lockstep-rank{rank}.json").write_text(json.dumps(results))
 
 
+def agree(plan: dict, out: Path) -> None:
+    """load_sharded_policy of a checkpoint whose generation_config.json lists more EOS ids than its config.json,
+    then rollouts of equal prompts with the same seed on each rank: what each rank read and where it stopped."""
+    from rpt_train import distributed
+    from rpt_train.policy import eos_ids
+    from rpt_train.rollout import HFRollout, SamplingParams
+
+    rank = torch.distributed.get_rank()
+    loaded = distributed.load_sharded_policy(plan["agree"], "cpu")
+    tok = loaded.tokenizer
+    prompts = [tok("The quick brown fox")["input_ids"], tok("Let x_n be")["input_ids"]]
+    torch.manual_seed(1234)
+    batch = HFRollout(loaded.model, tok, eos_ids(loaded), lockstep=True).generate(
+        prompts, SamplingParams(n=3, max_new_tokens=8))
+    gen = loaded.model.generation_config
+    (out / f"agree-rank{rank}.json").write_text(json.dumps({
+        "eos_ids": eos_ids(loaded), "generation_eos": gen.eos_token_id, "pad": tok.pad_token_id,
+        "chat_template": tok.chat_template, "ids": batch.completion_ids.tolist(),
+        "lengths": batch.lengths.tolist()}))
+
+
 def main() -> None:
     plan = json.loads(Path(sys.argv[1]).read_text())
     root = Path(plan["root"])
@@ -120,6 +141,8 @@ def main() -> None:
             scripted_train(plan, root / name, **kw)
         if plan.get("lockstep"):
             lockstep(plan, root)
+        if plan.get("agree"):
+            agree(plan, root)
         from rpt_train.trainer import train
 
         for name, kw in plan["sampled"]:  # HFRollout through FSDP; resumes

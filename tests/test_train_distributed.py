@@ -213,6 +213,27 @@ def test_rollouts_through_fsdp_step_in_lockstep_when_ranks_finish_at_different_l
     assert max(map(sum, early)) < 7 and len(late) == 4 and all(sum(m) == 7 for m in late)
 
 
+def test_every_rank_reads_rank_0s_generation_config_and_stops_where_it_does(tmp_path):
+    """Ranks > 0 build the model from config.json (one EOS); generation_config.json lists more: every rank must
+    use rank 0's EOS set, pad id and chat template, so equal sampled tokens stop at equal positions."""
+    from tiny import make_model_dir
+    from transformers import AutoTokenizer, GenerationConfig
+
+    model = make_model_dir(tmp_path / "model")
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tok.save_pretrained(model)
+    extra = list(range(1, len(tok), 3))  # a third of the vocabulary ends a turn: completions stop early
+    GenerationConfig(eos_token_id=[tok.eos_token_id, *extra], pad_token_id=tok.pad_token_id).save_pretrained(model)
+    assert json.loads((model / "config.json").read_text())["eos_token_id"] == tok.eos_token_id
+    (tmp_path / "run").mkdir()
+    root, _ = run_driver(tmp_path / "run", {}, agree=str(model))
+    r0, r1 = (json.loads((root / f"agree-rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["eos_ids"] == sorted({tok.eos_token_id, *extra})
+    assert r0 == r1
+    assert min(r0["lengths"]) < 8  # the extra EOS ids stopped some completions
+
+
 def test_two_rank_resume_equals_the_uninterrupted_run(sampled):
     root, _ = sampled
     full, part = metrics(root / "hf-full"), metrics(root / "hf-part")
