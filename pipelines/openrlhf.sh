@@ -12,10 +12,12 @@ SAVE=${SAVE:-$PWD/out/openrlhf-run}
 GPUS=${GPUS:-8}
 PREFIX=${RESPONSE_PREFIX:-}  # e.g. '\boxed{' with TEMPLATE=answer-only: prefilled into the rendered prompts
 TEMPLATE=${TEMPLATE:-v0}
+STEPS=${STEPS:-1000}
+LIMIT=$((STEPS * 256 * ${GEN_BATCHES:-4}))  # 256 contexts per step, dynamic filtering draws more: export those only
 
 # 1. The samples `rpt-train run` would draw, with the chat template and any response prefix already rendered into
 #    `input` (so: no --data.apply_chat_template below), labels as JSON lists in `label`.
-rpt-train export --shards "$SHARDS" --model "$MODEL" --format openrlhf --out "$DATA" --bucket hard \
+rpt-train export --shards "$SHARDS" --model "$MODEL" --format openrlhf --out "$DATA" --bucket hard --limit "$LIMIT" \
     --heldout-fraction 0.01 --heldout-limit 1024 --template "$TEMPLATE" --response-prefix "$PREFIX" --overwrite
 
 # 2. The reward file is loaded by path in OpenRLHF's rollout workers; env vars reach them through the runtime env.

@@ -2,7 +2,7 @@
 paper's hyperparameters as defaults (G=8, T=0.8, lr 1e-6, no KL, 8k completions, 256 contexts per step on 8 GPUs).
 
     rpt-train export --shards out/tagged --model MODEL --format trl --out out/trl-data --bucket hard \
-        --heldout-fraction 0.01 --heldout-limit 512
+        --heldout-fraction 0.01 --heldout-limit 512 --limit 256000
     accelerate launch --num_processes 8 pipelines/trl_grpo.py --data out/trl-data --model_name MODEL \
         --output_dir out/trl-run
     rpt-train eval --shards out/tagged --model out/trl-run/checkpoint-1000 --heldout-fraction 0.01 --out eval.json

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -99,6 +100,30 @@ def one_pass(sampler: PositionSampler, build: SampleBuilder, limit: int, batch: 
         yield samples
 
 
+PROBE_SAMPLES = 64  # samples built to measure the bytes of a row before an export writes
+
+
+def size_estimate(cfg: ExportConfig, data: TrainSamples, prompts: PromptBuilder, streams: dict) -> dict:
+    """{split: (rows planned, bytes planned)} before anything is written: rows = --limit (or every position) of
+    each split; bytes = rows x the mean JSON size of PROBE_SAMPLES rows drawn in another seeded order (parquet
+    compresses that, jsonl writes it)."""
+    probe = PositionSampler(len(data.cands), cfg.seed + 1)
+    build = data.builder(data.cands)
+    drawn = [s for s in build.many([probe.next() for _ in range(min(PROBE_SAMPLES, probe.n))]) if s is not None]
+    per_row = (sum(len(json.dumps(record(cfg.format, s, prompts, "train", 0), ensure_ascii=False).encode())
+                   for s in drawn) / len(drawn)) if drawn else 0.0
+    out = {}
+    for split, (sampler, _, limit) in streams.items():
+        rows = min(limit, sampler.n) if limit else sampler.n
+        out[split] = (rows, int(rows * per_row))
+    return out
+
+
+def estimate_line(estimate: dict) -> str:
+    parts = [f"{split} <= {rows:,} rows (~{size / 1e9:.3g} GB as JSON)" for split, (rows, size) in estimate.items()]
+    return "export will write " + ", ".join(parts) + "; --limit caps the training rows (steps x batch contexts)"
+
+
 def heldout_stream(cfg: ExportConfig, data: TrainSamples) -> tuple[PositionSampler, SampleBuilder]:
     """The held-out documents' positions under the same position filter (kept by TrainSamples), in a seeded order."""
     return PositionSampler(len(data.heldout_cands), cfg.seed), data.builder(data.heldout_cands)
@@ -130,6 +155,8 @@ def export(cfg: ExportConfig) -> dict:
     streams = {"train": (data.sampler, data.build, cfg.limit)}
     if cfg.heldout_fraction > 0:
         streams["heldout"] = (*heldout_stream(cfg, data), cfg.heldout_limit)
+    estimate = size_estimate(cfg, data, prompts, streams)
+    print(estimate_line(estimate), file=sys.stderr, flush=True)
     files = {}
     bar = Progress(TextColumn("[bold]export {task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("positions, {task.fields[rows]:,} samples"), TimeElapsedColumn(),
@@ -147,7 +174,8 @@ def export(cfg: ExportConfig) -> dict:
     if files["train"]["rows"] == 0:
         raise UserError(f"no training position in '{cfg.shards}' gives a usable sample for this policy's tokenizer "
                         f"({files['train']['skipped']} skipped)")
-    meta = {"format": cfg.format, "files": files, "config": to_dict(cfg), "tokenizer": tokenizer_identity(tok),
+    meta = {"format": cfg.format, "files": files, "estimate": {k: {"rows": r, "bytes": b} for k, (r, b) in estimate.items()},
+            "config": to_dict(cfg), "tokenizer": tokenizer_identity(tok),
             "chat_template": prompts.chat, "response_prefix": cfg.response_prefix}
     tmp = out / "export.json.tmp"
     tmp.write_text(json.dumps(meta, indent=1, ensure_ascii=False))

@@ -12,9 +12,14 @@ DATA=${DATA:-out/verl-data}
 GPUS=${GPUS:-8}
 NODES=${NODES:-1}
 RUN=${RUN:-rpt-verl}
+STEPS=${STEPS:-1000}
+BATCH=${BATCH:-256}
+GEN_BATCHES=${GEN_BATCHES:-4}  # filter_groups draws up to this many batches of contexts per step
+LIMIT=$((STEPS * BATCH * GEN_BATCHES))  # the contexts the run can draw: export those, not every position
 
-# 1. The samples `rpt-train run` would draw, as verl RL parquet (train and held-out documents apart).
-rpt-train export --shards "$SHARDS" --model "$MODEL" --format verl --out "$DATA" --bucket hard \
+# 1. The samples `rpt-train run` would draw, as verl RL parquet (train and held-out documents apart): the first
+#    $LIMIT of `run`'s order (the export prints its row and byte estimate before writing).
+rpt-train export --shards "$SHARDS" --model "$MODEL" --format verl --out "$DATA" --bucket hard --limit "$LIMIT" \
     --heldout-fraction 0.01 --heldout-limit 1024 --template v0 --max-context-tokens 1536 --overwrite
 
 # 2. verl's PPO trainer with the GRPO estimator and our prefix-match reward.
@@ -23,10 +28,10 @@ python3 -m verl.trainer.main_ppo \
     algorithm.use_kl_in_reward=False \
     algorithm.filter_groups.enable=True \
     algorithm.filter_groups.metric=reward \
-    algorithm.filter_groups.max_num_gen_batches=4 \
+    algorithm.filter_groups.max_num_gen_batches="$GEN_BATCHES" \
     data.train_files="$DATA/train.parquet" \
     data.val_files="$DATA/heldout.parquet" \
-    data.train_batch_size=256 \
+    data.train_batch_size="$BATCH" \
     data.max_prompt_length=2048 \
     data.max_response_length=8192 \
     data.filter_overlong_prompts=True \
@@ -41,7 +46,7 @@ python3 -m verl.trainer.main_ppo \
     actor_rollout_ref.actor.use_kl_loss=False \
     actor_rollout_ref.actor.kl_loss_coef=0.0 \
     actor_rollout_ref.actor.entropy_coeff=0 \
-    actor_rollout_ref.actor.ppo_mini_batch_size=256 \
+    actor_rollout_ref.actor.ppo_mini_batch_size="$BATCH" \
     actor_rollout_ref.actor.use_dynamic_bsz=True \
     actor_rollout_ref.actor.ppo_max_token_len_per_gpu=20480 \
     actor_rollout_ref.actor.fsdp_config.param_offload=False \
@@ -57,7 +62,7 @@ python3 -m verl.trainer.main_ppo \
     actor_rollout_ref.rollout.val_kwargs.n=1 \
     trainer.n_gpus_per_node="$GPUS" \
     trainer.nnodes="$NODES" \
-    trainer.total_training_steps=1000 \
+    trainer.total_training_steps="$STEPS" \
     trainer.save_freq=100 \
     trainer.test_freq=50 \
     trainer.val_before_train=True \
@@ -66,8 +71,10 @@ python3 -m verl.trainer.main_ppo \
     trainer.logger='["console"]' \
     "$@"
 
-# 3. An HF checkpoint from verl's FSDP shards, then the paper's Table 1 columns with our evaluator:
+# 3. An HF checkpoint from verl's FSDP shards, then the paper's Table 1 columns with our evaluator, on 8 GPUs,
+#    the base model scored on the same positions with the same prompt (paired differences, intervals, p-values):
 #   python3 -m verl.model_merger merge --backend fsdp \
 #       --local_dir checkpoints/rpt/$RUN/global_step_1000/actor --target_dir out/$RUN-hf
-#   rpt-train eval --shards "$SHARDS" --model out/$RUN-hf --heldout-fraction 0.01 --limit 500 --samples 8 \
+#   torchrun --nproc-per-node 8 -m rpt_train.cli eval --shards "$SHARDS" --model out/$RUN-hf --baseline "$MODEL" \
+#       --heldout-fraction 0.01 --template v0 --max-context-tokens 1536 --limit 500 --samples 8 \
 #       --max-new-tokens 8192 --out out/$RUN-eval.json
