@@ -158,3 +158,45 @@ def test_summary_records_each_part_and_junit_counts(tmp_path):
                                     "result": "p.xml", "tests": 3, "failures": 1, "errors": 0, "skipped": 1,
                                     "failed": ["tests.test_gpu::test_a"]}
     assert parts["tag"]["timed_out"] and parts["tag"]["result"] is None
+
+
+def test_each_benchmark_command_of_gpu_sh_parses_with_its_own_options():
+    """The command lines gpu.sh hands to bench/tag.py, rollout.py and step.py are accepted by their parsers (a
+    renamed option would otherwise be found on the device only); step's TRL shape is one of its shapes."""
+    import importlib
+    import re
+    import shlex
+
+    text = (REPO / "bench" / "gpu.sh").read_text().replace("\\\n", " ")
+    found = {}
+    for m in re.finditer(r'"\$PY" bench/(tag|rollout|step)\.py ([^\n]*)', text):
+        argv = shlex.split(re.sub(r"\$\{GPU_ARGS_\w+:-\}", "", m.group(2)))
+        found[m.group(1)] = importlib.import_module(m.group(1)).parser().parse_args(argv)
+    assert found.keys() == {"tag", "rollout", "step"}
+    assert found["tag"].preset == found["rollout"].preset == "gpu"
+    step = importlib.import_module("step")
+    assert set(step.parse_shapes(found["step"].trl_shape)) <= set(step.parse_shapes(found["step"].shapes))
+    assert (1024, 16) in {(c, g) for c, _, g in step.parse_shapes(found["step"].trl_shape)}
+
+
+@pytest.mark.slow
+def test_gpu_sh_plumbing_on_cpu(tmp_path):
+    """The whole script on a CPU with GPU_PLUMBING_ON_CPU=1 (about a minute): every part runs under its limit (the
+    GPU tests skip, the benchmarks refuse the missing device), a part whose limit is under 20 s is not started, and
+    $OUT gets the log, the JUnit file and a summary naming all five parts: at most the device's 8 files."""
+    import json
+    import os
+
+    out, empty = tmp_path / "out", tmp_path / "no-wheels"
+    out.mkdir()
+    empty.mkdir()
+    env = dict(os.environ, OUT=str(out), GPU_WORK=str(tmp_path / "work"), GPU_WHEELS=str(empty),
+               GPU_PLUMBING_ON_CPU="1", GPU_PYTHON=sys.executable, GPU_T_TAG="5")
+    proc = subprocess.run([str(REPO / "bench" / "gpu.sh")], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["gpu-cpu-plumbing.log", "gpu-summary-cpu-plumbing.json", "pytest-gpu-cpu-plumbing.xml"]
+    parts = json.loads((out / "gpu-summary-cpu-plumbing.json").read_text())["parts"]
+    assert list(parts) == ["pytest", "kernel", "tag", "rollout", "step"]
+    assert parts["pytest"]["passed"] and parts["pytest"]["tests"] == parts["pytest"]["skipped"] > 0
+    assert parts["tag"]["limit_s"] == 0 and not any(parts[p]["passed"] for p in ("kernel", "rollout", "step"))
