@@ -104,6 +104,7 @@ run_part() {  # run_part NAME LIMIT RESULT-FILE CMD...
     return 0
   fi
   say "$name: start (limit ${limit}s): $*"
+  rm -f "$result"  # a file from an earlier run must not pass for this one's
   local t0 rc
   t0=$(date +%s)
   timeout -k 15 "$limit" "$@" 2>&1 | tee -a "$LOG"
