@@ -225,17 +225,28 @@ def read_parquet(path: str, parse: RecordParser) -> Iterator[Record | BadRecord]
         yield BadRecord(path, 0, f"column '{parse.text_field}' is {pf.schema_arrow.field(parse.text_field).type}, "
                                  "not a string column (choose another --text-field)")
         return
-    row = 0
-    try:
-        for batch in pf.iter_batches(batch_size=1024, columns=parse.columns):
-            for obj in _rows(batch):
-                row += 1
-                if isinstance(obj, UnicodeDecodeError):  # a damaged string page: only this row is lost
-                    yield BadRecord(path, row, f"invalid UTF-8 in a string column ({obj.reason})")
-                    continue
-                yield parse(obj, path, row)
-    except (pa.ArrowException, OSError) as e:
-        yield BadRecord(path, row + 1, f"parquet file is corrupt from here on ({e})")
+    row = 0  # rows of the file before the current row group
+    for group in range(pf.num_row_groups):
+        size = pf.metadata.row_group(group).num_rows
+        done = 0  # rows of this group yielded so far
+        try:  # one row group at a time: damage costs the rest of its group, never a row of another one
+            for batch in pf.iter_batches(batch_size=1024, row_groups=[group], columns=parse.columns):
+                for obj in _rows(batch):
+                    done += 1
+                    if isinstance(obj, UnicodeDecodeError):  # a damaged string page: only this row is lost
+                        yield BadRecord(path, row + done, f"invalid UTF-8 in a string column ({obj.reason})")
+                        continue
+                    yield parse(obj, path, row + done)
+        except (pa.ArrowException, OSError) as e:
+            reason = f"row group {group + 1} of the parquet file is unreadable ({_first_line(e)})"
+            for lost in range(done + 1, size + 1):  # each lost row is one reject: counted as the rows they are
+                yield BadRecord(path, row + lost, reason)
+        row += size
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def _rows(batch) -> list:
@@ -290,37 +301,33 @@ def read_hf(path: str, parse: RecordParser) -> Iterator[Record | BadRecord]:
 
 def read_text(path: str, parse: RecordParser, block_bytes: int | None = None) -> Iterator[Record | BadRecord]:
     """One record per file, streamed as ~1 MiB blocks (`block_bytes`, default TEXT_BLOCK_BYTES) cut after a newline
-    and checked as they are read (one pass): damage (not UTF-8, a NUL byte) ends the file with a BadRecord, keeping
-    the blocks before the last one read (a block is yielded once the next one has decoded, so a file of one block is
-    rejected whole). Blocks are pieces of one stream: the tokenizer sees them joined (rpt_data.windows)."""
+    and checked as they are read (one pass). Damage (not UTF-8, a NUL byte) ends the file with a BadRecord naming its
+    line and byte; every valid byte before it is kept, unless the damage is in the first line of the first block (a
+    binary file, such as an image, is rejected whole). Blocks are pieces of one stream: the tokenizer sees them joined (rpt_data.windows)."""
     block_bytes = block_bytes or TEXT_BLOCK_BYTES
     decoder = codecs.getincrementaldecoder("utf-8")()
     carry, line, first, offset, newlines = "", 1, True, 0, 0
-    ready: Record | None = None  # the previous block, yielded once this one has decoded
     held: list[str] = []  # leading blocks of only whitespace: a file of nothing else is an "empty text"
     with open(path, "rb") as f:
         while True:
             raw = f.read(block_bytes)
-            pending = len(decoder.getstate()[0])  # bytes of a character cut by the previous block
+            pending = decoder.getstate()[0]  # bytes of a character cut by the previous block
+            damage = None  # (byte of `raw` where the damage starts, < 0 in a character cut by the last block; reason)
             try:
                 text = decoder.decode(raw, final=not raw)
             except UnicodeDecodeError as e:  # at EOF too: a character cut by the end of the file
-                pos = max(0, e.start - pending)
-                yield BadRecord(path, newlines + 1 + raw[:pos].count(b"\n"),
-                                f"invalid UTF-8 (byte {offset + pos} of the file)")
-                return
-            if b"\0" in raw:
-                pos = raw.index(b"\0")
-                yield BadRecord(path, newlines + 1 + raw[:pos].count(b"\n"),
-                                f"binary data (NUL byte at byte {offset + pos} of the file)")
-                return
+                text = (pending + raw)[: e.start].decode("utf-8")  # the valid text before the damage
+                damage = e.start - len(pending), "invalid UTF-8 (byte {} of the file)"
+            if "\0" in text:
+                text, damage = text[: text.index("\0")], (raw.index(b"\0"), "binary data (NUL byte at byte {} of the file)")
             if offset == 0:
                 text = text.removeprefix("\ufeff")  # a BOM is not text
-            offset += len(raw)
-            newlines += raw.count(b"\n")
             text = carry + text
-            if raw:
-                cut = text.rfind("\n") + 1 or len(text)
+            if damage is not None:  # every valid byte before it, unless damage in the first line and block says binary
+                binary = not newlines and "\n" not in text and offset + damage[0] < block_bytes
+                block, carry = ("" if binary else text), ""
+            elif raw:  # a first line shorter than a block is held until its end: binary files are caught whole
+                cut = text.rfind("\n") + 1 or (len(text) if offset + len(raw) >= block_bytes else 0)
                 block, carry = text[:cut], text[cut:]
             else:
                 block, carry = text, ""
@@ -329,15 +336,17 @@ def read_text(path: str, parse: RecordParser, block_bytes: int | None = None) ->
             elif block:
                 if held:
                     block, held = "".join(held) + block, []
-                if ready is not None:
-                    yield ready
-                ready = Record(path, block, path, line, cont=not first)
+                yield Record(path, block, path, line, cont=not first)
                 first = False
                 line += block.count("\n")
+            if damage is not None:
+                pos, reason = damage
+                yield BadRecord(path, newlines + 1 + raw[: max(pos, 0)].count(b"\n"), reason.format(offset + pos))
+                return
+            offset += len(raw)
+            newlines += raw.count(b"\n")
             if not raw:
                 break
-    if ready is not None:
-        yield ready
     if first:
         yield BadRecord(path, 1, "empty text")
 
@@ -409,14 +418,23 @@ def open_stream(spec: str):
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def stream_fingerprint(path: str) -> dict:
-    """Identity of one stream unit for the manifest: the spec, its shard, and the local files' size and mtime."""
+def unit_files(path: str) -> list[Path]:
+    """The local files behind one hf:// unit: its own file when the input is data files (datasets makes one shard
+    per file), else every file of the input (a dataset directory); none for a hub dataset."""
     spec, shard = _stream_unit(path)
     name = parse_stream_spec(spec)[0]
     files = sorted(glob.glob(name)) if any(c in name for c in "*?[") else [name]
     local = [Path(f) for f in files if os.path.exists(f)]
-    local = [q for p in local for q in (p.rglob("*") if p.is_dir() else [p]) if q.is_file()]
-    st = [q.stat() for q in local]
+    if local and all(p.is_file() for p in local) and len(local) == open_stream(spec).n_shards:
+        return [local[shard or 0]]
+    return [q for p in local for q in (sorted(p.rglob("*")) if p.is_dir() else [p]) if q.is_file()]
+
+
+def stream_fingerprint(path: str) -> dict:
+    """Identity of one stream unit for the manifest: the spec, its shard, and its local files' size and mtime
+    (a unit's own file when it has one, so fixing one file of a glob changes that unit's fingerprint only)."""
+    spec, shard = _stream_unit(path)
+    st = [q.stat() for q in unit_files(path)]
     return {"path": spec, "shard": shard, "n_shards": open_stream(spec).n_shards,
             "bytes": sum(s.st_size for s in st), "mtime_ns": max((s.st_mtime_ns for s in st), default=0)}
 
@@ -464,8 +482,27 @@ def read_stream(path: str, parse: RecordParser) -> Iterator[Record | BadRecord]:
             yield BadRecord(path, 0, f"no column {', '.join(map(repr, missing))} (columns: {', '.join(names)})")
             return
         ds = ds.select_columns(parse.columns)
-    for row, obj in enumerate(ds, 1):
-        yield parse(obj, path, row)
+    row = 0
+    try:
+        for row, obj in enumerate(ds, 1):
+            yield parse(obj, path, row)
+    except Exception:  # datasets fails a whole block of a json file on one bad line: read that file here instead
+        files = unit_files(path)
+        if len(files) != 1 or infer_format(str(files[0])) != "jsonl":
+            raise
+        yield from _jsonl_rows_after(str(files[0]), parse, path, row)
+
+
+def _jsonl_rows_after(file: str, parse: RecordParser, unit: str, done: int) -> Iterator[Record | BadRecord]:
+    """The rows of the jsonl behind hf:// `unit` after the first `done`, read as read_jsonl reads a plain path; named
+    and numbered as datasets does (row k = the k-th line that is not blank)."""
+    for row, item in enumerate(read_jsonl(file, parse), 1):
+        if row <= done:
+            continue
+        if isinstance(item, BadRecord):
+            yield BadRecord(unit, row, item.reason)
+        else:
+            yield Record(item.doc_id if parse.id_field else f"{unit}:{row}", item.text, unit, row)
 
 
 READERS = {"jsonl": read_jsonl, "parquet": read_parquet, "text": read_text, "hf": read_hf, "stream": read_stream}
@@ -486,6 +523,20 @@ def reject_duplicate_ids(items: Iterable[Record | BadRecord]) -> Iterator[Record
         yield item
 
 
+def read_unit(path: str, fmt: str, parse: RecordParser) -> Iterator[Record | BadRecord]:
+    """One input unit read by its reader; a read error (EIO, ESTALE, a file removed mid-run; for an hf:// unit any
+    error of datasets) ends the unit with a BadRecord at the line after the last one read, and the run goes on."""
+    errors = Exception if fmt == "stream" else OSError
+    after = 0  # the line (or row) after the last one read
+    try:
+        for item in READERS[fmt](path, parse):
+            after = item.line + (item.text.count("\n") if fmt == "text" and isinstance(item, Record) else 1)
+            yield item
+    except errors as e:
+        where = "this unit" if fmt == "stream" else "the file"
+        yield BadRecord(path, after, f"read error ({_first_line(e)}); the rest of {where} is skipped")
+
+
 def read_all(files: list[tuple[str, str]], parse: RecordParser) -> Iterator[Record | BadRecord]:
     for path, fmt in files:
-        yield from READERS[fmt](path, parse)
+        yield from read_unit(path, fmt, parse)
