@@ -53,15 +53,27 @@ class _Placement:
     kept_before: int = 0  # groups kept by all ranks in earlier rounds
     index: list[int] = field(default_factory=list)
 
-    def add_round(self, keep: list[bool], drawn: int) -> int:
-        """Record this rank's keep flags of one round; returns the groups kept by all ranks in it."""
+    def add_round(self, keep: list[bool], drawn: int, need: int) -> tuple[list[bool], int]:
+        """Record this rank's keep flags of one round, only the first `need` kept groups in draw order over all
+        ranks (an oversampled refill may keep more); returns this rank's flags so trimmed and the groups kept by
+        all ranks in the round."""
         rank, world = distributed.rank(), distributed.world_size()
         stripes = distributed.all_gather_objects(keep)
-        flags = [stripes[i % world][i // world] for i in range(drawn)]  # every rank's keep flags, draw order
+        flags = [bool(stripes[i % world][i // world]) for i in range(drawn)]  # every rank's keep flags, draw order
         before = np.cumsum([0] + flags)
         self.index += [self.kept_before + int(before[rank + g * world]) for g, k in enumerate(keep) if k]
+        flags = [f and int(b) < need for f, b in zip(flags, before)]
+        keep = [flags[rank + g * world] for g in range(len(keep))]
         self.kept_before += sum(flags)
-        return sum(flags)
+        return keep, sum(flags)
+
+
+def refill_size(need: int, kept: int, drawn: int, batch: int) -> int:
+    """Contexts a dynamic-sampling refill round draws for `need` missing groups: need / (the keep rate observed so
+    far this step), as DAPO oversamples, so one refill usually completes the batch instead of a lockstep decode per
+    few missing groups (under FSDP a round costs every rank a full decode however few contexts it has). At most a
+    first round's `batch` contexts (the rollout memory the plan counts); the surplus kept groups are dropped."""
+    return min(batch, max(need, -(-need * drawn // kept) if kept else batch))
 
 
 def collect(cfg, data: TrainSamples, prompts: PromptBuilder, engine: RolloutEngine, reward_fn: RewardFn,
@@ -77,11 +89,12 @@ def collect(cfg, data: TrainSamples, prompts: PromptBuilder, engine: RolloutEngi
     t0 = time.perf_counter()
     while need > 0 and rounds < (cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
         rounds += 1
-        drawn = data.next_batch(need * (cfg.sampler_pool if scorer is not None else 1))
+        want = need if rounds == 1 else refill_size(need, place.kept_before, n_drawn, cfg.batch_prompts)
+        drawn = data.next_batch(want * (cfg.sampler_pool if scorer is not None else 1))
         if scorer is not None:
             pool_ids = [prompts.ids(s.context) for s in drawn]
             scored_tokens += sum(map(len, pool_ids))  # one forward over the pool's prompts (all ranks together)
-            chosen, p = choose(drawn, pool_ids, scorer, need, G)
+            chosen, p = choose(drawn, pool_ids, scorer, want, G)
             drawn = [drawn[i] for i in chosen]
             pool_p += p.tolist()
             chosen_p += p[chosen].tolist()
@@ -91,8 +104,9 @@ def collect(cfg, data: TrainSamples, prompts: PromptBuilder, engine: RolloutEngi
         made.append(groups)
         keep = (group_std(groups.rewards, G) > 0).tolist() if cfg.dynamic_sampling else [True] * len(groups.samples)
         if any(keep):
+        keep, got = place.add_round(keep, len(drawn), need)
             kept.append(take_groups(groups, [g for g, k in enumerate(keep) if k], G))
-        need -= place.add_round(keep, len(drawn))
+        need -= got
     stats = rollout_stats(made, G, distributed.all_max(time.perf_counter() - t0))
     stats |= {"sampling_rounds": rounds, "contexts_drawn": n_drawn, "groups_kept": place.kept_before,
               "samples_skipped": data.build.skipped, "contexts": rolled_out}

@@ -115,9 +115,10 @@ class TrainConfig(SampleConfig):
     share_prefix: bool = opt(True, "compute each context once per group in the update (one packed row with a block "
                              "mask); same losses and gradients; families or lengths where it cannot pay run unshared")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
-    rollout_gather: bool = opt(False, "under torchrun: generate with the full weights gathered once per rollout call "
-                               "(fast, needs the whole model on each device) instead of FSDP's per-layer all-gather "
-                               "at every token")
+    rollout_gather: str = opt("auto", "under torchrun: on = generate with the full weights gathered once per rollout "
+                              "call (needs the whole model on each device), off = FSDP's per-layer all-gather at "
+                              "every decoded token; auto = on when the memory plan says the gathered copy fits "
+                              "(`rpt-train plan` shows the choice and why)")
     bf16: bool = opt(True, "bf16 autocast on CUDA with --dtype float32 (ignored on CPU); weights stay float32")
     logprob_chunk_tokens: int = opt(1024, "completion tokens per lm_head chunk of the log-prob/entropy pass "
                                     "(extra memory ~ 4 x chunk x vocab x 4 bytes, never the full [B, C, V])")
@@ -321,6 +322,9 @@ def validate(cfg: CommonConfig) -> None:
         need(cfg.split != "heldout" or cfg.heldout_fraction > 0, "--split heldout needs --heldout-fraction > 0")
         need(cfg.limit >= 1 and cfg.samples >= 1, "--limit and --samples must be at least 1")
 
+        if isinstance(cfg.rollout_gather, bool):  # recipes and runs from before auto: true / false
+            cfg.rollout_gather = "on" if cfg.rollout_gather else "off"
+        need(cfg.rollout_gather in ("auto", "on", "off"), "--rollout-gather must be auto, on or off")
 
 def to_dict(cfg) -> dict:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}

@@ -75,6 +75,9 @@ class MemoryPlan:
     device_source: str = "device"  # what device_bytes is: the device's (or --device-memory), or the machine's RAM
     notes: list[str] = field(default_factory=list)
 
+    rollout_gather: bool = False  # rollouts on the whole model gathered once per call (FSDP)
+    rollout_reason: str = ""  # why (the --rollout-gather decision)
+    kv_cache_kind: str = ""  # dynamic or static, and why
     @property
     def fits(self) -> bool | None:
         """Whether the peak fits the device; None when no device size is known (a CPU plan for a GPU run)."""
@@ -85,7 +88,8 @@ class MemoryPlan:
 
     def to_json(self) -> dict:
         return {"fits": self.fits, "device_bytes": self.device_bytes, "total_bytes": self.total, **self.terms,
-                **self.extra}
+                **self.extra, "rollout_gather": self.rollout_gather, "rollout_reason": self.rollout_reason,
+                "kv_cache_kind": self.kv_cache_kind}
 
 
 def kv_cache_bytes(layers: int, kv_dim: int, rows: int, tokens: int, element: int) -> int:
@@ -116,11 +120,21 @@ def full_logprob_bytes(vocab: int, rows: int, completion: int) -> int:
 
 
 def plan_memory(cfg, shapes: Shapes, *, world_size: int = 1, device_type: str = "cuda",
+def gather_mode(cfg) -> str:
+    """--rollout-gather as auto, on or off (a bool from a config built in code: on / off)."""
+    mode = getattr(cfg, "rollout_gather", "auto")
+    return ("on" if mode else "off") if isinstance(mode, bool) else mode
+
+
                 device_bytes: int | None = None, device_source: str = "device",
-                prompt_tokens: int | None = None) -> MemoryPlan:
-    """The plan of `rpt-train run` with TrainConfig `cfg` on `world_size` devices of `device_bytes` each."""
+                prompt_tokens: int | None = None, gather: bool | None = None) -> MemoryPlan:
+    """The plan of `rpt-train run` with TrainConfig `cfg` on `world_size` devices of `device_bytes` each; `gather`:
+    plan rollouts on gathered weights or not (None: decide as --rollout-gather says, see `choose_rollouts`)."""
     W = max(1, world_size)
     weight = precision.element_bytes(precision.MASTER)  # float32 masters, gradients and AdamW moments
+    if gather is None:
+        return choose_rollouts(cfg, shapes, dict(world_size=W, device_type=device_type, device_bytes=device_bytes,
+                                                 device_source=device_source, prompt_tokens=prompt_tokens))
     compute = precision.compute_dtype(cfg, device_type)
     act = precision.element_bytes(compute)  # activations and the KV cache
     prompt, prompt_source = (prompt_tokens, "given") if prompt_tokens else planned_prompt(cfg)
@@ -151,7 +165,7 @@ def plan_memory(cfg, shapes: Shapes, *, world_size: int = 1, device_type: str = 
     extra = {"optimizer_step": -(-policy // W)}  # foreach AdamW: one parameter-sized temporary while stepping
     if W > 1:  # FSDP: full parameters of a block (and the next, prefetched) in the compute dtype while it runs
         extra["fsdp_gather"] = 2 * shapes.layer_params * act
-        if cfg.rollout_gather:  # the whole model all-gathered (compute dtype) for each generate call
+        if gather:  # the whole model all-gathered (compute dtype) for each generate call
             extra["rollout_gather"] = shapes.params * act if compute is not None else policy - -(-policy // W)
     elif compute is not None:  # autocast's cached bf16/fp16 copy of every weight inside a forward and backward
         extra["autocast_weights"] = shapes.params * act
@@ -170,6 +184,58 @@ def plan_memory(cfg, shapes: Shapes, *, world_size: int = 1, device_type: str = 
 def shard_window(shards: str) -> int | None:
     """The window (tokens per row) the shards in `shards` were tagged with, from their manifest; None when there
     are no such shards."""
+def choose_rollouts(cfg, shapes: Shapes, kw: dict) -> MemoryPlan:
+    """The plan with the rollout choices made and said: gathered weights under FSDP (--rollout-gather auto: when the
+    plan with the gathered copy fits the device; otherwise every decoded token all-gathers every layer) and the KV
+    cache kind."""
+    W, mode = kw["world_size"], gather_mode(cfg)
+    if W == 1:
+        memory, why = plan_memory(cfg, shapes, **kw, gather=False), "one device: rollouts read its own weights"
+    elif mode != "auto":
+        memory, why = plan_memory(cfg, shapes, **kw, gather=mode == "on"), f"--rollout-gather {mode}"
+    else:
+        on = plan_memory(cfg, shapes, **kw, gather=True)
+        copy = on.extra.get("rollout_gather", 0) / GIB
+        if on.fits:
+            memory, why = on, (f"auto: the gathered copy ({copy:.2f} GiB) fits, planned peak {on.total / GIB:.2f} of "
+                               f"{on.device_bytes / GIB:.2f} GiB")
+        else:
+            memory = plan_memory(cfg, shapes, **kw, gather=False)
+            why = (f"auto: no device size to check that the gathered copy ({copy:.2f} GiB) fits (pass --device-memory "
+                   "GIB, or --rollout-gather on)" if on.fits is None else
+                   f"auto: the gathered copy ({copy:.2f} GiB) would bring the peak to {on.total / GIB:.2f} GiB, over "
+                   f"the device's {on.device_bytes / GIB:.2f} GiB")
+    memory.rollout_gather, memory.rollout_reason = W > 1 and "rollout_gather" in memory.extra, why
+    if W > 1 and not memory.rollout_gather:
+        compute = precision.compute_dtype(cfg, kw["device_type"])
+        per_token = shapes.params * (precision.element_bytes(compute) if compute is not None else 4) * (W - 1) / W
+        memory.rollout_reason += (f"; lockstep decoding all-gathers every layer at every decoded token: "
+                                  f"{per_token / 1e9:.3g} GB received per rank per token")
+    # The static cache is opt-in (--static-cache): it pads every call to the cache's rows and rounded-up length and
+    # keeps finished rows in the batch, and it has not been measured faster than the dynamic path on a GPU yet;
+    # sliding-window families (Gemma-2, Mistral with a window) always decode with the dynamic cache.
+    memory.kv_cache_kind = ("static (preallocated, rows and length rounded up; sliding-window families: dynamic)"
+                            if getattr(cfg, "static_cache", False) else
+                            "dynamic (grows by concatenation each token, finished rows leave the batch); "
+                            "--static-cache preallocates it, opt-in until measured faster on a GPU")
+    return memory
+
+
+def gathers_rollouts(cfg, device: str, world_size: int) -> bool:
+    """Whether `run` on `world_size` ranks rolls out on gathered weights: --rollout-gather on/off, or auto's choice
+    by the memory plan of this device (off when the model's config cannot be planned)."""
+    mode = gather_mode(cfg)
+    if world_size == 1 or mode != "auto":
+        return world_size > 1 and mode == "on"
+    try:
+        shapes = load_shapes(cfg.model)
+    except UserError:
+        return False
+    size, source = device_memory(cfg, device)
+    return plan_memory(cfg, shapes, world_size=world_size, device_type=torch.device(device).type, device_bytes=size,
+                       device_source=source).rollout_gather
+
+
     from rpt_common.shards import read_manifest
 
     if not shards or not Path(shards).is_dir():
@@ -241,6 +307,11 @@ def render(plan: MemoryPlan) -> str:
     return "\n".join(lines)
 
 
+    if plan.rollout_reason:
+        lines.append(f"  rollouts: {'gathered weights' if plan.rollout_gather else 'no gathered copy'} "
+                     f"({plan.rollout_reason})")
+    if plan.kv_cache_kind:
+        lines.append(f"  KV cache: {plan.kv_cache_kind}")
 def refusal(plan: MemoryPlan) -> str:
     """One sentence: the plan, the largest term and the option that shrinks it."""
     big = plan.largest()

@@ -40,7 +40,7 @@ from rpt_train.update import autocast, no_update, update_policy
 # schedule's horizon, see schedule_horizon); any other change is refused, as `rpt-data tag` refuses its own.
 RUNTIME_ONLY = {"steps", "save_every", "keep_checkpoints", "eval_every", "log_samples_every", "tensorboard", "resume",
                 "out", "model", "eval_limit", "eval_samples", "on_bad_step", "bad_grad_norm", "max_bad_steps",
-                "logprob_chunk_tokens", "device_memory", "device", "share_prefix"}
+                "logprob_chunk_tokens", "device_memory", "device", "share_prefix", "rollout_gather"}
 
 
 def seed_everything(seed: int) -> None:
@@ -101,8 +101,9 @@ def rollout_engine(cfg: TrainConfig, model, policy) -> RolloutEngine:
     if not distributed.is_sharded(model):
         return HFRollout(model, policy.tokenizer, eos_ids(policy), cfg.rollout_batch_size, **kw)
     engine = HFRollout(model, policy.tokenizer, eos_ids(policy), cfg.rollout_batch_size, compile=False,
-                       lockstep=not cfg.rollout_gather, **kw)
-    return distributed.GatheredEngine(engine, model) if cfg.rollout_gather else engine
+    gather = distributed.broadcast_from_main(lambda: plan.gathers_rollouts(cfg, str(device), distributed.world_size()))
+                       lockstep=not gather, **kw)
+    return distributed.GatheredEngine(engine, model) if gather else engine
 
 
 def train(cfg: TrainConfig, *, reward_fns: list[RewardFn] = (), engine: RolloutEngine | None = None,

@@ -45,16 +45,28 @@ def scripted(rounds):
 def test_dynamic_sampling_refills_with_informative_groups(train_shards, tiny_tok):
     cfg = TrainConfig(shards=str(train_shards), bucket="all", batch_prompts=4, group_size=2, max_sampling_rounds=5)
     engine = ScriptedEngine(tiny_tok)
-    reward = scripted([[0, 0, 1, 0, 0, 0, 0, 0], [1, 1, 0, 1, 1, 0], [0, 1]])
+    # round 1 keeps 1 of 4 groups; the refill for 3 draws 3 / (1/4) = 12, capped at a round's 4 contexts, and keeps
+    # 2; the refill for the last one draws 1 / (3/8) -> 3 contexts, 2 keep: the first counts, the other is dropped
+    reward = scripted([[0, 0, 1, 0, 0, 0, 0, 0], [1, 1, 0, 1, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0]])
     batch, made, stats = collect(cfg, TrainSamples(cfg, tiny_tok), PromptBuilder(tiny_tok), engine, reward,
                                  SamplingParams(n=2))
-    assert engine.calls == [4, 3, 1]
+    assert engine.calls == [4, 4, 3]
     assert batch.rewards.tolist() == [1, 0, 0, 1, 1, 0, 0, 1]
     assert len(batch.samples) == 4 and batch.rollouts.completion_ids.shape[0] == 8
     assert batch.samples[0] is made[0].samples[1] and batch.samples[3] is made[2].samples[0]
     assert stats["sampling_rounds"] == 3 and stats["groups_kept"] == 4
-    assert stats["frac_reward_zero_std"] == pytest.approx(4 / 8)
-    assert stats["reward"] == pytest.approx(6 / 16)
+    assert stats["frac_reward_zero_std"] == pytest.approx(6 / 11)
+    assert stats["reward"] == pytest.approx(9 / 22)
+
+
+def test_a_refill_oversamples_by_the_observed_keep_rate():
+    from rpt_train.collect import refill_size
+
+    assert refill_size(need=2, kept=6, drawn=8, batch=8) == 3  # 2 / (6/8) -> 3, not a full round of 8
+    assert refill_size(need=1, kept=7, drawn=8, batch=8) == 2
+    assert refill_size(need=3, kept=1, drawn=8, batch=8) == 8  # 24 wanted, at most a round's contexts
+    assert refill_size(need=3, kept=0, drawn=8, batch=8) == 8  # nothing kept yet: a full round
+    assert refill_size(need=4, kept=8, drawn=8, batch=8) == 4  # never fewer than the missing groups
 
 
 def test_dynamic_sampling_is_bounded_and_optional(train_shards, tiny_tok):

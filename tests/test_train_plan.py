@@ -156,3 +156,55 @@ def test_plan_never_says_fits_without_a_device_size(tmp_path, monkeypatch):
     memory = plan.plan_memory(TrainConfig(shards="x"), plan.load_shapes(str(model)), device_type="cpu",
                               device_bytes=2 ** 30, device_source="machine")
     plan.check(memory)  # a warning, not a refusal
+
+
+SHAPES_14B = Shapes(params=14_770_000_000, layer_params=290_000_000, layers=48, hidden=5120, intermediate=13824,
+                    kv_dim=1024, vocab=152064)
+
+
+def test_rollout_gather_auto_gathers_when_the_copy_fits_and_says_why_not_otherwise():
+    """Issue 31: lockstep decoding all-gathers every layer at every token (~26 GB per rank per token for 14B over
+    8 ranks); auto gathers the weights once per call whenever the plan with that copy fits."""
+    cfg = TrainConfig(shards="x", max_new_tokens=8192, batch_prompts=256, group_size=8, micro_batch_size=1,
+                      rollout_batch_size=16, gradient_checkpointing=True)
+    assert cfg.rollout_gather == "auto"
+    roomy = plan_memory(cfg, SHAPES_14B, world_size=8, device_bytes=80 * 2 ** 30)
+    assert roomy.rollout_gather and roomy.extra["rollout_gather"] > 0 and "fits" in roomy.rollout_reason
+    tight = plan_memory(cfg, SHAPES_14B, world_size=8, device_bytes=40 * 2 ** 30)
+    assert not tight.rollout_gather and "rollout_gather" not in tight.extra
+    assert "over the device's 40.00 GiB" in tight.rollout_reason and "per rank per token" in tight.rollout_reason
+    assert tight.total == plan_memory(cfg, SHAPES_14B, world_size=8, device_bytes=40 * 2 ** 30, gather=False).total
+    unknown = plan_memory(cfg, SHAPES_14B, world_size=8)  # no device size: never a silent gather
+    assert not unknown.rollout_gather and "--device-memory" in unknown.rollout_reason
+    for mode, want in (("on", True), ("off", False)):
+        cfg.rollout_gather = mode
+        assert plan_memory(cfg, SHAPES_14B, world_size=8, device_bytes=40 * 2 ** 30).rollout_gather is want
+    cfg.rollout_gather = "on"
+    assert not plan_memory(cfg, SHAPES_14B, world_size=1, device_bytes=80 * 2 ** 30).rollout_gather  # no FSDP
+
+
+def test_plan_shows_the_rollout_choices(tiny_llama):
+    from click.testing import CliRunner
+
+    import rpt_train.cli
+
+    result = CliRunner().invoke(rpt_train.cli.main, ["plan", "--model", str(tiny_llama), "--world-size", "2",
+                                                     "--device-memory", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "rollouts: gathered weights (auto: the gathered copy" in result.output
+    assert "KV cache: dynamic" in result.output and "--static-cache" in result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["rollout_gather"] is True
+    result = CliRunner().invoke(rpt_train.cli.main, ["plan", "--model", str(tiny_llama), "--world-size", "2",
+                                                     "--device-memory", "8", "--rollout-gather", "off"])
+    assert "rollouts: no gathered copy (--rollout-gather off; lockstep decoding all-gathers" in result.output
+
+
+def test_the_trainer_follows_the_plans_rollout_choice(tiny_llama):
+    from rpt_train.plan import gathers_rollouts
+
+    cfg = TrainConfig(shards="x", model=str(tiny_llama), device_memory=8.0)
+    assert gathers_rollouts(cfg, "cpu", 2) and not gathers_rollouts(cfg, "cpu", 1)
+    cfg.device_memory = 1e-6  # nothing fits: no gathered copy (the plan itself then refuses the run)
+    assert not gathers_rollouts(cfg, "cpu", 2)
+    cfg.rollout_gather = True  # a config built in code with the old bool
+    assert gathers_rollouts(cfg, "cpu", 2)
