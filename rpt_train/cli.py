@@ -170,6 +170,7 @@ def export_cmd(recipe, **overrides):
 def experiment_cmd(spec, arms, report_only, rerun, threads):
     """Run an experiment described as data (docs/experiments.md): every arm of SPEC, or the ARMs named, each
     trained by its kind and evaluated on the same held-out positions, then the report RESULTS/NAME.{json,md,png}.
+    ARM `levers`: the spec's levers stage only (what the policy knows before training).
 
     A finished arm (its record in RESULTS/NAME.arms/ARM.json) is not rerun; a training arm stopped half-way resumes
     from its last checkpoint. Arms that depend on another (match_flops, contexts_of) run after it.
@@ -180,7 +181,10 @@ def experiment_cmd(spec, arms, report_only, rerun, threads):
 
     if rerun and not arms:
         raise click.UsageError("--rerun needs the ARMs to run over")
-    experiment.Experiment(experiment.load_spec(spec)).order(list(arms) or None)  # the spec and the arms asked checked
+    loaded = experiment.load_spec(spec)
+    asked = experiment.stages(loaded, list(arms))[1]
+    if asked != []:
+        experiment.Experiment(loaded).order(asked)  # the spec and the arms asked checked before anything runs
     if threads:
         torch.set_num_threads(threads)
     _quiet_transformers()

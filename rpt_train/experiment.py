@@ -26,7 +26,8 @@ from rpt_common.recipe import read_yaml
 from rpt_train.config import EvalConfig, TrainConfig, field_types, load_config, to_dict
 
 SPEC_KEYS = {"name", "title", "recipe", "base", "warm", "eval", "arms", "comparisons", "metrics", "out", "results",
-             "alpha", "power", "primary_bucket", "notes"}
+             "alpha", "power", "primary_bucket", "notes", "levers"}
+LEVERS = {"positions": 100}  # a spec's `levers:` (true or a mapping) overrides these
 ARM_KEYS = {"kind", "match_flops", "contexts_of", "label_tokens", "model", "description"}
 WARM = {"fraction": 0.2, "steps": 40, "batch": 16, "lr": 1e-5}  # a spec's `warm:` overrides these
 METRICS = ("ntr_accuracy", "ntr_greedy_accuracy", "ntr_pass_at_k", "ntp_accuracy")
@@ -67,6 +68,7 @@ class Spec:
     power: float = 0.8
     primary_bucket: str = "all"
     notes: list[str] = field(default_factory=list)
+    levers: dict | None = None  # the `levers` stage (rpt_train/levers.py): None = not measured
 
     @property
     def arms_dir(self) -> Path:
@@ -143,6 +145,15 @@ def load_spec(path: str) -> Spec:
         if len(pair) != 2 or any(x not in arms for x in pair):
             raise UserError(f"spec '{path}': comparison {c!r} must name two arms of the spec, e.g. [rpt, before]")
         comparisons.append(tuple(map(str, pair)))
+    levers = raw.get("levers")
+    if levers is not None and levers is not False:
+        levers = {**LEVERS, **(_norm(levers) if isinstance(levers, dict) else {})}
+        if set(levers) - set(LEVERS):
+            raise UserError(f"spec '{path}': unknown levers: key(s) {sorted(set(levers) - set(LEVERS))}")
+    else:
+        levers = None
+    if "levers" in raw["arms"]:
+        raise UserError(f"spec '{path}': 'levers' names the levers stage; call the arm otherwise")
     metrics = tuple(raw.get("metrics") or METRICS)
     if set(metrics) - set(METRICS):
         raise UserError(f"spec '{path}': metrics must be among {list(METRICS)}")
@@ -152,7 +163,7 @@ def load_spec(path: str) -> Spec:
                 out=str(raw.get("out") or Path("out") / "experiments" / name),
                 results=str(raw.get("results") or "results"), alpha=float(raw.get("alpha", 0.05)),
                 power=float(raw.get("power", 0.8)), primary_bucket=str(raw.get("primary_bucket", "all")),
-                notes=list(raw.get("notes") or []))
+                notes=list(raw.get("notes") or []), levers=levers)
     for arm in arms.values():  # every arm's config must load now, not after an hour of another arm's training
         Experiment(spec).train_config(arm, check_only=True)
     Experiment(spec).eval_config("demo")
@@ -225,7 +236,17 @@ def _sft_arm(exp: "Experiment", arm: Arm):
     if arm.contexts_of:
         path = exp.kept_contexts(arm.contexts_of)
         steps = len({json.loads(x)["step"] for x in path.read_text().splitlines() if x.strip()})
-        cfg = exp.train_config(arm, {"steps": steps})
+        # contexts.jsonl holds indices into that arm's candidate positions: the same position options, or refuse
+        from rpt_train.config import SampleConfig
+
+        ref = exp.spec.arms[arm.contexts_of].options
+        same = {k: v for k, v in ref.items() if k in field_types(SampleConfig) and k != "seed"}
+        clash = sorted(k for k in arm.options if k in field_types(SampleConfig) and k != "seed"
+                       and arm.options[k] != same.get(k, exp.spec.train.get(k)))
+        if clash:
+            raise UserError(f"arm '{arm.name}': contexts_of '{arm.contexts_of}' trains on that arm's positions; "
+                            f"drop its own {', '.join(clash)}")
+        cfg = exp.train_config(arm, {**same, "steps": steps})
         totals = sft_train(cfg, same_contexts(path), arm.label_tokens)
     elif arm.match_flops:
         target = exp.finished(arm.match_flops)["compute"]["flops"]
@@ -418,6 +439,23 @@ class Experiment:
         keep_copy(done, self.kept / "warm.json")
         return record
 
+    def measure_levers(self, rerun: bool = False) -> Path:
+        """The `levers` stage, once: RESULTS/NAME.arms/levers.json (rpt_train/levers.py)."""
+        from rpt_train.levers import measure_levers
+
+        path = self.kept / "levers.json"
+        if path.exists() and not rerun:
+            print(f"levers: done ({path})")
+            return path
+        warm = self.warm_start()
+        base = load_config(TrainConfig, None, {k: v for k, v in self.spec.train.items()
+                                               if k in field_types(TrainConfig)})
+        models = {"base": base.model} | ({"warm-started": self.start_model()} if warm else {})
+        result = measure_levers(models, self.eval_config(base.model), base.group_size, base.response_prefix,
+                                self.spec.levers["positions"])
+        write_json(result, path)
+        return path
+
     def run_arm(self, name: str, rerun: bool = False) -> Path:
         """Train (by its kind) and evaluate one arm, unless its record is kept already; the record is written the
         moment the arm finishes, with the metrics (and a trainer's contexts) beside it."""
@@ -501,7 +539,19 @@ def run_experiment(spec_path: str, arms: list[str] | None = None, *, report_only
 
     spec = load_spec(spec_path)
     exp = Experiment(spec)
+    levers, arms = stages(spec, arms)
     if not report_only:
-        for name in exp.order(arms):
+        if levers:
+            exp.measure_levers(rerun=rerun and arms == [])
+        for name in exp.order(arms) if arms != [] else []:
             exp.run_arm(name, rerun=rerun)
     return write_report(spec)
+
+
+def stages(spec: Spec, arms: list[str] | None) -> tuple[bool, list[str] | None]:
+    """(whether to run the levers stage, the arms asked: None = all): `levers` in the list is the stage."""
+    if not arms:
+        return spec.levers is not None, None
+    if "levers" in arms and spec.levers is None:
+        raise UserError(f"spec '{spec.path}' has no `levers:` section to run")
+    return "levers" in arms, [a for a in arms if a != "levers"]

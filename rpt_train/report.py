@@ -116,7 +116,7 @@ def build_report(spec) -> dict:
         comparisons[name] = {"a": a, "b": b, "metric": primary, "buckets": by_metric[primary],
                              "by_metric": by_metric, "right_tokens_mean_diff": mtp, "verdict": v}
         verdicts.append(v)
-    warm = kept / "warm.json"
+    warm, levers = kept / "warm.json", kept / "levers.json"
     verdict = " ".join(verdicts) or "No declared comparison has both arms finished yet."
     if missing:
         verdict += f" Interim: arm(s) {', '.join(missing)} not run yet."
@@ -125,7 +125,8 @@ def build_report(spec) -> dict:
             "verdict": verdict, "missing_arms": missing, "alpha": spec.alpha, "power": spec.power,
             "test": "paired difference over the same held-out positions, normal interval, variance x design effect "
                     "1 + (m - 1) ICC of the differences grouped by problem",
-            "warm_start": json.loads(warm.read_text()) if warm.exists() else None, "notes": spec.notes}
+            "warm_start": json.loads(warm.read_text()) if warm.exists() else None,
+            "prompt_levers": json.loads(levers.read_text()) if levers.exists() else None, "notes": spec.notes}
 
 
 def arm_metrics(spec, arm: str) -> list[dict]:
@@ -162,6 +163,10 @@ def markdown(res: dict, png: str) -> str:
         lines += [f"Warm start (the start of every arm): SFT on {w['documents']} documents neither held out nor "
                   f"trained on by an arm, {w['steps']} steps of {w['batch']} contexts, lr {w['lr']:g}; loss "
                   f"{w['loss_first']:.3f} -> {w['loss_last']:.3f}.", ""]
+    if res.get("prompt_levers"):
+        from rpt_train.levers import levers_lines
+
+        lines += levers_lines(res["prompt_levers"])
     lines += ["## Compute per arm", "", FLOPS_FORMULA, "",
               "| arm | rollout tokens | forward tokens | backward tokens | FLOPs | seconds | machine |",
               "|---|---|---|---|---|---|---|"]

@@ -25,12 +25,14 @@ TINY = {"heldout-fraction": 0.3, "split-seed": 4, "template": "answer-only", "ch
         "reward": ["shard_fixtures:length_reward"]}  # random tiny models never answer: a reward with variance
 
 
-def write_spec(tmp_path: Path, shards, model, arms: dict, warm=None, comparisons=(), **base) -> Path:
+def write_spec(tmp_path: Path, shards, model, arms: dict, warm=None, comparisons=(), levers=None, **base) -> Path:
     spec = {"title": "tiny", "out": str(tmp_path / "work"), "results": str(tmp_path / "results"),
             "base": {"shards": str(shards), "model": str(model), **TINY, **base},
             "eval": {"limit": 3, "samples": 2}, "arms": arms, "comparisons": [list(c) for c in comparisons]}
     if warm:
         spec["warm"] = warm
+    if levers:
+        spec["levers"] = levers
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "tiny-exp.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -191,7 +193,8 @@ SMOKE_ARMS = {"before": {"kind": "eval"}, "rpt": {"kind": "rpt"}, "shuffled": {"
 
 def test_smoke_spec_runs_every_arm_kind_and_reports(tiny_llama, train_shards, tmp_path):
     path = write_spec(tmp_path, train_shards, tiny_llama, SMOKE_ARMS, warm={"fraction": 0.3, "steps": 2, "batch": 2},
-                      comparisons=[("rpt", "before"), ("rpt", "shuffled"), ("rpt", "sft-flops")])
+                      comparisons=[("rpt", "before"), ("rpt", "shuffled"), ("rpt", "sft-flops")],
+                      levers={"positions": 3})
     out = experiment.run_experiment(str(path))
     res = json.loads(out.read_text())
     assert list(res["arms"]) == list(SMOKE_ARMS) and res["missing_arms"] == []
@@ -227,7 +230,11 @@ def test_smoke_spec_runs_every_arm_kind_and_reports(tiny_llama, train_shards, tm
     stamp = (kept / "rpt.json").stat().st_mtime_ns
     experiment.run_experiment(str(path), ["rpt"])
     assert (kept / "rpt.json").stat().st_mtime_ns == stamp
+    # the levers stage: both models, the prompts the tokenizer allows (no chat template here)
+    assert set(res["prompt_levers"]["models"]) == {"base", "warm-started"}
+    assert set(res["prompt_levers"]["models"]["base"]) == {"raw context", "answer-only, no chat template"}
     md = (tmp_path / "results" / "tiny-exp.md").read_text()
+    assert "P(a right first answer token)" in md
     assert "## Compute per arm" in md and "2 N forward_tokens + 4 N backward_tokens" in md and "## Verdict" in md
 
 
@@ -298,7 +305,156 @@ def test_the_power_spec_configures_the_arms_as_the_committed_run_did():
         assert {k: new_eval[k] for k in rec["eval_config"]} == rec["eval_config"], arm
         if spec.arms[arm].kind != "eval":  # (the before record also kept a training config: unused)
             new = to_dict(exp.train_config(spec.arms[arm]))
-            assert {k: new[k] for k in rec["train_config"] if k not in ("out", "resume")} == \
-                {k: v for k, v in rec["train_config"].items() if k not in ("out", "resume")}, arm
+            # out: the old record kept the root; rollout_gather: a torchrun-only option whose default became "auto"
+            skip = ("out", "resume", "rollout_gather")
+            assert {k: new[k] for k in rec["train_config"] if k not in skip} == \
+                {k: v for k, v in rec["train_config"].items() if k not in skip}, arm
     warm = json.loads((kept / "warm.json").read_text())
     assert {k: warm[k] for k in experiment.WARM} == spec.warm
+
+
+# ---- carried over from the bespoke power script's tests (issue 16) -------------------------------------------------
+
+@pytest.mark.parametrize("k,n,lo,hi", [  # Newcombe (1998), Stat. Med. 17:857, Table II, method 3 (Wilson score)
+    (81, 263, 0.2553, 0.3662), (15, 148, 0.0624, 0.1605), (0, 20, 0.0, 0.1611), (1, 29, 0.0061, 0.1718)])
+def test_wilson_matches_published_values(k, n, lo, hi):
+    from rpt_train.stats import wilson
+
+    assert wilson(k / n, n) == pytest.approx([lo, hi], abs=1e-4)
+
+
+def test_wilson_bounds_are_exact_at_zero_and_one():
+    from rpt_train.stats import wilson
+
+    assert wilson(0.0, 100)[0] == 0.0 and wilson(1.0, 100)[1] == 1.0
+    assert wilson(None, 10) is None and wilson(0.5, 0) is None
+
+
+def test_detectable_effect_matches_the_textbook_sample_size():
+    from rpt_train.stats import detectable_effect
+
+    # Fleiss without continuity correction: 0.5 vs 0.6 at 5% / 80% needs 387.3 per arm
+    assert detectable_effect(388, 0.5) == pytest.approx(0.1, abs=5e-4)
+    assert detectable_effect(388, 0.5) < 0.1 < detectable_effect(387, 0.5)
+    # a design effect of 2 halves the sample: n = 200 at deff 2 is n = 100 independent positions
+    assert detectable_effect(200, 0.0, deff=2.0) == pytest.approx(detectable_effect(100, 0.0))
+    assert detectable_effect(100, 0.0) > detectable_effect(400, 0.0) > 0
+
+
+def test_icc_and_design_effect():
+    from rpt_train.stats import design_effect, icc_anova
+
+    assert icc_anova([[1, 1, 1], [0, 0, 0], [1, 1, 1]]) == pytest.approx(1.0)
+    assert icc_anova([[1, 0], [1, 0], [0, 1]]) == 0.0  # within-problem spread only: clipped at 0
+    assert design_effect([3, 3, 3], 0.5) == pytest.approx(2.0)
+    assert design_effect([1] * 10, 0.9) == pytest.approx(1.0)
+
+
+def test_answer_target_leaves_out_the_response_prefix():
+    from rpt_train.sft import answer_target
+
+    assert answer_target(" the", "\\boxed{") == " the}"
+    assert answer_target(" the", "") == "\\boxed{ the}"
+
+
+class GreedyOracle:
+    """Right answer when decoding greedily, a wrong one when sampling."""
+
+    def __init__(self, tokenizer, samples):
+        from rpt_train.templates import PromptBuilder
+
+        prompts = PromptBuilder(tokenizer)
+        self.by_prompt = {tuple(prompts.ids(s.context)): s for s in samples}
+
+    def generate(self, prompts, params):
+        from rpt_train.rollout import RolloutBatch
+
+        texts = []
+        for p in prompts:
+            label = "".join(self.by_prompt[tuple(p)].label_tokens)
+            texts += [f"\\boxed{{{label}}}" if params.greedy else "\\boxed{\x00}"] * params.n
+        ones = torch.ones(len(texts), 1, dtype=torch.long)
+        return RolloutBatch(prompt_ids=ones, prompt_mask=ones, completion_ids=ones, completion_mask=ones, logprobs=None,
+                            texts=texts)
+
+
+def test_greedy_accuracy_and_intervals_in_the_eval(tiny_llama, train_shards, tiny_tok):
+    from rpt_train.config import EvalConfig
+    from rpt_train.evaluate import evaluate, select_positions
+    from rpt_train.policy import load_policy
+    from rpt_train.samples import ShardSet
+    from rpt_train.stats import wilson
+
+    cfg = EvalConfig(shards=str(train_shards), limit=5, samples=2, max_new_tokens=4)
+    shards = ShardSet(str(train_shards))
+    chosen = select_positions(shards, tiny_tok, cfg)
+    unique = {s.key: s for b in EVAL_BUCKETS for s in chosen[b]}
+    model = load_policy(str(tiny_llama), device="cpu").model
+    result = evaluate(model, tiny_tok, GreedyOracle(tiny_tok, unique.values()), cfg, shards, chosen, details=True)
+    for b in EVAL_BUCKETS:
+        r = result[b]
+        assert (r["ntr_greedy_accuracy"], r["ntr_accuracy"], r["ntr_pass_at_k"]) == (1.0, 0.0, 0.0)
+        assert r["ntr_greedy_accuracy_ci"] == wilson(1.0, 5) and r["ntr_accuracy_ci"] == wilson(0.0, 5)
+        assert result["chosen"][b] == [s.key for s in chosen[b]]
+        assert r["right_answers"] == 0 and r["right_tokens_mean"] is None  # only sampled answers count
+    assert {p["key"] for p in result["positions"]} == set(unique)
+    assert all(p["greedy_correct"] and not any(p["correct"]) for p in result["positions"])
+
+
+def test_sft_loss_is_cross_entropy_on_the_answer_tokens_only(tiny_llama, train_shards, tiny_tok, tmp_path):
+    from rpt_train.policy import load_policy
+    from rpt_train.samples import TrainSamples
+    from rpt_train.sft import next_contexts, sft_train
+    from rpt_train.templates import PromptBuilder
+
+    cfg = TrainConfig(shards=str(train_shards), model=str(tiny_llama), out=str(tmp_path / "sft"), bucket="all",
+                      steps=1, batch_prompts=3, micro_batch_size=2, template="answer-only", chat_template="off",
+                      response_prefix="\\boxed{", lr=1e-3, device="cpu")
+    sft_train(cfg, next_contexts(3))
+    logged = json.loads((tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()[0])
+    # expected: the untrained model's mean NLL of "label}<eos>" after each prompt, one row at a time
+    policy = load_policy(str(tiny_llama), device="cpu")
+    prompts = PromptBuilder(tiny_tok, "answer-only", "off", "\\boxed{")
+    nll, count, tokens = 0.0, 0, 0
+    for s in TrainSamples(cfg, tiny_tok).next_batch(3):
+        p = prompts.ids(s.context)
+        t = tiny_tok(s.label_tokens[0] + "}", add_special_tokens=False)["input_ids"] + [tiny_tok.eos_token_id]
+        with torch.no_grad():
+            logp = torch.log_softmax(policy.model(input_ids=torch.tensor([p + t])).logits[0, :-1].float(), -1)
+        nll -= sum(float(logp[len(p) - 1 + j, tok]) for j, tok in enumerate(t))
+        count += len(t)
+        tokens += len(p) + len(t)
+    assert logged["loss"] == pytest.approx(nll / count, rel=1e-4)
+    assert logged["target_tokens"] == count and logged["forward_tokens"] == logged["backward_tokens"] == tokens
+    assert (tmp_path / "sft" / "model" / "config.json").exists()
+
+
+def test_sft_keeps_float32_masters_under_a_bf16_compute_dtype(tiny_llama, train_shards, tmp_path):
+    """--dtype bfloat16 is a compute dtype: the SFT arm's weights and their update stay float32 (an AdamW step on
+    bf16 weights at a small lr rounds away), as in rpt-train."""
+    from transformers import AutoModelForCausalLM
+
+    from rpt_train.policy import load_policy
+    from rpt_train.sft import next_contexts, sft_train
+
+    cfg = TrainConfig(shards=str(train_shards), model=str(tiny_llama), out=str(tmp_path / "sft"), bucket="all",
+                      steps=1, batch_prompts=3, micro_batch_size=3, template="answer-only", chat_template="off",
+                      response_prefix="\\boxed{", lr=1e-6, device="cpu", dtype="bfloat16")
+    sft_train(cfg, next_contexts(3))
+    before = load_policy(str(tiny_llama), device="cpu").model.state_dict()
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "sft" / "model").state_dict()
+    assert all(t.dtype == torch.float32 for t in after.values())
+    moved = sum(int((after[k] != before[k]).sum()) for k in before) / sum(t.numel() for t in before.values())
+    assert moved > 0.5
+
+
+def test_arm_metrics_fall_back_to_the_copy_kept_in_git(tmp_path):
+    path = write_spec(tmp_path, "s", "demo", {"rpt": {"kind": "rpt"}})
+    spec = experiment.load_spec(str(path))
+    assert report.arm_metrics(spec, "rpt") == []
+    spec.arms_dir.mkdir(parents=True)
+    (spec.arms_dir / "rpt.metrics.jsonl").write_text('{"step": 1, "reward": 0.5}\n')
+    assert report.arm_metrics(spec, "rpt") == [{"step": 1, "reward": 0.5}]
+    (Path(spec.out) / "rpt" / "train").mkdir(parents=True)
+    (Path(spec.out) / "rpt" / "train" / "metrics.jsonl").write_text('{"step": 1, "reward": 0.25}\n')
+    assert report.arm_metrics(spec, "rpt")[0]["reward"] == 0.25  # this machine's run first

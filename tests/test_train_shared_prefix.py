@@ -153,6 +153,9 @@ def test_a_whole_update_equals_the_unshared_one(tiny_qwen2, monkeypatch):
     a, wa = update_with(True, tiny_qwen2, batch)
     b, wb = update_with(False, tiny_qwen2, batch)
     assert a.pop("shared_prefix") is True and b.pop("shared_prefix") is False
+    # compute accounting: a shared prefix runs each context once per group, so fewer tokens go through the model
+    assert 0 < a.pop("update_forward_tokens") < b.pop("update_forward_tokens")
+    assert 0 < a.pop("backward_tokens") < b.pop("backward_tokens")
     assert a.keys() == b.keys() and a["updates"] == 2 * 2
     for k in a:
         assert a[k] == b[k] if not isinstance(a[k], float) else a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), k
@@ -213,11 +216,12 @@ def test_the_plan_models_the_shared_path():
     assert long_on.terms == long_off.terms
 
 
-def test_the_power_recipe_uses_the_shared_path():
+def test_the_power_experiment_uses_the_shared_path():
     from pathlib import Path
 
-    from rpt_train.config import TrainConfig, load_config
+    from rpt_train.config import TrainConfig
+    from rpt_train.experiment import Experiment, load_spec
 
-    recipe = Path(__file__).parents[1] / "pipelines" / "smollm2-champ-power.yaml"
-    assert load_config(TrainConfig, str(recipe)).share_prefix
+    spec = load_spec(str(Path(__file__).parents[1] / "pipelines" / "experiments" / "smollm2-champ-power.yaml"))
+    assert all(Experiment(spec).train_config(arm, check_only=True).share_prefix for arm in spec.arms.values())
     assert TrainConfig(shards="x").share_prefix  # the default
