@@ -61,9 +61,9 @@ class _Placement:
         stripes = distributed.all_gather_objects(keep)
         flags = [bool(stripes[i % world][i // world]) for i in range(drawn)]  # every rank's keep flags, draw order
         before = np.cumsum([0] + flags)
-        self.index += [self.kept_before + int(before[rank + g * world]) for g, k in enumerate(keep) if k]
         flags = [f and int(b) < need for f, b in zip(flags, before)]
         keep = [flags[rank + g * world] for g in range(len(keep))]
+        self.index += [self.kept_before + int(before[rank + g * world]) for g, k in enumerate(keep) if k]
         self.kept_before += sum(flags)
         return keep, sum(flags)
 
@@ -103,8 +103,8 @@ def collect(cfg, data: TrainSamples, prompts: PromptBuilder, engine: RolloutEngi
         groups = rollout_groups(drawn[rank::world], prompts, engine, reward_fn, params, cfg.answer_format)
         made.append(groups)
         keep = (group_std(groups.rewards, G) > 0).tolist() if cfg.dynamic_sampling else [True] * len(groups.samples)
-        if any(keep):
         keep, got = place.add_round(keep, len(drawn), need)
+        if any(keep):
             kept.append(take_groups(groups, [g for g, k in enumerate(keep) if k], G))
         need -= got
     stats = rollout_stats(made, G, distributed.all_max(time.perf_counter() - t0))

@@ -304,6 +304,9 @@ def validate(cfg: CommonConfig) -> None:
         need(cfg.lr_schedule in ("constant", "linear", "cosine"), "--lr-schedule must be constant, linear or cosine")
         need(cfg.micro_batch_size >= 1 and cfg.ppo_epochs >= 1, "--micro-batch-size and --ppo-epochs must be >= 1")
         need(cfg.max_sampling_rounds >= 1, "--max-sampling-rounds must be at least 1")
+        if isinstance(cfg.rollout_gather, bool):  # recipes and runs from before auto: true / false
+            cfg.rollout_gather = "on" if cfg.rollout_gather else "off"
+        need(cfg.rollout_gather in ("auto", "on", "off"), "--rollout-gather must be auto, on or off")
         need(cfg.sampler in ("uniform", "learnability"), "--sampler must be uniform or learnability")
         need(cfg.sampler_pool >= 1, "--sampler-pool must be at least 1")
         need(cfg.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1")
@@ -322,9 +325,6 @@ def validate(cfg: CommonConfig) -> None:
         need(cfg.split != "heldout" or cfg.heldout_fraction > 0, "--split heldout needs --heldout-fraction > 0")
         need(cfg.limit >= 1 and cfg.samples >= 1, "--limit and --samples must be at least 1")
 
-        if isinstance(cfg.rollout_gather, bool):  # recipes and runs from before auto: true / false
-            cfg.rollout_gather = "on" if cfg.rollout_gather else "off"
-        need(cfg.rollout_gather in ("auto", "on", "off"), "--rollout-gather must be auto, on or off")
 
 def to_dict(cfg) -> dict:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}

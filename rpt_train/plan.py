@@ -74,10 +74,10 @@ class MemoryPlan:
     device_bytes: int | None = None
     device_source: str = "device"  # what device_bytes is: the device's (or --device-memory), or the machine's RAM
     notes: list[str] = field(default_factory=list)
-
     rollout_gather: bool = False  # rollouts on the whole model gathered once per call (FSDP)
     rollout_reason: str = ""  # why (the --rollout-gather decision)
     kv_cache_kind: str = ""  # dynamic or static, and why
+
     @property
     def fits(self) -> bool | None:
         """Whether the peak fits the device; None when no device size is known (a CPU plan for a GPU run)."""
@@ -119,22 +119,22 @@ def full_logprob_bytes(vocab: int, rows: int, completion: int) -> int:
     return 4 * rows * completion * vocab * 4
 
 
-def plan_memory(cfg, shapes: Shapes, *, world_size: int = 1, device_type: str = "cuda",
 def gather_mode(cfg) -> str:
     """--rollout-gather as auto, on or off (a bool from a config built in code: on / off)."""
     mode = getattr(cfg, "rollout_gather", "auto")
     return ("on" if mode else "off") if isinstance(mode, bool) else mode
 
 
+def plan_memory(cfg, shapes: Shapes, *, world_size: int = 1, device_type: str = "cuda",
                 device_bytes: int | None = None, device_source: str = "device",
                 prompt_tokens: int | None = None, gather: bool | None = None) -> MemoryPlan:
     """The plan of `rpt-train run` with TrainConfig `cfg` on `world_size` devices of `device_bytes` each; `gather`:
     plan rollouts on gathered weights or not (None: decide as --rollout-gather says, see `choose_rollouts`)."""
     W = max(1, world_size)
-    weight = precision.element_bytes(precision.MASTER)  # float32 masters, gradients and AdamW moments
     if gather is None:
         return choose_rollouts(cfg, shapes, dict(world_size=W, device_type=device_type, device_bytes=device_bytes,
                                                  device_source=device_source, prompt_tokens=prompt_tokens))
+    weight = precision.element_bytes(precision.MASTER)  # float32 masters, gradients and AdamW moments
     compute = precision.compute_dtype(cfg, device_type)
     act = precision.element_bytes(compute)  # activations and the KV cache
     prompt, prompt_source = (prompt_tokens, "given") if prompt_tokens else planned_prompt(cfg)
@@ -181,9 +181,6 @@ def gather_mode(cfg) -> str:
                       notes=notes)
 
 
-def shard_window(shards: str) -> int | None:
-    """The window (tokens per row) the shards in `shards` were tagged with, from their manifest; None when there
-    are no such shards."""
 def choose_rollouts(cfg, shapes: Shapes, kw: dict) -> MemoryPlan:
     """The plan with the rollout choices made and said: gathered weights under FSDP (--rollout-gather auto: when the
     plan with the gathered copy fits the device; otherwise every decoded token all-gathers every layer) and the KV
@@ -236,6 +233,9 @@ def gathers_rollouts(cfg, device: str, world_size: int) -> bool:
                        device_source=source).rollout_gather
 
 
+def shard_window(shards: str) -> int | None:
+    """The window (tokens per row) the shards in `shards` were tagged with, from their manifest; None when there
+    are no such shards."""
     from rpt_common.shards import read_manifest
 
     if not shards or not Path(shards).is_dir():
@@ -304,14 +304,14 @@ def render(plan: MemoryPlan) -> str:
         of = "this machine's memory" if plan.device_source == "machine" else "the device's"
         verdict = f" of {plan.device_bytes / GIB:.2f} GiB ({of}): {'fits' if plan.fits else 'DOES NOT FIT'}"
     lines.append(f"  planned peak {plan.total / GIB:.2f} GiB{verdict}")
-    return "\n".join(lines)
-
-
     if plan.rollout_reason:
         lines.append(f"  rollouts: {'gathered weights' if plan.rollout_gather else 'no gathered copy'} "
                      f"({plan.rollout_reason})")
     if plan.kv_cache_kind:
         lines.append(f"  KV cache: {plan.kv_cache_kind}")
+    return "\n".join(lines)
+
+
 def refusal(plan: MemoryPlan) -> str:
     """One sentence: the plan, the largest term and the option that shrinks it."""
     big = plan.largest()

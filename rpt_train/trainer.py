@@ -100,8 +100,8 @@ def rollout_engine(cfg: TrainConfig, model, policy) -> RolloutEngine:
     kw = {"static_cache": cfg.static_cache, "bf16": precision.compute_dtype(cfg, device) is not None}
     if not distributed.is_sharded(model):
         return HFRollout(model, policy.tokenizer, eos_ids(policy), cfg.rollout_batch_size, **kw)
-    engine = HFRollout(model, policy.tokenizer, eos_ids(policy), cfg.rollout_batch_size, compile=False,
     gather = distributed.broadcast_from_main(lambda: plan.gathers_rollouts(cfg, str(device), distributed.world_size()))
+    engine = HFRollout(model, policy.tokenizer, eos_ids(policy), cfg.rollout_batch_size, compile=False,
                        lockstep=not gather, **kw)
     return distributed.GatheredEngine(engine, model) if gather else engine
 
