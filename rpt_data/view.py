@@ -233,9 +233,16 @@ def histogram(run: Run, col: str, hi: float, bins: int = HIST_BINS) -> list[int]
     return out
 
 
-def metric_max(run: Run, col: str, q: float = 0.995) -> float:
+def metric_max(run: Run, col: str) -> float:
+    """The largest value of the metric over the output (a streaming aggregate, whatever its size)."""
     lf = positions_frame(run.out, run.paths, stats=("entropy", "topk_entropy", "target_logprob"))
-    return float(lf.select(_metric_expr(col).quantile(q)).collect().item() or 0.0)
+    return float(lf.select(_metric_expr(col).max()).collect().item() or 0.0)
+
+
+def page_scale(views: list[DocView], run: Run, col: str, q: float = 0.995) -> float:
+    """Top of the colour scale: the q-quantile of the metric over the page's tokens (outliers saturate)."""
+    vals = sorted(v for d in views for t in d.tokens.values() if t.scored and (v := run.value(t, col)) is not None)
+    return vals[int(q * (len(vals) - 1))] if vals else 1.0
 
 
 def profile(run: Run, col: str, bins: int = 32) -> pl.DataFrame:
@@ -296,8 +303,8 @@ def write_html(out: str, html_path: str, *, docs: int = 20, pick: str = "hardest
         if other is not None:
             attach_other(run, other, other_rows, views)
         runs = [r for r in (run, other) if r is not None]
-        hi = max(max(metric_max(r, col) for r in runs), 1e-3)  # top of the colour scale
-        top = max(max(metric_max(r, col, 1.0) for r in runs), hi)  # right end of the histograms
+        hi = max(page_scale(views, run, col), 1e-3)
+        top = max(max(metric_max(r, col) for r in runs), hi)  # right end of the histograms
         charts = {"hist": {r.out: histogram(r, col, top) for r in runs}, "hist_hi": top,
                   "profile": {r.out: profile(r, col) for r in runs}, "hi": hi}
     except (pl.exceptions.PolarsError, OSError) as e:

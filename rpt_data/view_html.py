@@ -59,6 +59,14 @@ def nice_ceil(x: float) -> float:
     return next(m * e for m in (1, 2, 2.5, 5, 10) if m * e >= x - 1e-12)
 
 
+def scale_top(x: float) -> float:
+    """x rounded up to two significant digits (the top of the colour scale: 2.77 -> 2.8)."""
+    if x <= 0:
+        return 1.0
+    step = 10 ** (math.floor(math.log10(x)) - 1)
+    return round(math.ceil(x / step - 1e-9) * step, 12)
+
+
 def _r(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else round(float(x), 4)
 
@@ -87,7 +95,9 @@ def _axes(title: str, x0: float, x1: float, y1: float, xlabel: str, ylabel: str)
         xv += step
     for k in range(5):
         y = MT + ph - ph * k / 4
-        out.append(f'<text x="{ML - 5}" y="{y + 4:.1f}" text-anchor="end">{y1 * k / 4:.3g}</text>')
+        yv = y1 * k / 4
+        label = f"{yv / 1000:g}k" if y1 >= 1000 and yv else f"{yv:.3g}"
+        out.append(f'<text x="{ML - 5}" y="{y + 4:.1f}" text-anchor="end">{label}</text>')
     return out
 
 
@@ -140,6 +150,7 @@ nav .bar{position:sticky;top:0;background:#fff;border-bottom:1px solid #ccc;padd
 #toc{max-height:12em;overflow:auto;font-size:.85em}#toc td{padding:0 .5em}
 .legend{display:flex;flex-wrap:wrap;gap:2px;align-items:center;margin:.25em 0;font-size:.8em}
 .legend .sw{padding:1px 6px;border:1px solid #999}.legend .lab{margin-right:.6em;font-weight:600}
+.legend .t{margin-right:1em}
 .text{white-space:pre-wrap;word-wrap:break-word;font:14px/1.9 ui-monospace,"DejaVu Sans Mono",monospace;
  border:1px solid #ddd;padding:.5em;max-width:110ch}
 .t{border-radius:2px}
@@ -296,7 +307,7 @@ def _row(run, t, d: int, j: int) -> list:
 def render_page(*, run, other, views, col: str, metric: str, pick: str, seed: int, docs: int, doc_tokens: int,
                 charts: dict, vocab: dict[int, str], vocab_note: str) -> str:
     cmp = other is not None
-    hi = nice_ceil(charts["hi"])
+    hi = scale_top(charts["hi"])
     tok_rows, spans_by_doc, doc_hardest, doc_meta = [], [], [], []
     diffs = []
     for d, v in enumerate(views):

@@ -198,3 +198,12 @@ def test_scale_levels_cover_the_range():
     assert div_level(0.0, 1.0) == len(DIV) // 2 and div_level(-5, 1.0) == 0 and div_level(5, 1.0) == len(DIV) - 1
     assert [nice_ceil(x) for x in (0.3, 1.0, 1.7, 2.2, 3, 7.1)] == [0.5, 1.0, 2.0, 2.5, 5.0, 10.0]
     assert math.isclose(nice_ceil(0.031), 0.05)
+
+
+def test_markup_in_the_text_is_shown_as_text(root, tmp_path):
+    """Text that looks like HTML (a closing script tag, entities, quotes) is escaped, not interpreted."""
+    texts = ['a </script><script>alert("x")</script> b &amp; <b>bold</b> \' " end', "x < y > z &lt; </ok>"]
+    out = tag(_model(root, "bytelevel"), root / "markup", texts=texts, window=24, context_prefix=6)
+    page = page_of(out, tmp_path / "m.html", docs=2)
+    assert [doc_text(page, f"doc{i}") for i in range(2)] == texts
+    assert (tmp_path / "m.html").read_text().count("<script") == 2  # the data block and the page's script

@@ -54,23 +54,28 @@ def load(ctx, html: Path):
     page.errors = []
     page.on("pageerror", lambda e: page.errors.append(str(e)))
     page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" else None)
-    page.goto(html.as_uri())
+    page.goto(html.resolve().as_uri())
     page.wait_for_function("typeof D !== 'undefined' && document.querySelectorAll('.t[data-i]').length > 0")
     return page
 
 
-def screenshot(html: Path, png: Path, hover: str = "hardest") -> None:
-    """The page as a reader first sees it, with the panel showing the page's hardest token (or nothing)."""
+def screenshot(html: Path, png: Path) -> None:
+    """The page from its legend down (charts, first documents), the panel showing the hardest token in view."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as profile:
-        pw, ctx = open_browser(Path(profile), viewport=(1280, 1000))
+        pw, ctx = open_browser(Path(profile), viewport=(1280, 1100))
         try:
             page = load(ctx, html)
-            if hover == "hardest":
-                page.click("#hardest")
-                page.evaluate("window.scrollTo(0, 0)")
-                page.evaluate("document.querySelector('main').scrollIntoView()")
+            page.evaluate("""() => { const bar = document.querySelector('nav .bar'), l = document.getElementById('legend');
+              window.scrollTo(0, l.getBoundingClientRect().top + window.scrollY - bar.offsetHeight - 4); }""")
+            i = page.evaluate("""() => { let best = null;
+              for (const el of document.querySelectorAll('.t[data-v]')) { const r = el.getBoundingClientRect();
+                if (r.top > 80 && r.bottom < innerHeight - 20 && r.right < innerWidth - 460
+                    && (!best || +el.dataset.v > +best.dataset.v)) best = el; }
+              return best ? +best.dataset.i : null; }""")
+            if i is not None:
+                page.hover(f'.t[data-i="{i}"]')
             png.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(png))
         finally:
@@ -80,6 +85,9 @@ def screenshot(html: Path, png: Path, hover: str = "hardest") -> None:
 
 if __name__ == "__main__":
     screenshot(Path(sys.argv[1]), Path(sys.argv[2]))
+    from PIL import Image  # a 128-colour palette: a third of the bytes, for a picture kept in git
+
+    Image.open(sys.argv[2]).convert("RGB").quantize(colors=128).save(sys.argv[2], optimize=True)
     sys.exit(0)
 
 if chromium() is None:
