@@ -139,6 +139,12 @@ def load_spec(path: str) -> Spec:
             raise UserError(f"spec '{path}', arm '{arm.name}': match_flops / contexts_of are options of sft arms")
         if arm.match_flops and arm.contexts_of:
             raise UserError(f"spec '{path}', arm '{arm.name}': give match_flops or contexts_of, not both")
+        if arm.contexts_of:  # contexts.jsonl holds indices into that arm's candidate positions
+            ref = position_options(arms[arm.contexts_of])
+            clash = sorted(k for k, v in position_options(arm).items() if ref.get(k, train.get(k)) != v)
+            if clash:
+                raise UserError(f"spec '{path}', arm '{arm.name}': contexts_of '{arm.contexts_of}' trains on that "
+                                f"arm's positions; drop its own {', '.join(clash)}")
     comparisons = []
     for c in raw.get("comparisons") or []:
         pair = (c.get("a"), c.get("b")) if isinstance(c, dict) else tuple(c) if isinstance(c, (list, tuple)) else ()
@@ -168,6 +174,13 @@ def load_spec(path: str) -> Spec:
         Experiment(spec).train_config(arm, check_only=True)
     Experiment(spec).eval_config("demo")
     return spec
+
+
+def position_options(arm: Arm) -> dict:
+    """An arm's overrides of the options that define its candidate positions (what contexts.jsonl indexes)."""
+    from rpt_train.config import SampleConfig
+
+    return {k: v for k, v in arm.options.items() if k in field_types(SampleConfig) and k != "seed"}
 
 
 # ---- arm kinds ------------------------------------------------------------------------------------------------------
@@ -236,17 +249,7 @@ def _sft_arm(exp: "Experiment", arm: Arm):
     if arm.contexts_of:
         path = exp.kept_contexts(arm.contexts_of)
         steps = len({json.loads(x)["step"] for x in path.read_text().splitlines() if x.strip()})
-        # contexts.jsonl holds indices into that arm's candidate positions: the same position options, or refuse
-        from rpt_train.config import SampleConfig
-
-        ref = exp.spec.arms[arm.contexts_of].options
-        same = {k: v for k, v in ref.items() if k in field_types(SampleConfig) and k != "seed"}
-        clash = sorted(k for k in arm.options if k in field_types(SampleConfig) and k != "seed"
-                       and arm.options[k] != same.get(k, exp.spec.train.get(k)))
-        if clash:
-            raise UserError(f"arm '{arm.name}': contexts_of '{arm.contexts_of}' trains on that arm's positions; "
-                            f"drop its own {', '.join(clash)}")
-        cfg = exp.train_config(arm, {**same, "steps": steps})
+        cfg = exp.train_config(arm, {**position_options(exp.spec.arms[arm.contexts_of]), "steps": steps})
         totals = sft_train(cfg, same_contexts(path), arm.label_tokens)
     elif arm.match_flops:
         target = exp.finished(arm.match_flops)["compute"]["flops"]
@@ -422,7 +425,7 @@ class Experiment:
         cfg = load_config(TrainConfig, None, {**to_dict(base), "exclude_docs": str(self.root / "warm" / "rest.txt"),
                                               "out": str(self.root / "warm" / "train"), "steps": w["steps"],
                                               "batch_prompts": w["batch"], "lr": w["lr"], "warmup_steps": 0,
-                                              "lr_schedule": "constant", "save_every": w["steps"],
+                                              "lr_schedule": "constant", "save_every": min(8, w["steps"]),
                                               # rest.txt excludes the held-out documents already: same positions,
                                               # and the split check has nothing to refuse
                                               "heldout_fraction": 0.0})

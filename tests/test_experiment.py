@@ -127,6 +127,7 @@ def test_the_committed_power_experiment_reads_with_the_new_report(tmp_path):
     ({"x": {"kind": "eval"}, "y": {"kind": "sft", "match_flops": "x"}}, {}, "trains nothing"),
     ({"x": {"kind": "rpt"}}, {"comparisons": [["x", "z"]]}, "must name two arms"),
     ({"x": {"kind": "rpt"}}, {"bogus": 1}, "unknown key"),
+    ({"x": {"kind": "rpt"}, "y": {"kind": "sft", "contexts_of": "x", "bucket": "hard"}}, {}, "drop its own bucket"),
 ])
 def test_bad_specs_are_refused_with_the_file_named(tmp_path, arms, extra, message):
     path = write_spec(tmp_path, "s", "demo", arms)
@@ -135,6 +136,25 @@ def test_bad_specs_are_refused_with_the_file_named(tmp_path, arms, extra, messag
     with pytest.raises(UserError, match=message) as e:
         experiment.load_spec(str(path))
     assert str(path) in str(e.value)
+
+
+def test_sft_on_another_arms_contexts_takes_its_positions(tmp_path, monkeypatch):
+    """contexts.jsonl indexes the candidate positions of the arm that rolled them out: the sft arm inherits them."""
+    path = write_spec(tmp_path, "s", "demo", {"x": {"kind": "rpt", "bucket": "hard"},
+                                              "y": {"kind": "sft", "contexts_of": "x", "seed": 3}})
+    spec = experiment.load_spec(str(path))
+    assert experiment.position_options(spec.arms["x"]) == {"bucket": "hard"}
+    assert experiment.position_options(spec.arms["y"]) == {}  # seed orders draws; it picks no position
+    exp = experiment.Experiment(spec)
+    spec.arms_dir.mkdir(parents=True)
+    (spec.arms_dir / "x.json").write_text("{}")
+    (spec.arms_dir / "x.contexts.jsonl").write_text('{"step": 1, "contexts": [0]}\n{"step": 2, "contexts": [1]}\n')
+    import rpt_train.sft
+
+    seen = {}
+    monkeypatch.setattr(rpt_train.sft, "sft_train", lambda cfg, batches, *a, **k: seen.setdefault("cfg", cfg) and {})
+    experiment.ARM_KINDS["sft"].run(exp, spec.arms["y"])
+    assert (seen["cfg"].bucket, seen["cfg"].steps, seen["cfg"].seed) == ("hard", 2, 3)
 
 
 # ---- multi-token prediction and token counters ---------------------------------------------------------------------
