@@ -2,6 +2,8 @@
 about 4 bytes per position (uint16 t, float16 entropy, 1 selected bit) plus 17 bytes per window."""
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,6 +79,74 @@ class Candidates:
                                                                            "t", "value")}
         selected = np.concatenate([p.selected for p in parts])
         return Candidates(**cat, offsets=_offsets(counts), selected_bits=np.packbits(selected, bitorder="little"))
+
+
+class TableSink:
+    """A Candidates table appended part by part (a row group's at a time) to unlinked scratch files and read back
+    memory-mapped: building holds one part in memory, and the positions (t, value, a selected byte: 5 bytes each)
+    live in the page cache, not in the process's heap; only the per-window arrays (17 bytes a window) and the
+    packed selected bits (1 bit a position) are in memory. The files vanish with the process."""
+
+    def __init__(self, directory: str | None = None):
+        self.directory = directory or self.scratch_dir()
+        self.files = {k: tempfile.TemporaryFile(dir=self.directory) for k in ("t", "value", "selected")}
+        self.rows: dict[str, list[np.ndarray]] = {"row_shard": [], "row_index": [], "row_heldout": []}
+        self.counts: list[np.ndarray] = []
+        self.n, self.t_dtype, self.value_dtype = 0, np.dtype(np.uint16), None
+
+    @staticmethod
+    def scratch_dir() -> str:
+        """Where scratch tables go: $RPT_SCRATCH, else the temporary directory ($TMPDIR)."""
+        return os.environ.get("RPT_SCRATCH") or tempfile.gettempdir()
+
+    @staticmethod
+    def scratch(directory: str, name: str, dtype, n: int) -> np.ndarray:
+        """A writable memory-mapped array of n elements in an unlinked file under `directory`."""
+        if n == 0:
+            return np.zeros(0, dtype)
+        f = tempfile.TemporaryFile(dir=directory, prefix=f"rpt-{name}-")
+        f.truncate(n * np.dtype(dtype).itemsize)
+        return np.memmap(f, dtype=dtype, mode="r+", shape=(n,))
+
+    def add(self, part: Candidates) -> None:
+        if len(part) and part.t.dtype.itemsize > self.t_dtype.itemsize:  # a row past 65,535 tokens: widen
+            self.t_dtype = self._widen("t", self.t_dtype, part.t.dtype)
+        if len(part) and self.value_dtype is None:
+            self.value_dtype = part.value.dtype
+        if len(part) and part.value.dtype.itemsize > self.value_dtype.itemsize:  # float32 (cuts too close)
+            self.value_dtype = self._widen("value", self.value_dtype, part.value.dtype)
+        self.files["t"].write(part.t.astype(self.t_dtype).tobytes())
+        self.files["value"].write(part.value.astype(self.value_dtype or part.value.dtype).tobytes())
+        self.files["selected"].write(part.selected.astype(np.uint8).tobytes())
+        for k in self.rows:
+            self.rows[k].append(getattr(part, k))
+        self.counts.append(np.diff(part.offsets))
+        self.n += len(part)
+
+    def _widen(self, name: str, was, dtype) -> np.dtype:
+        """Rewrite file `name` from dtype `was` to the wider `dtype` (as np.concatenate would upcast)."""
+        f = self.files[name]
+        f.seek(0)
+        old = np.frombuffer(f.read(), dtype=was)
+        f.seek(0)
+        f.truncate()
+        f.write(old.astype(dtype).tobytes())
+        return np.dtype(dtype)
+
+    def _map(self, name: str, dtype) -> np.ndarray:
+        f = self.files[name]
+        f.flush()
+        return np.memmap(f, dtype=dtype, mode="r", shape=(self.n,)) if self.n else np.zeros(0, dtype)
+
+    def finish(self) -> Candidates:
+        selected = self._map("selected", np.uint8)
+        step = 8 << 20  # packed in blocks of whole bytes: no n-sized temporary
+        bits = np.concatenate([np.packbits(selected[i:i + step], bitorder="little")
+                               for i in range(0, self.n, step)] or [np.zeros(0, np.uint8)])
+        rows = {k: np.concatenate(v) if v else getattr(_empty(), k) for k, v in self.rows.items()}
+        counts = np.concatenate(self.counts) if self.counts else np.zeros(0, np.int64)
+        return Candidates(**rows, offsets=_offsets(counts), t=self._map("t", self.t_dtype),
+                          value=self._map("value", self.value_dtype or np.float16), selected_bits=bits)
 
 
 def _offsets(counts: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 from rpt_common.errors import UserError
 from rpt_common.shards import (DEFAULT_BUCKETS, DEFAULT_METRIC, METRIC_COLUMNS, SHARD_SCHEMA, footer_problems,
                                read_manifest, shard_paths)
-from rpt_train.candidates import Candidates, candidates_of
+from rpt_train.candidates import Candidates, TableSink, candidates_of
 from rpt_train.reward import extract_answer
 
 BUCKET_NAMES = ("easy", "medium", "hard")
@@ -147,7 +147,13 @@ class ShardSet:
         width, in shard/row/t order, none of the documents in `exclude`; `cuts`: entropy thresholds whose comparisons
         stay exact in the float16 table. The held-out split draws split_unit(doc_id, window_index, block_windows);
         `heldout_units` / `heldout_docs` are then the units and documents with a held-out window."""
-        parts, self.zero_width = [], 0
+        return Candidates.concat(list(self.candidate_parts(metric, heldout_fraction, split_seed, cuts=cuts,
+                                                           exclude=exclude, block_windows=block_windows)))
+
+    def candidate_parts(self, metric: str, heldout_fraction: float = 0.0, split_seed: int = 0, *,
+                        cuts=(), exclude: frozenset[str] = frozenset(), block_windows: int = 0):
+        """candidates() one row group at a time (a generator of Candidates), for tables built in bounded memory."""
+        self.zero_width = 0
         self.heldout_units, self.heldout_docs = set(), set()
         for i, f in enumerate(self.files):
             for rg in range(f.metadata.num_row_groups):
@@ -159,9 +165,8 @@ class ShardSet:
                 self.heldout_docs.update(d for d, h in zip(docs, held) if h)
                 dropped = np.array([d in exclude for d in docs], dtype=bool) if exclude else None
                 part, zero = candidates_of(table, metric, i, int(self._group_starts[i][rg]), held, cuts, dropped)
-                parts.append(part)
                 self.zero_width += zero
-        return Candidates.concat(parts)
+                yield part
 
     def rows(self, shard, row, columns=None) -> list[dict]:
         """Rows (doc_id, window_index, text, token_bytes by default) at the aligned arrays shard[j], row[j], in
@@ -420,14 +425,20 @@ class SampleBuilder:
 class PositionSampler:
     """Seeded order without replacement over N candidates; a new permutation per epoch; resumable cursor."""
 
-    def __init__(self, n: int, seed: int):
+    def __init__(self, n: int, seed: int, directory: str | None = None):
+        """`directory`: keep the permutation in a memory-mapped file there (page cache, not this process's heap)."""
         self.n, self.seed, self.epoch, self.cursor = n, seed, 0, 0
+        self._dtype = np.uint32 if self.n < 2**32 else np.int64
+        self._file = TableSink.scratch(directory, "order", self._dtype, n) if directory else None
         self._perm = self._permutation()
 
     def _permutation(self) -> np.ndarray:
         # Generator.permutation(n) shuffles an int64 arange; shuffling a uint32 one gives the same order in half
-        # the memory (4 bytes per candidate)
-        perm = np.arange(self.n, dtype=np.uint32 if self.n < 2**32 else np.int64)
+        # the memory (4 bytes per candidate); in place in a memory-mapped file, the same order again
+        perm = self._file if self._file is not None else np.empty(self.n, dtype=self._dtype)
+        step = 1 << 20
+        for i in range(0, self.n, step):  # filled in blocks of 4 MiB: no n-sized temporary
+            perm[i:i + step] = np.arange(i, min(i + step, self.n), dtype=self._dtype)
         np.random.default_rng([self.seed, self.epoch]).shuffle(perm)
         return perm
 
@@ -460,46 +471,16 @@ def select_mask(cands: Candidates, *, bucket: str, min_entropy: float | None, th
     return cands.above(thresholds[BUCKET_NAMES.index(bucket)])
 
 
-class TrainSamples:
-    """The training stream: held-out documents excluded, positions filtered, order seeded and resumable."""
-
-    def __init__(self, cfg, tokenizer, *, keep_heldout: bool = False, shards: ShardSet | None = None):
-        """`keep_heldout`: also keep the held-out documents' positions under the same filter (`heldout_cands`);
-        `shards`: the ShardSet of cfg.shards when the caller has opened it already."""
-        self.cfg, self.tokenizer = cfg, tokenizer
-        self.shards = shards or ShardSet(cfg.shards)
-        resolve_shard_defaults(cfg, self.shards)
-        cands = self.shards.candidates(cfg.entropy_metric, cfg.heldout_fraction, cfg.split_seed, cuts=cuts_of(cfg),
-                                       exclude=read_doc_ids(cfg.exclude_docs), block_windows=cfg.split_block_windows)
-        self.split = heldout_summary(cfg, self.shards, cands)
-        mask = select_mask(cands, bucket=cfg.bucket, min_entropy=cfg.min_entropy, thresholds=cfg.bucket_thresholds)
-        self.heldout_cands = cands.take(mask & cands.heldout) if keep_heldout else None
-        mask &= ~cands.heldout
-        if not mask.any():
-            what = f"entropy above {cfg.min_entropy}" if cfg.min_entropy is not None else f"bucket '{cfg.bucket}'"
-            raise UserError(f"no training position in '{cfg.shards}' has {what} ({len(cands)} scored positions, "
-                            f"{int(cands.heldout.sum())} held out); choose an easier --bucket or a lower --min-entropy")
-        self.cands = cands.take(mask)
-        self.build = self.builder(self.cands)
-        self.sampler = PositionSampler(len(self.cands), cfg.seed)
-
-    def builder(self, cands: Candidates) -> SampleBuilder:
-        """A SampleBuilder over `cands` with this run's tokenizer, labels, context cut and answer format."""
-        c = self.cfg
-        return SampleBuilder(self.shards, cands, self.tokenizer, labels_length=c.labels_length,
-                             max_context_tokens=c.max_context_tokens, thresholds=c.bucket_thresholds,
-                             answer_format=c.answer_format)
-
-def heldout_summary(cfg, shards: ShardSet, cands: Candidates) -> dict:
-    """How much the split held out (positions, share, units, documents); refuses, in one sentence, a split asked for
-    (--heldout-fraction > 0) that holds out nothing or almost nothing (under a tenth of the fraction asked)."""
-    positions = int(cands.heldout.sum())
-    share = positions / max(len(cands), 1)
+def heldout_summary(cfg, shards: ShardSet, scored: int, positions: int) -> dict:
+    """How much the split held out (`positions` of `scored`, share, units, documents); refuses, in one sentence, a
+    split asked for (--heldout-fraction > 0) that holds out nothing or almost nothing (under a tenth of the
+    fraction asked)."""
+    share = positions / max(scored, 1)
     unit = f"blocks of {cfg.split_block_windows} windows" if cfg.split_block_windows else "documents"
     summary = {"positions": positions, "share": share, "units": len(shards.heldout_units),
                "documents": len(shards.heldout_docs), "unit": unit}
     if cfg.heldout_fraction > 0 and share < MIN_HELDOUT_SHARE * cfg.heldout_fraction:
-        raise UserError(f"--heldout-fraction {cfg.heldout_fraction} holds out {positions} of {len(cands)} scored "
+        raise UserError(f"--heldout-fraction {cfg.heldout_fraction} holds out {positions} of {scored} scored "
                         f"positions of '{cfg.shards}' ({len(shards.heldout_units)} {unit}): too few {unit} to split; "
                         "raise --heldout-fraction, lower --split-block-windows, or pass --heldout-fraction 0")
     return summary
@@ -511,6 +492,45 @@ def heldout_line(summary: dict) -> str:
              f"{summary['units']} {summary['unit']} of {summary['documents']} documents")
     return f"held out: {summary['positions']} positions ({summary['share']:.1%}) in {where}"
 
+
+class TrainSamples:
+    """The training stream: held-out documents excluded, positions filtered, order seeded and resumable."""
+
+    def __init__(self, cfg, tokenizer, *, keep_heldout: bool = False, shards: ShardSet | None = None):
+        """`keep_heldout`: also keep the held-out documents' positions under the same filter (`heldout_cands`);
+        `shards`: the ShardSet of cfg.shards when the caller has opened it already."""
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.shards = shards or ShardSet(cfg.shards)
+        resolve_shard_defaults(cfg, self.shards)
+        # built a row group at a time into memory-mapped files: this process holds O(windows) arrays, the
+        # positions (~5 bytes each) and their order (4 bytes each) stay in the page cache
+        train, held = TableSink(), TableSink() if keep_heldout else None
+        scored = heldout = 0
+        for part in self.shards.candidate_parts(cfg.entropy_metric, cfg.heldout_fraction, cfg.split_seed,
+                                                cuts=cuts_of(cfg), exclude=read_doc_ids(cfg.exclude_docs),
+                                                block_windows=cfg.split_block_windows):
+            mask = select_mask(part, bucket=cfg.bucket, min_entropy=cfg.min_entropy, thresholds=cfg.bucket_thresholds)
+            part_held = part.heldout
+            scored, heldout = scored + len(part), heldout + int(part_held.sum())
+            train.add(part.take(mask & ~part_held))
+            if held is not None:
+                held.add(part.take(mask & part_held))
+        self.split = heldout_summary(cfg, self.shards, scored, heldout)
+        self.heldout_cands = held.finish() if held is not None else None
+        self.cands = train.finish()
+        if len(self.cands) == 0:
+            what = f"entropy above {cfg.min_entropy}" if cfg.min_entropy is not None else f"bucket '{cfg.bucket}'"
+            raise UserError(f"no training position in '{cfg.shards}' has {what} ({scored} scored positions, "
+                            f"{heldout} held out); choose an easier --bucket or a lower --min-entropy")
+        self.build = self.builder(self.cands)
+        self.sampler = PositionSampler(len(self.cands), cfg.seed, directory=TableSink.scratch_dir())
+
+    def builder(self, cands: Candidates) -> SampleBuilder:
+        """A SampleBuilder over `cands` with this run's tokenizer, labels, context cut and answer format."""
+        c = self.cfg
+        return SampleBuilder(self.shards, cands, self.tokenizer, labels_length=c.labels_length,
+                             max_context_tokens=c.max_context_tokens, thresholds=c.bucket_thresholds,
+                             answer_format=c.answer_format)
 
     def __len__(self) -> int:
         return len(self.cands)
