@@ -124,7 +124,8 @@ def load_trainer_state(path: Path) -> dict:
     if distributed.world_size() == 1:
         return read()
     state = read() if distributed.is_main() else None
-    small = distributed.broadcast_from_main(lambda: {k: v for k, v in state.items() if k != "optimizer"})
+    # the optimizer state and rlp's EMA weights stay on rank 0, which broadcasts each rank's shards
+    small = distributed.broadcast_from_main(lambda: {k: v for k, v in state.items() if k not in ("optimizer", "ema")})
     return state if distributed.is_main() else small
 
 

@@ -41,7 +41,8 @@ def rollout_groups(samples: list[Sample], prompts: PromptBuilder, engine: Rollou
     per_row = [s for s in samples for _ in range(params.n)]
     items = [RewardInput(completion=t, answer=a, label_tokens=s.label_tokens, context=s.context)
              for t, a, s in zip(texts, answers, per_row)]
-    rewards = reward_fn(items) if items else []
+    # a collective reward (rlp: forwards through FSDP2) runs on every rank, even one without rollouts this round
+    rewards = reward_fn(items) if items or getattr(reward_fn, "collective", False) else []
     return Groups(samples=samples, rollouts=rollouts, rewards=torch.tensor(rewards, dtype=torch.float32),
                   answers=answers)
 

@@ -86,6 +86,24 @@ class TrainConfig(SampleConfig):
     reward_wrong: float = opt(0.0, "reward of a wrong answer")
     reward_no_answer: float = opt(0.0, "reward when no answer can be extracted (paper: 0, not a penalty)")
     reward: list[str] = opt([], "extra reward functions added to the RPT reward: `format` or module:function (repeatable)")
+    objective: str = opt("rpt", "rpt (prefix-match reward of a boxed answer) or rlp (information gain of a sampled "
+                         "thought: log p(true next tokens | context, thought) under the policy minus log p(same | "
+                         "context) under an EMA copy; loss on thought tokens only; see docs/training.md)")
+    think_budget: int = opt(0, "thinking budget in tokens (0 = none: --max-new-tokens per completion). rpt: each "
+                            "rollout writes at most budget + --answer-room tokens and one that never closes "
+                            "</think> gets the no-answer reward (use --template think); rlp: the thought's length")
+    think_budget_final: int | None = opt(None, "budget reached after --think-decay-steps steps (linear; default: "
+                                         "--think-budget, no decay)")
+    think_decay_steps: int = opt(0, "steps over which the budget moves from --think-budget to --think-budget-final")
+    answer_room: int = opt(16, "with --think-budget (rpt): tokens after the budget for </think> and the answer")
+    ntp_weight: float = opt(0.0, "weight of a next-token cross-entropy on each trained context (its tokens up to "
+                            "the true next token, raw text) added to the RL loss (0 = off)")
+    ema_rate: float = opt(0.999, "rlp: EMA copy <- rate x EMA + (1 - rate) x policy after every optimizer step")
+    rlp_tokens: int = opt(1, "rlp: true continuation tokens scored by the reward (1 = the next token, as the "
+                          "paper; at most --labels-length)")
+    curriculum: list[str] = opt([], "buckets drawn from in order over the steps, e.g. easy,medium,hard (overrides "
+                                "--bucket; boundaries in --curriculum-steps)")
+    curriculum_steps: list[int] = opt([], "last step of each --curriculum bucket but the final one, e.g. 36,72")
     loss: str = opt("grpo", "grpo (z-score, sequence mean), dr_grpo (no std, constant norm), dapo (z-score, token mean)")
     scale_rewards: bool | None = opt(None, "divide advantages by the group std (default: by --loss)")
     advantage_anchor: float | None = opt(None, "add a phantom rollout with this reward to each group's mean/std")
@@ -316,6 +334,9 @@ def validate(cfg: CommonConfig) -> None:
         need(cfg.bad_grad_norm >= 0 and cfg.max_bad_steps >= 1, "--bad-grad-norm must be >= 0, --max-bad-steps >= 1")
         need(cfg.logprob_chunk_tokens >= 1, "--logprob-chunk-tokens must be at least 1")
         need(cfg.device_memory >= 0, "--device-memory must be non-negative (GiB; 0 = the device's own)")
+        from rpt_train.objectives import check as check_objective
+
+        check_objective(cfg)
     if isinstance(cfg, ExportConfig):
         need(cfg.format in ("verl", "trl", "openrlhf"), "--format must be verl, trl or openrlhf")
         need(cfg.limit >= 0 and cfg.heldout_limit >= 0 and cfg.batch_rows >= 1,

@@ -20,6 +20,7 @@ import torch
 
 from rpt_common.errors import UserError
 from rpt_train import packing, precision
+from rpt_train.objectives import planned_new_tokens
 
 GIB = 1024 ** 3
 TERMS = ("weights", "optimizer", "gradients", "kv_cache", "activations", "logprobs")
@@ -138,17 +139,19 @@ def plan_memory(cfg, shapes: Shapes, *, world_size: int = 1, device_type: str = 
     compute = precision.compute_dtype(cfg, device_type)
     act = precision.element_bytes(compute)  # activations and the KV cache
     prompt, prompt_source = (prompt_tokens, "given") if prompt_tokens else planned_prompt(cfg)
-    tokens = prompt + cfg.max_new_tokens
+    new = planned_new_tokens(cfg)  # --max-new-tokens, or the largest thinking budget + answer room
+    tokens = prompt + new
     policy = shapes.params * weight
-    models = policy * (2 if cfg.beta > 0 else 1)  # the frozen reference has the policy's shapes
+    # the frozen reference (--beta > 0) and rlp's EMA copy have the policy's shapes
+    models = policy * (1 + (cfg.beta > 0) + (getattr(cfg, "objective", "rpt") == "rlp"))
     rows_per_rank = -(-cfg.batch_prompts // W) * cfg.group_size
     rows = min(rows_per_rank, cfg.rollout_batch_size) if cfg.rollout_batch_size else rows_per_rank
     micro = cfg.micro_batch_size
     # --share-prefix, where it pays at these lengths: a micro-batch is `micro` groups, each one packed row of a
     # context and its G completions with a [T, T] bool block mask (rpt_train/packing.py)
-    shared = getattr(cfg, "share_prefix", False) and packing.pays(prompt, cfg.max_new_tokens, cfg.group_size,
+    shared = getattr(cfg, "share_prefix", False) and packing.pays(prompt, new, cfg.group_size,
                                                                  shapes.hidden, shapes.intermediate)
-    row_tokens = prompt + cfg.group_size * cfg.max_new_tokens if shared else tokens
+    row_tokens = prompt + cfg.group_size * new if shared else tokens
     terms = {
         "weights": -(-models // W),
         "optimizer": -(-2 * policy // W),  # AdamW's two moments, in the parameters' dtype
@@ -159,7 +162,7 @@ def plan_memory(cfg, shapes: Shapes, *, world_size: int = 1, device_type: str = 
         + 6 * rows * shapes.vocab * 4,
         "activations": activation_bytes(shapes, micro, row_tokens, act, cfg.gradient_checkpointing)
         + (micro * row_tokens ** 2 if shared else 0),
-        "logprobs": logprob_bytes(shapes.vocab, micro * cfg.max_new_tokens * (cfg.group_size if shared else 1),
+        "logprobs": logprob_bytes(shapes.vocab, micro * new * (cfg.group_size if shared else 1),
                                   cfg.logprob_chunk_tokens),
     }
     extra = {"optimizer_step": -(-policy // W)}  # foreach AdamW: one parameter-sized temporary while stepping
@@ -174,7 +177,7 @@ def plan_memory(cfg, shapes: Shapes, *, world_size: int = 1, device_type: str = 
     total = (terms["weights"] + terms["optimizer"] + max(rollout, update) + extra.get("fsdp_gather", 0)
              + extra.get("autocast_weights", 0))
     notes = [f"{shapes.params / 1e9:.3g}B parameters, {W} device(s), {rows} rollout rows x {tokens} tokens "
-             f"(prompt {prompt} planned: {prompt_source}; + {cfg.max_new_tokens} new), micro-batch {micro}"
+             f"(prompt {prompt} planned: {prompt_source}; + {new} new), micro-batch {micro}"
              f"{' groups (shared prefix)' if shared else ''}, float32 weights, "
              f"compute in {str(compute or precision.MASTER).removeprefix('torch.')}"]
     return MemoryPlan(terms=terms, extra=extra, total=total, device_bytes=device_bytes, device_source=device_source,

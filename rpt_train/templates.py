@@ -19,6 +19,13 @@ TEMPLATES = {
         "give only the next token inside \\boxed{} (a leading space belongs to the token).\n\n"
         "### Context\n{context}"
     ),
+    # --think-budget: think first, then answer after </think> (the reward reads only what follows it)
+    "think": (
+        "Predict the next token of the text under ### Context. First think inside <think> </think>: weigh a few "
+        "candidate next tokens against the context, briefly. After </think>, give only the next token inside "
+        "\\boxed{} (a leading space belongs to the token). An answer without a closed </think> does not count."
+        "\n\n### Context\n{context}"
+    ),
     "answer-only": (
         "Write the next token of the text under ### Context inside \\boxed{} and nothing else "
         "(a leading space belongs to the token).\n\n### Context\n{context}"

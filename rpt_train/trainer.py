@@ -21,7 +21,8 @@ import yaml
 from rpt_common.errors import UserError
 from rpt_common.models import enable_tf32, pick_device
 from rpt_common.recipe import changed_options, differ
-from rpt_train import distributed, plan, precision, rundir
+from rpt_train import distributed, objectives, plan, precision, rundir
+from rpt_train.objectives import DEFAULTS as OBJECTIVE_DEFAULTS, Objective
 from rpt_train.checkpoint import (base_model_identity, latest_checkpoint, load_trainer_state, restore_rng,
                                   save_checkpoint, tidy_checkpoints)
 from rpt_train.collect import collect, rollout_groups, sample_records  # noqa: F401 (tests use these from here)
@@ -126,17 +127,20 @@ def _train(cfg: TrainConfig, device: str, reward_fns, engine: RolloutEngine | No
     seed_everything(distributed.rank_seed(cfg.seed))
     state = load_trainer_state(ckpt) if ckpt else None  # read by rank 0, the optimizer state kept there only
     if state is not None:
-        check_options({"split_block_windows": 0, **state.get("config", {})}, to_dict(cfg), out)  # older: by document
+        check_options({**OBJECTIVE_DEFAULTS, "split_block_windows": 0, **state.get("config", {})}, to_dict(cfg),
+                      out)  # older runs: split by document, no issue-34 objective options
     horizon = schedule_horizon(cfg, state, out)
     base = check_base_model(cfg, state, out)
     check_memory(cfg, str(pick_device(device)), quiet)
     enable_tf32(pick_device(device))
     model, ref, policy = build_models(cfg, device, ckpt, base)
     tok = policy.tokenizer
-    data = TrainSamples(cfg, tok, shards=shards)
-    prompts = PromptBuilder(tok, cfg.template, cfg.chat_template, cfg.response_prefix)
-    reward_fn = combine([rpt_reward(cfg.reward_correct, cfg.reward_wrong, cfg.reward_no_answer),
-                         *[load_reward_fn(s) for s in cfg.reward], *reward_fns])
+    objective = Objective.build(cfg, model, tok, device, ckpt, precision.compute_dtype(cfg, pick_device(device)))
+    data = objectives.train_samples(cfg, tok, shards)
+    prompts = objective.prompts(PromptBuilder(tok, cfg.template, cfg.chat_template, cfg.response_prefix))
+    shaping = [load_reward_fn(s) for s in cfg.reward] + list(reward_fns)
+    reward_fn = objective.reward(rpt_reward(cfg.reward_correct, cfg.reward_wrong, cfg.reward_no_answer), model,
+                                 combine(shaping) if shaping else None)
     engine = engine or rollout_engine(cfg, model, policy)
     scorer = (LearnabilityScorer(model, tok, batch_size=cfg.rollout_batch_size or 16,
                                  bf16=precision.compute_dtype(cfg, pick_device(device)) is not None)
@@ -147,6 +151,9 @@ def _train(cfg: TrainConfig, device: str, reward_fns, engine: RolloutEngine | No
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, horizon))
     start = resume(cfg, ckpt, state, model, optimizer, scheduler, data) if state is not None else 0
+    if state is not None:
+        objective.load(state, ckpt)
+    objective.attach(model, optimizer)
     if start >= cfg.steps:
         if distributed.is_main():
             print(f"note: '{out}' is already at step {start} >= --steps {cfg.steps}; nothing to do", file=sys.stderr)
@@ -170,13 +177,17 @@ def _train(cfg: TrainConfig, device: str, reward_fns, engine: RolloutEngine | No
     bad_run = 0
     for step in range(start + 1, cfg.steps + 1):
         t0 = time.perf_counter()
+        params = objective.begin_step(step, data, params)
         batch, made, stats = collect(cfg, data, prompts, engine, reward_fn, params, scorer)
         logger.contexts(step, stats.pop("contexts"))
-        stats |= update_policy(cfg, model, ref, optimizer, batch) if batch else no_update(cfg, model, made)
+        stats |= (update_policy(cfg, model, ref, optimizer, batch, ntp=objective.ntp) if batch
+                  else no_update(cfg, model, made))
+        stats |= objective.step_stats()  # the reward's policy/EMA forwards and the NTP term (issue 34)
         # compute accounting (experiment reports): every token through a forward (rollout prefill and decode, the
         # sampler's scoring pass, the update's passes) and through a backward
         stats["forward_tokens"] = (stats["prompt_tokens"] + stats["rollout_tokens"] + stats.get("scored_tokens", 0)
-                                   + stats["update_forward_tokens"])
+                                   + stats["update_forward_tokens"] + stats["objective_forward_tokens"])
+        stats["backward_tokens"] += stats["objective_backward_tokens"]
         engine.sync(model)
         metrics = {"step": step, "lr": scheduler.get_last_lr()[0], **stats, "seconds": time.perf_counter() - t0}
         with warnings.catch_warnings():  # a step without an update (no informative group) is not a bug
@@ -198,6 +209,7 @@ def _train(cfg: TrainConfig, device: str, reward_fns, engine: RolloutEngine | No
             save_checkpoint(out, step, model, tok, {
                 "optimizer": distributed.optimizer_state_dict(model, optimizer), "scheduler": scheduler.state_dict(),
                 "sampler": data.state_dict(), "config": to_dict(cfg), "base_model": base, "horizon": horizon,
+                **objective.state(),
             }, keep=cfg.keep_checkpoints)
     logger.close()
     return out

@@ -138,8 +138,9 @@ def micro_step(cfg, model, batch: Groups, rows, advantages, old, ref_lp, norm: f
     return float(loss.detach())
 
 
-def update_policy(cfg, model, ref, optimizer, batch: Groups) -> dict:
-    """--ppo-epochs passes over the batch, one optimizer update per mini-batch, micro-batches accumulating grads.
+def update_policy(cfg, model, ref, optimizer, batch: Groups, ntp=None) -> dict:
+    """--ppo-epochs passes over the batch, one optimizer update per mini-batch, micro-batches accumulating grads;
+    `ntp` (--ntp-weight, rpt_train.objectives.NtpTerm) adds its next-token loss and gradient to each update.
     Rows with advantage 0 (and beta = 0) have exactly zero gradient: they count in the loss normaliser but skip
     every pass. Old log-probs are recomputed before the first update when there is more than one."""
     rollouts = batch.rollouts
@@ -173,6 +174,8 @@ def update_policy(cfg, model, ref, optimizer, batch: Groups) -> dict:
             optimizer.zero_grad(set_to_none=True)
             losses = [micro_step(cfg, model, batch, rows, advantages, old, ref_lp, norm, measure and epoch == 0,
                                  sums, shared) for rows in distributed.pad_to_max(micro(m))]
+            if ntp is not None:  # the next-token term of the mini-batch's contexts, before clipping
+                losses.append(ntp(model, batch, m))
             # zero-advantage rows run no pass; their tokens count in the clip ratio's denominator
             sums["tokens"] += float(rollouts.completion_mask[[r for r in m if not active[r]]].sum())
             for p in params:  # untouched parameters get an exact zero gradient, as a full backward would give

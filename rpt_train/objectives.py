@@ -1,0 +1,322 @@
+"""Objectives beyond answer-only RPT (issue 34), as options of `rpt-train run`:
+
+- thinking with a token budget (`--think-budget`, optionally decaying to `--think-budget-final` over
+  `--think-decay-steps`): each rollout may write budget + `--answer-room` tokens; a completion without `</think>`
+  (a thought cut by the budget) gets the no-answer reward;
+- `--ntp-weight`: next-token cross-entropy on each trained context (its tokens up to and including the true next
+  token) added to the RL loss of every optimizer update;
+- `--curriculum easy,medium,hard` with `--curriculum-steps`: the bucket drawn from changes at those steps;
+- `--objective rlp`: the information-gain reward of rpt_train/rlp.py, with an EMA copy of the policy (`Ema`).
+
+`Objective` is what the trainer holds: it swaps the prompt builder and reward, draws samples by curriculum, sizes
+each step's generation, adds the NTP term to updates, and keeps the EMA copy in checkpoints."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from rpt_common.errors import UserError
+from rpt_train import distributed
+from rpt_train.reward import THINK_END, RewardFn, RewardInput
+
+OBJECTIVES = ("rpt", "rlp")
+# options added by issue 34, with the values a run saved before them computed with (a resume of such a run is not
+# a change of options)
+DEFAULTS = {"objective": "rpt", "think_budget": 0, "think_budget_final": None, "think_decay_steps": 0,
+            "answer_room": 16, "ntp_weight": 0.0, "ema_rate": 0.999, "rlp_tokens": 1, "curriculum": [],
+            "curriculum_steps": []}
+
+
+# ---- thinking budget --------------------------------------------------------------------------------------------
+def think_budget(cfg, step: int) -> int:
+    """Thinking tokens allowed at training step `step` (1-based): --think-budget, moving linearly to
+    --think-budget-final over the first --think-decay-steps steps, then staying there; 0 = no budget."""
+    start = getattr(cfg, "think_budget", 0)
+    if start <= 0:
+        return 0
+    final = cfg.think_budget_final if cfg.think_budget_final is not None else start
+    if cfg.think_decay_steps <= 0:
+        return start
+    frac = min(1.0, max(0, step - 1) / cfg.think_decay_steps)
+    return int(round(start + (final - start) * frac))
+
+
+def new_tokens(cfg, step: int) -> int:
+    """Generated tokens per rollout at `step`: --max-new-tokens without a budget; with one, the budget plus
+    --answer-room for rpt (think, then answer), the budget alone for rlp (the completion is the thought)."""
+    budget = think_budget(cfg, step)
+    if budget <= 0:
+        return cfg.max_new_tokens
+    return budget if getattr(cfg, "objective", "rpt") == "rlp" else budget + cfg.answer_room
+
+
+def planned_new_tokens(cfg) -> int:
+    """The longest generation of the run (what the memory plan must hold): the budget at its largest."""
+    if getattr(cfg, "think_budget", 0) <= 0:
+        return cfg.max_new_tokens
+    return max(new_tokens(cfg, 1), new_tokens(cfg, 1 + max(0, cfg.think_decay_steps)))
+
+
+def think_gate(reward_fn: RewardFn, no_answer: float) -> RewardFn:
+    """`reward_fn`, except that a completion that never closes its thought (`</think>` missing: cut by the budget)
+    gets `no_answer`, whatever it wrote in the thought."""
+
+    def reward(items: list[RewardInput]) -> list[float]:
+        values = reward_fn(items)
+        return [v if THINK_END in it.completion else no_answer for v, it in zip(values, items)]
+
+    return reward
+
+
+# ---- entropy curriculum -----------------------------------------------------------------------------------------
+def curriculum_bucket(cfg, step: int) -> str:
+    """The bucket drawn from at training step `step` (1-based): --curriculum[i] for steps after
+    --curriculum-steps[i - 1] up to --curriculum-steps[i]; the last bucket to the end."""
+    if not cfg.curriculum:
+        return cfg.bucket
+    stage = sum(1 for b in cfg.curriculum_steps if step > b)
+    return cfg.curriculum[stage]
+
+
+class CurriculumSamples:
+    """One TrainSamples per bucket of --curriculum (each with its own seeded, resumable order); `set_step` picks
+    the one the step draws from. Otherwise it reads like the TrainSamples of the first stage."""
+
+    def __init__(self, cfg, tokenizer, shards):
+        from rpt_train.samples import TrainSamples
+
+        self.cfg = cfg
+        self.stages = {b: TrainSamples(dataclasses.replace(cfg, bucket=b, min_entropy=None), tokenizer, shards=shards)
+                       for b in dict.fromkeys(cfg.curriculum)}
+        self.current = self.stages[cfg.curriculum[0]]
+
+    def set_step(self, step: int) -> None:
+        self.current = self.stages[curriculum_bucket(self.cfg, step)]
+
+    def __len__(self) -> int:
+        return len(self.current)
+
+    def __getattr__(self, name):  # shards, split, build, next_batch, ...: the current stage's
+        return getattr(self.current, name)
+
+    def state_dict(self) -> dict:
+        return {"curriculum": {b: s.state_dict() for b, s in self.stages.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for b, s in self.stages.items():
+            s.load_state_dict(state["curriculum"][b])
+
+
+def train_samples(cfg, tokenizer, shards):
+    from rpt_train.samples import TrainSamples
+
+    return CurriculumSamples(cfg, tokenizer, shards) if cfg.curriculum else TrainSamples(cfg, tokenizer, shards=shards)
+
+
+# ---- next-token loss --------------------------------------------------------------------------------------------
+def ntp_ids(tokenizer, sample) -> list[int]:
+    """The tokens the NTP term trains on: the context and its true next token, as the policy tokenizes the raw text
+    (its BOS in front when it adds one), i.e. the prefix x_<=t of the window; never the text after the position."""
+    from rpt_common.bos import encode_with_bos
+
+    return encode_with_bos(tokenizer, [sample.context + sample.label_tokens[0]])[0]
+
+
+def ntp_forward(model, rows: list[list[int]], pad: int):
+    """Summed log p(x_i | x_<i) over i >= 1 of each row (with autograd) and the count of predicted tokens."""
+    from rpt_train.logprobs import forward_logprobs
+
+    device = next(model.parameters()).device
+    width = max(len(r) for r in rows) - 1
+    first = torch.tensor([[r[0]] for r in rows], device=device)
+    rest = torch.full((len(rows), max(width, 1)), pad, dtype=torch.long, device=device)
+    mask = torch.zeros_like(rest)
+    for i, r in enumerate(rows):
+        rest[i, :len(r) - 1] = torch.tensor(r[1:])
+        mask[i, :len(r) - 1] = 1
+    lp, _ = forward_logprobs(model, first, torch.ones_like(first), rest, mask, 1.0)
+    return (lp * mask).sum(), int(mask.sum())
+
+
+class NtpTerm:
+    """--ntp-weight w: adds w x (mean next-token cross-entropy over the tokens of the mini-batch's contexts, all
+    ranks) to the RL loss; backward runs here, before the update's gradient clipping. Called by update_policy with
+    the mini-batch's rows; returns the term's value."""
+
+    def __init__(self, cfg, tokenizer):
+        self.weight, self.G, self.micro = cfg.ntp_weight, cfg.group_size, cfg.micro_batch_size
+        self.tokenizer = tokenizer
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.tokens = 0  # forward (and backward) tokens, for the compute accounting
+
+    def __call__(self, model, batch, rows: list[int]) -> float:
+        groups = sorted({r // self.G for r in rows})
+        seqs = [ntp_ids(self.tokenizer, batch.samples[g]) for g in groups]
+        seqs = [s for s in seqs if len(s) >= 2]
+        total = distributed.all_sum([float(sum(len(s) - 1 for s in seqs))])[0]
+        value = 0.0
+        chunks = [seqs[i:i + self.micro] for i in range(0, len(seqs), self.micro)]
+        for chunk in distributed.pad_to_max(chunks):
+            if chunk is None or total == 0:  # another rank has more: a zero-weight pass keeps FSDP in lockstep
+                lp, _ = ntp_forward(model, [[self.pad, self.pad]], self.pad)
+                (lp * 0.0).backward()
+                continue
+            lp, n = ntp_forward(model, chunk, self.pad)
+            loss = -self.weight * lp / total
+            loss.backward()
+            value += float(loss.detach())
+            self.tokens += sum(map(len, chunk))
+        return value
+
+
+# ---- EMA copy of the policy -------------------------------------------------------------------------------------
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class Ema:
+    """An exponential moving average of the policy's float32 weights, a model of the policy's shape (sharded like
+    it under FSDP2): after every optimizer step ema <- rate * ema + (1 - rate) * policy, parameter by parameter
+    (each rank its own shards). Saved in every checkpoint and restored on --resume."""
+
+    def __init__(self, model: torch.nn.Module, rate: float):
+        self.model, self.rate = model, rate
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+
+    @torch.no_grad()
+    def update(self, policy: torch.nn.Module) -> None:
+        for e, p in zip(self.model.parameters(), policy.parameters(), strict=True):
+            _local(e).mul_(self.rate).add_(_local(p.detach()), alpha=1.0 - self.rate)
+
+    def state_dict(self) -> dict:
+        """The full weights on CPU (on rank 0 under FSDP2, {} elsewhere; a collective)."""
+        if not distributed.is_sharded(self.model):
+            return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_state_dict(self, state: dict) -> None:
+        """From `state_dict()` of any number of ranks (under FSDP2 read on rank 0 and broadcast; a collective)."""
+        if not distributed.is_sharded(self.model):
+            self.model.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(self.model, state if distributed.is_main() else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+# ---- what the trainer holds -------------------------------------------------------------------------------------
+class Objective:
+    """The options of this module for one run; the trainer calls its hooks (each a no-op for plain RPT)."""
+
+    def __init__(self, cfg, tokenizer, ema: Ema | None = None):
+        self.cfg, self.tokenizer, self.ema = cfg, tokenizer, ema
+        self.ntp = NtpTerm(cfg, tokenizer) if cfg.ntp_weight > 0 else None
+        self.reward_fn = None
+
+    @classmethod
+    def build(cls, cfg, model, tokenizer, device: str, ckpt, compute_dtype):
+        """For --objective rlp the EMA copy is loaded like the policy (from the checkpoint when resuming, its EMA
+        weights restored later by `load`)."""
+        ema = None
+        if cfg.objective == "rlp":
+            from rpt_train.trainer import disable_dropout
+
+            loaded = distributed.load_sharded_policy(str(ckpt) if ckpt else cfg.model, device, compute_dtype,
+                                                     prepare=disable_dropout)
+            ema = Ema(loaded.model, cfg.ema_rate)
+        return cls(cfg, tokenizer, ema)
+
+    def prompts(self, default):
+        """The prompt builder: rlp's raw context + `<think>`, else the run's template."""
+        if self.cfg.objective == "rlp":
+            from rpt_train.rlp import ThinkPrompt
+
+            return ThinkPrompt(self.tokenizer)
+        return default
+
+    def reward(self, default: RewardFn, model, extra: RewardFn | None = None) -> RewardFn:
+        """rlp: the information gain (plus `extra` shaping rewards); rpt with a budget: `default` gated on `</think>`."""
+        from rpt_train.reward import combine
+
+        if self.cfg.objective == "rlp":
+            from rpt_train.rlp import InfoGainReward
+
+            self.reward_fn = InfoGainReward(model, self.ema.model, self.tokenizer, tokens=self.cfg.rlp_tokens,
+                                            batch_size=self.cfg.micro_batch_size)
+            fn = combine([self.reward_fn, extra]) if extra is not None else self.reward_fn
+            fn.collective = True  # every rank calls it every round (its forwards run through FSDP in lockstep)
+            return fn
+        if self.cfg.think_budget > 0:
+            default = think_gate(default, self.cfg.reward_no_answer)
+        return combine([default, extra]) if extra is not None else default
+
+    def attach(self, model, optimizer) -> None:
+        """The EMA follows every optimizer step (a step skipped as bad moves neither)."""
+        if self.ema is not None:
+            optimizer.register_step_post_hook(lambda *_: self.ema.update(model))
+
+    def begin_step(self, step: int, data, params):
+        """The step's sampling parameters (budget) after moving the curriculum to `step`."""
+        if self.cfg.curriculum:
+            data.set_step(step)
+        return dataclasses.replace(params, max_new_tokens=new_tokens(self.cfg, step))
+
+    def step_stats(self) -> dict:
+        """Tokens through a forward outside rollouts and the RL update (the reward's policy and EMA passes, the NTP
+        term, which also runs a backward), since the last call; the step's bucket and budget."""
+        stats = {"objective_forward_tokens": 0, "objective_backward_tokens": 0}
+        if self.reward_fn is not None:
+            stats["objective_forward_tokens"] += self.reward_fn.tokens
+            stats["rlp_ema_forward_tokens"] = self.reward_fn.ema_tokens
+            stats["info_gain"] = self.reward_fn.mean_gain()
+            self.reward_fn.reset()
+        if self.ntp is not None:
+            stats["objective_forward_tokens"] += self.ntp.tokens
+            stats["objective_backward_tokens"] += self.ntp.tokens
+            self.ntp.tokens = 0
+        return stats
+
+    def state(self) -> dict:
+        """What a checkpoint keeps (a collective under FSDP2)."""
+        return {"ema": self.ema.state_dict()} if self.ema is not None else {}
+
+    def load(self, state: dict, ckpt) -> None:
+        if self.ema is None:
+            return
+        has = distributed.broadcast_from_main(lambda: "ema" in state)
+        if not has:
+            raise UserError(f"checkpoint '{ckpt}' holds no EMA copy of the policy, which --objective rlp needs to "
+                            "resume; start a new run in another --out")
+        self.ema.load_state_dict(state.get("ema", {}))
+
+
+def check(cfg) -> None:
+    """Option checks of this module, each one sentence naming the option."""
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise UserError(msg)
+
+    cfg.curriculum = [b.strip() for v in cfg.curriculum for b in v.split(",") if b.strip()]  # repeated or a,b,c
+    need(cfg.objective in OBJECTIVES, f"--objective must be one of {', '.join(OBJECTIVES)}")
+    need(cfg.think_budget >= 0 and cfg.think_decay_steps >= 0 and cfg.answer_room >= 1,
+         "--think-budget and --think-decay-steps must be >= 0, --answer-room >= 1")
+    need(cfg.think_budget_final is None or (cfg.think_budget > 0 and cfg.think_budget_final >= 1),
+         "--think-budget-final needs --think-budget > 0 and must be at least 1")
+    need(cfg.ntp_weight >= 0, "--ntp-weight must be non-negative")
+    need(0.0 <= cfg.ema_rate < 1.0, "--ema-rate must be in [0, 1)")
+    need(1 <= cfg.rlp_tokens <= cfg.labels_length, "--rlp-tokens must be in [1, --labels-length]")
+    from rpt_train.config import BUCKETS
+
+    need(all(b in BUCKETS + ("all", "selected") for b in cfg.curriculum),
+         "--curriculum takes buckets easy, medium, hard, all or selected, e.g. easy,medium,hard")
+    need(not cfg.curriculum or len(cfg.curriculum_steps) == len(cfg.curriculum) - 1,
+         "--curriculum-steps needs one step per boundary (one fewer than the --curriculum buckets), e.g. 30,60")
+    need(list(cfg.curriculum_steps) == sorted(set(cfg.curriculum_steps)) and all(s >= 1 for s in cfg.curriculum_steps),
+         "--curriculum-steps must be increasing steps >= 1")
+    need(not cfg.curriculum or cfg.min_entropy is None, "--curriculum chooses buckets; drop --min-entropy")

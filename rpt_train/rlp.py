@@ -1,0 +1,121 @@
+"""`--objective rlp`: the information-gain reward of RLP (arXiv 2510.01265). For a position t, the policy writes a
+thought c after the raw context x_<t and `<think>`; the thought's reward is
+
+    log p_policy(x_t..x_{t+k-1} | x_<t, <think> c </think>) - log p_EMA(x_t..x_{t+k-1} | x_<t)
+
+(k = --rlp-tokens true continuation tokens, 1 by default as in the paper), in nats: how much the thought raised
+the log-likelihood of what really comes next over the no-thought prediction of a slowly moving (EMA) copy of the
+policy. Dense, no verifier; the update trains the thought tokens only (the completion is the thought).
+
+Every token sequence is the concatenation of separately encoded pieces: the context as pre-training saw it
+(rpt_common.bos: BOS if the tokenizer adds one), `<think>`, the thought's text, `</think>`, and the continuation's
+policy tokens; the thought is its decoded text re-encoded (a sampled non-canonical tokenization is scored as its
+canonical one). The EMA baseline is one forward per context, not per thought."""
+from __future__ import annotations
+
+import torch
+
+from rpt_common.bos import encode_with_bos
+from rpt_train import distributed
+from rpt_train.logprobs import forward_logprobs
+from rpt_train.reward import THINK_END, RewardInput
+
+THINK_START = "<think>"
+
+
+def piece(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def continuation_ids(tokenizer, context: str, label: str, k: int) -> list[int]:
+    """The first k policy tokens of the true continuation `label` as they follow `context` (the joint encoding's
+    tail; the label encoded alone when the joint encoding does not extend the context's)."""
+    head = piece(tokenizer, context)
+    joint = piece(tokenizer, context + label)
+    ids = joint[len(head):] if joint[:len(head)] == head and len(joint) > len(head) else piece(tokenizer, label)
+    return ids[:k]
+
+
+def thought_of(completion: str) -> str:
+    """The thought: the completion up to its first `</think>` (all of it when the budget cut it)."""
+    return completion.split(THINK_END, 1)[0]
+
+
+class ThinkPrompt:
+    """The rollout prompt of rlp: the raw context (as pre-training saw it) then `<think>`; no instruction."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.open = piece(tokenizer, THINK_START)
+
+    def ids(self, context: str) -> list[int]:
+        return encode_with_bos(self.tokenizer, [context])[0] + self.open
+
+    def text(self, context: str) -> str:
+        return context + THINK_START
+
+    def completion(self, generated: str) -> str:
+        return generated
+
+
+@torch.no_grad()
+def continuation_logprob(model, conditions: list[list[int]], targets: list[list[int]], pad: int) -> torch.Tensor:
+    """[n] summed log p(targets[i] | conditions[i]) under `model` (temperature 1), one batched forward."""
+    device = next(model.parameters()).device
+    P, C = max(map(len, conditions)), max(map(len, targets))
+    prompt = torch.full((len(conditions), P), pad, dtype=torch.long)
+    pmask = torch.zeros_like(prompt)
+    comp = torch.full((len(targets), C), pad, dtype=torch.long)
+    cmask = torch.zeros_like(comp)
+    for i, (c, t) in enumerate(zip(conditions, targets)):  # prompt left-padded, continuation right-padded
+        prompt[i, P - len(c):], pmask[i, P - len(c):] = torch.tensor(c), 1
+        comp[i, :len(t)], cmask[i, :len(t)] = torch.tensor(t), 1
+    lp, _ = forward_logprobs(model, prompt.to(device), pmask.to(device), comp.to(device), cmask.to(device), 1.0)
+    return (lp.float() * cmask.to(device)).sum(1).cpu()
+
+
+class InfoGainReward:
+    """The rlp reward function (a RewardFn over one rank's rollouts, group-contiguous). Every rank calls it every
+    round, with its own (possibly empty) rollouts: the forwards are padded so FSDP2's gathers pair up."""
+
+    def __init__(self, policy, ema, tokenizer, *, tokens: int = 1, batch_size: int = 8):
+        self.policy, self.ema, self.tokenizer, self.k, self.batch = policy, ema, tokenizer, tokens, max(1, batch_size)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.close = piece(tokenizer, THINK_END)
+        self.reset()
+
+    def reset(self) -> None:
+        self.tokens = self.ema_tokens = 0
+        self.gains: list[float] = []
+
+    def mean_gain(self) -> float | None:
+        total, n = distributed.all_sum([sum(self.gains), float(len(self.gains))])
+        return total / n if n else None
+
+    def _scores(self, model, conditions, targets) -> torch.Tensor:
+        out = []
+        chunks = [range(i, min(i + self.batch, len(conditions))) for i in range(0, len(conditions), self.batch)]
+        for rows in distributed.pad_to_max(chunks):
+            if rows is None:  # another rank has more: a discarded forward keeps the gathers paired
+                continuation_logprob(model, [[self.pad]], [[self.pad]], self.pad)
+                continue
+            out.append(continuation_logprob(model, [conditions[i] for i in rows], [targets[i] for i in rows],
+                                            self.pad))
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def __call__(self, items: list[RewardInput]) -> list[float]:
+        contexts = list(dict.fromkeys(it.context for it in items))  # one EMA baseline per context
+        ctx_ids = {c: encode_with_bos(self.tokenizer, [c])[0] for c in contexts}
+        labels = {it.context: continuation_ids(self.tokenizer, it.context, "".join(it.label_tokens), self.k)
+                  for it in items}
+        conditions = [ctx_ids[it.context] + piece(self.tokenizer, THINK_START)
+                      + piece(self.tokenizer, thought_of(it.completion)) + self.close for it in items]
+        with_thought = self._scores(self.policy, conditions, [labels[it.context] for it in items])
+        baseline = self._scores(self.ema, [ctx_ids[c] for c in contexts], [labels[c] for c in contexts])
+        base = dict(zip(contexts, baseline.tolist()))
+        ema_tokens = sum(len(ctx_ids[c]) + len(labels[c]) for c in contexts)
+        self.ema_tokens += ema_tokens
+        self.tokens += sum(len(c) + len(labels[it.context]) for c, it in zip(conditions, items)) + ema_tokens
+        gains = [float(w) - base[it.context] for w, it in zip(with_thought.tolist(), items)]
+        self.gains += gains
+        return gains

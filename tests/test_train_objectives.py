@@ -1,0 +1,237 @@
+"""Issue 34's objectives: rlp's information-gain reward against a hand computation, the EMA update and its
+restore on resume, the next-token term (value and gradient), the thinking budget (schedule, truncation = no
+answer, memory plan), the entropy curriculum over steps, and rlp under FSDP2 on 2 ranks equal to one process."""
+import copy
+import json
+
+import pytest
+import torch
+from shard_fixtures import length_reward, train_shards, tiny_tok  # noqa: F401
+
+from rpt_common.bos import encode_with_bos
+from rpt_train import objectives
+from rpt_train.checkpoint import latest_checkpoint
+from rpt_train.config import TrainConfig
+from rpt_train.policy import load_policy
+from rpt_train.reward import RewardInput, rpt_reward
+from rpt_train.rlp import InfoGainReward, ThinkPrompt
+from rpt_train.rollout import SamplingParams
+from rpt_train.samples import TrainSamples
+from rpt_train.templates import PromptBuilder
+from rpt_train.trainer import collect, train, update_policy
+
+TIMING = ("seconds", "rollout_seconds", "rollout_tokens_per_s")
+
+
+def hand_logprob(model, ids: list[int], targets: list[int]) -> float:
+    """sum log p(targets | ids) from the model's plain full forward (float64 log-softmax)."""
+    full = torch.tensor([ids + targets])
+    with torch.no_grad():
+        logits = model(input_ids=full).logits[0].double()
+    logp = torch.log_softmax(logits, -1)
+    return float(sum(logp[len(ids) - 1 + j, t] for j, t in enumerate(targets)))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_info_gain_reward_equals_a_hand_computation(tiny_llama, k):
+    """reward = log p_policy(first k true tokens | context <think> thought </think>) - log p_EMA(same | context),
+    the thought cut at its first </think>; the EMA copy here differs from the policy."""
+    policy = load_policy(str(tiny_llama), "cpu")
+    tok, model = policy.tokenizer, policy.model.eval()
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    items = [RewardInput(completion=c, answer=None, label_tokens=lab, context=ctx)
+             for ctx, lab, thoughts in [("The quick brown", [" fox", " jumps"], ["maybe fox", "a dog</think> tail"]),
+                                        ("Let x_n be the", [" number", " of"], ["", "count"])]
+             for c in thoughts]
+    fn = InfoGainReward(model, ema, tok, tokens=k, batch_size=3)
+    got = fn(items)
+    for it, r in zip(items, got):
+        ctx = encode_with_bos(tok, [it.context])[0]
+        joint = tok(it.context + "".join(it.label_tokens), add_special_tokens=False)["input_ids"]
+        label = joint[len(tok(it.context, add_special_tokens=False)["input_ids"]):][:k]
+        thought = it.completion.split("</think>")[0]
+        pieces = ["<think>", thought, "</think>"]  # encoded one by one (the spec of rpt_train/rlp.py)
+        cond = ctx + sum((tok(x, add_special_tokens=False)["input_ids"] for x in pieces if x), [])
+        want = hand_logprob(model, cond, label) - hand_logprob(ema, ctx, label)
+        assert r == pytest.approx(want, abs=1e-4)
+        assert len(label) == k
+    assert got[0] != got[1]  # the thought matters
+    assert fn.ema_tokens > 0 and fn.tokens > fn.ema_tokens  # accounted: policy and EMA forwards
+
+
+def test_think_prompt_is_the_raw_context_then_think(tiny_tok):
+    prompt = ThinkPrompt(tiny_tok)
+    assert prompt.ids("Hello") == encode_with_bos(tiny_tok, ["Hello"])[0] + tiny_tok("<think>", add_special_tokens=False)["input_ids"]
+    assert prompt.completion("abc") == "abc"
+
+
+def test_ema_update_formula_and_it_follows_each_optimizer_step(tiny_llama, train_shards):
+    policy = load_policy(str(tiny_llama), "cpu").model
+    ema = objectives.Ema(copy.deepcopy(policy), rate=0.75)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p))
+    before = [e.detach().clone() for e in ema.model.parameters()]
+    ema.update(policy)
+    for b, e, p in zip(before, ema.model.parameters(), policy.parameters()):
+        torch.testing.assert_close(e, 0.75 * b + 0.25 * p, rtol=0, atol=1e-6)
+    # attached: one EMA update per optimizer step, none without one
+    cfg = TrainConfig(shards=str(train_shards), objective="rlp", think_budget=4, ema_rate=0.75)
+    obj = objectives.Objective(cfg, None, ema)
+    opt = torch.optim.SGD(policy.parameters(), lr=0.0)
+    obj.attach(policy, opt)
+    first = [e.detach().clone() for e in ema.model.parameters()]
+    opt.step()
+    for f, e, p in zip(first, ema.model.parameters(), policy.parameters()):
+        torch.testing.assert_close(e, 0.75 * f + 0.25 * p, rtol=0, atol=1e-6)
+
+
+RLP = dict(bucket="all", batch_prompts=2, group_size=2, objective="rlp", think_budget=3, ema_rate=0.5, lr=1e-2,
+           save_every=1, keep_checkpoints=4, log_samples_every=0, micro_batch_size=2, rlp_tokens=2)
+
+
+def _metrics(out):
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in open(out / "metrics.jsonl")]
+
+
+def test_rlp_run_resume_restores_the_ema_copy_exactly(tiny_llama, train_shards, tmp_path):
+    """2 steps in one go equal 1 step then --resume to 2: metrics (the reward reads the EMA) and the saved EMA
+    weights, which are neither the policy's nor the base model's."""
+    base = RLP | {"shards": str(train_shards), "model": str(tiny_llama)}
+    full = train(TrainConfig(**base, out=str(tmp_path / "full"), steps=2), quiet=True)
+    part = train(TrainConfig(**base, out=str(tmp_path / "part"), steps=1), quiet=True)
+    train(TrainConfig(**base, out=str(tmp_path / "part"), steps=2, resume=True), quiet=True)
+    a, b = _metrics(full), _metrics(part)
+    assert [m["step"] for m in a] == [1, 2] and a == b
+    assert all(m["objective_forward_tokens"] > m["rlp_ema_forward_tokens"] > 0 for m in a)
+    assert all(m["forward_tokens"] >= m["rollout_tokens"] + m["objective_forward_tokens"] for m in a)
+    sa = torch.load(latest_checkpoint(full) / "trainer_state.pt", weights_only=False)["ema"]
+    sb = torch.load(latest_checkpoint(part) / "trainer_state.pt", weights_only=False)["ema"]
+    start = load_policy(str(tiny_llama), "cpu").model.state_dict()
+    now = load_policy(str(latest_checkpoint(full)), "cpu").model.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=0)
+    assert max(float((sa[k] - start[k]).abs().max()) for k in sa) > 1e-4  # it moved
+    assert max(float((sa[k] - now[k]).abs().max()) for k in sa) > 1e-4  # and lags the policy
+
+
+class ScriptedEngine:
+    """Completions of 2 tokens 'c'."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def generate(self, prompts, params):
+        from rpt_train.rollout import RolloutBatch
+
+        n = len(prompts) * params.n
+        ones = torch.ones(n, 2, dtype=torch.long)
+        return RolloutBatch(prompt_ids=ones, prompt_mask=ones, completion_ids=ones * 5, completion_mask=ones,
+                            logprobs=None, texts=["c"] * n)
+
+    def sync(self, model):
+        pass
+
+
+def test_ntp_term_equals_a_hand_cross_entropy_and_its_gradient_is_added(tiny_llama, train_shards):
+    """With --ntp-weight w, the update's weight change minus the plain RL update's is -lr x w x grad(CE) (SGD, no
+    clipping), CE the mean next-token cross-entropy over the tokens of the batch's contexts and their next token."""
+    policy = load_policy(str(tiny_llama), "cpu")
+    tok = policy.tokenizer
+    cfg = TrainConfig(shards=str(train_shards), bucket="all", batch_prompts=3, group_size=2, ntp_weight=0.7,
+                      grad_clip=0.0, micro_batch_size=2)
+    rewards = iter([[1, 0, 0, 1, 1, 0]])
+    batch, _, _ = collect(cfg, TrainSamples(cfg, tok), PromptBuilder(tok), ScriptedEngine(tok),
+                          lambda items: [float(x) for x in next(rewards)], SamplingParams(n=2))
+    start = copy.deepcopy(policy.model.state_dict())
+
+    def step(ntp):
+        policy.model.load_state_dict(start)
+        opt = torch.optim.SGD(policy.model.parameters(), lr=1.0)
+        stats = update_policy(cfg, policy.model, None, opt, batch, ntp=ntp)
+        return {k: v.detach().clone() for k, v in policy.model.state_dict().items()}, stats
+
+    term = objectives.NtpTerm(cfg, tok)
+    with_ntp, s1 = step(term)
+    plain, s0 = step(None)
+    # the hand term: full forward, cross-entropy over every predicted token of the 3 contexts
+    policy.model.load_state_dict(start)
+    policy.model.zero_grad()
+    seqs = [encode_with_bos(tok, [s.context + s.label_tokens[0]])[0] for s in batch.samples]
+    total = sum(len(s) - 1 for s in seqs)
+    ce = sum(torch.nn.functional.cross_entropy(policy.model(input_ids=torch.tensor([s])).logits[0, :-1],
+                                               torch.tensor(s[1:]), reduction="sum") for s in seqs) / total
+    (0.7 * ce).backward()
+    assert s1["loss"] - s0["loss"] == pytest.approx(0.7 * float(ce), rel=1e-4)
+    assert term.tokens == sum(map(len, seqs))
+    grads = dict(policy.model.named_parameters())
+    for name, p in grads.items():
+        torch.testing.assert_close(with_ntp[name] - plain[name], -p.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_think_budget_schedule_truncation_and_plan(train_shards):
+    cfg = TrainConfig(shards=str(train_shards), think_budget=100, think_budget_final=20, think_decay_steps=8,
+                      answer_room=10, template="think", reward_no_answer=-0.5)
+    assert [objectives.think_budget(cfg, s) for s in (1, 5, 9, 50)] == [100, 60, 20, 20]
+    assert objectives.new_tokens(cfg, 1) == 110 and objectives.planned_new_tokens(cfg) == 110
+    rise = TrainConfig(shards=str(train_shards), think_budget=16, think_budget_final=64, think_decay_steps=4)
+    assert objectives.planned_new_tokens(rise) == 64 + 16
+    assert objectives.new_tokens(TrainConfig(shards=str(train_shards), max_new_tokens=7), 3) == 7
+    # a thought cut by the budget (no </think>) gets the no-answer reward, even with the right answer inside
+    fn = objectives.Objective(cfg, None).reward(rpt_reward(1.0, 0.0, -0.5), None)
+    items = [RewardInput(completion=c, answer=a, label_tokens=[" fox"], context="The quick brown")
+             for c, a in [("<think>it is \\boxed{ fox}", " fox"), ("<think>hm</think>\\boxed{ fox}", " fox"),
+                          ("<think>hm</think>\\boxed{ dog}", " dog")]]
+    assert fn(items) == [-0.5, 1.0, 0.0]
+    # the memory plan holds the largest budget + answer room
+    from rpt_train.plan import Shapes, plan_memory
+
+    shapes = Shapes(params=10**6, layers=2, hidden=64, intermediate=128, kv_dim=64, vocab=320, layer_params=10**5)
+    plain = plan_memory(TrainConfig(shards=str(train_shards), max_new_tokens=16), shapes, prompt_tokens=50)
+    planned = plan_memory(cfg, shapes, prompt_tokens=50)
+    assert "+ 110 new" in planned.notes[0] and planned.terms["kv_cache"] > plain.terms["kv_cache"]
+    rlp = plan_memory(TrainConfig(shards=str(train_shards), objective="rlp", think_budget=16), shapes, prompt_tokens=50)
+    assert rlp.terms["weights"] == 2 * plain.terms["weights"]  # the EMA copy
+
+
+def test_the_curriculum_draws_each_steps_bucket(train_shards, tiny_tok):
+    """Every sample of a step comes from the step's bucket (thresholds at quantiles of the data, so the buckets
+    differ); the per-bucket orders survive a state_dict round trip."""
+    probe = TrainSamples(TrainConfig(shards=str(train_shards), bucket="all"), tiny_tok).next_batch(60)
+    q = torch.tensor([s.entropy for s in probe]).quantile(torch.tensor([0.2, 0.5, 0.8])).tolist()
+    from rpt_train.config import load_config
+
+    cfg = load_config(TrainConfig, None, {"shards": str(train_shards), "curriculum": ("hard,easy,medium",),
+                                          "curriculum_steps": "2,4", "bucket_thresholds": ",".join(map(str, q))})
+    assert cfg.curriculum == ["hard", "easy", "medium"]
+    assert [objectives.curriculum_bucket(cfg, s) for s in range(1, 7)] == ["hard", "hard", "easy", "easy",
+                                                                           "medium", "medium"]
+    data = objectives.train_samples(cfg, tiny_tok, None)
+    floor = {"easy": q[0], "medium": q[1], "hard": q[2]}
+    seen = []
+    for step in range(1, 7):
+        data.set_step(step)
+        drawn = data.next_batch(5)
+        assert all(s.entropy > floor[objectives.curriculum_bucket(cfg, step)] for s in drawn), step
+        seen += [s.entropy for s in drawn]
+    assert min(seen) <= q[2]  # the easy stage drew below the hard threshold
+    state = data.state_dict()
+    again = objectives.train_samples(cfg, tiny_tok, None)
+    again.load_state_dict(state)
+    data.set_step(3), again.set_step(3)
+    assert [s.key for s in data.next_batch(4)] == [s.key for s in again.next_batch(4)]
+
+
+def test_objective_options_are_checked(train_shards):
+    from rpt_common.errors import UserError
+    from rpt_train.config import load_config
+
+    for bad, msg in [({"objective": "ppo"}, "--objective"), ({"curriculum": "easy,hard"}, "--curriculum-steps"),
+                     ({"think_budget_final": 8}, "--think-budget-final"), ({"rlp_tokens": 9}, "--rlp-tokens"),
+                     ({"ema_rate": 1.0}, "--ema-rate")]:
+        with pytest.raises(UserError, match=msg):
+            load_config(TrainConfig, None, {"shards": str(train_shards), **bad})
