@@ -116,8 +116,8 @@ def tag(recipe, **opts):
               help="With --html: shade by top-k entropy, full entropy or surprisal (-target log-prob), nats. "
                    "[the run's tag metric]")
 @click.option("--doc-tokens", type=int,
-              help="With --html: at most this many scored tokens per document (a contiguous run of windows around "
-                   "the hardest one, or from a random one); bounds the page size. [2000]")
+              help="With --html: at most this many scored tokens per document, in whole windows (at least one): a "
+                   "contiguous run around the hardest window, or from a random one; bounds the page size. [2000]")
 @click.option("--compare", type=click.Path(file_okay=False),
               help="With --html: a second output over the same text with the same tokenizer (another context "
                    "prefix or proxy): shade by the per-token difference OTHER - OUT and mark flipped selections.")
