@@ -48,6 +48,13 @@ def page_of(out, path, **kw) -> Page:
     return Page(path.read_text())
 
 
+def page_windows(path, doc: str) -> int:
+    """How many window labels the article of `doc` holds."""
+    article = re.search(rf'<article class="doc" id="doc-\d+" data-doc="{re.escape(doc)}">(.*?)</article>',
+                        path.read_text(), re.S).group(1)
+    return article.count('class="wb"')
+
+
 def doc_text(page: Page, doc: str) -> str:
     return "".join(s["text"] for s in page.spans if s["doc"] == doc)
 
@@ -66,6 +73,13 @@ def test_every_scored_token_is_on_the_page_with_its_value_and_the_text_is_whole(
         assert abs(float(s["data-v"]) - r["topk_entropy"]) <= 6e-5
         assert abs(s["entropy"] - r["entropy"]) <= 6e-5 and abs(s["target_logprob"] - r["target_logprob"]) <= 6e-5
         assert s["argmax"] == r["proxy_argmax"] and bool(s["flags"] & 2) == r["selected"] == ("s" in s["classes"])
+    rows = pl.read_parquet(sorted(out.glob("**/shard-*.parquet"))).sort("doc_id", "window_index")
+    nxt = {(d, w): s for d, w, s in rows.select("doc_id", pl.col("window_index") - 1, "token_start").iter_rows()}
+    for s in page.scored():  # the over-line: the token is also in the next window's context prefix
+        start = nxt.get((s["doc"], s["window"]))
+        assert bool(s["flags"] & 8) == ("px" in s["classes"]) == (start is not None and s["j"] >= start)
+    for d, n in rows.group_by("doc_id").len().iter_rows():  # one window label per window
+        assert sum(x["doc"] == d for x in page.spans) and page_windows(tmp_path / "p.html", d) == n
     for i, text in enumerate(TEXTS):
         shown = doc_text(page, f"doc{i}")
         if kind == "wordpiece":  # its tokens need not cover trailing whitespace

@@ -114,14 +114,14 @@ def browser(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def demo(tiny_llama, tmp_path_factory):
-    """The demo recipe's corpus and template (first 24 CHAMP problems), a tiny model, windows of 128 + prefix 32."""
+    """The demo recipe's corpus and template (first 12 CHAMP problems), a tiny model, windows of 128 + prefix 32."""
     root = tmp_path_factory.mktemp("view-demo")
     out = root / "demo"
     from rpt_data.config import TagConfig
     from rpt_data.pipeline import run_tag
 
     run_tag(TagConfig(inputs=["demo:champ"], template=CHAMP, id_field="id", mode="structured", model=str(tiny_llama),
-                      out=str(out), window=128, context_prefix=32, limit=24, progress=False))
+                      out=str(out), window=128, context_prefix=32, limit=12, progress=False))
     html = root / "demo.html"
     write_html(str(out), str(html), docs=8)
     return out, html
