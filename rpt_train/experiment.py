@@ -26,7 +26,7 @@ from rpt_common.recipe import read_yaml
 from rpt_train.config import EvalConfig, TrainConfig, field_types, load_config, to_dict
 
 SPEC_KEYS = {"name", "title", "recipe", "base", "warm", "eval", "arms", "comparisons", "metrics", "out", "results",
-             "alpha", "power", "primary_bucket", "notes", "levers"}
+             "alpha", "power", "primary_bucket", "notes", "levers", "factors"}
 LEVERS = {"positions": 100}  # a spec's `levers:` (true or a mapping) overrides these
 ARM_KEYS = {"kind", "match_flops", "contexts_of", "label_tokens", "model", "description"}
 WARM = {"fraction": 0.2, "steps": 40, "batch": 16, "lr": 1e-5}  # a spec's `warm:` overrides these
@@ -69,6 +69,7 @@ class Spec:
     primary_bucket: str = "all"
     notes: list[str] = field(default_factory=list)
     levers: dict | None = None  # the `levers` stage (rpt_train/levers.py): None = not measured
+    factors: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # name -> pairs whose mean effect
 
     @property
     def arms_dir(self) -> Path:
@@ -160,6 +161,14 @@ def load_spec(path: str) -> Spec:
         levers = None
     if "levers" in raw["arms"]:
         raise UserError(f"spec '{path}': 'levers' names the levers stage; call the arm otherwise")
+    factors = {}
+    for fname, pairs in (raw.get("factors") or {}).items():
+        ok = isinstance(pairs, list) and pairs and all(isinstance(p, (list, tuple)) and len(p) == 2
+                                                       and all(x in arms for x in p) for p in pairs)
+        if not ok:
+            raise UserError(f"spec '{path}': factor '{fname}' must list pairs of the spec's arms, e.g. "
+                            "[[high-learn, all-learn], [high-uniform, all-uniform]]")
+        factors[str(fname)] = [tuple(map(str, p)) for p in pairs]
     metrics = tuple(raw.get("metrics") or METRICS)
     if set(metrics) - set(METRICS):
         raise UserError(f"spec '{path}': metrics must be among {list(METRICS)}")
@@ -169,7 +178,7 @@ def load_spec(path: str) -> Spec:
                 out=str(raw.get("out") or Path("out") / "experiments" / name),
                 results=str(raw.get("results") or "results"), alpha=float(raw.get("alpha", 0.05)),
                 power=float(raw.get("power", 0.8)), primary_bucket=str(raw.get("primary_bucket", "all")),
-                notes=list(raw.get("notes") or []), levers=levers)
+                notes=list(raw.get("notes") or []), levers=levers, factors=factors)
     for arm in arms.values():  # every arm's config must load now, not after an hour of another arm's training
         Experiment(spec).train_config(arm, check_only=True)
     Experiment(spec).eval_config("demo")

@@ -60,17 +60,25 @@ def arm_compute(record: dict) -> dict:
 
 def compare(ra: dict, rb: dict, metric: str, alpha: float, power: float) -> dict:
     """Per bucket: the paired difference a - b over the positions both arms evaluated (matched by key)."""
-    pa = {p["key"]: p for p in ra["eval"]["positions"]}
-    pb = {p["key"]: p for p in rb["eval"]["positions"]}
+    return compare_pairs([(ra, rb)], metric, alpha, power)
+
+
+def compare_pairs(pairs: list[tuple[dict, dict]], metric: str, alpha: float, power: float) -> dict:
+    """Per bucket: the paired difference of the mean outcome of the pairs' `a` arms and of their `b` arms over the
+    positions every arm evaluated: one pair is a comparison, several a factor's main effect (the mean of its simple
+    effects, e.g. high-entropy - all positions under each sampler)."""
+    records = [r for pair in pairs for r in pair]
+    pos = [{p["key"]: p for p in r["eval"]["positions"]} for r in records]
     out = {}
     for b in EVAL_BUCKETS:
-        keys = [k for k in ra["eval"]["chosen"][b] if k in pb and k in set(rb["eval"]["chosen"][b])]
+        common = set.intersection(*(set(r["eval"]["chosen"][b]) for r in records))
+        keys = [k for k in records[0]["eval"]["chosen"][b] if k in common]
         if len(keys) < 2:
             continue
-        r = paired_difference([outcome(pa[k], metric) for k in keys], [outcome(pb[k], metric) for k in keys],
-                              [pa[k]["doc_id"] for k in keys], alpha, power)
-        out[b] = {"a": sum(outcome(pa[k], metric) for k in keys) / len(keys),
-                  "b": sum(outcome(pb[k], metric) for k in keys) / len(keys)} | r
+        mean = lambda side, k: sum(outcome(pos[2 * i + side][k], metric) for i in range(len(pairs))) / len(pairs)  # noqa: E731
+        xa, xb = [mean(0, k) for k in keys], [mean(1, k) for k in keys]
+        r = paired_difference(xa, xb, [pos[0][k]["doc_id"] for k in keys], alpha, power)
+        out[b] = {"a": sum(xa) / len(keys), "b": sum(xb) / len(keys)} | r
     return out
 
 
@@ -84,7 +92,7 @@ def verdict_of(name: str, c: dict, metric: str, bucket: str, alpha: float, ca: d
     else:
         head = f"no significant difference (this design detects {r['detectable_effect']:.3f})"
     text = (f"{name}: {TITLES[metric]} on `{bucket}` {r['a']:.3f} vs {r['b']:.3f}, {r['diff']:+.3f} "
-            f"[{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}], p = {r['p_value']:.3f} (paired, n = {r['n']}, design effect "
+            f"[{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}], p {pval(r['p_value'])} (paired, n = {r['n']}, design effect "
             f"{r['design_effect']:.2f}): {head}")
     if ca.get("flops") and cb.get("flops"):
         text += f"; {a} used {ca['flops'] / cb['flops']:.2f}x the FLOPs of {b}"
@@ -116,12 +124,36 @@ def build_report(spec) -> dict:
         comparisons[name] = {"a": a, "b": b, "metric": primary, "buckets": by_metric[primary],
                              "by_metric": by_metric, "right_tokens_mean_diff": mtp, "verdict": v}
         verdicts.append(v)
+    factors = {}
+    for name, pairs in spec.factors.items():
+        if any(x not in records for pair in pairs for x in pair):
+            continue
+        recs = [(records[a], records[b]) for a, b in pairs]
+        by_metric = {m: compare_pairs(recs, m, spec.alpha, spec.power) for m in spec.metrics}
+        mtp = {}
+        for bk in EVAL_BUCKETS:
+            diffs = [None if arms[a][bk]["right_tokens_mean"] is None or arms[b][bk]["right_tokens_mean"] is None
+                     else arms[a][bk]["right_tokens_mean"] - arms[b][bk]["right_tokens_mean"] for a, b in pairs]
+            mtp[bk] = None if None in diffs else sum(diffs) / len(diffs)
+        label = f"{name} ({'; '.join(f'{a} - {b}' for a, b in pairs)})"
+        r = by_metric[spec.metrics[0]].get(spec.primary_bucket)
+        v = (f"Factor {label}: {TITLES[spec.metrics[0]]} on `{spec.primary_bucket}` moves by {r['diff']:+.3f} "
+             f"[{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}], p {pval(r['p_value'])}"
+             + (f"; NTP by {by_metric['ntp_accuracy'][spec.primary_bucket]['diff']:+.3f}"
+                if "ntp_accuracy" in by_metric and spec.primary_bucket in by_metric["ntp_accuracy"] else "")
+             + ("" if mtp[spec.primary_bucket] is None else
+                f"; right-answer length by {mtp[spec.primary_bucket]:+.2f} tokens") + "."
+             if r and r["diff"] is not None else f"Factor {label}: no paired positions.")
+        factors[name] = {"pairs": [list(p) for p in pairs], "by_metric": by_metric, "right_tokens_mean_diff": mtp,
+                         "verdict": v}
+        verdicts.append(v)
     warm, levers = kept / "warm.json", kept / "levers.json"
     verdict = " ".join(verdicts) or "No declared comparison has both arms finished yet."
     if missing:
         verdict += f" Interim: arm(s) {', '.join(missing)} not run yet."
     return {"name": spec.name, "title": spec.title, "spec": spec.path, "eval_design": spec.eval,
             "arms": arms, "compute": compute, "flops_formula": FLOPS_FORMULA, "comparisons": comparisons,
+            "factors": factors,
             "verdict": verdict, "missing_arms": missing, "alpha": spec.alpha, "power": spec.power,
             "test": "paired difference over the same held-out positions, normal interval, variance x design effect "
                     "1 + (m - 1) ICC of the differences grouped by problem",
@@ -137,6 +169,11 @@ def arm_metrics(spec, arm: str) -> list[dict]:
         if p.exists():
             return read_jsonl(p)
     return []
+
+
+def pval(p: float) -> str:
+    """`= 0.042`, or `< 0.001` where three decimals would print 0."""
+    return "< 0.001" if p < 0.001 else f"= {p:.3f}"
 
 
 def cell(r: dict, key: str) -> str:
@@ -194,9 +231,9 @@ def markdown(res: dict, png: str) -> str:
             for name, c in res["comparisons"].items():
                 lines.append(f"| {name} | " + " | ".join(
                     "-" if b not in c["by_metric"][m] else
-                    "{diff:+.3f} [{lo:+.2f}, {hi:+.2f}] (p {p:.3f}; {d:.2f}; {e:.3f})".format(
+                    "{diff:+.3f} [{lo:+.2f}, {hi:+.2f}] (p {p}; {d:.2f}; {e:.3f})".format(
                         diff=c["by_metric"][m][b]["diff"], lo=c["by_metric"][m][b]["ci"][0],
-                        hi=c["by_metric"][m][b]["ci"][1], p=c["by_metric"][m][b]["p_value"],
+                        hi=c["by_metric"][m][b]["ci"][1], p=pval(c["by_metric"][m][b]["p_value"]),
                         d=c["by_metric"][m][b]["design_effect"], e=c["by_metric"][m][b]["detectable_effect"])
                     for b in EVAL_BUCKETS) + " |")
             lines.append("")
@@ -205,6 +242,17 @@ def markdown(res: dict, png: str) -> str:
         for name, c in res["comparisons"].items():
             lines.append(f"| {name} | " + " | ".join(num(c["right_tokens_mean_diff"][b], "{:+.2f}")
                                                    for b in EVAL_BUCKETS) + " |")
+    if res.get("factors"):
+        lines += ["", "## Factors (main effects: the mean of each factor's simple effects, paired)", ""]
+        for name, f in res["factors"].items():
+            lines += [f"{name}: " + "; ".join(f"{a} - {b}" for a, b in f["pairs"]), "",
+                      "| metric | " + " | ".join(EVAL_BUCKETS) + " |", rule]
+            for m, by in f["by_metric"].items():
+                lines.append(f"| {TITLES[m]} | " + " | ".join(
+                    "-" if b not in by else f"{by[b]['diff']:+.3f} [{by[b]['ci'][0]:+.2f}, {by[b]['ci'][1]:+.2f}] "
+                    f"(p {pval(by[b]['p_value'])})" for b in EVAL_BUCKETS) + " |")
+            lines += ["| right-answer length (tokens) | " + " | ".join(num(f["right_tokens_mean_diff"][b], "{:+.2f}")
+                                                                     for b in EVAL_BUCKETS) + " |", ""]
     lines += ["", f"![accuracy per arm and training curves]({png})", "", "## Verdict", "", res["verdict"], ""]
     if res.get("notes"):
         lines += ["## Notes", ""] + [n + "\n" for n in res["notes"]]

@@ -478,3 +478,27 @@ def test_arm_metrics_fall_back_to_the_copy_kept_in_git(tmp_path):
     (Path(spec.out) / "rpt" / "train").mkdir(parents=True)
     (Path(spec.out) / "rpt" / "train" / "metrics.jsonl").write_text('{"step": 1, "reward": 0.25}\n')
     assert report.arm_metrics(spec, "rpt")[0]["reward"] == 0.25  # this machine's run first
+
+
+def test_a_factor_is_the_mean_of_its_simple_effects_on_a_fixed_table(tmp_path):
+    """Factor f = mean of (a - b) and (c - d): with c = d the per-position differences halve, so the effect is 0.25
+    and its SE half the comparison's (the ICC, hence the design effect and the p-value, unchanged)."""
+    arms = {x: {"kind": "rpt"} for x in "abcd"}
+    path = write_spec(tmp_path, "unused-shards", "demo", arms)
+    raw = yaml.safe_load(path.read_text()) | {"factors": {"f": [["a", "b"], ["c", "d"]]}}
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    spec = experiment.load_spec(str(path))
+    keys = [f"k{i}" for i in range(6)]
+    spec.arms_dir.mkdir(parents=True)
+    for name, outcomes in zip("abcd", (A, B, B, B)):
+        (spec.arms_dir / f"{name}.json").write_text(json.dumps(fake_record("rpt", outcomes, keys, DOCS)))
+    res = report.build_report(spec)
+    f = res["factors"]["f"]["by_metric"]["ntr_accuracy"]["all"]
+    assert (f["diff"], f["se"], f["design_effect"]) == pytest.approx((0.25, SE / 2, 1.5))
+    assert f["p_value"] == pytest.approx(math.erfc(0.5 / SE / math.sqrt(2)))
+    assert res["factors"]["f"]["right_tokens_mean_diff"]["all"] == 0.0
+    assert "Factor f (a - b; c - d)" in res["verdict"] and "+0.250" in res["verdict"]
+    with pytest.raises(UserError, match="factor 'g'"):
+        raw["factors"] = {"g": [["a", "zz"]]}
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        experiment.load_spec(str(path))
