@@ -270,16 +270,19 @@ class Objective:
     def step_stats(self) -> dict:
         """Tokens through a forward outside rollouts and the RL update (the reward's policy and EMA passes, the NTP
         term, which also runs a backward), since the last call; the step's bucket and budget."""
-        stats = {"objective_forward_tokens": 0, "objective_backward_tokens": 0}
+        fwd = bwd = ema = 0
+        stats = {}
         if self.reward_fn is not None:
-            stats["objective_forward_tokens"] += self.reward_fn.tokens
-            stats["rlp_ema_forward_tokens"] = self.reward_fn.ema_tokens
+            fwd, ema = self.reward_fn.tokens, self.reward_fn.ema_tokens
             stats["info_gain"] = self.reward_fn.mean_gain()
             self.reward_fn.reset()
         if self.ntp is not None:
-            stats["objective_forward_tokens"] += self.ntp.tokens
-            stats["objective_backward_tokens"] += self.ntp.tokens
+            fwd, bwd = fwd + self.ntp.tokens, self.ntp.tokens
             self.ntp.tokens = 0
+        fwd, bwd, ema = (int(x) for x in distributed.all_sum([fwd, bwd, ema]))  # every rank's passes
+        stats |= {"objective_forward_tokens": fwd, "objective_backward_tokens": bwd}
+        if self.reward_fn is not None:
+            stats["rlp_ema_forward_tokens"] = ema
         return stats
 
     def state(self) -> dict:

@@ -235,3 +235,36 @@ def test_objective_options_are_checked(train_shards):
                      ({"ema_rate": 1.0}, "--ema-rate")]:
         with pytest.raises(UserError, match=msg):
             load_config(TrainConfig, None, {"shards": str(train_shards), **bad})
+
+
+RLP_DIST = dict(steps=2, objective="rlp", think_budget=3, ema_rate=0.5, rlp_tokens=2, ntp_weight=0.3, grad_clip=0.5)
+
+
+@pytest.mark.slow  # a torchrun launch and a 1-process run: ~80 s on the shared 2-core CPU
+def test_rlp_with_ntp_under_fsdp2_on_two_ranks_equals_one_process(tiny_llama, train_shards, tmp_path):
+    """--objective rlp (+ --ntp-weight) on 2 gloo ranks (FSDP2: the reward's policy and EMA forwards padded to
+    lockstep, an odd batch split 3 + 2) equals one process: metrics, policy weights and the saved EMA copy."""
+    from dist_driver import PromptEngine
+    from test_train_distributed import BASE, metrics, run_driver, weights
+
+    from rpt_common.models import load_tokenizer
+
+    base = BASE | {"shards": str(train_shards), "model": str(tiny_llama)}
+    (tmp_path / "two").mkdir()
+    root, _ = run_driver(tmp_path / "two", base, scripted=[["rlp", RLP_DIST]])
+    cfg = TrainConfig(**base | RLP_DIST | {"out": str(tmp_path / "one")})
+    one = train(cfg, reward_fns=[length_reward], engine=PromptEngine(load_tokenizer(cfg.model)), quiet=True)
+    a, b = metrics(one), metrics(root / "rlp")
+    assert [m["step"] for m in a] == [1, 2] and all(m["updates"] > 0 for m in a)
+    for ma, mb in zip(a, b):
+        for k in ma:
+            same = ma[k] == mb[k] if not isinstance(ma[k], float) else ma[k] == pytest.approx(mb[k], rel=1e-4, abs=1e-6)
+            assert same, (k, ma[k], mb[k])
+    wa, wb = weights(one, 2), weights(root / "rlp", 2)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-4, msg=k)
+    ea = torch.load(latest_checkpoint(one) / "trainer_state.pt", weights_only=False)["ema"]
+    eb = torch.load(latest_checkpoint(root / "rlp") / "trainer_state.pt", weights_only=False)["ema"]
+    assert set(eb) <= set(ea) and len(eb) > 0
+    for k in eb:
+        torch.testing.assert_close(ea[k], eb[k], rtol=1e-4, atol=1e-4, msg=k)
