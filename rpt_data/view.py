@@ -89,7 +89,7 @@ def _metric_expr(col: str) -> pl.Expr:
 
 
 def row_summary(run: Run, col: str) -> pl.DataFrame:
-    """One line per row (window): doc, window, token range, and the sum / count / max of the metric."""
+    """One line per row (window): doc, window, token range, and the sum and count of the metric's values."""
     m = pl.col("target_logprob").list.eval(-pl.element()) if col == "surprisal" else pl.col(col)
     return (
         pl.scan_parquet(run.paths)

@@ -304,6 +304,21 @@ def _row(run, t, d: int, j: int) -> list:
             run.bucket(run.value(t, run.tag_col)) if t.scored else 0]
 
 
+def _marks(run, other, t, o, col: str, hi: float, r_div: float) -> tuple[list[str], float | None, float]:
+    """A scored token's shading and selection classes, the value it shows (data-v: its metric, or OTHER - OUT
+    with --compare) and its key for "hardest" (the value, or the absolute difference)."""
+    a = run.value(t, col) if t.scored else None
+    if other is None:
+        if a is None:  # scored, but the proxy's logits were NaN: stats stored as null
+            return ["n"] + ["s"] * t.selected, None, -math.inf
+        return [f"c{seq_level(a, hi)}", f"b{run.bucket(run.value(t, run.tag_col))}"] + ["s"] * t.selected, a, a
+    b = other.value(o, col) if o.scored else None
+    diff = None if a is None or b is None else b - a
+    cls = [f"d{div_level(diff, r_div)}"] if diff is not None else []
+    cls += ["s"] if t.selected and o.selected else ["fb"] if o.selected else ["fa"] if t.selected else []
+    return cls, diff, abs(diff) if diff is not None else -math.inf
+
+
 def render_page(*, run, other, views, col: str, metric: str, pick: str, seed: int, docs: int, doc_tokens: int,
                 charts: dict, vocab: dict[int, str], vocab_note: str) -> str:
     cmp = other is not None
@@ -328,47 +343,15 @@ def render_page(*, run, other, views, col: str, metric: str, pick: str, seed: in
             if t.window != first_w:  # stream order: a new window's tokens start here
                 parts.append(f'<span class="wb" aria-hidden="true" title="window {t.window}">w{t.window}</span>')
                 first_w = t.window
-            cls = ["t"]
-            piece = t.piece
-            if piece == "":
-                cls.append("z")
-            if "\n" in piece:
-                cls.append("nl")
-            if t.prefix_next:
-                cls.append("px")
-            a = run.value(t, col) if t.scored else None
-            attrs = ""
-            if t.context_only:
-                cls.append("ctx")
-            elif not t.scored:
-                cls.append("u")
+            piece, attrs = t.piece, ""
+            cls = ["t"] + ["z"] * (piece == "") + ["nl"] * ("\n" in piece) + ["px"] * t.prefix_next
+            cls += ["ctx"] if t.context_only else [] if t.scored else ["u"]
             if t.scored or (cmp and o is not None and o.scored):
-                row = _row(run, t, d, j) + (_row(other, o, d, j) if cmp else [])
-                tok_rows.append(row)
-                if cmp:
-                    b = other.value(o, col) if o.scored else None
-                    diff = None if a is None or b is None else b - a
-                    shown = diff
-                    if diff is not None:
-                        cls.append(f"d{div_level(diff, r_div)}")
-                    if t.selected and o.selected:
-                        cls.append("s")
-                    elif o.selected:
-                        cls.append("fb")
-                        gained += 1
-                    elif t.selected:
-                        cls.append("fa")
-                        lost += 1
-                    key = abs(diff) if diff is not None else -math.inf
-                else:
-                    shown = a
-                    if a is not None:
-                        cls += [f"c{seq_level(a, hi)}", f"b{row[9]}"]
-                    else:
-                        cls.append("n")
-                    if t.selected:
-                        cls.append("s")
-                    key = a if a is not None else -math.inf
+                tok_rows.append(_row(run, t, d, j) + (_row(other, o, d, j) if cmp else []))
+                marks, shown, key = _marks(run, other, t, o, col, hi, r_div)
+                cls += marks
+                gained += "fb" in marks
+                lost += "fa" in marks
                 if shown is not None:
                     vals.append(shown)
                 n_sel += t.selected

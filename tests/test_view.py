@@ -221,3 +221,23 @@ def test_markup_in_the_text_is_shown_as_text(root, tmp_path):
     page = page_of(out, tmp_path / "m.html", docs=2)
     assert [doc_text(page, f"doc{i}") for i in range(2)] == texts
     assert (tmp_path / "m.html").read_text().count("<script") == 2  # the data block and the page's script
+
+
+def test_a_scored_position_with_null_stats_is_marked_not_dropped(root, tmp_path):
+    """NaN logits are stored as null stats: the token stays on the page, dashed, with no value."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "nan"
+    shutil.copytree(_structured(root, "bytelevel"), out)
+    shard = sorted(out.glob("**/shard-*.parquet"))[0]
+    rows = pq.read_table(shard).to_pylist()
+    for c in ("entropy", "topk_entropy", "target_logprob", "proxy_argmax"):
+        rows[0][c][3] = None
+    rows[0]["selected"] = [p for p in rows[0]["selected"] if p != 3]
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(shard)), shard)
+    page = page_of(out, tmp_path / "n.html", docs=len(TEXTS))
+    doc = rows[0]["doc_id"]
+    nulls = [s for s in page.scored() if s["doc"] == doc and s["window"] == rows[0]["window_index"] and s["pos"] == 3]
+    assert len(nulls) == 1 and "n" in nulls[0]["classes"] and "data-v" not in nulls[0]
+    assert nulls[0]["topk_entropy"] is None
