@@ -154,6 +154,9 @@ def test_compare_refuses_another_tokenizer_or_no_common_document(root, tmp_path)
     with pytest.raises(UserError, match="tokenizer"):
         write_html(str(_structured(root, "bytelevel")), str(tmp_path / "x.html"),
                    compare=str(_structured(root, "metaspace")))
+    shuffled = tag(_model(root, "bytelevel"), root / "shuffled", texts=TEXTS[::-1], window=24, context_prefix=6)
+    with pytest.raises(UserError, match="must tokenize the same text"):  # same ids, other texts
+        write_html(str(_structured(root, "bytelevel")), str(tmp_path / "z.html"), compare=str(shuffled))
     with pytest.raises(UserError, match="no document id in common"):
         write_html(str(_structured(root, "bytelevel")), str(tmp_path / "y.html"), compare=str(_continuous(root, 8)))
 
