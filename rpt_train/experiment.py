@@ -28,7 +28,7 @@ from rpt_train.config import EvalConfig, TrainConfig, field_types, load_config, 
 SPEC_KEYS = {"name", "title", "recipe", "base", "warm", "eval", "arms", "comparisons", "metrics", "out", "results",
              "alpha", "power", "primary_bucket", "notes", "levers", "factors"}
 LEVERS = {"positions": 100}  # a spec's `levers:` (true or a mapping) overrides these
-ARM_KEYS = {"kind", "match_flops", "contexts_of", "label_tokens", "model", "description"}
+ARM_KEYS = {"kind", "match_flops", "contexts_of", "label_tokens", "model", "description", "eval"}
 WARM = {"fraction": 0.2, "steps": 40, "batch": 16, "lr": 1e-5}  # a spec's `warm:` overrides these
 METRICS = ("ntr_accuracy", "ntr_greedy_accuracy", "ntr_pass_at_k", "ntp_accuracy")
 MATCHED_STEPS = 10**6  # a FLOP-matched arm stops at its budget; this only caps the step loop
@@ -46,6 +46,7 @@ class Arm:
     label_tokens: int = 1  # sft: label tokens in the supervised answer
     model: str | None = None  # eval: the model to evaluate (default: the experiment's start model)
     description: str = ""
+    eval: dict = field(default_factory=dict)  # this arm's eval overrides (e.g. a thinking arm's template, budget)
 
     def depends_on(self) -> list[str]:
         return [a for a in (self.match_flops, self.contexts_of) if a]
@@ -129,6 +130,8 @@ def load_spec(path: str) -> Spec:
         if kind not in ARM_KINDS:
             raise UserError(f"{where}: kind {kind!r} is not one of {sorted(ARM_KINDS)}")
         extra = {k: a.pop(k) for k in list(a) if k in ARM_KEYS and not (k == "model" and kind != "eval")}
+        if "eval" in extra:  # eval options of this arm only (the design's positions stay the same for every arm)
+            extra["eval"] = _options(f"{where} (eval)", extra["eval"] or {}, (EvalConfig,))
         arms[str(name)] = Arm(name=str(name), kind=kind, options=_options(where, a, (TrainConfig,)), **extra)
     for arm in arms.values():
         for dep in arm.depends_on():
@@ -181,6 +184,7 @@ def load_spec(path: str) -> Spec:
                 notes=list(raw.get("notes") or []), levers=levers, factors=factors)
     for arm in arms.values():  # every arm's config must load now, not after an hour of another arm's training
         Experiment(spec).train_config(arm, check_only=True)
+        Experiment(spec).eval_config("demo", arm)
     Experiment(spec).eval_config("demo")
     return spec
 
@@ -356,8 +360,9 @@ class Experiment:
             options["exclude_docs"] = ""
         return load_config(TrainConfig, None, options)
 
-    def eval_config(self, model: str) -> EvalConfig:
+    def eval_config(self, model: str, arm: Arm | None = None) -> EvalConfig:
         design = {k: v for k, v in self.spec.eval.items() if k in field_types(EvalConfig)}
+        design |= arm.eval if arm is not None else {}
         return load_config(EvalConfig, None, {"split": "heldout", **design, "model": model, "out": ""})
 
     def params(self, model: str) -> int:
@@ -484,18 +489,21 @@ class Experiment:
         model, facts = kind.run(self, arm)
         train_wall = time.perf_counter() - t0
         t1 = time.perf_counter()
-        result = run_eval(self.eval_config(model))
+        result = run_eval(self.eval_config(model, arm))
         eval_seconds = time.perf_counter() - t1
         work = self.root / name / "train"
         from rpt_train.sft import read_jsonl
 
         metrics = read_jsonl(work / "metrics.jsonl") if kind.trains else []
         n = self.params(model)
-        compute = compute_of(metrics, n) | {"params": n, "eval_seconds": round(eval_seconds, 1),
-                                            "seconds": round(train_wall + eval_seconds, 1), "machine": machine()}
+        compute = compute_of(metrics, n)
+        # seconds: the training steps of every session that ran (a resumed arm's too) + this evaluation
+        train_seconds = compute["train_seconds"] if metrics else train_wall
+        compute |= {"params": n, "eval_seconds": round(eval_seconds, 1),
+                    "seconds": round(train_seconds + eval_seconds, 1), "machine": machine()}
         record = {"arm": name, "kind": arm.kind, "options": arm.options, "match_flops": arm.match_flops,
                   "contexts_of": arm.contexts_of, "model": model, "eval": result, "compute": compute,
-                  "train_config": None, **facts, "eval_config": to_dict(self.eval_config(model)),
+                  "train_config": None, **facts, "eval_config": to_dict(self.eval_config(model, arm)),
                   "spec": self.spec.path}
         if metrics:
             keep_copy(work / "metrics.jsonl", self.kept / f"{name}.metrics.jsonl")
