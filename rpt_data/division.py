@@ -1,7 +1,9 @@
 """How the input is divided between ranks, so that N ranks together tag exactly what 1 rank tags.
 
-- `files`: with at least as many input files as ranks, file i (in expand_inputs order) goes to rank
-  i % W. A file is a stream in continuous mode, so each rank still sees whole streams.
+- `files`: with at least as many input files as ranks, whole files are dealt by size (bytes, from the input
+  fingerprints), longest first, each to the rank with the least work so far (fewest bytes, then fewest files, then
+  lowest rank): deterministic, and files of equal size go round-robin (file i -> rank i % W). A rank reads its files
+  in expand_inputs order. A file is a stream in continuous mode, so each rank still sees whole streams.
 - `records` (structured mode, fewer files than ranks, or --limit): every rank reads every file and
   keeps record k (counted over good and bad records in reading order) when k % W == rank.
 - `windows` (continuous mode, fewer files than ranks, or --limit): a record stripe would cut streams,
@@ -12,6 +14,7 @@ With --limit every rank reads the input (the limit counts good records of the wh
 """
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 
@@ -30,9 +33,24 @@ class Division:
         return {"by": self.by, "files": [p for p, _ in self.files]}
 
 
-def divide(files: list, mode: str, limit: int | None, rank: int, world_size: int) -> Division:
+def divide(files: list, mode: str, limit: int | None, rank: int, world_size: int,
+           sizes: list[int] | None = None) -> Division:
+    """This rank's part of `files` (expand_inputs order); `sizes`: each file's bytes (None: all equal)."""
     if world_size == 1:
         return Division("all", rank, world_size, list(files))
     if len(files) >= world_size and limit is None:
-        return Division("files", rank, world_size, list(files[rank::world_size]))
+        owner = balance(sizes if sizes is not None else [0] * len(files), world_size)
+        return Division("files", rank, world_size, [f for f, r in zip(files, owner) if r == rank])
     return Division("records" if mode == "structured" else "windows", rank, world_size, list(files))
+
+
+def balance(sizes: list[int], world_size: int) -> list[int]:
+    """The rank of each item: longest first, each to the least loaded rank (bytes, then items, then rank index);
+    ties in size keep input order, so equal sizes go round-robin."""
+    loads = [(0, 0, r) for r in range(world_size)]  # a heap of (bytes, items, rank)
+    owner = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        size, count, r = heapq.heappop(loads)
+        owner[i] = r
+        heapq.heappush(loads, (size + sizes[i], count + 1, r))
+    return owner

@@ -37,6 +37,10 @@ def corpus(root: Path, case: str) -> tuple[list[str], dict]:
         for i in range(3):
             write_jsonl(root / f"{i}.jsonl", rows[i::3], {1: b"{cut"} if i == 1 else None)
         return [str(root / "*.jsonl")], dict(id_field="id")
+    if case == "structured-sizes":  # files of unequal size: dealt longest first, not i % 2
+        for i, n in enumerate([5, 1, 1, 3]):
+            write_jsonl(root / f"{i}.jsonl", rows[sum([5, 1, 1, 3][:i]):][:n], {1: b"{cut"} if i == 3 else None)
+        return [str(root / "*.jsonl")], dict(id_field="id")
     if case == "structured-stripes":  # one file < 2 ranks: record k -> rank k % 2
         dup = {"id": "r2", "text": "a second record with the id r2"}
         write_jsonl(root / "in.jsonl", rows[:6] + [dup] + rows[6:], {3: b"{cut", 4: b"[1]"})
@@ -77,12 +81,17 @@ def same_content(one: Path, many: Path, world: int) -> None:
     assert validate_out(str(many)) == []
 
 
-@pytest.mark.parametrize("case", ["structured-files", "structured-stripes", "continuous-windows", "continuous-files"])
+@pytest.mark.parametrize("case", ["structured-files", "structured-sizes", "structured-stripes", "continuous-windows",
+                                  "continuous-files"])
 def test_two_independent_ranks_and_merge_equal_one_rank(tmp_path, tiny_llama, case):
     inputs, kw = corpus(tmp_path / "in", case)
     run_tag(TagConfig(inputs=inputs, out=str(tmp_path / "one"), **opts(tiny_llama, **kw)))
     manifest = tag_ranks(inputs, tiny_llama, tmp_path / "two", 2, **kw)
-    assert manifest["division"] == case.split("-")[1].replace("stripes", "records")
+    assert manifest["division"] == case.split("-")[1].replace("stripes", "records").replace("sizes", "files")
+    if case == "structured-sizes":  # the largest file alone on rank 0; the three others, as many bytes, on rank 1
+        names = [[Path(p).name for p in json.loads((tmp_path / "two" / f"rank-0000{r}.json").read_text())["division"]
+                  ["files"]] for r in range(2)]
+        assert names == [["0.jsonl"], ["1.jsonl", "2.jsonl", "3.jsonl"]]
     same_content(tmp_path / "one", tmp_path / "two", 2)
     assert all(json.loads((tmp_path / "two" / f"rank-0000{r}.json").read_text())["records"] > 0 for r in range(2))
     if case == "structured-stripes":
@@ -327,6 +336,27 @@ def test_division_rule():
     d = divide(files[:1], "structured", None, 2, 3)
     assert [i for i in range(9) if d.owns(i)] == [2, 5, 8] and d.files == files[:1]
     assert divide(files, "structured", None, 0, 1).by == "all"
+    sizes = [1, 9, 1, 1, 8]  # longest first to the least loaded rank; each rank reads its files in input order
+    assert [[p for p, _ in divide(files, "structured", None, r, 2, sizes).files] for r in range(2)] == \
+           [["f1", "f2"], ["f0", "f3", "f4"]]
+    assert [p for p, _ in divide(files, "structured", None, 1, 2, [7] * 5).files] == ["f1", "f3"]  # equal: i % W
+
+
+@pytest.mark.parametrize("world", [2, 3, 8])
+@pytest.mark.parametrize("seed", range(4))
+def test_size_balance_is_deterministic_and_near_the_bound(world, seed):
+    """Every file on exactly one rank; the slowest rank has at most the mean plus the largest file (the bound of
+    whole-file division: longest-first gets within 4/3 of the optimum); far below round-robin on a lognormal mix."""
+    from rpt_data.division import balance
+
+    rng = np.random.default_rng(seed)
+    sizes = rng.lognormal(13, 1.5, size=100).astype(int).tolist()
+    owner = balance(sizes, world)
+    assert owner == balance(list(sizes), world) and set(owner) == set(range(world))
+    load = np.bincount(owner, weights=sizes, minlength=world)
+    assert load.sum() == sum(sizes) and load.max() <= load.mean() + max(sizes)
+    rr = np.bincount(np.arange(100) % world, weights=sizes, minlength=world)
+    assert load.max() <= rr.max() and load.max() / load.mean() <= max(1.0, max(sizes) / load.mean()) + 0.15
 
 
 def test_merged_output_reads_like_a_one_rank_output(tmp_path, tiny_llama):
