@@ -323,3 +323,5 @@ def check(cfg) -> None:
     need(list(cfg.curriculum_steps) == sorted(set(cfg.curriculum_steps)) and all(s >= 1 for s in cfg.curriculum_steps),
          "--curriculum-steps must be increasing steps >= 1")
     need(not cfg.curriculum or cfg.min_entropy is None, "--curriculum chooses buckets; drop --min-entropy")
+    need(cfg.objective != "rlp" or cfg.sampler == "uniform", "--objective rlp draws contexts with --sampler uniform "
+         "(the learnability score reads a boxed answer, which an rlp thought never writes)")

@@ -268,3 +268,22 @@ def test_rlp_with_ntp_under_fsdp2_on_two_ranks_equals_one_process(tiny_llama, tr
     assert set(eb) <= set(ea) and len(eb) > 0
     for k in eb:
         torch.testing.assert_close(ea[k], eb[k], rtol=1e-4, atol=1e-4, msg=k)
+
+
+def test_the_objectives_experiment_spec_loads_with_per_arm_eval(tmp_path):
+    """pipelines/experiments/smollm2-champ-objectives.yaml: the three objectives are option overrides of the rpt
+    arm kind, each loads as a TrainConfig; the thinking arm is evaluated with its own template and budget, the
+    others with the common design."""
+    from pathlib import Path
+
+    from rpt_train.experiment import Experiment, load_spec
+
+    spec = load_spec(str(Path(__file__).parent.parent / "pipelines/experiments/smollm2-champ-objectives.yaml"))
+    exp = Experiment(spec)
+    cfgs = {a: exp.train_config(spec.arms[a], check_only=True) for a in ("rpt-think", "rpt-ntp", "rlp")}
+    assert cfgs["rpt-think"].think_budget == 64 and cfgs["rpt-think"].template == "think"
+    assert cfgs["rpt-ntp"].ntp_weight == 0.5 and cfgs["rlp"].objective == "rlp"
+    think, common = exp.eval_config("demo", spec.arms["rpt-think"]), exp.eval_config("demo", spec.arms["rlp"])
+    assert (think.template, think.response_prefix, think.max_new_tokens) == ("think", "", 48)
+    assert (common.template, common.max_new_tokens) == ("answer-only", 10)
+    assert objectives.new_tokens(cfgs["rpt-think"], 108) == 48  # evaluated at the budget it ends training with
