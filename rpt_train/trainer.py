@@ -91,6 +91,7 @@ def prepare_out(cfg: TrainConfig) -> Path | None:
 def eval_config(cfg: TrainConfig) -> EvalConfig:
     shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(EvalConfig) if hasattr(cfg, f.name)}
     shared.pop("out")
+    shared["max_new_tokens"] = objectives.new_tokens(cfg, cfg.steps)  # a thinking budget: the one training ends at
     return EvalConfig(**shared, limit=cfg.eval_limit, samples=cfg.eval_samples, split="auto")
 
 

@@ -21,6 +21,7 @@ from rpt_train.advantages import group_advantages
 from rpt_train.collect import Groups
 from rpt_train.logprobs import forward_logprobs
 from rpt_train.loss import AGGREGATION, aggregate, clipped_surrogate, normalizer
+from rpt_train.objectives import planned_new_tokens
 from rpt_train.rollout import RolloutBatch
 
 _SUMS = ("clipped", "tokens", "entropy", "ent_tokens", "kl", "pass_tokens", "frozen_tokens")
@@ -170,7 +171,8 @@ def update_policy(cfg, model, ref, optimizer, batch: Groups, ntp=None) -> dict:
     model.train()
     for epoch in range(cfg.ppo_epochs):
         for m in minis:
-            norm = global_normalizer(AGGREGATION[cfg.loss], rollouts.completion_mask[m], cfg.max_new_tokens)
+            # dr_grpo's constant: --max-new-tokens, or the run's largest thinking budget + answer room
+            norm = global_normalizer(AGGREGATION[cfg.loss], rollouts.completion_mask[m], planned_new_tokens(cfg))
             optimizer.zero_grad(set_to_none=True)
             losses = [micro_step(cfg, model, batch, rows, advantages, old, ref_lp, norm, measure and epoch == 0,
                                  sums, shared) for rows in distributed.pad_to_max(micro(m))]

@@ -287,3 +287,50 @@ def test_the_objectives_experiment_spec_loads_with_per_arm_eval(tmp_path):
     assert (think.template, think.response_prefix, think.max_new_tokens) == ("think", "", 48)
     assert (common.template, common.max_new_tokens) == ("answer-only", 10)
     assert objectives.new_tokens(cfgs["rpt-think"], 108) == 48  # evaluated at the budget it ends training with
+
+
+class VaryingEngine(ScriptedEngine):
+    """Completions of 1 or 2 tokens, alternating (so a group's rows do not cancel in the loss)."""
+
+    def generate(self, prompts, params):
+        batch = super().generate(prompts, params)
+        batch.completion_mask[::2, 1] = 0
+        return batch
+
+
+class RecordingEngine(ScriptedEngine):
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer)
+        self.budgets = []
+
+    def generate(self, prompts, params):
+        self.budgets.append(params.max_new_tokens)
+        return super().generate(prompts, params)
+
+
+def test_the_budget_reaches_each_steps_rollouts_eval_and_dr_grpo_norm(tiny_llama, train_shards, tmp_path):
+    """A decaying budget: the rollouts of step s get budget(s) + answer room; the in-run eval the final one; Dr.
+    GRPO's constant normaliser is the run's largest generation, not the unused --max-new-tokens."""
+    from rpt_train.trainer import eval_config
+
+    cfg = TrainConfig(shards=str(train_shards), model=str(tiny_llama), out=str(tmp_path / "run"), bucket="all",
+                      steps=3, batch_prompts=2, group_size=2, template="think", think_budget=8, think_budget_final=4,
+                      think_decay_steps=2, answer_room=2, max_sampling_rounds=1, log_samples_every=0)
+    engine = RecordingEngine(load_policy(str(tiny_llama), "cpu").tokenizer)
+    train(cfg, engine=engine, quiet=True)
+    assert engine.budgets == [10, 8, 6]
+    assert eval_config(cfg).max_new_tokens == 6
+    # dr_grpo: the same batch, a budget of 6 + 2 against --max-new-tokens 8 without one: the same loss
+    policy = load_policy(str(tiny_llama), "cpu")
+    tok = policy.tokenizer
+    common = dict(shards=str(train_shards), bucket="all", batch_prompts=2, group_size=2, loss="dr_grpo", grad_clip=0.0)
+    rewards = iter([[1, 0, 1, 0]])
+    batch, _, _ = collect(TrainConfig(**common), TrainSamples(TrainConfig(**common), tok), PromptBuilder(tok),
+                          VaryingEngine(tok), lambda items: [float(x) for x in next(rewards)], SamplingParams(n=2))
+    start = copy.deepcopy(policy.model.state_dict())
+    losses = []
+    for kw in ({"think_budget": 6, "answer_room": 2}, {"max_new_tokens": 8}):
+        policy.model.load_state_dict(start)
+        opt = torch.optim.SGD(policy.model.parameters(), lr=0.0)
+        losses.append(update_policy(TrainConfig(**common | kw), policy.model, None, opt, batch)["loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6) and losses[0] != 0
