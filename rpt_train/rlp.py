@@ -7,15 +7,17 @@ thought c after the raw context x_<t and `<think>`; the thought's reward is
 the log-likelihood of what really comes next over the no-thought prediction of a slowly moving (EMA) copy of the
 policy. Dense, no verifier; the update trains the thought tokens only (the completion is the thought).
 
-Every token sequence is the concatenation of separately encoded pieces: the context as pre-training saw it
-(rpt_common.bos: BOS if the tokenizer adds one), `<think>`, the thought's text, `</think>`, and the continuation's
-policy tokens; the thought is its decoded text re-encoded (a sampled non-canonical tokenization is scored as its
-canonical one). The EMA baseline is one forward per context, not per thought."""
+Token sequences: context + continuation are encoded together (as the RPT labels are, rpt_train/samples.py), the
+context being the tokens that end inside it (BOS in front if the tokenizer adds one) and the continuation the
+next k tokens, so the scored tokens are the policy's own tokens of the text (one that straddles the cut is the
+first, whole); the thought goes between them as separately encoded `<think>`, thought text, `</think>`. The
+thought is its decoded text re-encoded (a sampled non-canonical tokenization is scored as its canonical one).
+The EMA baseline is one forward per context, not per thought."""
 from __future__ import annotations
 
 import torch
 
-from rpt_common.bos import encode_with_bos
+from rpt_common.bos import bos_token_id, encode_with_bos, with_bos
 from rpt_train import distributed
 from rpt_train.logprobs import forward_logprobs
 from rpt_train.reward import THINK_END, RewardInput
@@ -27,13 +29,13 @@ def piece(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
 
-def continuation_ids(tokenizer, context: str, label: str, k: int) -> list[int]:
-    """The first k policy tokens of the true continuation `label` as they follow `context` (the joint encoding's
-    tail; the label encoded alone when the joint encoding does not extend the context's)."""
-    head = piece(tokenizer, context)
-    joint = piece(tokenizer, context + label)
-    ids = joint[len(head):] if joint[:len(head)] == head and len(joint) > len(head) else piece(tokenizer, label)
-    return ids[:k]
+def split_ids(tokenizer, context: str, label: str, k: int) -> tuple[list[int], list[int]]:
+    """(context ids with BOS if the tokenizer adds one, the first k policy tokens of the true continuation `label`)
+    from one encoding of context + label: the context's ids are the tokens that end inside it."""
+    from rpt_train.samples import _joint_tokens
+
+    ids, _, j0 = _joint_tokens(tokenizer, context, label)
+    return with_bos(bos_token_id(tokenizer), ids[:j0]), ids[j0:j0 + k]
 
 
 def thought_of(completion: str) -> str:
@@ -105,9 +107,9 @@ class InfoGainReward:
 
     def __call__(self, items: list[RewardInput]) -> list[float]:
         contexts = list(dict.fromkeys(it.context for it in items))  # one EMA baseline per context
-        ctx_ids = {c: encode_with_bos(self.tokenizer, [c])[0] for c in contexts}
-        labels = {it.context: continuation_ids(self.tokenizer, it.context, "".join(it.label_tokens), self.k)
-                  for it in items}
+        split = {it.context: split_ids(self.tokenizer, it.context, "".join(it.label_tokens), self.k) for it in items}
+        ctx_ids = {c: split[c][0] for c in contexts}
+        labels = {c: split[c][1] for c in contexts}
         conditions = [ctx_ids[it.context] + piece(self.tokenizer, THINK_START)
                       + piece(self.tokenizer, thought_of(it.completion)) + self.close for it in items]
         with_thought = self._scores(self.policy, conditions, [labels[it.context] for it in items])

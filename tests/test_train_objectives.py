@@ -49,9 +49,10 @@ def test_info_gain_reward_equals_a_hand_computation(tiny_llama, k):
     fn = InfoGainReward(model, ema, tok, tokens=k, batch_size=3)
     got = fn(items)
     for it, r in zip(items, got):
-        ctx = encode_with_bos(tok, [it.context])[0]
+        ctx = encode_with_bos(tok, [it.context])[0]  # the cuts here fall between tokens
         joint = tok(it.context + "".join(it.label_tokens), add_special_tokens=False)["input_ids"]
-        label = joint[len(tok(it.context, add_special_tokens=False)["input_ids"]):][:k]
+        assert joint[:len(ctx)] == ctx
+        label = joint[len(ctx):][:k]
         thought = it.completion.split("</think>")[0]
         pieces = ["<think>", thought, "</think>"]  # encoded one by one (the spec of rpt_train/rlp.py)
         cond = ctx + sum((tok(x, add_special_tokens=False)["input_ids"] for x in pieces if x), [])
@@ -334,3 +335,28 @@ def test_the_budget_reaches_each_steps_rollouts_eval_and_dr_grpo_norm(tiny_llama
         opt = torch.optim.SGD(policy.model.parameters(), lr=0.0)
         losses.append(update_policy(TrainConfig(**common | kw), policy.model, None, opt, batch)["loss"])
     assert losses[0] == pytest.approx(losses[1], rel=1e-6) and losses[0] != 0
+
+
+@pytest.mark.parametrize("kind", ["bytelevel", "metaspace", "wordpiece"])
+def test_the_scored_tokens_are_the_policys_tokens_of_the_continuation(kind):
+    """For every tokenizer kind and cut (word-initial, mid-word): context ids + scored ids are the policy's encoding
+    of the text, and the scored ids read after the context as the continuation's start (the first RPT label piece
+    when no token straddles the cut)."""
+    from test_train_tokenizers import tokenizer
+
+    from rpt_train.decoding import decode_after
+    from rpt_train.rlp import split_ids
+    from rpt_train.samples import label_pieces
+
+    tok = tokenizer(kind)
+    text = "the quick brown foxes jumps over the lazy dog"
+    for t in [i for i in range(3, len(text) - 12) if kind != "wordpiece" or text[i] == " "]:
+        context, label = text[:t], text[t:]
+        ctx, scored = split_ids(tok, context, label, 2)
+        plain = tok(text, add_special_tokens=False)["input_ids"]
+        bos = 1 if ctx and tok.bos_token_id is not None and ctx[0] == tok.bos_token_id and plain[:1] != ctx[:1] else 0
+        assert plain[:len(ctx) - bos + len(scored)] == ctx[bos:] + scored and len(scored) == 2
+        first = decode_after(tok, ctx, scored[:1])
+        piece = label_pieces(tok, label, 1, left=context)[0]
+        straddles = not label.startswith(first)
+        assert straddles or first == piece, (t, first, piece)
