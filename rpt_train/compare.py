@@ -58,15 +58,18 @@ def print_comparison(comparison: dict, title: str) -> None:
 
 def _score(cfg, spec: str, device: str, shards, chosen):
     """Evaluate one model (loaded on this rank's device) on `chosen` positions (None: select them with its
-    tokenizer). Returns (result with details, the positions)."""
+    tokenizer; `shards` None: open cfg.shards once the model is loaded). Returns (result with details, the
+    positions, the ShardSet)."""
     from rpt_common.models import enable_tf32
     from rpt_common.progress import CountProgress
     from rpt_train import distributed
     from rpt_train.evaluate import evaluate, select_positions
     from rpt_train.policy import eos_ids, load_policy
     from rpt_train.rollout import HFRollout, autocast_bf16
+    from rpt_train.samples import ShardSet
 
     policy = load_policy(spec, device, cfg.dtype)
+    shards = shards if shards is not None else ShardSet(cfg.shards)
     engine = HFRollout(policy.model, policy.tokenizer, eos_ids(policy), cfg.rollout_batch_size,
                        static_cache=cfg.static_cache)
     if chosen is None:
@@ -79,7 +82,7 @@ def _score(cfg, spec: str, device: str, shards, chosen):
             result = evaluate(policy.model, policy.tokenizer, engine, cfg, shards, chosen, details=True,
                               progress=progress)
     result["meta"]["model"] = policy.path
-    return result, chosen
+    return result, chosen, shards
 
 
 def run_eval(cfg) -> dict | None:
@@ -88,17 +91,15 @@ def run_eval(cfg) -> dict | None:
     result on rank 0 (None elsewhere)."""
     from rpt_train import distributed
     from rpt_train.evaluate import print_table
-    from rpt_train.samples import ShardSet
     from rpt_train.trainer import seed_everything
 
     device = distributed.init_from_env(cfg.device)
     main = distributed.is_main()
     try:
         seed_everything(cfg.seed)
-        shards = ShardSet(cfg.shards)
-        result, chosen = _score(cfg, cfg.model, device, shards, None)
+        result, chosen, shards = _score(cfg, cfg.model, device, None, None)
         if cfg.baseline:
-            base, _ = _score(cfg, cfg.baseline, device, shards, chosen)
+            base, _, _ = _score(cfg, cfg.baseline, device, shards, chosen)
             result["comparison"] = compare(result, base, cfg.split_block_windows)
             result["baseline"] = {k: v for k, v in base.items() if k != "chosen"}
         for r in (result, result.get("baseline", {})):  # per-position outcomes stay, their completions do not

@@ -439,7 +439,8 @@ class PositionSampler:
         step = 1 << 20
         for i in range(0, self.n, step):  # filled in blocks of 4 MiB: no n-sized temporary
             perm[i:i + step] = np.arange(i, min(i + step, self.n), dtype=self._dtype)
-        np.random.default_rng([self.seed, self.epoch]).shuffle(perm)
+        # a plain ndarray view: Generator.shuffle swaps a memmap (an ndarray subclass) element by element in Python
+        np.random.default_rng([self.seed, self.epoch]).shuffle(perm.view(np.ndarray))
         return perm
 
     def next(self) -> int:

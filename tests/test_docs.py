@@ -325,3 +325,54 @@ def test_the_memory_table_in_scale_md_is_the_plans():
         plan = json.loads(result.output.strip().splitlines()[-1])
         assert f"{plan['total_bytes'] / 2**30:.1f}" == peak, (policy, options)
         assert plan["fits"] == (fits == "yes"), (policy, options)
+
+
+# ---- training commands fit the devices they name (issue 36) -----------------------------------------------------
+
+FITS = re.compile(r"#\s*plan: fits (\d+) x (\d+) GB(?:, shards tagged with --window (\d+))?")
+STANDIN = {"/models/Qwen2-1.5B": "bench/configs/qwen2-1.5b", "/models/Qwen2.5-7B": "bench/configs/qwen2.5-7b"}
+
+
+def planned_commands() -> list[tuple[str, list[str], tuple[int, int, int | None]]]:
+    """(where, `rpt-train run` args, (GPUs, GB each, shard window)) for every shell line in README/docs marked
+    `# plan: fits W x G GB[, shards tagged with --window N]` on the line before it."""
+    found = []
+    for page in PAGES:
+        lines = page.read_text().split("\n")
+        for i, line in enumerate(lines):
+            m = FITS.search(line)
+            if not m:
+                continue
+            k, cmd = i + 1, lines[i + 1]
+            while cmd.endswith("\\"):
+                k += 1
+                cmd = cmd[:-1] + " " + lines[k]
+            runs = [a for prog, a in commands_in(shell_words(cmd)) if prog == "rpt-train" and a[:1] == ["run"]]
+            assert runs, f"{page.name}:{i + 1}: a `# plan: fits` mark not followed by an `rpt-train run` command"
+            found.append((f"{page.name}:{i + 2}", runs[0][1:],
+                          (int(m.group(1)), int(m.group(2)), int(m.group(3)) if m.group(3) else None)))
+    return found
+
+
+def test_training_commands_fit_the_devices_they_name(tmp_path):
+    """Each marked training command, planned by `rpt-train plan` with its own options (the model's shapes from
+    bench/configs/, the prompt bound from the shards' window), fits W GPUs of G GB; and every training command on a
+    real-size model carries such a mark."""
+    import json
+
+    import rpt_train.cli
+
+    marked = planned_commands()
+    assert len(marked) >= 3
+    for where, args, (gpus, gb, window) in marked:
+        args = [STANDIN.get(a, a) for a in args]
+        extra = ["--world-size", str(gpus), "--device-memory", str(gb), "--json"]
+        if window:
+            extra += ["--prompt-tokens", str(window + 128)] if "--max-context-tokens" not in args else []
+        result = CliRunner().invoke(rpt_train.cli.main, ["plan", *args, *extra])
+        plan = json.loads(result.output.strip().splitlines()[-1])
+        assert plan["fits"] is True, (where, f"{plan['total_bytes'] / 2**30:.1f} GiB per GPU")
+    real = [(w, a) for w, prog, a in doc_commands() if prog == "rpt-train" and a[:1] == ["run"]
+            and any(x in STANDIN for x in a)]
+    assert {w.rsplit(":", 1)[0].split("/")[-1] for w, _ in real} <= {w.split(":")[0] for w, _, _ in marked}
+    assert len(real) <= len(marked), [w for w, _ in real]

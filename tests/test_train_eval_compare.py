@@ -31,9 +31,15 @@ def torchrun(*args, timeout: int = 600) -> subprocess.CompletedProcess:
 
 def test_eval_on_two_ranks_equals_one_process(train_shards, tiny_llama, tmp_path):
     """Every sampled and greedy completion, outcome and metric of 2 gloo ranks equals one process's."""
+    import torch
     from eval_driver import score
 
-    one = score(str(train_shards), str(tiny_llama))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank runs: the same float reductions, the same sampled tokens
+    try:
+        one = score(str(train_shards), str(tiny_llama))
+    finally:
+        torch.set_num_threads(threads)
     r = torchrun(TESTS / "eval_driver.py", train_shards, tiny_llama, tmp_path / "two.json")
     assert r.returncode == 0, r.stderr[-3000:]
     two = json.loads((tmp_path / "two.json").read_text())
