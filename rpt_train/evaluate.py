@@ -17,7 +17,8 @@ from rpt_train.decoding import decode_batch_after
 from rpt_train.rundir import read_provenance
 from rpt_train.reward import extract_answer, prefix_match
 from rpt_train.rollout import SamplingParams
-from rpt_train.samples import BUCKET_NAMES, Sample, SampleBuilder, ShardSet, cuts_of, resolve_shard_defaults
+from rpt_train.samples import (BUCKET_NAMES, Sample, SampleBuilder, ShardSet, resolve_shard_defaults,
+                               split_candidates)
 from rpt_train.stats import wilson
 from rpt_train.templates import PromptBuilder
 
@@ -72,8 +73,7 @@ def select_positions(shards: ShardSet, tokenizer, cfg) -> dict[str, list[Sample]
     if split == "all" and cfg.split == "auto" and read_provenance(cfg.model) is not None:
         distributed.warn(f"'{cfg.model}' is a training run that held out no documents: its eval scores documents it "
                          "trained on")
-    if split != "all":
-        cands = cands.take(cands.heldout if split == "heldout" else ~cands.heldout)
+    cands = split_candidates(shards, cfg, split)  # memory-mapped, a row group at a time: bounded on every rank
     if len(cands) == 0:
         raise UserError(f"no scored position in the '{split}' documents of '{cfg.shards}'; "
                         "check --split / --heldout-fraction")

@@ -494,6 +494,16 @@ def heldout_line(summary: dict) -> str:
     return f"held out: {summary['positions']} positions ({summary['share']:.1%}) in {where}"
 
 
+def split_candidates(shards: ShardSet, cfg, split: str) -> Candidates:
+    """The candidates of one side of cfg's held-out split ('heldout', 'train' or 'all'), built a row group at a time
+    into a memory-mapped table (TableSink): what eval scores, in bounded memory on every rank."""
+    sink = TableSink()
+    for part in shards.candidate_parts(cfg.entropy_metric, cfg.heldout_fraction, cfg.split_seed, cuts=cuts_of(cfg),
+                                       block_windows=cfg.split_block_windows):
+        sink.add(part if split == "all" else part.take(part.heldout if split == "heldout" else ~part.heldout))
+    return sink.finish()
+
+
 class TrainSamples:
     """The training stream: held-out documents excluded, positions filtered, order seeded and resumable."""
 

@@ -50,3 +50,17 @@ def test_a_memory_mapped_order_is_the_same_order(tmp_path):
     a, b = PositionSampler(1000, 7), PositionSampler(1000, 7, directory=str(tmp_path))
     assert [a.next() for _ in range(2500)] == [b.next() for _ in range(2500)]  # across epochs too
     assert PositionSampler(0, 1, directory=str(tmp_path)).n == 0
+
+
+@pytest.mark.parametrize("split", ["heldout", "train", "all"])
+def test_eval_candidates_are_memory_mapped_and_equal(train_shards, split):
+    from rpt_train.samples import resolve_shard_defaults, split_candidates
+
+    cfg = TrainConfig(shards=str(train_shards), heldout_fraction=0.3)
+    shards = ShardSet(str(train_shards))
+    resolve_shard_defaults(cfg, shards)
+    got = split_candidates(shards, cfg, split)
+    assert isinstance(got.t, np.memmap)
+    cands = shards.candidates(cfg.entropy_metric, 0.3, 0, cuts=cfg.bucket_thresholds)
+    want = cands if split == "all" else cands.take(cands.heldout if split == "heldout" else ~cands.heldout)
+    assert same(got, want)
