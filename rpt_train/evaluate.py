@@ -67,8 +67,6 @@ def select_positions(shards: ShardSet, tokenizer, cfg) -> dict[str, list[Sample]
     """Up to `cfg.limit` usable positions per bucket (easy/medium/hard nested above the thresholds, plus all),
     each bucket the first qualifying positions of one seeded permutation, so buckets share positions."""
     resolve_shard_defaults(cfg, shards)
-    cands = shards.candidates(cfg.entropy_metric, cfg.heldout_fraction, cfg.split_seed, cuts=cuts_of(cfg),
-                              block_windows=cfg.split_block_windows)
     split = eval_split(cfg)
     if split == "all" and cfg.split == "auto" and read_provenance(cfg.model) is not None:
         distributed.warn(f"'{cfg.model}' is a training run that held out no documents: its eval scores documents it "
