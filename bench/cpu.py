@@ -9,6 +9,8 @@
    GRPOTrainer at C = 1024, R = 12, G = 16 (bench/step.py -> bench/results/step-cpu.json; the longest part).
 7. tagging-path memory: peak RSS of read + tokenize + window for 8 -> 128 MiB inputs, each size in a fresh process
    (bench/stream.py --tag-path -> bench/results/stream-tag.json).
+8. overlap: the tagging loop around a stand-in forward of fixed time per batch, overlap on and off: wall time /
+   (batches x forward time) and the batch fill on a web-like mix (bench/overlap.py -> bench/results/overlap-cpu.json).
 
 Each comparison alternates the two sides and takes medians. Writes bench/results/cpu-<N>core.json and prints a
 table, then, as its last line, one JSON object with the headline numbers. Only the ratios of one run mean much on
@@ -88,6 +90,10 @@ def main(argv=None) -> None:
     subprocess.run([sys.executable, str(REPO / "bench" / "stream.py"), "--tag-path", "--sizes", "8,16,32,64,128",
                     "--json", str(REPO / "bench" / "results" / "stream-tag.json")], check=True)
 
+    log("== overlap: does the device wait on CPU work? (bench/overlap.py) ==")
+    subprocess.run([sys.executable, str(REPO / "bench" / "overlap.py")], check=True)  # patches the pipeline: own process
+    ov = json.loads((REPO / "bench" / "results" / "overlap-cpu.json").read_text())
+
     shaped = tr["rewards"].get("shaped") or next(iter(tr["rewards"].values()))
     headline = {
         "tag_tokens_per_s": t["tokens_per_s"], "naive_tokens_per_s": t["naive_tokens_per_s"],
@@ -101,6 +107,8 @@ def main(argv=None) -> None:
         "trl_step_split": {k: shaped["trl"][f"{k}_seconds"] for k in trainer.PHASES},
     }
     new, old = sa["results"]["new_reader/new_layout"], sa["results"]["old_reader/old_layout"]
+    ov_on = next(r for r in ov["runs"] if r["overlap"])
+    headline |= {"overlap_ratio_steady": ov_on["ratio_steady"], "overlap_fill": ov_on["fill"]}
     headline |= {"sample_batch_seconds": new["batch_seconds"], "old_sample_batch_seconds": old["batch_seconds"],
                  "candidate_bytes_per_position": round(new["bytes_per_position"], 2)}
     if "rpt" in tr["rewards"]:
@@ -115,13 +123,14 @@ def main(argv=None) -> None:
                              "rollout_not_slower": headline["rollout_speedup"] >= 1.0},
                  "device": environment(device, args.threads)["device"], "torch_threads": args.threads,
                  "wall_seconds": round(time.perf_counter() - t_start, 1)}
+    headline["targets"] |= ov.get("targets", {})
     if main_shape is not None:
         headline["targets"]["shared_update>=4x"] = main_shape["update_speedup"] >= 4
         if main_shape.get("step_speedup_vs_trl") is not None:
             headline["targets"]["step_vs_trl>=4x"] = main_shape["step_speedup_vs_trl"] >= 4
     for part in (t, r, tr):
         part.pop("shards_dir", None)
-    write_json(args.out, {**headline, "tag": t, "rollout": r, "trainer": tr, "samples": sa, "memory": mem,
+    write_json(args.out, {**headline, "tag": t, "rollout": r, "trainer": tr, "samples": sa, "memory": mem, "overlap": ov,
                           "step": {k: v for k, v in step.items() if k != "details"}})
 
     rows = [("tagging (tokens/s)", t["tokens_per_s"], t["naive_tokens_per_s"], "naive HF logits"),

@@ -49,3 +49,19 @@ def head_spec(model: torch.nn.Module) -> HeadSpec:
     cap = next((float(getattr(text, a)) for a in SOFTCAPS if getattr(text, a, None)), None)
     return HeadSpec(model_type=getattr(config, "model_type", "") or type(model).__name__, weight=head.weight,
                     bias=getattr(head, "bias", None), scale=scale, softcap=cap)
+
+
+def logits_fp32(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`hidden @ weight.T` as float32 logits (into `out`, float32 [N, V], when given), never rounded to the hidden
+    dtype first: bf16/fp16 inputs on a GPU go through one matmul that accumulates and writes in float32
+    (`torch.mm(..., out_dtype=float32)`, cuBLAS); on the CPU, where that kernel does not exist, they are upcast."""
+    if hidden.dtype == torch.float32 and weight.dtype == torch.float32:
+        return torch.mm(hidden, weight.t(), out=out)
+    if hidden.device.type != "cpu":  # CUDA (and the meta device, which tests use to check what is asked for)
+        try:
+            if out is None:
+                return torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+            return torch.mm(hidden, weight.t(), out_dtype=torch.float32, out=out)
+        except (RuntimeError, NotImplementedError):  # a build or device without that kernel: upcast (still exact
+            pass  # products: bf16 values fit TF32's mantissa)
+    return torch.mm(hidden.float(), weight.float().t(), out=out)

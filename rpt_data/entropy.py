@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from rpt_common.heads import logits_fp32
 from rpt_data.kernels.token_stats_ref import DEFAULT_TOP_K, TokenStats, token_stats_torch
 
 __all__ = ["DEFAULT_TOP_K", "TokenStats", "head_token_stats", "token_stats", "token_stats_torch", "triton_enabled"]
@@ -62,25 +63,32 @@ def head_token_stats(
     bias: torch.Tensor | None = None,
     softcap: float | None = None,
     logit_scale: float | None = None,
+    vocab_size: int | None = None,
 ) -> TokenStats:
     """`token_stats(hidden @ weight.T + bias)` in row chunks; the full [N, V] logits never exist.
 
     `logit_scale` multiplies the logits (Cohere's logit_scale, Granite's 1 / logits_scaling: see
     rpt_common.heads), then `softcap` applies tanh soft-capping (Gemma-2 style: cap * tanh(logits / cap)).
-    Tied embeddings just pass the embedding matrix as `weight`.
+    Tied embeddings just pass the embedding matrix as `weight`. `vocab_size`: only the head's first rows are
+    scored (a head padded past the tokenizer's vocabulary: the padded ids are no tokens). The logits are float32
+    whatever the hidden dtype (`rpt_common.heads.logits_fp32`): a bf16 rounding of a logit moves entropies.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden [N, D] and weight [V, D] expected, got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if vocab_size is not None and vocab_size < weight.shape[0]:
+        weight = weight[:vocab_size]
+        bias = None if bias is None else bias[:vocab_size]
+    if hidden.device.type == "cpu" and weight.dtype != torch.float32:
+        weight = weight.float()  # once, not per chunk (CPU has no low-precision matmul with a float32 output)
     n, v = hidden.shape[0], weight.shape[0]
     rows = chunk_rows or default_chunk_rows(v, hidden.device)
     out = [torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3)]
     argmax = torch.empty(n, dtype=torch.int64, device=hidden.device)
-    # One reused buffer for the chunk's logits: peak extra memory is rows x V x itemsize.
-    buf = torch.empty(min(rows, max(n, 1)), v, dtype=hidden.dtype, device=hidden.device)
+    # One reused float32 buffer for the chunk's logits: peak extra memory is rows x V x 4 bytes.
+    buf = torch.empty(min(rows, max(n, 1)), v, dtype=torch.float32, device=hidden.device)
     for s in range(0, n, rows):
         e = min(s + rows, n)
-        logits = buf[: e - s]
-        torch.matmul(hidden[s:e], weight.t(), out=logits)
+        logits = logits_fp32(hidden[s:e], weight, out=buf[: e - s])
         if bias is not None:
             logits += bias
         if logit_scale is not None:

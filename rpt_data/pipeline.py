@@ -16,17 +16,25 @@ import numpy as np
 from rpt_common.bos import NO_BOS
 from rpt_common.errors import UserError, is_disk_full
 from rpt_common.models import load_causal_lm
-from rpt_common.shards import (MANIFEST, REJECTS, SCHEMA_VERSION, rank_record_name, rank_rejects_name, shard_metadata,
-                                shard_name)
+from rpt_common.shards import (MANIFEST, REJECTS, SCHEMA_VERSION, SHARD_LOG, rank_record_name, rank_rejects_name,
+                                rank_shard_log_name, shard_metadata, shard_name, with_logged_shards)
+from rpt_common.shards import DATA_DIR, DATASET_CARD, dataset_card
 from rpt_data.config import TagConfig
 from rpt_data.division import Division, divide
 from rpt_data.merge import merge_out, same_inputs, same_run_config, totals
-from rpt_data.proxy import Proxy, WindowStats, build_proxy, check_context_length, token_budget_batches
+from rpt_data.overlap import WriteBehind, read_ahead
+from rpt_data.pools import pool_shards, score_pool, shard_pools
+from rpt_data.proxy import Proxy, WindowStats, build_proxy, check_context_length
 from rpt_data.ranks import RankInfo, process_group, rank_device, resolve_ranks
 from rpt_data.readers import (STREAM_PREFIX, BadRecord, Record, RecordParser, expand_inputs, read_all,
                               reject_duplicate_ids, stream_fingerprint)
 from rpt_data.windows import Window, windows_from_pieces
-from rpt_data.writer import build_table, file_rank, is_ours, write_json_atomic, write_shard
+from rpt_data.writer import (append_json_line, build_table, file_rank, is_ours, write_json_atomic, write_shard,
+                             write_text_atomic)
+
+
+# Read ahead and write behind in threads (rpt_data.overlap); off, the same loop runs in line, writing the same bytes.
+OVERLAP = True
 
 
 class BadRecordError(UserError):
@@ -69,6 +77,11 @@ def record_name(cfg: TagConfig) -> str:
     return MANIFEST if cfg.world_size == 1 else rank_record_name(cfg.rank)
 
 
+def log_name(cfg: TagConfig) -> str:
+    """The append-only log of the shards finished since the record was last written (one line each)."""
+    return SHARD_LOG if cfg.world_size == 1 else rank_shard_log_name(cfg.rank)
+
+
 def rejects_name(cfg: TagConfig) -> str:
     return REJECTS if cfg.world_size == 1 else rank_rejects_name(cfg.rank)
 
@@ -79,12 +92,18 @@ def _mine(name: str, cfg: TagConfig) -> bool:
     return cfg.world_size == 1 or file_rank(name) == cfg.rank
 
 
+def _names(out: Path) -> list[str]:
+    """The files of an output directory, those under data/ as `data/NAME`."""
+    data = out / DATA_DIR
+    return os.listdir(out) + ([f"{DATA_DIR}/{n}" for n in os.listdir(data)] if data.is_dir() else [])
+
+
 def _other_world_size(out: Path, cfg: TagConfig) -> None:
     """Refuse files of a run with another number of ranks (with --overwrite, remove the ones that no
     rank of this run owns), so that two runs never mix."""
-    names = os.listdir(out)
+    names = [n for n in _names(out) if n != DATA_DIR]
     if cfg.world_size == 1:
-        stale = sorted(n for n in names if n.startswith("rank-"))
+        stale = sorted(n for n in names if n.startswith(("rank-", "shards-")))
     else:
         stale = sorted(n for n in names if (file_rank(n) or 0) >= cfg.world_size)
         try:  # a merged manifest names its world size; a 1-rank one does not
@@ -116,14 +135,14 @@ def prepare_out(cfg: TagConfig, inputs: list[dict]) -> dict | None:
                         f"(e.g. '{foreign[0]}'); choose an empty or new --out directory")
     _other_world_size(out, cfg)
     record = out / record_name(cfg)
-    mine = sorted((n for n in os.listdir(out) if _mine(n, cfg)), key=lambda n: n != record.name)
+    mine = sorted((n for n in _names(out) if n != DATA_DIR and _mine(n, cfg)), key=lambda n: n != record.name)
     if cfg.overwrite or not record.exists():
         # the record goes first: shards without one are never trusted (nor recorded as complete)
         for n in mine:
             os.remove(out / n)
         return None
     try:
-        old = json.loads(record.read_text())
+        old = with_logged_shards(json.loads(record.read_text()), out / log_name(cfg))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{record} is corrupt; rerun with --overwrite to start over")
     if old.get("schema_version") != SCHEMA_VERSION:
@@ -150,7 +169,7 @@ def prepare_out(cfg: TagConfig, inputs: list[dict]) -> dict | None:
     old["shards"] = kept
     listed = {s["file"] for s in kept}
     for n in mine:  # half-written or unrecorded shards are redone
-        if n.endswith(".tmp") or (n.startswith("shard-") and n not in listed):
+        if n.endswith(".tmp") or (os.path.basename(n).startswith("shard-") and n not in listed):
             os.remove(out / n)
     return old
 
@@ -263,13 +282,22 @@ def _precision_words(p: dict) -> str:
     return f"{p.get('dtype')} on {p.get('device')}" + (" with TF32" if p.get("tf32") else "")
 
 
-def _tag(cfg: TagConfig, division: Division, parse: RecordParser, lm, proxy: Proxy, manifest: dict) -> None:
+def _tag(cfg: TagConfig, division: Division, parse: RecordParser, lm, proxy: Proxy, manifest: dict,
+         overlap: bool | None = None) -> None:
     """Read, window, score and write this rank's shards after the `done` ones, updating its record
-    (`manifest`: manifest.json for one rank, rank-RRRRR.json otherwise) in place."""
+    (`manifest`: manifest.json for one rank, rank-RRRRR.json otherwise) in place. `overlap` (default OVERLAP):
+    read ahead and write behind in threads; off, the same work runs in line and writes the same bytes."""
     from rpt_data.progress import TagProgress
 
     out = Path(cfg.out)
+    overlap = OVERLAP if overlap is None else overlap
     write_json_atomic(out / record_name(cfg), manifest)
+    (out / log_name(cfg)).unlink(missing_ok=True)  # the record now lists its shards
+    # shards go under data/ with a dataset card beside them; a run started before that layout keeps its own
+    layout = "" if manifest["shards"] and "/" not in manifest["shards"][0]["file"] else f"{DATA_DIR}/"
+    if layout:
+        (out / DATA_DIR).mkdir(exist_ok=True)
+        write_text_atomic(out / DATASET_CARD, dataset_card())
     done = len(manifest["shards"])
     if done:
         print(f"resuming after {done} shard{'s' if done > 1 else ''} already in '{out}'", file=sys.stderr, flush=True)
@@ -312,31 +340,34 @@ def _tag(cfg: TagConfig, division: Division, parse: RecordParser, lm, proxy: Pro
                 if mine or division.by == "windows":
                     yield item
 
-        texts = pieces(good_records(), cfg.mode, cfg.separator)
-        first = next(texts, None)  # no good record: no window (and no empty batch for the tokenizer)
-        windows = windows_from_pieces(
-            itertools.chain([first], texts), lm.tokenizer, cfg.window, cfg.context_prefix,
-            has_bos=proxy.bos is not None,
-        ) if first is not None else iter(())
-        if division.by == "windows":  # every rank builds every window of the run and scores its stripe
-            windows = (w for g, w in enumerate(windows) if division.owns(g))
-        for seq in itertools.count():
-            chunk = list(itertools.islice(windows, cfg.shard_rows))
-            if not chunk:
-                break
-            if seq < done:  # completed by an earlier run: same windows, already on disk
-                continue
-            stats: list[WindowStats | None] = [None] * len(chunk)
-            for idx in token_budget_batches(chunk, cfg.batch_tokens):
-                for i, s in zip(idx, proxy.score_batch([chunk[i] for i in idx])):
-                    stats[i] = s
-                progress.tokens(sum(len(chunk[i].token_ids) for i in idx))
-            entry, selected = shard_summary(shard_name(cfg.rank, seq), chunk, stats, cfg)
+        def windows() -> Iterator[Window]:
+            texts = pieces(good_records(), cfg.mode, cfg.separator)
+            first = next(texts, None)  # no good record: no window (and no empty batch for the tokenizer)
+            if first is None:
+                return
+            ws = windows_from_pieces(itertools.chain([first], texts), lm.tokenizer, cfg.window, cfg.context_prefix,
+                                     has_bos=proxy.bos is not None)
+            if division.by == "windows":  # every rank builds every window of the run and scores its stripe
+                ws = (w for g, w in enumerate(ws) if division.owns(g))
+            yield from ws
+
+        def write(seq: int, chunk: list[Window], stats: list[WindowStats]) -> None:
+            entry, selected = shard_summary(layout + shard_name(cfg.rank, seq), chunk, stats, cfg)
             table = build_table(chunk, stats, selected).replace_schema_metadata(shard_metadata(lm.tokenizer_identity))
             entry.update(write_shard(out / entry["file"], table, cfg.row_group_rows))
             manifest["shards"].append(entry)
-            write_json_atomic(out / record_name(cfg), manifest)
+            append_json_line(out / log_name(cfg), entry)  # O(1) per shard; the record is rewritten at the end
             progress.shard(entry["file"], len(manifest["shards"]))
+
+        # reading, tokenizing and windowing run one pool ahead of the scorer, writing one pool behind it
+        size = pool_shards(cfg.shard_rows, cfg.window)
+        pools = read_ahead(shard_pools(windows(), cfg.shard_rows, size), depth=1, enabled=overlap)
+        with contextlib.closing(pools), WriteBehind(write, depth=size, enabled=overlap) as writer:
+            for pool in pools:
+                stats = score_pool(proxy, pool, done, cfg.batch_tokens, progress.tokens)
+                for (seq, chunk), st in zip(pool, stats):
+                    if seq >= done:  # earlier ones were completed by an earlier run: same windows, on disk
+                        writer.submit(seq, chunk, st)
 
     # none of the whole run's records yields text (a rank of a by-files division knows only its files)
     if counts["seen"] == 0 and cfg.limit != 0 and (cfg.world_size == 1 or division.by != "files"):
@@ -345,5 +376,6 @@ def _tag(cfg: TagConfig, division: Division, parse: RecordParser, lm, proxy: Pro
     manifest.update(complete=True, records=counts["records"], bad_records=counts["bad"],
                     bad_reasons=dict(sorted(reasons.items(), key=lambda kv: -kv[1])), totals=totals(manifest["shards"]))
     write_json_atomic(out / record_name(cfg), manifest)
+    (out / log_name(cfg)).unlink(missing_ok=True)
     elapsed = time.perf_counter() - t0
     progress.summary(manifest, elapsed, progress.token_count, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

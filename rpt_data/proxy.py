@@ -35,13 +35,23 @@ class Proxy:
 
     With `bos` (the tokenizer's BOS id, see rpt_common.bos) the model sees BOS + window tokens, while stats
     stay indexed by window token: index t is p(x_t | BOS, x<t), so index 0 can be scored too.
+    `vocab_size` (the tokenizer's, `len(tokenizer)`): a head padded past it (e.g. to a multiple of 64) has rows that
+    are no token; only the first `vocab_size` are scored, so no argmax is an id the tokenizer cannot decode and
+    no entropy counts mass on non-tokens.
+
+    Scoring is split in two so a caller can keep the device busy: `launch` copies a batch's inputs to the device
+    (one copy, not waited for), queues the forward, the head and the copy of its stats back; `collect` waits for
+    those stats. `score_batch` is both in a row.
     """
 
-    def __init__(self, model: torch.nn.Module, top_k: int = 16, chunk_rows: int | None = None, bos: int | None = None):
+    def __init__(self, model: torch.nn.Module, top_k: int = 16, chunk_rows: int | None = None, bos: int | None = None,
+                 vocab_size: int | None = None):
         self.model = model
         self.trunk = getattr(model, model.base_model_prefix)
         self.head = head_spec(model)
         self.top_k, self.chunk_rows, self.bos = top_k, chunk_rows, bos
+        rows = self.head.weight.shape[0]
+        self.vocab_size = None if vocab_size is None or vocab_size >= rows else int(vocab_size)
         self.device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
         # CUDA: bf16/fp16 autocast when the weights are in that dtype (norms, softmax and rotary stay where
@@ -63,22 +73,32 @@ class Proxy:
         return cuda_autocast(self.device, self.dtype, self.autocast)
 
     def _inputs(self, windows: list[Window]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded [B, offset + longest] ids (BOS first when there is one) and their attention mask."""
+        """Right-padded [B, offset + longest] ids (BOS first when there is one) and their attention mask, built
+        as one [2, B, L] tensor (pinned on CUDA) and sent in one copy that the host does not wait for."""
         off = self.offset
         longest = max(len(w.token_ids) for w in windows) + off
-        ids = torch.zeros(len(windows), longest, dtype=torch.long)
-        mask = torch.zeros(len(windows), longest, dtype=torch.long)
+        both = np.zeros((2, len(windows), longest), dtype=np.int64)
         for i, w in enumerate(windows):
             n = len(w.token_ids)
             if off:
-                ids[i, 0] = self.bos
-            ids[i, off : off + n] = torch.from_numpy(w.token_ids.astype(np.int64))
-            mask[i, : off + n] = 1
-        return ids.to(self.device), mask.to(self.device)
+                both[0, i, 0] = self.bos
+            both[0, i, off : off + n] = w.token_ids
+            both[1, i, : off + n] = 1
+        host = torch.from_numpy(both)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        both = host.to(self.device, non_blocking=True)
+        return both[0], both[1]
 
     @torch.inference_mode()
     def score_batch(self, windows: list[Window]) -> list[WindowStats]:
         """One forward over right-padded windows; stats only for positions t >= score_start."""
+        return self.collect(self.launch(windows))
+
+    @torch.inference_mode()
+    def launch(self, windows: list[Window]):
+        """Queue one batch: inputs in, forward, head + stats, the stats' copy back to the host (on CUDA none of
+        it is waited for here). Returns what `collect` needs."""
         ids, mask = self._inputs(windows)
         with self._context():
             hidden = self.trunk(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
@@ -95,8 +115,26 @@ class Proxy:
         st = head_token_stats(
             torch.cat(rows).to(h.weight.dtype), h.weight, torch.cat(targets), top_k=self.top_k,
             chunk_rows=self.chunk_rows, bias=h.bias, softcap=h.softcap, logit_scale=h.scale,
+            vocab_size=self.vocab_size,
         )
-        cols = [t.cpu().numpy() for t in st]
+        # one [4, N] float32 block (argmax's int32 bits viewed as float32) and one copy back
+        packed = torch.stack([st.entropy, st.topk_entropy, st.target_logprob,
+                              st.argmax.to(torch.int32).view(torch.float32)])
+        if self.device.type != "cuda":
+            return windows, packed, None
+        host = torch.empty(packed.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return windows, host, done
+
+    def collect(self, pending) -> list[WindowStats]:
+        """The per-window stats of a launched batch (waits for the device on CUDA)."""
+        windows, packed, done = pending
+        if done is not None:
+            done.synchronize()
+        block = packed.numpy()
+        cols = [block[0], block[1], block[2], block[3].view(np.int32)]
         out, off = [], 0
         for w in windows:
             n, s = len(w.token_ids), w.score_start
@@ -126,7 +164,7 @@ class Proxy:
         with self._context():
             logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[0]
         s, n, off = w.score_start, len(token_ids), self.offset
-        rows = logits[s - 1 + off : n - 1 + off].float()
+        rows = logits[s - 1 + off : n - 1 + off, : self.vocab_size].float()  # the tokenizer's ids only
         ref = token_stats_torch(rows, ids[0, s + off : n + off], self.top_k)
         tol = check_tolerance(logits.dtype, rows, self.device)
         worst, what = 0.0, "entropy"
@@ -171,7 +209,8 @@ def check_ids(tokenizer) -> np.ndarray:
 def build_proxy(lm, top_k: int = 16, chunk_rows: int | None = None) -> Proxy:
     """The tagger's proxy for a loaded model (rpt_common.models.LoadedModel): the BOS rule from its tokenizer,
     and the head checked against the model's own forward before anything is scored."""
-    proxy = Proxy(lm.model, top_k=top_k, chunk_rows=chunk_rows, bos=bos_token_id(lm.tokenizer))
+    proxy = Proxy(lm.model, top_k=top_k, chunk_rows=chunk_rows, bos=bos_token_id(lm.tokenizer),
+                  vocab_size=len(lm.tokenizer))
     proxy.verify(check_ids(lm.tokenizer))
     return proxy
 
