@@ -149,6 +149,20 @@ class TableSink:
                           value=self._map("value", self.value_dtype or np.float16), selected_bits=bits)
 
 
+def shuffled(n: int, seed, directory: str | None = None) -> np.ndarray:
+    """np.random.default_rng(seed).permutation(n), as uint32 below 2**32 (4 bytes a candidate; shuffling it draws
+    what shuffling Generator.permutation's int64 arange does: the same order), in a memory-mapped scratch file under
+    `directory` when given (page cache, not the heap), filled a block at a time and shuffled in place."""
+    dtype = np.uint32 if n < 2**32 else np.int64
+    perm = TableSink.scratch(directory, "order", dtype, n) if directory else np.empty(n, dtype=dtype)
+    step = 1 << 16  # filled in blocks of 256 KiB: no n-sized temporary
+    for i in range(0, n, step):
+        perm[i:i + step] = np.arange(i, min(i + step, n), dtype=dtype)
+    # a plain ndarray view: Generator.shuffle swaps a memmap (an ndarray subclass) element by element in Python
+    np.random.default_rng(seed).shuffle(perm.view(np.ndarray))
+    return perm
+
+
 def _offsets(counts: np.ndarray) -> np.ndarray:
     out = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=out[1:])

@@ -13,6 +13,7 @@ import torch
 from rpt_common.bos import encode_with_bos
 from rpt_common.errors import UserError
 from rpt_train import distributed
+from rpt_train.candidates import Candidates, TableSink, shuffled
 from rpt_train.decoding import decode_batch_after
 from rpt_train.rundir import read_provenance
 from rpt_train.reward import extract_answer, prefix_match
@@ -65,7 +66,9 @@ def eval_split(cfg) -> str:
 
 def select_positions(shards: ShardSet, tokenizer, cfg) -> dict[str, list[Sample]]:
     """Up to `cfg.limit` usable positions per bucket (easy/medium/hard nested above the thresholds, plus all),
-    each bucket the first qualifying positions of one seeded permutation, so buckets share positions."""
+    each bucket the first qualifying positions of one seeded permutation, so buckets share positions. The table and
+    the permutation are memory-mapped and walked a block at a time (pick): the heap holds O(windows + limit), the
+    same on every rank, and every rank picks the same positions."""
     resolve_shard_defaults(cfg, shards)
     split = eval_split(cfg)
     if split == "all" and cfg.split == "auto" and read_provenance(cfg.model) is not None:
@@ -78,19 +81,38 @@ def select_positions(shards: ShardSet, tokenizer, cfg) -> dict[str, list[Sample]
     build = SampleBuilder(shards, cands, tokenizer, labels_length=cfg.labels_length,
                           max_context_tokens=cfg.max_context_tokens, thresholds=cfg.bucket_thresholds,
                           answer_format=cfg.answer_format)
-    order = np.random.default_rng([cfg.seed, 0xE5A1]).permutation(len(cands))
+    # np.random.default_rng([seed, 0xE5A1]).permutation(N), memory-mapped: 4 bytes a position in the page cache
+    order = shuffled(len(cands), [cfg.seed, 0xE5A1], TableSink.scratch_dir())
+    return pick(cands, order, build, cfg.limit, cfg.bucket_thresholds)
+
+
+ORDER_BLOCK = 1 << 16  # positions of the order whose entropies one step of pick's walk gathers
+
+
+def along(cands: Candidates, order: np.ndarray, cut: float, block: int = ORDER_BLOCK):
+    """The candidate indices of `order`, in order, whose entropy is above `cut`, read a block of the order at a
+    time (the heap holds a block, never an N-sized array)."""
+    for start in range(0, len(order), block):
+        o = np.asarray(order[start:start + block])
+        for i in o[cands.value[o] > cut]:
+            yield int(i)
+
+
+def pick(cands: Candidates, order: np.ndarray, build, limit: int, thresholds: list[float]) -> dict[str, list]:
+    """Per bucket of EVAL_BUCKETS, the first `limit` candidates along `order` above its threshold that `build(i)`
+    makes a Sample of (None: unusable); each candidate is built once, so buckets share positions."""
     built: dict[int, Sample | None] = {}
     chosen = {}
     for b in EVAL_BUCKETS:
-        th = -np.inf if b == "all" else cfg.bucket_thresholds[BUCKET_NAMES.index(b)]
+        th = -np.inf if b == "all" else thresholds[BUCKET_NAMES.index(b)]
         picked = []
-        for i in order[cands.value[order] > th]:
-            if len(picked) == cfg.limit:
+        for i in along(cands, order, th):
+            if len(picked) == limit:
                 break
-            if int(i) not in built:
-                built[int(i)] = build(int(i))
-            if built[int(i)] is not None:
-                picked.append(built[int(i)])
+            if i not in built:
+                built[i] = build(i)
+            if built[i] is not None:
+                picked.append(built[i])
         chosen[b] = picked
     return chosen
 
