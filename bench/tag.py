@@ -89,7 +89,7 @@ def read_windows(out: str):
     from rpt_data.windows import Window
 
     windows, stats = [], {"entropy": [], "topk_entropy": [], "target_logprob": [], "proxy_argmax": []}
-    for shard in sorted(Path(out).glob("shard-*.parquet")):
+    for shard in sorted(Path(out).glob("**/shard-*.parquet")):
         t = pq.read_table(shard).to_pylist()
         for row in t:
             ids = np.asarray(row["token_ids"], dtype=np.int32)

@@ -20,9 +20,17 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
 SHARD_GLOB = "shard-*.parquet"
+# Shards live under OUT/data/ (the hub's layout): `pl.scan_parquet(f"{OUT}/data")` and `pq.read_table(f"{OUT}/data")`
+# read them, and OUT/README.md (a dataset card naming them) makes `datasets.load_dataset(OUT)` read them. Directories
+# written before this layout hold their shards in OUT itself; every reader here looks in both places.
+DATA_DIR = "data"
+DATASET_CARD = "README.md"
 # A multi-rank run: each rank records its own progress and rejects; `rpt-data merge` (or rank 0 under
 # torchrun) writes manifest.json from the records once every rank is complete.
 RANK_RECORD_GLOB = "rank-*.json"
+# While a run goes, each finished shard's manifest entry is appended to a log (O(1) work per shard) beside the
+# record (manifest.json or rank-RRRRR.json), which is written only at the start and at the end.
+SHARD_LOG = "shards.jsonl"
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -95,6 +103,32 @@ def rank_rejects_name(rank: int) -> str:
     return f"rejects-{rank:05d}.jsonl"
 
 
+def rank_shard_log_name(rank: int) -> str:
+    return f"shards-{rank:05d}.jsonl"
+
+
+def read_shard_log(path: str | os.PathLike) -> list[dict]:
+    """The shard entries appended to a log; a last line torn by a kill is not an entry."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    entries = []
+    for line in lines:
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            break
+    return entries
+
+
+def with_logged_shards(record: dict, log: str | os.PathLike) -> dict:
+    """A run's record with the shards its log lists after the ones the record holds (each shard once)."""
+    listed = {s["file"] for s in record.get("shards", [])}
+    extra = [e for e in read_shard_log(log) if e.get("file") not in listed]
+    return {**record, "shards": [*record.get("shards", []), *extra]} if extra else record
+
+
 def unfinished_ranks(out: str | os.PathLike) -> str | None:
     """For a multi-rank directory without a manifest: which ranks are not done, as a sentence
     ("rank 1 of 2 has not finished"); None when the directory holds no rank record."""
@@ -105,7 +139,7 @@ def unfinished_ranks(out: str | os.PathLike) -> str | None:
     for p in paths:
         try:
             r = json.loads(p.read_text())
-            records[int(r["rank"])] = r
+            records[int(r["rank"])] = with_logged_shards(r, Path(out) / rank_shard_log_name(int(r["rank"])))
         except (ValueError, KeyError, TypeError):
             continue  # a damaged record counts as an unfinished rank below
     world = max((int(r.get("world_size", 0)) for r in records.values()), default=0)
@@ -133,6 +167,8 @@ def read_manifest(out: str | os.PathLike) -> dict:
         raise UserError(f"{path} is not valid JSON ({e}); the directory is corrupt, rerun `rpt-data tag`")
     if not isinstance(manifest, dict) or not isinstance(manifest.get("shards", []), list):
         raise UserError(f"{path} is not an rpt-data manifest (expected an object with a list of shards)")
+    if not manifest.get("complete"):  # a run under way (or stopped): its shards so far
+        manifest = with_logged_shards(manifest, Path(out) / SHARD_LOG)
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise UserError(f"{path} has schema version {version}, this toolkit reads version {SCHEMA_VERSION}; "
@@ -140,5 +176,20 @@ def read_manifest(out: str | os.PathLike) -> dict:
     return manifest
 
 
+def shard_file(rank: int, seq: int) -> str:
+    """A shard's path relative to the output directory, as the manifest records it."""
+    return f"{DATA_DIR}/{shard_name(rank, seq)}"
+
+
 def shard_paths(out: str | os.PathLike) -> list[str]:
-    return sorted(glob.glob(os.path.join(out, SHARD_GLOB)))
+    """The shard files of an output directory: under data/, or in the directory itself (written before data/)."""
+    return sorted(glob.glob(os.path.join(out, DATA_DIR, SHARD_GLOB)) + glob.glob(os.path.join(out, SHARD_GLOB)))
+
+
+def dataset_card() -> str:
+    """OUT/README.md: tells `datasets.load_dataset(OUT)` that the dataset is the Parquet shards under data/ (without
+    it, datasets would also try the JSON records beside them)."""
+    return (f"---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: {DATA_DIR}/{SHARD_GLOB}\n"
+            "---\n# rpt-data tag output\n\nOne row per window, Parquet shards under `data/` (see docs/shards.md of the "
+            "RPT toolkit). Read them with `datasets.load_dataset(OUT)`, `polars.scan_parquet(OUT + \"/data\")` or "
+            "`pyarrow.parquet.read_table(OUT + \"/data\")`; `manifest.json` describes the run.\n")

@@ -175,7 +175,7 @@ def _validate(out: str, manifest: dict) -> list[str]:
     if not manifest.get("complete"):
         problems.append(f"{out}: the run is not complete (manifest complete=false); rerun `rpt-data tag` to finish it")
     listed = [s["file"] for s in manifest.get("shards", [])]
-    on_disk = {os.path.basename(p) for p in shard_paths(out)}
+    on_disk = {os.path.relpath(p, out) for p in shard_paths(out)}  # as the manifest names them: data/NAME or NAME
     for extra in sorted(on_disk - set(listed)):
         problems.append(f"{extra}: shard file not listed in the manifest")
     if manifest.get("totals"):

@@ -242,7 +242,7 @@ def run_tag(cfg: TagConfig, console=None, ranks: RankInfo | None = None) -> dict
 def _tag_rank(cfg: TagConfig, ranks: RankInfo) -> dict:
     files = expand_inputs(cfg.inputs, cfg.format)
     inputs = [fingerprint(p) for p, _ in files]
-    division = divide(files, cfg.mode, cfg.limit, cfg.rank, cfg.world_size)
+    division = divide(files, cfg.mode, cfg.limit, cfg.rank, cfg.world_size, [f["bytes"] for f in inputs])
     parse = RecordParser(cfg.text_field, cfg.template, cfg.id_field)
     old = prepare_out(cfg, inputs)
     out = Path(cfg.out)

@@ -11,7 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rpt_common.shards import DEFAULT_ROW_GROUP_ROWS, MANIFEST, REJECTS, SHARD_SCHEMA, file_digest
+from rpt_common.shards import (DATA_DIR, DATASET_CARD, DEFAULT_ROW_GROUP_ROWS, MANIFEST, REJECTS, SHARD_LOG, SHARD_SCHEMA,
+                                file_digest)
 from rpt_data.proxy import WindowStats
 from rpt_data.windows import Window
 
@@ -31,6 +32,11 @@ def write_json_atomic(path: Path, obj) -> None:
     _fsync_dir(path.parent)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """A small text file (the dataset card), replaced whole: readers see the old or the new one."""
+    write_lines_atomic(path, [text])
+
+
 def write_lines_atomic(path: Path, lines: Iterable[str]) -> None:
     """Like write_json_atomic, for a text file streamed line by line (e.g. the merged rejects.jsonl)."""
     tmp = path.with_name(path.name + ".tmp")
@@ -44,6 +50,14 @@ def write_lines_atomic(path: Path, lines: Iterable[str]) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def append_json_line(path: Path, obj) -> None:
+    """Append one JSON line and fsync: O(1) work whatever the file holds (a kill leaves at most a torn last line)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -109,16 +123,16 @@ def write_shard(path: Path, table: pa.Table, row_group_rows: int = DEFAULT_ROW_G
     return {**digest, "row_group_rows": row_group_rows}
 
 
-RANK_FILE = re.compile(r"(shard-(\d{5})-\d{5}\.parquet|rank-(\d{5})\.json|rejects-(\d{5})\.jsonl)")
+RANK_FILE = re.compile(r"(shard-(\d{5})-\d{5}\.parquet|rank-(\d{5})\.json|rejects-(\d{5})\.jsonl|shards-(\d{5})\.jsonl)")
 
 
 def is_ours(name: str) -> bool:
     base = name.removesuffix(".tmp")
-    return base in (MANIFEST, REJECTS) or (base.startswith("shard-") and base.endswith(".parquet")) \
+    return base in (MANIFEST, REJECTS, SHARD_LOG, DATA_DIR, DATASET_CARD) or (base.startswith("shard-") and base.endswith(".parquet")) \
         or RANK_FILE.fullmatch(base) is not None
 
 
 def file_rank(name: str) -> int | None:
     """The rank a shard, rank record or per-rank rejects file (or its .tmp) belongs to; None for others."""
-    m = RANK_FILE.fullmatch(name.removesuffix(".tmp"))
+    m = RANK_FILE.fullmatch(os.path.basename(name).removesuffix(".tmp"))
     return None if m is None else int(next(g for g in m.groups()[1:] if g is not None))

@@ -92,7 +92,9 @@ class ShardSet:
             paths = shard_paths(self.directory)
         else:
             names = [e["file"] if isinstance(e, dict) else str(e) for e in entries]
-            paths = [os.path.join(self.directory, os.path.basename(n)) for n in names]
+            # as listed (data/NAME, or NAME in directories written before data/); else by name in the directory
+            paths = [p if os.path.exists(p := os.path.join(self.directory, n)) else
+                     os.path.join(self.directory, os.path.basename(n)) for n in names]
             for p in paths:
                 if not os.path.exists(p):
                     raise UserError(f"shard '{p}' is listed in the manifest but missing; rerun `rpt-data tag`")

@@ -37,7 +37,7 @@ def write_jsonl(path: Path, rows: list, raw_lines: dict[int, bytes] | None = Non
 def read_rows(out: Path):
     import polars as pl  # imported here: the kill harness below forks and must not start polars' threads
 
-    return pl.read_parquet(sorted(out.glob("shard-*.parquet"))).sort("doc_id", "window_index")
+    return pl.read_parquet(sorted(out.glob("**/shard-*.parquet"))).sort("doc_id", "window_index")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,7 +132,7 @@ def _state_problems(out: Path) -> list[str]:
             p = out / e["file"]
             if not p.exists() or p.stat().st_size != e["bytes"]:
                 problems.append(f"manifest lists {e['file']} but it is missing or has another size")
-    for p in sorted(out.glob("shard-*.parquet")):
+    for p in sorted(out.glob("**/shard-*.parquet")):
         try:
             pq.read_metadata(p)
         except Exception as e:  # any error means a torn shard under its final name
@@ -210,6 +210,8 @@ def kill_harness(plan: dict) -> dict:
             done = 0
             if (out / "manifest.json").exists():
                 done = len(json.loads((out / "manifest.json").read_text())["shards"])
+                if (out / "shards.jsonl").exists():  # shards finished since the record was written (no pyarrow here)
+                    done += (out / "shards.jsonl").read_text().count("\n")
             # a resumed run writes only the shards (and manifests) left; rejects.jsonl is rewritten whole
             left = 1.0 if kind == "rejects" else max(1, n_shards - done) / n_shards
             if kind == "timer":

@@ -123,7 +123,7 @@ def test_inspect_and_validate(tmp_path, tiny_llama):
     assert (tmp_path / "h.png").stat().st_size > 1000
     assert run("validate", tmp_path / "o")[0] == 0
 
-    shards = sorted((tmp_path / "o").glob("shard-*.parquet"))
+    shards = sorted((tmp_path / "o").glob("**/shard-*.parquet"))
     shards[1].write_bytes(shards[1].read_bytes()[:100])  # truncate one shard
     code, out = run("validate", tmp_path / "o")
     assert code == 1 and shards[1].name in out and "unreadable" in out

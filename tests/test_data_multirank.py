@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from data_helpers import SENTENCES, read_rows, records, write_jsonl
 from rpt_common.errors import UserError
+from rpt_common.shards import with_logged_shards
 from rpt_data.cli import main
 from rpt_data.config import TagConfig
 from rpt_data.division import divide
@@ -130,13 +131,13 @@ KILL_RANK = """
 import json, os, signal, sys
 import rpt_data.pipeline as P
 from rpt_data.config import TagConfig
-orig, calls = P.write_json_atomic, []
-def dying(path, obj):  # the record's 3rd write: shard 1 is renamed into place but never recorded
+orig, calls = P.append_json_line, []
+def dying(path, obj):  # the 2nd entry of the shard log: shard 1 is renamed into place but never recorded
     calls.append(path)
-    if len(calls) == 3:
+    if len(calls) == 2:
         os.kill(os.getpid(), signal.SIGKILL)
     return orig(path, obj)
-P.write_json_atomic = dying
+P.append_json_line = dying
 P.run_tag(TagConfig(**json.loads(sys.argv[1])))
 """
 
@@ -150,8 +151,8 @@ def test_a_killed_rank_reruns_alone_and_the_merge_equals_one_rank(tmp_path, tiny
     proc = subprocess.run([sys.executable, "-c", KILL_RANK, json.dumps(rank1)], capture_output=True, text=True,
                           env=clean_env(), timeout=300)
     assert proc.returncode == -9, proc.stderr[-3000:]
-    partial = json.loads((out / "rank-00001.json").read_text())
-    assert not partial["complete"] and len(partial["shards"]) == 1 and (out / "shard-00001-00001.parquet").exists()
+    partial = with_logged_shards(json.loads((out / "rank-00001.json").read_text()), out / "shards-00001.jsonl")
+    assert not partial["complete"] and len(partial["shards"]) == 1 and (out / "data" / "shard-00001-00001.parquet").exists()
 
     with pytest.raises(UserError, match="rank 1 of 2 has not finished .*rerun it with the same options"):
         merge_out(str(out))
@@ -187,8 +188,8 @@ def test_merge_refuses_a_missing_or_incomplete_rank_a_missing_shard_and_other_op
         merge_out(str(out))
     record.write_text(saved)
 
-    (out / "shard-00001-00002.parquet").unlink()
-    with pytest.raises(UserError, match="shard shard-00001-00002.parquet of rank 1 is missing; rerun that rank"):
+    (out / "data" / "shard-00001-00002.parquet").unlink()
+    with pytest.raises(UserError, match="shard data/shard-00001-00002.parquet of rank 1 is missing; rerun that rank"):
         merge_out(str(out))
     run_tag(TagConfig(rank=1, **base))  # the rerun redoes the missing shard and the ones after it
     merge_out(str(out))
@@ -364,7 +365,7 @@ def test_merged_output_reads_like_a_one_rank_output(tmp_path, tiny_llama):
     inputs, kw = corpus(tmp_path / "in", "structured-files")
     manifest = tag_ranks(inputs, tiny_llama, tmp_path / "two", 2, **kw)
     inspect_out(str(tmp_path / "two"), top=2)
-    assert pl.scan_parquet(str(tmp_path / "two" / "*.parquet")).select(pl.len()).collect().item() == \
+    assert pl.scan_parquet(str(tmp_path / "two" / "data")).select(pl.len()).collect().item() == \
            manifest["totals"]["rows"]
 
 

@@ -133,3 +133,100 @@ def test_hf_run_with_a_malformed_row_completes_and_counts_it(tmp_path, tiny_llam
     assert (manifest["records"], manifest["bad_records"]) == (15, 1)  # as the plain path reads the files
     code, output = run(*tag_args(f"hf://{root}/*.jsonl", tmp_path / "o", tiny_llama))  # a resume reads it again
     assert code == 0 and "already complete" in output, output
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_rank_record_work_per_shard_does_not_grow_with_the_inputs(tmp_path, tiny_llama, monkeypatch, world):
+    """Item 5: the record (with every input's fingerprint) is written at the start and the end only; each shard
+    appends one short line to the shard log, whatever the number of input files."""
+    import rpt_data.pipeline as pipeline
+    from rpt_common.shards import read_manifest
+    from rpt_data.config import TagConfig
+    from test_data_multirank import opts
+
+    (tmp_path / "in").mkdir()
+    for i in range(40):
+        write_jsonl(tmp_path / "in" / f"{i:03d}.jsonl", [{"text": f"record {i} " + "word " * (i % 7)}])
+    records, appended = [], []
+    real_write, real_append = pipeline.write_json_atomic, pipeline.append_json_line
+    monkeypatch.setattr(pipeline, "write_json_atomic", lambda p, obj: (records.append(p.name), real_write(p, obj)))
+    monkeypatch.setattr(pipeline, "append_json_line", lambda p, obj: (appended.append(json.dumps(obj)),
+                                                                       real_append(p, obj)))
+    out = tmp_path / "o"
+    for r in range(world):
+        pipeline.run_tag(TagConfig(inputs=[str(tmp_path / "in" / "*.jsonl")], out=str(out), rank=r, world_size=world,
+                                   **opts(tiny_llama, shard_rows=2)))
+    assert len(appended) >= 4 * world and all(len(line) < 1000 and "inputs" not in line for line in appended)
+    assert len(records) == 2 * world  # start and end of each rank, never per shard
+    if world == 1:
+        assert not (out / "shards.jsonl").exists() and len(read_manifest(out)["shards"]) == len(appended)
+
+
+def test_the_shard_log_survives_a_torn_line_and_lists_each_shard_once(tmp_path):
+    from rpt_common.shards import read_shard_log, with_logged_shards
+
+    log = tmp_path / "shards.jsonl"
+    log.write_text('{"file": "a"}\n{"file": "b"}\n{"file": "c", "ro')  # killed mid-append
+    assert read_shard_log(log) == [{"file": "a"}, {"file": "b"}]
+    rec = with_logged_shards({"shards": [{"file": "a"}]}, log)  # killed after the record took "a", before unlink
+    assert [s["file"] for s in rec["shards"]] == ["a", "b"]
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory, tiny_llama):
+    """A 1-rank and a merged 2-rank output of the same corpus, and the 1-rank one in the layout written before data/
+    (shards in the directory itself, the manifest naming them so)."""
+    import shutil
+
+    from data_helpers import records
+    from rpt_data.config import TagConfig
+    from rpt_data.pipeline import run_tag
+    from test_data_multirank import opts, tag_ranks
+
+    root = tmp_path_factory.mktemp("layout")
+    for i in range(3):
+        write_jsonl(root / f"{i}.jsonl", records(9)[i::3])
+    inputs = [str(root / "*.jsonl")]
+    run_tag(TagConfig(inputs=inputs, out=str(root / "one"), **opts(tiny_llama)))
+    tag_ranks(inputs, tiny_llama, root / "two", 2)
+    old = root / "old"
+    shutil.copytree(root / "one", old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    for s in manifest["shards"]:
+        (old / s["file"]).rename(old / s["file"].split("/")[-1])
+        s["file"] = s["file"].split("/")[-1]
+    (old / "data").rmdir()
+    (old / "README.md").unlink()
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+@pytest.mark.parametrize("name", ["one", "two"])
+def test_the_output_reads_as_a_dataset_with_the_usual_one_liners(outputs, name):
+    import datasets
+    import polars as pl
+
+    from data_helpers import read_rows
+
+    out = outputs / name
+    want = read_rows(outputs / "one").drop("entropy", "topk_entropy", "target_logprob")
+    got = {"polars": pl.scan_parquet(f"{out}/data").collect(), "pyarrow": pl.from_arrow(pq.read_table(f"{out}/data")),
+           "datasets": pl.from_arrow(datasets.load_dataset(str(out), split="train").data.table)}
+    for how, df in got.items():
+        df = df.sort("doc_id", "window_index").select(want.columns)
+        assert df.equals(want), how
+
+
+def test_directories_written_before_data_keep_reading(outputs, tiny_llama):
+    from rpt_common.shards import shard_paths
+    from rpt_data.inspect import inspect_out, validate_out
+    from rpt_train.samples import ShardSet
+
+    from data_helpers import read_rows
+
+    old, one = outputs / "old", outputs / "one"
+    assert [p.split("/")[-1] for p in shard_paths(old)] == [p.split("/")[-1] for p in shard_paths(one)]
+    assert validate_out(str(old)) == [] and validate_out(str(one)) == []
+    inspect_out(str(old))
+    assert ShardSet(str(old)).paths == [str(old / p.split("/")[-1]) for p in shard_paths(one)]
+    assert read_rows(old).equals(read_rows(one))

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from data_helpers import SENTENCES, read_rows, records, write_jsonl
 from rpt_common.errors import UserError
+from rpt_common.shards import read_manifest
 from rpt_data.cli import main
 from rpt_data.config import TagConfig
 from rpt_data.pipeline import run_tag
@@ -165,7 +166,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, tiny_llama, mode):
     proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, json.dumps(killed), "write_shard", "3"],
                           capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr[-2000:]
-    partial = json.loads((tmp_path / "killed" / "manifest.json").read_text())
+    partial = read_manifest(tmp_path / "killed")  # the record and its shard log
     assert not partial["complete"] and len(partial["shards"]) == 2 < len(ref["shards"])
     manifest = run_tag(TagConfig(**killed))
     assert read_rows(tmp_path / "killed").equals(read_rows(tmp_path / "ref"))

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import rpt_data.readers as readers
 from data_helpers import KILL_KINDS, SENTENCES, install_fault, read_rows, records, write_jsonl
-from rpt_common.shards import META_SCHEMA_VERSION
+from rpt_common.shards import META_SCHEMA_VERSION, read_manifest
 from rpt_data.config import TagConfig
 from rpt_data.inspect import validate_out
 from rpt_data.pipeline import run_tag
@@ -204,7 +204,7 @@ def test_a_failed_run_resumes_with_skip_and_equals_a_skip_run(tmp_path, tiny_lla
     opts = ("--id-field", "id", "--shard-rows", 64)
     code, text = run(*tag_args(src, tmp_path / "o", tiny_llama, *opts, "--on-bad-record", "fail"))
     assert code == 2 and f"{src}:259" in text
-    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["shards"]  # some work was done
+    assert read_manifest(tmp_path / "o")["shards"]  # some work was done (the record and its shard log)
     code, text = run(*tag_args(src, tmp_path / "o", tiny_llama, *opts))  # same command, skip: resumes
     assert code == 0, text
     assert run(*tag_args(src, tmp_path / "ref", tiny_llama, *opts))[0] == 0
@@ -509,7 +509,7 @@ def rewrite(path: Path, fn) -> None:
 
 def _corrupt(out: Path, case: str, other: Path) -> str:
     """Damage `out` as `case` says; returns the file name validate must name."""
-    s0, s1 = out / "shard-00000-00000.parquet", out / "shard-00000-00001.parquet"
+    s0, s1 = out / "data" / "shard-00000-00000.parquet", out / "data" / "shard-00000-00001.parquet"
     mpath = out / "manifest.json"
     m = json.loads(mpath.read_text())
     if case == "truncated":
@@ -533,14 +533,14 @@ def _corrupt(out: Path, case: str, other: Path) -> str:
         rewrite(s0, lambda t: t.replace_schema_metadata({**t.schema.metadata, META_SCHEMA_VERSION.encode(): b"0"}))
         return s0.name
     if case == "other_tokenizer":
-        shutil.copy(other / s0.name, s0)
+        shutil.copy(other / "data" / s0.name, s0)
         return s0.name
     if case == "other_tokenizer_unstamped":  # e.g. written by an older version or another tool
-        shutil.copy(other / s0.name, s0)
+        shutil.copy(other / "data" / s0.name, s0)
         rewrite(s0, lambda t: t.replace_schema_metadata(None))
         return s0.name
     if case == "stray":
-        shutil.copy(s1, out / "shard-00000-00099.parquet")
+        shutil.copy(s1, out / "data" / "shard-00000-00099.parquet")
         return "shard-00000-00099.parquet"
     if case == "missing":
         s1.unlink()

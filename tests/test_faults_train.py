@@ -184,7 +184,7 @@ def _restamp(path: Path, **meta) -> None:
 def test_rpt_train_refuses_shards_that_do_not_belong(tmp_path, train_shards, case, phrase):
     d = tmp_path / "shards"
     shutil.copytree(train_shards, d)
-    shard = sorted(d.glob("shard-*.parquet"))[0]
+    shard = sorted(d.glob("**/shard-*.parquet"))[0]
     manifest = json.loads((d / "manifest.json").read_text())
     if case == "tokenizer":
         _restamp(shard, **{META_VOCAB_HASH: "0123abcd"})

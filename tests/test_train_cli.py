@@ -74,7 +74,7 @@ def _mismatched_tokenizer(tmp_path, tiny_llama):
 def _corrupt(tmp_path, shards):
     d = tmp_path / "corrupt"
     shutil.copytree(shards, d)
-    f = next(d.glob("shard-*.parquet"))
+    f = next(d.glob("**/shard-*.parquet"))
     f.write_bytes(f.read_bytes()[:200])
     return d
 

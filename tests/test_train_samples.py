@@ -176,7 +176,7 @@ def test_bad_shards_are_refused(train_shards, tiny_llama, tmp_path):
     with pytest.raises(UserError, match="schema version 0"):
         ShardSet(str(old))
     broken = _copy(train_shards, tmp_path)
-    shard = next(broken.glob("shard-*.parquet"))
+    shard = next(broken.glob("**/shard-*.parquet"))
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="truncated or corrupt"):
@@ -191,8 +191,8 @@ def test_incomplete_or_mismatched_manifest(train_shards, tmp_path):
     (d / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
     with pytest.raises(UserError, match="incomplete"):
         ShardSet(str(d))
-    table = pq.read_table(next(d.glob("shard-*.parquet")))
-    pq.write_table(table.drop_columns(["topk_entropy"]), next(d.glob("shard-*.parquet")))
+    table = pq.read_table(next(d.glob("**/shard-*.parquet")))
+    pq.write_table(table.drop_columns(["topk_entropy"]), next(d.glob("**/shard-*.parquet")))
     (d / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="no column 'topk_entropy'"):
         ShardSet(str(d))
