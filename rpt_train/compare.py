@@ -56,6 +56,35 @@ def print_comparison(comparison: dict, title: str) -> None:
     Console().print(table)
 
 
+def tokenizer_fingerprint(tokenizer) -> dict:
+    """What fixes a tokenizer's boundaries: rpt_common's identity (the vocabulary hash the manifests record, less
+    the name) and a hash of its segmentation rules (normalizer, pre-tokenizer, model: merges too), not padding."""
+    import hashlib
+    import json
+
+    from rpt_common.models import tokenizer_identity
+
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    rules = json.dumps([backend.get(k) for k in ("normalizer", "pre_tokenizer", "model")], sort_keys=True)
+    ident = {k: v for k, v in tokenizer_identity(tokenizer).items() if k != "name"}
+    return ident | {"rules_hash": hashlib.sha256(rules.encode()).hexdigest()[:16]}
+
+
+def check_tokenizers(model: str, baseline: str) -> None:
+    """Refuse a --baseline whose tokenizer is not the model's: the positions, context cuts and label boundaries
+    come from the model's tokenizer, so a baseline with another one would be judged against boundaries not its own."""
+    from rpt_common.errors import UserError
+    from rpt_common.models import load_tokenizer
+    from rpt_train.policy import resolve_policy
+
+    a, b = (tokenizer_fingerprint(load_tokenizer(resolve_policy(s))) for s in (model, baseline))
+    if a != b:
+        what = "vocabulary" if a["vocab_hash"] != b["vocab_hash"] else "segmentation rules (merges, pre-tokenizer)"
+        raise UserError(f"--baseline '{baseline}' has another tokenizer than '{model}' (its {what} differ), so it "
+                        "would be scored against label boundaries cut by the model's tokenizer; compare models that "
+                        "share one tokenizer")
+
+
 def _score(cfg, spec: str, device: str, shards, chosen):
     """Evaluate one model (loaded on this rank's device) on `chosen` positions (None: select them with its
     tokenizer; `shards` None: open cfg.shards once the model is loaded). Returns (result with details, the
@@ -93,6 +122,8 @@ def run_eval(cfg) -> dict | None:
     from rpt_train.evaluate import print_table
     from rpt_train.trainer import seed_everything
 
+    if cfg.baseline:
+        check_tokenizers(cfg.model, cfg.baseline)
     device = distributed.init_from_env(cfg.device)
     main = distributed.is_main()
     try:

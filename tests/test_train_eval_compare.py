@@ -95,3 +95,30 @@ def test_eval_of_a_run_prompts_as_the_run_did(train_shards, tmp_path):
     assert (given.template, given.response_prefix) == ("v0", "\\boxed{")  # what is typed wins
     plain = load_config(EvalConfig, None, {"shards": str(train_shards), "model": "demo"})
     assert (plain.template, plain.response_prefix) == ("v0", "")
+
+
+def test_a_baseline_with_another_tokenizer_is_refused(train_shards, tiny_llama, tmp_path):
+    """Positions, context cuts and label boundaries come from the model's tokenizer: a baseline must share it (the
+    vocabulary and the merges); the same tokenizer saved again with other padding is the same."""
+    import shutil
+
+    from tiny import make_model_dir
+
+    from rpt_train.compare import check_tokenizers
+    from rpt_train.policy import load_policy
+
+    other = make_model_dir(tmp_path / "other", vocab_size=300)
+    merges = tmp_path / "merges"
+    shutil.copytree(tiny_llama, merges)
+    spec = json.loads((merges / "tokenizer.json").read_text())
+    spec["model"]["merges"] = spec["model"]["merges"][:-5]  # the same vocabulary, other boundaries
+    (merges / "tokenizer.json").write_text(json.dumps(spec))
+    saved = tmp_path / "saved"
+    load_policy(str(tiny_llama), "cpu").tokenizer.save_pretrained(saved)  # padding left, as a run's checkpoint
+    shutil.copy(tiny_llama / "config.json", saved / "config.json")
+    check_tokenizers(str(tiny_llama), str(saved))
+    for baseline, what in ((other, "vocabulary"), (merges, "segmentation rules")):
+        r = CliRunner().invoke(main, ["eval", "--shards", str(train_shards), "--model", str(tiny_llama), "--baseline",
+                                      str(baseline), "--device", "cpu", "--limit", "2", "--samples", "1",
+                                      "--max-new-tokens", "2"])
+        assert r.exit_code == 2 and "another tokenizer" in r.output and what in r.output, r.output
