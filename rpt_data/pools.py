@@ -26,10 +26,17 @@ def pool_shards(shard_rows: int, window: int, lookahead_tokens: int | None = Non
 
 
 def shard_pools(windows: Iterator[Window], shard_rows: int, size: int) -> Iterator[Pool]:
-    """The window stream cut into shards of `shard_rows` windows (numbered from 0), `size` shards per pool."""
+    """The window stream cut into shards of `shard_rows` windows (numbered from 0), `size` shards per pool.
+    When the stream fails (bad input with --on-bad-record fail), the shards completed before the failure still
+    come, as a last, smaller pool, then the error: they are written, as a run without pools would have."""
     pool: Pool = []
     for seq in itertools.count():
-        chunk = list(itertools.islice(windows, shard_rows))
+        try:
+            chunk = list(itertools.islice(windows, shard_rows))
+        except Exception:
+            if pool:
+                yield pool
+            raise
         if not chunk:
             break
         pool.append((seq, chunk))
