@@ -74,10 +74,10 @@ def check_tokenizers(model: str, baseline: str) -> None:
     """Refuse a --baseline whose tokenizer is not the model's: the positions, context cuts and label boundaries
     come from the model's tokenizer, so a baseline with another one would be judged against boundaries not its own."""
     from rpt_common.errors import UserError
-    from rpt_common.models import load_tokenizer
-    from rpt_train.policy import resolve_policy
+    from rpt_train.policy import load_policy
 
-    a, b = (tokenizer_fingerprint(load_tokenizer(resolve_policy(s))) for s in (model, baseline))
+    # the tokenizers and the models' skeletons on the meta device (no weights read): before an hour of scoring
+    a, b = (tokenizer_fingerprint(load_policy(s, "cpu", "float32", weights=False).tokenizer) for s in (model, baseline))
     if a != b:
         what = "vocabulary" if a["vocab_hash"] != b["vocab_hash"] else "segmentation rules (merges, pre-tokenizer)"
         raise UserError(f"--baseline '{baseline}' has another tokenizer than '{model}' (its {what} differ), so it "
