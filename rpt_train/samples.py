@@ -342,14 +342,16 @@ def context_tail(tokenizer, context: str, max_tokens: int) -> str:
 
 class SampleBuilder:
     """Turns candidate indices into Samples for one policy tokenizer (None for unusable positions, counted in
-    `skipped`; `unexpressible` counts those whose label no answer can express)."""
+    `skipped`; `unexpressible` counts those whose label no answer can express). `held_out(row)`, given for the
+    training side of a split: a position whose labels run into the text of a held-out window (the next window of
+    its stream) is unusable too, counted in `crossing`: training never rewards held-out text."""
 
     def __init__(self, shards: ShardSet, cands: Candidates, tokenizer, *, labels_length: int,
-                 max_context_tokens: int, thresholds: list[float], answer_format: str = "boxed"):
+                 max_context_tokens: int, thresholds: list[float], answer_format: str = "boxed", held_out=None):
         self.shards, self.cands, self.tokenizer = shards, cands, tokenizer
         self.labels_length, self.max_context_tokens, self.thresholds = labels_length, max_context_tokens, thresholds
-        self.answer_format = answer_format
-        self.skipped = self.unexpressible = 0
+        self.answer_format, self.held_out = answer_format, held_out
+        self.skipped = self.unexpressible = self.crossing = 0
         self.following_reads = 0  # row-group reads for the text after a window (labels across its edge)
 
     def __call__(self, i: int) -> Sample | None:
@@ -363,9 +365,9 @@ class SampleBuilder:
         shard, row = self.cands.row_shard[r], self.cands.row_index[r]
         rows = self.shards.rows(shard, row)
         cuts = [self._cut(rw, int(self.cands.t[i])) for i, rw in zip(idx, rows)]
-        tails = self._following([(int(a), int(b)) for a, b in zip(shard, row)], rows, cuts)
-        samples = [self._sample(rw, cut, tail, int(self.cands.t[i]), float(self.cands.value[i]))
-                   for i, rw, cut, tail in zip(idx, rows, cuts, tails)]
+        tails, bounds = self._following([(int(a), int(b)) for a, b in zip(shard, row)], rows, cuts)
+        samples = [self._sample(rw, cut, tail, int(self.cands.t[i]), float(self.cands.value[i]), bound)
+                   for i, rw, cut, tail, bound in zip(idx, rows, cuts, tails, bounds)]
         for i, s in zip(idx.tolist(), samples):
             if s is not None:
                 s.index = i
@@ -381,10 +383,12 @@ class SampleBuilder:
         except UnicodeDecodeError:
             return None
 
-    def _following(self, where: list[tuple[int, int]], rows: list[dict], cuts) -> list[str]:
+    def _following(self, where: list[tuple[int, int]], rows: list[dict], cuts) -> tuple[list[str], list]:
         """The stream's text after each row, as far as the labels of its position need it (the next windows of the
-        same document, read a hop at a time for all positions at once); '' where none is needed or there is none."""
-        tails = [""] * len(rows)
+        same document, read a hop at a time for all positions at once); '' where none is needed or there is none.
+        With `held_out`, also each position's bound: the characters of continuation + tail before the first
+        held-out window's text (None: no held-out text)."""
+        tails, bounds = [""] * len(rows), [None] * len(rows)
         todo = [j for j, c in enumerate(cuts) if c is not None and ends_within(c[1], self.labels_length)]
         here = {j: (where[j], rows[j]) for j in todo}
         while todo:
@@ -398,14 +402,17 @@ class SampleBuilder:
                 more = following_text(here[j][1], nx)
                 if not more:
                     continue
+                if self.held_out is not None and bounds[j] is None and self.held_out(nx):
+                    bounds[j] = len(cuts[j][1]) + len(tails[j])
                 tails[j] += more
                 here[j] = (nxt[j], nx)
                 if ends_within(cuts[j][1] + tails[j], self.labels_length):
                     still.append(j)
             todo = still
-        return tails
+        return tails, bounds
 
-    def _sample(self, row: dict, cut: tuple[str, str] | None, tail: str, t: int, value: float) -> Sample | None:
+    def _sample(self, row: dict, cut: tuple[str, str] | None, tail: str, t: int, value: float,
+                bound: int | None = None) -> Sample | None:
         if cut is None:  # the proxy's token boundary falls inside a character
             self.skipped += 1
             return None
@@ -418,6 +425,10 @@ class SampleBuilder:
         if not labels:  # e.g. a continuation "{x": no boundary prefix has balanced braces
             self.skipped += 1
             self.unexpressible += 1
+            return None
+        if bound is not None and len("".join(labels)) > bound:  # the labels reach into a held-out window
+            self.skipped += 1
+            self.crossing += 1
             return None
         return Sample(key=f"{row['doc_id']}/{row['window_index']}/{t}", doc_id=row["doc_id"],
                       context=context_tail(self.tokenizer, context, self.max_context_tokens), label_tokens=labels,
@@ -539,11 +550,19 @@ class TrainSamples:
         self.sampler = PositionSampler(len(self.cands), cfg.seed, directory=TableSink.scratch_dir())
 
     def builder(self, cands: Candidates) -> SampleBuilder:
-        """A SampleBuilder over `cands` with this run's tokenizer, labels, context cut and answer format."""
+        """A SampleBuilder over `cands` with this run's tokenizer, labels, context cut and answer format; over the
+        training table, one that drops a position whose labels run into a held-out window."""
         c = self.cfg
         return SampleBuilder(self.shards, cands, self.tokenizer, labels_length=c.labels_length,
                              max_context_tokens=c.max_context_tokens, thresholds=c.bucket_thresholds,
-                             answer_format=c.answer_format)
+                             answer_format=c.answer_format,
+                             held_out=self.held_out_row if cands is self.cands and c.heldout_fraction > 0 else None)
+
+    def held_out_row(self, row: dict) -> bool:
+        """Whether a shard row (doc_id, window_index) is on the held-out side of this run's split."""
+        c = self.cfg
+        return is_heldout(split_unit(row["doc_id"], row["window_index"], c.split_block_windows), c.heldout_fraction,
+                          c.split_seed)
 
     def __len__(self) -> int:
         return len(self.cands)

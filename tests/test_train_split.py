@@ -110,3 +110,37 @@ def test_run_reports_and_records_the_split_and_eval_inherits_it(continuous_shard
     assert f"held out: {record['heldout']['positions']} positions" in printed
     ecfg = load_config(EvalConfig, None, {"shards": str(continuous_shards), "model": str(out)})
     assert (ecfg.heldout_fraction, ecfg.split_block_windows) == (0.3, 2)
+
+
+def test_training_labels_never_reach_into_a_held_out_window(continuous_shards, tiny_llama):
+    """Windows overlap: the labels of a position near a window's end read on into the next window. When that
+    window is held out, the position is dropped from training (and only then): no reward is for held-out text."""
+    from transformers import AutoTokenizer
+
+    from rpt_train.samples import SampleBuilder
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    cfg = _cfg(continuous_shards, split_block_windows=1)
+    data = TrainSamples(cfg, tok)
+    n = len(data)
+    got = data.build.many(range(n))
+    before = SampleBuilder(data.shards, data.cands, tok, labels_length=cfg.labels_length,
+                           max_context_tokens=cfg.max_context_tokens, thresholds=cfg.bucket_thresholds,
+                           answer_format=cfg.answer_format).many(range(n))
+    r = data.cands.row_of(range(n))
+    rows = data.shards.rows(data.cands.row_shard[r], data.cands.row_index[r])
+
+    def crosses(i: int, s) -> bool:  # the labels run past the row's text and the next window is held out
+        row, t = rows[i], int(data.cands.t[i])
+        inside = len(row["text"].encode()[row["token_bytes"][t - 1]:].decode())
+        nxt = {"doc_id": row["doc_id"], "window_index": row["window_index"] + 1}
+        return len("".join(s.label_tokens)) > inside and data.held_out_row(nxt)
+
+    dropped = [i for i in range(n) if before[i] is not None and got[i] is None]
+    assert dropped and len(dropped) == data.build.crossing
+    assert all(crosses(i, before[i]) for i in dropped)
+    assert all(g == b for g, b in zip(got, before) if g is not None)
+    assert not any(crosses(i, s) for i, s in enumerate(got) if s is not None)
+    # the held-out side (export's, eval's) is built as it was
+    held = data.builder(data.heldout_cands) if data.heldout_cands is not None else None
+    assert held is None or held.held_out is None
