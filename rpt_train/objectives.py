@@ -256,6 +256,14 @@ class Objective:
             default = think_gate(default, self.cfg.reward_no_answer)
         return combine([default, extra]) if extra is not None else default
 
+    def trained(self, batch):
+        """The rows the update trains: for rlp each completion up to its first `</think>` (the thought)."""
+        if self.cfg.objective != "rlp" or batch is None or not batch.samples:
+            return batch
+        from rpt_train.rlp import thought_rows
+
+        return dataclasses.replace(batch, rollouts=thought_rows(self.tokenizer, batch.rollouts))
+
     def attach(self, model, optimizer) -> None:
         """The EMA follows every optimizer step (a step skipped as bad moves neither)."""
         if self.ema is not None:
@@ -270,19 +278,19 @@ class Objective:
     def step_stats(self) -> dict:
         """Tokens through a forward outside rollouts and the RL update (the reward's policy and EMA passes, the NTP
         term, which also runs a backward), since the last call; the step's bucket and budget."""
-        fwd = bwd = ema = 0
+        fwd = bwd = ema = skipped = 0
         stats = {}
         if self.reward_fn is not None:
-            fwd, ema = self.reward_fn.tokens, self.reward_fn.ema_tokens
+            fwd, ema, skipped = self.reward_fn.tokens, self.reward_fn.ema_tokens, self.reward_fn.skipped
             stats["info_gain"] = self.reward_fn.mean_gain()
             self.reward_fn.reset()
         if self.ntp is not None:
             fwd, bwd = fwd + self.ntp.tokens, self.ntp.tokens
             self.ntp.tokens = 0
-        fwd, bwd, ema = (int(x) for x in distributed.all_sum([fwd, bwd, ema]))  # every rank's passes
+        fwd, bwd, ema, skipped = (int(x) for x in distributed.all_sum([fwd, bwd, ema, skipped]))  # every rank's
         stats |= {"objective_forward_tokens": fwd, "objective_backward_tokens": bwd}
-        if self.reward_fn is not None:
-            stats["rlp_ema_forward_tokens"] = ema
+        if self.reward_fn is not None:  # rlp_skipped: contexts whose continuation the policy's tokens cannot score
+            stats |= {"rlp_ema_forward_tokens": ema, "rlp_skipped": skipped}
         return stats
 
     def state(self) -> dict:
@@ -311,6 +319,12 @@ def check(cfg) -> None:
          "--think-budget and --think-decay-steps must be >= 0, --answer-room >= 1")
     need(cfg.think_budget_final is None or (cfg.think_budget > 0 and cfg.think_budget_final >= 1),
          "--think-budget-final needs --think-budget > 0 and must be at least 1")
+    if cfg.objective == "rpt" and cfg.think_budget > 0:  # else every rollout would get the no-answer reward
+        from rpt_train.templates import load_template
+
+        need(THINK_END in load_template(cfg.template), f"--think-budget gives a rollout that never writes {THINK_END} "
+             f"the no-answer reward, but --template '{cfg.template}' does not ask for {THINK_END}; use --template "
+             "think (or think-brief, or a template file that asks for it)")
     need(cfg.ntp_weight >= 0, "--ntp-weight must be non-negative")
     need(0.0 <= cfg.ema_rate < 1.0, "--ema-rate must be in [0, 1)")
     need(1 <= cfg.rlp_tokens <= cfg.labels_length, "--rlp-tokens must be in [1, --labels-length]")

@@ -9,33 +9,44 @@ policy. Dense, no verifier; the update trains the thought tokens only (the compl
 
 Token sequences: context + continuation are encoded together (as the RPT labels are, rpt_train/samples.py), the
 context being the tokens that end inside it (BOS in front if the tokenizer adds one) and the continuation the
-next k tokens, so the scored tokens are the policy's own tokens of the text (one that straddles the cut is the
-first, whole); the thought goes between them as separately encoded `<think>`, thought text, `</think>`. The
-thought is its decoded text re-encoded (a sampled non-canonical tokenization is scored as its canonical one).
-The EMA baseline is one forward per context, not per thought."""
+next k tokens, so the scored tokens are the policy's own tokens of the text. A position is scored only when
+those k tokens read, after the context's, as a non-empty prefix of the true continuation; else (a policy token
+straddles the cut: a mid-word position of the data tokenizer; a normaliser rewrote the text) every thought of
+it gets reward 0 (no signal) and it is counted in `rlp_skipped`. The condition with the thought is the one
+encoding of the text `context<think>thought</think>` (the rollout prompt is that of `context<think>`), so no
+tokenizer reads spaces between the pieces; the thought is its decoded text re-encoded (a sampled non-canonical
+tokenization is scored as its canonical one), cut at its first `</think>`. Only the thought is trained: the
+completion is masked after its first `</think>` (`thought_rows`; `</think>` itself is trained, closing the
+thought is the policy's act). The EMA baseline is one forward per context, not per thought."""
 from __future__ import annotations
 
 import torch
 
 from rpt_common.bos import bos_token_id, encode_with_bos, with_bos
 from rpt_train import distributed
+from rpt_train.decoding import decode_after
 from rpt_train.logprobs import forward_logprobs
 from rpt_train.reward import THINK_END, RewardInput
 
 THINK_START = "<think>"
 
 
-def piece(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-
-
-def split_ids(tokenizer, context: str, label: str, k: int) -> tuple[list[int], list[int]]:
+def split_ids(tokenizer, context: str, label: str, k: int) -> tuple[list[int], list[int]] | None:
     """(context ids with BOS if the tokenizer adds one, the first k policy tokens of the true continuation `label`)
-    from one encoding of context + label: the context's ids are the tokens that end inside it."""
+    from one encoding of context + label: the context's ids are the tokens that end inside it. None when the
+    position cannot be scored: the context's tokens do not cover the context or the k tokens do not read after
+    them as a non-empty prefix of `label` (a token straddling the cut, a rewriting normaliser)."""
     from rpt_train.samples import _joint_tokens
 
-    ids, _, j0 = _joint_tokens(tokenizer, context, label)
-    return with_bos(bos_token_id(tokenizer), ids[:j0]), ids[j0:j0 + k]
+    ids, rest, j0 = _joint_tokens(tokenizer, context, label)
+    ctx, target = with_bos(bos_token_id(tokenizer), ids[:j0]), ids[j0:j0 + k]
+    text = decode_after(tokenizer, ctx, target) if target and not rest else ""
+    return (ctx, target) if text and label.startswith(text) else None
+
+
+def condition_ids(tokenizer, context: str, thought: str) -> list[int]:
+    """The policy's tokens of `context<think>thought</think>` (BOS in front if the tokenizer adds one)."""
+    return encode_with_bos(tokenizer, [context + THINK_START + thought + THINK_END])[0]
 
 
 def thought_of(completion: str) -> str:
@@ -43,15 +54,43 @@ def thought_of(completion: str) -> str:
     return completion.split(THINK_END, 1)[0]
 
 
+def thought_rows(tokenizer, rollouts):
+    """`rollouts` with each completion masked after the token that completes its first `</think>` (that token
+    kept): the update trains the thought, not what the policy wrote after closing it (which the reward never
+    reads). Rows whose text has no `</think>` (a thought cut by the budget) stay whole."""
+    import dataclasses
+
+    from rpt_train.rollout import special_ids
+
+    mask, drop = rollouts.completion_mask.clone(), special_ids(tokenizer)
+    for r, text in enumerate(rollouts.texts):
+        if THINK_END not in text:
+            continue
+        prompt = rollouts.prompt_ids[r][rollouts.prompt_mask[r].bool()].tolist()
+        ids = rollouts.completion_ids[r, :int(mask[r].sum())].tolist()  # the mask is a prefix
+
+        def closed(m: int) -> bool:  # the text of the first m tokens (as the rollout decodes it) closes the thought
+            return THINK_END in decode_after(tokenizer, prompt, [t for t in ids[:m] if t not in drop])
+
+        lo, hi = 1, len(ids)
+        while lo < hi:  # the first m with closed(m); len(ids) when the engine's text is not this decoding
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if closed(mid) else (mid + 1, hi)
+        mask[r, lo:] = 0
+    keep = mask.to(rollouts.logprobs.dtype) if rollouts.logprobs is not None else None
+    return dataclasses.replace(
+        rollouts, completion_mask=mask, logprobs=rollouts.logprobs * keep if keep is not None else None,
+        entropy=rollouts.entropy * mask.to(rollouts.entropy.dtype) if rollouts.entropy is not None else None)
+
+
 class ThinkPrompt:
     """The rollout prompt of rlp: the raw context (as pre-training saw it) then `<think>`; no instruction."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.open = piece(tokenizer, THINK_START)
 
     def ids(self, context: str) -> list[int]:
-        return encode_with_bos(self.tokenizer, [context])[0] + self.open
+        return encode_with_bos(self.tokenizer, [self.text(context)])[0]
 
     def text(self, context: str) -> str:
         return context + THINK_START
@@ -83,11 +122,10 @@ class InfoGainReward:
     def __init__(self, policy, ema, tokenizer, *, tokens: int = 1, batch_size: int = 8):
         self.policy, self.ema, self.tokenizer, self.k, self.batch = policy, ema, tokenizer, tokens, max(1, batch_size)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.close = piece(tokenizer, THINK_END)
         self.reset()
 
     def reset(self) -> None:
-        self.tokens = self.ema_tokens = 0
+        self.tokens = self.ema_tokens = self.skipped = 0
         self.gains: list[float] = []
 
     def mean_gain(self) -> float | None:
@@ -106,18 +144,19 @@ class InfoGainReward:
         return torch.cat(out) if out else torch.zeros(0)
 
     def __call__(self, items: list[RewardInput]) -> list[float]:
-        contexts = list(dict.fromkeys(it.context for it in items))  # one EMA baseline per context
         split = {it.context: split_ids(self.tokenizer, it.context, "".join(it.label_tokens), self.k) for it in items}
-        ctx_ids = {c: split[c][0] for c in contexts}
-        labels = {c: split[c][1] for c in contexts}
-        conditions = [ctx_ids[it.context] + piece(self.tokenizer, THINK_START)
-                      + piece(self.tokenizer, thought_of(it.completion)) + self.close for it in items]
-        with_thought = self._scores(self.policy, conditions, [labels[it.context] for it in items])
+        self.skipped += sum(v is None for v in split.values())  # positions whose continuation cannot be scored
+        contexts = [c for c, v in split.items() if v is not None]  # one EMA baseline per context
+        ctx_ids, labels = {c: split[c][0] for c in contexts}, {c: split[c][1] for c in contexts}
+        scored = [it for it in items if split[it.context] is not None]
+        conditions = [condition_ids(self.tokenizer, it.context, thought_of(it.completion)) for it in scored]
+        with_thought = self._scores(self.policy, conditions, [labels[it.context] for it in scored])
         baseline = self._scores(self.ema, [ctx_ids[c] for c in contexts], [labels[c] for c in contexts])
         base = dict(zip(contexts, baseline.tolist()))
         ema_tokens = sum(len(ctx_ids[c]) + len(labels[c]) for c in contexts)
         self.ema_tokens += ema_tokens
-        self.tokens += sum(len(c) + len(labels[it.context]) for c, it in zip(conditions, items)) + ema_tokens
-        gains = [float(w) - base[it.context] for w, it in zip(with_thought.tolist(), items)]
-        self.gains += gains
-        return gains
+        self.tokens += sum(len(c) + len(labels[it.context]) for c, it in zip(conditions, scored)) + ema_tokens
+        gains = iter([float(w) - base[it.context] for w, it in zip(with_thought.tolist(), scored)])
+        rewards = [next(gains) if split[it.context] is not None else 0.0 for it in items]  # skipped: no signal
+        self.gains += [r for r, it in zip(rewards, items) if split[it.context] is not None]
+        return rewards

@@ -36,7 +36,7 @@ class RolloutBatch:
     completion_ids: torch.Tensor  # [N, C]
     completion_mask: torch.Tensor  # [N, C] 1 = generated, up to and including the first EOS
     logprobs: torch.Tensor | None  # [N, C] the sampler's log-probs (tempered logits); None if the engine has none
-    texts: list[str]  # completions decoded without special tokens, as they read after their prompt
+    texts: list[str]  # completions decoded without special tokens but the think tags, as they read after their prompt
     entropy: torch.Tensor | None = None  # [N, C] nats of the sampling distribution (tempered logits) per token
 
     @property
@@ -278,11 +278,24 @@ class HFRollout:
 
 def completion_texts(tokenizer, prompts: list[list[int]], n: int, completion: torch.Tensor,
                      cmask: torch.Tensor) -> list[str]:
-    """Each completion row (prompt r // n's) decoded without special tokens as it reads after its prompt's last
-    tokens: decoded alone, a SentencePiece token drops its leading space, so the answer " the" after a response
-    prefix '\\boxed{' would read "the" and never earn its reward."""
+    """Each completion row (prompt r // n's) decoded without special tokens (except `<think>` and `</think>`) as it
+    reads after its prompt's last tokens: decoded alone, a SentencePiece token drops its leading space, so the
+    answer " the" after a response prefix '\\boxed{' would read "the" and never earn its reward. The think tags stay
+    even where the tokenizer registers them as special tokens: the reward reads the answer after `</think>`, and a
+    text without it is a thought cut by the budget."""
+    drop = special_ids(tokenizer)
     return decode_batch_after(tokenizer, [prompts[r // n] for r in range(len(completion))],
-                              [c[m.bool()].tolist() for c, m in zip(completion, cmask)], skip_special_tokens=True)
+                              [[t for t in c[m.bool()].tolist() if t not in drop] for c, m in zip(completion, cmask)])
+
+
+def special_ids(tokenizer) -> set[int]:
+    """The ids decoding with skip_special_tokens=True drops (EOS, pad, added special tokens), less the think tags."""
+    from rpt_train.reward import THINK_END
+
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    ids = set(getattr(tokenizer, "all_special_ids", [])) | {i for i, t in added.items() if getattr(t, "special", False)}
+    ids = sorted(ids)
+    return {i for i, t in zip(ids, tokenizer.convert_ids_to_tokens(ids)) if t not in ("<think>", THINK_END)}
 
 
 def completion_mask(completion: torch.Tensor, eos: list[int]) -> torch.Tensor:

@@ -2,6 +2,7 @@
 restore on resume, the next-token term (value and gradient), the thinking budget (schedule, truncation = no
 answer, memory plan), the entropy curriculum over steps, and rlp under FSDP2 on 2 ranks equal to one process."""
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -54,8 +55,7 @@ def test_info_gain_reward_equals_a_hand_computation(tiny_llama, k):
         assert joint[:len(ctx)] == ctx
         label = joint[len(ctx):][:k]
         thought = it.completion.split("</think>")[0]
-        pieces = ["<think>", thought, "</think>"]  # encoded one by one (the spec of rpt_train/rlp.py)
-        cond = ctx + sum((tok(x, add_special_tokens=False)["input_ids"] for x in pieces if x), [])
+        cond = encode_with_bos(tok, [it.context + "<think>" + thought + "</think>"])[0]  # one encoding of the text
         want = hand_logprob(model, cond, label) - hand_logprob(ema, ctx, label)
         assert r == pytest.approx(want, abs=1e-4)
         assert len(label) == k
@@ -65,7 +65,7 @@ def test_info_gain_reward_equals_a_hand_computation(tiny_llama, k):
 
 def test_think_prompt_is_the_raw_context_then_think(tiny_tok):
     prompt = ThinkPrompt(tiny_tok)
-    assert prompt.ids("Hello") == encode_with_bos(tiny_tok, ["Hello"])[0] + tiny_tok("<think>", add_special_tokens=False)["input_ids"]
+    assert prompt.ids("Hello") == encode_with_bos(tiny_tok, ["Hello<think>"])[0]
     assert prompt.completion("abc") == "abc"
 
 
@@ -233,9 +233,13 @@ def test_objective_options_are_checked(train_shards):
 
     for bad, msg in [({"objective": "ppo"}, "--objective"), ({"curriculum": "easy,hard"}, "--curriculum-steps"),
                      ({"think_budget_final": 8}, "--think-budget-final"), ({"rlp_tokens": 9}, "--rlp-tokens"),
-                     ({"ema_rate": 1.0}, "--ema-rate")]:
+                     ({"ema_rate": 1.0}, "--ema-rate"), ({"think_budget": 8}, "--template 'v0' does not ask for"),
+                     ({"think_budget": 8, "template": "answer-only"}, "--template")]:
         with pytest.raises(UserError, match=msg):
             load_config(TrainConfig, None, {"shards": str(train_shards), **bad})
+    for fine in ({"think_budget": 8, "template": "think"}, {"think_budget": 8, "template": "think-brief"},
+                 {"think_budget": 8, "objective": "rlp"}):  # rlp's prompt is the raw context and <think>
+        assert load_config(TrainConfig, None, {"shards": str(train_shards), **fine}).think_budget == 8
 
 
 RLP_DIST = dict(steps=2, objective="rlp", think_budget=3, ema_rate=0.5, rlp_tokens=2, ntp_weight=0.3, grad_clip=0.5)
@@ -337,26 +341,171 @@ def test_the_budget_reaches_each_steps_rollouts_eval_and_dr_grpo_norm(tiny_llama
     assert losses[0] == pytest.approx(losses[1], rel=1e-6) and losses[0] != 0
 
 
-@pytest.mark.parametrize("kind", ["bytelevel", "metaspace", "wordpiece"])
-def test_the_scored_tokens_are_the_policys_tokens_of_the_continuation(kind):
-    """For every tokenizer kind and cut (word-initial, mid-word): context ids + scored ids are the policy's encoding
-    of the text, and the scored ids read after the context as the continuation's start (the first RPT label piece
-    when no token straddles the cut)."""
-    from test_train_tokenizers import tokenizer
+KINDS = ["bytelevel", "metaspace", "wordpiece"]
+RLP_TEXT = "the quick brown foxes jumps over the lazy dog"
+
+
+def rlp_cuts(text: str) -> list[int]:
+    """Every cut before a space (word-initial labels) and inside a word (mid-word labels)."""
+    return [t for t in range(3, len(text) - 12) if text[t] == " " or (text[t - 1] != " " and text[t] != " ")]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_scored_tokens_read_as_the_continuation_or_the_position_is_skipped(kind):
+    """Every tokenizer kind, word-initial and mid-word cuts: a scored position's context ids + scored ids are the
+    policy's encoding of the text and the scored ids read after the context as a non-empty prefix of the true
+    continuation (the first RPT label piece); a position is skipped only when the policy's tokens cannot do that
+    (a token straddles the cut). Word-initial cuts are all scored, so are mid-word cuts at policy token bounds."""
+    from data_helpers import make_tokenizer_of
 
     from rpt_train.decoding import decode_after
     from rpt_train.rlp import split_ids
-    from rpt_train.samples import label_pieces
+    from rpt_train.samples import _joint_tokens, label_pieces
 
-    tok = tokenizer(kind)
-    text = "the quick brown foxes jumps over the lazy dog"
-    for t in [i for i in range(3, len(text) - 12) if kind != "wordpiece" or text[i] == " "]:
-        context, label = text[:t], text[t:]
-        ctx, scored = split_ids(tok, context, label, 2)
-        plain = tok(text, add_special_tokens=False)["input_ids"]
+    tok = make_tokenizer_of(kind)
+    plain = tok(RLP_TEXT, add_special_tokens=False)["input_ids"]
+    ends = {e for _, e in tok(RLP_TEXT, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]}
+    scored = skipped = 0
+    for t in rlp_cuts(RLP_TEXT):
+        context, label = RLP_TEXT[:t], RLP_TEXT[t:]
+        got = split_ids(tok, context, label, 2)
+        ids, rest, j0 = _joint_tokens(tok, context, label)
+        if got is None:
+            skipped += 1
+            assert RLP_TEXT[t] != " " and t not in ends, (kind, t)  # mid-word, and the cut splits a policy token
+            assert rest or not label.startswith(decode_after(tok, ids[:j0], ids[j0:j0 + 2])), (kind, t)
+            continue
+        scored += 1
+        ctx, target = got
         bos = 1 if ctx and tok.bos_token_id is not None and ctx[0] == tok.bos_token_id and plain[:1] != ctx[:1] else 0
-        assert plain[:len(ctx) - bos + len(scored)] == ctx[bos:] + scored and len(scored) == 2
-        first = decode_after(tok, ctx, scored[:1])
-        piece = label_pieces(tok, label, 1, left=context)[0]
-        straddles = not label.startswith(first)
-        assert straddles or first == piece, (t, first, piece)
+        assert plain[:len(ctx) - bos + len(target)] == ctx[bos:] + target and len(target) == 2
+        first, both = decode_after(tok, ctx, target[:1]), decode_after(tok, ctx, target)
+        assert first and label.startswith(both) and first == label_pieces(tok, label, 1, left=context)[0], (kind, t)
+    assert scored and (skipped or kind == "bytelevel")  # the mid-word straddles of each kind are found and skipped
+
+
+def tiny_lm(vocab: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2)).eval()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("tags", ["text", "special"])
+def test_rlp_reward_over_tokenizer_kinds_scores_the_continuation_after_one_encoding_of_the_condition(kind, tags):
+    """The reward at word-initial and mid-word cuts, per tokenizer kind (`<think>`/`</think>` as plain text or as
+    special added tokens, Qwen3-style): scored positions equal log p(target | one encoding of
+    `context<think>thought</think>`) - log p_EMA(target | context) with the target the joint encoding's; a skipped
+    position gives all its thoughts 0 and counts in `skipped`. The condition reads as that text (no space between
+    the pieces) for the kinds whose decoder gives text back (not WordPiece, which spaces punctuation)."""
+    from data_helpers import make_tokenizer_of
+
+    from rpt_train.rlp import condition_ids, split_ids
+
+    tok = make_tokenizer_of(kind)
+    if tags == "special":
+        tok.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+    policy, ema = tiny_lm(len(tok), 0), tiny_lm(len(tok), 1)
+    cuts = [t for t in rlp_cuts(RLP_TEXT) if t % 3 == 0 or RLP_TEXT[t] == " "]
+    items = [RewardInput(completion=c, answer=None, label_tokens=[RLP_TEXT[t:t + 6], RLP_TEXT[t + 6:t + 12]],
+                         context=RLP_TEXT[:t]) for t in cuts for c in (" maybe fox</think> tail", " a dog")]
+    fn = InfoGainReward(policy, ema, tok, tokens=1, batch_size=4)
+    got = fn(items)
+    skipped = 0
+    for it, r in zip(items, got):
+        label = "".join(it.label_tokens)
+        split = split_ids(tok, it.context, label, 1)
+        if split is None:
+            skipped += it.completion == " a dog"  # one per position
+            assert r == 0.0
+            continue
+        ctx, target = split
+        thought = it.completion.split("</think>")[0]
+        cond = condition_ids(tok, it.context, thought)
+        assert cond == encode_with_bos(tok, [it.context + "<think>" + thought + "</think>"])[0]
+        if kind != "wordpiece":  # and the rollout prompt reads as the context then <think>
+            assert tok.decode(cond, skip_special_tokens=False).endswith(it.context + "<think>" + thought + "</think>")
+            assert tok.decode(ThinkPrompt(tok).ids(it.context), skip_special_tokens=False).endswith(
+                it.context + "<think>")
+        assert r == pytest.approx(hand_logprob(policy, cond, target) - hand_logprob(ema, ctx, target), abs=1e-4)
+    assert fn.skipped == skipped and skipped < len(cuts) and (skipped or kind == "bytelevel")
+    assert len(fn.gains) == len(items) - 2 * skipped
+
+
+def close_tokenizer(tiny_tok, special: bool):
+    """tiny_llama's tokenizer with `<think>`/`</think>` as special added tokens (skip_special_tokens drops them),
+    or unchanged (`</think>` several plain tokens)."""
+    tok = copy.deepcopy(tiny_tok)
+    if special:
+        tok.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+    return tok
+
+
+class WritingEngine:
+    """Every completion is the tokens of `text`, decoded as HFRollout decodes them (rollout.completion_texts)."""
+
+    def __init__(self, tokenizer, text):
+        self.tokenizer, self.text = tokenizer, text
+
+    def generate(self, prompts, params):
+        from rpt_train.rollout import RolloutBatch, completion_texts
+
+        ids = self.tokenizer(self.text, add_special_tokens=False)["input_ids"]
+        n = len(prompts) * params.n
+        comp = torch.tensor([ids] * n)
+        width = max(map(len, prompts))
+        pids = torch.tensor([[0] * (width - len(p)) + p for p in prompts]).repeat_interleave(params.n, 0)
+        pmask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts]).repeat_interleave(params.n, 0)
+        return RolloutBatch(prompt_ids=pids, prompt_mask=pmask, completion_ids=comp,
+                            completion_mask=torch.ones_like(comp), logprobs=torch.full(comp.shape, -1.0),
+                            texts=completion_texts(self.tokenizer, prompts, params.n, comp, torch.ones_like(comp)),
+                            entropy=torch.ones(comp.shape))
+
+    def sync(self, model):
+        pass
+
+
+@pytest.mark.parametrize("special", [False, True])
+def test_think_budget_reward_sees_a_close_tag_the_tokenizer_calls_special(tiny_tok, train_shards, special):
+    """One collect round under --think-budget: a completion that closes its thought with `</think>` is rewarded
+    for its answer (here wrong: 0.5), not given the no-answer reward (0), also when the tokenizer registers
+    `</think>` as a special token (Qwen3-style), which decoding without special tokens used to drop."""
+    tok = close_tokenizer(tiny_tok, special)
+    cfg = TrainConfig(shards=str(train_shards), bucket="all", batch_prompts=2, group_size=2, template="think",
+                      think_budget=8, answer_room=8, dynamic_sampling=False)
+    engine = WritingEngine(tok, " hm</think>\\boxed{ zzzq}")
+    reward = objectives.Objective(cfg, tok).reward(rpt_reward(1.0, 0.5, 0.0), None)
+    batch, _, stats = collect(cfg, TrainSamples(cfg, tok), PromptBuilder(tok, "think"), engine, reward,
+                              SamplingParams(n=2))
+    assert batch.rollouts.texts[0] == " hm</think>\\boxed{ zzzq}"
+    assert batch.rewards.tolist() == [0.5] * 4 and stats["answer_rate"] == 1.0
+
+
+@pytest.mark.parametrize("special", [False, True])
+def test_rlp_trains_the_thought_up_to_its_first_close_tag(tiny_tok, train_shards, special):
+    """rlp's update rows: each completion masked after the token that completes its first `</think>` (that token
+    kept; old log-probs and entropy masked alike), `</think>` one special token or several plain ones; a thought
+    cut by the budget (no `</think>`) stays whole; plain RPT rows are not touched."""
+    from rpt_train.rlp import thought_rows
+
+    tok = close_tokenizer(tiny_tok, special)
+    cfg = TrainConfig(shards=str(train_shards), bucket="all", batch_prompts=2, group_size=2, objective="rlp",
+                      think_budget=16, dynamic_sampling=False)
+    rewards = iter([[1.0, 0.0, 0.5, 0.25]])
+    head, tail = " a b</think>", " c</think> d"
+    engine = WritingEngine(tok, head + tail)
+    batch, _, _ = collect(cfg, TrainSamples(cfg, tok), objectives.Objective(cfg, tok).prompts(None), engine,
+                          lambda items: next(rewards), SamplingParams(n=2))
+    keep = len(tok(head, add_special_tokens=False)["input_ids"])
+    assert len(tok(head + tail, add_special_tokens=False)["input_ids"]) > keep
+    trained = objectives.Objective(cfg, tok).trained(batch).rollouts
+    assert trained.completion_mask.sum(1).tolist() == [keep] * 4
+    assert tok.decode(trained.completion_ids[0, :keep], skip_special_tokens=False) == head
+    assert (trained.logprobs == -trained.completion_mask).all() and (trained.entropy == trained.completion_mask).all()
+    assert batch.rollouts.completion_mask.all()  # the collected batch (its stats) is left as generated
+    cut = dataclasses.replace(batch.rollouts, texts=[" a b c"] * 4)  # no </think> in the text: whole
+    assert thought_rows(tok, cut).completion_mask.all()
+    plain = TrainConfig(shards=str(train_shards), bucket="all", think_budget=16, template="think")
+    assert objectives.Objective(plain, tok).trained(batch) is batch
