@@ -52,6 +52,17 @@ def same_inputs(a: list[dict] | None, b: list[dict] | None) -> bool:
     return [input_key(f) for f in a or []] == [input_key(f) for f in b or []]
 
 
+def moved_revision(old: list[dict] | None, new: list[dict]) -> str | None:
+    """One sentence when a hub input was read at another commit than the one a run started from, else None."""
+    then = {f["path"]: f["revision"] for f in old or [] if f.get("revision")}
+    for f in new:
+        if f.get("revision") and then.get(f["path"], f["revision"]) != f["revision"]:
+            return (f"the hub dataset behind '{f['path']}' moved from revision {then[f['path']][:12]} to "
+                    f"{f['revision'][:12]} since this output was started, so its windows would differ; rerun with "
+                    "--overwrite to tag the new revision, or a new --out")
+    return None
+
+
 def read_rank_records(out: Path) -> dict[int, dict]:
     records = {}
     for p in sorted(out.glob(RANK_RECORD_GLOB)):

@@ -402,9 +402,12 @@ def open_stream(spec: str):
         if not local and datasets.config.HF_HUB_OFFLINE:
             raise UserError(f"input '{spec}': '{name}' is neither a local path nor reachable, since HF_HUB_OFFLINE "
                             "is set; download the dataset and pass its directory, or unset HF_HUB_OFFLINE")
-        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+        revision = hub_revision(name)  # the commit read now: recorded in the fingerprint, so a resume can compare
+        pin = {"revision": revision} if revision else {}
+        ds = datasets.load_dataset(name, config, split=split, streaming=True, **pin)
         if _is_text_stream(ds):  # .txt files: again with each line's newline kept (read as a plain path is)
-            ds = datasets.load_dataset(name, config, split=split, streaming=True, keep_linebreaks=True)
+            ds = datasets.load_dataset(name, config, split=split, streaming=True, keep_linebreaks=True, **pin)
+        HUB_REVISIONS[spec] = revision
         return ds
     except UserError:
         raise
@@ -416,6 +419,19 @@ def open_stream(spec: str):
     except Exception as e:  # DatasetNotFoundError, a bad split or config, an unknown file layout, ...
         raise UserError(f"input '{spec}' cannot be opened with datasets.load_dataset "
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+HUB_REVISIONS: dict[str, str | None] = {}  # hf:// spec of a hub dataset -> the commit sha it is read at
+
+
+def hub_revision(name: str) -> str | None:
+    """The commit sha of a hub dataset's default branch now (None when the hub does not say)."""
+    from huggingface_hub import HfApi
+
+    try:
+        return getattr(HfApi().dataset_info(name), "sha", None)
+    except Exception:  # e.g. a gated dataset datasets can still stream: read it unpinned, as before
+        return None
 
 
 def unit_files(path: str) -> list[Path]:
@@ -435,8 +451,11 @@ def stream_fingerprint(path: str) -> dict:
     (a unit's own file when it has one, so fixing one file of a glob changes that unit's fingerprint only)."""
     spec, shard = _stream_unit(path)
     st = [q.stat() for q in unit_files(path)]
-    return {"path": spec, "shard": shard, "n_shards": open_stream(spec).n_shards,
-            "bytes": sum(s.st_size for s in st), "mtime_ns": max((s.st_mtime_ns for s in st), default=0)}
+    fp = {"path": spec, "shard": shard, "n_shards": open_stream(spec).n_shards,
+          "bytes": sum(s.st_size for s in st), "mtime_ns": max((s.st_mtime_ns for s in st), default=0)}
+    if HUB_REVISIONS.get(spec):  # a hub dataset: the commit its rows come from
+        fp["revision"] = HUB_REVISIONS[spec]
+    return fp
 
 
 def _is_text_stream(ds) -> bool:

@@ -207,7 +207,7 @@ def test_shards_load_with_polars_and_datasets(tmp_path, tiny_llama):
     manifest, out = tag(tmp_path, tiny_llama)
     lf = pl.scan_parquet(str(out / "data"))
     assert lf.select(pl.len()).collect().item() == manifest["totals"]["rows"]
-    ds = datasets.load_dataset(str(out), split="train")
+    ds = datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf-cache"))  # the dataset card
     assert len(ds) == manifest["totals"]["rows"]
     assert sum(len(x) for x in ds["token_ids"]) == manifest["totals"]["positions"]
     assert set(ds.column_names) >= {"doc_id", "window_index", "token_start", "text", "token_ids", "token_bytes",

@@ -211,10 +211,11 @@ def test_the_output_reads_as_a_dataset_with_the_usual_one_liners(outputs, name):
     out = outputs / name
     want = read_rows(outputs / "one").drop("entropy", "topk_entropy", "target_logprob")
     got = {"polars": pl.scan_parquet(f"{out}/data").collect(), "pyarrow": pl.from_arrow(pq.read_table(f"{out}/data")),
-           "datasets": pl.from_arrow(datasets.load_dataset(str(out), split="train").data.table)}
+           "datasets": pl.from_arrow(datasets.load_dataset(str(out), split="train",  # a cache of this test only
+                                                            cache_dir=str(outputs / f"hf-cache-{name}")).data.table)}
     for how, df in got.items():
         df = df.sort("doc_id", "window_index").select(want.columns)
-        assert df.equals(want), how
+        assert df.equals(want), (how, df.height, want.height, [c for c in want.columns if not df[c].equals(want[c])])
 
 
 def test_directories_written_before_data_keep_reading(outputs, tiny_llama):
@@ -230,3 +231,35 @@ def test_directories_written_before_data_keep_reading(outputs, tiny_llama):
     inspect_out(str(old))
     assert ShardSet(str(old)).paths == [str(old / p.split("/")[-1]) for p in shard_paths(one)]
     assert read_rows(old).equals(read_rows(one))
+
+
+def test_a_hub_dataset_updated_between_runs_is_refused_in_one_sentence(tmp_path, tiny_llama, monkeypatch):
+    """Item 7: a hub input records the commit it was read at; a resume finding the hub moved on refuses."""
+    import types
+
+    import datasets
+    import huggingface_hub
+
+    from rpt_common.errors import UserError
+    from rpt_data.config import TagConfig
+    from rpt_data.pipeline import run_tag
+    from test_data_multirank import opts
+
+    src = write_jsonl(tmp_path / "hub.jsonl", [{"text": f"hub record {i}"} for i in range(5)])
+    real_load, sha, asked = datasets.load_dataset, {"now": "a" * 40}, []
+
+    def load(name, config=None, split=None, streaming=False, revision=None, **kw):
+        asked.append(revision)
+        return real_load("json", data_files=[str(src)], split=split, streaming=streaming, **kw)
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets, "load_dataset", load)
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", lambda self, name, **kw: types.SimpleNamespace(sha=sha["now"]))
+    cfg = TagConfig(inputs=["hf://someone/corpus"], out=str(tmp_path / "o"), **opts(tiny_llama))
+    manifest = run_tag(cfg)
+    assert [f.get("revision") for f in manifest["inputs"]] == ["a" * 40] and set(asked) == {"a" * 40}  # pinned
+    open_stream.cache_clear()
+    sha["now"] = "b" * 40
+    with pytest.raises(UserError, match="moved from revision aaaaaaaaaaaa to bbbbbbbbbbbb") as e:
+        run_tag(cfg)
+    assert "\n" not in str(e.value) and "--overwrite" in str(e.value)
