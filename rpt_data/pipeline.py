@@ -29,8 +29,8 @@ from rpt_data.ranks import RankInfo, process_group, rank_device, resolve_ranks
 from rpt_data.readers import (STREAM_PREFIX, BadRecord, Record, RecordParser, expand_inputs, read_all,
                               reject_duplicate_ids, stream_fingerprint)
 from rpt_data.windows import Window, windows_from_pieces
-from rpt_data.writer import (append_json_line, build_table, file_rank, is_ours, write_json_atomic, write_shard,
-                             write_text_atomic)
+from rpt_data.writer import (append_json_line, build_table, file_rank, is_ours, is_temp, write_json_atomic,
+                             write_shard, write_text_atomic)
 
 
 # Read ahead and write behind in threads (rpt_data.overlap); off, the same loop runs in line, writing the same bytes.
@@ -171,7 +171,7 @@ def prepare_out(cfg: TagConfig, inputs: list[dict]) -> dict | None:
     old["shards"] = kept
     listed = {s["file"] for s in kept}
     for n in mine:  # half-written or unrecorded shards are redone
-        if n.endswith(".tmp") or (os.path.basename(n).startswith("shard-") and n not in listed):
+        if is_temp(n) or (os.path.basename(n).startswith("shard-") and n not in listed):
             os.remove(out / n)
     return old
 
@@ -299,7 +299,8 @@ def _tag(cfg: TagConfig, division: Division, parse: RecordParser, lm, proxy: Pro
     layout = "" if manifest["shards"] and "/" not in manifest["shards"][0]["file"] else f"{DATA_DIR}/"
     if layout:
         (out / DATA_DIR).mkdir(exist_ok=True)
-        write_text_atomic(out / DATASET_CARD, dataset_card())
+        if cfg.rank == 0:  # one writer (the card is the same for every rank)
+            write_text_atomic(out / DATASET_CARD, dataset_card())
     done = len(manifest["shards"])
     if done:
         print(f"resuming after {done} shard{'s' if done > 1 else ''} already in '{out}'", file=sys.stderr, flush=True)
@@ -356,7 +357,7 @@ def _tag(cfg: TagConfig, division: Division, parse: RecordParser, lm, proxy: Pro
         def write(seq: int, chunk: list[Window], stats: list[WindowStats]) -> None:
             entry, selected = shard_summary(layout + shard_name(cfg.rank, seq), chunk, stats, cfg)
             table = build_table(chunk, stats, selected).replace_schema_metadata(shard_metadata(lm.tokenizer_identity))
-            entry.update(write_shard(out / entry["file"], table, cfg.row_group_rows))
+            entry.update(write_shard(out / entry["file"], table, cfg.row_group_rows, out))  # temp file in out/
             manifest["shards"].append(entry)
             append_json_line(out / log_name(cfg), entry)  # O(1) per shard; the record is rewritten at the end
             progress.shard(entry["file"], len(manifest["shards"]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -17,9 +18,31 @@ from rpt_data.proxy import WindowStats
 from rpt_data.windows import Window
 
 
+TEMP_NAME = re.compile(r"\.(.+)\.\d+-[0-9a-f]+\.tmp")
+
+
+def temp_path(path: Path, directory: Path | None = None) -> Path:
+    """A temp file for `path`: `.NAME.PID-RANDOM.tmp`, unique to this call, so that processes writing the
+    same file at once (every rank writes the dataset card) never rename or remove each other's temp; hidden
+    (a leading dot), so that readers of a directory (pyarrow, datasets) skip it. `directory` (default: beside
+    `path`) must be on the same filesystem."""
+    return (directory or path.parent) / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+
+
+def final_name(name: str) -> str:
+    """The file a temp file (`.NAME.PID-RANDOM.tmp`, or `NAME.tmp` of older versions) stands for; else `name`."""
+    base = os.path.basename(name)
+    m = TEMP_NAME.fullmatch(base)
+    return m.group(1) if m else base.removesuffix(".tmp")
+
+
+def is_temp(name: str) -> bool:
+    return final_name(name) != os.path.basename(name)
+
+
 def write_json_atomic(path: Path, obj) -> None:
-    """Write to `<name>.tmp`, fsync, rename: a reader (or a resumed run) sees the old or the new file."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Write to a temp file, fsync, rename: a reader (or a resumed run) sees the old or the new file."""
+    tmp = temp_path(path)
     try:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=1, ensure_ascii=False)
@@ -39,7 +62,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_lines_atomic(path: Path, lines: Iterable[str]) -> None:
     """Like write_json_atomic, for a text file streamed line by line (e.g. the merged rejects.jsonl)."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_path(path)
     try:
         with open(tmp, "w") as f:
             f.writelines(lines)
@@ -104,11 +127,14 @@ def build_table(windows: list[Window], stats: list[WindowStats], selected: list[
     return pa.Table.from_pydict(cols, schema=SHARD_SCHEMA)
 
 
-def write_shard(path: Path, table: pa.Table, row_group_rows: int = DEFAULT_ROW_GROUP_ROWS) -> dict:
-    """Write to `<name>.tmp`, fsync, rename: a shard file either is complete or does not exist. Row groups of
-    `row_group_rows` windows are what a training sample reads. Returns {"bytes", "sha256", "row_group_rows"}
-    of the file, for the manifest (validate and resume check the digest)."""
-    tmp = path.with_name(path.name + ".tmp")
+def write_shard(path: Path, table: pa.Table, row_group_rows: int = DEFAULT_ROW_GROUP_ROWS,
+                temp_dir: Path | None = None) -> dict:
+    """Write to a temp file, fsync, rename: a shard file either is complete or does not exist. The temp file
+    is hidden and goes to `temp_dir` (the output root, not data/ beside the finished shards), so that reading
+    data/ (pyarrow, polars, datasets) never sees a duplicate or torn shard. Row groups of `row_group_rows`
+    windows are what a training sample reads. Returns {"bytes", "sha256", "row_group_rows"} of the file, for
+    the manifest (validate and resume check the digest)."""
+    tmp = temp_path(path, temp_dir)
     try:
         with open(tmp, "wb") as f:
             pq.write_table(table, f, compression="zstd", row_group_size=row_group_rows)
@@ -127,12 +153,12 @@ RANK_FILE = re.compile(r"(shard-(\d{5})-\d{5}\.parquet|rank-(\d{5})\.json|reject
 
 
 def is_ours(name: str) -> bool:
-    base = name.removesuffix(".tmp")
+    base = final_name(name)
     return base in (MANIFEST, REJECTS, SHARD_LOG, DATA_DIR, DATASET_CARD) or (base.startswith("shard-") and base.endswith(".parquet")) \
         or RANK_FILE.fullmatch(base) is not None
 
 
 def file_rank(name: str) -> int | None:
     """The rank a shard, rank record or per-rank rejects file (or its .tmp) belongs to; None for others."""
-    m = RANK_FILE.fullmatch(os.path.basename(name).removesuffix(".tmp"))
+    m = RANK_FILE.fullmatch(final_name(name))
     return None if m is None else int(next(g for g in m.groups()[1:] if g is not None))

@@ -1,0 +1,79 @@
+"""Fixes from the scale review of the tag pipeline (issue 32): concurrent atomic writes, temp files out of
+data/, vocabularies with id gaps, one glob per hf:// spec, a prompt stop of the read-ahead thread."""
+import json
+import multiprocessing as mp
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+import rpt_data.writer as writer
+from data_helpers import read_rows, records, write_jsonl
+
+
+def _write_same_file(path: str, barrier, text: str) -> None:
+    barrier.wait()
+    for _ in range(20):
+        writer.write_text_atomic(Path(path), text)
+
+
+def test_processes_writing_the_same_file_at_once_never_collide(tmp_path):
+    """Every rank writes the dataset card at start: one's rename must not take another's temp file."""
+    ctx = mp.get_context("fork")
+    barrier = ctx.Barrier(6)
+    target = tmp_path / "README.md"
+    procs = [ctx.Process(target=_write_same_file, args=(str(target), barrier, "card\n" * 2000)) for _ in range(6)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    assert [p.exitcode for p in procs] == [0] * 6
+    assert target.read_text() == "card\n" * 2000
+    assert [p.name for p in tmp_path.iterdir()] == ["README.md"]
+
+
+def test_temp_names_are_recognized_as_the_files_they_stand_for(tmp_path):
+    tmp = writer.temp_path(tmp_path / "data" / "shard-00001-00002.parquet", tmp_path)
+    assert tmp.parent == tmp_path and tmp.name.startswith(".")
+    assert writer.is_temp(tmp.name) and writer.is_ours(tmp.name) and writer.file_rank(tmp.name) == 1
+    assert writer.is_temp("shard-00001-00002.parquet.tmp") and writer.file_rank("shard-00001-00002.parquet.tmp") == 1
+    assert not writer.is_temp("shard-00001-00002.parquet") and not writer.is_ours(".hidden.tmp")
+
+
+def test_temp_files_left_by_a_kill_are_not_read_as_shards(tmp_path, tiny_llama, monkeypatch):
+    """A kill -9 between writing a shard's temp file and its rename leaves the temp file: reading data/ with
+    pyarrow, polars or datasets must still give exactly the recorded rows (no duplicate, no torn file)."""
+    import datasets
+    import polars as pl
+
+    from rpt_data.config import TagConfig
+    from rpt_data.pipeline import run_tag
+    from test_data_multirank import opts
+
+    left = []  # (temp path, a copy of the complete temp file) as a kill before the rename would leave them
+    real_replace = writer.os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith(".parquet"):
+            left.append((Path(src), Path(shutil.copy(src, Path(src).parent.parent / f"copy-{len(left)}"))))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(writer.os, "replace", replace)
+    src = write_jsonl(tmp_path / "in.jsonl", records(9))
+    out = tmp_path / "o"
+    run_tag(TagConfig(inputs=[str(src)], out=str(out), **opts(tiny_llama)))
+    monkeypatch.setattr(writer.os, "replace", real_replace)
+    assert len(left) >= 2
+    (tmp, whole), (torn, copy) = left[0], left[1]
+    shutil.move(whole, tmp)  # complete, killed before its rename
+    torn.write_bytes(copy.read_bytes()[:300])  # killed mid-write
+    copy.unlink()
+    want = read_rows(out).drop("entropy", "topk_entropy", "target_logprob").sort("doc_id", "window_index")
+    got = {"pyarrow": pl.from_arrow(pq.read_table(out / "data")), "polars": pl.scan_parquet(out / "data").collect(),
+           "datasets": pl.from_arrow(datasets.load_dataset(str(out), split="train",
+                                                            cache_dir=str(tmp_path / "hf-cache")).data.table)}
+    for how, df in got.items():
+        assert df.sort("doc_id", "window_index").select(want.columns).equals(want), (how, df.height, want.height)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sum(s["rows"] for s in manifest["shards"]) == want.height
