@@ -209,10 +209,20 @@ def check_ids(tokenizer) -> np.ndarray:
 def build_proxy(lm, top_k: int = 16, chunk_rows: int | None = None) -> Proxy:
     """The tagger's proxy for a loaded model (rpt_common.models.LoadedModel): the BOS rule from its tokenizer,
     and the head checked against the model's own forward before anything is scored."""
-    proxy = Proxy(lm.model, top_k=top_k, chunk_rows=chunk_rows, bos=bos_token_id(lm.tokenizer),
-                  vocab_size=len(lm.tokenizer))
+    ids = tokenizer_rows(lm.tokenizer)
+    proxy = Proxy(lm.model, top_k=top_k, chunk_rows=chunk_rows, bos=bos_token_id(lm.tokenizer), vocab_size=ids)
+    rows = proxy.head.weight.shape[0]
+    if ids > rows:
+        raise UserError(f"the tokenizer's highest token id is {ids - 1} but the model's output head has only {rows} "
+                        "rows, so its tokens past that cannot be scored; use the tokenizer that belongs to the model")
     proxy.verify(check_ids(lm.tokenizer))
     return proxy
+
+
+def tokenizer_rows(tokenizer) -> int:
+    """The head rows the tokenizer's ids name: its highest id + 1 (added tokens included). Not len(tokenizer)
+    alone: a vocabulary may skip ids (e.g. {a: 0, b: 1, c: 7} has 3 tokens, ids up to 7)."""
+    return max(max(tokenizer.get_vocab().values(), default=-1) + 1, len(tokenizer))
 
 
 def check_context_length(model, window: int, offset: int) -> None:

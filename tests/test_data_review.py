@@ -77,3 +77,47 @@ def test_temp_files_left_by_a_kill_are_not_read_as_shards(tmp_path, tiny_llama, 
         assert df.sort("doc_id", "window_index").select(want.columns).equals(want), (how, df.height, want.height)
     manifest = json.loads((out / "manifest.json").read_text())
     assert sum(s["rows"] for s in manifest["shards"]) == want.height
+
+
+def gap_model(root: Path, vocab: dict) -> Path:
+    """The tiny Llama (a 320-row head) with a WordLevel tokenizer whose ids skip some numbers."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tiny import make_model_dir
+
+    path = make_model_dir(root, arch="llama")
+    for f in path.iterdir():
+        if "token" in f.name or f.name in ("vocab.json", "merges.txt"):
+            f.unlink()
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[UNK]").save_pretrained(path)
+    return path
+
+
+def test_a_vocabulary_with_id_gaps_scores_its_highest_ids(tmp_path):
+    """len(tokenizer) is 4 but 'c' is id 7: the head is cut at the highest id + 1, so 'c' gets a stat."""
+    import numpy as np
+
+    from rpt_data.config import TagConfig
+    from rpt_data.pipeline import run_tag
+    from test_data_multirank import opts
+
+    model = gap_model(tmp_path / "m", {"[UNK]": 0, "a": 1, "b": 2, "c": 7})
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": f"r{i}", "text": "a b c c a b c a"} for i in range(3)])
+    run_tag(TagConfig(inputs=[str(src)], out=str(tmp_path / "o"), id_field="id", **opts(model)))
+    rows = read_rows(tmp_path / "o")
+    ids = np.concatenate(rows["token_ids"].to_list())
+    lp = np.concatenate([[np.nan if v is None else v for v in x] for x in rows["target_logprob"].to_list()])
+    assert 7 in ids and np.isfinite(lp[1:][ids[1:] == 7]).all()
+
+
+def test_a_tokenizer_with_ids_past_the_head_is_refused(tmp_path):
+    from rpt_common.errors import UserError
+    from rpt_common.models import load_causal_lm
+    from rpt_data.proxy import build_proxy
+
+    model = gap_model(tmp_path / "m", {"[UNK]": 0, "a": 1, "b": 2, "c": 400})
+    with pytest.raises(UserError, match="highest token id is 400 but the model's output head has only 320 rows"):
+        build_proxy(load_causal_lm(str(model), "cpu", "float32"))
