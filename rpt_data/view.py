@@ -19,11 +19,11 @@ import polars as pl
 from rpt_common.errors import UserError
 from rpt_common.shards import DEFAULT_BUCKETS, DEFAULT_METRIC, METRIC_COLUMNS, read_manifest
 from rpt_data.inspect import listed_shards, position_profile, positions_frame
+from rpt_data.view_html import HIST_BINS, render_page
 
 # --metric of the page: the shading value per token (surprisal = -target_logprob, nats)
 VIEW_METRICS = {"topk": "topk_entropy", "full": "entropy", "surprisal": "surprisal"}
 PICKS = ("hardest", "random")
-HIST_BINS = 48
 
 
 class Tok(NamedTuple):
@@ -273,7 +273,6 @@ def argmax_vocab(run: Run, ids: set[int]) -> tuple[dict[int, str], str]:
 def write_html(out: str, html_path: str, *, docs: int = 20, pick: str = "hardest", seed: int = 0,
                metric: str | None = None, compare: str | None = None, doc_tokens: int = 2000) -> dict:
     """Build the page for OUT (and OTHER) and write it to html_path; returns a small summary."""
-    from rpt_data.view_html import render_page
 
     if docs < 1 or doc_tokens < 1:
         raise UserError("--docs and --doc-tokens must be at least 1")

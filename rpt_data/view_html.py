@@ -17,6 +17,7 @@ SEQ = ["#ffffcc", "#ffeda0", "#fed976", "#feb24c", "#fd8d3c", "#fc4e2a", "#e31a1
 DIV = ["#053061", "#2166ac", "#4393c3", "#92c5de", "#d1e5f0", "#f7f7f7", "#fddbc7", "#f4a582", "#d6604d", "#b2182b",
        "#67001f"]
 BUCKET_BG = ["#ffffff", "#fee8c8", "#fdbb84", "#d7301f", "#7f0000", "#4d0000"]  # none, then one per threshold
+HIST_BINS = 48  # bars of the page's histograms (rpt_data.view counts into them)
 MUTED = "#595959"  # unscored text: 7:1 on white
 FIELDS = ["doc", "j", "entropy", "topk_entropy", "target_logprob", "argmax", "window", "pos", "flags", "bucket"]
 FLAG_SCORED, FLAG_SELECTED, FLAG_CONTEXT_ONLY, FLAG_PREFIX_NEXT = 1, 2, 4, 8
@@ -472,7 +473,6 @@ def _panel(cmp) -> str:
 
 def _charts(run, other, col, charts, diffs, r_div) -> str:
     top = charts["hist_hi"]
-    from rpt_data.view import HIST_BINS
 
     xs = [top * (i + 0.5) / HIST_BINS for i in range(HIST_BINS)]
     runs = [r for r in (run, other) if r is not None]

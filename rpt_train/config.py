@@ -336,7 +336,7 @@ def validate(cfg: CommonConfig) -> None:
         need(cfg.device_memory >= 0, "--device-memory must be non-negative (GiB; 0 = the device's own)")
         from rpt_train.objectives import check as check_objective
 
-        check_objective(cfg)
+        check_objective(cfg, BUCKETS)
     if isinstance(cfg, ExportConfig):
         need(cfg.format in ("verl", "trl", "openrlhf"), "--format must be verl, trl or openrlhf")
         need(cfg.limit >= 0 and cfg.heldout_limit >= 0 and cfg.batch_rows >= 1,

@@ -24,6 +24,7 @@ import torch
 from rpt_common.errors import UserError
 from rpt_common.recipe import read_yaml
 from rpt_train.config import EvalConfig, TrainConfig, field_types, load_config, to_dict
+from rpt_train.metrics import machine
 
 SPEC_KEYS = {"name", "title", "recipe", "base", "warm", "eval", "arms", "comparisons", "metrics", "out", "results",
              "alpha", "power", "primary_bucket", "notes", "levers", "factors"}
@@ -314,12 +315,6 @@ def matched_tokens(target_flops: float, n_params: int) -> int:
     """Tokens an SFT arm may train (each one forward and backward: 6 N FLOPs) within `target_flops`."""
     return int(target_flops // (6 * n_params))
 
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return f"GPU ({torch.cuda.get_device_name(0)})"
-    return (f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-            f"{torch.get_num_threads()} threads)")
 
 
 def compute_of(metrics: list[dict], n_params: int) -> dict:

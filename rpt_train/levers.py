@@ -25,7 +25,7 @@ def measure_levers(models: dict[str, str], ecfg, group_size: int, response_prefi
     bucket (held-out documents of the eval design `ecfg`)."""
     from rpt_train.config import EvalConfig, to_dict
     from rpt_train.evaluate import select_positions
-    from rpt_train.experiment import machine
+    from rpt_train.metrics import machine
     from rpt_train.policy import load_policy
     from rpt_train.sampler import LearnabilityScorer
     from rpt_train.samples import ShardSet

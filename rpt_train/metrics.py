@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import platform
 import sys
 from pathlib import Path
 
@@ -88,3 +90,13 @@ class MetricsLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def machine() -> str:
+    """The machine a result was measured on, in words (reports carry it beside every timing)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"GPU ({torch.cuda.get_device_name(0)})"
+    return (f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+            f"{torch.get_num_threads()} threads)")

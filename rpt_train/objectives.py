@@ -18,6 +18,7 @@ import torch
 
 from rpt_common.errors import UserError
 from rpt_train import distributed
+from rpt_train.budget import new_tokens, planned_new_tokens, think_budget  # noqa: F401 (part of this API)
 from rpt_train.reward import THINK_END, RewardFn, RewardInput
 
 OBJECTIVES = ("rpt", "rlp")
@@ -28,34 +29,7 @@ DEFAULTS = {"objective": "rpt", "think_budget": 0, "think_budget_final": None, "
             "curriculum_steps": []}
 
 
-# ---- thinking budget --------------------------------------------------------------------------------------------
-def think_budget(cfg, step: int) -> int:
-    """Thinking tokens allowed at training step `step` (1-based): --think-budget, moving linearly to
-    --think-budget-final over the first --think-decay-steps steps, then staying there; 0 = no budget."""
-    start = getattr(cfg, "think_budget", 0)
-    if start <= 0:
-        return 0
-    final = cfg.think_budget_final if cfg.think_budget_final is not None else start
-    if cfg.think_decay_steps <= 0:
-        return start
-    frac = min(1.0, max(0, step - 1) / cfg.think_decay_steps)
-    return int(round(start + (final - start) * frac))
-
-
-def new_tokens(cfg, step: int) -> int:
-    """Generated tokens per rollout at `step`: --max-new-tokens without a budget; with one, the budget plus
-    --answer-room for rpt (think, then answer), the budget alone for rlp (the completion is the thought)."""
-    budget = think_budget(cfg, step)
-    if budget <= 0:
-        return cfg.max_new_tokens
-    return budget if getattr(cfg, "objective", "rpt") == "rlp" else budget + cfg.answer_room
-
-
-def planned_new_tokens(cfg) -> int:
-    """The longest generation of the run (what the memory plan must hold): the budget at its largest."""
-    if getattr(cfg, "think_budget", 0) <= 0:
-        return cfg.max_new_tokens
-    return max(new_tokens(cfg, 1), new_tokens(cfg, 1 + max(0, cfg.think_decay_steps)))
+# ---- thinking budget: rpt_train.budget (think_budget, new_tokens, planned_new_tokens) ------------------------
 
 
 def think_gate(reward_fn: RewardFn, no_answer: float) -> RewardFn:
@@ -220,15 +194,13 @@ class Objective:
         self.reward_fn = None
 
     @classmethod
-    def build(cls, cfg, model, tokenizer, device: str, ckpt, compute_dtype):
+    def build(cls, cfg, model, tokenizer, device: str, ckpt, compute_dtype, prepare=None):
         """For --objective rlp the EMA copy is loaded like the policy (from the checkpoint when resuming, its EMA
         weights restored later by `load`)."""
         ema = None
         if cfg.objective == "rlp":
-            from rpt_train.trainer import disable_dropout
-
             loaded = distributed.load_sharded_policy(str(ckpt) if ckpt else cfg.model, device, compute_dtype,
-                                                     prepare=disable_dropout)
+                                                     prepare=prepare)
             ema = Ema(loaded.model, cfg.ema_rate)
         return cls(cfg, tokenizer, ema)
 
@@ -307,7 +279,7 @@ class Objective:
         self.ema.load_state_dict(state.get("ema", {}))
 
 
-def check(cfg) -> None:
+def check(cfg, buckets: tuple[str, ...]) -> None:
     """Option checks of this module, each one sentence naming the option."""
     def need(ok: bool, msg: str):
         if not ok:
@@ -328,9 +300,7 @@ def check(cfg) -> None:
     need(cfg.ntp_weight >= 0, "--ntp-weight must be non-negative")
     need(0.0 <= cfg.ema_rate < 1.0, "--ema-rate must be in [0, 1)")
     need(1 <= cfg.rlp_tokens <= cfg.labels_length, "--rlp-tokens must be in [1, --labels-length]")
-    from rpt_train.config import BUCKETS
-
-    need(all(b in BUCKETS + ("all", "selected") for b in cfg.curriculum),
+    need(all(b in tuple(buckets) + ("all", "selected") for b in cfg.curriculum),
          "--curriculum takes buckets easy, medium, hard, all or selected, e.g. easy,medium,hard")
     need(not cfg.curriculum or len(cfg.curriculum_steps) == len(cfg.curriculum) - 1,
          "--curriculum-steps needs one step per boundary (one fewer than the --curriculum buckets), e.g. 30,60")

@@ -20,7 +20,7 @@ import torch
 
 from rpt_common.errors import UserError
 from rpt_train import packing, precision
-from rpt_train.objectives import planned_new_tokens
+from rpt_train.budget import planned_new_tokens
 
 GIB = 1024 ** 3
 TERMS = ("weights", "optimizer", "gradients", "kv_cache", "activations", "logprobs")

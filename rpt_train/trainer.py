@@ -136,7 +136,8 @@ def _train(cfg: TrainConfig, device: str, reward_fns, engine: RolloutEngine | No
     enable_tf32(pick_device(device))
     model, ref, policy = build_models(cfg, device, ckpt, base)
     tok = policy.tokenizer
-    objective = Objective.build(cfg, model, tok, device, ckpt, precision.compute_dtype(cfg, pick_device(device)))
+    objective = Objective.build(cfg, model, tok, device, ckpt, precision.compute_dtype(cfg, pick_device(device)),
+                                prepare=disable_dropout)
     data = objectives.train_samples(cfg, tok, shards)
     prompts = objective.prompts(PromptBuilder(tok, cfg.template, cfg.chat_template, cfg.response_prefix))
     shaping = [load_reward_fn(s) for s in cfg.reward] + list(reward_fns)

@@ -21,7 +21,7 @@ from rpt_train.advantages import group_advantages
 from rpt_train.collect import Groups
 from rpt_train.logprobs import forward_logprobs
 from rpt_train.loss import AGGREGATION, aggregate, clipped_surrogate, normalizer
-from rpt_train.objectives import planned_new_tokens
+from rpt_train.budget import planned_new_tokens
 from rpt_train.rollout import RolloutBatch
 
 _SUMS = ("clipped", "tokens", "entropy", "ent_tokens", "kl", "pass_tokens", "frozen_tokens")

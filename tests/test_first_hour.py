@@ -169,7 +169,9 @@ def test_eval_shows_progress_and_states_its_cost(tiny_llama, train_shards):  # n
     code, text = invoke(train_main, "eval", "--shards", train_shards, "--model", tiny_llama, "--limit", 2,
                         "--samples", 1, "--max-new-tokens", 2)
     assert code == 0, text
-    lines = [x for x in text.splitlines() if x.startswith("eval (1+1 completions of <= 2 tokens each): ")]
+    head = f"eval {tiny_llama} (1+1 completions of <= 2 tokens each): "  # the model is named (--baseline has two)
+    lines = [x[len(head) - 2:] for x in text.splitlines() if x.startswith(head)]
+    assert lines, text
     assert lines[0].split(": ")[1].startswith("0/") and lines[-1].split(": ")[1].split(" ")[0] in \
         {f"{n}/{n}" for n in range(1, 9)}, text
     code, text = invoke(train_main, "eval", "-h")

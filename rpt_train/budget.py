@@ -1,0 +1,33 @@
+"""The thinking budget of issue 34 as plain functions of the run's options: what each step generates and what the
+memory plan must hold. A leaf module (rpt_train.plan and rpt_train.update read it; rpt_train.objectives builds on it)."""
+from __future__ import annotations
+
+
+# ---- thinking budget --------------------------------------------------------------------------------------------
+def think_budget(cfg, step: int) -> int:
+    """Thinking tokens allowed at training step `step` (1-based): --think-budget, moving linearly to
+    --think-budget-final over the first --think-decay-steps steps, then staying there; 0 = no budget."""
+    start = getattr(cfg, "think_budget", 0)
+    if start <= 0:
+        return 0
+    final = cfg.think_budget_final if cfg.think_budget_final is not None else start
+    if cfg.think_decay_steps <= 0:
+        return start
+    frac = min(1.0, max(0, step - 1) / cfg.think_decay_steps)
+    return int(round(start + (final - start) * frac))
+
+
+def new_tokens(cfg, step: int) -> int:
+    """Generated tokens per rollout at `step`: --max-new-tokens without a budget; with one, the budget plus
+    --answer-room for rpt (think, then answer), the budget alone for rlp (the completion is the thought)."""
+    budget = think_budget(cfg, step)
+    if budget <= 0:
+        return cfg.max_new_tokens
+    return budget if getattr(cfg, "objective", "rpt") == "rlp" else budget + cfg.answer_room
+
+
+def planned_new_tokens(cfg) -> int:
+    """The longest generation of the run (what the memory plan must hold): the budget at its largest."""
+    if getattr(cfg, "think_budget", 0) <= 0:
+        return cfg.max_new_tokens
+    return max(new_tokens(cfg, 1), new_tokens(cfg, 1 + max(0, cfg.think_decay_steps)))
