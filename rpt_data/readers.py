@@ -70,6 +70,7 @@ def expand_inputs(inputs: list[str], fmt: str | None) -> list[tuple[str, str]]:
     """(path, format) for every input file, in a stable order: args in order, each expanded sorted."""
     out: list[tuple[str, str]] = []
     seen: set[str] = set()  # a file matched by two specs is read once, not twice
+    spec_files.cache_clear()  # a run globs its hf:// specs afresh (then once, not once per unit)
     for spec in inputs:
         if spec.startswith(STREAM_PREFIX):  # one unit per dataset shard, so ranks can split by shard
             n = open_stream(spec).n_shards
@@ -438,12 +439,20 @@ def unit_files(path: str) -> list[Path]:
     """The local files behind one hf:// unit: its own file when the input is data files (datasets makes one shard
     per file), else every file of the input (a dataset directory); none for a hub dataset."""
     spec, shard = _stream_unit(path)
+    files, per_shard = spec_files(spec)
+    return [files[shard or 0]] if per_shard else list(files)
+
+
+@functools.lru_cache(maxsize=16)
+def spec_files(spec: str) -> tuple[tuple[Path, ...], bool]:
+    """(the local files of an hf:// spec, whether they are one per dataset shard), globbed once: every unit of
+    the spec asks, and globbing per unit costs units x files at the start of every rank."""
     name = parse_stream_spec(spec)[0]
     files = sorted(glob.glob(name)) if any(c in name for c in "*?[") else [name]
     local = [Path(f) for f in files if os.path.exists(f)]
     if local and all(p.is_file() for p in local) and len(local) == open_stream(spec).n_shards:
-        return [local[shard or 0]]
-    return [q for p in local for q in (sorted(p.rglob("*")) if p.is_dir() else [p]) if q.is_file()]
+        return tuple(local), True
+    return tuple(q for p in local for q in (sorted(p.rglob("*")) if p.is_dir() else [p]) if q.is_file()), False
 
 
 def stream_fingerprint(path: str) -> dict:

@@ -121,3 +121,26 @@ def test_a_tokenizer_with_ids_past_the_head_is_refused(tmp_path):
     model = gap_model(tmp_path / "m", {"[UNK]": 0, "a": 1, "b": 2, "c": 400})
     with pytest.raises(UserError, match="highest token id is 400 but the model's output head has only 320 rows"):
         build_proxy(load_causal_lm(str(model), "cpu", "float32"))
+
+
+def test_an_hf_glob_is_globbed_once_for_all_its_units(tmp_path, monkeypatch):
+    """Every rank fingerprints every unit at start: one glob per spec, not one per unit (units x files)."""
+    import glob
+
+    import rpt_data.readers as readers
+
+    for i in range(12):
+        write_jsonl(tmp_path / f"f{i:02d}.jsonl", [{"text": "x" * (i + 1)}])
+    units = readers.expand_inputs([f"hf://{tmp_path}/*.jsonl"], None)
+    assert len(units) == 12
+    calls, real_glob = [], glob.glob
+
+    def counting_glob(*a, **k):
+        calls.append(a)
+        return real_glob(*a, **k)
+
+    monkeypatch.setattr(readers.glob, "glob", counting_glob)
+    fps = [readers.stream_fingerprint(p) for p, _ in units]
+    assert len(calls) == 1
+    assert [fp["bytes"] for fp in fps] == sorted(fp["bytes"] for fp in fps)  # each unit's own file
+    assert len({fp["bytes"] for fp in fps}) == 12
