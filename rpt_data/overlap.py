@@ -18,6 +18,7 @@ from typing import TypeVar
 
 T = TypeVar("T")
 _POLL = 0.1  # seconds between checks of the stop flag while a queue is full / empty
+STOP_WAIT = 1.0  # seconds a consumer that broke off (Ctrl-C, an error) waits for the producer's current item
 
 
 def read_ahead(items: Iterator[T], depth: int, enabled: bool = True) -> Iterator[T]:
@@ -48,18 +49,23 @@ def read_ahead(items: Iterator[T], depth: int, enabled: bool = True) -> Iterator
 
     thread = threading.Thread(target=work, name="rpt-read-ahead", daemon=True)
     thread.start()
+    ended = False  # the producer sent its end or its error: it is about to return
     try:
         while True:
             ok, it = q.get()
             if ok:
                 yield it
             elif it is None:
+                ended = True
                 return
             else:
+                ended = True
                 raise it
     finally:  # the consumer stopped (done, an error, or it broke off): stop the producer before anything closes
         stop.set()
-        thread.join()
+        # one that broke off does not wait for a slow item (a whole pool being read) to stop: Ctrl-C or an error
+        # reaches the caller promptly; the daemon thread stops at its next put and its items are dropped
+        thread.join(None if ended else STOP_WAIT)
 
 
 class WriteBehind:

@@ -144,3 +144,33 @@ def test_an_hf_glob_is_globbed_once_for_all_its_units(tmp_path, monkeypatch):
     assert len(calls) == 1
     assert [fp["bytes"] for fp in fps] == sorted(fp["bytes"] for fp in fps)  # each unit's own file
     assert len({fp["bytes"] for fp in fps}) == 12
+
+
+def test_ctrl_c_does_not_wait_for_the_read_ahead_item_in_progress():
+    """The consumer is interrupted while the producer is inside a slow item (a pool being read): the interrupt
+    reaches the caller while that item is still blocked, not after it finished."""
+    import threading
+
+    from rpt_data.overlap import read_ahead
+
+    inside, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def items():
+        yield 1
+        inside.set()
+        release.wait(20)  # a slow item that this test controls
+        finished.set()
+        yield 2
+
+    with pytest.raises(KeyboardInterrupt):
+        for _ in read_ahead(items(), depth=1):
+            assert inside.wait(20)
+            raise KeyboardInterrupt
+    assert not finished.is_set()  # the caller got the interrupt while the producer was still blocked
+    release.set()
+
+
+def test_a_finished_read_ahead_keeps_every_item():
+    from rpt_data.overlap import read_ahead
+
+    assert list(read_ahead(iter(range(50)), depth=2)) == list(range(50))
