@@ -52,6 +52,19 @@ def same_inputs(a: list[dict] | None, b: list[dict] | None) -> bool:
     return [input_key(f) for f in a or []] == [input_key(f) for f in b or []]
 
 
+def changed_inputs(old: list[dict] | None, new: list[dict] | None) -> list[str]:
+    """The inputs (as a run names them) that differ between a run's record and now: changed, added or gone."""
+    def name(f: dict) -> str:
+        return f["path"] if f.get("shard") is None else f"{f['path']}#{f['shard']}"
+
+    then = {json.dumps(input_key(f), sort_keys=True): name(f) for f in old or []}
+    now = {json.dumps(input_key(f), sort_keys=True): name(f) for f in new or []}
+    names = [now[k] for k in now if k not in then] + [then[k] for k in then if k not in now]
+    if not names and list(then) != list(now):
+        names = ["their order"]
+    return list(dict.fromkeys(names))
+
+
 def moved_revision(old: list[dict] | None, new: list[dict]) -> str | None:
     """One sentence when a hub input was read at another commit than the one a run started from, else None."""
     then = {f["path"]: f["revision"] for f in old or [] if f.get("revision")}

@@ -21,7 +21,7 @@ from rpt_common.shards import (MANIFEST, REJECTS, SCHEMA_VERSION, SHARD_LOG, ran
 from rpt_common.shards import DATA_DIR, DATASET_CARD, dataset_card
 from rpt_data.config import TagConfig
 from rpt_data.division import Division, divide
-from rpt_data.merge import merge_out, moved_revision, same_inputs, same_run_config, totals
+from rpt_data.merge import changed_inputs, merge_out, moved_revision, same_inputs, same_run_config, totals
 from rpt_data.overlap import WriteBehind, read_ahead
 from rpt_data.pools import pool_shards, score_pool, shard_pools
 from rpt_data.proxy import Proxy, WindowStats, build_proxy, check_context_length
@@ -158,7 +158,10 @@ def prepare_out(cfg: TagConfig, inputs: list[dict]) -> dict | None:
     if moved_revision(old.get("inputs"), inputs):
         raise UserError(moved_revision(old.get("inputs"), inputs))
     if not same_inputs(old.get("inputs"), inputs):
-        raise UserError(f"the input files changed since '{out}' was started; rerun with --overwrite to start over")
+        changed = changed_inputs(old.get("inputs"), inputs)
+        shown = ", ".join(f"'{n}'" for n in changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        raise UserError(f"the input files changed since '{out}' was started ({shown}); rerun with --overwrite "
+                        "to start over")
     kept = []  # recorded shards still on disk as written; the first one that is not and all later are redone
     for entry in old.get("shards", []):
         path = out / entry["file"]

@@ -174,3 +174,23 @@ def test_a_finished_read_ahead_keeps_every_item():
     from rpt_data.overlap import read_ahead
 
     assert list(read_ahead(iter(range(50)), depth=2)) == list(range(50))
+
+
+def test_a_changed_input_is_named_in_the_refusal_to_resume(tmp_path, tiny_llama):
+    from rpt_common.errors import UserError
+    from rpt_data.config import TagConfig
+    from rpt_data.pipeline import run_tag
+    from test_data_multirank import opts
+
+    for i in range(3):
+        write_jsonl(tmp_path / f"{i}.jsonl", records(6)[i::3])
+    cfg = TagConfig(inputs=[str(tmp_path / "*.jsonl")], out=str(tmp_path / "o"), **opts(tiny_llama))
+    run_tag(cfg)
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    m["complete"] = False
+    (tmp_path / "o" / "manifest.json").write_text(json.dumps(m))
+    with open(tmp_path / "1.jsonl", "a") as f:
+        f.write(json.dumps({"text": "one more line"}) + "\n")
+    with pytest.raises(UserError) as e:
+        run_tag(cfg)
+    assert f"('{tmp_path / '1.jsonl'}')" in str(e.value) and "0.jsonl" not in str(e.value)
