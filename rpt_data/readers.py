@@ -227,12 +227,20 @@ def read_parquet(path: str, parse: RecordParser) -> Iterator[Record | BadRecord]
                                  "not a string column (choose another --text-field)")
         return
     row = 0  # rows of the file before the current row group
-    for group in range(pf.num_row_groups):
-        size = pf.metadata.row_group(group).num_rows
+    sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+    for group, size in enumerate(sizes):
         done = 0  # rows of this group yielded so far
+        if size < 0:  # a damaged footer: the group's rows are what the file's count leaves (at least one reject)
+            size = _rows_left(pf, sizes, group)
+            for lost in range(1, size + 1):
+                yield BadRecord(path, row + lost, f"row group {group + 1} of the parquet file has a damaged row count")
+            row += size
+            continue
         try:  # one row group at a time: damage costs the rest of its group, never a row of another one
             for batch in pf.iter_batches(batch_size=1024, row_groups=[group], columns=parse.columns):
-                for obj in _rows(batch):
+                # a damaged page may decode to more rows than the footer gives the group: those are not rows
+                # (and their line numbers belong to the next group)
+                for obj in _rows(batch)[: size - done]:
                     done += 1
                     if isinstance(obj, UnicodeDecodeError):  # a damaged string page: only this row is lost
                         yield BadRecord(path, row + done, f"invalid UTF-8 in a string column ({obj.reason})")
@@ -243,6 +251,11 @@ def read_parquet(path: str, parse: RecordParser) -> Iterator[Record | BadRecord]
             for lost in range(done + 1, size + 1):  # each lost row is one reject: counted as the rows they are
                 yield BadRecord(path, row + lost, reason)
         row += size
+
+
+def _rows_left(pf, sizes: list[int], group: int) -> int:
+    """The rows of a group whose own count is damaged: the file's count less the other groups' (at least 1)."""
+    return max(1, pf.metadata.num_rows - sum(n for g, n in enumerate(sizes) if g != group and n > 0))
 
 
 def _first_line(e: BaseException) -> str:

@@ -55,7 +55,7 @@ KILL_KINDS = ("shard", "manifest", "rejects", "rename", "timer")
 
 
 def _file_kind(path) -> str:
-    name = os.path.basename(str(path))
+    name = os.path.basename(str(path)).removeprefix(".")  # a temp file is .NAME.PID-RANDOM.tmp
     return "shard" if name.startswith("shard-") else "manifest" if name.startswith("manifest") else "rejects"
 
 
