@@ -112,8 +112,9 @@ def eval_cmd(recipe, **overrides):
 @click.argument("recipe", required=False, type=click.Path(dir_okay=False))
 @click.option("--world-size", "world_size", type=int, default=1, help="FSDP ranks sharing weights, AdamW, gradients")
 @click.option("--prompt-tokens", "prompt_tokens", type=int, default=None,
-              help="planned prompt length [default: --max-context-tokens + 128, else the --shards' window + 128, "
-              "else 1024]")
+              help="planned prompt length [default: --max-context-tokens + 128, else the --shards' window + 128 "
+              "(the window times the worst policy/proxy tokens ratio of up to 256 sampled rows when the policy's "
+              "tokenizer is not the shards'), else 1024]")
 @click.option("--json", "as_json", is_flag=True, help="print the plan as one JSON object on the last line")
 @config_options(TrainConfig)
 @user_errors

@@ -11,6 +11,7 @@ attention: flash / memory-efficient SDPA); tests/test_train_plan.py checks the w
 from __future__ import annotations
 
 import gc
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -78,6 +79,7 @@ class MemoryPlan:
     rollout_gather: bool = False  # rollouts on the whole model gathered once per call (FSDP)
     rollout_reason: str = ""  # why (the --rollout-gather decision)
     kv_cache_kind: str = ""  # dynamic or static, and why
+    prompt_line: str = ""  # the prompt bound scaled to the policy's tokenizer, or why it could not be
 
     @property
     def fits(self) -> bool | None:
@@ -138,7 +140,7 @@ def plan_memory(cfg, shapes: Shapes, *, world_size: int = 1, device_type: str = 
     weight = precision.element_bytes(precision.MASTER)  # float32 masters, gradients and AdamW moments
     compute = precision.compute_dtype(cfg, device_type)
     act = precision.element_bytes(compute)  # activations and the KV cache
-    prompt, prompt_source = (prompt_tokens, "given") if prompt_tokens else planned_prompt(cfg)
+    prompt, prompt_source, prompt_line = (prompt_tokens, "given", "") if prompt_tokens else prompt_bound(cfg)
     new = planned_new_tokens(cfg)  # --max-new-tokens, or the largest thinking budget + answer room
     tokens = prompt + new
     policy = shapes.params * weight
@@ -181,7 +183,7 @@ def plan_memory(cfg, shapes: Shapes, *, world_size: int = 1, device_type: str = 
              f"{' groups (shared prefix)' if shared else ''}, float32 weights, "
              f"compute in {str(compute or precision.MASTER).removeprefix('torch.')}"]
     return MemoryPlan(terms=terms, extra=extra, total=total, device_bytes=device_bytes, device_source=device_source,
-                      notes=notes)
+                      notes=notes, prompt_line=prompt_line)
 
 
 def choose_rollouts(cfg, shapes: Shapes, kw: dict) -> MemoryPlan:
@@ -253,12 +255,30 @@ def shard_window(shards: str) -> int | None:
 def planned_prompt(cfg) -> tuple[int, str]:
     """(prompt tokens the plan counts, where the bound comes from): the context cut + template with
     --max-context-tokens, else the shards' window + template (a context is at most one row), else 1024."""
+    return prompt_bound(cfg)[:2]
+
+
+def prompt_bound(cfg) -> tuple[int, str, str]:
+    """planned_prompt and a line for the plan's output ("" when there is nothing to say): with the shards' window
+    and a policy tokenizer other than the shards' proxy tokenizer, the window is scaled by the worst policy/proxy
+    tokens ratio of a sample of rows (rpt_train.prompt_ratio), never below 1."""
     if cfg.max_context_tokens:
-        return cfg.max_context_tokens + TEMPLATE_TOKENS, f"--max-context-tokens + {TEMPLATE_TOKENS} template"
-    window = shard_window(getattr(cfg, "shards", ""))
-    if window:
-        return window + TEMPLATE_TOKENS, f"shard window {window} + {TEMPLATE_TOKENS} template"
-    return DEFAULT_PROMPT_TOKENS, "default, no --shards to bound it"
+        return cfg.max_context_tokens + TEMPLATE_TOKENS, f"--max-context-tokens + {TEMPLATE_TOKENS} template", ""
+    shards = getattr(cfg, "shards", "")
+    window = shard_window(shards)
+    if not window:
+        return DEFAULT_PROMPT_TOKENS, "default, no --shards to bound it", ""
+    from rpt_train.prompt_ratio import policy_token_ratio
+
+    ratio, rows, warning = policy_token_ratio(str(cfg.model), str(Path(shards).resolve()))
+    if not rows:
+        return window + TEMPLATE_TOKENS, f"shard window {window} + {TEMPLATE_TOKENS} template", warning
+    scaled = math.ceil(window * max(1.0, ratio))
+    bound = scaled + TEMPLATE_TOKENS
+    line = (f"prompt bound: {window} proxy tokens x {max(1.0, ratio):.2f} (policy/proxy tokens, worst of {rows} rows"
+            f"{f'; {ratio:.2f} measured, not scaled below 1' if ratio < 1 else ''}) + {TEMPLATE_TOKENS} template "
+            f"tokens = {bound}")
+    return bound, f"shard window {window} x {max(1.0, ratio):.2f} policy/proxy + {TEMPLATE_TOKENS} template", line
 
 
 def load_shapes(spec: str) -> Shapes:
@@ -298,7 +318,7 @@ def machine_memory() -> int | None:
 
 
 def render(plan: MemoryPlan) -> str:
-    lines = [f"memory plan per device ({plan.notes[0]}):"]
+    lines = [f"memory plan per device ({plan.notes[0]}):"] + ([f"  {plan.prompt_line}"] if plan.prompt_line else [])
     lines += [f"  {k:<16} {v / GIB:9.2f} GiB" for k, v in plan.terms.items()]
     lines += [f"  {k:<16} {v / GIB:9.2f} GiB  (part of the peak)" for k, v in plan.extra.items()]
     if plan.device_bytes is None:
