@@ -126,20 +126,6 @@ def warm_up(model_dir: Path, texts: list[str], contexts: list[str], template: st
     model.save_pretrained(model_dir)
 
 
-def shuffled_reward(seed: int):
-    """The RPT reward, permuted across the step's rollouts (the control: same reward mix, no information)."""
-    from rpt_train.reward import prefix_match
-
-    rng = random.Random(seed)
-
-    def fn(items):
-        r = [1.0 if prefix_match(x.answer, x.label_tokens) else 0.0 for x in items]
-        rng.shuffle(r)
-        return r
-
-    return fn
-
-
 def heldout_eval(model: str, shards: str, common: dict, limit: int) -> dict:
     """The `rpt-train eval` numbers over all held-out positions (n, ntr_accuracy, answer_rate, ...)."""
     from rpt_train.config import EvalConfig
@@ -182,6 +168,7 @@ def main(argv=None) -> dict:
     from rpt_data.config import TagConfig
     from rpt_data.pipeline import run_tag
     from rpt_train.config import TrainConfig
+    from rpt_train.experiment import shuffled_reward  # the control arm's reward, as in experiment specs
     from rpt_train.trainer import train
 
     t0 = time.perf_counter()

@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from data_helpers import SENTENCES, read_rows, records, write_jsonl
+from data_helpers import SENTENCES, constant_stats, read_rows, records, write_jsonl
 from rpt_data.config import TagConfig
 from rpt_data.merge import merge_out
 from rpt_data.pipeline import run_tag
-from rpt_data.proxy import WindowStats
 from test_data_entropy import ref64
 from test_data_multirank import corpus
 
@@ -73,12 +72,7 @@ class StandIn:
         if self.hook is not None:
             self.hook(windows)
         self.batches.append(sum(len(w.token_ids) for w in windows))
-        out = []
-        for w in windows:
-            e = np.full(len(w.token_ids), np.nan, np.float32)
-            e[w.score_start:] = 1.0
-            out.append(WindowStats(e, e.copy(), -e, np.where(np.isnan(e), -1, 0).astype(np.int32)))
-        return out
+        return constant_stats(windows)
 
 
 def test_reading_runs_ahead_of_the_scorer_and_writing_behind_it(tmp_path, tiny_llama, monkeypatch):

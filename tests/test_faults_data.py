@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from unittest import mock
 
-import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -20,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import rpt_data.readers as readers
-from data_helpers import KILL_KINDS, SENTENCES, install_fault, read_rows, records, write_jsonl
+from data_helpers import KILL_KINDS, SENTENCES, constant_stats, install_fault, read_rows, records, write_jsonl
 from rpt_common.shards import META_SCHEMA_VERSION, read_manifest
 from rpt_data.config import TagConfig
 from rpt_data.inspect import validate_out
@@ -342,14 +341,7 @@ class ConstantProxy:
         pass
 
     def score_batch(self, windows):
-        from rpt_data.proxy import WindowStats
-
-        out = []
-        for w in windows:
-            e = np.full(len(w.token_ids), np.nan, np.float32)
-            e[w.score_start:] = 1.0
-            out.append(WindowStats(e, e.copy(), -e, np.where(np.isnan(e), -1, 0).astype(np.int32)))
-        return out
+        return constant_stats(windows)
 
 
 def stream_text(rows: pl.DataFrame) -> str:
