@@ -149,12 +149,16 @@ class TableSink:
                           value=self._map("value", self.value_dtype or np.float16), selected_bits=bits)
 
 
-def shuffled(n: int, seed, directory: str | None = None) -> np.ndarray:
+def shuffled(n: int, seed, directory: str | None = None, *, out: np.ndarray | None = None) -> np.ndarray:
     """np.random.default_rng(seed).permutation(n), as uint32 below 2**32 (4 bytes a candidate; shuffling it draws
     what shuffling Generator.permutation's int64 arange does: the same order), in a memory-mapped scratch file under
-    `directory` when given (page cache, not the heap), filled a block at a time and shuffled in place."""
+    `directory` when given (page cache, not the heap), or into `out` (n entries of that dtype, e.g. a scratch file
+    reused for each epoch), filled a block at a time and shuffled in place."""
     dtype = np.uint32 if n < 2**32 else np.int64
-    perm = TableSink.scratch(directory, "order", dtype, n) if directory else np.empty(n, dtype=dtype)
+    if out is not None:
+        perm = out
+    else:
+        perm = TableSink.scratch(directory, "order", dtype, n) if directory else np.empty(n, dtype=dtype)
     step = 1 << 16  # filled in blocks of 256 KiB: no n-sized temporary
     for i in range(0, n, step):
         perm[i:i + step] = np.arange(i, min(i + step, n), dtype=dtype)

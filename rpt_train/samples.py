@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 from rpt_common.errors import UserError
 from rpt_common.shards import (DEFAULT_BUCKETS, DEFAULT_METRIC, METRIC_COLUMNS, SHARD_SCHEMA, footer_problems,
                                read_manifest, shard_paths)
-from rpt_train.candidates import Candidates, TableSink, candidates_of
+from rpt_train.candidates import Candidates, TableSink, candidates_of, shuffled
 from rpt_train.reward import extract_answer
 
 BUCKET_NAMES = ("easy", "medium", "hard")
@@ -446,15 +446,8 @@ class PositionSampler:
         self._perm = self._permutation()
 
     def _permutation(self) -> np.ndarray:
-        # Generator.permutation(n) shuffles an int64 arange; shuffling a uint32 one gives the same order in half
-        # the memory (4 bytes per candidate); in place in a memory-mapped file, the same order again
-        perm = self._file if self._file is not None else np.empty(self.n, dtype=self._dtype)
-        step = 1 << 20
-        for i in range(0, self.n, step):  # filled in blocks of 4 MiB: no n-sized temporary
-            perm[i:i + step] = np.arange(i, min(i + step, self.n), dtype=self._dtype)
-        # a plain ndarray view: Generator.shuffle swaps a memmap (an ndarray subclass) element by element in Python
-        np.random.default_rng([self.seed, self.epoch]).shuffle(perm.view(np.ndarray))
-        return perm
+        # one seeded permutation per epoch, in place in the scratch file when there is one
+        return shuffled(self.n, [self.seed, self.epoch], out=self._file)
 
     def next(self) -> int:
         if self.cursor >= self.n:
