@@ -6,8 +6,12 @@
   in expand_inputs order. A file is a stream in continuous mode, so each rank still sees whole streams.
 - `records` (structured mode, fewer files than ranks, or --limit): every rank reads every file and
   keeps record k (counted over good and bad records in reading order) when k % W == rank.
-- `windows` (continuous mode, fewer files than ranks, or --limit): a record stripe would cut streams,
-  so every rank reads and tokenizes everything (cheap next to the proxy) and scores window g of the
+- `segments` (continuous mode, a file larger than rpt_data.segments.SEGMENT_BYTES, at least W segments, no --limit):
+  such files are cut into segments at points that depend on the file alone (1 rank cuts them too), and the segments
+  (a file not cut is one) are dealt by size as files are; a rank tokenizes its segments plus a bounded lead-in each
+  (rpt_data.segments.SegmentDivision, built by rpt_data.segments.divide_segments before `divide` is asked).
+- `windows` (continuous mode, fewer files (segments) than ranks, or --limit): a record stripe would cut streams,
+  so every rank reads and tokenizes everything (at most W segments without --limit) and scores window g of the
   whole run when g % W == rank: the same windows as one rank, each scored once.
 Bad records are counted and reported by the rank that owns record k, so each is listed exactly once.
 With --limit every rank reads the input (the limit counts good records of the whole run), hence a stripe.

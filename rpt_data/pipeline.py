@@ -26,6 +26,7 @@ from rpt_data.overlap import WriteBehind, read_ahead
 from rpt_data.pools import pool_shards, score_pool, shard_pools
 from rpt_data.proxy import Proxy, WindowStats, build_proxy, check_context_length
 from rpt_data.ranks import RankInfo, process_group, rank_device, resolve_ranks
+from rpt_data.segments import cut_counts, divide_segments, segment_of, segment_windows
 from rpt_data.readers import (STREAM_PREFIX, BadRecord, Record, RecordParser, expand_inputs, read_all,
                               reject_duplicate_ids, stream_fingerprint)
 from rpt_data.windows import Window, windows_from_pieces
@@ -247,7 +248,8 @@ def run_tag(cfg: TagConfig, console=None, ranks: RankInfo | None = None) -> dict
 def _tag_rank(cfg: TagConfig, ranks: RankInfo) -> dict:
     files = expand_inputs(cfg.inputs, cfg.format)
     inputs = [fingerprint(p) for p, _ in files]
-    division = divide(files, cfg.mode, cfg.limit, cfg.rank, cfg.world_size, [f["bytes"] for f in inputs])
+    division = divide_segments(files, [f["bytes"] for f in inputs], cfg.mode, cfg.limit, cfg.rank, cfg.world_size) or \
+        divide(files, cfg.mode, cfg.limit, cfg.rank, cfg.world_size, [f["bytes"] for f in inputs])
     parse = RecordParser(cfg.text_field, cfg.template, cfg.id_field)
     old = prepare_out(cfg, inputs)
     out = Path(cfg.out)
@@ -308,6 +310,10 @@ def _tag(cfg: TagConfig, division: Division, parse: RecordParser, lm, proxy: Pro
     if done:
         print(f"resuming after {done} shard{'s' if done > 1 else ''} already in '{out}'", file=sys.stderr, flush=True)
     counts = {"records": 0, "bad": 0, "seen": 0}  # seen: good records of the whole run (for --limit)
+    # continuous streams cut into segments (rpt_data.segments): path -> segment count; the segment of the last record
+    cut = (division.counts if division.by == "segments" else cut_counts(division.files)) if cfg.mode == "continuous" \
+        else {}
+    segment = {}
     reasons: dict[str, int] = {}
     examples: dict[str, BadRecord] = {}  # the first bad record of each reason
     progress = TagProgress(enabled=cfg.progress)
@@ -323,7 +329,12 @@ def _tag(cfg: TagConfig, division: Division, parse: RecordParser, lm, proxy: Pro
             for item in items:
                 if isinstance(item, BadRecord) or not item.cont:
                     index += 1
-                mine = division.owns(index)
+                if division.by == "segments":  # a bad record without an offset goes with the record before it
+                    if item.offset >= 0 or item.source not in segment:
+                        segment[item.source] = segment_of(cut.get(item.source, 1), item.offset)
+                    mine = division.owns_unit(item.source, segment[item.source])
+                else:
+                    mine = division.owns(index)
                 if isinstance(item, BadRecord):
                     if not mine:
                         continue
@@ -343,10 +354,16 @@ def _tag(cfg: TagConfig, division: Division, parse: RecordParser, lm, proxy: Pro
                     if mine:
                         counts["records"] += 1
                         progress.records(counts["records"])
-                if mine or division.by == "windows":
+                if mine or division.by in ("windows", "segments"):
                     yield item
 
         def windows() -> Iterator[Window]:
+            if cut:  # a stream longer than SEGMENT_BYTES: segments, this rank's only (rpt_data.segments)
+                owned = division.owns_unit if division.by == "segments" else (lambda path, k: True)
+                ws = segment_windows(good_records(), cut, owned, cfg.separator, lm.tokenizer, cfg.window,
+                                     cfg.context_prefix, has_bos=proxy.bos is not None)
+                yield from (w for g, w in enumerate(ws) if division.owns(g)) if division.by == "windows" else ws
+                return
             texts = pieces(good_records(), cfg.mode, cfg.separator)
             first = next(texts, None)  # no good record: no window (and no empty batch for the tokenizer)
             if first is None:
@@ -376,7 +393,7 @@ def _tag(cfg: TagConfig, division: Division, parse: RecordParser, lm, proxy: Pro
                         writer.submit(seq, chunk, st)
 
     # none of the whole run's records yields text (a rank of a by-files division knows only its files)
-    if counts["seen"] == 0 and cfg.limit != 0 and (cfg.world_size == 1 or division.by != "files"):
+    if counts["seen"] == 0 and cfg.limit != 0 and (cfg.world_size == 1 or division.by not in ("files", "segments")):
         (out / record_name(cfg)).unlink()  # nothing to resume: the corrected command starts over here
         raise no_text_error(cfg, reasons, examples)
     manifest.update(complete=True, records=counts["records"], bad_records=counts["bad"],

@@ -38,6 +38,7 @@ class Record:
     source: str
     line: int  # 1-based line (jsonl/text) or row (parquet/hf)
     cont: bool = False  # continues the previous record's stream (later blocks of a text file)
+    offset: int = -1  # file byte where the record (line, text block) starts; -1: not known (.gz, parquet, hf)
 
 
 @dataclass(slots=True)
@@ -45,6 +46,7 @@ class BadRecord:
     source: str
     line: int  # 0 when the whole file is affected
     reason: str  # "<kind>" or "<kind>: detail" or "<kind> (detail)"
+    offset: int = -1  # file byte where the record (line, text block) starts; -1: not known (.gz, parquet, hf)
 
     @property
     def kind(self) -> str:
@@ -185,10 +187,11 @@ def _fields(obj: dict) -> str:
 
 def read_jsonl(path: str, parse: RecordParser) -> Iterator[Record | BadRecord]:
     opener = gzip.open if path.endswith(".gz") else open
-    lineno = 0
+    lineno, at, offsets = 0, 0, not path.endswith(".gz")  # at: file byte where the line starts
     try:
         with opener(path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
+                start, at = at, at + len(raw)
                 if not raw.strip():
                     continue
                 try:
@@ -204,7 +207,10 @@ def read_jsonl(path: str, parse: RecordParser) -> Iterator[Record | BadRecord]:
                 except (ValueError, RecursionError) as e:  # an integer of > 4300 digits, nesting too deep
                     yield BadRecord(path, lineno, f"malformed JSON: {str(e).split(':')[0]}")
                     continue
-                yield parse(obj, path, lineno)
+                item = parse(obj, path, lineno)
+                if offsets:  # the segment it belongs to (rpt_data.segments)
+                    item.offset = start
+                yield item
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         yield BadRecord(path, lineno + 1, f"compressed file is truncated or corrupt ({type(e).__name__}: {e})")
 
@@ -321,6 +327,7 @@ def read_text(path: str, parse: RecordParser, block_bytes: int | None = None) ->
     block_bytes = block_bytes or TEXT_BLOCK_BYTES
     decoder = codecs.getincrementaldecoder("utf-8")()
     carry, line, first, offset, newlines = "", 1, True, 0, 0
+    at, held_at = 0, 0  # file byte where the next block starts (rpt_data.segments), and where the held ones start
     held: list[str] = []  # leading blocks of only whitespace: a file of nothing else is an "empty text"
     with open(path, "rb") as f:
         while True:
@@ -334,8 +341,8 @@ def read_text(path: str, parse: RecordParser, block_bytes: int | None = None) ->
                 damage = e.start - len(pending), "invalid UTF-8 (byte {} of the file)"
             if "\0" in text:
                 text, damage = text[: text.index("\0")], (raw.index(b"\0"), "binary data (NUL byte at byte {} of the file)")
-            if offset == 0:
-                text = text.removeprefix("\ufeff")  # a BOM is not text
+            if offset == 0 and text.startswith("\ufeff"):
+                text, at = text[1:], 3  # a BOM is not text
             text = carry + text
             if damage is not None:  # every valid byte before it, unless damage in the first line and block says binary
                 binary = not newlines and "\n" not in text and offset + damage[0] < block_bytes
@@ -345,12 +352,14 @@ def read_text(path: str, parse: RecordParser, block_bytes: int | None = None) ->
                 block, carry = text[:cut], text[cut:]
             else:
                 block, carry = text, ""
+            block_at, at = at, at + (len(block.encode()) if block else 0)
             if block and first and not block.strip():  # str.strip, as for jsonl records (U+3000 is blank too)
+                held_at = block_at if not held else held_at
                 held.append(block)
             elif block:
                 if held:
-                    block, held = "".join(held) + block, []
-                yield Record(path, block, path, line, cont=not first)
+                    block, held, block_at = "".join(held) + block, [], held_at
+                yield Record(path, block, path, line, cont=not first, offset=block_at)
                 first = False
                 line += block.count("\n")
             if damage is not None:

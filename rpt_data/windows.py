@@ -197,6 +197,7 @@ class StreamWindower:
         self.start_byte = 0  # stream byte offset where the pending window's text begins
         self.token_start = 0
         self.window_index = 0
+        self.lead = 0  # context tokens in front of the first window (a segment's lead-in: rpt_data.segments)
 
     def add(self, ids: np.ndarray, ends: np.ndarray, data: bytes) -> list[Window]:
         """The stream's next tokens (`ends`: byte ends within the stream) and next bytes of its text."""
@@ -211,7 +212,7 @@ class StreamWindower:
     def finish(self) -> list[Window]:
         """The stream's last window, when it still holds tokens that were not scored."""
         n = len(self.ids)
-        already = 0 if self.window_index == 0 else self.prefix
+        already = self.lead if self.window_index == 0 else self.prefix
         out = [self._emit(n)] if n > already else []
         self.doc_id = None
         return out
@@ -224,7 +225,7 @@ class StreamWindower:
         w = Window(
             doc_id=self.doc_id, window_index=self.window_index, token_start=self.token_start, text=text,
             token_ids=self.ids[:n].copy(), token_bytes=(ends - self.start_byte).astype(np.int32),
-            score_start=self.first_scored if first else max(self.prefix, self.first_scored),
+            score_start=max(self.first_scored, self.lead) if first else max(self.prefix, self.first_scored),
         )
         drop = n - self.prefix if n == self.window else n
         if drop > 0:
