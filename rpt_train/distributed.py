@@ -163,9 +163,12 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def load_sharded_policy(spec: str, device: str, compute_dtype: torch.dtype | None = None, prepare=None):
     """`policy.load_policy` in float32 (the master weights: a bf16 checkpoint is upcast), then prepare(model); under
-    torchrun FSDP2-sharded with `compute_dtype` as its parameter dtype, its weights read once: rank 0 loads them
-    and broadcasts (`set_model_state_dict(broadcast_from_rank0=True)`), the other ranks build the model on the meta
-    device and receive their shards; buffers (rotary tables) are broadcast as well."""
+    torchrun FSDP2-sharded with `compute_dtype` as its parameter dtype, its weights read once, into host memory:
+    rank 0 loads them on the CPU (prepared too) and broadcasts them (`set_model_state_dict(broadcast_from_rank0=True)`
+    copies one full tensor at a time to the device); every rank, rank 0 included, shards the model's skeleton built
+    on the meta device, so no rank ever holds the whole model on its device. Buffers (rotary tables, which
+    `to_empty` leaves uninitialised) are copied from rank 0's CPU model and broadcast. Rank 0 returns the
+    tokenizer, generation config and identity of its CPU load; the CPU model is freed before returning."""
     from rpt_train.policy import load_policy
 
     if world_size() == 1:
@@ -173,20 +176,36 @@ def load_sharded_policy(spec: str, device: str, compute_dtype: torch.dtype | Non
         if prepare:
             prepare(loaded.model)
         return loaded
+    import dataclasses
+
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    loaded = load_policy(spec, device, "float32", weights=is_main())
+    host = load_policy(spec, "cpu", "float32") if is_main() else None  # a UserError here: see agree_with_main
+    skeleton = load_policy(spec, device, "float32", weights=False)
+    model = skeleton.model
+    if host is not None:
+        if getattr(host.model, "generation_config", None) is not None:  # generation_config.json's, not config.json's
+            model.generation_config = host.model.generation_config
+        loaded = dataclasses.replace(host, model=model)
+    else:
+        loaded = skeleton
     agree_with_main(loaded, spec)
-    model = loaded.model
+    full, buffers = {}, {}
+    if host is not None:
+        if prepare:
+            prepare(host.model)
+        full = dict(host.model.state_dict())
+        buffers = dict(host.model.named_buffers())
     if prepare:
         prepare(model)
-    full = dict(model.state_dict()) if is_main() else {}
     shard_model(model, device, compute_dtype)
-    if not is_main():
-        model.to_empty(device=device)
+    model.to_empty(device=device)
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    for buf in model.buffers():
+    for name, buf in model.named_buffers():
+        if host is not None:
+            buf.copy_(buffers[name])
         dist.broadcast(buf, src=0)
+    del host, full, buffers
     return loaded
 
 

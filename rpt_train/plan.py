@@ -80,6 +80,7 @@ class MemoryPlan:
     rollout_reason: str = ""  # why (the --rollout-gather decision)
     kv_cache_kind: str = ""  # dynamic or static, and why
     prompt_line: str = ""  # the prompt bound scaled to the policy's tokenizer, or why it could not be
+    host_bytes: int = 0  # FSDP: rank 0's host memory (RAM, not the device) for the full float32 weights it reads
 
     @property
     def fits(self) -> bool | None:
@@ -92,7 +93,7 @@ class MemoryPlan:
     def to_json(self) -> dict:
         return {"fits": self.fits, "device_bytes": self.device_bytes, "total_bytes": self.total, **self.terms,
                 **self.extra, "rollout_gather": self.rollout_gather, "rollout_reason": self.rollout_reason,
-                "kv_cache_kind": self.kv_cache_kind}
+                "kv_cache_kind": self.kv_cache_kind, "host_bytes": self.host_bytes}
 
 
 def kv_cache_bytes(layers: int, kv_dim: int, rows: int, tokens: int, element: int) -> int:
@@ -182,8 +183,10 @@ def plan_memory(cfg, shapes: Shapes, *, world_size: int = 1, device_type: str = 
              f"(prompt {prompt} planned: {prompt_source}; + {new} new), micro-batch {micro}"
              f"{' groups (shared prefix)' if shared else ''}, float32 weights, "
              f"compute in {str(compute or precision.MASTER).removeprefix('torch.')}"]
+    # FSDP: rank 0 reads each model's full float32 weights into host memory and broadcasts them to the shards
+    # (distributed.load_sharded_policy), one model at a time; no device holds the whole model
     return MemoryPlan(terms=terms, extra=extra, total=total, device_bytes=device_bytes, device_source=device_source,
-                      notes=notes, prompt_line=prompt_line)
+                      notes=notes, prompt_line=prompt_line, host_bytes=policy if W > 1 else 0)
 
 
 def choose_rollouts(cfg, shapes: Shapes, kw: dict) -> MemoryPlan:
@@ -327,6 +330,10 @@ def render(plan: MemoryPlan) -> str:
         of = "this machine's memory" if plan.device_source == "machine" else "the device's"
         verdict = f" of {plan.device_bytes / GIB:.2f} GiB ({of}): {'fits' if plan.fits else 'DOES NOT FIT'}"
     lines.append(f"  planned peak {plan.total / GIB:.2f} GiB{verdict}")
+    if plan.host_bytes:
+        lines.append(f"  host: rank 0 reads the full float32 weights: {plan.host_bytes / GIB:.2f} GiB of RAM (one "
+                     f"model at a time, freed once sharded; a checkpoint save gathers weights and AdamW there: "
+                     f"{3 * plan.host_bytes / GIB:.2f} GiB)")
     if plan.rollout_reason:
         lines.append(f"  rollouts: {'gathered weights' if plan.rollout_gather else 'no gathered copy'} "
                      f"({plan.rollout_reason})")

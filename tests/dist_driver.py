@@ -132,6 +132,62 @@ def agree(plan: dict, out: Path) -> None:
         "lengths": batch.lengths.tolist()}))
 
 
+def sharded_load(plan: dict, out: Path) -> None:
+    """load_sharded_policy (with the trainer's prepare: dropout off, gradient checkpointing) of each model in
+    plan["sharded_load"], recording every policy.load_policy call and whether each parameter and buffer of the model
+    handed to shard_model was still on the meta device; then the gathered full weights, the buffers and a forward
+    against this rank's own 1-process load_policy."""
+    from types import SimpleNamespace
+
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    import rpt_train.policy as policy
+    from rpt_train import distributed
+    from rpt_train.trainer import prepare_policy
+
+    rank = torch.distributed.get_rank()
+    load, shard = policy.load_policy, distributed.shard_model
+    prepare = lambda m: prepare_policy(SimpleNamespace(gradient_checkpointing=True), m)  # noqa: E731
+    for name, spec in plan["sharded_load"].items():
+        calls, meta = [], []
+
+        def recording_load(spec, device="auto", dtype="float32", weights=True):
+            calls.append([str(device), dtype, weights])
+            return load(spec, device, dtype, weights)
+
+        def recording_shard(model, *a, **k):
+            meta.append(all(t.is_meta for t in [*model.parameters(), *model.buffers()]))
+            return shard(model, *a, **k)
+
+        policy.load_policy, distributed.shard_model = recording_load, recording_shard
+        try:
+            # "cpu:0": another name for the device, so that a load of the weights on `device` would show
+            loaded = distributed.load_sharded_policy(spec, "cpu:0", prepare=prepare)
+        finally:
+            policy.load_policy, distributed.shard_model = load, shard
+        ref = load(spec, "cpu")
+        prepare(ref.model)
+        model = loaded.model
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        want = ref.model.state_dict()
+        bufs, want_bufs = dict(model.named_buffers()), dict(ref.model.named_buffers())
+        ids = torch.tensor([loaded.tokenizer("The quick brown fox jumps")["input_ids"]])
+        with torch.no_grad():
+            got_logits, want_logits = model(ids).logits, ref.model(ids).logits
+        (out / f"sharded-load-{name}-rank{rank}.json").write_text(json.dumps({
+            "calls": calls, "meta_at_shard": meta, "keys": sorted(full) == sorted(want),
+            "weights_equal": all(torch.equal(full[k], want[k]) for k in want),
+            "buffers": sorted(bufs) == sorted(want_bufs),
+            "buffers_equal": all(torch.equal(bufs[k], want_bufs[k]) for k in want_bufs),
+            "logits_diff": float((got_logits - want_logits).abs().max()),
+            "tied": model.get_output_embeddings().weight is model.get_input_embeddings().weight,
+            "ref_tied": ref.model.get_output_embeddings().weight is ref.model.get_input_embeddings().weight,
+            "gradient_checkpointing": model.is_gradient_checkpointing,
+            "generation_eos": model.generation_config.eos_token_id,
+            "ref_generation_eos": ref.model.generation_config.eos_token_id,
+            "identity": loaded.identity, "ref_identity": ref.identity, "path": loaded.path, "ref_path": ref.path}))
+
+
 def main() -> None:
     plan = json.loads(Path(sys.argv[1]).read_text())
     root = Path(plan["root"])
@@ -143,6 +199,8 @@ def main() -> None:
             lockstep(plan, root)
         if plan.get("agree"):
             agree(plan, root)
+        if plan.get("sharded_load"):
+            sharded_load(plan, root)
         from rpt_train.trainer import train
 
         for name, kw in plan["sampled"]:  # HFRollout through FSDP; resumes

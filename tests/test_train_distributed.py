@@ -103,6 +103,17 @@ def sampled(tiny_llama, train_shards, tmp_path_factory):
                                            ["from-one", {"steps": 2, "resume": True}]])
 
 
+@pytest.fixture(scope="module")
+def sharded_load(tmp_path_factory):
+    """load_sharded_policy on 2 ranks of a tied (Llama) and an untied (Qwen2) tiny model."""
+    from tiny import make_model_dir
+
+    root = tmp_path_factory.mktemp("dist-load")
+    models = {"llama": make_model_dir(root / "model-llama", seed=3),
+              "qwen2": make_model_dir(root / "model-qwen2", arch="qwen2", tie=False, seed=4)}
+    return run_driver(root, {}, sharded_load={k: str(v) for k, v in models.items()})[0], models
+
+
 @pytest.mark.parametrize("loss", LOSSES)
 def test_two_rank_update_equals_the_one_process_update(scripted, tmp_path, loss):
     from dist_driver import PromptEngine
@@ -232,6 +243,30 @@ def test_every_rank_reads_rank_0s_generation_config_and_stops_where_it_does(tmp_
     assert r0["eos_ids"] == sorted({tok.eos_token_id, *extra})
     assert r0 == r1
     assert min(r0["lengths"]) < 8  # the extra EOS ids stopped some completions
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_every_rank_shards_the_meta_skeleton_and_gets_the_one_process_weights(sharded_load, arch):
+    """Rank 0 reads the weights into host memory (load_policy on "cpu") and, like every rank, shards the skeleton
+    built on the meta device: no rank's device ever holds the whole model. Gathered back, the weights and buffers
+    (rotary tables) equal one process's load_policy, tied embeddings (Llama) stay tied and untied ones (Qwen2)
+    untied, and the forward matches. Before, rank 0 loaded the whole model on `device` ("cpu:0" here) and sharded
+    it (its meta_at_shard was [False])."""
+    root, models = sharded_load
+    for rank in (0, 1):
+        r = json.loads((root / f"sharded-load-{arch}-rank{rank}.json").read_text())
+        assert r["meta_at_shard"] == [True]
+        # device "cpu:0" for the sharded model: only rank 0 reads weights, and into host memory ("cpu")
+        weight_loads = [c for c in r["calls"] if c[2]]
+        assert weight_loads == ([["cpu", "float32", True]] if rank == 0 else []), r["calls"]
+        assert ["cpu:0", "float32", False] in r["calls"]  # the skeleton, on every rank
+        assert r["keys"] and r["weights_equal"] and r["buffers"] and r["buffers_equal"]
+        assert r["logits_diff"] < 1e-5
+        assert r["tied"] is r["ref_tied"] is (arch == "llama")
+        assert r["gradient_checkpointing"]  # the prepare of the trainer reached the sharded model
+        assert r["generation_eos"] == r["ref_generation_eos"]
+        if rank == 0:  # what rank 0 returns besides the model is its load's, as before
+            assert r["identity"] == r["ref_identity"] and r["path"] == r["ref_path"]
 
 
 def test_two_rank_resume_equals_the_uninterrupted_run(sampled):

@@ -183,6 +183,21 @@ def test_rollout_gather_auto_gathers_when_the_copy_fits_and_says_why_not_otherwi
     assert not plan_memory(cfg, SHAPES_14B, world_size=1, device_bytes=80 * 2 ** 30).rollout_gather  # no FSDP
 
 
+def test_the_fsdp_plan_says_rank_0s_host_memory_for_the_full_weights():
+    """Under FSDP rank 0 reads the full float32 weights into RAM (not its device) and shards from there: the plan
+    says so (14.77B parameters: 55.02 GiB), its device terms keep only the shards; one process has no such line."""
+    from rpt_train.plan import render
+
+    cfg = TrainConfig(shards="x", max_new_tokens=8192, batch_prompts=256, group_size=8, micro_batch_size=1,
+                      gradient_checkpointing=True)
+    eight = plan_memory(cfg, SHAPES_14B, world_size=8, device_bytes=80 * 2 ** 30)
+    assert eight.host_bytes == SHAPES_14B.params * 4 and eight.to_json()["host_bytes"] == eight.host_bytes
+    assert eight.terms["weights"] == SHAPES_14B.params * 4 // 8  # the devices: their shards only
+    assert "host: rank 0 reads the full float32 weights: 55.02 GiB of RAM" in render(eight)
+    one = plan_memory(cfg, SHAPES_14B, world_size=1, device_bytes=80 * 2 ** 30)
+    assert one.host_bytes == 0 and "host:" not in render(one)
+
+
 def test_plan_shows_the_rollout_choices(tiny_llama):
     from click.testing import CliRunner
 
