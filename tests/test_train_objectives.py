@@ -286,12 +286,12 @@ def test_the_objectives_experiment_spec_loads_with_per_arm_eval(tmp_path):
     spec = load_spec(str(Path(__file__).parent.parent / "pipelines/experiments/smollm2-champ-objectives.yaml"))
     exp = Experiment(spec)
     cfgs = {a: exp.train_config(spec.arms[a], check_only=True) for a in ("rpt-think", "rpt-ntp", "rlp")}
-    assert cfgs["rpt-think"].think_budget == 64 and cfgs["rpt-think"].template == "think"
+    assert cfgs["rpt-think"].think_budget == 32 and cfgs["rpt-think"].template == "think"  # results/probe-thoughts.json
     assert cfgs["rpt-ntp"].ntp_weight == 0.5 and cfgs["rlp"].objective == "rlp"
     think, common = exp.eval_config("demo", spec.arms["rpt-think"]), exp.eval_config("demo", spec.arms["rlp"])
-    assert (think.template, think.response_prefix, think.max_new_tokens) == ("think", "", 48)
+    assert (think.template, think.response_prefix, think.max_new_tokens) == ("think", "", 32)
     assert (common.template, common.max_new_tokens) == ("answer-only", 10)
-    assert objectives.new_tokens(cfgs["rpt-think"], 108) == 48  # evaluated at the budget it ends training with
+    assert objectives.new_tokens(cfgs["rpt-think"], 108) == 32  # evaluated at the budget it ends training with
 
 
 class VaryingEngine(ScriptedEngine):
