@@ -14,6 +14,8 @@
   so every rank reads and tokenizes everything (at most W segments without --limit) and scores window g of the
   whole run when g % W == rank: the same windows as one rank, each scored once.
 Bad records are counted and reported by the rank that owns record k, so each is listed exactly once.
+A `files` division is recorded (`owner`: the rank of every file) and pinned on resume: a file fixed since (same paths
+in the same order, another size) stays with its rank, and a rank started later takes the owners another rank recorded.
 With --limit every rank reads the input (the limit counts good records of the whole run), hence a stripe.
 """
 from __future__ import annotations
@@ -28,23 +30,27 @@ class Division:
     rank: int
     world_size: int
     files: list  # (path, format) this rank reads
+    owner: list | None = None  # `files`: the rank of each file of the run (expand_inputs order)
 
     def owns(self, index: int) -> bool:
         """Whether the record (or window) `index` of this rank's reading order is this rank's."""
         return self.by in ("all", "files") or index % self.world_size == self.rank
 
     def describe(self) -> dict:
-        return {"by": self.by, "files": [p for p, _ in self.files]}
+        d = {"by": self.by, "files": [p for p, _ in self.files]}
+        return d | ({"owner": list(self.owner)} if self.owner is not None else {})
 
 
 def divide(files: list, mode: str, limit: int | None, rank: int, world_size: int,
-           sizes: list[int] | None = None) -> Division:
-    """This rank's part of `files` (expand_inputs order); `sizes`: each file's bytes (None: all equal)."""
+           sizes: list[int] | None = None, owner: list[int] | None = None) -> Division:
+    """This rank's part of `files` (expand_inputs order); `sizes`: each file's bytes (None: all equal); `owner`: the
+    rank of each file as a record of this run gives it (a resume keeps it), else dealt by `sizes`."""
     if world_size == 1:
         return Division("all", rank, world_size, list(files))
     if len(files) >= world_size and limit is None:
-        owner = balance(sizes if sizes is not None else [0] * len(files), world_size)
-        return Division("files", rank, world_size, [f for f, r in zip(files, owner) if r == rank])
+        if owner is None or len(owner) != len(files):
+            owner = balance(sizes if sizes is not None else [0] * len(files), world_size)
+        return Division("files", rank, world_size, [f for f, r in zip(files, owner) if r == rank], list(owner))
     return Division("records" if mode == "structured" else "windows", rank, world_size, list(files))
 
 

@@ -65,6 +65,23 @@ def changed_inputs(old: list[dict] | None, new: list[dict] | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def unit_key(f: dict) -> str:
+    """Which unit an input fingerprint names, whatever its contents: a file by its resolved path, a stream unit by
+    its spec and shard."""
+    if "shard" in f:
+        return f"{f['path']}#{f['shard']}"
+    return input_key(f)["resolved"]
+
+
+def changed_units(old: list[dict] | None, new: list[dict]) -> list[int] | None:
+    """The indices of the units whose contents changed since a run's record, when it names the same units in the
+    same order (a file fixed in place); None when units were added, removed or reordered."""
+    old = old or []
+    if [unit_key(f) for f in old] != [unit_key(f) for f in new]:
+        return None
+    return [i for i, (a, b) in enumerate(zip(old, new)) if input_key(a) != input_key(b)]
+
+
 def moved_revision(old: list[dict] | None, new: list[dict]) -> str | None:
     """One sentence when a hub input was read at another commit than the one a run started from, else None."""
     then = {f["path"]: f["revision"] for f in old or [] if f.get("revision")}
@@ -158,7 +175,17 @@ def _check_same_run(rec: dict, ref: dict, r: int) -> None:
         raise UserError(f"rank {r} was tagged with other options than rank 0 ({differ(diff)}); "
                         f"rerun rank {r} with rank 0's options and --overwrite, then merge again")
     if not same_inputs(rec.get("inputs"), ref.get("inputs")):
+        changed = changed_units(ref.get("inputs"), rec.get("inputs") or [])
+        if changed:  # files fixed in place while some ranks had finished: a rerun records the new fingerprints
+            names = ", ".join(f"'{ref['inputs'][i]['path']}'" for i in changed[:3])
+            raise UserError(f"rank {r} saw other contents of {names}{' and more' if len(changed) > 3 else ''} than "
+                            "rank 0 (changed between their runs); rerun every rank with the same options (each resumes: "
+                            "a rank that does not read them only records the new fingerprints), then merge again")
         raise UserError(f"rank {r} saw other input files than rank 0 (they changed between the two runs); "
+                        "rerun every rank with --overwrite")
+    owners = [x.get("division", {}).get("owner") for x in (rec, ref)]
+    if None not in owners and owners[0] != owners[1]:
+        raise UserError(f"rank {r} divided the input files between the ranks otherwise than rank 0; "
                         "rerun every rank with --overwrite")
     if (rec.get("tokenizer") != ref.get("tokenizer") or rec.get("proxy") != ref.get("proxy")
             or rec.get("bos", NO_BOS) != ref.get("bos", NO_BOS)):

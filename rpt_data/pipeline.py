@@ -8,6 +8,7 @@ import os
 import resource
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from rpt_common.shards import (MANIFEST, REJECTS, SCHEMA_VERSION, SHARD_LOG, ran
 from rpt_common.shards import DATA_DIR, DATASET_CARD, dataset_card
 from rpt_data.config import TagConfig
 from rpt_data.division import Division, divide
-from rpt_data.merge import changed_inputs, merge_out, moved_revision, same_inputs, same_run_config, totals
+from rpt_data.merge import (changed_inputs, changed_units, merge_out, moved_revision, read_rank_records, same_inputs,
+                            same_run_config, totals, unit_key)
 from rpt_data.overlap import WriteBehind, read_ahead
 from rpt_data.pools import pool_shards, score_pool, shard_pools
 from rpt_data.proxy import Proxy, WindowStats, build_proxy, check_context_length
@@ -123,9 +125,10 @@ def _other_world_size(out: Path, cfg: TagConfig) -> None:
                     "rerun with the same options to resume, --overwrite to start over, or a new --out")
 
 
-def prepare_out(cfg: TagConfig, inputs: list[dict]) -> dict | None:
+def prepare_out(cfg: TagConfig, inputs: list[dict], units: list[int] | None = None) -> dict | None:
     """Check the output directory; return this rank's record to resume from (None = start fresh).
-    The record is manifest.json for a 1-rank run, rank-RRRRR.json for each rank of a multi-rank run."""
+    The record is manifest.json for a 1-rank run, rank-RRRRR.json for each rank of a multi-rank run.
+    `units`: the indices (into `inputs`) of the units this rank reads (default: all), for `redo_changed_units`."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out '{out}' exists and is not a directory")
@@ -159,10 +162,13 @@ def prepare_out(cfg: TagConfig, inputs: list[dict]) -> dict | None:
     if moved_revision(old.get("inputs"), inputs):
         raise UserError(moved_revision(old.get("inputs"), inputs))
     if not same_inputs(old.get("inputs"), inputs):
-        changed = changed_inputs(old.get("inputs"), inputs)
-        shown = ", ".join(f"'{n}'" for n in changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
-        raise UserError(f"the input files changed since '{out}' was started ({shown}); rerun with --overwrite "
-                        "to start over")
+        fixed = changed_units(old.get("inputs"), inputs)  # None: files added, removed or reordered
+        if fixed is None or any("units" not in s for s in old.get("shards", [])):  # a record from before `units`
+            changed = changed_inputs(old.get("inputs"), inputs)
+            shown = ", ".join(f"'{n}'" for n in changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+            raise UserError(f"the input files changed since '{out}' was started ({shown}); rerun with --overwrite "
+                            "to start over")
+        redo_changed_units(cfg, old, inputs, fixed, range(len(inputs)) if units is None else units)
     kept = []  # recorded shards still on disk as written; the first one that is not and all later are redone
     for entry in old.get("shards", []):
         path = out / entry["file"]
@@ -178,6 +184,53 @@ def prepare_out(cfg: TagConfig, inputs: list[dict]) -> dict | None:
         if is_temp(n) or (os.path.basename(n).startswith("shard-") and n not in listed):
             os.remove(out / n)
     return old
+
+
+def redo_changed_units(cfg: TagConfig, old: dict, inputs: list[dict], fixed: list[int], units) -> None:
+    """Input units changed in place since `old` was recorded (same units, same order): keep the shards that a run on
+    the new inputs writes the same, drop the others from `old` (they are redone), and say so in one line.
+
+    A shard stands when it is full and all its windows come from units before this rank's first changed unit (its
+    `units`, [first, last] indices into `inputs`, end before it): reading restarts from the top, so the windows up
+    to there are the same. Shards are scored in pools (rpt_data.pools) and batching rounds stats differently, so
+    the cut goes back to the start of its pool, as a fresh run on the new inputs pools them: the kept shards are
+    those bytes. A rank that reads no changed unit keeps all its shards (and records the new fingerprints)."""
+    shards = old.get("shards", [])
+    mine = sorted(set(units) & set(fixed))
+    names = [inputs[i]["path"] if inputs[i].get("shard") is None else unit_key(inputs[i]) for i in fixed]
+    shown = ", ".join(f"'{n}'" for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    who = "" if cfg.world_size == 1 else f" of rank {cfg.rank} of {cfg.world_size}"
+    changed = f"warning: {len(names)} input file(s) changed since '{cfg.out}' was started ({shown})"
+    if not mine:
+        print(f"{changed}; rank {cfg.rank} reads none of them: its {len(shards)} shard(s) stand", file=sys.stderr)
+        return
+    cut = next((k for k, s in enumerate(shards) if s["units"][1] >= mine[0] or s["rows"] < cfg.shard_rows),
+               len(shards))
+    size = pool_shards(cfg.shard_rows, cfg.window)
+    cut = cut // size * size
+    print(f"{changed}; keeping the first {cut} shard(s){who} and redoing the other {len(shards) - cut} recorded, "
+          f"from the first shard that may hold windows of '{names[fixed.index(mine[0])]}'", file=sys.stderr)
+    old["shards"], old["complete"] = shards[:cut], False
+
+
+def recorded_owner(cfg: TagConfig, inputs: list[dict]) -> list[int] | None:
+    """The division of the files between ranks that this run's records give (this rank's own first, else another
+    rank's), when they name the same units in the same order: a file fixed since keeps its rank, whatever its new
+    size. None for one rank, --overwrite, or no such record (the files are dealt by their sizes now)."""
+    if cfg.world_size == 1 or cfg.overwrite or not Path(cfg.out).is_dir():
+        return None
+    try:
+        records = read_rank_records(Path(cfg.out))
+    except UserError:  # a corrupt record: prepare_out says so for this rank's own; another rank's is no guide
+        return None
+    keys = [unit_key(f) for f in inputs]
+    for rank in sorted(records, key=lambda r: r != cfg.rank):
+        rec = records[rank]
+        owner = rec.get("division", {}).get("owner")
+        if (rec.get("world_size") == cfg.world_size and owner is not None and len(owner) == len(keys)
+                and [unit_key(f) for f in rec.get("inputs", [])] == keys):
+            return owner
+    return None
 
 
 @contextlib.contextmanager
@@ -210,6 +263,8 @@ def shard_summary(name: str, windows: list[Window], stats: list[WindowStats], cf
     """The manifest entry of one shard, and each window's selected positions."""
     entry = {"file": name, "rows": len(windows), "positions": 0, "scored": 0, "nan": 0, "selected": 0,
              "buckets": dict.fromkeys(cfg.bucket_names(), 0)}
+    if windows and windows[0].unit >= 0:  # the input units (indices into the record's `inputs`) it holds windows of
+        entry["units"] = [min(w.unit for w in windows), max(w.unit for w in windows)]
     selected = []
     for w, s in zip(windows, stats):
         metric = (s.topk_entropy if cfg.metric == "topk" else s.entropy)[w.score_start :]
@@ -249,12 +304,17 @@ def _tag_rank(cfg: TagConfig, ranks: RankInfo) -> dict:
     files = expand_inputs(cfg.inputs, cfg.format)
     inputs = [fingerprint(p) for p, _ in files]
     division = divide_segments(files, [f["bytes"] for f in inputs], cfg.mode, cfg.limit, cfg.rank, cfg.world_size) or \
-        divide(files, cfg.mode, cfg.limit, cfg.rank, cfg.world_size, [f["bytes"] for f in inputs])
+        divide(files, cfg.mode, cfg.limit, cfg.rank, cfg.world_size, [f["bytes"] for f in inputs],
+                      recorded_owner(cfg, inputs))
     parse = RecordParser(cfg.text_field, cfg.template, cfg.id_field)
-    old = prepare_out(cfg, inputs)
+    read = {p for p, _ in division.files}
+    old = prepare_out(cfg, inputs, [i for i, (p, _) in enumerate(files) if p in read])
     out = Path(cfg.out)
     if old and old.get("complete"):
         what = f"'{out}'" if cfg.world_size == 1 else f"rank {cfg.rank} of {cfg.world_size} in '{out}'"
+        if not same_inputs(old.get("inputs"), inputs):  # files this rank does not read were fixed: the record names them as now
+            old["inputs"] = inputs
+            write_json_atomic(out / record_name(cfg), old)
         print(f"{what} is already complete ({len(old['shards'])} shards); nothing to do "
               "(use --overwrite to redo it)", file=sys.stderr)
         return old
@@ -281,7 +341,7 @@ def _tag_rank(cfg: TagConfig, ranks: RankInfo) -> dict:
     if cfg.world_size > 1:
         record.update(rank=cfg.rank, world_size=cfg.world_size, division=division.describe())
     with disk_full_is_a_user_error(out):
-        _tag(cfg, division, parse, lm, proxy, record)
+        _tag(cfg, division, parse, lm, proxy, record, unit_of={p: i for i, (p, _) in enumerate(files)})
     return record
 
 
@@ -290,10 +350,13 @@ def _precision_words(p: dict) -> str:
 
 
 def _tag(cfg: TagConfig, division: Division, parse: RecordParser, lm, proxy: Proxy, manifest: dict,
-         overlap: bool | None = None) -> None:
+         overlap: bool | None = None, unit_of: dict[str, int] | None = None) -> None:
     """Read, window, score and write this rank's shards after the `done` ones, updating its record
     (`manifest`: manifest.json for one rank, rank-RRRRR.json otherwise) in place. `overlap` (default OVERLAP):
-    read ahead and write behind in threads; off, the same work runs in line and writes the same bytes."""
+    read ahead and write behind in threads; off, the same work runs in line and writes the same bytes.
+    `unit_of`: the index of each input path in the run's `inputs` (default: this rank's files in order); each
+    shard entry records the range of units its windows come from (`units`), so a resume after a file is fixed
+    knows which shards stand."""
     from rpt_data.progress import TagProgress
 
     out = Path(cfg.out)
@@ -314,6 +377,9 @@ def _tag(cfg: TagConfig, division: Division, parse: RecordParser, lm, proxy: Pro
     cut = (division.counts if division.by == "segments" else cut_counts(division.files)) if cfg.mode == "continuous" \
         else {}
     segment = {}
+    unit_of = unit_of or {p: i for i, (p, _) in enumerate(division.files)}
+    unit = {"last": -1}  # the unit of the record read last (pieces() reads one record per piece, no further)
+    streams: deque[tuple[str, int]] = deque()  # (doc_id, unit) of each stream begun and not yet windowed
     reasons: dict[str, int] = {}
     examples: dict[str, BadRecord] = {}  # the first bad record of each reason
     progress = TagProgress(enabled=cfg.progress)
@@ -355,7 +421,27 @@ def _tag(cfg: TagConfig, division: Division, parse: RecordParser, lm, proxy: Pro
                         counts["records"] += 1
                         progress.records(counts["records"])
                 if mine or division.by in ("windows", "segments"):
+                    unit["last"] = unit_of.get(item.source, unit["last"])
                     yield item
+
+        def stream_units(texts):
+            """The pieces, noting the unit of each stream they begin."""
+            for doc_id, text, new in texts:
+                if new:
+                    streams.append((doc_id, unit["last"]))
+                yield doc_id, text, new
+
+        def with_units(ws: Iterator[Window]) -> Iterator[Window]:
+            """Each window with the unit of its stream: a stream's windows come in order, window 0 first (a stream
+            that gave no window is passed over; a stream's doc_id is unique in a run, ids are checked)."""
+            current = -1
+            for w in ws:
+                if w.window_index == 0:
+                    while streams and streams[0][0] != w.doc_id:
+                        streams.popleft()
+                    current = streams.popleft()[1] if streams else -1
+                w.unit = current
+                yield w
 
         def windows() -> Iterator[Window]:
             if cut:  # a stream longer than SEGMENT_BYTES: segments, this rank's only (rpt_data.segments)
@@ -364,12 +450,12 @@ def _tag(cfg: TagConfig, division: Division, parse: RecordParser, lm, proxy: Pro
                                      cfg.context_prefix, has_bos=proxy.bos is not None)
                 yield from (w for g, w in enumerate(ws) if division.owns(g)) if division.by == "windows" else ws
                 return
-            texts = pieces(good_records(), cfg.mode, cfg.separator)
+            texts = stream_units(pieces(good_records(), cfg.mode, cfg.separator))
             first = next(texts, None)  # no good record: no window (and no empty batch for the tokenizer)
             if first is None:
                 return
-            ws = windows_from_pieces(itertools.chain([first], texts), lm.tokenizer, cfg.window, cfg.context_prefix,
-                                     has_bos=proxy.bos is not None)
+            ws = with_units(windows_from_pieces(itertools.chain([first], texts), lm.tokenizer, cfg.window,
+                                                cfg.context_prefix, has_bos=proxy.bos is not None))
             if division.by == "windows":  # every rank builds every window of the run and scores its stripe
                 ws = (w for g, w in enumerate(ws) if division.owns(g))
             yield from ws

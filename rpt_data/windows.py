@@ -41,6 +41,7 @@ class Window:
     token_ids: np.ndarray  # int32 [n]
     token_bytes: np.ndarray  # int32 [n], byte end of each token inside `text`
     score_start: int
+    unit: int = -1  # the input unit (index into the run's inputs) of its stream, when the pipeline knows it; not stored
 
 
 def char_to_byte(text: str) -> np.ndarray:
