@@ -141,3 +141,22 @@ def test_an_added_file_or_an_old_record_still_refuses(tmp_path, tiny_llama):
     corpus(tmp_path / "in", fixed=True)
     with pytest.raises(UserError, match=r"the input files changed since .*\('.*a2.jsonl'\); rerun with --overwrite"):
         tag(inputs, tiny_llama, out)
+
+
+def test_a_fixed_file_of_an_hf_glob_is_one_unit(tmp_path, tiny_llama, monkeypatch, capsys):
+    """hf:// data files: one unit (dataset shard) per file, fingerprinted by its own file."""
+    monkeypatch.setattr(pools, "LOOKAHEAD_TOKENS", 2 * 16)
+    corpus(tmp_path / "in")
+    inputs = [f"hf://{tmp_path / 'in'}/*.jsonl"]
+    out = tmp_path / "out"
+    first = tag(inputs, tiny_llama, out)
+    assert [f["shard"] for f in first["inputs"]] == [0, 1, 2, 3] and first["bad_records"] == 2
+    kept = [s for s in first["shards"] if s["units"][1] < 2 and s["rows"] == 2]
+    stand = on_disk(out, kept)
+    corpus(tmp_path / "in", fixed=True)
+    capsys.readouterr()
+    tag(inputs, tiny_llama, out)
+    assert f"('{inputs[0]}#2'); keeping the first {len(kept)} shard(s)" in capsys.readouterr().err
+    assert kept and on_disk(out, kept) == stand
+    tag(inputs, tiny_llama, tmp_path / "fresh")
+    same_output(out, tmp_path / "fresh")
