@@ -168,7 +168,9 @@ def load_sharded_policy(spec: str, device: str, compute_dtype: torch.dtype | Non
     copies one full tensor at a time to the device); every rank, rank 0 included, shards the model's skeleton built
     on the meta device, so no rank ever holds the whole model on its device. Buffers (rotary tables, which
     `to_empty` leaves uninitialised) are copied from rank 0's CPU model and broadcast. Rank 0 returns the
-    tokenizer, generation config and identity of its CPU load; the CPU model is freed before returning."""
+    tokenizer, generation config and identity of its CPU load; the CPU model is freed before returning. A load
+    that fails on any rank (rank 0's host load, any rank's skeleton) stops every rank with its error before any
+    other collective (`stop_if_any_failed`), so no rank is left waiting for it."""
     from rpt_train.policy import load_policy
 
     if world_size() == 1:
@@ -180,8 +182,16 @@ def load_sharded_policy(spec: str, device: str, compute_dtype: torch.dtype | Non
 
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    host = load_policy(spec, "cpu", "float32") if is_main() else None  # a UserError here: see agree_with_main
-    skeleton = load_policy(spec, device, "float32", weights=False)
+    host, skeleton, failure = None, None, None
+    try:  # before any other collective: a rank that fails here must not leave the others waiting in one
+        if is_main():
+            host = load_policy(spec, "cpu", "float32")
+            if prepare:
+                prepare(host.model)
+        skeleton = load_policy(spec, device, "float32", weights=False)
+    except Exception as e:  # noqa: BLE001 - every rank must learn of it; re-raised below
+        failure = e
+    stop_if_any_failed(failure, f"load '{spec}'")
     model = skeleton.model
     if host is not None:
         if getattr(host.model, "generation_config", None) is not None:  # generation_config.json's, not config.json's
@@ -192,8 +202,6 @@ def load_sharded_policy(spec: str, device: str, compute_dtype: torch.dtype | Non
     agree_with_main(loaded, spec)
     full, buffers = {}, {}
     if host is not None:
-        if prepare:
-            prepare(host.model)
         full = dict(host.model.state_dict())
         buffers = dict(host.model.named_buffers())
     if prepare:
@@ -207,6 +215,29 @@ def load_sharded_policy(spec: str, device: str, compute_dtype: torch.dtype | Non
         dist.broadcast(buf, src=0)
     del host, full, buffers
     return loaded
+
+
+def stop_if_any_failed(failure: BaseException | None, what: str) -> None:
+    """One collective after a step that may fail on some ranks (`failure`: this rank's exception, or None): if any
+    rank failed, every rank raises. A UserError's sentence is raised on every rank as it is when rank 0 failed,
+    prefixed "rank N: " when rank N > 0 was the first to fail; a rank whose own failure was another exception
+    re-raises it (its traceback), the others a UserError naming it."""
+    if world_size() == 1:
+        if failure is not None:
+            raise failure
+        return
+    user = isinstance(failure, UserError)
+    mine = None if failure is None else (user, type(failure).__name__, str(failure) if user else
+                                         (str(failure).splitlines() or [""])[0])
+    failed = [(r, f) for r, f in enumerate(all_gather_objects(mine)) if f is not None]
+    if not failed:
+        return
+    if failure is not None and not isinstance(failure, UserError):
+        raise failure
+    r, (user, kind, message) = failed[0]
+    if not user:
+        message = f"could not {what}: {kind}: {message}"
+    raise UserError(message if r == 0 else f"rank {r}: {message}")
 
 
 def agree_with_main(loaded, spec: str) -> None:

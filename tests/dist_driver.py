@@ -188,10 +188,43 @@ def sharded_load(plan: dict, out: Path) -> None:
             "identity": loaded.identity, "ref_identity": ref.identity, "path": loaded.path, "ref_path": ref.path}))
 
 
+def load_fails(plan: dict, out: Path) -> None:
+    """load_sharded_policy of each case of plan["load_fails"] ([name, {model, fail_rank, fail_weights, message}]):
+    policy.load_policy raises UserError(message) on rank `fail_rank` for its weights (True: rank 0's host load) or
+    skeleton (False) load; a case without fail_rank loads as it is (an unreadable checkpoint fails by itself). Each
+    rank records the [exception type, message] it got per case (None: it loaded), so the cases also show that the
+    ranks leave a failed load together, ready for the next one."""
+    import rpt_train.policy as policy
+    from rpt_common.errors import UserError
+    from rpt_train import distributed
+
+    rank = torch.distributed.get_rank()
+    load, results = policy.load_policy, {}
+    for name, case in plan["load_fails"]:
+        def failing_load(spec, device="auto", dtype="float32", weights=True, case=case):
+            if case.get("fail_rank") == rank and case["fail_weights"] == weights:
+                raise UserError(case["message"])
+            return load(spec, device, dtype, weights)
+
+        policy.load_policy = failing_load
+        try:
+            distributed.load_sharded_policy(case["model"], "cpu")
+            results[name] = None
+        except Exception as e:  # noqa: BLE001 - recorded for the test
+            results[name] = [type(e).__name__, str(e)]
+        finally:
+            policy.load_policy = load
+        print(f"rank {rank} {name}: {results[name]}", flush=True)
+    (out / f"load-fails-rank{rank}.json").write_text(json.dumps(results))
+
+
 def main() -> None:
+    import datetime
+
     plan = json.loads(Path(sys.argv[1]).read_text())
     root = Path(plan["root"])
-    torch.distributed.init_process_group("gloo")
+    # a plan's timeout_s bounds every collective: a rank left waiting by the others fails instead of hanging
+    torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=plan.get("timeout_s", 1800)))
     try:
         for name, kw in plan["scripted"]:  # deterministic rollouts: equal to one process
             scripted_train(plan, root / name, **kw)
@@ -201,6 +234,8 @@ def main() -> None:
             agree(plan, root)
         if plan.get("sharded_load"):
             sharded_load(plan, root)
+        if plan.get("load_fails"):
+            load_fails(plan, root)
         from rpt_train.trainer import train
 
         for name, kw in plan["sampled"]:  # HFRollout through FSDP; resumes

@@ -269,6 +269,40 @@ def test_every_rank_shards_the_meta_skeleton_and_gets_the_one_process_weights(sh
             assert r["identity"] == r["ref_identity"] and r["path"] == r["ref_path"]
 
 
+def test_a_load_that_fails_on_one_rank_stops_every_rank_with_its_error(tmp_path):
+    """A UserError while loading the policy on one rank (rank 0's host load of a checkpoint without its weights
+    file, or patched to fail; rank 1's skeleton) is raised on every rank with the failing rank's sentence, instead
+    of leaving the others waiting in the next collective (before: rank 1 died with gloo's "Connection closed" once
+    rank 0 had left, or waited for the process-group timeout). Another exception (a corrupt safetensors file) is
+    re-raised by its rank and named by a UserError on the others. A load after them still works on both ranks."""
+    from tiny import make_model_dir
+
+    from rpt_common.errors import UserError
+    from rpt_train.policy import load_policy
+
+    model = make_model_dir(tmp_path / "model")
+    missing, corrupt = make_model_dir(tmp_path / "missing"), make_model_dir(tmp_path / "corrupt")
+    (missing / "model.safetensors").unlink()
+    (corrupt / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError) as one:  # what one process says
+        load_policy(str(missing), "cpu")
+    host = "rank 0 cannot read the checkpoint (a corrupt shard)"
+    skeleton = "cannot read the config (on this rank only)"
+    cases = [["missing", {"model": str(missing)}], ["corrupt", {"model": str(corrupt)}],
+             ["host", {"model": str(model), "fail_rank": 0, "fail_weights": True, "message": host}],
+             ["skeleton", {"model": str(model), "fail_rank": 1, "fail_weights": False, "message": skeleton}],
+             ["ok", {"model": str(model)}]]
+    (tmp_path / "run").mkdir()
+    root, _ = run_driver(tmp_path / "run", {}, load_fails=cases, timeout_s=60)
+    r0, r1 = (json.loads((root / f"load-fails-rank{r}.json").read_text()) for r in (0, 1))
+    common = {"missing": ["UserError", str(one.value)], "host": ["UserError", host],
+              "skeleton": ["UserError", f"rank 1: {skeleton}"], "ok": None}
+    assert {k: v for k, v in r1.items() if k != "corrupt"} == common
+    assert {k: v for k, v in r0.items() if k != "corrupt"} == common
+    assert r0["corrupt"][0] == "SafetensorError"  # rank 0's own exception, with its traceback
+    assert r1["corrupt"] == ["UserError", f"could not load '{corrupt}': SafetensorError: {r0['corrupt'][1]}"]
+
+
 def test_two_rank_resume_equals_the_uninterrupted_run(sampled):
     root, _ = sampled
     full, part = metrics(root / "hf-full"), metrics(root / "hf-part")
