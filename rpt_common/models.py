@@ -97,6 +97,7 @@ def load_tokenizer(spec: str):
 
 
 def load_causal_lm(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM
 
     directory, gguf = resolve_model_path(spec)
@@ -107,7 +108,7 @@ def load_causal_lm(spec: str, device: str = "auto", dtype: str = "auto") -> Load
         kwargs = {"gguf_file": gguf} if gguf else {}
         config = AutoConfig.from_pretrained(directory, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dt, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:  # SafetensorError: a corrupt file
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"cannot load a causal language model from '{spec}': {msg}")
     model.to(dev).eval()

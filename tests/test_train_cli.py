@@ -84,6 +84,7 @@ def _corrupt(tmp_path, shards):
     ("corrupt", "truncated or corrupt"),
     ("empty-bucket", "no training position"),
     ("not-causal", "cannot load a causal language model"),
+    ("corrupt-weights", "cannot load a causal language model"),
     ("tokenizer", "does not belong to this model"),
     ("no-shards", "not an `rpt-data tag` output directory"),
     ("bad-option", "--group-size must be at least 2"),
@@ -98,6 +99,10 @@ def test_bad_input_is_one_sentence_and_exit_2(case, message, tiny_llama, train_s
         extra = ["--min-entropy", 1e9]
     elif case == "not-causal":
         model = _not_causal_lm(tmp_path, tiny_llama)
+    elif case == "corrupt-weights":  # a truncated download of the weights file
+        model = tmp_path / "corrupt-model"
+        shutil.copytree(tiny_llama, model)
+        (model / "model.safetensors").write_bytes(b"not a safetensors file")
     elif case == "tokenizer":
         model = _mismatched_tokenizer(tmp_path, tiny_llama)
     elif case == "no-shards":
