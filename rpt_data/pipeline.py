@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -28,9 +29,9 @@ from rpt_data.overlap import WriteBehind, read_ahead
 from rpt_data.pools import pool_shards, score_pool, shard_pools
 from rpt_data.proxy import Proxy, WindowStats, build_proxy, check_context_length
 from rpt_data.ranks import RankInfo, process_group, rank_device, resolve_ranks
-from rpt_data.segments import cut_counts, divide_segments, segment_of, segment_windows
+from rpt_data.segments import cut_counts, divide_segments, read_segments, segment_of, segment_windows
 from rpt_data.readers import (STREAM_PREFIX, BadRecord, Record, RecordParser, expand_inputs, read_all,
-                              reject_duplicate_ids, stream_fingerprint)
+                              read_unit, reject_duplicate_ids, stream_fingerprint)
 from rpt_data.windows import Window, windows_from_pieces
 from rpt_data.writer import (append_json_line, build_table, file_rank, is_ours, is_temp, write_json_atomic,
                              write_shard, write_text_atomic)
@@ -213,6 +214,22 @@ def redo_changed_units(cfg: TagConfig, old: dict, inputs: list[dict], fixed: lis
     old["shards"], old["complete"] = shards[:cut], False
 
 
+def same_segments(cfg: TagConfig, division: Division) -> None:
+    """A multi-rank resume where segments are dealt (rpt_data.segments) must deal them as its record says: a file
+    fixed in place to another size may cut into other segments, or move segments between ranks (not pinned)."""
+    record = Path(cfg.out) / record_name(cfg)
+    if cfg.world_size == 1 or cfg.overwrite or not record.is_file():
+        return
+    try:
+        old = json.loads(record.read_text()).get("division", {})
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return  # prepare_out says so
+    if "segments" in (old.get("by"), division.by) and old != division.describe():
+        raise UserError(f"rank {cfg.rank} of {cfg.world_size} in '{cfg.out}' would read other segments of the input "
+                        "files than it recorded (a file cut into segments changed size); rerun with --overwrite "
+                        "to start over")
+
+
 def recorded_owner(cfg: TagConfig, inputs: list[dict]) -> list[int] | None:
     """The division of the files between ranks that this run's records give (this rank's own first, else another
     rank's), when they name the same units in the same order: a file fixed since keeps its rank, whatever its new
@@ -307,6 +324,7 @@ def _tag_rank(cfg: TagConfig, ranks: RankInfo) -> dict:
         divide(files, cfg.mode, cfg.limit, cfg.rank, cfg.world_size, [f["bytes"] for f in inputs],
                       recorded_owner(cfg, inputs))
     parse = RecordParser(cfg.text_field, cfg.template, cfg.id_field)
+    same_segments(cfg, division)
     read = {p for p, _ in division.files}
     old = prepare_out(cfg, inputs, [i for i, (p, _) in enumerate(files) if p in read])
     out = Path(cfg.out)
@@ -388,7 +406,12 @@ def _tag(cfg: TagConfig, division: Division, parse: RecordParser, lm, proxy: Pro
     with open(out / rejects_name(cfg), "w") as rejects, progress:
         def good_records() -> Iterator[Record]:
             """This rank's records (every record when windows are striped); bad ones go to its rejects."""
-            items = read_all(division.files, parse)
+            if division.by == "segments":  # a cut file is read from its segments' byte ranges (rpt_data.segments)
+                items = itertools.chain.from_iterable(
+                    read_segments(p, f, parse, cut[p], functools.partial(division.owns_unit, p), cfg.context_prefix)
+                    if p in cut else read_unit(p, f, parse) for p, f in division.files)
+            else:
+                items = read_all(division.files, parse)
             if cfg.mode == "structured" and cfg.id_field:
                 items = reject_duplicate_ids(items)
             index = -1  # record number in reading order, good and bad (a text file's later blocks share it)
@@ -448,7 +471,10 @@ def _tag(cfg: TagConfig, division: Division, parse: RecordParser, lm, proxy: Pro
                 owned = division.owns_unit if division.by == "segments" else (lambda path, k: True)
                 ws = segment_windows(good_records(), cut, owned, cfg.separator, lm.tokenizer, cfg.window,
                                      cfg.context_prefix, has_bos=proxy.bos is not None)
-                yield from (w for g, w in enumerate(ws) if division.owns(g)) if division.by == "windows" else ws
+                ws = (w for g, w in enumerate(ws) if division.owns(g)) if division.by == "windows" else ws
+                for w in ws:  # the unit of a segment's window is its file (a fixed file redoes from its first shard)
+                    w.unit = unit_of.get(w.doc_id, unit_of.get(w.doc_id.rpartition(":segment")[0], -1))
+                    yield w
                 return
             texts = stream_units(pieces(good_records(), cfg.mode, cfg.separator))
             first = next(texts, None)  # no good record: no window (and no empty batch for the tokenizer)

@@ -185,12 +185,16 @@ def _fields(obj: dict) -> str:
     return f" (fields: {shown})" if names else " (no fields)"
 
 
-def read_jsonl(path: str, parse: RecordParser) -> Iterator[Record | BadRecord]:
+def read_jsonl(path: str, parse: RecordParser, start: tuple[int, int] = (0, 1)) -> Iterator[Record | BadRecord]:
+    """`start`: (file byte where a line starts, its 1-based line number), to read from there (plain files only:
+    rpt_data.segments seeks to a segment's lead-in)."""
     opener = gzip.open if path.endswith(".gz") else open
-    lineno, at, offsets = 0, 0, not path.endswith(".gz")  # at: file byte where the line starts
+    lineno, at, offsets = start[1] - 1, start[0], not path.endswith(".gz")  # at: file byte where the line starts
     try:
         with opener(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
+            if at:
+                f.seek(at)
+            for lineno, raw in enumerate(f, start[1]):
                 start, at = at, at + len(raw)
                 if not raw.strip():
                     continue
@@ -319,7 +323,8 @@ def read_hf(path: str, parse: RecordParser) -> Iterator[Record | BadRecord]:
             yield parse({c: batch[c][i] for c in parse.columns}, path, start + i + 1)
 
 
-def read_text(path: str, parse: RecordParser, block_bytes: int | None = None) -> Iterator[Record | BadRecord]:
+def read_text(path: str, parse: RecordParser, block_bytes: int | None = None,
+              resume: tuple | None = None) -> Iterator[Record | BadRecord]:
     """One record per file, streamed as ~1 MiB blocks (`block_bytes`, default TEXT_BLOCK_BYTES) cut after a newline
     and checked as they are read (one pass). Damage (not UTF-8, a NUL byte) ends the file with a BadRecord naming its
     line and byte; every valid byte before it is kept, unless the damage is in the first line of the first block (a
@@ -329,7 +334,12 @@ def read_text(path: str, parse: RecordParser, block_bytes: int | None = None) ->
     carry, line, first, offset, newlines = "", 1, True, 0, 0
     at, held_at = 0, 0  # file byte where the next block starts (rpt_data.segments), and where the held ones start
     held: list[str] = []  # leading blocks of only whitespace: a file of nothing else is an "empty text"
+    if resume is not None:  # (offset, at, carry, pending bytes, line, newlines) before reading the block at `offset`
+        offset, at, carry, pending, line, newlines = resume  # after the first block (rpt_data.segments.read_segments)
+        first = False
+        decoder.setstate((pending, 0))
     with open(path, "rb") as f:
+        f.seek(offset)
         while True:
             raw = f.read(block_bytes)
             pending = decoder.getstate()[0]  # bytes of a character cut by the previous block

@@ -20,11 +20,12 @@ stream text before it) and tail (2 x LEAD_BYTES after it):
 So every position of the stream is scored exactly once, with min(t, context_prefix) real tokens before it, and a
 rank tokenizes only its segments plus about 5 L bytes per segment. A segment after the stream's first is its own
 document: doc_id `PATH:segmentK`, window_index and token_start counted from its first window (token 0 = its first
-context token). Each rank still reads (parses) every record of the files it holds a segment of: seeking to a cut is
-not built.
+context token). A rank of a `segments` division reads a cut file from its segments' byte ranges (`read_segments`):
+it parses its segments' records plus a bounded number per run of them.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 
@@ -237,7 +238,7 @@ class _Cutter:
     def __init__(self, source, count, owned, spans, window, prefix, has_bos, span_bytes):
         self.source, self.count, self.owned, self.spans = source, count, owned, spans
         self.window, self.prefix, self.has_bos, self.span_bytes = window, prefix, has_bos, span_bytes
-        self.lead = max(LEAD_BYTES, 64 * prefix)
+        self.lead = lead_bytes(prefix)
         self.data, self.base, self.pos = bytearray(), 0, 0
         self.cuts: list[tuple[int, int]] = []  # (stream byte, segment) where each segment of the stream starts
         self.next = 0  # the first segment not yet done
@@ -307,3 +308,150 @@ def divide_segments(files: list, sizes: list[int], mode: str, limit: int | None,
     read = [f for f, s in zip(files, per_file) if any((f[0], k) in mine for k in range(len(s)))]
     return SegmentDivision("segments", rank, world_size, read, units=mine,
                            counts={p: len(s) for (p, _), s in zip(files, per_file) if len(s) > 1})
+
+
+def lead_bytes(context_prefix: int) -> int:
+    """L: the stream bytes a segment's run reads before its cut (the junction span reaches 2 L back)."""
+    return max(LEAD_BYTES, 64 * context_prefix)
+
+
+def read_segments(path: str, fmt: str, parse, count: int, owned: Callable[[int], bool],
+                  context_prefix: int) -> Iterator:
+    """The records (and bad records) of a file cut into `count` segments that the segments `owned` (k -> bool) and
+    their junctions need, read from their byte ranges: the file's first good record (the stream's start), then for
+    each run of owned segments k1..k2 a lead-in of more than 2 L stream bytes (good records' text) before the first
+    record starting at k1 x SEGMENT_BYTES, the run, and more than 3 x LEAD_BYTES of text after the first record
+    starting at (k2 + 1) x SEGMENT_BYTES; the bytes between are seeked over (only their newlines are counted, for
+    line numbers; a text file's are also checked for damage, which ends the stream as a whole read does). The items
+    given are those a whole read gives, in order, less some of other segments, so `_Cutter` cuts the same segments
+    and the pipeline owns each bad record as it would (one without an offset goes with the record before it, which
+    after a seek lies between runs: another rank's)."""
+    from rpt_data.readers import BadRecord, Record, _first_line, read_jsonl, read_text
+
+    lead = lead_bytes(context_prefix)
+    ks = [k for k in range(count) if owned(k)]
+    groups = [list(g) for _, g in itertools.groupby(enumerate(ks), key=lambda e: e[1] - e[0])]
+    runs = [(g[0][1], g[-1][1]) for g in groups]  # runs of consecutive owned segments
+    if not runs:
+        return
+    open_at = (lambda st: read_jsonl(path, parse, start=st)) if fmt == "jsonl" else \
+        (lambda st: read_text(path, parse, resume=st))
+    items = read_jsonl(path, parse) if fmt == "jsonl" else read_text(path, parse)
+    last = None  # the last Record given
+    after = 0  # the line after the last one read (for a read error)
+    try:
+        for k1, k2 in runs:
+            if last is None:  # the stream's first good record is read from the file's start, whatever its segment
+                for item in items:
+                    after = item.line + 1
+                    yield item
+                    if isinstance(item, Record):
+                        last = item
+                        break
+                else:
+                    return
+            if k1 > 0:
+                state = (_jsonl_lead_in if fmt == "jsonl" else _text_lead_in)(path, parse, last, k1 * SEGMENT_BYTES,
+                                                                              lead)
+                if state == "end":  # damage between: a whole read ends there (another rank's bad record)
+                    return
+                if state is not None:
+                    items.close()
+                    items = open_at(state)
+            end = (k2 + 1) * SEGMENT_BYTES if k2 + 1 < count else None
+            tail = 0
+            for item in items:
+                after = item.line + 1
+                yield item
+                if isinstance(item, Record):
+                    last = item
+                    if end is not None and item.offset >= end:
+                        tail += len(item.text.encode())
+                        if tail > 3 * LEAD_BYTES:
+                            break
+            else:
+                return
+    except OSError as e:
+        yield BadRecord(path, after, f"read error ({_first_line(e)}); the rest of the file is skipped")
+    finally:
+        items.close()
+
+
+def _count_newlines(f, a: int, b: int) -> int:
+    f.seek(a)
+    n, left = 0, b - a
+    while left > 0:
+        raw = f.read(min(left, 16 << 20))
+        if not raw:
+            break
+        n += raw.count(b"\n")
+        left -= len(raw)
+    return n
+
+
+def _jsonl_lead_in(path: str, parse, last, c: int, lead: int):
+    """(line start, line number) to read from so that the good records before file byte `c` hold more than 2 `lead`
+    text bytes; None when that is not past the record read last (read on)."""
+    from rpt_data.readers import Record, read_jsonl
+
+    a, la = last.offset, last.line
+    width = 4 * lead
+    with open(path, "rb") as f:
+        while True:
+            p = max(a, c - width)
+            if p == a:
+                return None
+            f.seek(p - 1)
+            s = p - 1 + len(f.readline())  # the first line start at or after p
+            if s < c:
+                line = la + _count_newlines(f, a, s)
+                text = 0
+                with contextlib.closing(read_jsonl(path, parse, start=(s, line))) as items:
+                    for item in items:
+                        if item.offset >= c:
+                            break
+                        if isinstance(item, Record):
+                            text += len(item.text.encode())
+                            if text > 2 * lead:
+                                return s, line
+            width *= 4
+
+
+def _text_lead_in(path: str, parse, last, c: int, lead: int):
+    """read_text's state before the block read at file byte j x B (B = TEXT_BLOCK_BYTES), j the last with j x B <
+    `c` - 2 `lead` (the blocks from the one starting in block j - 1 hold more than 2 `lead` bytes before `c`); None
+    when that is not past the end of the block read last (read on); "end" when the bytes between are damaged."""
+    import codecs
+
+    from rpt_data import readers
+
+    block = readers.TEXT_BLOCK_BYTES
+    j = (c - 2 * lead - 1) // block
+    a, la = last.offset, last.line
+    if (j - 1) * block < a + len(last.text.encode()):
+        return None
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    newlines = 0
+    with open(path, "rb") as f:
+        f.seek(a)
+        pos = a
+        while pos < j * block:
+            raw = f.read(min(j * block, (pos // block + 1) * block) - pos)
+            if not raw or b"\0" in raw:
+                return "end"
+            try:
+                text = decoder.decode(raw)
+            except UnicodeDecodeError:
+                return "end"
+            if pos == (j - 1) * block:  # the whole block j - 1: its last newline ends the block read from it
+                cut = raw.rfind(b"\n")
+                pending = decoder.getstate()[0]
+                if cut >= 0:
+                    carry = text[text.rfind("\n") + 1 :]
+                    at, line = pos + cut + 1, la + newlines + raw.count(b"\n")
+                else:
+                    carry, at, line = "", j * block - len(pending), la + newlines
+                return j * block, at, carry, pending, line, la - 1 + newlines + raw.count(b"\n")
+            newlines += raw.count(b"\n")
+            pos += len(raw)
+    return None

@@ -184,3 +184,60 @@ def test_two_ranks_tag_the_segments_of_one_file_as_one_rank_does(tmp_path, tiny_
     assert manifest["division"] == "segments"
     same_content(tmp_path / "one", tmp_path / "two", world)
     assert max(tokenized[1:]) < 0.6 * tokenized[0]  # today: each rank tokenizes all the run does
+
+
+def owned_bad(items, count, owned):
+    """The bad records the pipeline reports for the segments `owned` (one without an offset goes with the one before)."""
+    out, k = [], 0
+    for item in items:
+        if item.offset >= 0:
+            k = seg.segment_of(count, item.offset)
+        if not isinstance(item, Record) and owned(k):
+            out.append((item.line, item.reason))
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "text"])
+def test_a_rank_reads_its_segments_from_their_byte_ranges(tmp_path, monkeypatch, fmt):
+    """A rank holding some segments of a file parses only those and a bounded lead-in and tail per run of them, and
+    gives the windows, bad records and line numbers of a whole read."""
+    monkeypatch.setattr(seg, "SEGMENT_BYTES", 2000)
+    monkeypatch.setattr(seg, "LEAD_BYTES", 64)
+    monkeypatch.setattr(readers, "TEXT_BLOCK_BYTES", 50)
+    path = tmp_path / ("a.jsonl" if fmt == "jsonl" else "a.txt")
+    if fmt == "jsonl":
+        rows = records(240)
+        write_jsonl(path, rows, {i: b"{cut" for i in range(7, 240, 23)} | {i: b"" for i in range(11, 240, 31)})
+    else:
+        path.write_text("\n".join(SENTENCES * 120) + "\n")
+    files = [(str(path), fmt)]
+    count = seg.cut_counts(files)[str(path)]
+    assert count >= 12
+    parse = RecordParser("text", None, None)
+    calls = []
+    counting = lambda obj, source, line: calls.append(line) or RecordParser.__call__(parse, obj, source, line)
+    whole = list(read_all(files, parse))
+    key = lambda w: (w.doc_id, w.window_index, w.token_ids.tolist(), w.text, w.score_start, w.token_start)
+    tok = tokenizer("bytelevel")
+    lines = path.read_bytes().split(b"\n")
+    per_run = 4 * (4 * 256) + 2 * 3 * 64 + 2 * max(map(len, lines))  # lead-in (read twice), tail, first record (bytes)
+    for world in (4, 7):
+        for rank in range(world):
+            d = seg.divide_segments(files, [path.stat().st_size], "continuous", None, rank, world)
+            owned = functools.partial(d.owns_unit, str(path))
+            calls.clear()
+            got = list(seg.read_segments(str(path), fmt, counting if fmt == "jsonl" else parse, count, owned, 4))
+            assert owned_bad(got, count, owned) == owned_bad(whole, count, owned)
+            assert [(r.line, r.offset, r.text) for r in got if isinstance(r, Record)] == \
+                   [(r.line, r.offset, r.text) for r in whole if isinstance(r, Record) and r in got]
+            ws = [list(seg.segment_windows([r for r in items if isinstance(r, Record)], {str(path): count},
+                                           lambda p, k: owned(k), SEP, tok, 16, 4)) for items in (whole, got)]
+            assert ws[0] and list(map(key, ws[1])) == list(map(key, ws[0]))
+            mine = [k for k in range(count) if owned(k)]
+            runs = 1 + sum(1 for a, b in zip(mine, mine[1:]) if b > a + 1)
+            own = sum(1 for r in whole if seg.segment_of(count, r.offset) in mine) if fmt == "jsonl" else 0
+            read_bytes = sum(len(r.text.encode()) for r in got if isinstance(r, Record))
+            assert read_bytes <= len(mine) * seg.SEGMENT_BYTES + runs * per_run
+            if fmt == "jsonl":  # records parsed: its segments' plus a bounded number a run
+                assert len(calls) <= own + runs * per_run // min(len(x) for x in lines if x)
+                assert len(calls) < 0.6 * sum(1 for r in whole if r.offset >= 0)

@@ -160,3 +160,52 @@ def test_a_fixed_file_of_an_hf_glob_is_one_unit(tmp_path, tiny_llama, monkeypatc
     assert kept and on_disk(out, kept) == stand
     tag(inputs, tiny_llama, tmp_path / "fresh")
     same_output(out, tmp_path / "fresh")
+
+
+def test_a_fixed_file_cut_into_segments_is_one_unit(tmp_path, tiny_llama, monkeypatch, capsys):
+    """Continuous mode, a file cut into segments (rpt_data.segments): its windows carry the file as their unit, so
+    fixing a bad line in it redoes from the first shard that holds any of its windows; earlier shards stand."""
+    import rpt_data.readers as readers
+    import rpt_data.segments as seg
+
+    monkeypatch.setattr(seg, "SEGMENT_BYTES", 300)
+    monkeypatch.setattr(seg, "LEAD_BYTES", 64)
+    monkeypatch.setattr(readers, "TEXT_BLOCK_BYTES", 50)
+    monkeypatch.setattr(pools, "LOOKAHEAD_TOKENS", 2 * 16)
+    root = tmp_path / "in"
+    root.mkdir()
+    rows = records(14)
+    write_jsonl(root / "a0.jsonl", rows[:3])
+    write_jsonl(root / "a1.jsonl", rows[3:], {6: BAD})
+    inputs = [str(root / "*.jsonl")]
+    out = tmp_path / "out"
+    first = tag(inputs, tiny_llama, out, mode="continuous")
+    assert seg.cut_counts([(str(root / "a1.jsonl"), "jsonl")]) and first["bad_records"] == 1
+    assert all("units" in s for s in first["shards"])
+    kept = [s for s in first["shards"] if s["units"][1] < 1 and s["rows"] == 2]
+    assert 0 < len(kept) < len(first["shards"])
+    stand = on_disk(out, kept)
+    write_jsonl(root / "a1.jsonl", rows[3:9] + [{"id": "fix", "text": SENTENCES[2]}] + rows[9:])
+    capsys.readouterr()
+    resumed = tag(inputs, tiny_llama, out, mode="continuous")
+    assert f"('{root / 'a1.jsonl'}'); keeping the first {len(kept)} shard(s)" in capsys.readouterr().err
+    assert on_disk(out, kept) == stand and resumed["bad_records"] == 0
+    tag(inputs, tiny_llama, tmp_path / "fresh", mode="continuous")
+    same_output(out, tmp_path / "fresh")
+
+
+def test_a_multirank_resume_refuses_other_segments(tmp_path, monkeypatch):
+    """Segments are not pinned: a rank whose record names other segments than the fixed inputs deal it refuses."""
+    import rpt_data.segments as seg
+    from rpt_data.pipeline import record_name, same_segments
+
+    monkeypatch.setattr(seg, "SEGMENT_BYTES", 300)
+    files = [(str(tmp_path / "a.jsonl"), "jsonl")]
+    cfg = TagConfig(inputs=[files[0][0]], out=str(tmp_path / "out"), **opts("demo", mode="continuous", rank=0,
+                                                                              world_size=2))
+    (tmp_path / "out").mkdir()
+    old = seg.divide_segments(files, [1200], "continuous", None, 0, 2)
+    (tmp_path / "out" / record_name(cfg)).write_text(json.dumps({"division": old.describe()}))
+    same_segments(cfg, seg.divide_segments(files, [1200], "continuous", None, 0, 2))  # same deal: resumes
+    with pytest.raises(UserError, match="would read other segments .* --overwrite"):
+        same_segments(cfg, seg.divide_segments(files, [1500], "continuous", None, 0, 2))
