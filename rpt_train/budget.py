@@ -26,8 +26,17 @@ def new_tokens(cfg, step: int) -> int:
     return budget if getattr(cfg, "objective", "rpt") == "rlp" else budget + cfg.answer_room
 
 
+def forced_bound(cfg) -> int:
+    """--think-overflow close: tokens the forced text --think-close takes at most, whatever the tokenizer (one a
+    byte at most; the plan runs before the tokenizer is loaded); 0 otherwise."""
+    if getattr(cfg, "think_overflow", "fail") != "close":
+        return 0
+    return len(cfg.think_close.encode("utf-8"))
+
+
 def planned_new_tokens(cfg) -> int:
-    """The longest generation of the run (what the memory plan must hold): the budget at its largest."""
+    """The longest completion of the run (what the memory plan must hold): the budget at its largest, + the
+    forced text of --think-overflow close (a forced row: budget thought + forced ids + --answer-room)."""
     if getattr(cfg, "think_budget", 0) <= 0:
         return cfg.max_new_tokens
-    return max(new_tokens(cfg, 1), new_tokens(cfg, 1 + max(0, cfg.think_decay_steps)))
+    return max(new_tokens(cfg, 1), new_tokens(cfg, 1 + max(0, cfg.think_decay_steps))) + forced_bound(cfg)

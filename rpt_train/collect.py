@@ -138,7 +138,7 @@ def rollout_stats(made: list[Groups], G: int, rollout_seconds: float) -> dict:
     entropy = None  # the policy entropy (nats per token) from the sampler's own distributions: no forward to log it
     if all(g.rollouts.entropy is not None for g in made):
         total, count = distributed.all_sum([sum(float(g.rollouts.entropy.sum()) for g in made),
-                                            sum(float(g.rollouts.completion_mask.sum()) for g in made)])
+                                            sum(float(g.rollouts.trained_mask.sum()) for g in made)])
         entropy = total / count if count else None
     return {
         "entropy": entropy,

@@ -96,6 +96,12 @@ class TrainConfig(SampleConfig):
                                          "--think-budget, no decay)")
     think_decay_steps: int = opt(0, "steps over which the budget moves from --think-budget to --think-budget-final")
     answer_room: int = opt(16, "with --think-budget (rpt): tokens after the budget for </think> and the answer")
+    think_overflow: str = opt("fail", "with --think-budget (rpt), a rollout without </think> in its first budget "
+                              "tokens: fail (the no-answer reward) or close (budget forcing, as s1: the thought is "
+                              "cut at the budget, --think-close is appended and the policy writes --answer-room "
+                              "more tokens; the forced tokens get no loss; see docs/training.md)")
+    think_close: str = opt("</think>\n\\boxed{", "with --think-overflow close: the forced text: </think>, a "
+                           "newline, then the answer opening (the answer-only template's response prefix '\\boxed{')")
     ntp_weight: float = opt(0.0, "weight of a next-token cross-entropy on each trained context (its tokens up to "
                             "the true next token, raw text) added to the RL loss (0 = off)")
     ema_rate: float = opt(0.999, "rlp: EMA copy <- rate x EMA + (1 - rate) x policy after every optimizer step")
@@ -169,6 +175,14 @@ class EvalConfig(CommonConfig):
                      "--heldout-fraction is > 0")
     baseline: str = opt("", "also evaluate this model (e.g. the run's base) on the same positions with the same "
                         "prompt, and report the paired differences (interval, p-value) per bucket")
+    think_overflow: str = opt("fail", "fail (completions as generated, --max-new-tokens) or close (as a run with "
+                              "--think-overflow close: each completion writes --think-budget + --answer-room tokens, "
+                              "and one without </think> in its first --think-budget tokens is cut there, "
+                              "--think-close is appended and --answer-room more tokens are written)")
+    think_budget: int = opt(0, "with --think-overflow close: the thinking budget in tokens (a run's last one)")
+    answer_room: int = opt(16, "with --think-overflow close: tokens written after the budget or the forced text")
+    think_close: str = opt("</think>\n\\boxed{", "with --think-overflow close: the forced text: </think>, a "
+                           "newline, then the answer opening (the answer-only template's response prefix '\\boxed{')")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -345,6 +359,11 @@ def validate(cfg: CommonConfig) -> None:
         need(cfg.split in ("auto", "heldout", "train", "all"), "--split must be auto, heldout, train or all")
         need(cfg.split != "heldout" or cfg.heldout_fraction > 0, "--split heldout needs --heldout-fraction > 0")
         need(cfg.limit >= 1 and cfg.samples >= 1, "--limit and --samples must be at least 1")
+        need(cfg.think_overflow in ("fail", "close"), "--think-overflow must be fail or close")
+        need(cfg.think_overflow != "close" or (cfg.think_budget > 0 and cfg.answer_room >= 1),
+             "--think-overflow close needs --think-budget > 0 and --answer-room >= 1")
+        need(cfg.think_overflow != "close" or cfg.think_close.startswith("</think>"),
+             "--think-close must start with </think>")
 
 
 def to_dict(cfg) -> dict:

@@ -154,9 +154,15 @@ def score_positions(model, tokenizer, engine, samples: list[Sample], cfg, progre
     chunk (eval_chunks; `chunks` replaces `samples` when given) at a time, each seeded by its number;
     `progress(done, total)`, when given, is called before the first and after every chunk of positions."""
     prompts = PromptBuilder(tokenizer, cfg.template, cfg.chat_template, cfg.response_prefix)
-    params = SamplingParams(n=cfg.samples, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+    new = cfg.max_new_tokens
+    if getattr(cfg, "think_overflow", "fail") == "close":  # as the run trained: budget forcing (rpt_train/overflow.py)
+        from rpt_train.overflow import ForcedClose
+
+        engine = ForcedClose(engine, tokenizer, cfg.think_close, cfg.think_budget, cfg.answer_room)
+        new = cfg.think_budget + cfg.answer_room
+    params = SamplingParams(n=cfg.samples, max_new_tokens=new, temperature=cfg.temperature,
                             top_p=cfg.top_p, top_k=cfg.top_k)
-    greedy_params = SamplingParams(n=1, max_new_tokens=cfg.max_new_tokens, greedy=True)  # argmax: draws no RNG
+    greedy_params = SamplingParams(n=1, max_new_tokens=new, greedy=True)  # argmax: draws no RNG
     chunks = eval_chunks(samples, cfg) if chunks is None else chunks
     total = sum(len(chunk) for _, chunk in chunks)
     if progress:

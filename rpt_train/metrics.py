@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 CONSOLE = [("loss", "loss", "{:.4g}"), ("reward", "reward", "{:.3f}"), ("frac_reward_zero_std", "zero_std", "{:.2f}"),
-           ("answer_rate", "answered", "{:.2f}"), ("completion_length", "len", "{:.0f}"), ("clip_ratio", "clip", "{:.3f}"),
+           ("answer_rate", "answered", "{:.2f}"), ("forced_share", "forced", "{:.2f}"),
+           ("completion_length", "len", "{:.0f}"), ("clip_ratio", "clip", "{:.3f}"),
            ("entropy", "ent", "{:.2f}"), ("kl", "kl", "{:.4f}"), ("lr", "lr", "{:.2e}"), ("seconds", "s", "{:.1f}")]
 
 

@@ -2,7 +2,8 @@
 
 - thinking with a token budget (`--think-budget`, optionally decaying to `--think-budget-final` over
   `--think-decay-steps`): each rollout may write budget + `--answer-room` tokens; a completion without `</think>`
-  (a thought cut by the budget) gets the no-answer reward;
+  (a thought cut by the budget) gets the no-answer reward, or with `--think-overflow close` is cut at the budget
+  and closed by force, then answered (budget forcing: rpt_train/overflow.py);
 - `--ntp-weight`: next-token cross-entropy on each trained context (its tokens up to and including the true next
   token) added to the RL loss of every optimizer update;
 - `--curriculum easy,medium,hard` with `--curriculum-steps`: the bucket drawn from changes at those steps;
@@ -26,7 +27,7 @@ OBJECTIVES = ("rpt", "rlp")
 # a change of options)
 DEFAULTS = {"objective": "rpt", "think_budget": 0, "think_budget_final": None, "think_decay_steps": 0,
             "answer_room": 16, "ntp_weight": 0.0, "ema_rate": 0.999, "rlp_tokens": 1, "curriculum": [],
-            "curriculum_steps": []}
+            "curriculum_steps": [], "think_overflow": "fail", "think_close": "</think>\n\\boxed{"}
 
 
 # ---- thinking budget: rpt_train.budget (think_budget, new_tokens, planned_new_tokens) ------------------------
@@ -192,6 +193,7 @@ class Objective:
         self.cfg, self.tokenizer, self.ema = cfg, tokenizer, ema
         self.ntp = NtpTerm(cfg, tokenizer) if cfg.ntp_weight > 0 else None
         self.reward_fn = None
+        self.overflow = None  # --think-overflow close: the ForcedClose engine of `engine`
 
     @classmethod
     def build(cls, cfg, model, tokenizer, device: str, ckpt, compute_dtype, prepare=None):
@@ -228,6 +230,17 @@ class Objective:
             default = think_gate(default, self.cfg.reward_no_answer)
         return combine([default, extra]) if extra is not None else default
 
+    def engine(self, engine):
+        """The rollout engine of the run: `engine`, wrapped in budget forcing (rpt_train/overflow.py) under
+        --think-overflow close."""
+        if getattr(self.cfg, "think_overflow", "fail") != "close":
+            return engine
+        from rpt_train.overflow import ForcedClose
+
+        self.overflow = ForcedClose(engine, self.tokenizer, self.cfg.think_close, think_budget(self.cfg, 1),
+                                    self.cfg.answer_room)
+        return self.overflow
+
     def trained(self, batch):
         """The rows the update trains: for rlp each completion up to its first `</think>` (the thought)."""
         if self.cfg.objective != "rlp" or batch is None or not batch.samples:
@@ -245,13 +258,24 @@ class Objective:
         """The step's sampling parameters (budget) after moving the curriculum to `step`."""
         if self.cfg.curriculum:
             data.set_step(step)
+        if self.overflow is not None:  # thoughts are cut (and the answer forced) at this step's budget
+            self.overflow.budget = think_budget(self.cfg, step)
         return dataclasses.replace(params, max_new_tokens=new_tokens(self.cfg, step))
 
     def step_stats(self) -> dict:
         """Tokens through a forward outside rollouts and the RL update (the reward's policy and EMA passes, the NTP
-        term, which also runs a backward), since the last call; the step's bucket and budget."""
+        term, which also runs a backward), since the last call; the step's bucket and budget. --think-overflow
+        close: `forced_share`, the share of the step's rollouts whose thought was cut and closed by force,
+        `forced_tokens`, and `overflow_forward_tokens` (their second prefill and the first generation's tokens
+        after the cut)."""
         fwd = bwd = ema = skipped = 0
         stats = {}
+        if self.overflow is not None:
+            c = self.overflow.pop_stats()
+            rows, forced, ftok, extra = (int(x) for x in distributed.all_sum(
+                [c["rows"], c["forced_rows"], c["forced_tokens"], c["extra_forward_tokens"]]))
+            stats |= {"forced_share": forced / rows if rows else None, "forced_tokens": ftok,
+                      "overflow_forward_tokens": extra}
         if self.reward_fn is not None:
             fwd, ema, skipped = self.reward_fn.tokens, self.reward_fn.ema_tokens, self.reward_fn.skipped
             stats["info_gain"] = self.reward_fn.mean_gain()
@@ -297,6 +321,12 @@ def check(cfg, buckets: tuple[str, ...]) -> None:
         need(THINK_END in load_template(cfg.template), f"--think-budget gives a rollout that never writes {THINK_END} "
              f"the no-answer reward, but --template '{cfg.template}' does not ask for {THINK_END}; use --template "
              "think (or think-brief, or a template file that asks for it)")
+    need(cfg.think_overflow in ("fail", "close"), "--think-overflow must be fail or close")
+    if cfg.think_overflow == "close":  # budget forcing cuts a thought at the budget and forces the answer opening
+        need(cfg.think_budget > 0, "--think-overflow close needs --think-budget > 0 (the thought is cut there)")
+        need(cfg.objective == "rpt", "--think-overflow close needs --objective rpt (an rlp completion is the thought "
+             "itself: there is no answer to force)")
+        need(cfg.think_close.startswith(THINK_END), f"--think-close must start with {THINK_END}")
     need(cfg.ntp_weight >= 0, "--ntp-weight must be non-negative")
     need(0.0 <= cfg.ema_rate < 1.0, "--ema-rate must be in [0, 1)")
     need(1 <= cfg.rlp_tokens <= cfg.labels_length, "--rlp-tokens must be in [1, --labels-length]")

@@ -142,7 +142,7 @@ def plan_memory(cfg, shapes: Shapes, *, world_size: int = 1, device_type: str = 
     compute = precision.compute_dtype(cfg, device_type)
     act = precision.element_bytes(compute)  # activations and the KV cache
     prompt, prompt_source, prompt_line = (prompt_tokens, "given", "") if prompt_tokens else prompt_bound(cfg)
-    new = planned_new_tokens(cfg)  # --max-new-tokens, or the largest thinking budget + answer room
+    new = planned_new_tokens(cfg)  # --max-new-tokens, or the largest thinking budget (+ forced text) + answer room
     tokens = prompt + new
     policy = shapes.params * weight
     # the frozen reference (--beta > 0) and rlp's EMA copy have the policy's shapes

@@ -38,10 +38,19 @@ class RolloutBatch:
     logprobs: torch.Tensor | None  # [N, C] the sampler's log-probs (tempered logits); None if the engine has none
     texts: list[str]  # completions decoded without special tokens but the think tags, as they read after their prompt
     entropy: torch.Tensor | None = None  # [N, C] nats of the sampling distribution (tempered logits) per token
+    # [N, C] 1 = a token forced into the completion, not sampled (--think-overflow close: rpt_train/overflow.py);
+    # None = every completion token is the policy's sample
+    forced: torch.Tensor | None = None
 
     @property
     def lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(-1)
+
+    @property
+    def trained_mask(self) -> torch.Tensor:
+        """[N, C] 1 = a token the policy sampled: the completion mask less forced tokens. The loss, its normaliser
+        and the clip / KL / entropy statistics use it; forwards read the whole completion (completion_mask)."""
+        return self.completion_mask if self.forced is None else self.completion_mask * (1 - self.forced)
 
 
 class RolloutEngine(Protocol):
@@ -319,7 +328,8 @@ def select_rows(batch: RolloutBatch, rows: list[int]) -> RolloutBatch:
                         completion_ids=batch.completion_ids[rows], completion_mask=batch.completion_mask[rows],
                         logprobs=batch.logprobs[rows] if batch.logprobs is not None else None,
                         texts=[batch.texts[r] for r in rows],
-                        entropy=batch.entropy[rows] if batch.entropy is not None else None)
+                        entropy=batch.entropy[rows] if batch.entropy is not None else None,
+                        forced=batch.forced[rows] if batch.forced is not None else None)
 
 
 def concat_batches(chunks: list[RolloutBatch], pad: int) -> RolloutBatch:
@@ -343,4 +353,6 @@ def concat_batches(chunks: list[RolloutBatch], pad: int) -> RolloutBatch:
         logprobs=None if any(c.logprobs is None for c in chunks) else torch.cat([right(c.logprobs, C, 0.0) for c in chunks]),
         texts=[t for c in chunks for t in c.texts],
         entropy=None if any(c.entropy is None for c in chunks) else torch.cat([right(c.entropy, C, 0.0) for c in chunks]),
+        forced=None if all(c.forced is None for c in chunks) else torch.cat(
+            [right(c.forced if c.forced is not None else torch.zeros_like(c.completion_mask), C, 0) for c in chunks]),
     )

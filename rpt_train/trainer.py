@@ -92,6 +92,7 @@ def eval_config(cfg: TrainConfig) -> EvalConfig:
     shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(EvalConfig) if hasattr(cfg, f.name)}
     shared.pop("out")
     shared["max_new_tokens"] = objectives.new_tokens(cfg, cfg.steps)  # a thinking budget: the one training ends at
+    shared["think_budget"] = objectives.think_budget(cfg, cfg.steps)  # --think-overflow close: forced there too
     return EvalConfig(**shared, limit=cfg.eval_limit, samples=cfg.eval_samples, split="auto")
 
 
@@ -143,7 +144,8 @@ def _train(cfg: TrainConfig, device: str, reward_fns, engine: RolloutEngine | No
     shaping = [load_reward_fn(s) for s in cfg.reward] + list(reward_fns)
     reward_fn = objective.reward(rpt_reward(cfg.reward_correct, cfg.reward_wrong, cfg.reward_no_answer), model,
                                  combine(shaping) if shaping else None)
-    engine = engine or rollout_engine(cfg, model, policy)
+    raw_engine = engine or rollout_engine(cfg, model, policy)  # the in-run eval applies its own overflow rule
+    engine = objective.engine(raw_engine)  # --think-overflow close: budget forcing around it
     scorer = (LearnabilityScorer(model, tok, batch_size=cfg.rollout_batch_size or 16,
                                  bf16=precision.compute_dtype(cfg, pick_device(device)) is not None)
               if cfg.sampler == "learnability" else None)
@@ -188,7 +190,8 @@ def _train(cfg: TrainConfig, device: str, reward_fns, engine: RolloutEngine | No
         # compute accounting (experiment reports): every token through a forward (rollout prefill and decode, the
         # sampler's scoring pass, the update's passes) and through a backward
         stats["forward_tokens"] = (stats["prompt_tokens"] + stats["rollout_tokens"] + stats.get("scored_tokens", 0)
-                                   + stats["update_forward_tokens"] + stats["objective_forward_tokens"])
+                                   + stats["update_forward_tokens"] + stats["objective_forward_tokens"]
+                                   + stats.get("overflow_forward_tokens", 0))
         stats["backward_tokens"] += stats["objective_backward_tokens"]
         engine.sync(model)
         metrics = {"step": step, "lr": scheduler.get_last_lr()[0], **stats, "seconds": time.perf_counter() - t0}
@@ -197,7 +200,7 @@ def _train(cfg: TrainConfig, device: str, reward_fns, engine: RolloutEngine | No
             scheduler.step()
         if ecfg and step % cfg.eval_every == 0:
             with autocast(cfg, model):
-                result = evaluate(model, tok, engine, ecfg, data.shards, eval_positions)
+                result = evaluate(model, tok, raw_engine, ecfg, data.shards, eval_positions)
             if distributed.is_main():
                 write_json(result, out / "eval" / f"step-{step:06d}.json")
             metrics |= {f"eval/{b}/{k}": v for b in EVAL_BUCKETS for k, v in result[b].items()}

@@ -119,7 +119,8 @@ def micro_step(cfg, model, batch: Groups, rows, advantages, old, ref_lp, norm: f
         (logp.sum() * 0.0).backward()
         return 0.0
     inputs = micro_rows(batch.rollouts, rows, device)
-    c_mask, W = inputs[3], inputs[3].shape[1]
+    W = inputs[3].shape[1]
+    c_mask = batch.rollouts.trained_mask[rows][:, :W].to(device)  # forced tokens (--think-overflow close): no loss
     logp, ent = logprobs(cfg, model, inputs, with_entropy, shared)
     per_token, clipped, kl = clipped_surrogate(
         logp, old[rows, :W] if old is not None else logp.detach(), advantages[rows].to(device),
@@ -172,14 +173,14 @@ def update_policy(cfg, model, ref, optimizer, batch: Groups, ntp=None) -> dict:
     for epoch in range(cfg.ppo_epochs):
         for m in minis:
             # dr_grpo's constant: --max-new-tokens, or the run's largest thinking budget + answer room
-            norm = global_normalizer(AGGREGATION[cfg.loss], rollouts.completion_mask[m], planned_new_tokens(cfg))
+            norm = global_normalizer(AGGREGATION[cfg.loss], rollouts.trained_mask[m], planned_new_tokens(cfg))
             optimizer.zero_grad(set_to_none=True)
             losses = [micro_step(cfg, model, batch, rows, advantages, old, ref_lp, norm, measure and epoch == 0,
                                  sums, shared) for rows in distributed.pad_to_max(micro(m))]
             if ntp is not None:  # the next-token term of the mini-batch's contexts, before clipping
                 losses.append(ntp(model, batch, m))
             # zero-advantage rows run no pass; their tokens count in the clip ratio's denominator
-            sums["tokens"] += float(rollouts.completion_mask[[r for r in m if not active[r]]].sum())
+            sums["tokens"] += float(rollouts.trained_mask[[r for r in m if not active[r]]].sum())
             for p in params:  # untouched parameters get an exact zero gradient, as a full backward would give
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)

@@ -289,9 +289,15 @@ def test_the_objectives_experiment_spec_loads_with_per_arm_eval(tmp_path):
     assert cfgs["rpt-think"].think_budget == 32 and cfgs["rpt-think"].template == "think"  # results/probe-thoughts.json
     assert cfgs["rpt-ntp"].ntp_weight == 0.5 and cfgs["rlp"].objective == "rlp"
     think, common = exp.eval_config("demo", spec.arms["rpt-think"]), exp.eval_config("demo", spec.arms["rlp"])
-    assert (think.template, think.response_prefix, think.max_new_tokens) == ("think", "", 32)
+    assert (think.template, think.response_prefix) == ("think", "")
+    # budget forcing (the base model never closes its thought), evaluated with the rule and budget it ends with
+    assert cfgs["rpt-think"].think_overflow == "close" and cfgs["rlp"].think_overflow == "fail"
+    assert (think.think_overflow, think.think_budget, think.answer_room, think.think_close) == (
+        "close", objectives.think_budget(cfgs["rpt-think"], 108), cfgs["rpt-think"].answer_room,
+        cfgs["rpt-think"].think_close)
+    assert common.think_overflow == "fail"
     assert (common.template, common.max_new_tokens) == ("answer-only", 10)
-    assert objectives.new_tokens(cfgs["rpt-think"], 108) == 32  # evaluated at the budget it ends training with
+    assert objectives.new_tokens(cfgs["rpt-think"], 108) == 32  # 16 + 16 (+ the forced text) at the end
 
 
 class VaryingEngine(ScriptedEngine):
@@ -509,3 +515,263 @@ def test_rlp_trains_the_thought_up_to_its_first_close_tag(tiny_tok, train_shards
     assert thought_rows(tok, cut).completion_mask.all()
     plain = TrainConfig(shards=str(train_shards), bucket="all", think_budget=16, template="think")
     assert objectives.Objective(plain, tok).trained(batch) is batch
+
+
+# ---- --think-overflow close: budget forcing --------------------------------------------------------------------
+FILLER, ANSWER = " hm", " zzzq}"  # a thought that never closes; the answer written after the forced text
+
+
+class NeverCloses:
+    """A thought of FILLER tokens up to the call's --max-new-tokens (no `</think>`, no EOS); a prompt that ends
+    with the forced ids (the second call of budget forcing) gets the ANSWER tokens instead. Records each call's
+    (prompts, max_new_tokens). Sampler log-probs -1 and entropies 1 on every generated token."""
+
+    def __init__(self, tokenizer, close=None):
+        from rpt_train.overflow import THINK_CLOSE, forced_ids
+
+        self.tokenizer, self.calls = tokenizer, []
+        self.forced = forced_ids(tokenizer, close or THINK_CLOSE)
+        self.filler = tokenizer(FILLER, add_special_tokens=False)["input_ids"]
+        self.answer = tokenizer(ANSWER, add_special_tokens=False)["input_ids"]
+
+    def generate(self, prompts, params):
+        from rpt_train.rollout import RolloutBatch, completion_texts, empty_batch
+
+        self.calls.append(([list(p) for p in prompts], params.max_new_tokens))
+        if not prompts:
+            return empty_batch()
+        k = params.max_new_tokens
+        rows = [(self.answer if p[-len(self.forced):] == self.forced else self.filler * k)[:k]
+                for p in prompts for _ in range(params.n)]
+        C, width = max(map(len, rows)), max(map(len, prompts))
+        comp = torch.tensor([r + [0] * (C - len(r)) for r in rows])
+        cmask = torch.tensor([[1] * len(r) + [0] * (C - len(r)) for r in rows])
+        pids = torch.tensor([[0] * (width - len(p)) + p for p in prompts]).repeat_interleave(params.n, 0)
+        pmask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts]).repeat_interleave(params.n, 0)
+        return RolloutBatch(prompt_ids=pids, prompt_mask=pmask, completion_ids=comp, completion_mask=cmask,
+                            logprobs=-cmask.float(), entropy=cmask.float(),
+                            texts=completion_texts(self.tokenizer, prompts, params.n, comp, cmask))
+
+    def sync(self, model):
+        pass
+
+
+def overflow_cfg(train_shards, overflow, **kw):
+    return TrainConfig(shards=str(train_shards), bucket="all", batch_prompts=2, group_size=2, template="think",
+                       think_budget=5, answer_room=8, think_overflow=overflow, dynamic_sampling=False, **kw)
+
+
+def overflow_collect(cfg, tok, rewards=None):
+    """One collect round of `cfg` through the trainer's objective hooks (engine, budget, gated reward)."""
+    obj = objectives.Objective(cfg, tok)
+    raw = NeverCloses(tok)
+    engine = obj.engine(raw)
+    params = obj.begin_step(1, None, SamplingParams(n=cfg.group_size))
+    reward = (lambda items: next(rewards)) if rewards else obj.reward(rpt_reward(1.0, 0.5, 0.0), None)
+    batch, _, stats = collect(cfg, TrainSamples(cfg, tok), PromptBuilder(tok, "think"), engine, reward, params)
+    return batch, stats, obj, raw
+
+
+def test_think_overflow_fail_gives_no_answer_and_close_forces_the_answer(tiny_tok, train_shards):
+    """A policy that never closes its thought: with fail every rollout gets the no-answer reward (a null arm);
+    with close each completion is the budget's thought tokens + the forced ids of '</think>\\n\\boxed{' + the
+    answer written after them, rewarded on that answer (wrong here: 0.5), and the forced ids are exactly the
+    tokens marked forced (out of the trained mask); the step's forced share is 1."""
+    tok = tiny_tok
+    fail, stats, _, _ = overflow_collect(overflow_cfg(train_shards, "fail"), tok)
+    assert fail.rewards.tolist() == [0.0] * 4 and stats["answer_rate"] == 0.0 and fail.rollouts.forced is None
+    cfg = overflow_cfg(train_shards, "close")
+    batch, stats, obj, raw = overflow_collect(cfg, tok)
+    forced, filler, answer = raw.forced, raw.filler, raw.answer
+    assert len(forced) > 1 and not set(forced) & set(filler + answer)  # the forced ids are told apart below
+    thought = (filler * 5)[:5]
+    want = thought + forced + answer
+    r = batch.rollouts
+    assert r.completion_ids.tolist() == [want] * 4 and r.completion_mask.tolist() == [[1] * len(want)] * 4
+    assert r.forced.tolist() == [[0] * 5 + [1] * len(forced) + [0] * len(answer)] * 4
+    assert r.trained_mask.tolist() == [[1] * 5 + [0] * len(forced) + [1] * len(answer)] * 4
+    assert r.logprobs.tolist() == [[-1.0] * 5 + [0.0] * len(forced) + [-1.0] * len(answer)] * 4
+    assert all(t.endswith("</think>\n\\boxed{ zzzq}") for t in r.texts) and batch.answers == [" zzzq"] * 4
+    assert batch.rewards.tolist() == [0.5] * 4 and stats["answer_rate"] == 1.0
+    assert stats["entropy"] == 1.0  # the sampler's entropy over sampled tokens only
+    # the calls: budget + answer room for all rows, then the answer room on prompt + thought + forced ids
+    (first, k1), (second, k2) = raw.calls
+    assert (k1, k2) == (5 + 8, 8) and second == [first[i // 2] + thought + forced for i in range(4)]
+    s = obj.step_stats()
+    assert s["forced_share"] == 1.0 and s["forced_tokens"] == 4 * len(forced)
+    assert s["overflow_forward_tokens"] == sum(len(first[i // 2]) + 13 for i in range(4))
+
+
+def test_think_overflow_close_update_masks_exactly_the_forced_ids(tiny_llama, train_shards, tmp_path, monkeypatch):
+    """A whole `train` step under close: the batch the update receives marks the forced ids, the loss is
+    aggregated (and normalised) over the sampled tokens only, and metrics.jsonl logs the forced share and
+    counts the second prefill in forward_tokens."""
+    from rpt_train import trainer, update
+
+    seen, masks, norms = [], [], []
+    real_update, real_aggregate = trainer.update_policy, update.aggregate
+    monkeypatch.setattr(trainer, "update_policy", lambda cfg, m, r, o, batch, **kw: seen.append(batch) or
+                        real_update(cfg, m, r, o, batch, **kw))
+    monkeypatch.setattr(update, "aggregate", lambda pt, mask, mode, norm: masks.append(mask.clone()) or
+                        norms.append(norm) or real_aggregate(pt, mask, mode, norm))
+    tok = load_policy(str(tiny_llama), "cpu").tokenizer
+    cfg = overflow_cfg(train_shards, "close", model=str(tiny_llama), out=str(tmp_path / "run"), steps=1,
+                       loss="dapo", log_samples_every=0, micro_batch_size=8)
+    engine = NeverCloses(tok)
+    train(cfg, reward_fns=[lambda items: [float(i % 2) for i in range(len(items))]], engine=engine, quiet=True)
+    (batch,) = seen
+    r = batch.rollouts
+    F = len(engine.forced)
+    assert r.forced.sum(1).tolist() == [F] * 4 and (r.forced[:, 5:5 + F] == 1).all()
+    assert r.completion_ids[:, 5:5 + F].tolist() == [engine.forced] * 4
+    (mask,) = masks  # one micro-batch: the update's loss mask is the completion less the forced ids
+    torch.testing.assert_close(mask, r.completion_mask - r.forced)
+    assert norms == [float(r.trained_mask.sum())]  # dapo: the sampled tokens, not the forced ones
+    m = _metrics(tmp_path / "run")[0]
+    assert m["forced_share"] == 1.0 and m["forced_tokens"] == 4 * F
+    assert m["overflow_forward_tokens"] > 0 and m["forward_tokens"] == (
+        m["prompt_tokens"] + m["rollout_tokens"] + m["update_forward_tokens"] + m["objective_forward_tokens"]
+        + m["overflow_forward_tokens"] + m.get("scored_tokens", 0))
+
+
+def test_think_overflow_close_gradient_does_not_depend_on_the_forced_tokens(tiny_llama, train_shards, monkeypatch):
+    """The update's weights after one SGD step are the same when the log-probs at the forced ids are changed
+    (value and gradient): the forced tokens are not the policy's samples and carry no loss."""
+    from rpt_train import update
+
+    policy = load_policy(str(tiny_llama), "cpu")
+    tok = policy.tokenizer
+    real = update.logprobs
+    for kw in ({}, {"beta": 0.1}):  # with a KL term to the reference too
+        cfg = overflow_cfg(train_shards, "close", grad_clip=0.0, loss="dapo", **kw)
+        batch, _, _, raw = overflow_collect(cfg, tok, rewards=iter([[1.0, 0.0, 0.0, 1.0]]))
+        # another thought in every second row, so a group's rows do not cancel in the gradient
+        batch.rollouts.completion_ids[1::2, :5] = torch.tensor([i for i in range(100, 120) if i not in raw.forced][:5])
+        ref = copy.deepcopy(policy.model) if kw else None
+        start = copy.deepcopy(policy.model.state_dict())
+        forced = torch.tensor(raw.forced)
+
+        def step(perturb: bool):
+            policy.model.load_state_dict(start)
+
+            def logprobs(cfg, model, inputs, *a, **k):
+                lp, ent = real(cfg, model, inputs, *a, **k)
+                at = torch.isin(inputs[2], forced) & inputs[3].bool()
+                return (torch.where(at, 3.0 * lp + 1.0, lp) if perturb else lp), ent
+
+            monkeypatch.setattr(update, "logprobs", logprobs)
+            stats = update_policy(cfg, policy.model, ref, torch.optim.SGD(policy.model.parameters(), lr=1.0), batch)
+            return {k: v.detach().clone() for k, v in policy.model.state_dict().items()}, stats
+
+        (a, sa), (b, sb) = step(False), step(True)
+        assert sa["loss"] == pytest.approx(sb["loss"], rel=1e-6, abs=1e-9)
+        moved = max(float((a[k] - start[k]).abs().max()) for k in a)
+        assert moved > 1e-6
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-7, msg=k)
+
+
+def test_think_overflow_close_evaluates_as_it_trained(tiny_llama, train_shards, tiny_tok, tmp_path):
+    """`evaluate` with --think-overflow close forces the same way (budget + answer room, then the answer room after
+    the forced text; sampled and greedy completions alike); with fail the thought is never answered. A run's
+    in-run eval gets its overflow rule and last budget."""
+    from rpt_train.config import EvalConfig
+    from rpt_train.evaluate import EVAL_BUCKETS, evaluate, select_positions
+    from rpt_train.samples import ShardSet
+    from rpt_train.trainer import eval_config
+
+    model = load_policy(str(tiny_llama), device="cpu").model
+    shards = ShardSet(str(train_shards))
+    results = {}
+    for overflow in ("fail", "close"):
+        cfg = EvalConfig(shards=str(train_shards), limit=2, samples=2, max_new_tokens=7, template="think",
+                         think_overflow=overflow, think_budget=5, answer_room=8)
+        chosen = select_positions(shards, tiny_tok, cfg)
+        engine = NeverCloses(tiny_tok)
+        results[overflow] = (evaluate(model, tiny_tok, engine, cfg, shards, chosen, details=True), engine)
+    fail, engine = results["fail"]
+    assert fail["all"]["answer_rate"] == 0.0 and {k for _, k in engine.calls} == {7}
+    close, engine = results["close"]
+    assert close["all"]["answer_rate"] == 1.0
+    assert [k for _, k in engine.calls] == [13, 8, 13, 8] * (len(engine.calls) // 4)  # sampled, greedy per chunk
+    for p in close["positions"]:
+        assert all(c.endswith("</think>\n\\boxed{ zzzq}") for c in p["completions"] + [p["greedy_completion"]])
+    assert all(close[b]["completion_length"] == 5 + len(engine.forced) + len(engine.answer)
+               for b in EVAL_BUCKETS if close[b]["n"])
+    run = TrainConfig(shards=str(train_shards), template="think", think_budget=8, think_budget_final=4,
+                      think_decay_steps=2, steps=3, answer_room=2, think_overflow="close", eval_every=1)
+    e = eval_config(run)
+    assert (e.think_overflow, e.think_budget, e.answer_room, e.think_close) == ("close", 4, 2, run.think_close)
+
+
+def test_think_overflow_options_and_plan(train_shards):
+    """close needs a budget and the rpt objective, --think-close must start with </think>; the memory plan (and
+    dr_grpo's constant) holds the budget + the forced text + the answer room."""
+    from rpt_common.errors import UserError
+    from rpt_train.config import EvalConfig, load_config
+
+    for kw, msg in (({"think_budget": 0}, "needs --think-budget"),
+                    ({"objective": "rlp", "template": "v0"}, "needs --objective rpt"),
+                    ({"think_close": "\\boxed{"}, "must start with </think>"),
+                    ({"think_overflow": "wait"}, "fail or close")):
+        with pytest.raises(UserError, match=msg):
+            load_config(TrainConfig, None, {"shards": str(train_shards), "template": "think", "think_budget": 8,
+                                            "think_overflow": "close", **kw})
+    for kw, msg in (({}, "needs --think-budget"), ({"think_budget": 4, "think_close": "x"}, "must start with")):
+        with pytest.raises(UserError, match=msg):
+            load_config(EvalConfig, None, {"shards": str(train_shards), "think_overflow": "close", **kw})
+    assert load_config(TrainConfig, None, {"shards": str(train_shards), "template": "think", "think_budget": 8,
+                                           "think_overflow": "close"}).think_overflow == "close"
+    cfg = TrainConfig(shards=str(train_shards), template="think", think_budget=32, think_budget_final=16,
+                      think_decay_steps=4, answer_room=16, think_overflow="close")
+    assert objectives.planned_new_tokens(cfg) == 32 + len("</think>\n\\boxed{".encode()) + 16
+    assert objectives.planned_new_tokens(dataclasses.replace(cfg, think_overflow="fail")) == 48
+
+
+class StopsEarly(NeverCloses):
+    """The thought is two FILLER tokens and EOS (id 0 of tiny_llama's tokenizer), well within the budget."""
+
+    def generate(self, prompts, params):
+        if prompts and prompts[0][-len(self.forced):] != self.forced:
+            self.filler = (self.filler * 2)[:2] + [self.tokenizer.eos_token_id]
+            params = dataclasses.replace(params, max_new_tokens=3)
+        return super().generate(prompts, params)
+
+
+def test_think_overflow_close_drops_the_eos_of_a_thought_that_stopped_early(tiny_tok, train_shards):
+    """A rollout that ended (EOS) before the budget without closing its thought is forced too: its thought
+    without the EOS, then the forced ids and the answer."""
+    cfg = overflow_cfg(train_shards, "close")
+    obj = objectives.Objective(cfg, tiny_tok)
+    raw = StopsEarly(tiny_tok)
+    engine = obj.engine(raw)
+    batch = engine.generate([[5, 6, 7]], SamplingParams(n=2, max_new_tokens=13))
+    thought = raw.filler[:2]
+    assert tiny_tok.eos_token_id not in thought + raw.forced + raw.answer
+    assert batch.completion_ids.tolist() == [thought + raw.forced + raw.answer] * 2
+    assert raw.calls[1][0] == [[5, 6, 7] + thought + raw.forced] * 2
+
+
+def test_think_overflow_close_around_the_hf_engine(tiny_llama):
+    """ForcedClose on HFRollout (a random tiny model never writes </think>): each row is its first call's
+    tokens up to the budget, the forced ids, then the second call's answer; sampler log-probs kept for the
+    sampled tokens and 0 on the forced ones; the text reads '</think>\\n\\boxed{' after the thought."""
+    from rpt_train.overflow import ForcedClose
+    from rpt_train.rollout import HFRollout
+
+    policy = load_policy(str(tiny_llama), device="cpu")
+    tok = policy.tokenizer
+    hf = HFRollout(policy.model, tok, [tok.eos_token_id])
+    engine = ForcedClose(hf, tok, "</think>\n\\boxed{", budget=6, answer_room=3)
+    prompts = [tok("The quick brown fox")["input_ids"], tok("Let x_n be")["input_ids"]]
+    torch.manual_seed(0)
+    b = engine.generate(prompts, SamplingParams(n=2, temperature=1.0))
+    F = len(engine.ids)
+    assert b.forced is not None and b.forced.sum(1).tolist() == [F] * 4
+    for r in range(4):
+        at = b.forced[r].bool()
+        assert b.completion_ids[r][at].tolist() == engine.ids and (b.logprobs[r][at] == 0).all()
+        start = int(at.nonzero()[0])
+        assert start <= 6 and (b.logprobs[r][b.trained_mask[r].bool()] < 0).all()
+        assert "</think>\n\\boxed{" in b.texts[r]
+    assert engine.pop_stats()["forced_rows"] == 4

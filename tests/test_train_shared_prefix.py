@@ -163,6 +163,28 @@ def test_a_whole_update_equals_the_unshared_one(tiny_qwen2, monkeypatch):
         torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-8, msg=name)  # AdamW steps of 1e-3
 
 
+def test_an_update_with_forced_tokens_equals_the_unshared_one(tiny_qwen2, monkeypatch):
+    """--think-overflow close: rows with forced tokens (in the packed row, out of the loss) give the same update
+    shared as unshared, and not the update of the same rows without the forced marks (they carry no loss)."""
+    monkeypatch.setattr(packing, "pays", lambda *a: True)
+    inputs = groups(320, seed=9)
+    forced = torch.zeros_like(inputs[3])
+    forced[0, 1:3] = forced[3, 1:3] = forced[5, 2] = 1  # inside the completions (lengths 5, 5, 4)
+    assert (inputs[3][forced.bool()] == 1).all()
+    batch = batch_of(inputs, [1.0, 0.0, 0.5, 0.0, 1.0, 1.0])
+    batch.rollouts.forced = forced
+    a, wa = update_with(True, tiny_qwen2, batch)
+    b, wb = update_with(False, tiny_qwen2, batch)
+    batch.rollouts.forced = None
+    c, wc = update_with(True, tiny_qwen2, batch)
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["clip_ratio"] == pytest.approx(b["clip_ratio"])
+    for name in wa:  # AdamW steps of 1e-3: 1e-6 is a thousandth of one (float32 RMSNorm noise on tiny gradients)
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-6, msg=name)
+    assert max(float((wa[n] - wc[n]).abs().max()) for n in wa) > 1e-4
+    # compute accounting: forced tokens run through the forward and backward passes like the others
+    assert a["backward_tokens"] == c["backward_tokens"]
+
+
 def test_no_forward_runs_to_log_entropy(tiny_qwen2):
     """Zero-advantage rows and steps without an update run no forward; the entropy is the sampler's."""
     from rpt_train.config import TrainConfig
