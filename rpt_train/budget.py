@@ -2,6 +2,11 @@
 memory plan must hold. A leaf module (rpt_train.plan and rpt_train.update read it; rpt_train.objectives builds on it)."""
 from __future__ import annotations
 
+from rpt_common.errors import UserError
+from rpt_train.reward import ANSWER_OPENINGS, THINK_END
+
+THINK_CLOSE_AUTO = "auto"  # --think-close's default: </think>, a newline, then --answer-format's opening
+
 
 # ---- thinking budget --------------------------------------------------------------------------------------------
 def think_budget(cfg, step: int) -> int:
@@ -26,17 +31,47 @@ def new_tokens(cfg, step: int) -> int:
     return budget if getattr(cfg, "objective", "rpt") == "rlp" else budget + cfg.answer_room
 
 
+def think_close(cfg) -> str:
+    """The forced text of --think-overflow close: --think-close, or (auto) `</think>`, a newline and the opening of
+    --answer-format (`\\boxed{`, `<answer>`), so the answer the policy writes next is one the reward reads."""
+    text = getattr(cfg, "think_close", THINK_CLOSE_AUTO)
+    if text != THINK_CLOSE_AUTO:
+        return text
+    return f"{THINK_END}\n{ANSWER_OPENINGS[getattr(cfg, 'answer_format', 'boxed')]}"
+
+
+def check_think_close(cfg) -> None:
+    """--think-close starts with `</think>` and does not open another --answer-format's answer (one sentence)."""
+    text, fmt = think_close(cfg), getattr(cfg, "answer_format", "boxed")
+    if not text.startswith(THINK_END):
+        raise UserError(f"--think-close must start with {THINK_END} (or be {THINK_CLOSE_AUTO})")
+    for other, opening in ANSWER_OPENINGS.items():
+        if other != fmt and text.endswith(opening):
+            raise UserError(f"--think-close {text!r} opens a {other} answer but --answer-format is {fmt}, whose "
+                            f"answers the reward reads: use --think-close {THINK_CLOSE_AUTO} (or end it with "
+                            f"{ANSWER_OPENINGS[fmt]!r})")
+
+
 def forced_bound(cfg) -> int:
     """--think-overflow close: tokens the forced text --think-close takes at most, whatever the tokenizer (one a
     byte at most; the plan runs before the tokenizer is loaded); 0 otherwise."""
     if getattr(cfg, "think_overflow", "fail") != "close":
         return 0
-    return len(cfg.think_close.encode("utf-8"))
+    return len(think_close(cfg).encode("utf-8"))
+
+
+def sampled_new_tokens(cfg) -> int:
+    """The most tokens a completion of the run samples: --max-new-tokens, or the budget at its largest (+ the
+    answer room). A forced row samples no more (thought <= budget, then the answer room); its forced ids are not
+    samples. dr_grpo's constant."""
+    if getattr(cfg, "think_budget", 0) <= 0:
+        return cfg.max_new_tokens
+    return max(new_tokens(cfg, 1), new_tokens(cfg, 1 + max(0, cfg.think_decay_steps)))
 
 
 def planned_new_tokens(cfg) -> int:
-    """The longest completion of the run (what the memory plan must hold): the budget at its largest, + the
+    """The longest completion of the run (what the memory plan must hold): the sampled tokens at most, + the
     forced text of --think-overflow close (a forced row: budget thought + forced ids + --answer-room)."""
     if getattr(cfg, "think_budget", 0) <= 0:
         return cfg.max_new_tokens
-    return max(new_tokens(cfg, 1), new_tokens(cfg, 1 + max(0, cfg.think_decay_steps))) + forced_bound(cfg)
+    return sampled_new_tokens(cfg) + forced_bound(cfg)

@@ -100,8 +100,8 @@ class TrainConfig(SampleConfig):
                               "tokens: fail (the no-answer reward) or close (budget forcing, as s1: the thought is "
                               "cut at the budget, --think-close is appended and the policy writes --answer-room "
                               "more tokens; the forced tokens get no loss; see docs/training.md)")
-    think_close: str = opt("</think>\n\\boxed{", "with --think-overflow close: the forced text: </think>, a "
-                           "newline, then the answer opening (the answer-only template's response prefix '\\boxed{')")
+    think_close: str = opt("auto", "with --think-overflow close: the forced text, starting with </think>; auto = "
+                           "</think>, a newline, then --answer-format's opening ('\\boxed{' or '<answer>')")
     ntp_weight: float = opt(0.0, "weight of a next-token cross-entropy on each trained context (its tokens up to "
                             "the true next token, raw text) added to the RL loss (0 = off)")
     ema_rate: float = opt(0.999, "rlp: EMA copy <- rate x EMA + (1 - rate) x policy after every optimizer step")
@@ -181,8 +181,8 @@ class EvalConfig(CommonConfig):
                               "--think-close is appended and --answer-room more tokens are written)")
     think_budget: int = opt(0, "with --think-overflow close: the thinking budget in tokens (a run's last one)")
     answer_room: int = opt(16, "with --think-overflow close: tokens written after the budget or the forced text")
-    think_close: str = opt("</think>\n\\boxed{", "with --think-overflow close: the forced text: </think>, a "
-                           "newline, then the answer opening (the answer-only template's response prefix '\\boxed{')")
+    think_close: str = opt("auto", "with --think-overflow close: the forced text, starting with </think>; auto = "
+                           "</think>, a newline, then --answer-format's opening ('\\boxed{' or '<answer>')")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -362,8 +362,10 @@ def validate(cfg: CommonConfig) -> None:
         need(cfg.think_overflow in ("fail", "close"), "--think-overflow must be fail or close")
         need(cfg.think_overflow != "close" or (cfg.think_budget > 0 and cfg.answer_room >= 1),
              "--think-overflow close needs --think-budget > 0 and --answer-room >= 1")
-        need(cfg.think_overflow != "close" or cfg.think_close.startswith("</think>"),
-             "--think-close must start with </think>")
+        if cfg.think_overflow == "close":
+            from rpt_train.budget import check_think_close
+
+            check_think_close(cfg)
 
 
 def to_dict(cfg) -> dict:

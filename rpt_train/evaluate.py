@@ -156,9 +156,11 @@ def score_positions(model, tokenizer, engine, samples: list[Sample], cfg, progre
     prompts = PromptBuilder(tokenizer, cfg.template, cfg.chat_template, cfg.response_prefix)
     new = cfg.max_new_tokens
     if getattr(cfg, "think_overflow", "fail") == "close":  # as the run trained: budget forcing (rpt_train/overflow.py)
+        from rpt_train.budget import think_close
         from rpt_train.overflow import ForcedClose
 
-        engine = ForcedClose(engine, tokenizer, cfg.think_close, cfg.think_budget, cfg.answer_room)
+        engine = ForcedClose(engine, tokenizer, think_close(cfg), cfg.think_budget, cfg.answer_room,
+                             cfg.answer_format)
         new = cfg.think_budget + cfg.answer_room
     params = SamplingParams(n=cfg.samples, max_new_tokens=new, temperature=cfg.temperature,
                             top_p=cfg.top_p, top_k=cfg.top_k)

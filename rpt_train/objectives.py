@@ -19,7 +19,8 @@ import torch
 
 from rpt_common.errors import UserError
 from rpt_train import distributed
-from rpt_train.budget import new_tokens, planned_new_tokens, think_budget  # noqa: F401 (part of this API)
+from rpt_train.budget import (check_think_close, new_tokens, planned_new_tokens, think_budget,  # noqa: F401 (API)
+                              think_close)
 from rpt_train.reward import THINK_END, RewardFn, RewardInput
 
 OBJECTIVES = ("rpt", "rlp")
@@ -27,7 +28,7 @@ OBJECTIVES = ("rpt", "rlp")
 # a change of options)
 DEFAULTS = {"objective": "rpt", "think_budget": 0, "think_budget_final": None, "think_decay_steps": 0,
             "answer_room": 16, "ntp_weight": 0.0, "ema_rate": 0.999, "rlp_tokens": 1, "curriculum": [],
-            "curriculum_steps": [], "think_overflow": "fail", "think_close": "</think>\n\\boxed{"}
+            "curriculum_steps": [], "think_overflow": "fail", "think_close": "auto"}
 
 
 # ---- thinking budget: rpt_train.budget (think_budget, new_tokens, planned_new_tokens) ------------------------
@@ -237,8 +238,8 @@ class Objective:
             return engine
         from rpt_train.overflow import ForcedClose
 
-        self.overflow = ForcedClose(engine, self.tokenizer, self.cfg.think_close, think_budget(self.cfg, 1),
-                                    self.cfg.answer_room)
+        self.overflow = ForcedClose(engine, self.tokenizer, think_close(self.cfg), think_budget(self.cfg, 1),
+                                    self.cfg.answer_room, self.cfg.answer_format)
         return self.overflow
 
     def trained(self, batch):
@@ -326,7 +327,7 @@ def check(cfg, buckets: tuple[str, ...]) -> None:
         need(cfg.think_budget > 0, "--think-overflow close needs --think-budget > 0 (the thought is cut there)")
         need(cfg.objective == "rpt", "--think-overflow close needs --objective rpt (an rlp completion is the thought "
              "itself: there is no answer to force)")
-        need(cfg.think_close.startswith(THINK_END), f"--think-close must start with {THINK_END}")
+        check_think_close(cfg)
     need(cfg.ntp_weight >= 0, "--ntp-weight must be non-negative")
     need(0.0 <= cfg.ema_rate < 1.0, "--ema-rate must be in [0, 1)")
     need(1 <= cfg.rlp_tokens <= cfg.labels_length, "--rlp-tokens must be in [1, --labels-length]")

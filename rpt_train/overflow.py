@@ -5,7 +5,9 @@ stopped before it without closing) is cut there (a final EOS dropped), the force
 "</think>\\n\\boxed{": the close tag, then the answer opening that the answer-only template's response prefix
 writes) is appended as token ids, and the policy writes up to --answer-room more tokens from there: a second
 generate call of the wrapped engine on just those rows, each prompt = its prompt + thought + forced ids. Rows
-that closed `</think>` themselves are left as generated (budget + answer room tokens at most).
+that closed `</think>` themselves are left as generated (budget + answer room tokens at most); closed is read from
+the decoded text (`closed`: a `</think>` the budget cut is the policy's own). Built only where the forced text reads
+back (`check_forced_text`), under the tokenizer, as the reward reads completions.
 
 The forced tokens are not the policy's samples: `RolloutBatch.forced` marks them (1), and the update leaves them
 out of its loss, normaliser, clip/KL/entropy sums (`RolloutBatch.trained_mask`); they stay in the sequence every
@@ -16,12 +18,16 @@ import dataclasses
 
 import torch
 
+from rpt_common.errors import UserError
+from rpt_train import distributed
 from rpt_train.budget import forced_bound  # noqa: F401 (part of this API)
-from rpt_train.reward import THINK_END
-from rpt_train.rollout import RolloutBatch, SamplingParams, completion_texts, special_ids
+from rpt_train.reward import ANSWER_CLOSINGS, ANSWER_OPENINGS, THINK_END, extract_answer
+from rpt_train.rollout import RolloutBatch, SamplingParams, completion_texts, concat_batches, special_ids
 
 OVERFLOWS = ("fail", "close")
 THINK_CLOSE = "</think>\n\\boxed{"  # </think>, then the answer opening ('\boxed{', the answer-only response prefix)
+# the probe of `check_forced_text`: a prompt ending as the think template's does, and a thought in plain words
+PROBE_PROMPT, PROBE_THOUGHT = "Continue the text.\n<think>\n", " the next word is"
 
 
 def forced_ids(tokenizer, text: str) -> list[int]:
@@ -29,18 +35,62 @@ def forced_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _read(tokenizer, prompt: list[int], ids: list[int]) -> str:
+    """`ids` as the reward reads a completion after `prompt` (rollout.completion_texts)."""
+    row = torch.tensor([ids], dtype=torch.long)
+    return completion_texts(tokenizer, [prompt], 1, row, torch.ones_like(row))[0]
+
+
+def check_forced_text(tokenizer, close_text: str, ids: list[int], answer_format: str = "boxed") -> None:
+    """Refuse (one sentence) a tokenizer under which budget forcing could never be rewarded: a thought + the forced
+    ids + an answer 'x' written after them must read back, as the reward decodes completions, with the answer 'x'
+    (a WordPiece decoder writes '</think>\\n\\boxed{' as '< / think > boxed', and no forced row would ever have
+    an answer); and the policy's own `</think>` after a thought must read back as `</think>` (else no rollout could
+    close its thought and every one would be forced)."""
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    prompt, thought = forced_ids(tokenizer, PROBE_PROMPT), forced_ids(tokenizer, PROBE_THOUGHT)
+    opening = ANSWER_OPENINGS[answer_format]
+    probe = ("" if close_text.endswith(opening) else opening) + "x" + ANSWER_CLOSINGS[answer_format]
+    whole = forced_ids(tokenizer, close_text + probe)  # the answer as written right after the forced text
+    answer = whole[len(ids):] if whole[:len(ids)] == ids else forced_ids(tokenizer, probe)
+    text = _read(tokenizer, prompt, thought + ids + answer)
+    if THINK_END not in text or extract_answer(text, answer_format) != "x":
+        raise UserError(f"--think-overflow close: with tokenizer '{name}' a thought, the forced text {close_text!r} "
+                        f"and the answer {probe!r} read back as {text!r}, in which the reward finds no "
+                        f"{THINK_END} and answer 'x' ({answer_format}); use a tokenizer that writes the forced text "
+                        "back as it is (byte-level BPE, SentencePiece) or --think-overflow fail")
+    own = _read(tokenizer, prompt, forced_ids(tokenizer, PROBE_THOUGHT + THINK_END))
+    if THINK_END not in own:
+        raise UserError(f"--think-overflow close: with tokenizer '{name}' a thought closed by the policy's own "
+                        f"{THINK_END} reads back as {own!r}, so no rollout could close its thought and every one "
+                        f"would be forced; add {THINK_END} to the tokenizer as one token or use --think-overflow fail")
+
+
+def closed(head: str, full: str) -> bool:
+    """Whether a completion wrote `</think>` within its budget: `head` (the text of its first budget tokens) holds
+    it, or ends in a proper prefix of it that `full` (the whole first-call text) completes (' dog</t' cut from
+    ' dog</think>' when `</think>` is several tokens)."""
+    if THINK_END in head:
+        return True
+    return any(head.endswith(THINK_END[:k]) and full.startswith(head[:len(head) - k] + THINK_END)
+               for k in range(1, len(THINK_END)))
+
+
 class ForcedClose:
     """A RolloutEngine that applies --think-overflow close to `engine` (see the module doc). `budget` is the
     step's thinking budget (the trainer moves it every step); `generate` asks the inner engine for budget +
-    `answer_room` tokens, then for `answer_room` more on the forced rows. Every call makes the second call, with
-    no prompt where no row is forced, so collective engines (FSDP lockstep) stay paired. Counters since `pop_stats`:
+    `answer_room` tokens, then for `answer_room` more on the forced rows (`_second`). When any rank forced a row
+    every rank makes the second call (with no prompt where it forced none), so collective engines (FSDP lockstep)
+    stay paired; when none did, none makes it. Counters since `pop_stats`:
     rows, forced rows, forced tokens and the extra forward tokens (a forced row's second prefill over its prompt
     and thought, and the first call's tokens after the cut, which the completion no longer holds)."""
 
-    def __init__(self, engine, tokenizer, close_text: str, budget: int, answer_room: int):
+    def __init__(self, engine, tokenizer, close_text: str, budget: int, answer_room: int,
+                 answer_format: str = "boxed"):
         self.engine, self.tokenizer = engine, tokenizer
         self.budget, self.answer_room = budget, answer_room
         self.ids = forced_ids(tokenizer, close_text)
+        check_forced_text(tokenizer, close_text, self.ids, answer_format)
         self.drop = special_ids(tokenizer)  # a final EOS (or other special token) before the budget is dropped
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.counts = dict.fromkeys(("rows", "forced_rows", "forced_tokens", "extra_forward_tokens"), 0)
@@ -59,14 +109,12 @@ class ForcedClose:
         rows = len(first.texts)
         ids, mask = first.completion_ids[:, :self.budget], first.completion_mask[:, :self.budget]
         heads = completion_texts(self.tokenizer, prompts, n, ids, mask) if rows else []
-        forced = [r for r in range(rows) if THINK_END not in heads[r]]
+        forced = [r for r in range(rows) if not closed(heads[r], first.texts[r])]
         thoughts = {}
         for r in forced:
             t = ids[r][mask[r].bool()].tolist()
             ended = int(first.completion_mask[r].sum()) <= self.budget  # stopped within the budget (EOS)
             thoughts[r] = t[:-1] if ended and t and t[-1] in self.drop else t  # the EOS goes
-        second = self.engine.generate([prompts[r // n] + thoughts[r] + self.ids for r in forced],
-                                      dataclasses.replace(params, n=1, max_new_tokens=self.answer_room))
         self.counts["rows"] += rows
         self.counts["forced_rows"] += len(forced)
         self.counts["forced_tokens"] += len(forced) * len(self.ids)
@@ -74,9 +122,31 @@ class ForcedClose:
         # tokens after the cut: prompt + the first call's whole length
         self.counts["extra_forward_tokens"] += sum(len(prompts[r // n]) + int(first.completion_mask[r].sum())
                                                    for r in forced)
+        # every rank takes the same branch (one all-reduce): no second call anywhere when no rank forced a row, so
+        # no full-weight gather (--rollout-gather) for nothing
+        if distributed.all_sum([len(forced)])[0] == 0:
+            return first
+        prefill = len(prompts) * max(map(len, prompts), default=0)  # the first call's prefill (padded) tokens
+        second = self._second([prompts[r // n] + thoughts[r] + self.ids for r in forced], params, prefill)
         if not forced:
             return first
         return self._assemble(first, second, forced, thoughts, prompts, n)
+
+    def _second(self, rows: list[list[int]], params: SamplingParams, limit: int) -> RolloutBatch:
+        """The answer room written after each of `rows` (prompt + thought + forced ids, n=1), in chunks whose padded
+        prefill (rows x longest) is at most `limit` tokens (one row at least), as the first call's, not one
+        prefill of every forced row; every rank runs the most chunks any rank has (empty ones: FSDP lockstep)."""
+        chunks, chunk = [], []
+        for row in rows:
+            if chunk and (len(chunk) + 1) * max(len(row), *map(len, chunk)) > limit:
+                chunks.append(chunk)
+                chunk = []
+            chunk.append(row)
+        chunks += [chunk] if chunk else []
+        chunks += [[] for _ in range(max(1, int(distributed.all_max(len(chunks)))) - len(chunks))]
+        params = dataclasses.replace(params, n=1, max_new_tokens=self.answer_room)
+        made = [self.engine.generate(chunk, params) for chunk in chunks]
+        return concat_batches([b for b, chunk in zip(made, chunks) if chunk] or [made[0]], self.pad)
 
     def _assemble(self, first: RolloutBatch, second: RolloutBatch, forced: list[int], thoughts: dict,
                   prompts: list[list[int]], n: int) -> RolloutBatch:

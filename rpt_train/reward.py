@@ -11,6 +11,8 @@ from rpt_common.errors import UserError
 
 THINK_END = "</think>"
 ANSWER_FORMATS = ("boxed", "answer_tag")
+ANSWER_OPENINGS = {"boxed": "\\boxed{", "answer_tag": "<answer>"}  # what an answer of each format starts with
+ANSWER_CLOSINGS = {"boxed": "}", "answer_tag": "</answer>"}
 
 
 def _utf8(s: str | bytes) -> bytes:

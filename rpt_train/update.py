@@ -21,7 +21,7 @@ from rpt_train.advantages import group_advantages
 from rpt_train.collect import Groups
 from rpt_train.logprobs import forward_logprobs
 from rpt_train.loss import AGGREGATION, aggregate, clipped_surrogate, normalizer
-from rpt_train.budget import planned_new_tokens
+from rpt_train.budget import sampled_new_tokens
 from rpt_train.rollout import RolloutBatch
 
 _SUMS = ("clipped", "tokens", "entropy", "ent_tokens", "kl", "pass_tokens", "frozen_tokens")
@@ -172,8 +172,9 @@ def update_policy(cfg, model, ref, optimizer, batch: Groups, ntp=None) -> dict:
     model.train()
     for epoch in range(cfg.ppo_epochs):
         for m in minis:
-            # dr_grpo's constant: --max-new-tokens, or the run's largest thinking budget + answer room
-            norm = global_normalizer(AGGREGATION[cfg.loss], rollouts.trained_mask[m], planned_new_tokens(cfg))
+            # dr_grpo's constant: the most tokens a completion samples (--max-new-tokens, or the run's largest
+            # thinking budget + answer room; --think-overflow close's forced ids are not samples: not counted)
+            norm = global_normalizer(AGGREGATION[cfg.loss], rollouts.trained_mask[m], sampled_new_tokens(cfg))
             optimizer.zero_grad(set_to_none=True)
             losses = [micro_step(cfg, model, batch, rows, advantages, old, ref_lp, norm, measure and epoch == 0,
                                  sums, shared) for rows in distributed.pad_to_max(micro(m))]

@@ -594,9 +594,14 @@ def test_think_overflow_fail_gives_no_answer_and_close_forces_the_answer(tiny_to
     assert all(t.endswith("</think>\n\\boxed{ zzzq}") for t in r.texts) and batch.answers == [" zzzq"] * 4
     assert batch.rewards.tolist() == [0.5] * 4 and stats["answer_rate"] == 1.0
     assert stats["entropy"] == 1.0  # the sampler's entropy over sampled tokens only
-    # the calls: budget + answer room for all rows, then the answer room on prompt + thought + forced ids
-    (first, k1), (second, k2) = raw.calls
-    assert (k1, k2) == (5 + 8, 8) and second == [first[i // 2] + thought + forced for i in range(4)]
+    # the calls: budget + answer room for all rows, then the answer room on prompt + thought + forced ids, in
+    # chunks whose padded prefill is no larger than the first call's (one row at least)
+    (first, k1), *chunks = raw.calls
+    second = [p for c, _ in chunks for p in c]
+    assert k1 == 5 + 8 and {k for _, k in chunks} == {8} and second == [first[i // 2] + thought + forced
+                                                                          for i in range(4)]
+    limit = len(first) * max(map(len, first))
+    assert len(chunks) > 1 and all(len(c) == 1 or len(c) * max(map(len, c)) <= limit for c, _ in chunks)
     s = obj.step_stats()
     assert s["forced_share"] == 1.0 and s["forced_tokens"] == 4 * len(forced)
     assert s["overflow_forward_tokens"] == sum(len(first[i // 2]) + 13 for i in range(4))
@@ -693,7 +698,9 @@ def test_think_overflow_close_evaluates_as_it_trained(tiny_llama, train_shards, 
     assert fail["all"]["answer_rate"] == 0.0 and {k for _, k in engine.calls} == {7}
     close, engine = results["close"]
     assert close["all"]["answer_rate"] == 1.0
-    assert [k for _, k in engine.calls] == [13, 8, 13, 8] * (len(engine.calls) // 4)  # sampled, greedy per chunk
+    ks = [k for _, k in engine.calls]  # per chunk: sampled, then greedy, each 13 then its second call(s) of 8
+    firsts = [i for i, k in enumerate(ks) if k == 13]
+    assert firsts[0] == 0 and set(ks) == {13, 8} and len(firsts) % 2 == 0 and all(ks[i + 1] == 8 for i in firsts)
     for p in close["positions"]:
         assert all(c.endswith("</think>\n\\boxed{ zzzq}") for c in p["completions"] + [p["greedy_completion"]])
     assert all(close[b]["completion_length"] == 5 + len(engine.forced) + len(engine.answer)
@@ -749,7 +756,7 @@ def test_think_overflow_close_drops_the_eos_of_a_thought_that_stopped_early(tiny
     thought = raw.filler[:2]
     assert tiny_tok.eos_token_id not in thought + raw.forced + raw.answer
     assert batch.completion_ids.tolist() == [thought + raw.forced + raw.answer] * 2
-    assert raw.calls[1][0] == [[5, 6, 7] + thought + raw.forced] * 2
+    assert [p for c, _ in raw.calls[1:] for p in c] == [[5, 6, 7] + thought + raw.forced] * 2
 
 
 def test_think_overflow_close_around_the_hf_engine(tiny_llama):
@@ -775,3 +782,163 @@ def test_think_overflow_close_around_the_hf_engine(tiny_llama):
         assert start <= 6 and (b.logprobs[r][b.trained_mask[r].bool()] < 0).all()
         assert "</think>\n\\boxed{" in b.texts[r]
     assert engine.pop_stats()["forced_rows"] == 4
+
+
+# ---- --think-overflow close: the forced text reads back, closes across the cut, no idle second call ------------
+def kind_tokenizer(kind: str, tags: str):
+    """A tokenizer of `kind` as tests/test_train_tokenizers.py builds them (Metaspace: byte-fallback tokens in the
+    vocabulary, as Llama-2's), `<think>`/`</think>` plain text, added tokens or special ones."""
+    from test_train_tokenizers import tokenizer
+
+    tok = copy.deepcopy(tokenizer(kind))
+    if tags == "added":
+        tok.add_tokens(["<think>", "</think>"])
+    elif tags == "special":
+        tok.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+    return tok
+
+
+class CountingEngine(WritingEngine):
+    """WritingEngine recording each call's prompts; a prompt ending with `forced` (a second call) gets `answer`."""
+
+    def __init__(self, tokenizer, text, forced=(), answer=" x}"):
+        super().__init__(tokenizer, text)
+        self.calls, self.forced, self.answer, self.own = [], list(forced), answer, text
+
+    def generate(self, prompts, params):
+        from rpt_train.rollout import empty_batch
+
+        self.calls.append([list(p) for p in prompts])
+        if not prompts:
+            return empty_batch()
+        self.text = self.answer if self.forced and prompts[0][-len(self.forced):] == self.forced else self.own
+        return super().generate(prompts, params)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("tags", ["text", "added", "special"])
+def test_think_overflow_close_refuses_a_forced_text_the_reward_cannot_read_back(kind, tags):
+    """Every tokenizer kind: where the forced '</think>\\n\\boxed{' reads back as written (byte-level BPE,
+    SentencePiece/Metaspace) ForcedClose is built and a forced row is rewarded on the answer after it; a WordPiece
+    decoder gives '< / think > boxed' (or '</think> [UNK] boxed' with an added `</think>`), where no forced row
+    could ever have an answer: refused in one sentence naming the decoded text."""
+    from rpt_common.errors import UserError
+    from rpt_train.overflow import THINK_CLOSE, ForcedClose, forced_ids
+    from rpt_train.reward import extract_answer
+
+    tok = kind_tokenizer(kind, tags)
+    forced = forced_ids(tok, THINK_CLOSE)
+    engine = CountingEngine(tok, " the lazy dog is over the fox", forced=forced)
+    if kind == "wordpiece":
+        with pytest.raises(UserError, match=r"read back as .*boxed.* in which the reward finds no </think> and answer"):
+            ForcedClose(engine, tok, THINK_CLOSE, budget=3, answer_room=4)
+        return
+    batch = ForcedClose(engine, tok, THINK_CLOSE, budget=3, answer_room=4).generate(
+        [forced_ids(tok, "Continue.\n<think>\n")], SamplingParams(n=2))
+    assert batch.forced.sum(1).tolist() == [len(forced)] * 2
+    assert all("</think>\n\\boxed{" in t and extract_answer(t).strip() == "x" for t in batch.texts)
+
+
+def test_think_overflow_close_refuses_a_tokenizer_that_never_reads_the_policys_own_close():
+    """A tokenizer under which the forced text reads back but a thought's own `</think>` does not (a normalizer
+    rewriting it after a word) would force every rollout: refused in one sentence."""
+    from tokenizers import normalizers
+
+    from rpt_common.errors import UserError
+    from rpt_train.overflow import THINK_CLOSE, ForcedClose
+
+    tok = kind_tokenizer("bytelevel", "text")
+    tok.backend_tokenizer.normalizer = normalizers.Replace("is</", "is< /")
+    with pytest.raises(UserError, match="policy's own </think> reads back as .*every one would be forced"):
+        ForcedClose(CountingEngine(tok, " a"), tok, THINK_CLOSE, budget=3, answer_room=4)
+
+
+@pytest.mark.parametrize("fmt", ["boxed", "answer_tag"])
+def test_think_close_auto_opens_the_answer_format_and_a_mismatched_pair_is_refused(tiny_tok, train_shards, fmt):
+    """--think-close auto is '</think>\\n' + --answer-format's opening, so a forced row's answer is read under either
+    format (with answer_tag the old default '\\boxed{' gave no answer); an explicit --think-close opening the other
+    format is refused in one sentence."""
+    from rpt_common.errors import UserError
+    from rpt_train.budget import think_close
+    from rpt_train.config import EvalConfig, load_config
+    from rpt_train.overflow import ForcedClose, forced_ids
+    from rpt_train.reward import extract_answer
+
+    base = {"shards": str(train_shards), "template": "think", "think_budget": 8, "think_overflow": "close",
+            "answer_format": fmt}
+    cfg = load_config(TrainConfig, None, base)
+    text = think_close(cfg)
+    assert text == {"boxed": "</think>\n\\boxed{", "answer_tag": "</think>\n<answer>"}[fmt]
+    closing = {"boxed": " zzzq}", "answer_tag": " zzzq</answer>"}[fmt]
+    forced = forced_ids(tiny_tok, text)
+    engine = CountingEngine(tiny_tok, " hm hm hm hm", forced=forced, answer=closing)
+    batch = ForcedClose(engine, tiny_tok, text, budget=2, answer_room=8, answer_format=fmt).generate(
+        [[5, 6, 7]], SamplingParams(n=2))
+    assert [extract_answer(t, fmt) for t in batch.texts] == [" zzzq"] * 2
+    other = {"boxed": "</think>\n<answer>", "answer_tag": "</think>\n\\boxed{"}[fmt]
+    for cls, kw in ((TrainConfig, base), (EvalConfig, {**base, "template": "think"})):
+        with pytest.raises(UserError, match=f"opens a .* answer but --answer-format is {fmt}"):
+            load_config(cls, None, {**kw, "think_close": other})
+
+
+@pytest.mark.parametrize("kind", ["bytelevel", "metaspace"])
+def test_a_close_tag_cut_by_the_budget_is_the_policys_own_and_no_second_call_is_made(kind, monkeypatch):
+    """A multi-token `</think>` cut by the budget (' dog</t' | 'hink>...') was closed by the policy: the row is left
+    as generated, not forced; and when no row (on any rank) is forced the second generate call is not made at all.
+    When another rank forced a row (its count in the ranks' sum), this rank makes the second call too, with no
+    prompt, so collective engines stay paired."""
+    from rpt_train import overflow
+    from rpt_train.overflow import THINK_CLOSE, ForcedClose, forced_ids
+
+    tok = kind_tokenizer(kind, "text")
+    own_text = " dog</think>\n\\boxed{the}"
+    own = tok(own_text, add_special_tokens=False)["input_ids"]
+    budget = len(tok(" dog", add_special_tokens=False)["input_ids"]) + 2
+    prompt = forced_ids(tok, "Continue.\n<think>\n")
+    assert "</think>" not in tok.decode(own[:budget]) and len(own) > budget  # the cut is inside </think>
+    engine = CountingEngine(tok, own_text, forced=forced_ids(tok, THINK_CLOSE))
+    fc = ForcedClose(engine, tok, THINK_CLOSE, budget=budget, answer_room=16)
+    batch = fc.generate([prompt], SamplingParams(n=2))
+    assert batch.completion_ids.tolist() == [own] * 2 and batch.forced is None
+    assert fc.pop_stats()["forced_rows"] == 0 and len(engine.calls) == 1  # no second call
+    # another rank forced a row: this one (none forced) makes the second call too, with no prompt
+    monkeypatch.setattr(overflow.distributed, "all_sum", lambda values: [v + 1 for v in values])
+    engine.calls.clear()
+    batch = fc.generate([prompt], SamplingParams(n=2))
+    assert engine.calls[1:] == [[]] and batch.completion_ids.tolist() == [own] * 2
+
+
+def test_dr_grpo_constant_is_the_sampled_bound_under_fail_and_close(tiny_llama, train_shards, monkeypatch):
+    """dr_grpo divides by rows x the most tokens a completion samples: the same under fail and close (the forced
+    text's byte bound is for the memory plan only; forced ids are not samples)."""
+    from rpt_train import update
+
+    policy = load_policy(str(tiny_llama), "cpu")
+    batch, _, _, _ = overflow_collect(overflow_cfg(train_shards, "close"), policy.tokenizer,
+                                      rewards=iter([[1.0, 0.0, 0.0, 1.0]]))
+    seen = []
+    real = update.global_normalizer
+    monkeypatch.setattr(update, "global_normalizer", lambda mode, masks, new: seen.append(new) or real(mode, masks, new))
+    for overflow in ("fail", "close"):
+        cfg = overflow_cfg(train_shards, overflow, loss="dr_grpo")
+        update_policy(cfg, policy.model, None, torch.optim.SGD(policy.model.parameters(), lr=0.0), batch)
+    assert seen == [5 + 8, 5 + 8]
+    close = overflow_cfg(train_shards, "close")
+    assert objectives.planned_new_tokens(close) == 5 + 8 + len("</think>\n\\boxed{".encode())
+
+
+def test_the_second_call_runs_as_many_chunks_as_the_busiest_rank(tiny_tok, monkeypatch):
+    """FSDP lockstep: every rank makes as many second calls as the rank with the most chunks (here another rank's
+    5), the extra ones with no prompt; the rows come back whole and in order."""
+    from rpt_train import overflow
+    from rpt_train.overflow import THINK_CLOSE, ForcedClose
+
+    raw = NeverCloses(tiny_tok)
+    engine = ForcedClose(raw, tiny_tok, THINK_CLOSE, budget=5, answer_room=8)
+    alone = engine.generate([[5, 6, 7], [8, 9]], SamplingParams(n=2))
+    mine = len(raw.calls) - 1
+    monkeypatch.setattr(overflow.distributed, "all_max", lambda v: max(v, mine + 3))
+    raw.calls.clear()
+    batch = engine.generate([[5, 6, 7], [8, 9]], SamplingParams(n=2))
+    assert len(raw.calls) == 1 + mine + 3 and [c for c, _ in raw.calls[-3:]] == [[]] * 3
+    assert batch.completion_ids.tolist() == alone.completion_ids.tolist() and 1 < mine
