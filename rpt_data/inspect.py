@@ -183,6 +183,8 @@ def _validate(out: str, manifest: dict) -> list[str]:
             total = sum(s[k] for s in manifest["shards"])
             if manifest["totals"][k] != total:
                 problems.append(f"{MANIFEST}: totals say {manifest['totals'][k]} {k}, its shard entries add up to {total}")
+    if manifest.get("world_size", 1) > 1:  # a merged run: its ranks' divisions give every unit to one rank
+        problems += _division_problems(out, manifest["world_size"])
     metric = _metric_col(manifest)
     thr = manifest["config"]["select_above"]
     tokenizer = manifest.get("tokenizer") or {}
@@ -206,6 +208,19 @@ def _validate(out: str, manifest: dict) -> list[str]:
         df = pl.from_arrow(table)
         problems += [f"{entry['file']}: {p}" for p in _check_rows(df, entry, metric, thr, tokenizer.get("vocab_size"))]
     return problems
+
+
+def _division_problems(out: str, world: int) -> list[str]:
+    """rpt_data.merge.check_division on the rank records beside a merged manifest (none left: nothing to check)."""
+    from rpt_data.merge import check_division, read_rank_records
+
+    try:
+        records = read_rank_records(Path(out))
+        if sorted(records) == list(range(world)):
+            check_division(records, world)
+    except UserError as e:
+        return [f"{MANIFEST}: {e}"]
+    return []
 
 
 def _schema_diff(schema) -> str:

@@ -2,8 +2,8 @@
 
 Each rank r of a W-rank run writes `rank-RRRRR.json` (the manifest of its own part, plus `rank`,
 `world_size` and `division`) and `rejects-RRRRR.jsonl`. The merge refuses unless ranks 0..W-1 are all
-complete, agree on config, inputs, tokenizer and proxy, and every recorded shard is on disk with its
-recorded size; then it writes rejects.jsonl and, last, manifest.json (the same schema as a 1-rank run's,
+complete, agree on config, inputs, tokenizer, proxy and division (every unit of the input one rank's, each
+shard's `units` its rank's: check_division), and every recorded shard is on disk with its recorded size; then it writes rejects.jsonl and, last, manifest.json (the same schema as a 1-rank run's,
 shards of all ranks sorted by name, counts summed, plus `world_size`).
 """
 from __future__ import annotations
@@ -132,6 +132,7 @@ def merge_out(out: str) -> dict:
     ref = records[0]
     for r in range(1, world):
         _check_same_run(records[r], ref, r)
+    check_division(records, world)
     for r in range(world):
         for entry in records[r]["shards"]:
             path = root / entry["file"]
@@ -195,6 +196,69 @@ def _check_same_run(rec: dict, ref: dict, r: int) -> None:
         raise UserError(f"rank {r} ran the proxy in another precision than rank 0 ({rec.get('precision')} vs "
                         f"{ref.get('precision')}); rerun rank {r} on rank 0's kind of device and --dtype "
                         "with --overwrite")
+
+
+def check_division(records: dict[int, dict], world: int) -> None:
+    """The ranks' divisions (agreeing on their kind, and on `owner` where recorded: _check_same_run) give every unit
+    of the run to exactly one rank: a stripe's ranks all read the same files; `files`: each file is one rank's;
+    `segments`: each segment is one rank's. Where `owner` is recorded, each rank's part is the one it names, and each
+    shard's `units` ([first, last] input indices) are units of its rank. Refuses in one sentence otherwise."""
+    divs = [records[r].get("division") or {} for r in range(world)]
+    by = divs[0].get("by")
+    n = len(records[0].get("inputs") or [])
+    again = "rerun every rank with --overwrite, then merge again"
+    if by in ("records", "windows"):
+        for r in range(1, world):
+            if divs[r].get("files") != divs[0].get("files"):
+                raise UserError(f"rank {r} read other input files than rank 0 though every rank of a {by} stripe "
+                                f"reads them all; {again}")
+        return
+    if by not in ("files", "segments"):
+        return
+    if by == "files":
+        parts = [[p] for d in divs for p in d.get("files", [])]
+        per_rank = [[(p,) for p in d.get("files", [])] for d in divs]
+    else:
+        parts = [tuple(u) for d in divs for u in d.get("segments", [])]
+        per_rank = [[tuple(u) for u in d.get("segments", [])] for d in divs]
+    seen = Counter(tuple(u) for u in parts)
+    twice = next((u for u, c in seen.items() if c > 1), None)
+    if twice is not None:
+        what = f"'{twice[0]}'" + (f" (segment {twice[1]})" if len(twice) > 1 else "")
+        ranks = [r for r in range(world) if twice in per_rank[r]]
+        raise UserError(f"ranks {ranks[0]} and {ranks[1]} both tagged {what}, so the ranks' divisions of the input "
+                        f"disagree; {again}")
+    owner = divs[0].get("owner")
+    if owner is None or any(d.get("owner") != owner for d in divs):
+        if by == "files" and len(seen) != n:
+            raise UserError(f"the ranks' divisions cover {len(seen)} of the {n} input files; {again}")
+        return  # a record from before `owner`: the parts are disjoint, no more is known
+    owners = [o if by == "segments" else [o] for o in owner] if isinstance(owner, list) else []
+    if len(owners) != n or any(not isinstance(o, list) or not o or not all(isinstance(x, int) and 0 <= x < world for x in o)
+                     for o in owners):
+        raise UserError(f"the division recorded by the ranks does not give each of the {n} input files a rank; "
+                        f"{again}")
+    files = [iter(d.get("files", [])) for d in divs]
+    expect: list[list] = [[] for _ in range(world)]
+    for i, o in enumerate(owners):  # each file's path as the ranks that read it name it, in input order
+        paths = {r: next(files[r], None) for r in sorted(set(o))}
+        path = paths[o[0]]
+        r = next((r for r in paths if paths[r] != path or path is None), None)
+        if r is not None:
+            raise UserError(f"rank {r} tagged another part of the input than the division its record names gives it "
+                            f"(input file {i + 1}); {again}")
+        for k, r in enumerate(o):
+            expect[r].append((path, k) if by == "segments" else (path,))
+    for r in range(world):
+        if next(files[r], None) is not None or sorted(expect[r]) != sorted(per_rank[r]):
+            raise UserError(f"rank {r} tagged another part of the input than the division its record names gives it; "
+                            f"{again}")
+        for entry in records[r].get("shards", []):
+            for i in entry.get("units") or []:
+                if not (0 <= i < n and r in owners[i]):
+                    raise UserError(f"shard {entry['file']} of rank {r} holds windows of input file {i + 1} "
+                                    f"('{records[r]['inputs'][i]['path'] if 0 <= i < n else '?'}'), which the "
+                                    f"division gives to another rank; {again}")
 
 
 def merged_rejects(root: Path, world: int, input_paths: list[str]):

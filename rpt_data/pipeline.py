@@ -214,20 +214,51 @@ def redo_changed_units(cfg: TagConfig, old: dict, inputs: list[dict], fixed: lis
     old["shards"], old["complete"] = shards[:cut], False
 
 
-def same_segments(cfg: TagConfig, division: Division) -> None:
-    """A multi-rank resume where segments are dealt (rpt_data.segments) must deal them as its record says: a file
-    fixed in place to another size may cut into other segments, or move segments between ranks (not pinned)."""
+def same_division(cfg: TagConfig, division: Division, files: list, inputs: list[dict]) -> None:
+    """A multi-rank resume keeps shards only under the division they were written for: this rank's kind of division,
+    the files it reads and (segments) the segments it tokenizes must be those its record names. A file fixed in place
+    to another size can change them (grown past SEGMENT_BYTES it is cut into segments, so a `files` or `windows`
+    division becomes `segments`; a segmented file may get another segment count, and segments are dealt by size, not
+    pinned): then this rank refuses in one sentence, naming the file, and asks for --overwrite. A rank whose own part
+    is unchanged keeps its shards (those of an unchanged file are the same windows: segment cuts depend on the file
+    alone; `redo_changed_units` redoes from a changed one) and records the new division, so every rank ends up with
+    the division computed from the new sizes, each unit with exactly one rank (`rpt-data merge` checks it)."""
+    from rpt_data.segments import segment_sizes
+
     record = Path(cfg.out) / record_name(cfg)
     if cfg.world_size == 1 or cfg.overwrite or not record.is_file():
         return
     try:
-        old = json.loads(record.read_text()).get("division", {})
+        rec = json.loads(record.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return  # prepare_out says so
-    if "segments" in (old.get("by"), division.by) and old != division.describe():
-        raise UserError(f"rank {cfg.rank} of {cfg.world_size} in '{cfg.out}' would read other segments of the input "
-                        "files than it recorded (a file cut into segments changed size); rerun with --overwrite "
-                        "to start over")
+    old, new = rec.get("division") or {}, division.describe()
+    if all(old.get(k) == new.get(k) for k in ("by", "files", "segments")):
+        return
+    fixed = changed_units(rec.get("inputs"), inputs)
+    if fixed is None:
+        return  # files added, removed or reordered: prepare_out refuses, naming them
+    was = {i: f.get("bytes") for i, f in enumerate(rec.get("inputs") or [])}
+    resized = [i for i in fixed if was[i] != inputs[i].get("bytes")]
+    recut = [i for i in resized if isinstance(was[i], int) and
+             len(segment_sizes([files[i]], [was[i]])[0]) != len(segment_sizes([files[i]], [inputs[i]["bytes"]])[0])]
+    named = (recut or resized)[:1]
+    who = f"rank {cfg.rank} of {cfg.world_size}"
+    if old.get("by") != new["by"]:
+        why = f"the input is now divided between the ranks by {new['by']}, not by {old.get('by')}"
+    elif old.get("files") != new["files"]:
+        why = f"{who} would now read other files"
+    else:
+        why = f"{who} would now tokenize other segments ({len(new['segments'])} instead of {len(old.get('segments', []))})"
+    if named:
+        i = named[0]
+        cut = len(segment_sizes([files[i]], [inputs[i]["bytes"]])[0])
+        size = f"{was[i]:,} -> {inputs[i]['bytes']:,} bytes" + (f", now cut into {cut} segments" if i in recut else "")
+        what = f"'{inputs[i]['path']}' changed size since '{cfg.out}' was started ({size}), so {why}"
+    else:
+        what = f"{why} than when '{cfg.out}' was started"
+    raise UserError(f"{who} cannot resume: {what}, and the shards it recorded belong to the old division; rerun it "
+                    "with --overwrite to start over (every rank whose part changed refuses alike)")
 
 
 def recorded_owner(cfg: TagConfig, inputs: list[dict]) -> list[int] | None:
@@ -243,8 +274,9 @@ def recorded_owner(cfg: TagConfig, inputs: list[dict]) -> list[int] | None:
     keys = [unit_key(f) for f in inputs]
     for rank in sorted(records, key=lambda r: r != cfg.rank):
         rec = records[rank]
-        owner = rec.get("division", {}).get("owner")
-        if (rec.get("world_size") == cfg.world_size and owner is not None and len(owner) == len(keys)
+        owner = rec.get("division", {}).get("owner")  # a `segments` division's owner is per segment: no guide
+        if (rec.get("world_size") == cfg.world_size and rec.get("division", {}).get("by") == "files"
+                and owner is not None and len(owner) == len(keys)
                 and [unit_key(f) for f in rec.get("inputs", [])] == keys):
             return owner
     return None
@@ -324,7 +356,7 @@ def _tag_rank(cfg: TagConfig, ranks: RankInfo) -> dict:
         divide(files, cfg.mode, cfg.limit, cfg.rank, cfg.world_size, [f["bytes"] for f in inputs],
                       recorded_owner(cfg, inputs))
     parse = RecordParser(cfg.text_field, cfg.template, cfg.id_field)
-    same_segments(cfg, division)
+    same_division(cfg, division, files, inputs)
     read = {p for p, _ in division.files}
     old = prepare_out(cfg, inputs, [i for i, (p, _) in enumerate(files) if p in read])
     out = Path(cfg.out)
@@ -332,6 +364,8 @@ def _tag_rank(cfg: TagConfig, ranks: RankInfo) -> dict:
         what = f"'{out}'" if cfg.world_size == 1 else f"rank {cfg.rank} of {cfg.world_size} in '{out}'"
         if not same_inputs(old.get("inputs"), inputs):  # files this rank does not read were fixed: the record names them as now
             old["inputs"] = inputs
+            if cfg.world_size > 1:  # its own part is unchanged (same_division); other ranks' may not be
+                old["division"] = division.describe()
             write_json_atomic(out / record_name(cfg), old)
         print(f"{what} is already complete ({len(old['shards'])} shards); nothing to do "
               "(use --overwrite to redo it)", file=sys.stderr)

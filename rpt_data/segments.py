@@ -43,7 +43,8 @@ LEAD_BYTES = 4 << 10  # the junction's lead-in (at least; x 64 tokens of context
 
 @dataclass(frozen=True, slots=True)
 class SegmentDivision(Division):
-    """`segments`: this rank tokenizes the segments in `units` ((path, k) pairs) of the files it reads."""
+    """`segments`: this rank tokenizes the segments in `units` ((path, k) pairs) of the files it reads; `owner` (as
+    recorded) holds the rank of every segment of the run, one list per input file (a file not cut: one segment)."""
     units: frozenset = frozenset()
     counts: dict = field(default_factory=dict)  # path -> its segment count, for every cut file of the run
 
@@ -52,7 +53,8 @@ class SegmentDivision(Division):
 
     def describe(self) -> dict:
         return {"by": self.by, "files": [p for p, _ in self.files],
-                "segments": [[p, k] for p, k in sorted(self.units)]}
+                "segments": [[p, k] for p, k in sorted(self.units)]} | \
+            ({"owner": [list(o) for o in self.owner]} if self.owner is not None else {})
 
 
 def cuttable(path: str, fmt: str) -> bool:
@@ -306,8 +308,9 @@ def divide_segments(files: list, sizes: list[int], mode: str, limit: int | None,
     owner = balance([b for _, _, b in units], world_size)
     mine = frozenset((files[i][0], k) for (i, k, _), r in zip(units, owner) if r == rank)
     read = [f for f, s in zip(files, per_file) if any((f[0], k) in mine for k in range(len(s)))]
-    return SegmentDivision("segments", rank, world_size, read, units=mine,
-                           counts={p: len(s) for (p, _), s in zip(files, per_file) if len(s) > 1})
+    ranks = iter(owner)  # the rank of every segment, one list per file
+    return SegmentDivision("segments", rank, world_size, read, [[next(ranks) for _ in s] for s in per_file],
+                           units=mine, counts={p: len(s) for (p, _), s in zip(files, per_file) if len(s) > 1})
 
 
 def lead_bytes(context_prefix: int) -> int:

@@ -1,6 +1,7 @@
 """A resume after input files were fixed in place (same files, same order, other contents) redoes only from the first
 shard that may hold windows of the first changed file: the shards before it stand (same files on disk), and the result
 is a fresh run's on the fixed inputs, for 1 and 2 ranks; added files, or a record from before shard `units`, refuse."""
+import itertools
 import json
 import os
 
@@ -11,6 +12,7 @@ from rpt_common.errors import UserError
 from rpt_data import pools
 from rpt_data.config import TagConfig
 from rpt_data.division import balance
+from rpt_data.inspect import validate_out
 from rpt_data.merge import merge_out
 from rpt_data.pipeline import run_tag
 from test_data_multirank import opts, same_content
@@ -197,15 +199,198 @@ def test_a_fixed_file_cut_into_segments_is_one_unit(tmp_path, tiny_llama, monkey
 def test_a_multirank_resume_refuses_other_segments(tmp_path, monkeypatch):
     """Segments are not pinned: a rank whose record names other segments than the fixed inputs deal it refuses."""
     import rpt_data.segments as seg
-    from rpt_data.pipeline import record_name, same_segments
+    from rpt_data.pipeline import fingerprint, record_name, same_division
 
     monkeypatch.setattr(seg, "SEGMENT_BYTES", 300)
     files = [(str(tmp_path / "a.jsonl"), "jsonl")]
     cfg = TagConfig(inputs=[files[0][0]], out=str(tmp_path / "out"), **opts("demo", mode="continuous", rank=0,
                                                                               world_size=2))
     (tmp_path / "out").mkdir()
+    (tmp_path / "a.jsonl").write_bytes(b"x" * 1200)
+    was = [fingerprint(files[0][0])]
     old = seg.divide_segments(files, [1200], "continuous", None, 0, 2)
-    (tmp_path / "out" / record_name(cfg)).write_text(json.dumps({"division": old.describe()}))
-    same_segments(cfg, seg.divide_segments(files, [1200], "continuous", None, 0, 2))  # same deal: resumes
-    with pytest.raises(UserError, match="would read other segments .* --overwrite"):
-        same_segments(cfg, seg.divide_segments(files, [1500], "continuous", None, 0, 2))
+    (tmp_path / "out" / record_name(cfg)).write_text(json.dumps({"division": old.describe(), "inputs": was}))
+    same_division(cfg, seg.divide_segments(files, [1200], "continuous", None, 0, 2), files, was)  # same deal
+    (tmp_path / "a.jsonl").write_bytes(b"x" * 1500)
+    with pytest.raises(UserError, match=r"rank 0 of 2 cannot resume: '.*a.jsonl' changed size since .* \(1,200 -> "
+                                        r"1,500 bytes, now cut into 5 segments\), so rank 0 of 2 would now tokenize "
+                                        r"other segments .* --overwrite"):
+        same_division(cfg, seg.divide_segments(files, [1500], "continuous", None, 0, 2), files,
+                      [fingerprint(files[0][0])])
+
+
+SEG = dict(mode="continuous", shard_rows=2, batch_tokens=64)
+
+
+def cut_small(monkeypatch):
+    """Segments of 300 bytes (lead-in 64, text blocks of 50), pools of 2 shards of 16-token windows."""
+    import rpt_data.readers as readers
+    import rpt_data.segments as seg
+
+    monkeypatch.setattr(seg, "SEGMENT_BYTES", 300)
+    monkeypatch.setattr(seg, "LEAD_BYTES", 64)
+    monkeypatch.setattr(readers, "TEXT_BLOCK_BYTES", 50)
+    monkeypatch.setattr(pools, "LOOKAHEAD_TOKENS", 2 * 16)
+
+
+def text_file(path, start: int, n: int):
+    path.write_text("\n".join(SENTENCES[(start + j) % len(SENTENCES)] for j in range(n)) + "\n")
+
+
+def rows_by_key(out):
+    import collections
+
+    from data_helpers import read_rows
+
+    df = read_rows(out)
+    return collections.Counter(zip(df["doc_id"].to_list(), df["token_start"].to_list()))
+
+
+def refuse_then_overwrite(inputs, model, out, world, match):
+    """Every rank refuses the resume (one sentence matching `match`, shards left alone), then reruns with
+    --overwrite; merge."""
+    for r in range(world):
+        before = sorted(p.name for p in out.rglob("*"))
+        with pytest.raises(UserError, match=match.format(r=r)):
+            tag(inputs, model, out, rank=r, world_size=world, **SEG)
+        assert sorted(p.name for p in out.rglob("*")) == before
+    for r in range(world):
+        tag(inputs, model, out, rank=r, world_size=world, overwrite=True, **SEG)
+    return merge_out(str(out))
+
+
+def test_a_file_fixed_past_the_segment_size_refuses_a_files_division(tmp_path, tiny_llama, monkeypatch):
+    """Review of issue 32: 3 text files dealt to 2 ranks by files; a2 is fixed in place and grows past SEGMENT_BYTES,
+    so the fixed inputs are divided by segments. No rank keeps shards written under the files division (the reviewer
+    saw a rank that read none of the changed files keep them: rows written twice and rows lost, merged); each refuses
+    naming a2 and --overwrite, and the result then holds a fresh run's rows, each once."""
+    cut_small(monkeypatch)
+    root = tmp_path / "in"
+    root.mkdir()
+    for i in range(3):
+        text_file(root / f"a{i}.txt", i, 2 if i < 2 else 1)
+    inputs = [str(root / "*.txt")]
+    out = tmp_path / "out"
+    for r in range(2):
+        assert tag(inputs, tiny_llama, out, rank=r, world_size=2, **SEG)["division"]["by"] == "files"
+    merge_out(str(out))
+    text_file(root / "a2.txt", 2, 6)  # > 300 bytes: cut into segments
+    manifest = refuse_then_overwrite(
+        inputs, tiny_llama, out, 2, r"rank {r} of 2 cannot resume: '.*a2.txt' changed size since '.*out' was started "
+        r"\(\d+ -> \d+ bytes, now cut into \d segments\), so the input is now divided between the ranks by segments, "
+        r"not by files, and the shards it recorded belong to the old division; rerun it with --overwrite")
+    assert manifest["division"] == "segments"
+    tag(inputs, tiny_llama, tmp_path / "one", **SEG)
+    assert set(rows_by_key(out).values()) == {1} and rows_by_key(out) == rows_by_key(tmp_path / "one")
+    same_content(tmp_path / "one", out, 2)
+    check_merge_refuses_other_divisions(out)
+
+
+def check_merge_refuses_other_divisions(out):
+    """`rpt-data merge` (and `validate`, from the rank records) checks that the ranks' divisions give every unit to
+    exactly one rank and that each shard's units are its rank's: a rank record that claims another rank's segment,
+    or a shard of another rank's file, is refused in one sentence."""
+    names = [out / f"rank-0000{r}.json" for r in range(2)]
+    good = [p.read_text() for p in names]
+    recs = [json.loads(t) for t in good]
+    division = recs[1]["division"]
+    theirs = recs[0]["division"]["segments"][0]
+    division["segments"] = sorted(division["segments"] + [theirs])  # rank 1 also tagged a segment of rank 0's
+    del division["owner"]
+    del recs[0]["division"]["owner"]
+    for p, rec in zip(names, recs):
+        p.write_text(json.dumps(rec))
+    with pytest.raises(UserError, match=r"ranks 0 and 1 both tagged '.*' \(segment \d\), so the ranks' divisions of "
+                                        r"the input disagree; rerun every rank with --overwrite"):
+        merge_out(str(out))
+    assert any("ranks 0 and 1 both tagged" in p for p in validate_out(str(out)))  # beside the merged manifest
+    recs = [json.loads(t) for t in good]
+    flipped = 1 - recs[0]["division"]["owner"][0][0]
+    for rec in recs:  # both records give segment 0 of the first file to the rank that did not tag it
+        rec["division"]["owner"][0][0] = flipped
+    for p, rec in zip(names, recs):
+        p.write_text(json.dumps(rec))
+    with pytest.raises(UserError, match=r"rank \d tagged another part of the input than the division its record names"):
+        merge_out(str(out))
+    recs = [json.loads(t) for t in good]
+    other = next(i for i, o in enumerate(recs[0]["division"]["owner"]) if 0 not in o)
+    recs[0]["shards"][0]["units"] = [0, other]  # a shard of rank 0 with windows of a file only rank 1 reads
+    names[0].write_text(json.dumps(recs[0]))
+    names[1].write_text(good[1])
+    with pytest.raises(UserError, match=r"shard .* of rank 0 holds windows of input file \d+ \('.*'\), which the "
+                                        r"division gives to another rank"):
+        merge_out(str(out))
+    for p, t in zip(names, good):
+        p.write_text(t)
+    merge_out(str(out))
+
+
+def test_a_file_fixed_past_the_segment_size_refuses_a_windows_division(tmp_path, tiny_llama, monkeypatch):
+    """One small file, 2 ranks: a `windows` stripe; fixed in place past SEGMENT_BYTES it is cut into segments, which
+    are dealt: each rank refuses (naming the file) rather than keep its stripe's shards, then --overwrite."""
+    cut_small(monkeypatch)
+    root = tmp_path / "in"
+    root.mkdir()
+    text_file(root / "a0.txt", 0, 3)  # < 300 bytes
+    inputs = [str(root / "a0.txt")]
+    out = tmp_path / "out"
+    for r in range(2):
+        assert tag(inputs, tiny_llama, out, rank=r, world_size=2, **SEG)["division"]["by"] == "windows"
+    merge_out(str(out))
+    text_file(root / "a0.txt", 0, 14)
+    manifest = refuse_then_overwrite(
+        inputs, tiny_llama, out, 2, r"rank {r} of 2 cannot resume: '.*a0.txt' changed size .* now cut into \d "
+        r"segments\), so the input is now divided between the ranks by segments, not by windows, .* --overwrite")
+    assert manifest["division"] == "segments"
+    tag(inputs, tiny_llama, tmp_path / "one", **SEG)
+    same_content(tmp_path / "one", out, 2)
+
+
+@pytest.mark.parametrize("grow", [False, True])
+def test_a_segmented_file_fixed_in_place_resumes_as_a_fresh_run_or_refuses(tmp_path, tiny_llama, monkeypatch, grow):
+    """2 ranks, a0 whole, a1 cut into segments. a1 fixed in place: (grow=False) to the same size (one sentence
+    rewritten): the deal stands, the rank of a0 keeps its shards before a1's, the resume redoes from each rank's
+    first shard of a1 and equals a fresh 2-rank run byte for byte; (grow=True) to another segment count, which deals
+    the segments otherwise: a rank whose segments changed refuses in one sentence naming a1 (one whose segments did
+    not would resume); after --overwrite, again a fresh run's bytes."""
+    import rpt_data.segments as seg
+
+    cut_small(monkeypatch)
+    root = tmp_path / "in"
+    root.mkdir()
+    text_file(root / "a0.txt", 3, 3)
+    text_file(root / "a1.txt", 0, 10)
+    inputs = [str(root / "*.txt")]
+    out = tmp_path / "out"
+    first = [tag(inputs, tiny_llama, out, rank=r, world_size=2, **SEG) for r in range(2)]
+    assert first[0]["division"]["by"] == "segments"
+    merge_out(str(out))
+    text = (root / "a1.txt").read_text()
+    if grow:
+        text_file(root / "a1.txt", 0, 16)  # 3 -> 4 segments
+    else:
+        (root / "a1.txt").write_text(text.replace("quick brown", "brown quick", 1))
+        assert len((root / "a1.txt").read_text()) == len(text)
+    files = [(str(root / f"a{i}.txt"), "text") for i in range(2)]
+    sizes = [os.path.getsize(p) for p, _ in files]
+    now = [seg.divide_segments(files, sizes, "continuous", None, r, 2).describe() for r in range(2)]
+    moved = [now[r]["segments"] != first[r]["division"]["segments"] for r in range(2)]
+    assert moved == ([True, True] if grow else [False, False]) or (grow and sum(moved) == 1)
+    kept = [list(itertools.takewhile(lambda s: s["units"][1] < 1 and s["rows"] == 2, first[r]["shards"]))
+            for r in range(2)]
+    assert grow or any(kept)
+    stand = [on_disk(out, k) for k in kept]
+    for r in range(2):
+        if moved[r]:
+            with pytest.raises(UserError, match=rf"rank {r} of 2 cannot resume: '.*a1.txt' changed size .*now cut into "
+                                                r"\d segments\), so .* --overwrite"):
+                tag(inputs, tiny_llama, out, rank=r, world_size=2, **SEG)
+        tag(inputs, tiny_llama, out, rank=r, world_size=2, overwrite=moved[r], **SEG)
+        assert json.loads((out / f"rank-0000{r}.json").read_text())["division"] == now[r]
+        if not moved[r]:
+            assert on_disk(out, kept[r]) == stand[r]
+    merge_out(str(out))
+    for r in range(2):
+        tag(inputs, tiny_llama, tmp_path / "fresh", rank=r, world_size=2, **SEG)
+    merge_out(str(tmp_path / "fresh"))
+    same_output(out, tmp_path / "fresh")
