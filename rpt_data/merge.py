@@ -202,7 +202,8 @@ def check_division(records: dict[int, dict], world: int) -> None:
     """The ranks' divisions (agreeing on their kind, and on `owner` where recorded: _check_same_run) give every unit
     of the run to exactly one rank: a stripe's ranks all read the same files; `files`: each file is one rank's;
     `segments`: each segment is one rank's. Where `owner` is recorded, each rank's part is the one it names, and each
-    shard's `units` ([first, last] input indices) are units of its rank. Refuses in one sentence otherwise."""
+    shard's `units` ([first, last] input indices; -1, a unit an older version did not know, is skipped) are units of
+    its rank. Refuses in one sentence otherwise."""
     divs = [records[r].get("division") or {} for r in range(world)]
     by = divs[0].get("by")
     n = len(records[0].get("inputs") or [])
@@ -254,8 +255,10 @@ def check_division(records: dict[int, dict], world: int) -> None:
             raise UserError(f"rank {r} tagged another part of the input than the division its record names gives it; "
                             f"{again}")
         for entry in records[r].get("shards", []):
-            for i in entry.get("units") or []:
-                if not (0 <= i < n and r in owners[i]):
+            for i in entry.get("units") or []:  # -1: windows whose unit was unknown (an older version), unchecked
+                if isinstance(i, int) and i < 0:
+                    continue
+                if not (i < n and r in owners[i]):
                     raise UserError(f"shard {entry['file']} of rank {r} holds windows of input file {i + 1} "
                                     f"('{records[r]['inputs'][i]['path'] if 0 <= i < n else '?'}'), which the "
                                     f"division gives to another rank; {again}")

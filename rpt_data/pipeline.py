@@ -164,7 +164,9 @@ def prepare_out(cfg: TagConfig, inputs: list[dict], units: list[int] | None = No
         raise UserError(moved_revision(old.get("inputs"), inputs))
     if not same_inputs(old.get("inputs"), inputs):
         fixed = changed_units(old.get("inputs"), inputs)  # None: files added, removed or reordered
-        if fixed is None or any("units" not in s for s in old.get("shards", [])):  # a record from before `units`
+        # a record from before `units`, or with a shard whose windows' unit was unknown (-1, as an intermediate
+        # version wrote for segment windows): which shards hold windows of the changed units is not known
+        if fixed is None or any(not known_units(s) for s in old.get("shards", [])):
             changed = changed_inputs(old.get("inputs"), inputs)
             shown = ", ".join(f"'{n}'" for n in changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
             raise UserError(f"the input files changed since '{out}' was started ({shown}); rerun with --overwrite "
@@ -187,6 +189,12 @@ def prepare_out(cfg: TagConfig, inputs: list[dict], units: list[int] | None = No
     return old
 
 
+def known_units(entry: dict) -> bool:
+    """Whether a recorded shard names the input units its windows come from (`units`, [first, last], both >= 0)."""
+    units = entry.get("units")
+    return isinstance(units, list) and len(units) == 2 and all(isinstance(i, int) and i >= 0 for i in units)
+
+
 def redo_changed_units(cfg: TagConfig, old: dict, inputs: list[dict], fixed: list[int], units) -> None:
     """Input units changed in place since `old` was recorded (same units, same order): keep the shards that a run on
     the new inputs writes the same, drop the others from `old` (they are redone), and say so in one line.
@@ -205,7 +213,8 @@ def redo_changed_units(cfg: TagConfig, old: dict, inputs: list[dict], fixed: lis
     if not mine:
         print(f"{changed}; rank {cfg.rank} reads none of them: its {len(shards)} shard(s) stand", file=sys.stderr)
         return
-    cut = next((k for k, s in enumerate(shards) if s["units"][1] >= mine[0] or s["rows"] < cfg.shard_rows),
+    cut = next((k for k, s in enumerate(shards)  # (prepare_out refuses shards of unknown units first)
+                if not known_units(s) or s["units"][1] >= mine[0] or s["rows"] < cfg.shard_rows),
                len(shards))
     size = pool_shards(cfg.shard_rows, cfg.window)
     cut = cut // size * size

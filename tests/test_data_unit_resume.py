@@ -143,6 +143,11 @@ def test_an_added_file_or_an_old_record_still_refuses(tmp_path, tiny_llama):
     corpus(tmp_path / "in", fixed=True)
     with pytest.raises(UserError, match=r"the input files changed since .*\('.*a2.jsonl'\); rerun with --overwrite"):
         tag(inputs, tiny_llama, out)
+    for s in m["shards"]:  # as an intermediate version wrote shards of segment windows: their unit unknown
+        s["units"] = [-1, -1]
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(UserError, match=r"the input files changed since .*\('.*a2.jsonl'\); rerun with --overwrite"):
+        tag(inputs, tiny_llama, out)
 
 
 def test_a_fixed_file_of_an_hf_glob_is_one_unit(tmp_path, tiny_llama, monkeypatch, capsys):
@@ -320,6 +325,12 @@ def check_merge_refuses_other_divisions(out):
     with pytest.raises(UserError, match=r"shard .* of rank 0 holds windows of input file \d+ \('.*'\), which the "
                                         r"division gives to another rank"):
         merge_out(str(out))
+    for r, rec in enumerate(json.loads(t) for t in good):  # shards an intermediate version wrote: units unknown (-1)
+        for entry in rec["shards"]:
+            entry["units"] = [-1, -1]
+        names[r].write_text(json.dumps(rec))
+    merge_out(str(out))
+    assert validate_out(str(out)) == []
     for p, t in zip(names, good):
         p.write_text(t)
     merge_out(str(out))
