@@ -341,12 +341,13 @@ def read_segments(path: str, fmt: str, parse, count: int, owned: Callable[[int],
         (lambda st: read_text(path, parse, resume=st))
     items = read_jsonl(path, parse) if fmt == "jsonl" else read_text(path, parse)
     last = None  # the last Record given
-    after = 0  # the line after the last one read (for a read error)
+    after = 0  # the line after the last one read (for a read error): as read_unit counts it, a text block's lines too
+    next_line = lambda item: item.line + (item.text.count("\n") if fmt == "text" and isinstance(item, Record) else 1)
     try:
         for k1, k2 in runs:
             if last is None:  # the stream's first good record is read from the file's start, whatever its segment
                 for item in items:
-                    after = item.line + 1
+                    after = next_line(item)
                     yield item
                     if isinstance(item, Record):
                         last = item
@@ -364,7 +365,7 @@ def read_segments(path: str, fmt: str, parse, count: int, owned: Callable[[int],
             end = (k2 + 1) * SEGMENT_BYTES if k2 + 1 < count else None
             tail = 0
             for item in items:
-                after = item.line + 1
+                after = next_line(item)
                 yield item
                 if isinstance(item, Record):
                     last = item

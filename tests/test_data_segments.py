@@ -241,3 +241,35 @@ def test_a_rank_reads_its_segments_from_their_byte_ranges(tmp_path, monkeypatch,
             if fmt == "jsonl":  # records parsed: its segments' plus a bounded number a run
                 assert len(calls) <= own + runs * per_run // min(len(x) for x in lines if x)
                 assert len(calls) < 0.6 * sum(1 for r in whole if r.offset >= 0)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "text"])
+def test_a_read_error_in_a_segmented_file_names_the_line_a_whole_read_does(tmp_path, monkeypatch, fmt):
+    """A read error (OSError) ends a segmented file at the line after the last one read, as read_unit reports it: a
+    text block covers several lines, so the line is the block's first plus its newlines, not its first plus one."""
+    monkeypatch.setattr(seg, "SEGMENT_BYTES", 2000)
+    monkeypatch.setattr(seg, "LEAD_BYTES", 64)
+    monkeypatch.setattr(readers, "TEXT_BLOCK_BYTES", 50)
+    path = tmp_path / ("a.jsonl" if fmt == "jsonl" else "a.txt")
+    if fmt == "jsonl":
+        write_jsonl(path, records(240), {3: b"{cut"})
+    else:
+        path.write_text("\n".join(SENTENCES * 120) + "\n")
+    name = "read_jsonl" if fmt == "jsonl" else "read_text"
+    reader = getattr(readers, name)
+
+    def failing(*args, **kw):  # the disk fails after 5 items
+        for i, item in enumerate(reader(*args, **kw)):
+            if i == 5:
+                raise OSError(5, "Input/output error")
+            yield item
+
+    monkeypatch.setattr(readers, name, failing)
+    monkeypatch.setitem(readers.READERS, fmt, failing)
+    parse = RecordParser("text", None, None)
+    count = seg.cut_counts([(str(path), fmt)])[str(path)]
+    assert count > 1
+    bad = lambda items: [(b.line, b.reason) for b in items if not isinstance(b, Record)]
+    whole = bad(readers.read_unit(str(path), fmt, parse))
+    assert len(whole) == 1 + (fmt == "jsonl") and "read error (OSError" in whole[-1][1]
+    assert bad(seg.read_segments(str(path), fmt, parse, count, lambda k: True, 4)) == whole
