@@ -16,8 +16,9 @@
 Bad records are counted and reported by the rank that owns record k, so each is listed exactly once.
 A `files` division is recorded (`owner`: the rank of every file) and pinned on resume: a file fixed since (same paths
 in the same order, another size) stays with its rank, and a rank started later takes the owners another rank recorded.
-A `segments` division records the rank of every segment (`owner`, one list per file) and is not pinned: a resume whose
-own part (kind, files, segments) the new sizes change refuses (rpt_data.pipeline.same_division), and `rpt-data merge`
+A `segments` division records the rank of every segment (`owner`, one list per file), pinned while every file keeps
+its segment count (rpt_data.segments.divide_segments); a resume whose own part (kind, files, segments) the new sizes
+change otherwise refuses (rpt_data.pipeline.same_division), and `rpt-data merge`
 checks that the ranks' parts give every unit to exactly one rank (rpt_data.merge.check_division).
 With --limit every rank reads the input (the limit counts good records of the whole run), hence a stripe.
 """

@@ -227,8 +227,8 @@ def same_division(cfg: TagConfig, division: Division, files: list, inputs: list[
     """A multi-rank resume keeps shards only under the division they were written for: this rank's kind of division,
     the files it reads and (segments) the segments it tokenizes must be those its record names. A file fixed in place
     to another size can change them (grown past SEGMENT_BYTES it is cut into segments, so a `files` or `windows`
-    division becomes `segments`; a segmented file may get another segment count, and segments are dealt by size, not
-    pinned): then this rank refuses in one sentence, naming the file, and asks for --overwrite. A rank whose own part
+    division becomes `segments`; a segmented file may get another segment count, and segments are then dealt afresh
+    by size; while every count stands the recorded deal is kept, recorded_owner): then this rank refuses in one sentence, naming the file, and asks for --overwrite. A rank whose own part
     is unchanged keeps its shards (those of an unchanged file are the same windows: segment cuts depend on the file
     alone; `redo_changed_units` redoes from a changed one) and records the new division, so every rank ends up with
     the division computed from the new sizes, each unit with exactly one rank (`rpt-data merge` checks it)."""
@@ -270,10 +270,12 @@ def same_division(cfg: TagConfig, division: Division, files: list, inputs: list[
                     "with --overwrite to start over (every rank whose part changed refuses alike)")
 
 
-def recorded_owner(cfg: TagConfig, inputs: list[dict]) -> list[int] | None:
-    """The division of the files between ranks that this run's records give (this rank's own first, else another
-    rank's), when they name the same units in the same order: a file fixed since keeps its rank, whatever its new
-    size. None for one rank, --overwrite, or no such record (the files are dealt by their sizes now)."""
+def recorded_owner(cfg: TagConfig, inputs: list[dict], by: str = "files") -> list | None:
+    """The division of the files (`by` files: a rank per file) or of their segments (`by` segments: a list of ranks
+    per file) between ranks that this run's records give (this rank's own first, else another rank's), when they
+    name the same units in the same order: a file fixed since keeps its rank (its segments theirs, while it has as
+    many: divide_segments checks), whatever its new size. None for one rank, --overwrite, or no such record (the
+    files are dealt by their sizes now)."""
     if cfg.world_size == 1 or cfg.overwrite or not Path(cfg.out).is_dir():
         return None
     try:
@@ -283,8 +285,8 @@ def recorded_owner(cfg: TagConfig, inputs: list[dict]) -> list[int] | None:
     keys = [unit_key(f) for f in inputs]
     for rank in sorted(records, key=lambda r: r != cfg.rank):
         rec = records[rank]
-        owner = rec.get("division", {}).get("owner")  # a `segments` division's owner is per segment: no guide
-        if (rec.get("world_size") == cfg.world_size and rec.get("division", {}).get("by") == "files"
+        owner = rec.get("division", {}).get("owner")
+        if (rec.get("world_size") == cfg.world_size and rec.get("division", {}).get("by") == by
                 and owner is not None and len(owner) == len(keys)
                 and [unit_key(f) for f in rec.get("inputs", [])] == keys):
             return owner
@@ -361,7 +363,8 @@ def run_tag(cfg: TagConfig, console=None, ranks: RankInfo | None = None) -> dict
 def _tag_rank(cfg: TagConfig, ranks: RankInfo) -> dict:
     files = expand_inputs(cfg.inputs, cfg.format)
     inputs = [fingerprint(p) for p, _ in files]
-    division = divide_segments(files, [f["bytes"] for f in inputs], cfg.mode, cfg.limit, cfg.rank, cfg.world_size) or \
+    division = divide_segments(files, [f["bytes"] for f in inputs], cfg.mode, cfg.limit, cfg.rank, cfg.world_size,
+                               recorded_owner(cfg, inputs, "segments")) or \
         divide(files, cfg.mode, cfg.limit, cfg.rank, cfg.world_size, [f["bytes"] for f in inputs],
                       recorded_owner(cfg, inputs))
     parse = RecordParser(cfg.text_field, cfg.template, cfg.id_field)

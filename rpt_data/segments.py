@@ -291,10 +291,13 @@ class _Cutter:
         yield from long.finish()
 
 
-def divide_segments(files: list, sizes: list[int], mode: str, limit: int | None, rank: int, world_size: int):
+def divide_segments(files: list, sizes: list[int], mode: str, limit: int | None, rank: int, world_size: int,
+                    owner: list | None = None):
     """The `segments` division (continuous mode, no --limit, a file cut into segments, at least as many segments
     as ranks): segments dealt by size with `balance`, each rank reading the files it holds a segment of; else None
-    (the division of rpt_data.division.divide applies)."""
+    (the division of rpt_data.division.divide applies). `owner`: the rank of every segment (one list per file) as a
+    record of this run gives it; when it has each file's segment count now, it stands (a resume keeps its deal: a
+    file fixed in place to the same segment count moves no segment, whatever the new sizes)."""
     from rpt_data.division import balance
 
     if mode != "continuous" or limit is not None or world_size == 1:
@@ -305,7 +308,10 @@ def divide_segments(files: list, sizes: list[int], mode: str, limit: int | None,
     units = [(i, k, b) for i, s in enumerate(per_file) for k, b in enumerate(s)]
     if len(units) < world_size:
         return None
-    owner = balance([b for _, _, b in units], world_size)
+    pinned = isinstance(owner, list) and len(owner) == len(per_file) and all(
+        isinstance(o, list) and len(o) == len(s) and all(type(r) is int and 0 <= r < world_size for r in o)
+        for o, s in zip(owner, per_file))
+    owner = [r for o in owner for r in o] if pinned else balance([b for _, _, b in units], world_size)
     mine = frozenset((files[i][0], k) for (i, k, _), r in zip(units, owner) if r == rank)
     read = [f for f, s in zip(files, per_file) if any((f[0], k) in mine for k in range(len(s)))]
     ranks = iter(owner)  # the rank of every segment, one list per file

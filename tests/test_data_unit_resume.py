@@ -202,7 +202,7 @@ def test_a_fixed_file_cut_into_segments_is_one_unit(tmp_path, tiny_llama, monkey
 
 
 def test_a_multirank_resume_refuses_other_segments(tmp_path, monkeypatch):
-    """Segments are not pinned: a rank whose record names other segments than the fixed inputs deal it refuses."""
+    """A file recut to another segment count is dealt afresh: a rank whose record names other segments refuses."""
     import rpt_data.segments as seg
     from rpt_data.pipeline import fingerprint, record_name, same_division
 
@@ -405,3 +405,43 @@ def test_a_segmented_file_fixed_in_place_resumes_as_a_fresh_run_or_refuses(tmp_p
         tag(inputs, tiny_llama, tmp_path / "fresh", rank=r, world_size=2, **SEG)
     merge_out(str(tmp_path / "fresh"))
     same_output(out, tmp_path / "fresh")
+
+
+def test_a_resume_keeps_the_recorded_segment_owners(tmp_path, tiny_llama, monkeypatch, capsys):
+    """Review of issue 32: segments are pinned as files are. a0 (small, not cut) and a1 (3 segments) on 2 ranks; a0
+    fixed in place to another size that, dealt afresh, would move segments between both ranks (each would refuse).
+    With the recorded owners kept no rank refuses: the rank of a0 redoes from a0's first shard, the other keeps its
+    shards, every rank records the old division, and the merged run holds a 1-rank run's windows, each once. A file
+    whose segment count changed is dealt afresh (test_a_segmented_file_fixed_in_place_resumes_as_a_fresh_run...)."""
+    import rpt_data.segments as seg
+
+    cut_small(monkeypatch)
+    root = tmp_path / "in"
+    root.mkdir()
+    text_file(root / "a0.txt", 0, 2)
+    text_file(root / "a1.txt", 0, 11)
+    inputs = [str(root / "*.txt")]
+    files = [(str(root / f"a{i}.txt"), "text") for i in range(2)]
+    out = tmp_path / "out"
+    first = [tag(inputs, tiny_llama, out, rank=r, world_size=2, **SEG) for r in range(2)]
+    assert first[0]["division"]["by"] == "segments"
+    owner = first[0]["division"]["owner"]
+    merge_out(str(out))
+    text_file(root / "a0.txt", 0, 1)  # a line removed: smaller, still one segment
+    sizes = [os.path.getsize(p) for p, _ in files]
+    dealt = [seg.divide_segments(files, sizes, "continuous", None, r, 2).describe() for r in range(2)]
+    assert all(dealt[r]["segments"] != first[r]["division"]["segments"] for r in range(2))  # dealt afresh: both move
+    pinned = [seg.divide_segments(files, sizes, "continuous", None, r, 2, owner).describe() for r in range(2)]
+    assert pinned == [f["division"] for f in first]
+    assert seg.divide_segments(files, [sizes[0], 3000], "continuous", None, 0, 2, owner).owner != owner  # recut
+    a0 = owner[0][0]
+    kept = first[1 - a0]["shards"]
+    stand = on_disk(out, kept)
+    for r in range(2):
+        rec = tag(inputs, tiny_llama, out, rank=r, world_size=2, **SEG)
+        assert rec["division"] == first[r]["division"]
+    assert on_disk(out, kept) == stand
+    merge_out(str(out))
+    tag(inputs, tiny_llama, tmp_path / "one", **SEG)
+    assert set(rows_by_key(out).values()) == {1} and rows_by_key(out) == rows_by_key(tmp_path / "one")
+    same_content(tmp_path / "one", out, 2)
