@@ -228,7 +228,9 @@ def same_division(cfg: TagConfig, division: Division, files: list, inputs: list[
     the files it reads and (segments) the segments it tokenizes must be those its record names. A file fixed in place
     to another size can change them (grown past SEGMENT_BYTES it is cut into segments, so a `files` or `windows`
     division becomes `segments`; a segmented file may get another segment count, and segments are then dealt afresh
-    by size; while every count stands the recorded deal is kept, recorded_owner): then this rank refuses in one sentence, naming the file, and asks for --overwrite. A rank whose own part
+    by size; while every count stands the recorded deal is kept, recorded_owner): then this rank refuses in one
+    sentence, naming the file (or, for a record without `owner` that today's rule deals otherwise on its own sizes,
+    saying the dealing rule changed: files went round-robin), and asks for --overwrite. A rank whose own part
     is unchanged keeps its shards (those of an unchanged file are the same windows: segment cuts depend on the file
     alone; `redo_changed_units` redoes from a changed one) and records the new division, so every rank ends up with
     the division computed from the new sizes, each unit with exactly one rank (`rpt-data merge` checks it)."""
@@ -259,6 +261,16 @@ def same_division(cfg: TagConfig, division: Division, files: list, inputs: list[
         why = f"{who} would now read other files"
     else:
         why = f"{who} would now tokenize other segments ({len(new['segments'])} instead of {len(old.get('segments', []))})"
+    if "owner" not in old and old.get("by") == "files" and all(isinstance(b, int) for b in was.values()):
+        sizes = [was[i] for i in range(len(files))]  # a record from before `owner`: dealt by today's rule?
+        then = divide_segments(files, sizes, cfg.mode, cfg.limit, cfg.rank, cfg.world_size) or \
+            divide(files, cfg.mode, cfg.limit, cfg.rank, cfg.world_size, sizes)
+        if any(then.describe().get(k) != old.get(k) for k in ("by", "files", "segments")):
+            raise UserError(f"{who} cannot resume: the rule that deals the input to the ranks changed since "
+                            f"'{cfg.out}' was started (an older version dealt files round-robin and recorded no "
+                            f"owners; they are dealt by size now), so {why}, and the shards it recorded belong to the "
+                            "old division; rerun it with --overwrite to start over (every rank whose part changed "
+                            "refuses alike)")
     if named:
         i = named[0]
         cut = len(segment_sizes([files[i]], [inputs[i]["bytes"]])[0])

@@ -224,6 +224,36 @@ def test_a_multirank_resume_refuses_other_segments(tmp_path, monkeypatch):
                       [fingerprint(files[0][0])])
 
 
+def test_a_record_dealt_round_robin_refuses_naming_the_rule(tmp_path):
+    """A 2-rank record from before `owner` (files dealt round-robin): when today's deal by size of the very same
+    inputs gives the rank other files, the refusal says the dealing rule changed (not that the inputs did); when it
+    gives the same files (equal sizes deal round-robin still), the rank resumes."""
+    from rpt_data.division import divide
+    from rpt_data.pipeline import fingerprint, record_name, same_division
+
+    root = tmp_path / "in"
+    root.mkdir()
+    files = [(str(root / f"f{i}.jsonl"), "jsonl") for i in range(4)]
+    cfg = TagConfig(inputs=[str(root / "*.jsonl")], out=str(tmp_path / "out"),
+                    **opts("demo", mode="continuous", rank=0, world_size=2))
+    (tmp_path / "out").mkdir()
+    for sizes, refuses in (([100] * 4, False), ([100, 900, 500, 300], True)):
+        for (p, _), b in zip(files, sizes):
+            open(p, "wb").write(b"x" * b)
+        inputs = [fingerprint(p) for p, _ in files]
+        rec = {"inputs": inputs, "division": {"by": "files", "files": [files[0][0], files[2][0]]}}  # i % 2, no owner
+        (tmp_path / "out" / record_name(cfg)).write_text(json.dumps(rec))
+        now = divide(files, "continuous", None, 0, 2, sizes)
+        if not refuses:
+            same_division(cfg, now, files, inputs)
+            continue
+        with pytest.raises(UserError, match=r"rank 0 of 2 cannot resume: the rule that deals the input to the ranks "
+                                            r"changed since '.*out' was started \(an older version dealt files "
+                                            r"round-robin .*\), so rank 0 of 2 would now read other files, .* "
+                                            r"--overwrite"):
+            same_division(cfg, now, files, inputs)
+
+
 SEG = dict(mode="continuous", shard_rows=2, batch_tokens=64)
 
 
