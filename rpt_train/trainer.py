@@ -115,7 +115,9 @@ def train(cfg: TrainConfig, *, reward_fns: list[RewardFn] = (), engine: RolloutE
     rank runs this, the model FSDP2-sharded over all of them; rank 0 writes the logs."""
     device = distributed.init_from_env(cfg.device)
     try:
-        return _train(cfg, device, reward_fns, engine, quiet or not distributed.is_main())
+        out = _train(cfg, device, reward_fns, engine, quiet or not distributed.is_main())
+        distributed.barrier()  # every rank done before any tears the group down (an early exit aborted another)
+        return out
     finally:
         distributed.shutdown()
 
