@@ -178,8 +178,9 @@ class EvalConfig(CommonConfig):
     think_overflow: str = opt("fail", "fail (completions as generated, --max-new-tokens) or close (as a run with "
                               "--think-overflow close: each completion writes --think-budget + --answer-room tokens, "
                               "and one without </think> in its first --think-budget tokens is cut there, "
-                              "--think-close is appended and --answer-room more tokens are written)")
-    think_budget: int = opt(0, "with --think-overflow close: the thinking budget in tokens (a run's last one)")
+                              "--think-close is appended and --answer-room more tokens are written); this and the "
+                              "three below default to the run's when --model is a `rpt-train run` (or checkpoint)")
+    think_budget: int = opt(0, "with --think-overflow close: the thinking budget in tokens (a run's: its last one)")
     answer_room: int = opt(16, "with --think-overflow close: tokens written after the budget or the forced text")
     think_close: str = opt("auto", "with --think-overflow close: the forced text, starting with </think>; auto = "
                            "</think>, a newline, then --answer-format's opening ('\\boxed{' or '<answer>')")
@@ -274,18 +275,28 @@ def load_config(cls, recipe: str | None = None, overrides: dict | None = None):
 
 
 PROMPT_OPTIONS = ("template", "chat_template", "response_prefix", "max_context_tokens", "answer_format")
+BUDGET_OPTIONS = ("think_overflow", "think_close", "answer_room", "think_budget")  # issue 34's budget forcing
 
 
 def inherit_prompt(cfg, given: set[str]) -> None:
-    """An eval of a `rpt-train run` directory (or checkpoint) prompts as the run did: its PROMPT_OPTIONS not given
-    in the recipe or on the command line come from the run's config.yaml (noted on stderr)."""
+    """An eval of a `rpt-train run` directory (or checkpoint) prompts as the run did: its PROMPT_OPTIONS and
+    BUDGET_OPTIONS not given in the recipe or on the command line come from the run's config.yaml (noted on
+    stderr); --think-budget is the run's last one (its budget at its last step, as its --eval-every evals use)."""
     import os
     import sys
 
     from rpt_train.rundir import read_run_config
 
-    saved = read_run_config(cfg.model)
-    taken = [k for k in PROMPT_OPTIONS if k not in given and k in saved and saved[k] != getattr(cfg, k)]
+    saved = dict(read_run_config(cfg.model))
+    if "think_budget" in saved:  # the budget the run ends at: --think-budget-final once its decay is over
+        from rpt_train.budget import think_budget
+
+        run = types.SimpleNamespace(think_budget=int(saved["think_budget"]),
+                                    think_budget_final=saved.get("think_budget_final"),
+                                    think_decay_steps=int(saved.get("think_decay_steps") or 0))
+        saved["think_budget"] = think_budget(run, int(saved.get("steps") or 1))
+    taken = [k for k in PROMPT_OPTIONS + BUDGET_OPTIONS
+             if k not in given and k in saved and saved[k] != getattr(cfg, k)]
     for k in taken:
         setattr(cfg, k, saved[k])
     if taken and int(os.environ.get("RANK", "0")) == 0:  # under torchrun: once

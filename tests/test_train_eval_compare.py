@@ -97,6 +97,31 @@ def test_eval_of_a_run_prompts_as_the_run_did(train_shards, tmp_path):
     assert (plain.template, plain.response_prefix) == ("v0", "")
 
 
+def test_eval_of_a_run_applies_its_budget_rule(train_shards, tmp_path, capsys):
+    """A run trained with --think-overflow close is evaluated with it (not the default fail), at its last budget:
+    --think-budget-final once the decay is over, the decayed budget at the run's last step when it stops before."""
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = {"template": "think", "think_overflow": "close", "think_close": "</think>\n\\boxed{", "answer_room": 8,
+             "think_budget": 64, "think_budget_final": 16, "think_decay_steps": 10, "steps": 20}
+    (run / "run.json").write_text(json.dumps({"heldout_fraction": 0.0, "split_seed": 0}))
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    args = {"shards": str(train_shards), "model": str(run)}
+    cfg = load_config(EvalConfig, None, args)
+    assert (cfg.think_overflow, cfg.think_close, cfg.answer_room, cfg.think_budget) == \
+        ("close", "</think>\n\\boxed{", 8, 16)
+    assert "--think-overflow 'close'" in capsys.readouterr().err
+    (run / "config.yaml").write_text(yaml.safe_dump({**saved, "steps": 6}))  # 64 -> 16 over steps 1..11
+    assert load_config(EvalConfig, None, args).think_budget == round(64 + (16 - 64) * 5 / 10)
+    (run / "config.yaml").write_text(yaml.safe_dump({**saved, "think_budget_final": None, "think_decay_steps": 0}))
+    assert load_config(EvalConfig, None, args).think_budget == 64
+    given = load_config(EvalConfig, None, {**args, "think_overflow": "fail", "think_budget": 32, "answer_room": 4})
+    assert (given.think_overflow, given.think_budget, given.answer_room, given.think_close) == \
+        ("fail", 32, 4, "</think>\n\\boxed{")  # what is typed wins
+    plain = load_config(EvalConfig, None, {"shards": str(train_shards), "model": "demo"})
+    assert (plain.think_overflow, plain.think_budget, plain.answer_room, plain.think_close) == ("fail", 0, 16, "auto")
+
+
 def test_a_baseline_with_another_tokenizer_is_refused(train_shards, tiny_llama, tmp_path):
     """Positions, context cuts and label boundaries come from the model's tokenizer: a baseline must share it (the
     vocabulary and the merges); the same tokenizer saved again with other padding is the same."""
