@@ -13,6 +13,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -292,8 +293,15 @@ def check_bad_step(cfg: TrainConfig, step: int, reason: str, in_a_row: int, out:
 
 
 def check_options(saved: dict, now: dict, out: Path) -> None:
-    """A --resume with other options than the run's (RUNTIME_ONLY ones aside) is refused in one sentence."""
+    """A --resume with other options than the run's (RUNTIME_ONLY ones aside) is refused in one sentence; a
+    --think-close written out and `auto` are the same option when auto resolves to that text (rpt_train.budget)."""
     changed = changed_options(saved, now, RUNTIME_ONLY)
+    if "think_close" in changed and "answer_format" not in changed:
+        resolved = [objectives.think_close(SimpleNamespace(think_close=c.get("think_close", "auto"),
+                                                           answer_format=c.get("answer_format", "boxed")))
+                    for c in (saved, now)]
+        if resolved[0] == resolved[1]:
+            changed.remove("think_close")
     if changed:
         was = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} there" for k in changed)
         raise UserError(f"'{out}' holds a run with other options ({differ(changed)}: {was}); resume with the same "

@@ -10,10 +10,10 @@ from shard_fixtures import length_reward, train_shards, tiny_tok  # noqa: F401
 
 from rpt_common.errors import UserError
 from rpt_train.checkpoint import latest_checkpoint, list_checkpoints
-from rpt_train.config import EvalConfig, ExportConfig, TrainConfig, load_config
+from rpt_train.config import EvalConfig, ExportConfig, TrainConfig, load_config, to_dict
 from rpt_train.evaluate import eval_split, select_positions
 from rpt_train.samples import ShardSet, is_heldout
-from rpt_train.trainer import train
+from rpt_train.trainer import check_options, train
 
 SPLIT = {"heldout_fraction": 0.4, "split_seed": 5}
 
@@ -114,4 +114,22 @@ def test_a_resume_refuses_changed_options(run_dir, tiny_llama, train_shards, tmp
         _run(train_shards, tiny_llama, out, 2, resume=True, lr=1e-2, split_seed=5)
     # options that change how, not what, is computed may change
     _run(train_shards, tiny_llama, out, 2, resume=True, save_every=2, eval_limit=3, **SPLIT)
+    assert len(_lrs(out)) == 2
+
+
+def test_a_resume_takes_a_written_out_think_close_for_auto(run_dir, tiny_llama, train_shards, tmp_path):
+    """--think-close written out as the text `auto` resolves to (for --answer-format) is the same option on
+    --resume, either way round; another text, or auto under another answer format, is still refused."""
+    saved = to_dict(TrainConfig(shards="s", think_close="</think>\n\\boxed{"))
+    check_options(saved, {**saved, "think_close": "auto"}, tmp_path)
+    check_options({**saved, "think_close": "auto"}, saved, tmp_path)
+    tag = to_dict(TrainConfig(shards="s", think_close="</think>\n<answer>", answer_format="answer_tag"))
+    check_options(tag, {**tag, "think_close": "auto"}, tmp_path)
+    with pytest.raises(UserError, match=r"\(think_close differs: --think-close '</think>\\n\\\\boxed\{' there\)"):
+        check_options(saved, {**saved, "think_close": "</think>\n\\boxed{ "}, tmp_path)
+    with pytest.raises(UserError, match=r"\(think_close differs"):
+        check_options({**tag, "think_close": "</think>\n\\boxed{"}, {**tag, "think_close": "auto"}, tmp_path)
+    out = tmp_path / "run"  # the run resumed (its config.yaml has auto) with the text written out
+    shutil.copytree(run_dir, out)
+    _run(train_shards, tiny_llama, out, 2, resume=True, think_close="</think>\n\\boxed{", **SPLIT)
     assert len(_lrs(out)) == 2
