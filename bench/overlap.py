@@ -79,18 +79,13 @@ class TimedStandIn:
         return windows, self.free_at
 
     def collect(self, pending):
-        from rpt_data.proxy import WindowStats
+        from rpt_data.proxy import constant_stats
 
         windows, done_at = pending
         wait = done_at - time.perf_counter()
         if wait > 0:
             time.sleep(wait)
-        out = []
-        for w in windows:
-            e = np.full(len(w.token_ids), np.nan, np.float32)
-            e[w.score_start:] = 1.0
-            out.append(WindowStats(e, e.copy(), -e, np.where(np.isnan(e), -1, 0).astype(np.int32)))
-        return out
+        return constant_stats(windows)
 
 
 def run_once(args, src: Path, out: Path, overlap: bool, tokenizer) -> dict:

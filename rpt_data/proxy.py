@@ -24,6 +24,17 @@ class WindowStats:
     argmax: np.ndarray
 
 
+def constant_stats(windows: list[Window]) -> list[WindowStats]:
+    """Window statistics of a stand-in proxy (tests and bench/overlap.py): every scored position gets 1 nat (entropy
+    and top-k entropy), log-prob -1 and argmax 0; context-only positions stay null."""
+    out = []
+    for w in windows:
+        e = np.full(len(w.token_ids), np.nan, np.float32)
+        e[w.score_start:] = 1.0
+        out.append(WindowStats(e, e.copy(), -e, np.where(np.isnan(e), -1, 0).astype(np.int32)))
+    return out
+
+
 # The start-up check's input: ordinary prose and code, cut to CHECK_TOKENS tokens.
 CHECK_TEXT = ("The quick brown fox jumps over the lazy dog. In 1905, Einstein wrote four papers; "
               "def f(n):\n    return n * (n + 1) // 2\n")

@@ -302,18 +302,3 @@ def stream_tokens(windows) -> tuple[list, bytes]:
         ids += w.token_ids[skip:].tolist()
         text += data[lo:]
     return ids, text
-
-
-def constant_stats(windows) -> list:
-    """Window statistics of a stand-in proxy: every scored position gets 1 nat (entropy and top-k entropy), log-prob
-    -1 and argmax 0; context-only positions stay null."""
-    import numpy as np
-
-    from rpt_data.proxy import WindowStats
-
-    out = []
-    for w in windows:
-        e = np.full(len(w.token_ids), np.nan, np.float32)
-        e[w.score_start:] = 1.0
-        out.append(WindowStats(e, e.copy(), -e, np.where(np.isnan(e), -1, 0).astype(np.int32)))
-    return out

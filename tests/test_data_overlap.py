@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from data_helpers import SENTENCES, constant_stats, read_rows, records, write_jsonl
+from data_helpers import SENTENCES, read_rows, records, write_jsonl
 from rpt_data.config import TagConfig
 from rpt_data.merge import merge_out
 from rpt_data.pipeline import run_tag
+from rpt_data.proxy import constant_stats
 from test_data_entropy import ref64
 from test_data_multirank import corpus
 

@@ -272,6 +272,23 @@ def text_file(path, start: int, n: int):
     path.write_text("\n".join(SENTENCES[(start + j) % len(SENTENCES)] for j in range(n)) + "\n")
 
 
+def two_files_on_two_ranks(tmp_path, model, monkeypatch, a0: tuple[int, int], a1: tuple[int, int]):
+    """cut_small; text files a0 and a1 of (first sentence, lines) under tmp_path/in, read by one glob; a 2-rank
+    run into tmp_path/out, divided by segments, merged. Returns (root, inputs, files, out, each rank's manifest)."""
+    cut_small(monkeypatch)
+    root = tmp_path / "in"
+    root.mkdir()
+    text_file(root / "a0.txt", *a0)
+    text_file(root / "a1.txt", *a1)
+    inputs = [str(root / "*.txt")]
+    files = [(str(root / f"a{i}.txt"), "text") for i in range(2)]
+    out = tmp_path / "out"
+    first = [tag(inputs, model, out, rank=r, world_size=2, **SEG) for r in range(2)]
+    assert first[0]["division"]["by"] == "segments"
+    merge_out(str(out))
+    return root, inputs, files, out, first
+
+
 def rows_by_key(out):
     import collections
 
@@ -396,23 +413,13 @@ def test_a_segmented_file_fixed_in_place_resumes_as_a_fresh_run_or_refuses(tmp_p
     not would resume); after --overwrite, again a fresh run's bytes."""
     import rpt_data.segments as seg
 
-    cut_small(monkeypatch)
-    root = tmp_path / "in"
-    root.mkdir()
-    text_file(root / "a0.txt", 3, 3)
-    text_file(root / "a1.txt", 0, 10)
-    inputs = [str(root / "*.txt")]
-    out = tmp_path / "out"
-    first = [tag(inputs, tiny_llama, out, rank=r, world_size=2, **SEG) for r in range(2)]
-    assert first[0]["division"]["by"] == "segments"
-    merge_out(str(out))
+    root, inputs, files, out, first = two_files_on_two_ranks(tmp_path, tiny_llama, monkeypatch, (3, 3), (0, 10))
     text = (root / "a1.txt").read_text()
     if grow:
         text_file(root / "a1.txt", 0, 16)  # 3 -> 4 segments
     else:
         (root / "a1.txt").write_text(text.replace("quick brown", "brown quick", 1))
         assert len((root / "a1.txt").read_text()) == len(text)
-    files = [(str(root / f"a{i}.txt"), "text") for i in range(2)]
     sizes = [os.path.getsize(p) for p, _ in files]
     now = [seg.divide_segments(files, sizes, "continuous", None, r, 2).describe() for r in range(2)]
     moved = [now[r]["segments"] != first[r]["division"]["segments"] for r in range(2)]
@@ -445,18 +452,8 @@ def test_a_resume_keeps_the_recorded_segment_owners(tmp_path, tiny_llama, monkey
     whose segment count changed is dealt afresh (test_a_segmented_file_fixed_in_place_resumes_as_a_fresh_run...)."""
     import rpt_data.segments as seg
 
-    cut_small(monkeypatch)
-    root = tmp_path / "in"
-    root.mkdir()
-    text_file(root / "a0.txt", 0, 2)
-    text_file(root / "a1.txt", 0, 11)
-    inputs = [str(root / "*.txt")]
-    files = [(str(root / f"a{i}.txt"), "text") for i in range(2)]
-    out = tmp_path / "out"
-    first = [tag(inputs, tiny_llama, out, rank=r, world_size=2, **SEG) for r in range(2)]
-    assert first[0]["division"]["by"] == "segments"
+    root, inputs, files, out, first = two_files_on_two_ranks(tmp_path, tiny_llama, monkeypatch, (0, 2), (0, 11))
     owner = first[0]["division"]["owner"]
-    merge_out(str(out))
     text_file(root / "a0.txt", 0, 1)  # a line removed: smaller, still one segment
     sizes = [os.path.getsize(p) for p, _ in files]
     dealt = [seg.divide_segments(files, sizes, "continuous", None, r, 2).describe() for r in range(2)]

@@ -19,11 +19,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import rpt_data.readers as readers
-from data_helpers import KILL_KINDS, SENTENCES, constant_stats, install_fault, read_rows, records, write_jsonl
+from data_helpers import KILL_KINDS, SENTENCES, install_fault, read_rows, records, write_jsonl
 from rpt_common.shards import META_SCHEMA_VERSION, read_manifest
 from rpt_data.config import TagConfig
 from rpt_data.inspect import validate_out
 from rpt_data.pipeline import run_tag
+from rpt_data.proxy import constant_stats
 from rpt_data.readers import BadRecord, Record, RecordParser, reject_duplicate_ids
 from test_data_cli import run, tag_args
 
