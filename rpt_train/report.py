@@ -13,13 +13,14 @@ from rpt_train.evaluate import EVAL_BUCKETS, MTP_FIELDS
 from rpt_train.stats import paired_difference
 
 FIELDS = ("n", "ntr_accuracy", "ntr_greedy_accuracy", "ntr_pass_at_k", "answer_rate", "ntp_accuracy")
-TITLES = {"ntr_accuracy": "NTR accuracy (sampled)", "ntr_greedy_accuracy": "NTR accuracy (greedy)",
+TITLES = {"ntr_accuracy": "NTR accuracy (sampled: first sample per position)", "ntr_greedy_accuracy": "NTR accuracy (greedy)",
           "ntr_pass_at_k": "NTR pass@k", "ntp_accuracy": "NTP accuracy (greedy next token)"}
 FLOPS_FORMULA = ("flops = 2 N forward_tokens + 4 N backward_tokens, N = non-embedding parameters (Kaplan et al. "
                  "2020: the token embedding and the output head are left out). forward_tokens: rollout prefill (each "
                  "distinct prompt once) + generated tokens + the learnability sampler's scoring pass + the update's "
                  "forward passes (old / reference log-probs included); backward_tokens: the update's backward passes "
-                 "(SFT: every token of every row). Evaluation is the same for every arm and not counted.")
+                 "(SFT: every token of every row). Evaluation is the same for every arm and not counted. The output head "
+                 "is left out on both sides although SFT computes it on every token: compare FLOPs, not seconds.")
 COMPUTE = ("rollout_tokens", "forward_tokens", "backward_tokens", "flops", "seconds", "machine")
 
 
@@ -149,6 +150,7 @@ def build_report(spec) -> dict:
         verdicts.append(v)
     warm, levers = kept / "warm.json", kept / "levers.json"
     verdict = " ".join(verdicts) or "No declared comparison has both arms finished yet."
+    verdict += multiplicity(spec, comparisons, factors)
     if missing:
         verdict += f" Interim: arm(s) {', '.join(missing)} not run yet."
     return {"name": spec.name, "title": spec.title, "spec": spec.path, "eval_design": spec.eval,
@@ -169,6 +171,23 @@ def arm_metrics(spec, arm: str) -> list[dict]:
         if p.exists():
             return read_jsonl(p)
     return []
+
+
+def multiplicity(spec, comparisons: dict, factors: dict) -> str:
+    """One sentence: every test above is at an unadjusted alpha; which primary results survive Bonferroni over
+    the K tests of this report (comparisons + factors, primary metric and bucket)."""
+    ps = {}
+    for name, c in comparisons.items():
+        ps[name] = (c["buckets"].get(spec.primary_bucket) or {}).get("p_value")
+    for name, f in factors.items():
+        ps[f"factor {name}"] = (f["by_metric"][spec.metrics[0]].get(spec.primary_bucket) or {}).get("p_value")
+    ps = {k: v for k, v in ps.items() if v is not None}
+    if len(ps) < 2:
+        return ""
+    cut = spec.alpha / len(ps)
+    kept = [k for k, v in ps.items() if v < cut]
+    return (f" Each test is at alpha {spec.alpha:g} unadjusted; over these {len(ps)} tests Bonferroni asks p < "
+            f"{cut:.4f}, which {'only ' + ', '.join(kept) + (' passes' if len(kept) == 1 else ' pass') if kept else 'none passes'}.")
 
 
 def pval(p: float) -> str:

@@ -480,6 +480,25 @@ def test_arm_metrics_fall_back_to_the_copy_kept_in_git(tmp_path):
     assert report.arm_metrics(spec, "rpt")[0]["reward"] == 0.25  # this machine's run first
 
 
+def test_the_verdict_says_which_results_survive_bonferroni_over_all_its_tests(tmp_path):
+    """Three tests (a - b, c - d, factor f): p = 0.068, 1 and 0.068 (the factor halves diff and SE alike). At alpha
+    0.25 Bonferroni asks p < 0.25 / 3 = 0.0833: a - b and the factor pass, c - d does not; at 0.05 none does."""
+    arms = {x: {"kind": "rpt"} for x in "abcd"}
+    path = write_spec(tmp_path, "unused-shards", "demo", arms, comparisons=[("a", "b"), ("c", "d")])
+    raw = yaml.safe_load(path.read_text()) | {"factors": {"f": [["a", "b"], ["c", "d"]]}, "alpha": 0.25}
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    keys = [f"k{i}" for i in range(6)]
+    spec = experiment.load_spec(str(path))
+    spec.arms_dir.mkdir(parents=True)
+    for name, outcomes in zip("abcd", (A, B, B, B)):
+        (spec.arms_dir / f"{name}.json").write_text(json.dumps(fake_record("rpt", outcomes, keys, DOCS)))
+    verdict = report.build_report(spec)["verdict"]
+    assert "over these 3 tests Bonferroni asks p < 0.0833, which only a - b, factor f pass." in verdict
+    raw["alpha"] = 0.05
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert "Bonferroni asks p < 0.0167, which none passes." in report.build_report(experiment.load_spec(str(path)))["verdict"]
+
+
 def test_a_factor_is_the_mean_of_its_simple_effects_on_a_fixed_table(tmp_path):
     """Factor f = mean of (a - b) and (c - d): with c = d the per-position differences halve, so the effect is 0.25
     and its SE half the comparison's (the ICC, hence the design effect and the p-value, unchanged)."""
