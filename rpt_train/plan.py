@@ -21,7 +21,7 @@ import torch
 
 from rpt_common.errors import UserError
 from rpt_train import packing, precision
-from rpt_train.budget import planned_new_tokens
+from rpt_train.budget import forced_bound, planned_new_tokens, think_budget
 
 GIB = 1024 ** 3
 TERMS = ("weights", "optimizer", "gradients", "kv_cache", "activations", "logprobs")
@@ -123,6 +123,24 @@ def full_logprob_bytes(vocab: int, rows: int, completion: int) -> int:
     return 4 * rows * completion * vocab * 4
 
 
+def overflow_cache(cfg, shapes: Shapes, prompt: int, contexts: int, rows: int, element: int) -> tuple[int, int, int]:
+    """(bytes, rows, padded tokens) of the largest generate call of --think-overflow close's second call
+    (rpt_train/overflow.py, `ForcedClose._second`); (0, 0, 0) without close. It prefills prompt + thought + forced
+    ids (no prefix shared across the group) and writes --answer-room tokens. The code chunks those rows so that
+    rows x longest <= the first call's padded prefill (`contexts` prompts x `prompt` tokens; one row at least), and
+    the engine cuts a chunk into --rollout-batch-size rows: a call has at most `rows` rows (the forced rows of the
+    call, or --rollout-batch-size), each at most prompt + the largest budget + the forced text, and its cache holds
+    min(rows x that, the prefill bound) tokens + --answer-room per row; costed as the kv_cache term is."""
+    forced = forced_bound(cfg)
+    if not forced or getattr(cfg, "think_budget", 0) <= 0:
+        return 0, 0, 0
+    budget = max(think_budget(cfg, 1), think_budget(cfg, 1 + max(0, cfg.think_decay_steps)))
+    longest = prompt + budget + forced
+    tokens = min(rows * longest, max(contexts * prompt, longest)) + rows * cfg.answer_room
+    cache = kv_cache_bytes(shapes.layers, shapes.kv_dim, 1, tokens, element) * (shapes.layers + 1) // shapes.layers
+    return cache + 6 * rows * shapes.vocab * 4, rows, tokens
+
+
 def gather_mode(cfg) -> str:
     """--rollout-gather as auto, on or off (a bool from a config built in code: on / off)."""
     mode = getattr(cfg, "rollout_gather", "auto")
@@ -169,13 +187,17 @@ def plan_memory(cfg, shapes: Shapes, *, world_size: int = 1, device_type: str = 
                                   cfg.logprob_chunk_tokens),
     }
     extra = {"optimizer_step": -(-policy // W)}  # foreach AdamW: one parameter-sized temporary while stepping
+    # --think-overflow close: the second generate call (forced rows), after the first call's cache is freed
+    second, _, _ = overflow_cache(cfg, shapes, prompt, -(-cfg.batch_prompts // W), rows, act)
+    if second:
+        extra["overflow_cache"] = second
     if W > 1:  # FSDP: full parameters of a block (and the next, prefetched) in the compute dtype while it runs
         extra["fsdp_gather"] = 2 * shapes.layer_params * act
         if gather:  # the whole model all-gathered (compute dtype) for each generate call
             extra["rollout_gather"] = shapes.params * act if compute is not None else policy - -(-policy // W)
     elif compute is not None:  # autocast's cached bf16/fp16 copy of every weight inside a forward and backward
         extra["autocast_weights"] = shapes.params * act
-    rollout = terms["kv_cache"] + extra.get("rollout_gather", 0)
+    rollout = max(terms["kv_cache"], extra.get("overflow_cache", 0)) + extra.get("rollout_gather", 0)
     update = terms["gradients"] + max(terms["activations"] + terms["logprobs"], extra["optimizer_step"])
     total = (terms["weights"] + terms["optimizer"] + max(rollout, update) + extra.get("fsdp_gather", 0)
              + extra.get("autocast_weights", 0))
@@ -323,7 +345,8 @@ def machine_memory() -> int | None:
 def render(plan: MemoryPlan) -> str:
     lines = [f"memory plan per device ({plan.notes[0]}):"] + ([f"  {plan.prompt_line}"] if plan.prompt_line else [])
     lines += [f"  {k:<16} {v / GIB:9.2f} GiB" for k, v in plan.terms.items()]
-    lines += [f"  {k:<16} {v / GIB:9.2f} GiB  (part of the peak)" for k, v in plan.extra.items()]
+    said = {"overflow_cache": "(--think-overflow close's second call; the peak holds it or kv_cache, the larger)"}
+    lines += [f"  {k:<16} {v / GIB:9.2f} GiB  {said.get(k, '(part of the peak)')}" for k, v in plan.extra.items()]
     if plan.device_bytes is None:
         verdict = " (no device size known): fit unknown; pass --device-memory GIB"
     else:

@@ -927,6 +927,37 @@ def test_dr_grpo_constant_is_the_sampled_bound_under_fail_and_close(tiny_llama, 
     assert objectives.planned_new_tokens(close) == 5 + 8 + len("</think>\n\\boxed{".encode())
 
 
+def test_the_plan_holds_the_second_call_of_close(tiny_tok):
+    """--think-overflow close: the plan's overflow_cache is the second generate call's cache (prompt + budget +
+    forced + answer room, in the chunks overflow.py makes), by hand for a tiny config; the peak with close is at
+    least the one with fail; and every second call ForcedClose makes stays within the planned rows and tokens."""
+    from rpt_train.overflow import THINK_CLOSE, ForcedClose
+    from rpt_train.plan import Shapes, overflow_cache, plan_memory
+
+    shapes = Shapes(params=10**6, layers=2, hidden=64, intermediate=128, kv_dim=64, vocab=320, layer_params=10**5)
+    cfg = TrainConfig(shards="s", batch_prompts=2, group_size=2, template="think", think_budget=5, answer_room=8,
+                      think_overflow="close")
+    close = plan_memory(cfg, shapes, device_type="cpu", prompt_tokens=50)
+    forced = len(THINK_CLOSE.encode())  # 16: one token a byte at most
+    rows = 2 * 2  # every rollout of the rank's 2 contexts forced
+    tokens = min(rows * (50 + 5 + forced), 2 * 50) + rows * 8  # chunked to the first call's prefill, + answer room
+    assert close.extra["overflow_cache"] == 2 * 2 * 64 * tokens * 4 * 3 // 2 + 6 * rows * 320 * 4
+    for kw in ({}, {"rollout_batch_size": 3}, {"think_budget_final": 40, "think_decay_steps": 4}):
+        on = plan_memory(dataclasses.replace(cfg, **kw), shapes, device_type="cpu", prompt_tokens=50)
+        off = plan_memory(dataclasses.replace(cfg, think_overflow="fail", **kw), shapes, device_type="cpu",
+                          prompt_tokens=50)
+        assert on.total >= off.total and "overflow_cache" not in off.extra
+        assert on.total >= on.terms["weights"] + on.terms["optimizer"] + on.extra["overflow_cache"]
+    raw = NeverCloses(tiny_tok)
+    prompts = [[5, 6, 7, 8, 9, 10], [8, 9, 11]]
+    ForcedClose(raw, tiny_tok, THINK_CLOSE, budget=5, answer_room=8).generate(prompts, SamplingParams(n=2))
+    _, planned_rows, planned_tokens = overflow_cache(cfg, shapes, 6, len(prompts), 4, 4)
+    seconds = [c for c, new in raw.calls[1:]]
+    assert len(seconds) > 1 and sum(map(len, seconds)) == 4  # the forced rows, in more than one chunk
+    for chunk in seconds:
+        assert len(chunk) <= planned_rows and len(chunk) * (max(map(len, chunk)) + 8) <= planned_tokens
+
+
 def test_the_second_call_runs_as_many_chunks_as_the_busiest_rank(tiny_tok, monkeypatch):
     """FSDP lockstep: every rank makes as many second calls as the rank with the most chunks (here another rank's
     5), the extra ones with no prompt; the rows come back whole and in order."""
