@@ -51,7 +51,8 @@ class CommonConfig:
     temperature: float = opt(0.8, "sampling temperature (paper: 0.8); log-probs use the same temperature")
     top_p: float = opt(1.0, "nucleus sampling mass (1 = off)")
     top_k: int = opt(0, "top-k sampling (0 = off)")
-    rollout_batch_size: int = opt(0, "sequences per generate call (0 = all at once)")
+    rollout_batch_size: int = opt(0, "sequences per generate call (0 = all at once), in whole groups of one "
+                                  "prompt's completions (--group-size; eval: --samples), one group at least")
     static_cache: bool = opt(False, "decode with a preallocated static KV cache (compiled on CUDA) instead of the "
                              "dynamic one whose finished rows leave; off until measured on a GPU")
     seed: int = opt(0, "seed of sampling order, rollouts and everything random")

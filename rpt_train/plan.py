@@ -141,6 +141,16 @@ def overflow_cache(cfg, shapes: Shapes, prompt: int, contexts: int, rows: int, e
     return cache + 6 * rows * shapes.vocab * 4, rows, tokens
 
 
+def engine_rows(cfg, contexts: int, n: int | None = None) -> int:
+    """Rows of the largest generate call HFRollout makes for `contexts` prompts of `n` completions each (default
+    --group-size): it cuts whole groups, --rollout-batch-size // n prompts a call and one prompt at least (each
+    distinct prompt is prefilled once and its cache repeated for its n rows), so a --rollout-batch-size below n
+    still decodes n rows, and one that is no multiple of n decodes the multiple below it."""
+    n = cfg.group_size if n is None else n
+    per_call = max(1, cfg.rollout_batch_size // n) if cfg.rollout_batch_size else contexts
+    return min(contexts, per_call) * n
+
+
 def gather_mode(cfg) -> str:
     """--rollout-gather as auto, on or off (a bool from a config built in code: on / off)."""
     mode = getattr(cfg, "rollout_gather", "auto")
@@ -166,7 +176,8 @@ def plan_memory(cfg, shapes: Shapes, *, world_size: int = 1, device_type: str = 
     # the frozen reference (--beta > 0) and rlp's EMA copy have the policy's shapes
     models = policy * (1 + (cfg.beta > 0) + (getattr(cfg, "objective", "rpt") == "rlp"))
     rows_per_rank = -(-cfg.batch_prompts // W) * cfg.group_size
-    rows = min(rows_per_rank, cfg.rollout_batch_size) if cfg.rollout_batch_size else rows_per_rank
+    contexts = -(-cfg.batch_prompts // W)
+    rows = engine_rows(cfg, contexts)  # whole groups per generate call, one at least
     micro = cfg.micro_batch_size
     # --share-prefix, where it pays at these lengths: a micro-batch is `micro` groups, each one packed row of a
     # context and its G completions with a [T, T] bool block mask (rpt_train/packing.py)
@@ -188,7 +199,8 @@ def plan_memory(cfg, shapes: Shapes, *, world_size: int = 1, device_type: str = 
     }
     extra = {"optimizer_step": -(-policy // W)}  # foreach AdamW: one parameter-sized temporary while stepping
     # --think-overflow close: the second generate call (forced rows), after the first call's cache is freed
-    second, _, _ = overflow_cache(cfg, shapes, prompt, -(-cfg.batch_prompts // W), rows, act)
+    # (n=1 rows: the engine cuts them by --rollout-batch-size alone)
+    second, _, _ = overflow_cache(cfg, shapes, prompt, contexts, engine_rows(cfg, rows_per_rank, 1), act)
     if second:
         extra["overflow_cache"] = second
     if W > 1:  # FSDP: full parameters of a block (and the next, prefetched) in the compute dtype while it runs
