@@ -1,12 +1,12 @@
 """The plan's rollout phases against what HFRollout really does: the rows of a generate call (whole groups, one at
-least, whatever --rollout-batch-size says)."""
+least, whatever --rollout-batch-size says) and the prefill asking for the last position's logits only."""
 from pathlib import Path
 
 import pytest
 
 from rpt_train.config import TrainConfig
 from rpt_train.plan import GIB, Shapes, engine_rows, load_shapes, plan_memory
-from rpt_train.policy import load_policy
+from rpt_train.policy import eos_ids, load_policy
 from rpt_train.rollout import HFRollout, SamplingParams
 
 
@@ -53,6 +53,19 @@ def test_the_plan_counts_the_rows_the_engine_decodes(policy, batch_size, group, 
     assert f"{decoded} rollout rows" in plan.notes[0]
     # the kv_cache term is that many rows of prompt + new tokens (one layer twice) + the sampler's buffers
     assert plan.terms["kv_cache"] == 2 * 2 * 4 * decoded * 13 * 4 * 3 // 2 + 6 * decoded * 32 * 4
+
+
+def test_every_rollout_forward_asks_for_the_last_positions_logits_only(policy):
+    """A prefill over [rows, prompt] must not make [rows, prompt, V] logits (45 GB at 14B, 64 rows x 1152
+    tokens): every forward of the engine, prefill (packed or batched) and decode, passes logits_to_keep=1."""
+    tok, model = policy.tokenizer, policy.model
+    prompts = [tok("The quick brown fox jumps")["input_ids"], tok("x = 2 so")["input_ids"]]
+    for packed in (True, False):
+        engine = HFRollout(model, tok, eos_ids(policy), packed_prefill=packed)
+        with Recorder(model) as rec:
+            engine.generate(prompts, SamplingParams(n=2, max_new_tokens=2))
+        assert any(shape[1] > 1 for shape, _, _ in rec.calls)  # a prefill was seen
+        assert all(keep == 1 and logits[1] == 1 for _, keep, logits in rec.calls), rec.calls
 
 
 def test_the_14b_plan_on_8_gpus_counts_a_whole_group_below_the_group_size():
