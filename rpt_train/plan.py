@@ -5,8 +5,9 @@ Precision (rpt_train.precision): weights, gradients and AdamW moments are float3
 KV cache and activations are in the compute dtype, and a bf16/fp16 compute dtype adds the low-precision weight
 copies autocast keeps (one device) or FSDP all-gathers (a block or two at a time, or the whole model with
 --rollout-gather). Rollouts and the policy update do not overlap in time (gradients are freed after each update),
-so the peak is weights + optimizer + those copies + the larger of (KV cache) and (gradients + activations +
-log-prob chunk, or the AdamW step's temporaries). Activations count what autograd keeps per token of a Llama/Qwen-style block (no T x T
+so the peak is weights + optimizer + those copies + the larger of (the rollouts' largest phase: the KV cache, a
+generate call's prefill, --think-overflow close's second call) and (gradients + activations + log-prob chunk, or
+the AdamW step's temporaries). Activations count what autograd keeps per token of a Llama/Qwen-style block (no T x T
 attention: flash / memory-efficient SDPA); tests/test_train_plan.py checks the whole against CPU peaks."""
 from __future__ import annotations
 
@@ -151,6 +152,37 @@ def engine_rows(cfg, contexts: int, n: int | None = None) -> int:
     return min(contexts, per_call) * n
 
 
+def prefill_bytes(s: Shapes, rows: int, tokens: int, element: int) -> int:
+    """What one prefill forward (no autograd) holds besides the KV cache it writes, for `rows` left-padded rows of
+    `tokens` tokens: per token the residual stream, the norm's float32 copy and its output (float32: the weights
+    are, so the embeddings and every residual add are too), and the widest moment of one block in the compute
+    dtype (q, k, v, rotated q and k, attention and o_proj outputs, or the MLP's gate, up, activation and product
+    and its output); the attention mask (bool, and the float copy SDPA makes of it: rows x tokens x tokens); and
+    the logits of the last position only ([rows, V] in the compute dtype and the float32 copy; the engine asks
+    for one position, `logits_to_keep=1`, never [rows, tokens, V])."""
+    stream = 3 * s.hidden * 4
+    block = max(4 * s.hidden + 3 * s.kv_dim, 4 * s.intermediate + s.hidden) * element
+    return rows * tokens * (stream + block) + rows * tokens * tokens * (1 + element) + rows * s.vocab * (element + 4)
+
+
+def prefill_peak(cfg, s: Shapes, prompt: int, contexts: int, element: int) -> int:
+    """The largest prefill of the rollouts: its activations (`prefill_bytes`) and the KV cache written so far. The
+    first call prefills each distinct prompt once (engine_rows / G prompts of `prompt` tokens); --think-overflow
+    close's second call (overflow.ForcedClose._second) prefills forced rows of prompt + largest budget + forced
+    text, chunked to no more padded tokens than the first call's prefill (`contexts` x `prompt`; one row at
+    least) and cut by the engine into --rollout-batch-size rows."""
+    prompts = engine_rows(cfg, contexts) // cfg.group_size
+    peak = kv_cache_bytes(s.layers, s.kv_dim, prompts, prompt, element) + prefill_bytes(s, prompts, prompt, element)
+    forced = forced_bound(cfg)
+    if forced and getattr(cfg, "think_budget", 0) > 0:
+        budget = max(think_budget(cfg, 1), think_budget(cfg, 1 + max(0, cfg.think_decay_steps)))
+        longest = prompt + budget + forced
+        rows = min(engine_rows(cfg, contexts * cfg.group_size, 1), max(1, contexts * prompt // longest))
+        peak = max(peak, kv_cache_bytes(s.layers, s.kv_dim, rows, longest, element)
+                   + prefill_bytes(s, rows, longest, element))
+    return peak
+
+
 def gather_mode(cfg) -> str:
     """--rollout-gather as auto, on or off (a bool from a config built in code: on / off)."""
     mode = getattr(cfg, "rollout_gather", "auto")
@@ -203,13 +235,14 @@ def plan_memory(cfg, shapes: Shapes, *, world_size: int = 1, device_type: str = 
     second, _, _ = overflow_cache(cfg, shapes, prompt, contexts, engine_rows(cfg, rows_per_rank, 1), act)
     if second:
         extra["overflow_cache"] = second
+    extra["prefill"] = prefill_peak(cfg, shapes, prompt, contexts, act)
     if W > 1:  # FSDP: full parameters of a block (and the next, prefetched) in the compute dtype while it runs
         extra["fsdp_gather"] = 2 * shapes.layer_params * act
         if gather:  # the whole model all-gathered (compute dtype) for each generate call
             extra["rollout_gather"] = shapes.params * act if compute is not None else policy - -(-policy // W)
     elif compute is not None:  # autocast's cached bf16/fp16 copy of every weight inside a forward and backward
         extra["autocast_weights"] = shapes.params * act
-    rollout = max(terms["kv_cache"], extra.get("overflow_cache", 0)) + extra.get("rollout_gather", 0)
+    rollout = max(terms["kv_cache"], extra.get("overflow_cache", 0), extra["prefill"]) + extra.get("rollout_gather", 0)
     update = terms["gradients"] + max(terms["activations"] + terms["logprobs"], extra["optimizer_step"])
     total = (terms["weights"] + terms["optimizer"] + max(rollout, update) + extra.get("fsdp_gather", 0)
              + extra.get("autocast_weights", 0))
@@ -357,7 +390,10 @@ def machine_memory() -> int | None:
 def render(plan: MemoryPlan) -> str:
     lines = [f"memory plan per device ({plan.notes[0]}):"] + ([f"  {plan.prompt_line}"] if plan.prompt_line else [])
     lines += [f"  {k:<16} {v / GIB:9.2f} GiB" for k, v in plan.terms.items()]
-    said = {"overflow_cache": "(--think-overflow close's second call; the peak holds it or kv_cache, the larger)"}
+    said = {"overflow_cache": "(--think-overflow close's second call; the peak holds the largest of it, kv_cache "
+                              "and prefill)",
+            "prefill": "(the largest prefill: cache + one block's activations; the peak holds the largest of it, "
+                       "kv_cache and overflow_cache)"}
     lines += [f"  {k:<16} {v / GIB:9.2f} GiB  {said.get(k, '(part of the peak)')}" for k, v in plan.extra.items()]
     if plan.device_bytes is None:
         verdict = " (no device size known): fit unknown; pass --device-memory GIB"
