@@ -75,3 +75,28 @@ def planned_new_tokens(cfg) -> int:
     if getattr(cfg, "think_budget", 0) <= 0:
         return cfg.max_new_tokens
     return sampled_new_tokens(cfg) + forced_bound(cfg)
+
+
+# ---- an eval's generation settings ---------------------------------------------------------------------------
+EVAL_GENERATION = ("think_overflow", "think_close", "answer_room", "think_budget", "max_new_tokens")
+
+
+def eval_generation(run) -> dict:
+    """The generation settings (EVAL_GENERATION) of an eval of a run, from its options (a TrainConfig, or anything
+    with its budget options, `steps` and `objective`): what its last step generated. Its in-run --eval-every evals
+    and `rpt-train eval` of its directory both take these. --max-new-tokens: the tokens its last step wrote (the
+    budget there + --answer-room; rlp: the budget; no budget: --max-new-tokens); --think-budget: the budget at its
+    last step under --think-overflow close (the thought is cut and forced there), else 0 (fail uses none)."""
+    last = max(1, int(run.steps))
+    close = getattr(run, "think_overflow", "fail") == "close"
+    return {"think_overflow": getattr(run, "think_overflow", "fail"), "answer_room": run.answer_room,
+            "think_close": getattr(run, "think_close", THINK_CLOSE_AUTO),
+            "think_budget": think_budget(run, last) if close else 0, "max_new_tokens": new_tokens(run, last)}
+
+
+def eval_rule(cfg) -> str:
+    """What each completion of an eval writes, in words (its progress label and notes)."""
+    if getattr(cfg, "think_overflow", "fail") == "close":
+        return (f"of <= {cfg.think_budget:,}+{cfg.answer_room:,} tokens each; a thought without {THINK_END} in its "
+                f"first {cfg.think_budget:,} is cut there, closed by force and answered in {cfg.answer_room:,} more")
+    return f"of <= {cfg.max_new_tokens:,} tokens each"

@@ -87,7 +87,8 @@ def eval_cmd(recipe, **overrides):
     """Next-token-reasoning accuracy per entropy bucket (easy/medium/hard/all), printed and saved as JSON.
 
     Cost: up to --limit positions per bucket (the buckets share positions), each with --samples sampled and one
-    greedy completion of up to --max-new-tokens tokens. With the defaults below (the paper's 8k-token budget) that
+    greedy completion of up to --max-new-tokens tokens (--think-overflow close: --think-budget + --answer-room,
+    a thought cut at the budget closed by force and answered). With the defaults below (the paper's 8k-token budget) that
     takes hours on a CPU; try --limit 8 --samples 1 --max-new-tokens 256 first. A progress bar (a line every 30 s
     when stderr is not a terminal) shows the positions done.
 
@@ -95,7 +96,10 @@ def eval_cmd(recipe, **overrides):
     one process's). --baseline MODEL scores a second model on the same positions with the same prompt and adds
     the paired differences (interval, p-value) to the table and JSON. Given a `rpt-train run` directory as
     --model, eval keeps the run's held-out split and prompt options (template, chat template, response prefix,
-    context cut, answer format) unless given here.
+    context cut, answer format) and generates as its own --eval-every evals did, what its last step generated
+    (--think-overflow, --think-close, --answer-room; close: --think-budget = its last budget; fail:
+    --max-new-tokens = that + --answer-room, or the run's without a budget), unless given here or in the recipe's eval: section; a recipe's
+    top-level options are read as `run` reads them (a decaying budget: its last value).
     """
     from rpt_train.compare import run_eval
     from rpt_train.evaluate import write_json

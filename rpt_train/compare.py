@@ -92,6 +92,7 @@ def _score(cfg, spec: str, device: str, shards, chosen):
     from rpt_common.models import enable_tf32
     from rpt_common.progress import CountProgress
     from rpt_train import distributed
+    from rpt_train.budget import eval_rule
     from rpt_train.evaluate import evaluate, select_positions
     from rpt_train.policy import eos_ids, load_policy
     from rpt_train.rollout import HFRollout, autocast_bf16
@@ -106,7 +107,7 @@ def _score(cfg, spec: str, device: str, shards, chosen):
     where = next(policy.model.parameters()).device
     enable_tf32(where)
     with autocast_bf16(where):  # bf16 on CUDA (rollouts and the greedy next-token pass), nothing on CPU
-        label = f"eval {spec} ({cfg.samples}+1 completions of <= {cfg.max_new_tokens:,} tokens each)"
+        label = f"eval {spec} ({cfg.samples}+1 completions {eval_rule(cfg)})"
         with CountProgress(label, "positions", enabled=distributed.is_main()) as progress:
             result = evaluate(policy.model, policy.tokenizer, engine, cfg, shards, chosen, details=True,
                               progress=progress)

@@ -179,9 +179,12 @@ class EvalConfig(CommonConfig):
     think_overflow: str = opt("fail", "fail (completions as generated, --max-new-tokens) or close (as a run with "
                               "--think-overflow close: each completion writes --think-budget + --answer-room tokens, "
                               "and one without </think> in its first --think-budget tokens is cut there, "
-                              "--think-close is appended and --answer-room more tokens are written); this and the "
-                              "three below default to the run's when --model is a `rpt-train run` (or checkpoint)")
-    think_budget: int = opt(0, "with --think-overflow close: the thinking budget in tokens (a run's: its last one)")
+                              "--think-close is appended and --answer-room more tokens are written); this, the "
+                              "three below and --max-new-tokens default to the run's in-run evals' when --model is a "
+                              "`rpt-train run` (or checkpoint): what its last step generated (fail: --max-new-tokens "
+                              "= its last budget + --answer-room)")
+    think_budget: int = opt(0, "with --think-overflow close: the thinking budget in tokens (a run's: the one at its "
+                            "last step, also from a recipe's top-level --think-budget-final/--think-decay-steps)")
     answer_room: int = opt(16, "with --think-overflow close: tokens written after the budget or the forced text")
     think_close: str = opt("auto", "with --think-overflow close: the forced text, starting with </think>; auto = "
                            "</think>, a newline, then --answer-format's opening ('\\boxed{' or '<answer>')")
@@ -259,50 +262,63 @@ def load_config(cls, recipe: str | None = None, overrides: dict | None = None):
     values: dict = {}
     layers = [{k: v for k, v in raw.items() if k not in ("run", "train", "eval", "tag", "export", "warm")}]
     layers += [_norm(raw[s]) for s in section if isinstance(raw.get(s), dict)]
-    for layer in layers:
+    given = set()  # eval: set by its section or the command line (a top-level key of EVAL_GENERATION is the run's)
+    for i, layer in enumerate(layers):
         for key, value in layer.items():
             if key in types_:
                 values[key] = coerce(key, types_[key], value)
+                given |= {key} if i or cls is not EvalConfig or key not in EVAL_GENERATION else set()
             elif key not in others:
                 raise UserError(f"recipe '{recipe}' has an unknown key '{key}'; see `rpt-train --help`")
     for key, value in _norm(overrides or {}).items():
         if value is not None and value != ():
             values[key] = coerce(key, types_[key], value)
+            given.add(key)
     cfg = cls(**values)
     if cls is EvalConfig:
-        inherit_prompt(cfg, set(values))
+        train_types = field_types(TrainConfig)
+        recipe_run = {k: coerce(k, train_types[k], v) for k, v in layers[0].items() if k in RUN_GENERATION}
+        inherit_prompt(cfg, given, recipe_run)
     validate(cfg)
     return cfg
 
 
 PROMPT_OPTIONS = ("template", "chat_template", "response_prefix", "max_context_tokens", "answer_format")
-BUDGET_OPTIONS = ("think_overflow", "think_close", "answer_room", "think_budget")  # issue 34's budget forcing
+EVAL_GENERATION = ("think_overflow", "think_close", "answer_room", "think_budget", "max_new_tokens")  # budget.py's
+RUN_GENERATION = EVAL_GENERATION + ("think_budget_final", "think_decay_steps", "steps", "objective")  # its sources
 
 
-def inherit_prompt(cfg, given: set[str]) -> None:
-    """An eval of a `rpt-train run` directory (or checkpoint) prompts as the run did: its PROMPT_OPTIONS and
-    BUDGET_OPTIONS not given in the recipe or on the command line come from the run's config.yaml (noted on
-    stderr); --think-budget is the run's last one (its budget at its last step, as its --eval-every evals use)."""
+def inherit_prompt(cfg, given: set[str], recipe_run: dict | None = None) -> None:
+    """An eval of a `rpt-train run` directory (or checkpoint) prompts and generates as the run's own --eval-every
+    evals did: its PROMPT_OPTIONS from its config.yaml, and EVAL_GENERATION as rpt_train.budget.eval_generation
+    derives them from the run's options (its config.yaml, under the recipe's top-level keys `recipe_run`, which
+    `rpt-train run` reads too, under those of EVAL_GENERATION `given` in the eval: section or on the command line).
+    Options `given` are kept; the ones taken are noted on stderr."""
     import os
     import sys
 
+    from rpt_train.budget import eval_generation, eval_rule
     from rpt_train.rundir import read_run_config
 
     saved = dict(read_run_config(cfg.model))
-    if "think_budget" in saved:  # the budget the run ends at: --think-budget-final once its decay is over
-        from rpt_train.budget import think_budget
-
-        run = types.SimpleNamespace(think_budget=int(saved["think_budget"]),
-                                    think_budget_final=saved.get("think_budget_final"),
-                                    think_decay_steps=int(saved.get("think_decay_steps") or 0))
-        saved["think_budget"] = think_budget(run, int(saved.get("steps") or 1))
-    taken = [k for k in PROMPT_OPTIONS + BUDGET_OPTIONS
-             if k not in given and k in saved and saved[k] != getattr(cfg, k)]
+    train_types = field_types(TrainConfig)
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in RUN_GENERATION}
+    run = {**defaults, **{k: coerce(k, train_types[k], v) for k, v in saved.items()
+                          if k in RUN_GENERATION and (v is not None or k == "think_budget_final")}}
+    run |= recipe_run or {}
+    run |= {k: getattr(cfg, k) for k in EVAL_GENERATION if k in given}
+    if "think_budget" in given:  # the eval's budget as given: no schedule
+        run |= {"think_budget_final": None, "think_decay_steps": 0}
+    wanted = {k: saved[k] for k in PROMPT_OPTIONS if k in saved} | eval_generation(types.SimpleNamespace(**run))
+    taken = [k for k in wanted if k not in given and wanted[k] != getattr(cfg, k)]
     for k in taken:
-        setattr(cfg, k, saved[k])
-    if taken and int(os.environ.get("RANK", "0")) == 0:  # under torchrun: once
-        said = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r}" for k in taken)
-        print(f"note: prompting as the run '{cfg.model}' did: {said}", file=sys.stderr)
+        setattr(cfg, k, wanted[k])
+    said = [f"--{k.replace('_', '-')} {wanted[k]!r}" for k in taken if k != "max_new_tokens" or
+            cfg.think_overflow != "close"]  # close writes --think-budget + --answer-room whatever this says
+    if said and int(os.environ.get("RANK", "0")) == 0:  # under torchrun: once
+        source = (f"the run '{cfg.model}' did at its last step" if saved else "the recipe's run options give at "
+                  "their last step" if recipe_run else "the budget gives (--think-budget + --answer-room)")
+        print(f"note: evaluating as {source} (completions {eval_rule(cfg)}): {', '.join(said)}", file=sys.stderr)
 
 
 def inherit_split(cfg) -> None:
@@ -376,8 +392,13 @@ def validate(cfg: CommonConfig) -> None:
              "--think-overflow close needs --think-budget > 0 and --answer-room >= 1")
         if cfg.think_overflow == "close":
             from rpt_train.budget import check_think_close
+            from rpt_train.reward import THINK_END
+            from rpt_train.templates import load_template
 
             check_think_close(cfg)
+            need(THINK_END in load_template(cfg.template), f"--think-overflow close cuts every completion without "
+                 f"{THINK_END} and reads the answer from the forced text, but --template '{cfg.template}' does not "
+                 f"ask for {THINK_END}; use a template that does (think, think-brief) or --think-overflow fail")
 
 
 def to_dict(cfg) -> dict:

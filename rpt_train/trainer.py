@@ -24,6 +24,7 @@ from rpt_common.models import enable_tf32, pick_device
 from rpt_common.recipe import changed_options, differ
 from rpt_train import distributed, objectives, plan, precision, rundir
 from rpt_train.objectives import DEFAULTS as OBJECTIVE_DEFAULTS, Objective
+from rpt_train.budget import eval_generation
 from rpt_train.checkpoint import (base_model_identity, latest_checkpoint, load_trainer_state, restore_rng,
                                   save_checkpoint, tidy_checkpoints)
 from rpt_train.collect import collect, rollout_groups, sample_records  # noqa: F401 (tests use these from here)
@@ -92,8 +93,7 @@ def prepare_out(cfg: TrainConfig) -> Path | None:
 def eval_config(cfg: TrainConfig) -> EvalConfig:
     shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(EvalConfig) if hasattr(cfg, f.name)}
     shared.pop("out")
-    shared["max_new_tokens"] = objectives.new_tokens(cfg, cfg.steps)  # a thinking budget: the one training ends at
-    shared["think_budget"] = objectives.think_budget(cfg, cfg.steps)  # --think-overflow close: forced there too
+    shared |= eval_generation(cfg)  # what the last step generated (as `rpt-train eval` of the run directory does)
     return EvalConfig(**shared, limit=cfg.eval_limit, samples=cfg.eval_samples, split="auto")
 
 

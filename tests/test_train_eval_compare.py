@@ -122,6 +122,80 @@ def test_eval_of_a_run_applies_its_budget_rule(train_shards, tmp_path, capsys):
     assert (plain.think_overflow, plain.think_budget, plain.answer_room, plain.think_close) == ("fail", 0, 16, "auto")
 
 
+RUN_GRID = [  # run options: no budget; fail / close; no decay, decay over, stopped mid-decay; rlp; think / answer-only
+    {"template": "answer-only", "max_new_tokens": 12},
+    {"template": "answer-only", "objective": "rlp", "think_budget": 24, "think_budget_final": 8,
+     "think_decay_steps": 4},
+    *[{"template": template, "think_overflow": overflow, "think_budget": 64, "answer_room": 8, **decay}
+      for template in ("think", "think-brief") for overflow in ("fail", "close")
+      for decay in ({}, {"think_budget_final": 16, "think_decay_steps": 10, "steps": 20},
+                    {"think_budget_final": 16, "think_decay_steps": 10, "steps": 6})],
+]
+
+
+@pytest.mark.parametrize("options", RUN_GRID, ids=lambda o: "-".join(f"{v}" for v in o.values()))
+def test_eval_of_a_run_generates_as_its_in_run_evals(train_shards, tmp_path, options, capsys):
+    """`rpt-train eval --model RUN` (no options), and the same with the run's own options as a recipe, equals the
+    run's in-run --eval-every eval config on every prompt and generation setting (the budget at its last step,
+    fail: --max-new-tokens = that + --answer-room)."""
+    from rpt_train.budget import EVAL_GENERATION
+    from rpt_train.config import PROMPT_OPTIONS, TrainConfig, to_dict
+    from rpt_train.trainer import eval_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = load_config(TrainConfig, None, {"shards": str(train_shards), "out": str(run), "steps": 20, **options})
+    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    (run / "run.json").write_text(json.dumps({"heldout_fraction": 0.0, "split_seed": 0}))
+    settings = PROMPT_OPTIONS + EVAL_GENERATION
+    in_run = {k: getattr(eval_config(cfg), k) for k in settings}
+    of_dir = load_config(EvalConfig, None, {"shards": str(train_shards), "model": str(run)})
+    assert {k: getattr(of_dir, k) for k in settings} == in_run
+    recipe = tmp_path / "recipe.yaml"  # the run's recipe, its budget schedule at the top level
+    recipe.write_text(yaml.safe_dump({"steps": 20, **options}))
+    for model in (str(run), "demo"):
+        shared = load_config(EvalConfig, str(recipe), {"shards": str(train_shards), "model": model})
+        assert {k: getattr(shared, k) for k in settings} == in_run, model
+    if cfg.think_budget:
+        assert in_run["max_new_tokens"] == cfg.answer_room * (cfg.objective == "rpt") + \
+            (cfg.think_budget_final if cfg.think_decay_steps and cfg.steps > cfg.think_decay_steps else
+             round(64 + (16 - 64) * 5 / 10) if cfg.steps == 6 else cfg.think_budget)
+        assert in_run["think_budget"] == (in_run["max_new_tokens"] - 8 if cfg.think_overflow == "close" else 0)
+
+
+def test_eval_of_a_close_run_refuses_a_template_without_think_end(train_shards, tmp_path, capsys):
+    """A close run evaluated with a template that never asks for </think> would cut and force every completion:
+    refused in one sentence; --think-overflow fail with it is the run's budget as a length cap. What the eval:
+    section or the command line gives is kept as given."""
+    from rpt_common.errors import UserError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = {"template": "think", "think_overflow": "close", "think_budget": 64, "think_budget_final": 16,
+             "think_decay_steps": 10, "steps": 20, "answer_room": 8}
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    (run / "run.json").write_text(json.dumps({"heldout_fraction": 0.0, "split_seed": 0}))
+    args = {"shards": str(train_shards), "model": str(run)}
+    with pytest.raises(UserError, match="--template 'answer-only' does not ask for </think>"):
+        load_config(EvalConfig, None, {**args, "template": "answer-only"})
+    with pytest.raises(UserError, match="does not ask for </think>"):
+        load_config(EvalConfig, None, {"shards": str(train_shards), "think_overflow": "close", "think_budget": 8})
+    fail = load_config(EvalConfig, None, {**args, "template": "answer-only", "think_overflow": "fail"})
+    assert (fail.think_budget, fail.max_new_tokens) == (0, 16 + 8)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({**saved, "eval": {"think_budget": 32, "max_new_tokens": 100}}))
+    given = load_config(EvalConfig, str(recipe), args)
+    assert (given.think_overflow, given.think_budget, given.max_new_tokens) == ("close", 32, 100)
+
+
+def test_the_eval_label_states_the_budget_rule():
+    from rpt_train.budget import eval_rule
+
+    close = EvalConfig(shards="x", think_overflow="close", think_budget=16, answer_room=8, max_new_tokens=8192)
+    assert eval_rule(close).startswith("of <= 16+8 tokens each") and "8,192" not in eval_rule(close)
+    assert eval_rule(EvalConfig(shards="x", max_new_tokens=24)) == "of <= 24 tokens each"
+
+
 def test_a_baseline_with_another_tokenizer_is_refused(train_shards, tiny_llama, tmp_path):
     """Positions, context cuts and label boundaries come from the model's tokenizer: a baseline must share it (the
     vocabulary and the merges); the same tokenizer saved again with other padding is the same."""
