@@ -124,20 +124,26 @@ def full_logprob_bytes(vocab: int, rows: int, completion: int) -> int:
     return 4 * rows * completion * vocab * 4
 
 
-def overflow_cache(cfg, shapes: Shapes, prompt: int, contexts: int, rows: int, element: int) -> tuple[int, int, int]:
+def overflow_cache(cfg, shapes: Shapes, prompt: int, contexts: int, rows: int, element: int,
+                   lockstep: bool = False) -> tuple[int, int, int]:
     """(bytes, rows, padded tokens) of the largest generate call of --think-overflow close's second call
     (rpt_train/overflow.py, `ForcedClose._second`); (0, 0, 0) without close. It prefills prompt + thought + forced
     ids (no prefix shared across the group) and writes --answer-room tokens. The code chunks those rows so that
     rows x longest <= the first call's padded prefill (`contexts` prompts x `prompt` tokens; one row at least), and
     the engine cuts a chunk into --rollout-batch-size rows: a call has at most `rows` rows (the forced rows of the
     call, or --rollout-batch-size), each at most prompt + the largest budget + the forced text, and its cache holds
-    min(rows x that, the prefill bound) tokens + --answer-room per row; costed as the kv_cache term is."""
+    min(rows x that, the prefill bound) tokens + --answer-room per row; costed as the kv_cache term is.
+    `lockstep` (FSDP ranks decoding through the sharded model, `HFRollout(lockstep=True)`): the engine pads each
+    rank's chunk to the largest rank's row count with copies of the chunk's first row (`distributed.pad_to_max`),
+    so a rank whose chunk is one row of the longest length may run it as `rows` rows (another rank's many short
+    ones) of that length: rows x (longest + --answer-room), the prefill bound no longer holds."""
     forced = forced_bound(cfg)
     if not forced or getattr(cfg, "think_budget", 0) <= 0:
         return 0, 0, 0
     budget = max(think_budget(cfg, 1), think_budget(cfg, 1 + max(0, cfg.think_decay_steps)))
     longest = prompt + budget + forced
-    tokens = min(rows * longest, max(contexts * prompt, longest)) + rows * cfg.answer_room
+    padded = rows * longest if lockstep else min(rows * longest, max(contexts * prompt, longest))
+    tokens = padded + rows * cfg.answer_room
     cache = kv_cache_bytes(shapes.layers, shapes.kv_dim, 1, tokens, element) * (shapes.layers + 1) // shapes.layers
     return cache + 6 * rows * shapes.vocab * 4, rows, tokens
 
@@ -165,19 +171,22 @@ def prefill_bytes(s: Shapes, rows: int, tokens: int, element: int) -> int:
     return rows * tokens * (stream + block) + rows * tokens * tokens * (1 + element) + rows * s.vocab * (element + 4)
 
 
-def prefill_peak(cfg, s: Shapes, prompt: int, contexts: int, element: int) -> int:
+def prefill_peak(cfg, s: Shapes, prompt: int, contexts: int, element: int, lockstep: bool = False) -> int:
     """The largest prefill of the rollouts: its activations (`prefill_bytes`) and the KV cache written so far. The
     first call prefills each distinct prompt once (engine_rows / G prompts of `prompt` tokens); --think-overflow
     close's second call (overflow.ForcedClose._second) prefills forced rows of prompt + largest budget + forced
     text, chunked to no more padded tokens than the first call's prefill (`contexts` x `prompt`; one row at
-    least) and cut by the engine into --rollout-batch-size rows."""
+    least) and cut by the engine into --rollout-batch-size rows. Under `lockstep` (see `overflow_cache`) a chunk
+    is padded to the largest rank's row count: up to the rank's forced rows (or --rollout-batch-size) of the
+    longest length."""
     prompts = engine_rows(cfg, contexts) // cfg.group_size
     peak = kv_cache_bytes(s.layers, s.kv_dim, prompts, prompt, element) + prefill_bytes(s, prompts, prompt, element)
     forced = forced_bound(cfg)
     if forced and getattr(cfg, "think_budget", 0) > 0:
         budget = max(think_budget(cfg, 1), think_budget(cfg, 1 + max(0, cfg.think_decay_steps)))
         longest = prompt + budget + forced
-        rows = min(engine_rows(cfg, contexts * cfg.group_size, 1), max(1, contexts * prompt // longest))
+        rows = engine_rows(cfg, contexts * cfg.group_size, 1)
+        rows = rows if lockstep else min(rows, max(1, contexts * prompt // longest))
         peak = max(peak, kv_cache_bytes(s.layers, s.kv_dim, rows, longest, element)
                    + prefill_bytes(s, rows, longest, element))
     return peak
@@ -231,11 +240,13 @@ def plan_memory(cfg, shapes: Shapes, *, world_size: int = 1, device_type: str = 
     }
     extra = {"optimizer_step": -(-policy // W)}  # foreach AdamW: one parameter-sized temporary while stepping
     # --think-overflow close: the second generate call (forced rows), after the first call's cache is freed
-    # (n=1 rows: the engine cuts them by --rollout-batch-size alone)
-    second, _, _ = overflow_cache(cfg, shapes, prompt, contexts, engine_rows(cfg, rows_per_rank, 1), act)
+    # (n=1 rows: the engine cuts them by --rollout-batch-size alone); FSDP ranks decoding through the sharded
+    # model pad each chunk to the largest rank's rows (HFRollout lockstep)
+    lockstep = W > 1 and not gather
+    second, _, _ = overflow_cache(cfg, shapes, prompt, contexts, engine_rows(cfg, rows_per_rank, 1), act, lockstep)
     if second:
         extra["overflow_cache"] = second
-    extra["prefill"] = prefill_peak(cfg, shapes, prompt, contexts, act)
+    extra["prefill"] = prefill_peak(cfg, shapes, prompt, contexts, act, lockstep)
     if W > 1:  # FSDP: full parameters of a block (and the next, prefetched) in the compute dtype while it runs
         extra["fsdp_gather"] = 2 * shapes.layer_params * act
         if gather:  # the whole model all-gathered (compute dtype) for each generate call

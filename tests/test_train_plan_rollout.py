@@ -157,3 +157,101 @@ def test_the_prefill_term_is_within_tolerance_of_a_measured_batched_prefill():
     for r in json.loads(run.stdout.splitlines()[-1]):
         assert r["measured"] > 1.5 * r["kv_cache"], r
         assert 0.9 <= max(r["kv_cache"], r["prefill"]) / r["measured"] <= 1.6, r
+
+
+class TwoRanks:
+    """Two FSDP ranks as two threads of this process: distributed's world size is 2 and its all_max / all_true
+    exchange each thread's value through a barrier, as the all-reduces of HFRollout(lockstep=True) and
+    ForcedClose._second do across ranks."""
+
+    def __init__(self, monkeypatch):
+        import threading
+
+        from rpt_train import distributed
+
+        self.barrier, self.slots, self.local = threading.Barrier(2, timeout=120), [None, None], threading.local()
+        monkeypatch.setattr(distributed, "world_size", lambda: 2)
+        monkeypatch.setattr(distributed, "all_max", lambda v: self._reduce(v, max))
+        monkeypatch.setattr(distributed, "all_true", lambda v: self._reduce(v, all))
+
+    def _reduce(self, value, how):
+        self.slots[self.local.rank] = value
+        self.barrier.wait()
+        out = how(self.slots)
+        self.barrier.wait()  # every rank has read before the next exchange writes
+        return out
+
+    def run(self, fn, args: list) -> list:
+        import threading
+
+        results, errors = [None, None], []
+
+        def rank(r):
+            self.local.rank = r
+            try:
+                results[r] = fn(*args[r])
+            except BaseException as e:  # noqa: BLE001 - re-raised below, the other rank's barrier breaks
+                errors.append(e)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=rank, args=(r,), name=f"rank{r}") for r in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return results
+
+
+def test_the_close_second_call_is_planned_as_lockstep_pads_it(policy, monkeypatch):
+    """FSDP without gathered weights: HFRollout(lockstep=True) pads every rank's chunk of ForcedClose._second to
+    the largest rank's row count with copies of its first row. Rank 0 (prompts of 40, 1, 1 tokens: a prefill
+    bound of 3 x 40 = 120) forced the 4 rows of its short prompts, 4 short rows in one chunk; rank 1 (3 prompts
+    of 40) forced 2 rows of 40 + the whole budget (30) + the forced ids, one a chunk (each alone is over 120).
+    Rank 1's first chunk runs as 4 copies of its long row: a prefill of 4 x that, which the one-rank bound
+    (min(rows x longest, 120) tokens; 1 row of the longest in the prefill term) under-plans about 3x. The plan
+    under lockstep (2 ranks, --rollout-gather off) holds every call both ranks really made."""
+    import threading
+
+    from rpt_train.budget import forced_bound, think_close
+    from rpt_train.overflow import ForcedClose
+    from rpt_train.plan import kv_cache_bytes, overflow_cache, prefill_bytes, prefill_peak
+
+    tok, model = policy.tokenizer, policy.model
+    cfg = TrainConfig(shards="x", batch_prompts=6, group_size=2, think_budget=30, answer_room=2,
+                      think_overflow="close", template="think", micro_batch_size=1, device="cpu")
+    P, contexts, room = 40, 3, cfg.answer_room
+    engine = HFRollout(model, tok, [], lockstep=True, packed_prefill=False)  # no EOS: the whole answer room
+    close = ForcedClose(engine, tok, think_close(cfg), budget=cfg.think_budget, answer_room=room)
+    assert len(close.ids) <= forced_bound(cfg)
+    prompts = [[[5] * P, [6], [7]], [[5] * P] * 3]
+    forced = [[p + [8, 9] + close.ids for p in prompts[0][1:] for _ in range(2)],  # 4 short rows
+              [prompts[1][0] + [8] * cfg.think_budget + close.ids] * 2]  # 2 rows of the longest length
+    limits = [len(p) * max(map(len, p)) for p in prompts]  # as ForcedClose.generate passes it
+    assert limits == [contexts * P] * 2
+    seen = []
+    real = model.forward
+
+    def forward(*args, **kw):
+        seen.append((threading.current_thread().name, tuple(kw["input_ids"].shape)))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(model, "forward", forward)
+    TwoRanks(monkeypatch).run(close._second, [(forced[r], SamplingParams(n=2), limits[r]) for r in (0, 1)])
+    prefills = [shape for name, shape in seen if shape[1] > 1]
+    assert ("rank1", (4, P + cfg.think_budget + len(close.ids))) in seen  # 4 copies of its long row
+    rows_per_rank = contexts * cfg.group_size
+    planned, planned_rows, planned_tokens = overflow_cache(cfg, SHAPES, P, contexts, rows_per_rank, 4, lockstep=True)
+    second = prefill_peak(cfg, SHAPES, P, contexts, 4, lockstep=True)
+    for rows, width in prefills:
+        assert rows <= planned_rows and rows * (width + room) <= planned_tokens, (rows, width, planned_tokens)
+        assert kv_cache_bytes(SHAPES.layers, SHAPES.kv_dim, rows, width, 4) + prefill_bytes(SHAPES, rows, width, 4) \
+            <= second, (rows, width)
+    # plan_memory plans it so on 2 ranks without gathered weights, and as one rank's chunks with them
+    for gather, lockstep in ((False, True), (True, False)):
+        plan = plan_memory(cfg, SHAPES, world_size=2, device_type="cpu", prompt_tokens=P, gather=gather)
+        assert plan.extra["overflow_cache"] == overflow_cache(cfg, SHAPES, P, contexts, rows_per_rank, 4,
+                                                              lockstep=lockstep)[0]
+        assert plan.extra["prefill"] == prefill_peak(cfg, SHAPES, P, contexts, 4, lockstep=lockstep)
+    assert planned > overflow_cache(cfg, SHAPES, P, contexts, rows_per_rank, 4)[0]
