@@ -284,6 +284,7 @@ def load_config(cls, recipe: str | None = None, overrides: dict | None = None):
 
 
 PROMPT_OPTIONS = ("template", "chat_template", "response_prefix", "max_context_tokens", "answer_format")
+SAMPLING_OPTIONS = ("temperature", "top_p", "top_k")  # an eval of a run samples as its in-run evals did
 EVAL_GENERATION = ("think_overflow", "think_close", "answer_room", "think_budget", "max_new_tokens")  # budget.py's
 RUN_GENERATION = EVAL_GENERATION + ("think_budget_final", "think_decay_steps", "steps", "objective")  # its sources
 
@@ -309,7 +310,8 @@ def inherit_prompt(cfg, given: set[str], recipe_run: dict | None = None) -> None
     run |= {k: getattr(cfg, k) for k in EVAL_GENERATION if k in given}
     if "think_budget" in given:  # the eval's budget as given: no schedule
         run |= {"think_budget_final": None, "think_decay_steps": 0}
-    wanted = {k: saved[k] for k in PROMPT_OPTIONS if k in saved} | eval_generation(types.SimpleNamespace(**run))
+    wanted = ({k: saved[k] for k in PROMPT_OPTIONS + SAMPLING_OPTIONS if k in saved}
+              | eval_generation(types.SimpleNamespace(**run)))
     taken = [k for k in wanted if k not in given and wanted[k] != getattr(cfg, k)]
     for k in taken:
         setattr(cfg, k, wanted[k])

@@ -123,7 +123,7 @@ def test_eval_of_a_run_applies_its_budget_rule(train_shards, tmp_path, capsys):
 
 
 RUN_GRID = [  # run options: no budget; fail / close; no decay, decay over, stopped mid-decay; rlp; think / answer-only
-    {"template": "answer-only", "max_new_tokens": 12},
+    {"template": "answer-only", "max_new_tokens": 12, "temperature": 1.0, "top_p": 0.95, "top_k": 50},
     {"template": "answer-only", "objective": "rlp", "think_budget": 24, "think_budget_final": 8,
      "think_decay_steps": 4},
     *[{"template": template, "think_overflow": overflow, "think_budget": 64, "answer_room": 8, **decay}
@@ -139,7 +139,7 @@ def test_eval_of_a_run_generates_as_its_in_run_evals(train_shards, tmp_path, opt
     run's in-run --eval-every eval config on every prompt and generation setting (the budget at its last step,
     fail: --max-new-tokens = that + --answer-room)."""
     from rpt_train.budget import EVAL_GENERATION
-    from rpt_train.config import PROMPT_OPTIONS, TrainConfig, to_dict
+    from rpt_train.config import PROMPT_OPTIONS, SAMPLING_OPTIONS, TrainConfig, to_dict
     from rpt_train.trainer import eval_config
 
     run = tmp_path / "run"
@@ -147,7 +147,7 @@ def test_eval_of_a_run_generates_as_its_in_run_evals(train_shards, tmp_path, opt
     cfg = load_config(TrainConfig, None, {"shards": str(train_shards), "out": str(run), "steps": 20, **options})
     (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     (run / "run.json").write_text(json.dumps({"heldout_fraction": 0.0, "split_seed": 0}))
-    settings = PROMPT_OPTIONS + EVAL_GENERATION
+    settings = PROMPT_OPTIONS + SAMPLING_OPTIONS + EVAL_GENERATION
     in_run = {k: getattr(eval_config(cfg), k) for k in settings}
     of_dir = load_config(EvalConfig, None, {"shards": str(train_shards), "model": str(run)})
     assert {k: getattr(of_dir, k) for k in settings} == in_run
