@@ -40,6 +40,29 @@ def test_scorer_sums_the_probability_of_label_prefix_tokens_under_left_padding(t
 class FixedScorer:
     """p per context, keyed by the context's text."""
 
+def test_the_scorers_forward_builds_no_kv_cache_and_keeps_one_positions_logits(tiny_llama, tiny_tok):
+    """The scorer reads one position of each prompt: its forward must not build a KV cache (a model's default,
+    use_cache=True, kept every layer's keys and values of the whole chunk: ~94 GiB at 14B for --rollout-batch-size
+    256 prompts x 1024 tokens, which the memory plan did not count) nor logits of every position."""
+    model = load_policy(str(tiny_llama), device="cpu").model
+    forward, calls = model.forward, []
+
+    def recorded(*args, **kw):
+        out = forward(*args, **kw)
+        calls.append((kw.get("use_cache"), kw.get("logits_to_keep"), tuple(out.logits.shape),
+                      getattr(out, "past_key_values", None)))
+        return out
+
+    model.forward = recorded
+    try:
+        prompts = [tiny_tok(t)["input_ids"] for t in ("the cat sat on", "a", "one two three four five six seven")]
+        LearnabilityScorer(model, tiny_tok, batch_size=2).probabilities(prompts, [" the", "b", " eight"])
+    finally:
+        model.forward = forward
+    assert [(c[0], c[1], c[2][:2]) for c in calls] == [(False, 1, (2, 1)), (False, 1, (1, 1))], calls
+    assert all(c[3] is None for c in calls), "a forward returned a KV cache"
+
+
     def __init__(self, p_of):
         self.p_of, self.calls = p_of, []
 
