@@ -262,12 +262,12 @@ def load_config(cls, recipe: str | None = None, overrides: dict | None = None):
     values: dict = {}
     layers = [{k: v for k, v in raw.items() if k not in ("run", "train", "eval", "tag", "export", "warm")}]
     layers += [_norm(raw[s]) for s in section if isinstance(raw.get(s), dict)]
-    given = set()  # eval: set by its section or the command line (a top-level key of EVAL_GENERATION is the run's)
+    given = set()  # eval: set by its section or the command line (a top-level key of RUN_OPTIONS is the run's)
     for i, layer in enumerate(layers):
         for key, value in layer.items():
             if key in types_:
                 values[key] = coerce(key, types_[key], value)
-                given |= {key} if i or cls is not EvalConfig or key not in EVAL_GENERATION else set()
+                given |= {key} if i or cls is not EvalConfig or key not in RUN_OPTIONS else set()
             elif key not in others:
                 raise UserError(f"recipe '{recipe}' has an unknown key '{key}'; see `rpt-train --help`")
     for key, value in _norm(overrides or {}).items():
@@ -277,7 +277,8 @@ def load_config(cls, recipe: str | None = None, overrides: dict | None = None):
     cfg = cls(**values)
     if cls is EvalConfig:
         train_types = field_types(TrainConfig)
-        recipe_run = {k: coerce(k, train_types[k], v) for k, v in layers[0].items() if k in RUN_GENERATION}
+        recipe_run = {k: coerce(k, train_types[k], v) for k, v in layers[0].items()
+                      if k in RUN_GENERATION + PROMPT_OPTIONS + SAMPLING_OPTIONS}
         inherit_prompt(cfg, given, recipe_run)
     validate(cfg)
     return cfg
@@ -287,38 +288,61 @@ PROMPT_OPTIONS = ("template", "chat_template", "response_prefix", "max_context_t
 SAMPLING_OPTIONS = ("temperature", "top_p", "top_k")  # an eval of a run samples as its in-run evals did
 EVAL_GENERATION = ("think_overflow", "think_close", "answer_room", "think_budget", "max_new_tokens")  # budget.py's
 RUN_GENERATION = EVAL_GENERATION + ("think_budget_final", "think_decay_steps", "steps", "objective")  # its sources
+RUN_OPTIONS = PROMPT_OPTIONS + SAMPLING_OPTIONS + EVAL_GENERATION  # an eval of a run takes these from the run
 
 
 def inherit_prompt(cfg, given: set[str], recipe_run: dict | None = None) -> None:
-    """An eval of a `rpt-train run` directory (or checkpoint) prompts and generates as the run's own --eval-every
-    evals did: its PROMPT_OPTIONS from its config.yaml, and EVAL_GENERATION as rpt_train.budget.eval_generation
-    derives them from the run's options (its config.yaml, under the recipe's top-level keys `recipe_run`, which
-    `rpt-train run` reads too, under those of EVAL_GENERATION `given` in the eval: section or on the command line).
-    Options `given` are kept; the ones taken are noted on stderr."""
+    """An eval of a `rpt-train run` directory (or checkpoint) prompts, samples and generates as the run's own
+    --eval-every evals did: its PROMPT_OPTIONS and SAMPLING_OPTIONS from its config.yaml, and EVAL_GENERATION as
+    rpt_train.budget.eval_generation derives them from the run's options. The run's config.yaml is what it ran
+    with (its recipe under its command-line overrides), so it wins over the recipe's top-level keys `recipe_run`
+    (read as `rpt-train run` reads them), which count only for a model that is no run (demo) or for keys an older
+    config.yaml lacks; options `given` in the eval: section or on the command line win over both. What is taken
+    and which recipe keys the run's config.yaml overrode are noted on stderr."""
     import os
     import sys
+    from pathlib import Path
 
-    from rpt_train.budget import eval_generation, eval_rule
-    from rpt_train.rundir import read_run_config
+    from rpt_train.budget import eval_generation, eval_rule, new_tokens, think_budget
+    from rpt_train.rundir import _STEP_DIR, read_run_config, run_dir_of
 
+    recipe_run = recipe_run or {}
     saved = dict(read_run_config(cfg.model))
     train_types = field_types(TrainConfig)
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in RUN_GENERATION}
-    run = {**defaults, **{k: coerce(k, train_types[k], v) for k, v in saved.items()
-                          if k in RUN_GENERATION and (v is not None or k == "think_budget_final")}}
-    run |= recipe_run or {}
+    saved_run = {k: coerce(k, train_types[k], v) for k, v in saved.items()
+                 if k in RUN_GENERATION and (v is not None or k == "think_budget_final")}
+    saved_prompt = {k: saved[k] for k in PROMPT_OPTIONS + SAMPLING_OPTIONS if k in saved}
+    overridden = [k for k, v in recipe_run.items() if k not in given and
+                  k in (saved_run if k in RUN_GENERATION else saved_prompt) and
+                  (saved_run if k in RUN_GENERATION else saved_prompt)[k] != v]
+    run = defaults | {k: v for k, v in recipe_run.items() if k in RUN_GENERATION} | saved_run
+    schedule = types.SimpleNamespace(**run)  # the run's own, before the eval's options
     run |= {k: getattr(cfg, k) for k in EVAL_GENERATION if k in given}
     if "think_budget" in given:  # the eval's budget as given: no schedule
         run |= {"think_budget_final": None, "think_decay_steps": 0}
-    wanted = ({k: saved[k] for k in PROMPT_OPTIONS + SAMPLING_OPTIONS if k in saved}
-              | eval_generation(types.SimpleNamespace(**run)))
+    wanted = saved_prompt | eval_generation(types.SimpleNamespace(**run))
     taken = [k for k in wanted if k not in given and wanted[k] != getattr(cfg, k)]
     for k in taken:
         setattr(cfg, k, wanted[k])
     said = [f"--{k.replace('_', '-')} {wanted[k]!r}" for k in taken if k != "max_new_tokens" or
             cfg.think_overflow != "close"]  # close writes --think-budget + --answer-room whatever this says
+    if overridden:
+        said.append("over the recipe's top-level " + ", ".join(
+            f"--{k.replace('_', '-')} {recipe_run[k]!r}" for k in overridden) + " (the run's config.yaml is what "
+            "it ran with: its recipe under its command-line overrides; put an option in the recipe's eval: "
+            "section or on the command line to change it)")
+    run_dir = run_dir_of(cfg.model) if saved else None
+    step = _STEP_DIR.match(Path(cfg.model).name) if run_dir is not None else None
+    if step and Path(cfg.model).parent.name == "checkpoints" and schedule.think_budget > 0:
+        option = "think_budget" if cfg.think_overflow == "close" else "max_new_tokens"
+        if option not in given:
+            at = (think_budget if option == "think_budget" else new_tokens)(schedule, int(step.group(1)))
+            said.append(f"a checkpoint is evaluated at the run's last-step budget, as its in-run evals are "
+                        f"({step.group(0)} trained at --{option.replace('_', '-')} {at}: pass "
+                        f"--{option.replace('_', '-')} {at} to evaluate at that)")
     if said and int(os.environ.get("RANK", "0")) == 0:  # under torchrun: once
-        source = (f"the run '{cfg.model}' did at its last step" if saved else "the recipe's run options give at "
+        source = (f"the run '{run_dir}' did at its last step" if saved else "the recipe's run options give at "
                   "their last step" if recipe_run else "the budget gives (--think-budget + --answer-room)")
         print(f"note: evaluating as {source} (completions {eval_rule(cfg)}): {', '.join(said)}", file=sys.stderr)
 

@@ -156,11 +156,63 @@ def test_eval_of_a_run_generates_as_its_in_run_evals(train_shards, tmp_path, opt
     for model in (str(run), "demo"):
         shared = load_config(EvalConfig, str(recipe), {"shards": str(train_shards), "model": model})
         assert {k: getattr(shared, k) for k in settings} == in_run, model
+    before = tmp_path / "before.yaml"  # the recipe the run was started from, before its command-line overrides
+    before.write_text(yaml.safe_dump({"steps": 3, "template": "v0", "temperature": 0.5, "top_p": 0.5, "top_k": 5,
+                                      "max_new_tokens": 8192, "answer_room": 3, "think_overflow": "fail",
+                                      "think_budget": 4096, "think_budget_final": 256, "think_decay_steps": 2}))
+    capsys.readouterr()
+    of_run = load_config(EvalConfig, str(before), {"shards": str(train_shards), "model": str(run)})
+    assert {k: getattr(of_run, k) for k in settings} == in_run  # the run's config.yaml wins over its recipe
+    err = capsys.readouterr().err
+    assert "over the recipe's top-level " in err and "--temperature 0.5" in err and "--steps 3" in err
+    plain = load_config(EvalConfig, str(before), {"shards": str(train_shards), "model": "demo"})
+    assert (plain.template, plain.temperature, plain.top_k, plain.think_budget, plain.max_new_tokens) == \
+        ("v0", 0.5, 5, 0, 256 + 3)  # no run: the recipe's top-level keys, as `rpt-train run` would read them
     if cfg.think_budget:
         assert in_run["max_new_tokens"] == cfg.answer_room * (cfg.objective == "rpt") + \
             (cfg.think_budget_final if cfg.think_decay_steps and cfg.steps > cfg.think_decay_steps else
              round(64 + (16 - 64) * 5 / 10) if cfg.steps == 6 else cfg.think_budget)
         assert in_run["think_budget"] == (in_run["max_new_tokens"] - 8 if cfg.think_overflow == "close" else 0)
+
+
+def test_eval_of_a_checkpoint_says_it_takes_the_runs_last_budget(train_shards, tmp_path, capsys):
+    """A checkpoint mid-decay is evaluated at the run's last-step budget (as its in-run evals are); the note says
+    so and names the budget it trained at, and --think-budget (close) or --max-new-tokens (fail) changes it."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-3").mkdir(parents=True)
+    saved = {"template": "think", "think_overflow": "close", "answer_room": 8, "think_budget": 64,
+             "think_budget_final": 16, "think_decay_steps": 10, "steps": 20}
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    args = {"shards": str(train_shards), "model": str(run / "checkpoints" / "step-3")}
+    assert load_config(EvalConfig, None, args).think_budget == 16
+    err = capsys.readouterr().err
+    assert f"the run '{run}' did at its last step" in err
+    assert "a checkpoint is evaluated at the run's last-step budget" in err and "--think-budget 54 to" in err
+    assert load_config(EvalConfig, None, {**args, "think_budget": 54}).think_budget == 54
+    assert "a checkpoint" not in capsys.readouterr().err
+    (run / "config.yaml").write_text(yaml.safe_dump({**saved, "think_overflow": "fail"}))
+    assert load_config(EvalConfig, None, args).max_new_tokens == 16 + 8
+    assert "--max-new-tokens 62 to evaluate at that" in capsys.readouterr().err
+    load_config(EvalConfig, None, {**args, "model": str(run)})
+    assert "a checkpoint" not in capsys.readouterr().err
+
+
+def test_the_budget_schedule_reaches_its_final_budget_once_the_decay_is_over():
+    """--think-decay-steps S: step 1 is --think-budget, step S + 1 (the first after S decaying steps) exactly
+    --think-budget-final, linear (rounded) between: a 1000-step run decaying 4096 -> 256 over 1000 steps ends at
+    260 (its last step is still decaying), one decaying over 999 steps ends at 256."""
+    from types import SimpleNamespace
+
+    from rpt_train.budget import think_budget
+
+    for start, final, decay in ((4096, 256, 1000), (64, 16, 10), (16, 64, 4), (100, 20, 8), (7, 3, 1), (8, 8, 5)):
+        cfg = SimpleNamespace(think_budget=start, think_budget_final=final, think_decay_steps=decay)
+        steps = [think_budget(cfg, s) for s in range(1, decay + 3)]
+        assert steps[0] == start and steps[decay:] == [final, final]
+        assert steps == sorted(steps, reverse=final < start)
+    cfg = SimpleNamespace(think_budget=4096, think_budget_final=256, think_decay_steps=1000)
+    assert (think_budget(cfg, 1000), think_budget(cfg, 1001)) == (260, 256)
+    assert think_budget(SimpleNamespace(think_budget=4096, think_budget_final=256, think_decay_steps=999), 1000) == 256
 
 
 def test_eval_of_a_close_run_refuses_a_template_without_think_end(train_shards, tmp_path, capsys):
