@@ -37,9 +37,6 @@ def test_scorer_sums_the_probability_of_label_prefix_tokens_under_left_padding(t
         assert hit and g == pytest.approx(float(probs[hit].sum()), rel=1e-4, abs=1e-7)
 
 
-class FixedScorer:
-    """p per context, keyed by the context's text."""
-
 def test_the_scorers_forward_builds_no_kv_cache_and_keeps_one_positions_logits(tiny_llama, tiny_tok):
     """The scorer reads one position of each prompt: its forward must not build a KV cache (a model's default,
     use_cache=True, kept every layer's keys and values of the whole chunk: ~94 GiB at 14B for --rollout-batch-size
@@ -62,6 +59,9 @@ def test_the_scorers_forward_builds_no_kv_cache_and_keeps_one_positions_logits(t
     assert [(c[0], c[1], c[2][:2]) for c in calls] == [(False, 1, (2, 1)), (False, 1, (1, 1))], calls
     assert all(c[3] is None for c in calls), "a forward returned a KV cache"
 
+
+class FixedScorer:
+    """p per context, keyed by the context's text."""
 
     def __init__(self, p_of):
         self.p_of, self.calls = p_of, []
