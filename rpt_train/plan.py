@@ -5,10 +5,12 @@ Precision (rpt_train.precision): weights, gradients and AdamW moments are float3
 KV cache and activations are in the compute dtype, and a bf16/fp16 compute dtype adds the low-precision weight
 copies autocast keeps (one device) or FSDP all-gathers (a block or two at a time, or the whole model with
 --rollout-gather). Rollouts and the policy update do not overlap in time (gradients are freed after each update),
-so the peak is weights + optimizer + those copies + the larger of (the rollouts' largest phase: the KV cache, a
-generate call's prefill, --think-overflow close's second call) and (gradients + activations + log-prob chunk, or
-the AdamW step's temporaries). Activations count what autograd keeps per token of a Llama/Qwen-style block (no T x T
-attention: flash / memory-efficient SDPA); tests/test_train_plan.py checks the whole against CPU peaks."""
+so the peak is weights + optimizer + those copies + the largest of (the rollouts' largest phase: the KV cache, a
+generate call's prefill, --think-overflow close's second call), (gradients + activations + log-prob chunk, or
+the AdamW step's temporaries) and (--sampler learnability's scoring forward). --static-cache's cache is allocated
+at the first generate call and kept to the end of the run, so it is in every one of those phases. Activations
+count what autograd keeps per token of a Llama/Qwen-style block (no T x T attention: flash / memory-efficient
+SDPA); tests/test_train_plan.py checks the whole against CPU peaks."""
 from __future__ import annotations
 
 import gc
@@ -34,6 +36,8 @@ REMEDY = {"weights": "--world-size (more FSDP ranks)",
           "kv_cache": "--rollout-batch-size (fewer sequences per generate call) or --max-new-tokens",
           "activations": "--gradient-checkpointing or a smaller --micro-batch-size",
           "logprobs": "--logprob-chunk-tokens"}
+CACHE_BUCKET = 256  # --static-cache: the cache's length is rounded up to a multiple of this (HFRollout)
+SCORER_BATCH = 16  # --sampler learnability: prompts per scoring forward when --rollout-batch-size is 0
 DEFAULT_PROMPT_TOKENS = 1024  # planned prompt length when --max-context-tokens is 0 and no shards are given
 TEMPLATE_TOKENS = 128  # the prompt template around a context, at most
 
@@ -192,6 +196,37 @@ def prefill_peak(cfg, s: Shapes, prompt: int, contexts: int, element: int, locks
     return peak
 
 
+def scorer_batch(cfg) -> int:
+    """Prompts per forward of --sampler learnability's scorer (sampler.LearnabilityScorer): --rollout-batch-size
+    PROMPTS (not rows: the scorer has no group), or SCORER_BATCH without one."""
+    return cfg.rollout_batch_size or SCORER_BATCH
+
+
+def scorer_peak(cfg, s: Shapes, prompt: int, world_size: int, element: int) -> int:
+    """The largest forward of --sampler learnability's scorer (0 with another sampler): each rank scores its
+    stripe of a pool of --sampler-pool x --batch-prompts contexts (sampler.pool_probabilities), scorer_batch
+    prompts at a time, in one left-padded forward without a KV cache (use_cache=False) that keeps the last
+    position's logits: `prefill_bytes` of those rows, and the float32 probabilities ([rows, V]) read from them."""
+    if getattr(cfg, "sampler", "uniform") != "learnability":
+        return 0
+    rows = min(scorer_batch(cfg), -(-cfg.batch_prompts * cfg.sampler_pool // max(1, world_size)))
+    return prefill_bytes(s, rows, prompt, element) + rows * s.vocab * 4
+
+
+def static_cache(rows: int, tokens: int, second: tuple[int, int], bucket: int = CACHE_BUCKET) -> tuple[int, int]:
+    """(most rows of a decoding batch, tokens in all the rows of the cache) of the --static-cache HFRollout keeps
+    (`HFRollout._static_cache`): made at a generate call for its rows and length (prompt width + new tokens,
+    rounded up to `bucket`) and kept to the end of the run, reused by every call it is large enough for (their
+    rows padded to its rows); a call it is too small for frees it and makes its own, so there is one at a time,
+    the largest of: the first call's (`rows` x `tokens` rounded up) and --think-overflow close's second call's
+    (`second` = (rows, tokens) as overflow_cache plans them: a chunk of r rows of width w and --answer-room a
+    holds r x round_up(w + a) <= r x (w + a + bucket - 1), so at most those tokens + rows x (bucket - 1))."""
+    first = rows * (-(-tokens // bucket) * bucket)
+    rows2, tokens2 = second
+    later = tokens2 + rows2 * (bucket - 1) if rows2 else 0
+    return max(rows, rows2), max(first, later)
+
+
 def gather_mode(cfg) -> str:
     """--rollout-gather as auto, on or off (a bool from a config built in code: on / off)."""
     mode = getattr(cfg, "rollout_gather", "auto")
@@ -243,19 +278,34 @@ def plan_memory(cfg, shapes: Shapes, *, world_size: int = 1, device_type: str = 
     # (n=1 rows: the engine cuts them by --rollout-batch-size alone); FSDP ranks decoding through the sharded
     # model pad each chunk to the largest rank's rows (HFRollout lockstep)
     lockstep = W > 1 and not gather
-    second, _, _ = overflow_cache(cfg, shapes, prompt, contexts, engine_rows(cfg, rows_per_rank, 1), act, lockstep)
-    if second:
-        extra["overflow_cache"] = second
+    second, rows2, tokens2 = overflow_cache(cfg, shapes, prompt, contexts, engine_rows(cfg, rows_per_rank, 1), act,
+                                            lockstep)
     extra["prefill"] = prefill_peak(cfg, shapes, prompt, contexts, act, lockstep)
+    held, copy = 0, 0  # --static-cache: the cache kept from the first generate call on, and its creation's extra
+    if getattr(cfg, "static_cache", False):
+        # preallocated for its rows x rounded length, finished rows kept; at its creation the call's dynamic cache
+        # (the first call's prompts repeated G times, or the second call's rows) is copied into it
+        decoding, tokens_held = static_cache(rows, tokens, (rows2, tokens2))
+        held = kv_cache_bytes(shapes.layers, shapes.kv_dim, 1, tokens_held, act)
+        terms["kv_cache"] = held + 6 * decoding * shapes.vocab * 4
+        copy = kv_cache_bytes(shapes.layers, shapes.kv_dim, 1, max(rows * prompt, tokens2 - rows2 * cfg.answer_room),
+                              act)
+        extra["static_cache"] = held
+    elif second:
+        extra["overflow_cache"] = second
+    if getattr(cfg, "sampler", "uniform") == "learnability":
+        extra["scorer"] = scorer_peak(cfg, shapes, prompt, W, act)
     if W > 1:  # FSDP: full parameters of a block (and the next, prefetched) in the compute dtype while it runs
         extra["fsdp_gather"] = 2 * shapes.layer_params * act
         if gather:  # the whole model all-gathered (compute dtype) for each generate call
             extra["rollout_gather"] = shapes.params * act if compute is not None else policy - -(-policy // W)
     elif compute is not None:  # autocast's cached bf16/fp16 copy of every weight inside a forward and backward
         extra["autocast_weights"] = shapes.params * act
-    rollout = max(terms["kv_cache"], extra.get("overflow_cache", 0), extra["prefill"]) + extra.get("rollout_gather", 0)
-    update = terms["gradients"] + max(terms["activations"] + terms["logprobs"], extra["optimizer_step"])
-    total = (terms["weights"] + terms["optimizer"] + max(rollout, update) + extra.get("fsdp_gather", 0)
+    rollout = (max(terms["kv_cache"], extra.get("overflow_cache", 0), held + copy, held + extra["prefill"])
+               + extra.get("rollout_gather", 0))
+    update = held + terms["gradients"] + max(terms["activations"] + terms["logprobs"], extra["optimizer_step"])
+    scorer = held + extra.get("scorer", 0)  # through the sharded model block by block, no gathered copy
+    total = (terms["weights"] + terms["optimizer"] + max(rollout, update, scorer) + extra.get("fsdp_gather", 0)
              + extra.get("autocast_weights", 0))
     notes = [f"{shapes.params / 1e9:.3g}B parameters, {W} device(s), {rows} rollout rows x {tokens} tokens "
              f"(prompt {prompt} planned: {prompt_source}; + {new} new), micro-batch {micro}"
@@ -404,7 +454,10 @@ def render(plan: MemoryPlan) -> str:
     said = {"overflow_cache": "(--think-overflow close's second call; the peak holds the largest of it, kv_cache "
                               "and prefill)",
             "prefill": "(the largest prefill: cache + one block's activations; the peak holds the largest of it, "
-                       "kv_cache and overflow_cache)"}
+                       "kv_cache and overflow_cache)",
+            "static_cache": "(--static-cache, rounded up and kept to the end of the run: in kv_cache and in every "
+                            "phase, the update's too)",
+            "scorer": "(--sampler learnability's scoring forward, no KV cache: a phase of its own)"}
     lines += [f"  {k:<16} {v / GIB:9.2f} GiB  {said.get(k, '(part of the peak)')}" for k, v in plan.extra.items()]
     if plan.device_bytes is None:
         verdict = " (no device size known): fit unknown; pass --device-memory GIB"

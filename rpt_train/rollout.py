@@ -14,7 +14,7 @@ from rpt_common.errors import UserError
 from rpt_common.models import cuda_autocast
 from rpt_train import distributed
 from rpt_train.decoding import decode_batch_after
-from rpt_train.plan import GIB, kv_cache_bytes
+from rpt_train.plan import CACHE_BUCKET, GIB, kv_cache_bytes
 
 
 @dataclass(kw_only=True, slots=True)
@@ -101,7 +101,7 @@ class HFRollout:
 
     def __init__(self, model, tokenizer, eos_token_ids: list[int], batch_size: int = 0, *,
                  static_cache: bool | None = None, compile: bool | None = None, check_every: int | None = None,
-                 packed_prefill: bool | None = None, cache_bucket: int = 256, lockstep: bool = False,
+                 packed_prefill: bool | None = None, cache_bucket: int = CACHE_BUCKET, lockstep: bool = False,
                  bf16: bool = True, memory_limit: int | None = None):
         self.model, self.tokenizer, self.eos, self.batch_size = model, tokenizer, eos_token_ids, batch_size
         self.lockstep = lockstep

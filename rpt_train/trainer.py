@@ -149,7 +149,7 @@ def _train(cfg: TrainConfig, device: str, reward_fns, engine: RolloutEngine | No
                                  combine(shaping) if shaping else None)
     raw_engine = engine or rollout_engine(cfg, model, policy)  # the in-run eval applies its own overflow rule
     engine = objective.engine(raw_engine)  # --think-overflow close: budget forcing around it
-    scorer = (LearnabilityScorer(model, tok, batch_size=cfg.rollout_batch_size or 16,
+    scorer = (LearnabilityScorer(model, tok, batch_size=plan.scorer_batch(cfg),
                                  bf16=precision.compute_dtype(cfg, pick_device(device)) is not None)
               if cfg.sampler == "learnability" else None)
     params = SamplingParams(n=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,

@@ -1,12 +1,13 @@
 """The plan's rollout phases against what HFRollout really does: the rows of a generate call (whole groups, one at
 least, whatever --rollout-batch-size says), the prefill asking for the last position's logits only, and the
 prefill term against a hand computation on a tiny config (the peak holds the largest rollout phase, not the sum)."""
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from rpt_train.config import TrainConfig
-from rpt_train.plan import GIB, Shapes, engine_rows, load_shapes, plan_memory, render
+from rpt_train.plan import GIB, Shapes, engine_rows, kv_cache_bytes, load_shapes, plan_memory, render
 from rpt_train.policy import eos_ids, load_policy
 from rpt_train.rollout import HFRollout, SamplingParams
 
@@ -255,3 +256,96 @@ def test_the_close_second_call_is_planned_as_lockstep_pads_it(policy, monkeypatc
                                                               lockstep=lockstep)[0]
         assert plan.extra["prefill"] == prefill_peak(cfg, SHAPES, P, contexts, 4, lockstep=lockstep)
     assert planned > overflow_cache(cfg, SHAPES, P, contexts, rows_per_rank, 4)[0]
+
+
+def test_the_learnability_scorers_forward_is_a_phase_of_its_own():
+    """--sampler learnability scores a pool of --sampler-pool x --batch-prompts contexts, each rank its stripe,
+    --rollout-batch-size PROMPTS a forward (16 without one), no KV cache. Tiny shapes, float32 on CPU, prompt 100,
+    4 contexts, pool 4, --rollout-batch-size 4: 4 prompts x 100 tokens: 400 x 384 B (stream + widest block) =
+    153,600; the mask 4 x 100 x 100 x 5 = 200,000; the logits 4 x 32 x 8 = 1,024 and the probabilities 4 x 32 x 4
+    = 512: 355,136 B, more than the rollout's largest phase (the prefill, 190,112): the peak holds it, once."""
+    cfg = TrainConfig(shards="x", batch_prompts=4, group_size=2, rollout_batch_size=4, max_new_tokens=1,
+                      micro_batch_size=1, sampler="learnability", sampler_pool=4, device="cpu")
+    plan = plan_memory(cfg, SHAPES, device_type="cpu", prompt_tokens=100)
+    assert plan.extra["scorer"] == 153_600 + 200_000 + 1_024 + 512 == 355_136
+    assert plan.extra["prefill"] == 190_112
+    assert plan.total == plan.terms["weights"] + plan.terms["optimizer"] + 355_136
+    assert "scorer" in render(plan) and plan.to_json()["scorer"] == 355_136
+    # 8 ranks: each scores its stripe of the 16-context pool, 2 prompts: 2 x (100 x 384 + 100 x 100 x 5 + 32 x 12)
+    assert plan_memory(cfg, SHAPES, world_size=8, device_type="cpu", prompt_tokens=100,
+                       gather=False).extra["scorer"] == 177_568
+    # no --rollout-batch-size: 16 prompts a forward
+    whole = dataclasses.replace(cfg, rollout_batch_size=0)
+    assert plan_memory(whole, SHAPES, device_type="cpu", prompt_tokens=100).extra["scorer"] == 16 * (
+        100 * 384 + 100 * 100 * 5 + 32 * 12) == 1_420_544
+    assert "scorer" not in plan_memory(dataclasses.replace(cfg, sampler="uniform"), SHAPES, device_type="cpu",
+                                       prompt_tokens=100).extra
+
+
+def test_the_static_cache_is_planned_rounded_up_and_held_through_the_update(policy):
+    """--static-cache: HFRollout allocates the cache at the first generate call for its rows x (prompt + new
+    tokens rounded up to 256) and keeps it (`_static`) to the end of the run, through the policy update. Tiny
+    shapes, float32, prompt 100 + 1 new, 4 rows a call: 4 x 256 tokens x 2 layers x 2 x 4 x 4 B = 65,536 held;
+    the kv_cache term is that + the sampler's buffers 6 x 4 x 32 x 4 = 3,072; when it is created the call's dynamic
+    prompt cache (4 x 100 tokens: 25,600) is copied into it, and from the second step on the prefill (190,112) runs
+    beside it: the rollout phase is 65,536 + 190,112. With a large model the update dominates and holds it too."""
+    cfg = TrainConfig(shards="x", batch_prompts=4, group_size=2, rollout_batch_size=4, max_new_tokens=1,
+                      micro_batch_size=1, static_cache=True, device="cpu")
+    plan = plan_memory(cfg, SHAPES, device_type="cpu", prompt_tokens=100)
+    assert plan.extra["static_cache"] == 65_536 and plan.terms["kv_cache"] == 65_536 + 3_072
+    assert "overflow_cache" not in plan.extra
+    assert plan.total == plan.terms["weights"] + plan.terms["optimizer"] + 65_536 + 190_112
+    big = dataclasses.replace(SHAPES, params=10 ** 6)  # gradients 4e6 + the AdamW step's 4e6
+    plan = plan_memory(cfg, big, device_type="cpu", prompt_tokens=100)
+    assert plan.total == plan.terms["weights"] + plan.terms["optimizer"] + 65_536 + 8_000_000
+    # the engine keeps what the plan counts: rows x the rounded length, still there after the call
+    tok, model = policy.tokenizer, policy.model
+    engine = HFRollout(model, tok, [], batch_size=4, static_cache=True, packed_prefill=False)
+    engine.generate([[5] * 20] * 4, SamplingParams(n=2, max_new_tokens=3))
+    kept, shapes = engine._static, Shapes.from_config(model.config)
+    assert kept is not None and (kept["rows"], kept["length"]) == (4, 256)
+    cfg = dataclasses.replace(cfg, max_new_tokens=3)
+    held = plan_memory(cfg, shapes, device_type="cpu", prompt_tokens=20).extra["static_cache"]
+    assert held == kv_cache_bytes(shapes.layers, shapes.kv_dim, kept["rows"], kept["length"], 4)
+
+
+MEASURE_SCORER = r'''
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+from transformers import AutoModelForCausalLM, LlamaConfig
+from rpt_train.config import TrainConfig
+from rpt_train.plan import Shapes, measured_peak, plan_memory
+from rpt_train.sampler import LearnabilityScorer
+from tiny import make_tokenizer
+torch.set_num_threads(1)
+tok, out = make_tokenizer(), []
+for H, prompts, P in json.loads(sys.argv[2]):
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=H, intermediate_size=2 * H, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    scorer = LearnabilityScorer(model, tok, batch_size=prompts)
+    rows, labels = [[5] * (P - 1)] + [[5] * P] * (prompts - 1), ["x"] * prompts  # one row shorter: a padding mask
+    scorer.probabilities(rows, labels)  # warm-up (and the token table)
+    _, peak = measured_peak(lambda: scorer.probabilities(rows, labels))
+    cfg = TrainConfig(shards="x", batch_prompts=prompts, group_size=2, rollout_batch_size=prompts, max_new_tokens=2,
+                      sampler="learnability", sampler_pool=1, device="cpu")
+    plan = plan_memory(cfg, Shapes.from_config(config), device_type="cpu", prompt_tokens=P)
+    out.append({"measured": peak, "scorer": plan.extra["scorer"]})
+print(json.dumps(out))
+'''
+
+
+def test_the_scorer_term_is_within_tolerance_of_a_measured_scoring_forward():
+    """The scorer's forward measured on this CPU (VmHWM) is within the plan's -10%/+60% of its term."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    tests = Path(__file__).parent
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(tests.parent))
+    run = subprocess.run([sys.executable, "-c", MEASURE_SCORER, str(tests), json.dumps([[512, 16, 512]])],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for r in json.loads(run.stdout.splitlines()[-1]):
+        assert 0.9 <= r["scorer"] / r["measured"] <= 1.6, r
