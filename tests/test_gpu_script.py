@@ -126,7 +126,7 @@ def test_the_real_gpu_path_resolves():
     problems = dry.check(log=lines.append)
     assert problems == [], "\n".join(problems + lines)
     names = {p.name for p in dry.gpu_test_files()}
-    assert {"test_kernel.py", "test_train_rollout.py", "test_gpu.py"} <= names
+    assert {"test_kernel.py", "test_train_rollout.py", "test_gpu.py", "test_train_plan_gpu.py"} <= names
     assert all((REPO / s).is_file() for s in dry.GPU_SCRIPTS)
 
 

@@ -15,54 +15,33 @@ from shard_fixtures import train_shards  # noqa: F401
 from rpt_train.cli import main
 from rpt_train.config import TrainConfig
 from rpt_train.plan import Shapes, plan_memory, refusal
+from plan_measure import HIGH, LOW  # noqa: F401 - the band, shared with tests/test_train_plan_gpu.py
 
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
 CONFIGS = REPO / "bench" / "configs"
-# The plan may not be below what was measured by more than 10%, nor above it by more than 60% (it is meant to
-# be a safe upper bound; the dynamic KV cache and autograd keep a little less than what is counted).
-LOW, HIGH = 0.9, 1.6
 
 MEASURE = r'''
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
-from transformers import AutoModelForCausalLM, LlamaConfig
+from plan_measure import cpu_peak, llama, measure_rollout, measure_update, model_on
 from rpt_train.config import TrainConfig
-from rpt_train.logprobs import forward_logprobs
-from rpt_train.plan import Shapes, measured_peak, plan_memory
-from rpt_train.rollout import HFRollout, SamplingParams
 from tiny import make_tokenizer
 torch.set_num_threads(1)
 out = []
 for H, I, V, B, P, C, chunk, ckpt in json.loads(sys.argv[2]):
-    config = LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).train()
+    config = llama(V, H, I)
+    model = model_on(config, "cpu", train=True)
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     cfg = TrainConfig(shards="x", micro_batch_size=B, max_new_tokens=C, logprob_chunk_tokens=chunk,
                       gradient_checkpointing=ckpt, batch_prompts=B, group_size=2, device="cpu")
-    terms = plan_memory(cfg, Shapes.from_config(config), device_type="cpu", prompt_tokens=P).terms
-    ids, cids = torch.randint(0, V, (B, P)), torch.randint(0, V, (B, C))
-    ones = torch.ones(B, P + C, dtype=torch.long)
-    def update():
-        forward_logprobs(model, ids, ones[:, :P], cids, ones[:, P:], 0.8, True, chunk)[0].sum().backward()
-    update(); model.zero_grad(set_to_none=True)  # warm-up: one-off allocations are no part of the plan
-    _, peak = measured_peak(update)
-    out.append({"kind": "update", "measured": peak,
-                "planned": terms["gradients"] + terms["activations"] + terms["logprobs"]})
+    out.append(measure_update(model, config, cfg, P, cpu_peak))
 tok = make_tokenizer()
 for H, prompts, P, C in json.loads(sys.argv[3]):
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=H, intermediate_size=2 * H, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    engine = HFRollout(model, tok, [])  # no EOS: every row runs to the end
-    engine.generate([[5] * P] * prompts, SamplingParams(n=2, max_new_tokens=4))  # warm-up
-    _, peak = measured_peak(lambda: engine.generate([[5] * P] * prompts, SamplingParams(n=2, max_new_tokens=C)))
+    config = llama(len(tok), H, 2 * H)
     cfg = TrainConfig(shards="x", batch_prompts=prompts, group_size=2, max_new_tokens=C, device="cpu")
-    terms = plan_memory(cfg, Shapes.from_config(config), device_type="cpu", prompt_tokens=P).terms
-    out.append({"kind": "rollout", "measured": peak, "planned": terms["kv_cache"]})
+    out.append(measure_rollout(model_on(config, "cpu", train=False), tok, config, cfg, [[5] * P] * prompts, cpu_peak))
 print(json.dumps(out))
 '''
 

@@ -5,6 +5,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from plan_measure import HIGH, LOW
 
 from rpt_train.config import TrainConfig
 from rpt_train.plan import GIB, Shapes, engine_rows, kv_cache_bytes, load_shapes, plan_memory, render
@@ -119,24 +120,17 @@ def test_the_14b_plan_on_8_gpus_counts_a_whole_group_below_the_group_size():
 MEASURE = r'''
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
-from transformers import AutoModelForCausalLM, LlamaConfig
+from plan_measure import cpu_peak, llama, measure_rollout, model_on
 from rpt_train.config import TrainConfig
-from rpt_train.plan import Shapes, measured_peak, plan_memory
-from rpt_train.rollout import HFRollout, SamplingParams
 from tiny import make_tokenizer
 torch.set_num_threads(1)
 tok, out = make_tokenizer(), []
 for H, prompts, P in json.loads(sys.argv[2]):
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=H, intermediate_size=2 * H, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    engine = HFRollout(model, tok, [], packed_prefill=False)  # one padded batch, as on CUDA
+    config = llama(len(tok), H, 2 * H)
     rows = [[5] * (P - 1)] + [[5] * P] * (prompts - 1)  # one row shorter: a padding mask
-    engine.generate(rows, SamplingParams(n=2, max_new_tokens=2))  # warm-up
-    _, peak = measured_peak(lambda: engine.generate(rows, SamplingParams(n=2, max_new_tokens=2)))
     cfg = TrainConfig(shards="x", batch_prompts=prompts, group_size=2, max_new_tokens=2, device="cpu")
-    plan = plan_memory(cfg, Shapes.from_config(config), device_type="cpu", prompt_tokens=P)
-    out.append({"measured": peak, "kv_cache": plan.terms["kv_cache"], "prefill": plan.extra["prefill"]})
+    # one padded batch, as on CUDA
+    out.append(measure_rollout(model_on(config, "cpu", train=False), tok, config, cfg, rows, cpu_peak, False))
 print(json.dumps(out))
 '''
 
@@ -157,7 +151,7 @@ def test_the_prefill_term_is_within_tolerance_of_a_measured_batched_prefill():
     assert run.returncode == 0, run.stderr[-2000:]
     for r in json.loads(run.stdout.splitlines()[-1]):
         assert r["measured"] > 1.5 * r["kv_cache"], r
-        assert 0.9 <= max(r["kv_cache"], r["prefill"]) / r["measured"] <= 1.6, r
+        assert LOW <= max(r["kv_cache"], r["prefill"]) / r["measured"] <= HIGH, r
 
 
 class TwoRanks:
@@ -312,25 +306,17 @@ def test_the_static_cache_is_planned_rounded_up_and_held_through_the_update(poli
 MEASURE_SCORER = r'''
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
-from transformers import AutoModelForCausalLM, LlamaConfig
+from plan_measure import cpu_peak, llama, measure_scorer, model_on
 from rpt_train.config import TrainConfig
-from rpt_train.plan import Shapes, measured_peak, plan_memory
-from rpt_train.sampler import LearnabilityScorer
 from tiny import make_tokenizer
 torch.set_num_threads(1)
 tok, out = make_tokenizer(), []
 for H, prompts, P in json.loads(sys.argv[2]):
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=H, intermediate_size=2 * H, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    scorer = LearnabilityScorer(model, tok, batch_size=prompts)
-    rows, labels = [[5] * (P - 1)] + [[5] * P] * (prompts - 1), ["x"] * prompts  # one row shorter: a padding mask
-    scorer.probabilities(rows, labels)  # warm-up (and the token table)
-    _, peak = measured_peak(lambda: scorer.probabilities(rows, labels))
+    config = llama(len(tok), H, 2 * H)
+    rows = [[5] * (P - 1)] + [[5] * P] * (prompts - 1)  # one row shorter: a padding mask
     cfg = TrainConfig(shards="x", batch_prompts=prompts, group_size=2, rollout_batch_size=prompts, max_new_tokens=2,
                       sampler="learnability", sampler_pool=1, device="cpu")
-    plan = plan_memory(cfg, Shapes.from_config(config), device_type="cpu", prompt_tokens=P)
-    out.append({"measured": peak, "scorer": plan.extra["scorer"]})
+    out.append(measure_scorer(model_on(config, "cpu", train=False), tok, config, cfg, rows, cpu_peak))
 print(json.dumps(out))
 '''
 
@@ -348,4 +334,4 @@ def test_the_scorer_term_is_within_tolerance_of_a_measured_scoring_forward():
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     for r in json.loads(run.stdout.splitlines()[-1]):
-        assert 0.9 <= r["scorer"] / r["measured"] <= 1.6, r
+        assert LOW <= r["planned"] / r["measured"] <= HIGH, r
