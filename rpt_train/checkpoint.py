@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from rpt_common.errors import UserError, is_disk_full
 from rpt_train import distributed
 from rpt_train.rundir import STATE, checkpoints_dir, latest_checkpoint, list_checkpoints  # noqa: F401 (re-exported)
+from rpt_train.rundir import saved_options
 
 
 def rng_state() -> dict:
@@ -114,12 +116,18 @@ def load_trainer_state(path: Path) -> dict:
     """trainer_state.pt, read once (by rank 0 under torchrun): every rank gets the small entries (scheduler, sampler,
     RNG, step, config), the optimizer state stays on rank 0, which broadcasts it shard by shard (distributed.py)."""
     def read() -> dict:
+        hint = "delete that checkpoint to resume from the one before"
         try:
             # Our own file: numpy and python RNG states need full unpickling.
-            return torch.load(path / STATE, map_location="cpu", weights_only=False)
-        except (OSError, RuntimeError, EOFError) as e:
-            raise UserError(f"checkpoint '{path}' has an unreadable {STATE} ({e}); delete that checkpoint to resume "
-                            "from the one before")
+            state = torch.load(path / STATE, map_location="cpu", weights_only=False)
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+            raise UserError(f"'{path / STATE}' is unreadable ({e}); {hint}") from None
+        missing = [k for k in ("step", "scheduler", "sampler", "rng") if not isinstance(state, dict) or k not in state]
+        if missing or not isinstance(state["step"], int) or not isinstance(state.get("config", {}), dict):
+            what = f"lacks {', '.join(missing)}" if missing else "has a 'step' or 'config' of another type"
+            raise UserError(f"'{path / STATE}' is damaged: it {what}; {hint}")
+        saved_options(path / STATE, state.get("config", {}), hint)  # each saved option of its type, or the key named
+        return state
 
     if distributed.world_size() == 1:
         return read()

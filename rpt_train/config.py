@@ -248,6 +248,46 @@ def coerce(name: str, tp, value):
         raise UserError(f"config key '{name}' expects {expected}, got {value!r}")
 
 
+def _type_name(base) -> str:
+    if typing.get_origin(base) is list:
+        return "a list of " + _type_name(typing.get_args(base)[0])
+    return getattr(base, "__name__", str(base))
+
+
+def saved_value(name: str, tp, value):
+    """One value of a run's saved file (config.yaml, trainer_state.json) as the field's type, or ValueError saying
+    what was expected. Stricter than `coerce`, which reads text: a saved file holds typed YAML/JSON, so a value of
+    another type (`template: 7`, `temperature: hot`, `top_p: [1]`) is damage, not a spelling; an int is a float;
+    a bool --rollout-gather is a run's from before `auto` (validate maps it)."""
+    base, optional = _base(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"'{name}' cannot be null")
+
+    def one(base, value):
+        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if base is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if base in (bool, str) and isinstance(value, base):
+            return value
+        if name == "rollout_gather" and isinstance(value, bool):
+            return value
+        raise ValueError
+
+    try:
+        if typing.get_origin(base) is list:
+            if not isinstance(value, (list, tuple)):  # a tuple: trainer_state.pt keeps what the config held
+                raise ValueError
+            return [one(typing.get_args(base)[0], v) for v in value]
+        return one(base, value)
+    except ValueError:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise ValueError(f"'{name}' should be {_type_name(base)}{' or null' if optional else ''}, "
+                         f"got {shown}") from None
+
+
 def _norm(d: dict) -> dict:
     return {str(k).replace("-", "_"): v for k, v in d.items()}
 

@@ -60,39 +60,110 @@ def run_dir_of(spec: str) -> Path | None:
     return None
 
 
+SPLIT_HINT = ("it records the run's held-out split: fix it, or pass --heldout-fraction, --split-seed and "
+              "--split-block-windows yourself")
+PROMPT_HINT = "fix it, or delete it and pass the run's prompt options (--template ...) yourself"
+
+
+def read_saved(path: Path, hint: str, yaml_text: bool = False) -> dict:
+    """A run's saved file (config.yaml, run.json, a checkpoint's trainer_state.json) as a mapping; a file that cannot
+    be read or parsed (truncated, binary bytes) or is empty or no mapping (a YAML list, plain text) is one UserError
+    naming it, with `hint` (what to pass instead)."""
+    try:
+        text = path.read_text()
+        if yaml_text:
+            import yaml
+
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise ValueError(str(e).replace("\n", " ")) from None
+        else:
+            data = json.loads(text)
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise UserError(f"'{path}' is unreadable ({e}); {hint}") from None
+    if not isinstance(data, dict):
+        kinds = {"list": "a list", "str": "plain text", "bool": "a boolean"}
+        what = "empty" if data is None else (f"not a mapping of option names (it holds "
+                                             f"{kinds.get(type(data).__name__, type(data).__name__ + ' data')})")
+        raise UserError(f"'{path}' is damaged: {what}; {hint}")
+    return data
+
+
+def saved_options(path: Path, data: dict, hint: str) -> dict:
+    """The `rpt-train run` options in `data` (read from `path`), each converted to its option's type (a value that is
+    not one is a UserError naming the file and the key). Keys that are no option of this version (from a newer or
+    older one) are ignored, not refused: a run directory outlives the code that wrote it; so is a null budget option
+    (RUN_GENERATION) that cannot be null, as rpt_train.config.inherit_prompt always read it: not recorded."""
+    from rpt_train.config import RUN_GENERATION, TrainConfig, field_types, saved_value
+
+    types = field_types(TrainConfig)
+    out = {}
+    for key, value in data.items():
+        key = str(key).replace("-", "_")
+        if key in RUN_GENERATION and value is None and key != "think_budget_final":
+            continue
+        if key in types:
+            try:
+                out[key] = saved_value(key, types[key], value)
+            except ValueError as e:
+                raise UserError(f"'{path}' is damaged: {e}; {hint}") from None
+    return out
+
+
+def _provenance_values(path: Path, record: dict) -> dict:
+    """run.json's split keys checked (type and range), each failure one UserError naming the file and the key;
+    other keys (schedule, heldout, ones of other versions) are not read here and so not checked."""
+    from rpt_train.config import saved_value
+
+    kinds = {"heldout_fraction": float, "split_seed": int, "split_block_windows": int, "shards": str | None}
+    out = dict(record)
+    for key, tp in kinds.items():
+        if key in record:
+            try:
+                out[key] = saved_value(key, tp, record[key])
+            except ValueError as e:
+                raise UserError(f"'{path}' is damaged: {e}; {SPLIT_HINT}") from None
+    ok = {"heldout_fraction": lambda v: 0.0 <= v < 1.0, "split_block_windows": lambda v: v >= 0}
+    for key, check in ok.items():
+        if key in out and not check(out[key]):
+            raise UserError(f"'{path}' is damaged: '{key}' is {out[key]!r}, out of range; {SPLIT_HINT}")
+    return out
+
+
 def read_provenance(spec: str) -> dict | None:
     """The provenance of the run behind --model `spec` (run dir or checkpoint): run.json, or, for a run written
-    before run.json existed, the config saved with the checkpoint; None when `spec` is no run."""
+    before run.json existed, the config saved with the checkpoint; None when `spec` is no run. A damaged file is one
+    UserError naming it (and the key); keys of other versions are ignored."""
     if spec == "demo":
         return None
     run = run_dir_of(spec)
     if run is not None and (run / RECORD).exists():
-        try:
-            return json.loads((run / RECORD).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"'{run / RECORD}' is unreadable ({e}); it records the run's held-out split: pass "
-                            "--heldout-fraction and --split-seed yourself")
+        return _provenance_values(run / RECORD, read_saved(run / RECORD, SPLIT_HINT))
     p = Path(spec)
     ckpt = p if (p / "trainer_state.json").exists() else latest_checkpoint(p) if p.is_dir() else None
     if ckpt is None or not (ckpt / "trainer_state.json").exists():
         return None
-    config = json.loads((ckpt / "trainer_state.json").read_text()).get("config") or {}
-    if "heldout_fraction" not in config:
+    path = ckpt / "trainer_state.json"
+    config = read_saved(path, SPLIT_HINT).get("config")
+    if config is None:
         return None
-    return {"heldout_fraction": config["heldout_fraction"], "split_seed": config.get("split_seed", 0),
-            "shards": config.get("shards")}
+    if not isinstance(config, dict):
+        raise UserError(f"'{path}' is damaged: its 'config' is not a mapping of option names; {SPLIT_HINT}")
+    config = saved_options(path, config, SPLIT_HINT)
+    if config.get("heldout_fraction") is None:
+        return None
+    return _provenance_values(path, {"heldout_fraction": config["heldout_fraction"],
+                                     "split_seed": config.get("split_seed", 0), "shards": config.get("shards")})
 
 
 def read_run_config(spec: str) -> dict:
-    """The options the run behind --model `spec` (run dir or checkpoint) was started with (its config.yaml); {}
-    when `spec` is no run or the run has none."""
-    import yaml
-
+    """The options the run behind --model `spec` (run dir or checkpoint) was started with (its config.yaml), each
+    converted to its option's type; {} when `spec` is no run or the run has none. A damaged config.yaml (truncated,
+    binary, empty, no mapping, a value of another type) is one UserError naming it (and the key); keys that are no
+    option of this version (written by a newer or older one) are ignored."""
     run = run_dir_of(spec)
     path = run / "config.yaml" if run is not None else None
     if path is None or not path.exists():
         return {}
-    try:
-        return yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise UserError(f"'{path}' is unreadable ({e}); pass the run's prompt options (--template ...) yourself")
+    return saved_options(path, read_saved(path, PROMPT_HINT, yaml_text=True), PROMPT_HINT)
