@@ -2,7 +2,8 @@
 weights, AdamW moments, gradients, the rollouts' KV cache, one micro-batch's activations, the log-prob chunks.
 
 Precision (rpt_train.precision): weights, gradients and AdamW moments are float32 whatever --dtype says; the
-KV cache and activations are in the compute dtype, and a bf16/fp16 compute dtype adds the low-precision weight
+KV cache and activations are in the compute dtype (on one device autocast keeps the residual stream and norms in
+float32: see activation_bytes), and a bf16/fp16 compute dtype adds the low-precision weight
 copies autocast keeps (one device) or FSDP all-gathers (a block or two at a time, or the whole model with
 --rollout-gather). Rollouts and the policy update do not overlap in time (gradients are freed after each update),
 so the peak is weights + optimizer + those copies + the largest of (the rollouts' largest phase: the KV cache, a
@@ -106,15 +107,30 @@ def kv_cache_bytes(layers: int, kv_dim: int, rows: int, tokens: int, element: in
     return 2 * layers * kv_dim * rows * tokens * element
 
 
-def activation_bytes(s: Shapes, rows: int, tokens: int, element: int, checkpointed: bool) -> int:
-    """What autograd keeps for one micro-batch of `rows` x `tokens`: per token and block ~6 hidden-size tensors
-    (norm inputs/outputs, q, attention output), k and v, and 4 MLP-width ones (gate, act, up, product); with
-    gradient checkpointing one hidden state per block plus one block recomputed."""
-    per_block = 6 * s.hidden + 2 * s.kv_dim + 4 * s.intermediate
-    outer = 4 * s.hidden  # embeddings and final norm
+def activation_bytes(s: Shapes, rows: int, tokens: int, element: int, checkpointed: bool,
+                     float32_weights: bool = True) -> int:
+    """What autograd keeps for one micro-batch of `rows` x `tokens`, in bytes of the compute dtype (`element`).
+    In float32, per token and block ~6 hidden-size tensors (the two norms' inputs and outputs, rotated q, attention
+    output), k and v, and 4 MLP-width ones (gate, act, up, product). In a low-precision compute dtype it depends on
+    the weights the forward reads (rpt_train.precision; counted with saved-tensor hooks on a Llama block):
+    `float32_weights` (autocast over the float32 masters: one device) keeps the residual stream, the norms' inputs
+    and outputs and the embeddings in float32 (4 hidden-size tensors), and every linear saves its own low-precision
+    copy of its input (q, k, v, gate, up: 5 more beside rotated q and the attention output); weights in the compute
+    dtype (FSDP2's MixedPrecisionPolicy param_dtype) keep the stream in it, each norm adding the float32 copy of its
+    input it computes in. With gradient checkpointing one hidden state per block (the residual stream's dtype) plus
+    one block recomputed."""
+    if element >= 4:
+        per_block = element * (6 * s.hidden + 2 * s.kv_dim + 4 * s.intermediate)
+        outer, stream = 4 * s.hidden * element, element  # embeddings and final norm
+    elif float32_weights:
+        per_block = 4 * 4 * s.hidden + element * (7 * s.hidden + 2 * s.kv_dim + 4 * s.intermediate)
+        outer, stream = 4 * s.hidden * 4, 4  # embeddings and final norm, float32
+    else:
+        per_block = 2 * 4 * s.hidden + element * (6 * s.hidden + 2 * s.kv_dim + 4 * s.intermediate)
+        outer, stream = 4 * s.hidden * element, element
     if checkpointed:
-        return rows * tokens * element * (s.layers * s.hidden + per_block + outer)
-    return rows * tokens * element * (s.layers * per_block + outer)
+        return rows * tokens * (s.layers * s.hidden * stream + per_block + outer)
+    return rows * tokens * (s.layers * per_block + outer)
 
 
 def logprob_bytes(vocab: int, tokens: int, chunk_tokens: int) -> int:
@@ -268,7 +284,7 @@ def plan_memory(cfg, shapes: Shapes, *, world_size: int = 1, device_type: str = 
         # sampler's [rows, V] float32 buffers (logits, tempered, log-softmax, filtered, probabilities, copy)
         "kv_cache": kv_cache_bytes(shapes.layers, shapes.kv_dim, rows, tokens, act) * (shapes.layers + 1) // shapes.layers
         + 6 * rows * shapes.vocab * 4,
-        "activations": activation_bytes(shapes, micro, row_tokens, act, cfg.gradient_checkpointing)
+        "activations": activation_bytes(shapes, micro, row_tokens, act, cfg.gradient_checkpointing, W == 1)
         + (micro * row_tokens ** 2 if shared else 0),
         "logprobs": logprob_bytes(shapes.vocab, micro * new * (cfg.group_size if shared else 1),
                                   cfg.logprob_chunk_tokens),

@@ -15,7 +15,7 @@ from shard_fixtures import train_shards  # noqa: F401
 from rpt_train.cli import main
 from rpt_train.config import TrainConfig
 from rpt_train.plan import Shapes, plan_memory, refusal
-from plan_measure import HIGH, LOW  # noqa: F401 - the band, shared with tests/test_train_plan_gpu.py
+from plan_measure import HIGH, LOW, describe, llama, model_on  # the band, shared with test_train_plan_gpu.py
 
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
@@ -59,6 +59,86 @@ def test_plan_is_within_tolerance_of_measured_cpu_peaks():
     for r in results:
         assert r["measured"] > 4 * 2 ** 20, r  # large enough to be measured at all
         assert LOW <= r["planned"] / r["measured"] <= HIGH, r
+
+
+MEASURE_BF16 = r"""
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+from plan_measure import cpu_peak, llama, measure_update, model_on
+from rpt_train.config import TrainConfig
+torch.set_num_threads(1)
+out = []
+for (H, I, heads, kv_heads, layers), B, G, P, C, shared, ckpt in json.loads(sys.argv[2]):
+    config = llama(512, H, I, layers=layers, heads=heads, kv_heads=kv_heads)
+    model = model_on(config, "cpu", train=True)
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    cfg = TrainConfig(shards="x", micro_batch_size=B, batch_prompts=B, group_size=G, max_new_tokens=C,
+                      gradient_checkpointing=ckpt, share_prefix=shared, device="cpu", dtype="bfloat16")
+    out.append(measure_update(model, config, cfg, P, cpu_peak, shared=shared))
+print(json.dumps(out))
+"""
+
+
+def test_bf16_autocast_update_is_within_tolerance_of_measured_cpu_peaks():
+    """--dtype bfloat16 on one device: autocast over the float32 weights, as the trainer runs on CUDA. The residual
+    stream and the norms stay float32 and every linear keeps its own bf16 copy of its input; a plan that counted
+    every saved tensor at 2 bytes was 0.80-0.86x the measured peak (below the band)."""
+    smol = [576, 1536, 9, 3, 2]  # SmolLM2-135M's block, 2 layers
+    cases = [[[512, 1024, 4, 2, 2], 4, 2, 64, 448, False, False],  # activations dominate
+             [smol, 4, 2, 64, 448, False, False],
+             [[512, 1024, 4, 2, 2], 4, 2, 64, 448, False, True],  # gradient checkpointing
+             [[576, 1536, 9, 3, 4], 2, 8, 512, 64, True, False]]  # shared prefix, 2 groups of 8
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(REPO))
+    run = subprocess.run([sys.executable, "-c", MEASURE_BF16, str(TESTS), json.dumps(cases)], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads(run.stdout.splitlines()[-1])
+    assert [r["shared"] for r in results] == [c[5] for c in cases]
+    for r in results:
+        assert r["measured"] > 4 * 2 ** 20, r
+    assert all(LOW <= r["planned"] / r["measured"] <= HIGH for r in results), describe(results)
+
+
+@pytest.mark.parametrize("float32_weights", [True, False])
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_activation_bytes_per_block_are_what_autograd_saves_in_bf16(float32_weights, checkpointed):
+    """One decoder block's share of the activation term against the bytes autograd saves for it (saved-tensor
+    hooks, distinct storages that are no parameter or autocast weight copy; a 2-layer minus a 1-layer model): bf16
+    autocast over float32 weights (one device) and over bf16 weights (FSDP2's param_dtype), with and without
+    gradient checkpointing (the kept block input; recomputed blocks are planned once, not per block)."""
+    import torch
+
+    from rpt_train.plan import activation_bytes
+
+    rows, tokens = 2, 256
+    saved = {}
+    for layers in (1, 2):
+        config = llama(512, 256, 768, layers=layers)
+        model = model_on(config, "cpu", train=True)
+        if not float32_weights:
+            model.to(torch.bfloat16)
+        if checkpointed:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        seen = {}
+
+        def pack(t):
+            st = t.untyped_storage()
+            # activations (first dim rows, not autocast's weight copies) of a hidden-state width (not the norms'
+            # [rows, tokens, 1] rsqrt or attention's log-sum-exp, a few bytes a token the plan leaves out)
+            if st.data_ptr() not in weights and t.shape[:1] in ((rows,), (rows * tokens,)) \
+                    and t.numel() >= rows * tokens * 32:
+                seen[st.data_ptr()] = st.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+            model.model(input_ids=torch.randint(0, 512, (rows, tokens)))
+        saved[layers] = sum(seen.values())
+    shapes = Shapes.from_config(llama(512, 256, 768, layers=1))
+    plan = [activation_bytes(dataclasses.replace(shapes, layers=n), rows, tokens, 2, checkpointed, float32_weights)
+            for n in (1, 2)]
+    assert plan[1] - plan[0] == saved[2] - saved[1], (plan, saved)
 
 
 def test_fsdp_divides_the_model_terms_and_refusal_names_the_largest_term():

@@ -230,7 +230,8 @@ def test_the_plan_models_the_shared_path():
     on, off = (plan_memory(TrainConfig(**kw, max_new_tokens=12, share_prefix=s), shapes, device_type="cpu")
                for s in (True, False))
     T = 1024 + TEMPLATE_TOKENS + 16 * 12
-    element = off.terms["activations"] // activation_bytes(shapes, 2, 1024 + TEMPLATE_TOKENS + 12, 1, False)
+    element = 4  # --dtype float32 on CPU
+    assert off.terms["activations"] == activation_bytes(shapes, 2, 1024 + TEMPLATE_TOKENS + 12, element, False)
     assert on.terms["activations"] == activation_bytes(shapes, 2, T, element, False) + 2 * T * T
     assert on.terms["logprobs"] == logprob_bytes(150000, 2 * 16 * 12, 1024) and "shared prefix" in on.notes[0]
     long_on, long_off = (plan_memory(TrainConfig(**kw, max_new_tokens=8192, share_prefix=s), shapes, device_type="cpu")
