@@ -9,7 +9,9 @@ copies autocast keeps (one device) or FSDP all-gathers (a block or two at a time
 so the peak is weights + optimizer + those copies + the largest of (the rollouts' largest phase: the KV cache, a
 generate call's prefill, --think-overflow close's second call), (gradients + activations + log-prob chunk, or
 the AdamW step's temporaries) and (--sampler learnability's scoring forward). --static-cache's cache is allocated
-at the first generate call and kept to the end of the run, so it is in every one of those phases. Activations
+at the first generate call and kept to the end of the run, so it is in every one of those phases; --eval-every's
+evals generate through the same engine, so the rollout phases and that cache are the largest of their calls and
+training's. Activations
 count what autograd keeps per token of a Llama/Qwen-style block (no T x T attention: flash / memory-efficient
 SDPA); tests/test_train_plan.py checks the whole against CPU peaks."""
 from __future__ import annotations
@@ -191,25 +193,37 @@ def prefill_bytes(s: Shapes, rows: int, tokens: int, element: int) -> int:
     return rows * tokens * (stream + block) + rows * tokens * tokens * (1 + element) + rows * s.vocab * (element + 4)
 
 
-def prefill_peak(cfg, s: Shapes, prompt: int, contexts: int, element: int, lockstep: bool = False) -> int:
+def prefill_peak(cfg, s: Shapes, prompt: int, contexts: int, element: int, lockstep: bool = False,
+                 n: int | None = None) -> int:
     """The largest prefill of the rollouts: its activations (`prefill_bytes`) and the KV cache written so far. The
     first call prefills each distinct prompt once (engine_rows / G prompts of `prompt` tokens); --think-overflow
     close's second call (overflow.ForcedClose._second) prefills forced rows of prompt + largest budget + forced
     text, chunked to no more padded tokens than the first call's prefill (`contexts` x `prompt`; one row at
     least) and cut by the engine into --rollout-batch-size rows. Under `lockstep` (see `overflow_cache`) a chunk
     is padded to the largest rank's row count: up to the rank's forced rows (or --rollout-batch-size) of the
-    longest length."""
-    prompts = engine_rows(cfg, contexts) // cfg.group_size
+    longest length. `n`: completions a prompt (default --group-size; an in-run eval's --eval-samples)."""
+    n = cfg.group_size if n is None else n
+    prompts = engine_rows(cfg, contexts, n) // n
     peak = kv_cache_bytes(s.layers, s.kv_dim, prompts, prompt, element) + prefill_bytes(s, prompts, prompt, element)
     forced = forced_bound(cfg)
     if forced and getattr(cfg, "think_budget", 0) > 0:
         budget = max(think_budget(cfg, 1), think_budget(cfg, 1 + max(0, cfg.think_decay_steps)))
         longest = prompt + budget + forced
-        rows = engine_rows(cfg, contexts * cfg.group_size, 1)
+        rows = engine_rows(cfg, contexts * n, 1)
         rows = rows if lockstep else min(rows, max(1, contexts * prompt // longest))
         peak = max(peak, kv_cache_bytes(s.layers, s.kv_dim, rows, longest, element)
                    + prefill_bytes(s, rows, longest, element))
     return peak
+
+
+def eval_positions(cfg) -> int:
+    """Positions of one in-run --eval-every generate call (evaluate.eval_chunks: --rollout-batch-size //
+    --eval-samples, 32 // without one; one at least), each with --eval-samples completions; 0 without evals. They
+    go through the training run's engine, so their calls are rollout phases too: with --rollout-batch-size 12 and
+    G = 8 training decodes 8 rows a call and an eval 12."""
+    if not getattr(cfg, "eval_every", 0):
+        return 0
+    return max(1, (cfg.rollout_batch_size or 32) // max(1, cfg.eval_samples))
 
 
 def scorer_batch(cfg) -> int:
@@ -270,6 +284,11 @@ def plan_memory(cfg, shapes: Shapes, *, world_size: int = 1, device_type: str = 
     rows_per_rank = -(-cfg.batch_prompts // W) * cfg.group_size
     contexts = -(-cfg.batch_prompts // W)
     rows = engine_rows(cfg, contexts)  # whole groups per generate call, one at least
+    # --eval-every: an eval's calls (its chunks of positions x --eval-samples, the greedy call's positions x 1) go
+    # through the same engine, with at most the training length (the last step's budget, the same prompt bound)
+    evals, samples = eval_positions(cfg), max(1, getattr(cfg, "eval_samples", 1))
+    eval_rows = engine_rows(cfg, evals, samples) if evals else 0
+    kv_rows = max(rows, eval_rows)
     micro = cfg.micro_batch_size
     # --share-prefix, where it pays at these lengths: a micro-batch is `micro` groups, each one packed row of a
     # context and its G completions with a [T, T] bool block mask (rpt_train/packing.py)
@@ -282,8 +301,8 @@ def plan_memory(cfg, shapes: Shapes, *, world_size: int = 1, device_type: str = 
         "gradients": -(-policy // W),
         # the dynamic cache grows by torch.cat: one layer's keys and values exist twice for a moment; plus the
         # sampler's [rows, V] float32 buffers (logits, tempered, log-softmax, filtered, probabilities, copy)
-        "kv_cache": kv_cache_bytes(shapes.layers, shapes.kv_dim, rows, tokens, act) * (shapes.layers + 1) // shapes.layers
-        + 6 * rows * shapes.vocab * 4,
+        "kv_cache": kv_cache_bytes(shapes.layers, shapes.kv_dim, kv_rows, tokens, act) * (shapes.layers + 1)
+        // shapes.layers + 6 * kv_rows * shapes.vocab * 4,
         "activations": activation_bytes(shapes, micro, row_tokens, act, cfg.gradient_checkpointing, W == 1)
         + (micro * row_tokens ** 2 if shared else 0),
         "logprobs": logprob_bytes(shapes.vocab, micro * new * (cfg.group_size if shared else 1),
@@ -294,18 +313,23 @@ def plan_memory(cfg, shapes: Shapes, *, world_size: int = 1, device_type: str = 
     # (n=1 rows: the engine cuts them by --rollout-batch-size alone); FSDP ranks decoding through the sharded
     # model pad each chunk to the largest rank's rows (HFRollout lockstep)
     lockstep = W > 1 and not gather
-    second, rows2, tokens2 = overflow_cache(cfg, shapes, prompt, contexts, engine_rows(cfg, rows_per_rank, 1), act,
-                                            lockstep)
+    seconds = [overflow_cache(cfg, shapes, prompt, contexts, engine_rows(cfg, rows_per_rank, 1), act, lockstep)]
     extra["prefill"] = prefill_peak(cfg, shapes, prompt, contexts, act, lockstep)
+    if evals:  # an eval's first call prefills its positions once each; close's second call: its forced rows
+        seconds.append(overflow_cache(cfg, shapes, prompt, evals, engine_rows(cfg, evals * samples, 1), act, lockstep))
+        extra["prefill"] = max(extra["prefill"], prefill_peak(cfg, shapes, prompt, evals, act, lockstep, samples))
+    second = max(b for b, _, _ in seconds)
     held, copy = 0, 0  # --static-cache: the cache kept from the first generate call on, and its creation's extra
     if getattr(cfg, "static_cache", False):
         # preallocated for its rows x rounded length, finished rows kept; at its creation the call's dynamic cache
         # (the first call's prompts repeated G times, or the second call's rows) is copied into it
-        decoding, tokens_held = static_cache(rows, tokens, (rows2, tokens2))
+        # (the largest any call makes: training's or an eval's, which is kept through every later update)
+        kept = [static_cache(kv_rows, tokens, (r2, t2)) for _, r2, t2 in seconds]
+        decoding, tokens_held = max(k[0] for k in kept), max(k[1] for k in kept)
         held = kv_cache_bytes(shapes.layers, shapes.kv_dim, 1, tokens_held, act)
         terms["kv_cache"] = held + 6 * decoding * shapes.vocab * 4
-        copy = kv_cache_bytes(shapes.layers, shapes.kv_dim, 1, max(rows * prompt, tokens2 - rows2 * cfg.answer_room),
-                              act)
+        copy = kv_cache_bytes(shapes.layers, shapes.kv_dim, 1,
+                              max([kv_rows * prompt] + [t2 - r2 * cfg.answer_room for _, r2, t2 in seconds]), act)
         extra["static_cache"] = held
     elif second:
         extra["overflow_cache"] = second
@@ -323,7 +347,8 @@ def plan_memory(cfg, shapes: Shapes, *, world_size: int = 1, device_type: str = 
     scorer = held + extra.get("scorer", 0)  # through the sharded model block by block, no gathered copy
     total = (terms["weights"] + terms["optimizer"] + max(rollout, update, scorer) + extra.get("fsdp_gather", 0)
              + extra.get("autocast_weights", 0))
-    notes = [f"{shapes.params / 1e9:.3g}B parameters, {W} device(s), {rows} rollout rows x {tokens} tokens "
+    notes = [f"{shapes.params / 1e9:.3g}B parameters, {W} device(s), {rows} rollout rows"
+             f"{f' ({eval_rows} in an --eval-every call)' if eval_rows > rows else ''} x {tokens} tokens "
              f"(prompt {prompt} planned: {prompt_source}; + {new} new), micro-batch {micro}"
              f"{' groups (shared prefix)' if shared else ''}, float32 weights, "
              f"compute in {str(compute or precision.MASTER).removeprefix('torch.')}"]

@@ -303,6 +303,39 @@ def test_the_static_cache_is_planned_rounded_up_and_held_through_the_update(poli
     assert held == kv_cache_bytes(shapes.layers, shapes.kv_dim, kept["rows"], kept["length"], 4)
 
 
+
+@pytest.mark.parametrize("eval_samples", [1, 4])
+def test_the_static_cache_planned_is_the_largest_an_eval_every_call_keeps(policy, eval_samples):
+    """--static-cache with --eval-every: an in-run eval's calls go through the training engine, in chunks of
+    --rollout-batch-size // --eval-samples positions (evaluate.eval_chunks). With --rollout-batch-size 12 and G = 8
+    training decodes 8 rows a call, an eval 12 (12 positions x 1, or 3 x 4): the engine then keeps a 12-row cache
+    through every later update, and the plan holds that, not the training call's 8 rows."""
+    from rpt_train.evaluate import eval_chunks
+    from rpt_train.trainer import eval_config
+
+    cfg = TrainConfig(shards="x", batch_prompts=2, group_size=8, rollout_batch_size=12, max_new_tokens=3,
+                      micro_batch_size=1, static_cache=True, eval_every=1, eval_samples=eval_samples, device="cpu")
+    tok, model = policy.tokenizer, policy.model
+    engine = HFRollout(model, tok, [], batch_size=12, static_cache=True, packed_prefill=False)
+    engine.generate([[5] * 20] * 2, SamplingParams(n=8, max_new_tokens=3))  # a training step's call
+    assert engine._static["rows"] == 8
+    ecfg = eval_config(cfg)
+    _, chunk = eval_chunks(list(range(40)), ecfg)[0]  # the largest chunk of positions
+    engine.generate([[5] * 20] * len(chunk), SamplingParams(n=ecfg.samples, max_new_tokens=3))
+    engine.generate([[5] * 20] * len(chunk), SamplingParams(n=1, max_new_tokens=3, greedy=True))
+    kept, shapes = engine._static, Shapes.from_config(model.config)
+    assert (kept["rows"], kept["length"]) == (12, 256)
+    plan = plan_memory(cfg, shapes, device_type="cpu", prompt_tokens=20)
+    assert plan.extra["static_cache"] == kv_cache_bytes(shapes.layers, shapes.kv_dim, 12, 256, 4)
+    assert "(12 in an --eval-every call)" in plan.notes[0]
+    # the dynamic cache's term counts the eval call's rows too; without evals only training's 8
+    quiet = plan_memory(dataclasses.replace(cfg, eval_every=0), shapes, device_type="cpu", prompt_tokens=20)
+    assert quiet.extra["static_cache"] == kv_cache_bytes(shapes.layers, shapes.kv_dim, 8, 256, 4)
+    dynamic = [plan_memory(dataclasses.replace(cfg, static_cache=False, eval_every=e), shapes, device_type="cpu",
+                           prompt_tokens=20).terms["kv_cache"] for e in (0, 1)]
+    assert dynamic[1] * 8 == dynamic[0] * 12
+
+
 MEASURE_SCORER = r'''
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
