@@ -18,7 +18,6 @@ import torch
 from rpt_common.errors import UserError, is_disk_full
 from rpt_train import distributed
 from rpt_train.rundir import STATE, checkpoints_dir, latest_checkpoint, list_checkpoints  # noqa: F401 (re-exported)
-from rpt_train.rundir import saved_options
 
 
 def rng_state() -> dict:
@@ -126,6 +125,8 @@ def load_trainer_state(path: Path) -> dict:
         if missing or not isinstance(state["step"], int) or not isinstance(state.get("config", {}), dict):
             what = f"lacks {', '.join(missing)}" if missing else "has a 'step' or 'config' of another type"
             raise UserError(f"'{path / STATE}' is damaged: it {what}; {hint}")
+        from rpt_train.config import saved_options
+
         saved_options(path / STATE, state.get("config", {}), hint)  # each saved option of its type, or the key named
         return state
 

@@ -288,6 +288,25 @@ def saved_value(name: str, tp, value):
                          f"got {shown}") from None
 
 
+def saved_options(path: Path, data: dict, hint: str) -> dict:
+    """The `rpt-train run` options in `data` (read from `path`), each converted to its option's type (a value that is
+    not one is a UserError naming the file and the key). Keys that are no option of this version (from a newer or
+    older one) are ignored, not refused: a run directory outlives the code that wrote it; so is a null budget option
+    (RUN_GENERATION) that cannot be null, as rpt_train.config.inherit_prompt always read it: not recorded."""
+    types = field_types(TrainConfig)
+    out = {}
+    for key, value in data.items():
+        key = str(key).replace("-", "_")
+        if key in RUN_GENERATION and value is None and key != "think_budget_final":
+            continue
+        if key in types:
+            try:
+                out[key] = saved_value(key, types[key], value)
+            except ValueError as e:
+                raise UserError(f"'{path}' is damaged: {e}; {hint}") from None
+    return out
+
+
 def _norm(d: dict) -> dict:
     return {str(k).replace("-", "_"): v for k, v in d.items()}
 
@@ -347,7 +366,7 @@ def inherit_prompt(cfg, given: set[str], recipe_run: dict | None = None) -> None
     from rpt_train.rundir import _STEP_DIR, read_run_config, run_dir_of
 
     recipe_run = recipe_run or {}
-    saved = dict(read_run_config(cfg.model))
+    saved = dict(read_run_config(cfg.model, convert=saved_options))
     train_types = field_types(TrainConfig)
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in RUN_GENERATION}
     saved_run = {k: coerce(k, train_types[k], v) for k, v in saved.items()

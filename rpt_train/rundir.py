@@ -90,40 +90,19 @@ def read_saved(path: Path, hint: str, yaml_text: bool = False) -> dict:
     return data
 
 
-def saved_options(path: Path, data: dict, hint: str) -> dict:
-    """The `rpt-train run` options in `data` (read from `path`), each converted to its option's type (a value that is
-    not one is a UserError naming the file and the key). Keys that are no option of this version (from a newer or
-    older one) are ignored, not refused: a run directory outlives the code that wrote it; so is a null budget option
-    (RUN_GENERATION) that cannot be null, as rpt_train.config.inherit_prompt always read it: not recorded."""
-    from rpt_train.config import RUN_GENERATION, TrainConfig, field_types, saved_value
-
-    types = field_types(TrainConfig)
-    out = {}
-    for key, value in data.items():
-        key = str(key).replace("-", "_")
-        if key in RUN_GENERATION and value is None and key != "think_budget_final":
-            continue
-        if key in types:
-            try:
-                out[key] = saved_value(key, types[key], value)
-            except ValueError as e:
-                raise UserError(f"'{path}' is damaged: {e}; {hint}") from None
-    return out
-
-
 def _provenance_values(path: Path, record: dict) -> dict:
     """run.json's split keys checked (type and range), each failure one UserError naming the file and the key;
     other keys (schedule, heldout, ones of other versions) are not read here and so not checked."""
-    from rpt_train.config import saved_value
-
-    kinds = {"heldout_fraction": float, "split_seed": int, "split_block_windows": int, "shards": str | None}
+    kinds = {"heldout_fraction": ((int, float), "a number"), "split_seed": ((int,), "an integer"),
+             "split_block_windows": ((int,), "an integer"), "shards": ((str, type(None)), "a path or null")}
     out = dict(record)
-    for key, tp in kinds.items():
+    for key, (ok_types, what) in kinds.items():
         if key in record:
-            try:
-                out[key] = saved_value(key, tp, record[key])
-            except ValueError as e:
-                raise UserError(f"'{path}' is damaged: {e}; {SPLIT_HINT}") from None
+            v = record[key]
+            if isinstance(v, bool) or not isinstance(v, ok_types):
+                shown = repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "..."
+                raise UserError(f"'{path}' is damaged: '{key}' should be {what}, got {shown}; {SPLIT_HINT}")
+            out[key] = float(v) if key == "heldout_fraction" else v
     ok = {"heldout_fraction": lambda v: 0.0 <= v < 1.0, "split_block_windows": lambda v: v >= 0}
     for key, check in ok.items():
         if key in out and not check(out[key]):
@@ -150,20 +129,22 @@ def read_provenance(spec: str) -> dict | None:
         return None
     if not isinstance(config, dict):
         raise UserError(f"'{path}' is damaged: its 'config' is not a mapping of option names; {SPLIT_HINT}")
-    config = saved_options(path, config, SPLIT_HINT)
+    config = {str(k).replace("-", "_"): v for k, v in config.items()}  # the split keys are checked below
     if config.get("heldout_fraction") is None:
         return None
     return _provenance_values(path, {"heldout_fraction": config["heldout_fraction"],
                                      "split_seed": config.get("split_seed", 0), "shards": config.get("shards")})
 
 
-def read_run_config(spec: str) -> dict:
+def read_run_config(spec: str, convert=None) -> dict:
     """The options the run behind --model `spec` (run dir or checkpoint) was started with (its config.yaml), each
     converted to its option's type; {} when `spec` is no run or the run has none. A damaged config.yaml (truncated,
     binary, empty, no mapping, a value of another type) is one UserError naming it (and the key); keys that are no
-    option of this version (written by a newer or older one) are ignored."""
+    option of this version (written by a newer or older one) are ignored. `convert(path, data, hint)` types the
+    options (rpt_train.config.saved_options; passed in, so this module imports no config: no import cycle)."""
     run = run_dir_of(spec)
     path = run / "config.yaml" if run is not None else None
     if path is None or not path.exists():
         return {}
-    return saved_options(path, read_saved(path, PROMPT_HINT, yaml_text=True), PROMPT_HINT)
+    data = read_saved(path, PROMPT_HINT, yaml_text=True)
+    return convert(path, data, PROMPT_HINT) if convert is not None else data

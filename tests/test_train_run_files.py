@@ -80,8 +80,10 @@ def _damages(name):
     elif name == "trainer_state.json":
         good = {"step": 2, "config": to_dict(CFG)}
         out += [("truncated", json.dumps(good).encode()[:60], None), ("config list", b'{"config": [1]}', None)]
+        # only its split keys are read (a run from before run.json), so only they are checked: damage elsewhere
+        # in its config changes nothing read from it (as run.json's unread keys)
         out += [(f"{kind} {key}", json.dumps({**good, "config": {**to_dict(CFG), key: value}}).encode(), key)
-                for kind, (key, value) in WRONG.items()]
+                for kind, (key, value) in RECORD_WRONG.items() if key != "split_block_windows"]
     return out
 
 
