@@ -153,7 +153,9 @@ def build_report(spec) -> dict:
     verdict += multiplicity(spec, comparisons, factors)
     if missing:
         verdict += f" Interim: arm(s) {', '.join(missing)} not run yet."
+    arm_evals = {a: dict(spec.arms[a].eval) for a in records if a in spec.arms and spec.arms[a].eval}
     return {"name": spec.name, "title": spec.title, "spec": spec.path, "eval_design": spec.eval,
+            "arm_eval_overrides": arm_evals,
             "arms": arms, "compute": compute, "flops_formula": FLOPS_FORMULA, "comparisons": comparisons,
             "factors": factors,
             "verdict": verdict, "missing_arms": missing, "alpha": spec.alpha, "power": spec.power,
@@ -214,6 +216,10 @@ def markdown(res: dict, png: str) -> str:
              f"Spec `{res['spec']}`. Held-out positions: up to {design.get('limit', '?')} per bucket, "
              f"{design.get('samples', '?')} samples each, eval seed {design.get('seed', 0)}; 95% Wilson intervals in "
              "brackets.", ""]
+    for a, over in (res.get("arm_eval_overrides") or {}).items():  # comparisons with it mix two eval prompts
+        said = ", ".join(f"{k.replace('_', '-')} {v!r}" for k, v in over.items())
+        lines += [f"**`{a}` is evaluated with its own settings** ({said}): its comparisons with arms evaluated "
+                  "with the common design compare two eval prompts, not only two models.", ""]
     if res.get("warm_start"):
         w = res["warm_start"]
         lines += [f"Warm start (the start of every arm): SFT on {w['documents']} documents neither held out nor "

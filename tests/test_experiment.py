@@ -480,6 +480,22 @@ def test_arm_metrics_fall_back_to_the_copy_kept_in_git(tmp_path):
     assert report.arm_metrics(spec, "rpt")[0]["reward"] == 0.25  # this machine's run first
 
 
+def test_the_report_says_which_arms_are_evaluated_with_their_own_settings(tmp_path):
+    """An arm with eval: overrides (a thinking arm's template) is named in the report with its settings, since its
+    comparisons with the common design's arms mix two eval prompts; an arm without them is not."""
+    arms = {"a": {"kind": "rpt", "eval": {"template": "think", "think-budget": 16}}, "b": {"kind": "eval"}}
+    spec = experiment.load_spec(str(write_spec(tmp_path, "unused-shards", "demo", arms, comparisons=[("a", "b")])))
+    keys = [f"k{i}" for i in range(6)]
+    spec.arms_dir.mkdir(parents=True)
+    for name, outcomes in (("a", A), ("b", B)):
+        (spec.arms_dir / f"{name}.json").write_text(json.dumps(fake_record("rpt", outcomes, keys, DOCS)))
+    res = json.loads(report.write_report(spec).read_text())
+    assert res["arm_eval_overrides"] == {"a": {"template": "think", "think_budget": 16}}
+    md = (spec.arms_dir.parent / f"{spec.name}.md").read_text()
+    assert "**`a` is evaluated with its own settings** (template 'think', think-budget 16)" in md
+    assert "**`b` is evaluated" not in md
+
+
 def test_the_verdict_says_which_results_survive_bonferroni_over_all_its_tests(tmp_path):
     """Three tests (a - b, c - d, factor f): p = 0.068, 1 and 0.068 (the factor halves diff and SE alike). At alpha
     0.25 Bonferroni asks p < 0.25 / 3 = 0.0833: a - b and the factor pass, c - d does not; at 0.05 none does."""
