@@ -117,10 +117,11 @@ def test_the_14b_plan_on_8_gpus_counts_a_whole_group_below_the_group_size():
     assert "8 rollout rows" in small.notes[0]
 
 
-MEASURE = r'''
+# the measuring subprocesses' common start: per (hidden, prompts, prompt tokens), a tiny Llama and its rows
+MEASURE_PRELUDE = r'''
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
-from plan_measure import cpu_peak, llama, measure_rollout, model_on
+from plan_measure import cpu_peak, llama, measure_rollout, measure_scorer, model_on
 from rpt_train.config import TrainConfig
 from tiny import make_tokenizer
 torch.set_num_threads(1)
@@ -128,6 +129,9 @@ tok, out = make_tokenizer(), []
 for H, prompts, P in json.loads(sys.argv[2]):
     config = llama(len(tok), H, 2 * H)
     rows = [[5] * (P - 1)] + [[5] * P] * (prompts - 1)  # one row shorter: a padding mask
+'''
+
+MEASURE = MEASURE_PRELUDE + r'''
     cfg = TrainConfig(shards="x", batch_prompts=prompts, group_size=2, max_new_tokens=2, device="cpu")
     # one padded batch, as on CUDA
     out.append(measure_rollout(model_on(config, "cpu", train=False), tok, config, cfg, rows, cpu_peak, False))
@@ -336,17 +340,7 @@ def test_the_static_cache_planned_is_the_largest_an_eval_every_call_keeps(policy
     assert dynamic[1] * 8 == dynamic[0] * 12
 
 
-MEASURE_SCORER = r'''
-import json, sys, torch
-sys.path.insert(0, sys.argv[1])
-from plan_measure import cpu_peak, llama, measure_scorer, model_on
-from rpt_train.config import TrainConfig
-from tiny import make_tokenizer
-torch.set_num_threads(1)
-tok, out = make_tokenizer(), []
-for H, prompts, P in json.loads(sys.argv[2]):
-    config = llama(len(tok), H, 2 * H)
-    rows = [[5] * (P - 1)] + [[5] * P] * (prompts - 1)  # one row shorter: a padding mask
+MEASURE_SCORER = MEASURE_PRELUDE + r'''
     cfg = TrainConfig(shards="x", batch_prompts=prompts, group_size=2, rollout_batch_size=prompts, max_new_tokens=2,
                       sampler="learnability", sampler_pool=1, device="cpu")
     out.append(measure_scorer(model_on(config, "cpu", train=False), tok, config, cfg, rows, cpu_peak))
