@@ -46,35 +46,43 @@ def sft_train(cfg: TrainConfig, batches, label_tokens: int = 1, max_tokens: int 
     """Supervised cross-entropy (token mean over the step's targets) on the first `label_tokens` label tokens in the
     answer format, then EOS, of the contexts `batches(data, step)` gives at step 1..cfg.steps. Writes OUT/metrics.jsonl
     (per step: loss, lr, grad_norm, target_tokens, forward_tokens = backward_tokens = every token of every row,
-    seconds), checkpoints every --save-every steps and at the end, and OUT/model. Resumes from OUT's latest checkpoint.
+    seconds), checkpoints every --save-every steps and at the end, and OUT/model. Resumes from OUT's latest checkpoint
+    under `rpt-train run --resume`'s rule: other options than the checkpoint's (runtime-only ones such as --steps
+    within the lr schedule's horizon, --save-every, --device aside) are refused, for a finished OUT (sft.json) too.
     `max_tokens`: stop before the first step whose tokens would bring the total past it. Returns the totals."""
     from rpt_train.checkpoint import latest_checkpoint, load_trainer_state, restore_rng, save_checkpoint
     from rpt_train.metrics import MetricsLogger
     from rpt_train.policy import load_policy
     from rpt_train.precision import autocast
-    from rpt_train.samples import TrainSamples
+    from rpt_train.samples import ShardSet, TrainSamples, resolve_shard_defaults
     from rpt_train.templates import PromptBuilder
-    from rpt_train.trainer import disable_dropout, lr_factor, seed_everything
+    from rpt_train.trainer import (check_resumed_options, disable_dropout, lr_factor, schedule_horizon,
+                                   seed_everything)
 
     if cfg.answer_format != "boxed":
         raise UserError("the sft arm writes \\boxed{} answers; use --answer-format boxed")
     out = Path(cfg.out)
+    shards = ShardSet(cfg.shards)
+    resolve_shard_defaults(cfg, shards)  # as the run saved them: the shards' metric, buckets and split blocks
+    ckpt = latest_checkpoint(out)
+    state = load_trainer_state(ckpt) if ckpt else None
+    if state is not None:  # a resume, or a finished OUT asked again: with the options it ran with
+        check_resumed_options(state, cfg, out)
+    horizon = schedule_horizon(cfg, state, out)
     if (out / "model" / "config.json").exists() and (out / "sft.json").exists():
         return json.loads((out / "sft.json").read_text())  # finished
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = latest_checkpoint(out)
-    state = load_trainer_state(ckpt) if ckpt else None
     seed_everything(cfg.seed)
     # float32 masters; --dtype is the compute dtype only
     policy = load_policy(str(ckpt) if ckpt else cfg.model, cfg.device, "float32")
     model, tok = policy.model, policy.tokenizer
     disable_dropout(model)
     device = next(model.parameters()).device
-    data = TrainSamples(cfg, tok)
+    data = TrainSamples(cfg, tok, shards=shards)
     prompts = PromptBuilder(tok, cfg.template, cfg.chat_template, cfg.response_prefix)
     eos = tok.eos_token_id
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, horizon))
     totals = {"steps": 0, "contexts": 0, "target_tokens": 0, "trained_tokens": 0, "label_tokens": label_tokens,
               "budget_tokens": max_tokens}
     start = 0
@@ -131,7 +139,8 @@ def sft_train(cfg: TrainConfig, batches, label_tokens: int = 1, max_tokens: int 
         if step % cfg.save_every == 0 or step == cfg.steps:
             save_checkpoint(out, step, model, tok, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                                                     "sampler": data.state_dict(), "totals": totals,
-                                                    "config": to_dict(cfg)}, keep=cfg.keep_checkpoints)
+                                                    "config": to_dict(cfg), "horizon": horizon},
+                            keep=cfg.keep_checkpoints)
     logger.close()
     model.save_pretrained(out / "model")
     tok.save_pretrained(out / "model")

@@ -132,8 +132,7 @@ def _train(cfg: TrainConfig, device: str, reward_fns, engine: RolloutEngine | No
     seed_everything(distributed.rank_seed(cfg.seed))
     state = load_trainer_state(ckpt) if ckpt else None  # read by rank 0, the optimizer state kept there only
     if state is not None:
-        check_options({**OBJECTIVE_DEFAULTS, "split_block_windows": 0, **state.get("config", {})}, to_dict(cfg),
-                      out)  # older runs: split by document, no issue-34 objective options
+        check_resumed_options(state, cfg, out)
     horizon = schedule_horizon(cfg, state, out)
     base = check_base_model(cfg, state, out)
     check_memory(cfg, str(pick_device(device)), quiet)
@@ -290,6 +289,12 @@ def check_bad_step(cfg: TrainConfig, step: int, reason: str, in_a_row: int, out:
     where = f"the last good checkpoint is '{last}'" if last else "no checkpoint was saved yet"
     raise UserError(f"step {step}: {reason}; stopped ({why}) and {where}: lower --lr or check the data, "
                     "then rerun with --resume")
+
+
+def check_resumed_options(state: dict, cfg: TrainConfig, out: Path) -> None:
+    """check_options of `cfg` against the options the checkpoint `state` saved (rpt-train run and the sft arm)."""
+    check_options({**OBJECTIVE_DEFAULTS, "split_block_windows": 0, **state.get("config", {})}, to_dict(cfg),
+                  out)  # older runs: split by document, no issue-34 objective options
 
 
 def check_options(saved: dict, now: dict, out: Path) -> None:
