@@ -363,7 +363,7 @@ def inherit_prompt(cfg, given: set[str], recipe_run: dict | None = None) -> None
     from pathlib import Path
 
     from rpt_train.budget import eval_generation, eval_rule, new_tokens, think_budget
-    from rpt_train.rundir import _STEP_DIR, read_run_config, run_dir_of
+    from rpt_train.rundir import _STEP_DIR, list_checkpoints, read_run_config, run_dir_of
 
     recipe_run = recipe_run or {}
     saved = dict(read_run_config(cfg.model, convert=saved_options))
@@ -393,13 +393,23 @@ def inherit_prompt(cfg, given: set[str], recipe_run: dict | None = None) -> None
             "section or on the command line to change it)")
     run_dir = run_dir_of(cfg.model) if saved else None
     step = _STEP_DIR.match(Path(cfg.model).name) if run_dir is not None else None
-    if step and Path(cfg.model).parent.name == "checkpoints" and schedule.think_budget > 0:
+    checkpoint = bool(step) and Path(cfg.model).parent.name == "checkpoints"
+    # the run directory itself: its latest checkpoint's weights, which may be from before the run's last step
+    latest = list_checkpoints(run_dir)[-1:] if run_dir is not None and not checkpoint else []
+    if (checkpoint or latest) and schedule.think_budget > 0:
         option = "think_budget" if cfg.think_overflow == "close" else "max_new_tokens"
-        if option not in given:
-            at = (think_budget if option == "think_budget" else new_tokens)(schedule, int(step.group(1)))
+        budget_at = think_budget if option == "think_budget" else new_tokens
+        flag = "--" + option.replace("_", "-")
+        if option not in given and checkpoint:
+            at = budget_at(schedule, int(step.group(1)))
             said.append(f"a checkpoint is evaluated at the run's last-step budget, as its in-run evals are "
-                        f"({step.group(0)} trained at --{option.replace('_', '-')} {at}: pass "
-                        f"--{option.replace('_', '-')} {at} to evaluate at that)")
+                        f"({step.group(0)} trained at {flag} {at}: pass {flag} {at} to evaluate at that)")
+        elif option not in given and latest[0][0] < int(schedule.steps):  # stopped before its last step
+            at = budget_at(schedule, latest[0][0])
+            if at != budget_at(schedule, max(1, int(schedule.steps))):
+                said.append(f"the run stopped at {latest[0][1].name} of its {schedule.steps} steps, and its weights "
+                            f"there are evaluated at the budget of its last step ({latest[0][1].name} trained at "
+                            f"{flag} {at}: pass {flag} {at} to evaluate at that)")
     if said and int(os.environ.get("RANK", "0")) == 0:  # under torchrun: once
         source = (f"the run '{run_dir}' did at its last step" if saved else "the recipe's run options give at "
                   "their last step" if recipe_run else "the budget gives (--think-budget + --answer-room)")

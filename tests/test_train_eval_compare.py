@@ -197,6 +197,34 @@ def test_eval_of_a_checkpoint_says_it_takes_the_runs_last_budget(train_shards, t
     assert "a checkpoint" not in capsys.readouterr().err
 
 
+def test_eval_of_an_unfinished_run_names_the_budget_its_latest_checkpoint_trained_at(train_shards, tmp_path, capsys):
+    """`eval --model RUN` of a run stopped mid-decay (latest checkpoint step-3 of 20) evaluates those weights at the
+    run's last-step budget, as a checkpoint path does, and says so with the budget step 3 trained at; a finished run
+    (or one stopped after the decay ended: the same budget) gets no such note."""
+    run = tmp_path / "run"
+    saved = {"template": "think", "think_overflow": "close", "answer_room": 8, "think_budget": 64,
+             "think_budget_final": 16, "think_decay_steps": 10, "steps": 20}
+    (run / "config.yaml").parent.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    args = {"shards": str(train_shards), "model": str(run)}
+    for step in (3, 15, 20):
+        (run / "checkpoints" / f"step-{step:06d}").mkdir(parents=True)
+        (run / "checkpoints" / f"step-{step:06d}" / "trainer_state.pt").write_bytes(b"")  # complete (the latest)
+        assert load_config(EvalConfig, None, args).think_budget == 16  # the budget used does not change
+        err = capsys.readouterr().err
+        assert f"the run '{run}' did at its last step" in err
+        assert ("the run stopped at step-000003 of its 20 steps" in err and "(step-000003 trained at --think-budget "
+                "54: pass --think-budget 54 to evaluate at that)" in err) == (step == 3), (step, err)
+        if step == 3:
+            (run / "config.yaml").write_text(yaml.safe_dump({**saved, "think_overflow": "fail"}))
+            assert load_config(EvalConfig, None, args).max_new_tokens == 16 + 8
+            assert "step-000003 trained at --max-new-tokens 62: pass --max-new-tokens 62" in capsys.readouterr().err
+            load_config(EvalConfig, None, {**args, "max_new_tokens": 62})
+            assert "stopped at" not in capsys.readouterr().err  # given: nothing to point at
+            (run / "config.yaml").write_text(yaml.safe_dump(saved))
+        assert "a checkpoint is evaluated" not in err
+
+
 def test_the_budget_schedule_reaches_its_final_budget_once_the_decay_is_over():
     """--think-decay-steps S: step 1 is --think-budget, step S + 1 (the first after S decaying steps) exactly
     --think-budget-final, linear (rounded) between: a 1000-step run decaying 4096 -> 256 over 1000 steps ends at
