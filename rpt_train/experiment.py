@@ -9,6 +9,7 @@ registry (`register_arm_kind`): `eval`, `rpt`, `shuffled`, `sft`; a later kind p
 The spec format: docs/experiments.md."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -23,7 +24,8 @@ import torch
 
 from rpt_common.errors import UserError
 from rpt_common.recipe import read_yaml
-from rpt_train.config import EvalConfig, TrainConfig, field_types, load_config, to_dict
+from rpt_train.config import (EVAL_GENERATION, PROMPT_OPTIONS, RUN_OPTIONS, SAMPLING_OPTIONS, EvalConfig,
+                               TrainConfig, field_types, load_config, to_dict)
 from rpt_train.metrics import machine
 
 SPEC_KEYS = {"name", "title", "recipe", "base", "warm", "eval", "arms", "comparisons", "metrics", "out", "results",
@@ -33,6 +35,22 @@ ARM_KEYS = {"kind", "match_flops", "contexts_of", "label_tokens", "model", "desc
 WARM = {"fraction": 0.2, "steps": 40, "batch": 16, "lr": 1e-5}  # a spec's `warm:` overrides these
 METRICS = ("ntr_accuracy", "ntr_greedy_accuracy", "ntr_pass_at_k", "ntp_accuracy")
 MATCHED_STEPS = 10**6  # a FLOP-matched arm stops at its budget; this only caps the step loop
+# training options that change what an arm's prompt or completions look like (an eval of its run would take them)
+TRAINED_PROMPT = PROMPT_OPTIONS + SAMPLING_OPTIONS + EVAL_GENERATION + ("think_budget_final", "think_decay_steps")
+_NOTED: set[str] = set()  # notes said in this process (the CLI loads a spec twice)
+
+
+def single_process() -> None:
+    """`rpt-train experiment` runs its arms one after another in one process; under torchrun every rank would run
+    the warm start and every arm and write the same files."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("rpt-train experiment runs its arms one after another in one process, one device each; "
+                        f"under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}) every rank would run the warm start "
+                        "and every arm and write the same files. Run it without torchrun. To use several GPUs, run "
+                        "the warm start once (`rpt-train experiment SPEC before`, or any one arm), then other arms "
+                        "in separate processes, one per GPU (`CUDA_VISIBLE_DEVICES=1 rpt-train experiment SPEC "
+                        "ARM`; an arm with contexts_of / match_flops after the arm it names), and write the report "
+                        "with `rpt-train experiment SPEC --report-only` (docs/experiments.md)")
 
 
 # ---- the spec -----------------------------------------------------------------------------------------------------
@@ -187,7 +205,33 @@ def load_spec(path: str) -> Spec:
         Experiment(spec).train_config(arm, check_only=True)
         Experiment(spec).eval_config("demo", arm)
     Experiment(spec).eval_config("demo")
+    note_own_prompts(spec)
     return spec
+
+
+def note_own_prompts(spec: Spec) -> None:
+    """One stderr note naming the training arms whose options change the prompt or the completions (template,
+    think budget, temperature, ...) from base: but that have no eval: section: they are evaluated with the common
+    design, as every arm is (Experiment.eval_config), not as they trained."""
+    import sys
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in TRAINED_PROMPT}
+    said = []
+    for arm in spec.arms.values():
+        if arm.eval or not ARM_KINDS[arm.kind].trains:
+            continue
+        own = {k: v for k, v in arm.options.items() if k in TRAINED_PROMPT and v != spec.train.get(k, defaults[k])}
+        if own:
+            common = Experiment(spec).eval_config("demo", arm)
+            said.append(f"arm '{arm.name}' trains with " + ", ".join(
+                f"--{k.replace('_', '-')} {v!r}" + (f" (eval: {getattr(common, k)!r})" if hasattr(common, k) else "")
+                for k, v in own.items()))
+    text = (f"note: spec '{spec.path}': {'; '.join(said)}; without an eval: section such an arm is evaluated with the "
+            "spec's common design (base: and eval:), like every other arm, not as it trained; give it an eval: "
+            "section to evaluate it as it trained (the report names that section)")
+    if said and text not in _NOTED:
+        _NOTED.add(text)
+        print(text, file=sys.stderr)
 
 
 def position_options(arm: Arm) -> dict:
@@ -356,9 +400,16 @@ class Experiment:
         return load_config(TrainConfig, None, options)
 
     def eval_config(self, model: str, arm: Arm | None = None) -> EvalConfig:
+        """The held-out eval of `model`: the spec's design (base: and eval:) and the arm's own eval: section, nothing
+        else. `rpt-train eval` of a run directory takes the prompt, sampling and generation options (RUN_OPTIONS) it
+        is not given from the run's config.yaml (rpt_train.config.inherit_prompt); here each is given: the value the
+        design gives a model that is no run. So an arm that trains with its own template, temperature or think
+        budget is evaluated as every other arm unless its eval: section says otherwise (the report names those)."""
         design = {k: v for k, v in self.spec.eval.items() if k in field_types(EvalConfig)}
         design |= arm.eval if arm is not None else {}
-        return load_config(EvalConfig, None, {"split": "heldout", **design, "model": model, "out": ""})
+        common = load_config(EvalConfig, None, {**design, "split": "all", "model": "demo", "out": ""})
+        pinned = {k: getattr(common, k) for k in RUN_OPTIONS}
+        return load_config(EvalConfig, None, {"split": "heldout", **design, **pinned, "model": model, "out": ""})
 
     def params(self, model: str) -> int:
         if model not in self._params:
@@ -552,6 +603,7 @@ def run_experiment(spec_path: str, arms: list[str] | None = None, *, report_only
     """Run the asked arms (all by default) that are not finished, then write the report; returns its JSON path."""
     from rpt_train.report import write_report
 
+    single_process()
     spec = load_spec(spec_path)
     exp = Experiment(spec)
     levers, arms = stages(spec, arms)

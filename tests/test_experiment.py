@@ -537,3 +537,123 @@ def test_a_factor_is_the_mean_of_its_simple_effects_on_a_fixed_table(tmp_path):
         raw["factors"] = {"g": [["a", "zz"]]}
         path.write_text(yaml.safe_dump(raw, sort_keys=False))
         experiment.load_spec(str(path))
+
+
+# ---- every arm's eval is the common design (+ its own eval: section) -------------------------------------------------
+
+def fake_run(exp, arm) -> str:
+    """The arm's run directory as train() leaves it for the eval: config.yaml (the arm's train config), run.json."""
+    from rpt_train.config import to_dict
+
+    cfg = exp.train_config(arm, check_only=True)
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    (run / "run.json").write_text("{}")
+    return cfg.out
+
+
+def eval_of(exp, model, arm=None) -> dict:
+    from rpt_train.config import to_dict
+
+    return {k: v for k, v in to_dict(exp.eval_config(model, arm)).items() if k != "model"}
+
+
+THINKER = {"kind": "rpt", "template": "think", "response-prefix": "", "think-budget": 8, "think-overflow": "close",
+           "sampler": "uniform"}
+
+
+def test_an_arm_is_evaluated_with_the_common_design_not_its_training_prompt(tmp_path):
+    """An arm that trains with its own temperature or think template/budget/close and has no eval: section is
+    evaluated exactly as `before` (its run's config.yaml is not inherited: RUN_OPTIONS are pinned to the design's),
+    with or without a base template; its eval: section is the only difference, key for key; `rpt-train eval` of
+    the same run directory still evaluates as the run did (that rule stays)."""
+    from rpt_train.config import EvalConfig, load_config
+
+    own = {"template": "think", "response_prefix": "", "think_overflow": "close", "think_budget": 16,
+           "answer_room": 16}
+    arms = {"before": {"kind": "eval"}, "hot": {"kind": "rpt", "temperature": 1.0}, "close": THINKER,
+            "own": {**THINKER, "eval": {k.replace("_", "-"): v for k, v in own.items()}}}
+    for drop_template in (False, True):
+        tmp = tmp_path / str(drop_template)
+        path = write_spec(tmp, "unused-shards", "demo", arms)
+        if drop_template:  # the template and response prefix are then EvalConfig's defaults for `before`
+            raw = yaml.safe_load(path.read_text())
+            del raw["base"]["template"], raw["base"]["response-prefix"]
+            path.write_text(yaml.safe_dump(raw))
+        spec = experiment.load_spec(str(path))
+        exp = experiment.Experiment(spec)
+        common = eval_of(exp, exp.start_model(), spec.arms["before"])
+        for name in ("hot", "close"):
+            assert eval_of(exp, fake_run(exp, spec.arms[name]), spec.arms[name]) == common, name
+        mine = eval_of(exp, fake_run(exp, spec.arms["own"]), spec.arms["own"])
+        assert {k for k in common if mine[k] != common[k]} == {k for k in own if own[k] != common[k]}
+        assert {k: mine[k] for k in own} == own
+        # plain `rpt-train eval --model RUN` keeps taking the run's prompt and sampling
+        plain = load_config(EvalConfig, None, {"shards": "unused-shards", "model": str(exp.root / "hot" / "train")})
+        assert plain.temperature == 1.0
+        plain = load_config(EvalConfig, None, {"shards": "unused-shards", "model": str(exp.root / "close" / "train")})
+        assert (plain.template, plain.think_overflow, plain.think_budget) == ("think", "close", 8)
+
+
+def test_an_arm_that_trains_its_own_prompt_without_an_eval_section_is_noted_at_load(tmp_path, capsys):
+    """A close-trained thinking arm without an eval: section loads, is named once on stderr with its keys (the eval
+    is the common answer-only design) and its eval after training is accepted (it was refused after training); an
+    arm with an eval: section, one whose options leave the prompt alone, and a non-training arm are not named."""
+    arms = {"before": {"kind": "eval", "temperature": 2.0}, "think": THINKER, "lr": {"kind": "rpt", "lr": 1e-2},
+            "hot": {"kind": "rpt", "temperature": 1.0, "eval": {"temperature": 1.0}}}
+    spec = experiment.load_spec(str(write_spec(tmp_path, "unused-shards", "demo", arms)))
+    err = capsys.readouterr().err
+    notes = [x for x in err.splitlines() if "arm '" in x]
+    assert len(notes) == 1 and notes[0].startswith(f"note: spec '{spec.path}': arm 'think' trains with ")
+    for said in ("--template 'think' (eval: 'answer-only')", "--response-prefix ''", "--think-budget 8 (eval: 0)",
+                 "--think-overflow 'close' (eval: 'fail')", "evaluated with the spec's common design",
+                 "give it an eval: section"):
+        assert said in notes[0], said
+    assert "'hot'" not in notes[0] and "'lr'" not in notes[0] and "'before'" not in notes[0]
+    exp = experiment.Experiment(spec)
+    cfg = exp.eval_config(fake_run(exp, spec.arms["think"]), spec.arms["think"])
+    assert (cfg.template, cfg.think_overflow, cfg.think_budget) == ("answer-only", "fail", 0)
+    experiment.load_spec(spec.path)  # the CLI loads a spec twice: the note is said once
+    assert "arm 'think'" not in capsys.readouterr().err
+
+
+def test_the_committed_specs_evaluate_every_arm_with_the_common_design():
+    """Every arm of pipelines/experiments/*.yaml, its run directory as training leaves it: the eval equals the one of
+    a model that is no run (the design plus the arm's own eval: section); only rlp is noted (trains thoughts,
+    evaluated answer-only on purpose)."""
+    import tempfile
+
+    for path in sorted((REPO / "pipelines" / "experiments").glob("*.yaml")):
+        spec = experiment.load_spec(str(path))
+        spec.out = tempfile.mkdtemp(prefix="rpt-spec-")
+        exp = experiment.Experiment(spec)
+        for name, arm in spec.arms.items():
+            if arm.kind in ("rpt", "shuffled"):
+                assert eval_of(exp, fake_run(exp, arm), arm) == eval_of(exp, "demo", arm), (path.name, name)
+        shutil.rmtree(spec.out, ignore_errors=True)
+
+
+def test_the_objectives_spec_notes_only_rlp(capsys):
+    experiment._NOTED.clear()
+    experiment.load_spec(str(REPO / "pipelines" / "experiments" / "smollm2-champ-objectives.yaml"))
+    notes = [x for x in capsys.readouterr().err.splitlines() if x.startswith("note: spec")]
+    assert len(notes) == 1 and "arm 'rlp' trains with --think-budget 32 (eval: 0);" in notes[0]
+    assert "rpt-think" not in notes[0]
+
+
+def test_an_experiment_under_torchrun_is_refused_at_once(tmp_path, monkeypatch):
+    """Arms run in one process: under torchrun every rank would run the warm start and the arms and write the same
+    files. Refused before the spec loads (a spec that does not exist), saying how to use several GPUs instead."""
+    from click.testing import CliRunner
+
+    from rpt_train.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="torchrun.*CUDA_VISIBLE_DEVICES=1 rpt-train experiment SPEC ARM"):
+        experiment.run_experiment(str(tmp_path / "missing.yaml"))
+    out = CliRunner().invoke(main, ["experiment", str(tmp_path / "missing.yaml")])
+    assert out.exit_code != 0 and "WORLD_SIZE=2" in out.output and "--report-only" in out.output
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(UserError, match="missing.yaml"):  # one process: the spec is read
+        experiment.run_experiment(str(tmp_path / "missing.yaml"))
