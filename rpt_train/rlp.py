@@ -17,7 +17,8 @@ encoding of the text `context<think>thought</think>` (the rollout prompt is that
 tokenizer reads spaces between the pieces; the thought is its decoded text re-encoded (a sampled non-canonical
 tokenization is scored as its canonical one), cut at its first `</think>`. Only the thought is trained: the
 completion is masked after its first `</think>` (`thought_rows`; `</think>` itself is trained, closing the
-thought is the policy's act). The EMA baseline is one forward per context, not per thought."""
+thought is the policy's act). The EMA baseline is one forward per position
+(context and true continuation), not per thought."""
 from __future__ import annotations
 
 import torch
@@ -144,19 +145,23 @@ class InfoGainReward:
         return torch.cat(out) if out else torch.zeros(0)
 
     def __call__(self, items: list[RewardInput]) -> list[float]:
-        split = {it.context: split_ids(self.tokenizer, it.context, "".join(it.label_tokens), self.k) for it in items}
+        # Per-position data keyed by (context, true continuation): everything scored depends on exactly that pair,
+        # so two groups with the same context text but different continuations are each scored against their own,
+        # and two equal positions share one baseline (their scores are equal, as they should be).
+        keys = [(it.context, "".join(it.label_tokens)) for it in items]
+        split = {key: split_ids(self.tokenizer, key[0], key[1], self.k) for key in keys}
         self.skipped += sum(v is None for v in split.values())  # positions whose continuation cannot be scored
-        contexts = [c for c, v in split.items() if v is not None]  # one EMA baseline per context
-        ctx_ids, labels = {c: split[c][0] for c in contexts}, {c: split[c][1] for c in contexts}
-        scored = [it for it in items if split[it.context] is not None]
-        conditions = [condition_ids(self.tokenizer, it.context, thought_of(it.completion)) for it in scored]
-        with_thought = self._scores(self.policy, conditions, [labels[it.context] for it in scored])
-        baseline = self._scores(self.ema, [ctx_ids[c] for c in contexts], [labels[c] for c in contexts])
-        base = dict(zip(contexts, baseline.tolist()))
-        ema_tokens = sum(len(ctx_ids[c]) + len(labels[c]) for c in contexts)
+        positions = [key for key, v in split.items() if v is not None]  # one EMA baseline per position
+        ctx_ids, labels = {key: split[key][0] for key in positions}, {key: split[key][1] for key in positions}
+        scored = [(key, it) for key, it in zip(keys, items) if split[key] is not None]
+        conditions = [condition_ids(self.tokenizer, it.context, thought_of(it.completion)) for _, it in scored]
+        with_thought = self._scores(self.policy, conditions, [labels[key] for key, _ in scored])
+        baseline = self._scores(self.ema, [ctx_ids[key] for key in positions], [labels[key] for key in positions])
+        base = dict(zip(positions, baseline.tolist()))
+        ema_tokens = sum(len(ctx_ids[key]) + len(labels[key]) for key in positions)
         self.ema_tokens += ema_tokens
-        self.tokens += sum(len(c) + len(labels[it.context]) for c, it in zip(conditions, scored)) + ema_tokens
-        gains = iter([float(w) - base[it.context] for w, it in zip(with_thought.tolist(), scored)])
-        rewards = [next(gains) if split[it.context] is not None else 0.0 for it in items]  # skipped: no signal
-        self.gains += [r for r, it in zip(rewards, items) if split[it.context] is not None]
+        self.tokens += sum(len(c) + len(labels[key]) for c, (key, _) in zip(conditions, scored)) + ema_tokens
+        gains = iter([float(w) - base[key] for w, (key, _) in zip(with_thought.tolist(), scored)])
+        rewards = [next(gains) if split[key] is not None else 0.0 for key in keys]  # skipped: no signal
+        self.gains += [r for r, key in zip(rewards, keys) if split[key] is not None]
         return rewards

@@ -440,6 +440,27 @@ def test_rlp_reward_over_tokenizer_kinds_scores_the_continuation_after_one_encod
     assert len(fn.gains) == len(items) - 2 * skipped
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_rlp_groups_with_the_same_context_are_each_scored_against_their_own_continuation(kind):
+    """Two groups in one call with the same context text but different true continuations (duplicated boilerplate,
+    contexts cut to the same last tokens) get the rewards each gets alone; a third group equal to the first in
+    context and continuation gets the first's rewards (one shared baseline, equal scores)."""
+    from data_helpers import make_tokenizer_of
+
+    tok = make_tokenizer_of(kind)
+    policy, ema = tiny_lm(len(tok), 0), tiny_lm(len(tok), 1)
+    thoughts = (" maybe", " a dog")
+    a, b = ([RewardInput(completion=c, answer=None, label_tokens=lab, context="the quick brown") for c in thoughts]
+            for lab in ([" fox", " jumps"], [" dog", " sleeps"]))
+    alone = [InfoGainReward(policy, ema, tok, tokens=2)(g) for g in (a, b)]
+    fn = InfoGainReward(policy, ema, tok, tokens=2, batch_size=3)
+    together = fn(a + b + a)
+    assert alone[0] != alone[1]  # the continuations differ in what they score
+    for got, want in zip((together[:2], together[2:4], together[4:]), (alone[0], alone[1], alone[0])):
+        assert got == pytest.approx(want, abs=1e-5)
+    assert fn.skipped == 0 and len(fn.gains) == 6
+
+
 def close_tokenizer(tiny_tok, special: bool):
     """tiny_llama's tokenizer with `<think>`/`</think>` as special added tokens (skip_special_tokens drops them),
     or unchanged (`</think>` several plain tokens)."""
