@@ -342,12 +342,14 @@ def context_tail(tokenizer, context: str, max_tokens: int) -> str:
 
 class SampleBuilder:
     """Turns candidate indices into Samples for one policy tokenizer (None for unusable positions, counted in
-    `skipped`; `unexpressible` counts those whose label no answer can express). `held_out(row)`, given for the
+    `skipped`; `unexpressible` counts those whose label no answer can express; `answer_format` None: the labels
+    are the true next tokens, uncut, as --objective rlp scores them, none unexpressible). `held_out(row)`, given for the
     training side of a split: a position whose labels run into the text of a held-out window (the next window of
     its stream) is unusable too, counted in `crossing`: training never rewards held-out text."""
 
     def __init__(self, shards: ShardSet, cands: Candidates, tokenizer, *, labels_length: int,
-                 max_context_tokens: int, thresholds: list[float], answer_format: str = "boxed", held_out=None):
+                 max_context_tokens: int, thresholds: list[float], answer_format: str | None = "boxed",
+                 held_out=None):
         self.shards, self.cands, self.tokenizer = shards, cands, tokenizer
         self.labels_length, self.max_context_tokens, self.thresholds = labels_length, max_context_tokens, thresholds
         self.answer_format, self.held_out = answer_format, held_out
@@ -421,7 +423,7 @@ class SampleBuilder:
         if not labels or not context:
             self.skipped += 1
             return None
-        labels = answerable(labels, self.answer_format)
+        labels = answerable(labels, self.answer_format) if self.answer_format is not None else labels
         if not labels:  # e.g. a continuation "{x": no boundary prefix has balanced braces
             self.skipped += 1
             self.unexpressible += 1
@@ -544,11 +546,13 @@ class TrainSamples:
 
     def builder(self, cands: Candidates) -> SampleBuilder:
         """A SampleBuilder over `cands` with this run's tokenizer, labels, context cut and answer format; over the
-        training table, one that drops a position whose labels run into a held-out window."""
+        training table, one that drops a position whose labels run into a held-out window. Under --objective rlp
+        the labels are not cut to what an answer can express: rlp writes no answer, its reward scores the true next
+        tokens (a continuation starting with '}' included)."""
         c = self.cfg
         return SampleBuilder(self.shards, cands, self.tokenizer, labels_length=c.labels_length,
                              max_context_tokens=c.max_context_tokens, thresholds=c.bucket_thresholds,
-                             answer_format=c.answer_format,
+                             answer_format=None if getattr(c, "objective", "rpt") == "rlp" else c.answer_format,
                              held_out=self.held_out_row if cands is self.cands and c.heldout_fraction > 0 else None)
 
     def held_out_row(self, row: dict) -> bool:

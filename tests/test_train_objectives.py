@@ -461,6 +461,44 @@ def test_rlp_groups_with_the_same_context_are_each_scored_against_their_own_cont
     assert fn.skipped == 0 and len(fn.gains) == 6
 
 
+BRACE_CUTS = [("f = x", "} + {y} and more words here"), ("let a = b", " } c d e f g h"),
+              ("let a = b", " c } d e f g h")]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rlp_labels_are_the_true_next_tokens_uncut_where_rpt_cuts_them_to_an_answer(kind, train_shards):
+    """--objective rlp writes no answer: a position whose continuation starts with (or soon has) an unbalanced '}'
+    keeps its --labels-length true next tokens and the reward scores --rlp-tokens of them; under rpt the same
+    labels are still cut to the longest prefix a \\boxed{} answer can express (the position dropped, counted in
+    `unexpressible`, when none can). The test's WordPiece vocabulary has no braces: they are added."""
+    from data_helpers import make_tokenizer_of
+
+    from rpt_train.rlp import split_ids
+    from rpt_train.samples import answerable, label_pieces
+
+    tok = make_tokenizer_of(kind)
+    if kind == "wordpiece":
+        tok.add_tokens(["{", "}"])
+    build = {obj: TrainSamples(TrainConfig(shards=str(train_shards), objective=obj, labels_length=4,
+                                           rlp_tokens=4), tok).build for obj in ("rpt", "rlp")}
+    row, usable, dropped = {"doc_id": "d", "window_index": 0}, 0, 0
+    for context, continuation in BRACE_CUTS:
+        full = label_pieces(tok, continuation, 4, left=context)
+        if len(full) < 4:  # WordPiece spaces punctuation: a '}' glued to the context cannot be given back
+            assert kind == "wordpiece", (kind, context, full)
+            continue
+        usable += 1
+        rlp, rpt = (build[obj]._sample(row, (context, continuation), "", 3, 1.0) for obj in ("rlp", "rpt"))
+        assert rlp.label_tokens == full and "}" in "".join(full), (kind, context, full)
+        ctx, target = split_ids(tok, context, "".join(rlp.label_tokens), 4)
+        assert len(target) == 4  # --rlp-tokens 4 scores 4 tokens
+        cut = answerable(full)
+        assert len(cut) < 4 and (rpt.label_tokens if rpt else []) == cut  # rpt unchanged: cut, or dropped
+        dropped += rpt is None
+    assert usable >= 2 and dropped >= 1
+    assert build["rpt"].unexpressible == dropped and build["rlp"].unexpressible == build["rlp"].skipped == 0
+
+
 def close_tokenizer(tiny_tok, special: bool):
     """tiny_llama's tokenizer with `<think>`/`</think>` as special added tokens (skip_special_tokens drops them),
     or unchanged (`</think>` several plain tokens)."""
