@@ -199,9 +199,12 @@ class Objective:
     @classmethod
     def build(cls, cfg, model, tokenizer, device: str, ckpt, compute_dtype, prepare=None):
         """For --objective rlp the EMA copy is loaded like the policy (from the checkpoint when resuming, its EMA
-        weights restored later by `load`)."""
+        weights restored later by `load`), after refusing a tokenizer that does not read `</think>` back."""
         ema = None
         if cfg.objective == "rlp":
+            from rpt_train.rlp import check_tokenizer
+
+            check_tokenizer(tokenizer)  # before loading the EMA copy: a tokenizer that cannot close a thought
             loaded = distributed.load_sharded_policy(str(ckpt) if ckpt else cfg.model, device, compute_dtype,
                                                      prepare=prepare)
             ema = Ema(loaded.model, cfg.ema_rate)

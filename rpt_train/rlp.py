@@ -84,6 +84,28 @@ def thought_rows(tokenizer, rollouts):
         entropy=rollouts.entropy * mask.to(rollouts.entropy.dtype) if rollouts.entropy is not None else None)
 
 
+PROBE_CONTEXT, PROBE_THOUGHT = "The quick brown fox", " the next word is"  # check_tokenizer's probe
+
+
+def check_tokenizer(tokenizer) -> None:
+    """Refuse (one sentence) a tokenizer under which the policy's own `</think>` after a thought does not read back
+    as `</think>` (a WordPiece decoder writes '< / think >'): the reward would score the whole completion as the
+    thought and the update would train all of it. The probe is read as rollouts are (rollout.completion_texts)."""
+    from rpt_common.errors import UserError
+    from rpt_train.rollout import completion_texts
+
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    ids = tokenizer(PROBE_THOUGHT + THINK_END, add_special_tokens=False)["input_ids"]
+    row = torch.tensor([ids], dtype=torch.long)
+    text = completion_texts(tokenizer, [ThinkPrompt(tokenizer).ids(PROBE_CONTEXT)], 1, row, torch.ones_like(row))[0]
+    if THINK_END not in text:
+        raise UserError(f"--objective rlp: with tokenizer '{name}' a thought closed by the policy's own {THINK_END} "
+                        f"({PROBE_THOUGHT + THINK_END!r}) reads back as {text!r}, so the reward would score the whole "
+                        f"completion as the thought and the update would train all of it; add {THINK_END} to the "
+                        "tokenizer as one token or use a tokenizer that writes text back as it is (byte-level BPE, "
+                        "SentencePiece)")
+
+
 class ThinkPrompt:
     """The rollout prompt of rlp: the raw context (as pre-training saw it) then `<think>`; no instruction."""
 

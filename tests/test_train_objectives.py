@@ -499,6 +499,29 @@ def test_rlp_labels_are_the_true_next_tokens_uncut_where_rpt_cuts_them_to_an_ans
     assert build["rpt"].unexpressible == dropped and build["rlp"].unexpressible == build["rlp"].skipped == 0
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("tags", ["text", "special"])
+def test_rlp_refuses_at_start_up_a_tokenizer_that_does_not_read_back_its_close_tag(kind, tags, train_shards):
+    """A WordPiece decoder reads the policy's own `</think>` back as '< / think >': rlp would score the whole
+    completion as the thought and train all of it, so `Objective.build` refuses it (before loading the EMA copy)
+    with one UserError naming the read-back text. Byte-level and Metaspace tokenizers, and WordPiece with the think
+    tags as special added tokens (Qwen3-style), read it back and are accepted."""
+    from data_helpers import make_tokenizer_of
+
+    from rpt_common.errors import UserError
+    from rpt_train.rlp import check_tokenizer
+
+    tok = make_tokenizer_of(kind)
+    if tags == "special":
+        tok.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+    if kind == "wordpiece" and tags == "text":
+        with pytest.raises(UserError, match=r"--objective rlp.*reads back as ' the next word is < / think >'"):
+            objectives.Objective.build(TrainConfig(shards=str(train_shards), objective="rlp"), None, tok, "cpu",
+                                       None, torch.float32)
+    else:
+        check_tokenizer(tok)
+
+
 def close_tokenizer(tiny_tok, special: bool):
     """tiny_llama's tokenizer with `<think>`/`</think>` as special added tokens (skip_special_tokens drops them),
     or unchanged (`</think>` several plain tokens)."""
