@@ -17,6 +17,36 @@ from rpt_common.errors import UserError
 from rpt_train.config import TrainConfig, to_dict
 
 
+# What an sft arm's result depends on, and nothing else: the options compared when it resumes or is asked again
+# finished (check_sft_options). Not rpt's rule (everything but trainer.RUNTIME_ONLY): SFT reads none of the RL
+# options (group size, loss, clipping, rewards, temperature, sampler, --objective: its targets are always answers,
+# ...), and micro_batch_size, gradient_checkpointing, rollout_batch_size and static_cache change how, not what, it
+# computes (the loss is a token mean over the whole step). What it does read: the base model; the positions
+# (TrainSamples: shards, split, bucket, exclude_docs, seed of their order); the targets built from them (labels,
+# context cut, prompt, answer format; label_tokens, sft_train's argument); the optimizer, lr schedule, clipping and
+# compute dtype; batch_prompts (the caller's contexts per step). --steps: within the schedule's horizon
+# (trainer.schedule_horizon).
+SFT_OPTIONS = ("model", "shards", "entropy_metric", "bucket_thresholds", "heldout_fraction", "split_seed",
+               "split_block_windows", "bucket", "min_entropy", "exclude_docs", "seed", "labels_length",
+               "max_context_tokens", "template", "chat_template", "response_prefix", "answer_format", "batch_prompts",
+               "lr", "weight_decay", "warmup_steps", "lr_schedule", "grad_clip", "dtype", "bf16")
+
+
+def sft_options(config: dict, label_tokens: int) -> dict:
+    """The SFT_OPTIONS of a config dict (to_dict of a TrainConfig, or a checkpoint's saved one), and label_tokens;
+    older checkpoints without split_block_windows split by document (0)."""
+    config = {"split_block_windows": 0, **config}
+    return {**{k: config.get(k) for k in SFT_OPTIONS}, "label_tokens": label_tokens}
+
+
+def check_sft_options(saved: dict, cfg: TrainConfig, label_tokens: int, out: Path) -> None:
+    """Refuse, in one sentence, to resume (or answer for a finished) `out` whose saved options (sft_options)
+    differ from cfg's in any option the result depends on."""
+    from rpt_train.trainer import check_options
+
+    check_options(saved, sft_options(to_dict(cfg), label_tokens), out)
+
+
 def answer_target(label: str, response_prefix: str) -> str:
     """What the policy should generate after the prompt for `label`: the boxed answer minus the response prefix
     that the prompt already ends with."""
@@ -47,8 +77,8 @@ def sft_train(cfg: TrainConfig, batches, label_tokens: int = 1, max_tokens: int 
     answer format, then EOS, of the contexts `batches(data, step)` gives at step 1..cfg.steps. Writes OUT/metrics.jsonl
     (per step: loss, lr, grad_norm, target_tokens, forward_tokens = backward_tokens = every token of every row,
     seconds), checkpoints every --save-every steps and at the end, and OUT/model. Resumes from OUT's latest checkpoint
-    under `rpt-train run --resume`'s rule: other options than the checkpoint's (runtime-only ones such as --steps
-    within the lr schedule's horizon, --save-every, --device aside) are refused, for a finished OUT (sft.json) too.
+    with the options it ran with: a change in one that its result depends on (SFT_OPTIONS, label_tokens; --steps
+    beyond the lr schedule's horizon) is refused, for a finished OUT (sft.json) too; any other may change.
     `max_tokens`: stop before the first step whose tokens would bring the total past it. Returns the totals."""
     from rpt_train.checkpoint import latest_checkpoint, load_trainer_state, restore_rng, save_checkpoint
     from rpt_train.metrics import MetricsLogger
@@ -56,8 +86,7 @@ def sft_train(cfg: TrainConfig, batches, label_tokens: int = 1, max_tokens: int 
     from rpt_train.precision import autocast
     from rpt_train.samples import ShardSet, TrainSamples, resolve_shard_defaults
     from rpt_train.templates import PromptBuilder
-    from rpt_train.trainer import (check_resumed_options, disable_dropout, lr_factor, schedule_horizon,
-                                   seed_everything)
+    from rpt_train.trainer import disable_dropout, lr_factor, schedule_horizon, seed_everything
 
     if cfg.answer_format != "boxed":
         raise UserError("the sft arm writes \\boxed{} answers; use --answer-format boxed")
@@ -67,7 +96,8 @@ def sft_train(cfg: TrainConfig, batches, label_tokens: int = 1, max_tokens: int 
     ckpt = latest_checkpoint(out)
     state = load_trainer_state(ckpt) if ckpt else None
     if state is not None:  # a resume, or a finished OUT asked again: with the options it ran with
-        check_resumed_options(state, cfg, out)
+        check_sft_options(sft_options(state.get("config", {}), state.get("totals", {}).get("label_tokens", 1)),
+                          cfg, label_tokens, out)
     horizon = schedule_horizon(cfg, state, out)
     if (out / "model" / "config.json").exists() and (out / "sft.json").exists():
         return json.loads((out / "sft.json").read_text())  # finished

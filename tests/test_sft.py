@@ -44,3 +44,33 @@ def test_sft_resume_or_rerun_with_other_options_is_refused(tiny_llama, train_sha
     assert sft_train(TrainConfig(**base), next_contexts(2)) == totals
     with pytest.raises(UserError, match="lr differs"):
         sft_train(TrainConfig(**{**base, "lr": 5e-2}), next_contexts(2))
+
+
+def sft_base(tiny_llama, train_shards, out, **kw) -> dict:
+    return dict(shards=str(train_shards), model=str(tiny_llama), out=str(out), bucket="all", micro_batch_size=2,
+                template="answer-only", chat_template="off", response_prefix="\\boxed{", device="cpu", steps=4,
+                save_every=2, lr=1e-3, batch_prompts=2, seed=0, **kw)
+
+
+def test_sft_resume_compares_only_what_its_result_depends_on(tiny_llama, train_shards, tmp_path, monkeypatch):
+    """Options SFT never reads (every RL-only one) or that change how, not what, it computes (micro_batch_size: the
+    loss is a token mean over the whole step) may change on resume; one it reads (--lr, label_tokens) may not."""
+    from rpt_train.sft import next_contexts, read_jsonl, sft_train
+
+    base = sft_base(tiny_llama, train_shards, tmp_path / "arm")
+    with monkeypatch.context() as m:
+        killed_after(2, m)
+        with pytest.raises(SystemExit):
+            sft_train(TrainConfig(**base), next_contexts(2))
+    with pytest.raises(UserError, match="lr differs"):
+        sft_train(TrainConfig(**{**base, "lr": 5e-2, "micro_batch_size": 1}), next_contexts(2))
+    with pytest.raises(UserError, match="label_tokens differs"):
+        sft_train(TrainConfig(**base), next_contexts(2), label_tokens=2)
+    other = {"micro_batch_size": 1, "gradient_checkpointing": True, "rollout_batch_size": 8, "static_cache": True,
+             "group_size": 4, "loss": "dapo", "temperature": 0.5, "clip_low": 0.1, "beta": 0.1, "ntp_weight": 0.5,
+             "max_new_tokens": 16, "sampler": "learnability", "dynamic_sampling": False, "reward_wrong": -1.0}
+    totals = sft_train(TrainConfig(**{**base, **other}), next_contexts(2))
+    assert [m["step"] for m in read_jsonl(tmp_path / "arm" / "metrics.jsonl")] == [1, 2, 3, 4] and totals["steps"] == 4
+    assert sft_train(TrainConfig(**{**base, "group_size": 16, "micro_batch_size": 3}), next_contexts(2)) == totals
+    with pytest.raises(UserError, match="lr differs"):
+        sft_train(TrainConfig(**{**base, "lr": 5e-2}), next_contexts(2))
