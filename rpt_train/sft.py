@@ -8,6 +8,7 @@ before the first step that would pass a token budget (a FLOP-matched arm)."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -45,6 +46,32 @@ def check_sft_options(saved: dict, cfg: TrainConfig, label_tokens: int, out: Pat
     from rpt_train.trainer import check_options
 
     check_options(saved, sft_options(to_dict(cfg), label_tokens), out)
+
+
+def finished_totals(cfg: TrainConfig, out: Path, label_tokens: int) -> dict:
+    """A finished `out` asked again: its totals (sft.json), when asked with the options it ran with. sft.json records
+    them (and the lr schedule's horizon); one written before it did: its last checkpoint's trainer_state.json. The
+    checkpoint's trainer_state.pt (optimizer moments: ~112 GB at 14B) is never loaded, nor needed intact."""
+    from rpt_train.checkpoint import latest_checkpoint
+    from rpt_train.trainer import schedule_horizon
+
+    record = json.loads((out / "sft.json").read_text())
+    saved, state = record.pop("options", None), {"horizon": record.pop("horizon", None)}
+    if saved is None:
+        ckpt = latest_checkpoint(out)
+        try:
+            config = json.loads((ckpt / "trainer_state.json").read_text())["config"] if ckpt else None
+        except (OSError, ValueError, KeyError, TypeError):
+            config = None
+        if isinstance(config, dict):
+            saved, state = sft_options(config, record.get("label_tokens", 1)), {"config": config}
+    if saved is None:
+        print(f"note: '{out / 'sft.json'}' records no options (an older arm without a readable checkpoint): its "
+              "totals are given back unchecked", file=sys.stderr)
+        return record
+    check_sft_options(saved, cfg, label_tokens, out)
+    schedule_horizon(cfg, state, out)
+    return record
 
 
 def answer_target(label: str, response_prefix: str) -> str:
@@ -93,14 +120,14 @@ def sft_train(cfg: TrainConfig, batches, label_tokens: int = 1, max_tokens: int 
     out = Path(cfg.out)
     shards = ShardSet(cfg.shards)
     resolve_shard_defaults(cfg, shards)  # as the run saved them: the shards' metric, buckets and split blocks
+    if (out / "model" / "config.json").exists() and (out / "sft.json").exists():
+        return finished_totals(cfg, out, label_tokens)
     ckpt = latest_checkpoint(out)
     state = load_trainer_state(ckpt) if ckpt else None
-    if state is not None:  # a resume, or a finished OUT asked again: with the options it ran with
+    if state is not None:  # a resume: with the options it ran with
         check_sft_options(sft_options(state.get("config", {}), state.get("totals", {}).get("label_tokens", 1)),
                           cfg, label_tokens, out)
     horizon = schedule_horizon(cfg, state, out)
-    if (out / "model" / "config.json").exists() and (out / "sft.json").exists():
-        return json.loads((out / "sft.json").read_text())  # finished
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     # float32 masters; --dtype is the compute dtype only
@@ -174,5 +201,7 @@ def sft_train(cfg: TrainConfig, batches, label_tokens: int = 1, max_tokens: int 
     logger.close()
     model.save_pretrained(out / "model")
     tok.save_pretrained(out / "model")
-    (out / "sft.json").write_text(json.dumps(totals, indent=1))
+    # the options and horizon too: a finished arm asked again is checked without loading a checkpoint
+    record = {**totals, "options": sft_options(to_dict(cfg), label_tokens), "horizon": horizon}
+    (out / "sft.json").write_text(json.dumps(record, indent=1))
     return totals

@@ -49,7 +49,7 @@ def test_sft_resume_or_rerun_with_other_options_is_refused(tiny_llama, train_sha
 def sft_base(tiny_llama, train_shards, out, **kw) -> dict:
     return dict(shards=str(train_shards), model=str(tiny_llama), out=str(out), bucket="all", micro_batch_size=2,
                 template="answer-only", chat_template="off", response_prefix="\\boxed{", device="cpu", steps=4,
-                save_every=2, lr=1e-3, batch_prompts=2, seed=0, **kw)
+                save_every=2, lr=1e-3, batch_prompts=2, seed=0) | kw
 
 
 def test_sft_resume_compares_only_what_its_result_depends_on(tiny_llama, train_shards, tmp_path, monkeypatch):
@@ -74,3 +74,36 @@ def test_sft_resume_compares_only_what_its_result_depends_on(tiny_llama, train_s
     assert sft_train(TrainConfig(**{**base, "group_size": 16, "micro_batch_size": 3}), next_contexts(2)) == totals
     with pytest.raises(UserError, match="lr differs"):
         sft_train(TrainConfig(**{**base, "lr": 5e-2}), next_contexts(2))
+
+
+def test_sft_finished_arm_is_checked_without_its_trainer_state(tiny_llama, train_shards, tmp_path, monkeypatch):
+    """A finished arm asked again reads its options from sft.json (an older sft.json without them: the last
+    checkpoint's trainer_state.json), never the checkpoint's trainer_state.pt (the optimizer moments): removed or
+    truncated, the same options still give its totals back, other ones are still refused."""
+    import json
+
+    from rpt_train.checkpoint import STATE, latest_checkpoint
+    from rpt_train.sft import next_contexts, sft_train
+
+    base = sft_base(tiny_llama, train_shards, tmp_path / "arm", lr_schedule="linear", steps=2)
+    totals = sft_train(TrainConfig(**base), next_contexts(2))
+    ckpt = latest_checkpoint(tmp_path / "arm")
+    for damage in ("truncate", "remove"):
+        if damage == "truncate":
+            (ckpt / STATE).write_bytes((ckpt / STATE).read_bytes()[:100])
+        else:
+            (ckpt / STATE).unlink()
+        monkeypatch.setattr(checkpoint, "load_trainer_state", lambda *a: pytest.fail("trainer_state.pt loaded"))
+        assert sft_train(TrainConfig(**{**base, "micro_batch_size": 1}), next_contexts(2)) == totals
+        with pytest.raises(UserError, match="lr differs"):
+            sft_train(TrainConfig(**{**base, "lr": 5e-2}), next_contexts(2))
+        with pytest.raises(UserError, match="--steps 3 runs past the 2 steps"):
+            sft_train(TrainConfig(**{**base, "steps": 3}), next_contexts(2))
+    record = json.loads((tmp_path / "arm" / "sft.json").read_text())
+    assert record["options"]["lr"] == 1e-3 and record["horizon"] == 2
+    # an sft.json written before it recorded the options: the checkpoint's trainer_state.json has them
+    (tmp_path / "arm" / "sft.json").write_text(json.dumps(totals))
+    (ckpt / STATE).write_bytes(b"")  # truncated to nothing (a missing one is no checkpoint at all)
+    assert sft_train(TrainConfig(**base), next_contexts(2)) == totals
+    with pytest.raises(UserError, match="seed differs"):
+        sft_train(TrainConfig(**{**base, "seed": 3}), next_contexts(2))
