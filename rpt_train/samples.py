@@ -515,10 +515,13 @@ def split_candidates(shards: ShardSet, cfg, split: str) -> Candidates:
 class TrainSamples:
     """The training stream: held-out documents excluded, positions filtered, order seeded and resumable."""
 
-    def __init__(self, cfg, tokenizer, *, keep_heldout: bool = False, shards: ShardSet | None = None):
+    def __init__(self, cfg, tokenizer, *, keep_heldout: bool = False, shards: ShardSet | None = None,
+                 answers: bool | None = None):
         """`keep_heldout`: also keep the held-out documents' positions under the same filter (`heldout_cands`);
-        `shards`: the ShardSet of cfg.shards when the caller has opened it already."""
+        `shards`: the ShardSet of cfg.shards when the caller has opened it already; `answers`: whether the labels
+        are cut to what an answer can express (see builder); default: unless --objective rlp."""
         self.cfg, self.tokenizer = cfg, tokenizer
+        self.answers = getattr(cfg, "objective", "rpt") != "rlp" if answers is None else answers
         self.shards = shards or ShardSet(cfg.shards)
         resolve_shard_defaults(cfg, self.shards)
         # built a row group at a time into memory-mapped files: this process holds O(windows) arrays, the
@@ -547,12 +550,13 @@ class TrainSamples:
     def builder(self, cands: Candidates) -> SampleBuilder:
         """A SampleBuilder over `cands` with this run's tokenizer, labels, context cut and answer format; over the
         training table, one that drops a position whose labels run into a held-out window. Under --objective rlp
-        the labels are not cut to what an answer can express: rlp writes no answer, its reward scores the true next
-        tokens (a continuation starting with '}' included)."""
+        (`answers` False) the labels are not cut to what an answer can express: rlp writes no answer, its reward
+        scores the true next tokens (a continuation starting with '}' included). The sft arm always cuts: its
+        targets are answers, whatever --objective says."""
         c = self.cfg
         return SampleBuilder(self.shards, cands, self.tokenizer, labels_length=c.labels_length,
                              max_context_tokens=c.max_context_tokens, thresholds=c.bucket_thresholds,
-                             answer_format=None if getattr(c, "objective", "rpt") == "rlp" else c.answer_format,
+                             answer_format=c.answer_format if self.answers else None,
                              held_out=self.held_out_row if cands is self.cands and c.heldout_fraction > 0 else None)
 
     def held_out_row(self, row: dict) -> bool:

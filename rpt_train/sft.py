@@ -86,11 +86,13 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def same_contexts(path: Path):
-    """`batches` for sft_train: step by step, the contexts an RPT run rolled out (its contexts.jsonl at `path`)."""
+    """`batches` for sft_train: step by step, the contexts an RPT run rolled out (its contexts.jsonl at `path`); None
+    for one that gives the sft arm no sample (sft_train drops and counts it): an rlp arm's position whose label no
+    \\boxed{} answer can express (rlp trains on uncut labels, SFT's targets are answers)."""
     steps = {r["step"]: r["contexts"] for r in read_jsonl(path)}
 
     def batches(data, step: int) -> list:
-        return [s for s in data.build.many(steps.get(step, [])) if s is not None]
+        return data.build.many(steps.get(step, []))
     return batches
 
 
@@ -106,7 +108,9 @@ def sft_train(cfg: TrainConfig, batches, label_tokens: int = 1, max_tokens: int 
     seconds), checkpoints every --save-every steps and at the end, and OUT/model. Resumes from OUT's latest checkpoint
     with the options it ran with: a change in one that its result depends on (SFT_OPTIONS, label_tokens; --steps
     beyond the lr schedule's horizon) is refused, for a finished OUT (sft.json) too; any other may change.
-    `max_tokens`: stop before the first step whose tokens would bring the total past it. Returns the totals."""
+    `max_tokens`: stop before the first step whose tokens would bring the total past it. The labels are always cut
+    to what an answer can express, whatever --objective says; a context `batches` gives as None (no sample) is
+    dropped, counted in the totals' `dropped` and said on stderr. Returns the totals."""
     from rpt_train.checkpoint import latest_checkpoint, load_trainer_state, restore_rng, save_checkpoint
     from rpt_train.metrics import MetricsLogger
     from rpt_train.policy import load_policy
@@ -135,30 +139,32 @@ def sft_train(cfg: TrainConfig, batches, label_tokens: int = 1, max_tokens: int 
     model, tok = policy.model, policy.tokenizer
     disable_dropout(model)
     device = next(model.parameters()).device
-    data = TrainSamples(cfg, tok, shards=shards)
+    data = TrainSamples(cfg, tok, shards=shards, answers=True)  # the targets are answers, under --objective rlp too
     prompts = PromptBuilder(tok, cfg.template, cfg.chat_template, cfg.response_prefix)
     eos = tok.eos_token_id
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, horizon))
     totals = {"steps": 0, "contexts": 0, "target_tokens": 0, "trained_tokens": 0, "label_tokens": label_tokens,
-              "budget_tokens": max_tokens}
+              "budget_tokens": max_tokens, "dropped": 0}
     start = 0
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         data.load_state_dict(state["sampler"])
         restore_rng(state["rng"])
-        totals, start = state["totals"], state["step"]
+        totals, start = {"dropped": 0, **state["totals"]}, state["step"]
     logger = MetricsLogger(str(out), start_step=start, total_steps=cfg.steps)
     model.train()
     for step in range(start + 1, cfg.steps + 1):
         t0 = time.perf_counter()
-        rows = []
-        for s in batches(data, step):
+        rows, given = [], batches(data, step)
+        dropped = sum(s is None for s in given)
+        for s in (s for s in given if s is not None):
             target = tok(answer_target("".join(s.label_tokens[:label_tokens]), cfg.response_prefix),
                          add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
             rows.append((prompts.ids(s.context), target))
         if not rows:
+            totals = {**totals, "dropped": totals["dropped"] + dropped}
             continue
         step_tokens = sum(len(p) + len(t) for p, t in rows)
         if max_tokens is not None and totals["trained_tokens"] + step_tokens > max_tokens:
@@ -188,7 +194,7 @@ def sft_train(cfg: TrainConfig, batches, label_tokens: int = 1, max_tokens: int 
         sched.step()
         totals = {**totals, "steps": step, "contexts": totals["contexts"] + len(rows),
                   "target_tokens": totals["target_tokens"] + n_target,
-                  "trained_tokens": totals["trained_tokens"] + step_tokens}
+                  "trained_tokens": totals["trained_tokens"] + step_tokens, "dropped": totals["dropped"] + dropped}
         logger.log({"step": step, "loss": loss_sum / n_target, "lr": lr, "grad_norm": grad_norm,
                     "target_tokens": n_target, "tokens": totals["trained_tokens"], "contexts_drawn": len(rows),
                     "rollout_tokens": 0, "forward_tokens": step_tokens, "backward_tokens": step_tokens,
@@ -199,6 +205,9 @@ def sft_train(cfg: TrainConfig, batches, label_tokens: int = 1, max_tokens: int 
                                                     "config": to_dict(cfg), "horizon": horizon},
                             keep=cfg.keep_checkpoints)
     logger.close()
+    if totals["dropped"]:
+        print(f"note: sft '{out}': {totals['dropped']} of the contexts given gave no sample and were dropped (a label "
+              "no \\boxed{} answer can express: an rlp arm trains on those)", file=sys.stderr)
     model.save_pretrained(out / "model")
     tok.save_pretrained(out / "model")
     # the options and horizon too: a finished arm asked again is checked without loading a checkpoint

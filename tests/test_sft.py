@@ -107,3 +107,54 @@ def test_sft_finished_arm_is_checked_without_its_trainer_state(tiny_llama, train
     assert sft_train(TrainConfig(**base), next_contexts(2)) == totals
     with pytest.raises(UserError, match="seed differs"):
         sft_train(TrainConfig(**{**base, "seed": 3}), next_contexts(2))
+
+
+@pytest.mark.parametrize("kind", ["bytelevel", "metaspace", "wordpiece"])
+def test_sft_samples_cut_labels_to_an_answer_under_objective_rlp_too(kind, train_shards):
+    """SFT's targets are answers: its samples (TrainSamples(answers=True)) cut the labels as rpt's do, also when the
+    spec's base says --objective rlp (whose own samples keep the true next tokens uncut)."""
+    from data_helpers import make_tokenizer_of
+    from test_train_objectives import BRACE_CUTS
+
+    from rpt_train.samples import TrainSamples
+
+    tok = make_tokenizer_of(kind)
+    if kind == "wordpiece":
+        tok.add_tokens(["{", "}"])
+    build = {(obj, answers): TrainSamples(TrainConfig(shards=str(train_shards), objective=obj, labels_length=4), tok,
+                                          answers=answers).build
+             for obj, answers in [("rpt", None), ("rlp", None), ("rlp", True)]}
+    row, differs = {"doc_id": "d", "window_index": 0}, 0
+    for context, continuation in BRACE_CUTS:
+        rpt, rlp, sft = (build[k]._sample(row, (context, continuation), "", 3, 1.0) for k in build)
+        assert (sft and sft.label_tokens) == (rpt and rpt.label_tokens), (kind, context)
+        differs += (rlp and rlp.label_tokens) != (rpt and rpt.label_tokens)
+    assert differs  # the case matters: rlp's own labels are uncut
+
+
+def test_sft_arm_cuts_under_objective_rlp_and_counts_dropped_contexts(tiny_llama, train_shards, tmp_path,
+                                                                      monkeypatch, capsys):
+    """sft_train builds its samples with answers (the answer format), whatever --objective; a context its `batches`
+    gives as None (same_contexts: an rlp arm's position whose label no answer can express) is dropped, counted in
+    the totals' `dropped` and said on stderr."""
+    import rpt_train.samples as samples
+    from rpt_train.sft import next_contexts, same_contexts, sft_train
+
+    formats, real = [], samples.SampleBuilder
+
+    def spy(*a, **kw):
+        formats.append(kw.get("answer_format"))
+        return real(*a, **kw)
+    monkeypatch.setattr(samples, "SampleBuilder", spy)
+    nxt = next_contexts(2)
+    totals = sft_train(TrainConfig(**sft_base(tiny_llama, train_shards, tmp_path / "arm", objective="rlp", steps=2)),
+                       lambda data, step: [None, *nxt(data, step)])
+    assert formats == ["boxed"] and totals["dropped"] == 2 and totals["contexts"] == 4
+    assert "2 of the contexts given gave no sample and were dropped" in capsys.readouterr().err
+
+    class Data:
+        class build:
+            many = staticmethod(lambda contexts: [None if c == "x" else c for c in contexts])
+    path = tmp_path / "contexts.jsonl"
+    path.write_text('{"step": 1, "contexts": ["a", "x", "b"]}\n')
+    assert same_contexts(path)(Data, 1) == ["a", None, "b"]
