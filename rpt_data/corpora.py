@@ -5,7 +5,9 @@ to the asset cache as book-length English prose: one paragraph per Gutenberg par
 """
 from __future__ import annotations
 
+import os
 import re
+import secrets
 import sqlite3
 from pathlib import Path
 
@@ -34,7 +36,11 @@ def kjv_text_path() -> Path:
     finally:
         con.close()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n\n".join(parts) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    # a temp file of this call's own: processes reading the corpus for the first time at once write it side by side
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        tmp.write_text("\n\n".join(parts) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path

@@ -4,6 +4,8 @@ scored by prefix match); each accuracy with its Wilson 95% interval."""
 from __future__ import annotations
 
 import json
+import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -298,9 +300,20 @@ def print_table(result: dict, title: str = "next-token reasoning") -> None:
     Console().print(table)
 
 
+def temp_beside(path: Path) -> Path:
+    """A temp file for `path` in its directory, unique to this call (`.NAME.PID-RANDOM.tmp`, as rpt_data.writer's):
+    processes writing the same file at once (one per GPU, the same report) never write, rename or remove each
+    other's temp; the last rename wins, whole."""
+    return path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+
+
 def write_json(result: dict, path: str | Path) -> None:
+    """`result` as JSON at `path`, atomically (a temp file of this call's own, renamed into place)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(path)
+    tmp = temp_beside(path)
+    try:
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

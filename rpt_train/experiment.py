@@ -591,11 +591,18 @@ def write_json(obj: dict, path: Path) -> None:
 
 
 def keep_copy(path: Path, keep: Path) -> None:
+    """A copy of `path` at `keep`, atomically, through a temp file of this call's own (processes, one per GPU, may
+    keep the same file at once)."""
+    from rpt_train.evaluate import temp_beside
+
     if path.exists():
         keep.parent.mkdir(parents=True, exist_ok=True)
-        tmp = keep.with_name(keep.name + ".tmp")
-        shutil.copyfile(path, tmp)
-        tmp.replace(keep)
+        tmp = temp_beside(keep)
+        try:
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, keep)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def run_experiment(spec_path: str, arms: list[str] | None = None, *, report_only: bool = False,
