@@ -292,7 +292,8 @@ def check_bad_step(cfg: TrainConfig, step: int, reason: str, in_a_row: int, out:
 
 
 def check_resumed_options(state: dict, cfg: TrainConfig, out: Path) -> None:
-    """check_options of `cfg` against the options the checkpoint `state` saved (rpt-train run and the sft arm)."""
+    """check_options of `cfg` against the options the checkpoint `state` saved (rpt-train run; the sft arm compares
+    only its own, rpt_train.sft.SFT_OPTIONS)."""
     check_options({**OBJECTIVE_DEFAULTS, "split_block_windows": 0, **state.get("config", {})}, to_dict(cfg),
                   out)  # older runs: split by document, no issue-34 objective options
 
