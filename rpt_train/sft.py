@@ -22,12 +22,13 @@ from rpt_train.config import TrainConfig, to_dict
 # finished (check_sft_options). Not rpt's rule (everything but trainer.RUNTIME_ONLY): SFT reads none of the RL
 # options (group size, loss, clipping, rewards, temperature, sampler, --objective: its targets are always answers,
 # ...), and micro_batch_size, gradient_checkpointing, rollout_batch_size and static_cache change how, not what, it
-# computes (the loss is a token mean over the whole step). What it does read: the base model; the positions
+# computes (the loss is a token mean over the whole step). The model's path is not compared either (as for rpt: a
+# resume takes the weights from the checkpoint, and the path may move). What it does read: the positions
 # (TrainSamples: shards, split, bucket, exclude_docs, seed of their order); the targets built from them (labels,
 # context cut, prompt, answer format; label_tokens, sft_train's argument); the optimizer, lr schedule, clipping and
 # compute dtype; batch_prompts (the caller's contexts per step). --steps: within the schedule's horizon
 # (trainer.schedule_horizon).
-SFT_OPTIONS = ("model", "shards", "entropy_metric", "bucket_thresholds", "heldout_fraction", "split_seed",
+SFT_OPTIONS = ("shards", "entropy_metric", "bucket_thresholds", "heldout_fraction", "split_seed",
                "split_block_windows", "bucket", "min_entropy", "exclude_docs", "seed", "labels_length",
                "max_context_tokens", "template", "chat_template", "response_prefix", "answer_format", "batch_prompts",
                "lr", "weight_decay", "warmup_steps", "lr_schedule", "grad_clip", "dtype", "bf16")

@@ -69,6 +69,9 @@ def test_sft_resume_compares_only_what_its_result_depends_on(tiny_llama, train_s
     other = {"micro_batch_size": 1, "gradient_checkpointing": True, "rollout_batch_size": 8, "static_cache": True,
              "group_size": 4, "loss": "dapo", "temperature": 0.5, "clip_low": 0.1, "beta": 0.1, "ntp_weight": 0.5,
              "max_new_tokens": 16, "sampler": "learnability", "dynamic_sampling": False, "reward_wrong": -1.0}
+    moved = tmp_path / "moved-model"  # the model's path is not compared (the weights come from the checkpoint)
+    moved.symlink_to(tiny_llama, target_is_directory=True)
+    other["model"] = str(moved)
     totals = sft_train(TrainConfig(**{**base, **other}), next_contexts(2))
     assert [m["step"] for m in read_jsonl(tmp_path / "arm" / "metrics.jsonl")] == [1, 2, 3, 4] and totals["steps"] == 4
     assert sft_train(TrainConfig(**{**base, "group_size": 16, "micro_batch_size": 3}), next_contexts(2)) == totals
