@@ -49,14 +49,29 @@ def check_sft_options(saved: dict, cfg: TrainConfig, label_tokens: int, out: Pat
     check_options(saved, sft_options(to_dict(cfg), label_tokens), out)
 
 
+def read_record(out: Path) -> dict:
+    """OUT/sft.json, a JSON object; a damaged one (truncated, empty, not an object) is refused in one sentence."""
+    path = out / "sft.json"
+    try:
+        record = json.loads(path.read_text())
+        problem = None if isinstance(record, dict) else f"a JSON {type(record).__name__}, not an object"
+    except (OSError, ValueError) as e:
+        problem = f"{type(e).__name__}: {e}"
+    if problem:
+        raise UserError(f"'{path}' is damaged ({problem}); delete it to redo the arm's finish (the arm resumes "
+                        "from its last checkpoint and writes it again)")
+    return record
+
+
 def finished_totals(cfg: TrainConfig, out: Path, label_tokens: int) -> dict:
     """A finished `out` asked again: its totals (sft.json), when asked with the options it ran with. sft.json records
     them (and the lr schedule's horizon); one written before it did: its last checkpoint's trainer_state.json. The
-    checkpoint's trainer_state.pt (optimizer moments: ~112 GB at 14B) is never loaded, nor needed intact."""
+    checkpoint's trainer_state.pt (optimizer moments: ~112 GB at 14B) is never loaded, nor needed intact. A damaged
+    sft.json is refused (read_record)."""
     from rpt_train.checkpoint import latest_checkpoint
     from rpt_train.trainer import schedule_horizon
 
-    record = json.loads((out / "sft.json").read_text())
+    record = read_record(out)
     saved, state = record.pop("options", None), {"horizon": record.pop("horizon", None)}
     if saved is None:
         ckpt = latest_checkpoint(out)
@@ -211,7 +226,10 @@ def sft_train(cfg: TrainConfig, batches, label_tokens: int = 1, max_tokens: int 
               "no \\boxed{} answer can express: an rlp arm trains on those)", file=sys.stderr)
     model.save_pretrained(out / "model")
     tok.save_pretrained(out / "model")
-    # the options and horizon too: a finished arm asked again is checked without loading a checkpoint
+    # the options and horizon too: a finished arm asked again is checked without loading a checkpoint. Atomically:
+    # a stop while writing leaves no truncated sft.json
+    from rpt_train.evaluate import write_json
+
     record = {**totals, "options": sft_options(to_dict(cfg), label_tokens), "horizon": horizon}
-    (out / "sft.json").write_text(json.dumps(record, indent=1))
+    write_json(record, out / "sft.json")
     return totals

@@ -161,3 +161,29 @@ def test_sft_arm_cuts_under_objective_rlp_and_counts_dropped_contexts(tiny_llama
     path = tmp_path / "contexts.jsonl"
     path.write_text('{"step": 1, "contexts": ["a", "x", "b"]}\n')
     assert same_contexts(path)(Data, 1) == ["a", None, "b"]
+
+
+def test_sft_damaged_record_is_refused_naming_the_file_and_written_atomically(tiny_llama, train_shards, tmp_path,
+                                                                              monkeypatch):
+    """A damaged sft.json (truncated, empty, not a JSON object) is one UserError naming it and saying to delete it;
+    deleted, the arm's finish is redone from its last checkpoint (the same totals). sft.json is written atomically
+    (evaluate.write_json: a temp file renamed into place)."""
+    import rpt_train.evaluate as evaluate
+    from rpt_train.sft import next_contexts, sft_train
+
+    import json
+
+    written, real = [], evaluate.write_json
+    monkeypatch.setattr(evaluate, "write_json", lambda result, path: (written.append(str(path)), real(result, path)))
+    base = sft_base(tiny_llama, train_shards, tmp_path / "arm", steps=2)
+    totals = sft_train(TrainConfig(**base), next_contexts(2))
+    path = tmp_path / "arm" / "sft.json"
+    assert written == [str(path)]
+    good = path.read_text()
+    for bad in (good[:len(good) // 2], "", "[]", "null", "7"):
+        path.write_text(bad)
+        with pytest.raises(UserError, match=r"sft\.json' is damaged .*delete it to redo the arm's finish"):
+            sft_train(TrainConfig(**base), next_contexts(2))
+    path.unlink()
+    assert sft_train(TrainConfig(**base), next_contexts(2)) == totals
+    assert json.loads(path.read_text()) == json.loads(good)
