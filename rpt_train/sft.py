@@ -22,12 +22,12 @@ from rpt_train.config import TrainConfig, to_dict
 # finished (check_sft_options). Not rpt's rule (everything but trainer.RUNTIME_ONLY): SFT reads none of the RL
 # options (group size, loss, clipping, rewards, temperature, sampler, --objective: its targets are always answers,
 # ...), and micro_batch_size, gradient_checkpointing, rollout_batch_size and static_cache change how, not what, it
-# computes (the loss is a token mean over the whole step). The model's path is not compared either (as for rpt: a
-# resume takes the weights from the checkpoint, and the path may move). What it does read: the positions
-# (TrainSamples: shards, split, bucket, exclude_docs, seed of their order); the targets built from them (labels,
-# context cut, prompt, answer format; label_tokens, sft_train's argument); the optimizer, lr schedule, clipping and
-# compute dtype; batch_prompts (the caller's contexts per step). --steps: within the schedule's horizon
-# (trainer.schedule_horizon).
+# computes (the loss is a token mean over the whole step). The model's path is not compared on resume (as for rpt: a
+# resume takes the weights from the checkpoint, and the path may move); a finished arm's is (check_asked). What it
+# does read: the positions (TrainSamples: shards, split, bucket, exclude_docs, seed of their order); the targets
+# built from them (labels, context cut, prompt, answer format; label_tokens, sft_train's argument); the optimizer,
+# lr schedule, clipping and compute dtype; batch_prompts (the caller's contexts per step). --steps: within the
+# schedule's horizon (trainer.schedule_horizon).
 SFT_OPTIONS = ("shards", "entropy_metric", "bucket_thresholds", "heldout_fraction", "split_seed",
                "split_block_windows", "bucket", "min_entropy", "exclude_docs", "seed", "labels_length",
                "max_context_tokens", "template", "chat_template", "response_prefix", "answer_format", "batch_prompts",
@@ -63,16 +63,37 @@ def read_record(out: Path) -> dict:
     return record
 
 
-def finished_totals(cfg: TrainConfig, out: Path, label_tokens: int) -> dict:
+def asked_options(cfg: TrainConfig, max_tokens: int | None) -> dict:
+    """What a finished arm is also asked with, beyond sft_options: --steps (a constant schedule has no horizon to
+    check), the model's path as given, and the token budget (max_tokens: a FLOP-matched arm's)."""
+    return {"steps": cfg.steps, "model": cfg.model, "max_tokens": max_tokens}
+
+
+def check_asked(saved: dict | None, now: dict, out: Path) -> None:
+    """Refuse, in one sentence, to answer for a finished `out` asked with another --steps, --model or token budget
+    than it ran with (asked_options); an sft.json written before it recorded them (None) cannot be checked."""
+    if saved is None:
+        return
+    names = {"steps": "--steps", "model": "--model (its path as given; a moved model counts as another)",
+             "max_tokens": "the token budget max_tokens (a FLOP-matched arm's)"}
+    changed = [k for k in names if k in saved and saved[k] != now[k]]
+    if changed:
+        was = "; ".join(f"{names[k]}: {saved[k]!r} there, {now[k]!r} now" for k in changed)
+        raise UserError(f"'{out}' holds a finished sft arm run with other options ({was}); ask it with the same "
+                        "options, or train a new arm in another --out")
+
+
+def finished_totals(cfg: TrainConfig, out: Path, label_tokens: int, max_tokens: int | None = None) -> dict:
     """A finished `out` asked again: its totals (sft.json), when asked with the options it ran with. sft.json records
-    them (and the lr schedule's horizon); one written before it did: its last checkpoint's trainer_state.json. The
-    checkpoint's trainer_state.pt (optimizer moments: ~112 GB at 14B) is never loaded, nor needed intact. A damaged
-    sft.json is refused (read_record)."""
+    them (and the lr schedule's horizon, --steps, the model's path and the token budget); one written before it did:
+    its last checkpoint's trainer_state.json. The checkpoint's trainer_state.pt (optimizer moments: ~112 GB at 14B) is
+    never loaded, nor needed intact. A damaged sft.json is refused (read_record)."""
     from rpt_train.checkpoint import latest_checkpoint
     from rpt_train.trainer import schedule_horizon
 
     record = read_record(out)
     saved, state = record.pop("options", None), {"horizon": record.pop("horizon", None)}
+    asked = record.pop("asked", None)
     if saved is None:
         ckpt = latest_checkpoint(out)
         try:
@@ -87,6 +108,7 @@ def finished_totals(cfg: TrainConfig, out: Path, label_tokens: int) -> dict:
         return record
     check_sft_options(saved, cfg, label_tokens, out)
     schedule_horizon(cfg, state, out)
+    check_asked(asked, asked_options(cfg, max_tokens), out)
     return record
 
 
@@ -124,9 +146,11 @@ def sft_train(cfg: TrainConfig, batches, label_tokens: int = 1, max_tokens: int 
     seconds), checkpoints every --save-every steps and at the end, and OUT/model. Resumes from OUT's latest checkpoint
     with the options it ran with: a change in one that its result depends on (SFT_OPTIONS, label_tokens; --steps
     beyond the lr schedule's horizon) is refused, for a finished OUT (sft.json) too; any other may change.
-    `max_tokens`: stop before the first step whose tokens would bring the total past it. The labels are always cut
-    to what an answer can express, whatever --objective says; a context `batches` gives as None (no sample) is
-    dropped, counted in the totals' `dropped` and said on stderr. Returns the totals."""
+    `max_tokens`: stop before the first step whose tokens would bring the total past it; a resume or a finished OUT
+    asked with another budget is refused, a finished OUT asked with another --steps or --model path too (a resume
+    takes its weights from the checkpoint). The labels are always cut to what an answer can express, whatever
+    --objective says; a context `batches` gives as None (no sample) is dropped, counted in the totals' `dropped` and
+    said on stderr. Returns the totals."""
     from rpt_train.checkpoint import latest_checkpoint, load_trainer_state, restore_rng, save_checkpoint
     from rpt_train.metrics import MetricsLogger
     from rpt_train.policy import load_policy
@@ -141,12 +165,17 @@ def sft_train(cfg: TrainConfig, batches, label_tokens: int = 1, max_tokens: int 
     shards = ShardSet(cfg.shards)
     resolve_shard_defaults(cfg, shards)  # as the run saved them: the shards' metric, buckets and split blocks
     if (out / "model" / "config.json").exists() and (out / "sft.json").exists():
-        return finished_totals(cfg, out, label_tokens)
+        return finished_totals(cfg, out, label_tokens, max_tokens)
     ckpt = latest_checkpoint(out)
     state = load_trainer_state(ckpt) if ckpt else None
     if state is not None:  # a resume: with the options it ran with
         check_sft_options(sft_options(state.get("config", {}), state.get("totals", {}).get("label_tokens", 1)),
                           cfg, label_tokens, out)
+        budget = state.get("totals", {}).get("budget_tokens", max_tokens)  # an older checkpoint's: not recorded
+        if budget != max_tokens:
+            raise UserError(f"'{out}' holds an sft run stopped with another token budget (max_tokens, a FLOP-matched "
+                            f"arm's: {budget!r} there, {max_tokens!r} now); resume with the same budget (the matched "
+                            "arm and model unchanged), or start a new run in another --out")
     horizon = schedule_horizon(cfg, state, out)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
@@ -226,10 +255,11 @@ def sft_train(cfg: TrainConfig, batches, label_tokens: int = 1, max_tokens: int 
               "no \\boxed{} answer can express: an rlp arm trains on those)", file=sys.stderr)
     model.save_pretrained(out / "model")
     tok.save_pretrained(out / "model")
-    # the options and horizon too: a finished arm asked again is checked without loading a checkpoint. Atomically:
-    # a stop while writing leaves no truncated sft.json
+    # the options, horizon, --steps, model path and budget too: a finished arm asked again is checked without
+    # loading a checkpoint. Atomically: a stop while writing leaves no truncated sft.json
     from rpt_train.evaluate import write_json
 
-    record = {**totals, "options": sft_options(to_dict(cfg), label_tokens), "horizon": horizon}
+    record = {**totals, "options": sft_options(to_dict(cfg), label_tokens), "horizon": horizon,
+              "asked": asked_options(cfg, max_tokens)}
     write_json(record, out / "sft.json")
     return totals

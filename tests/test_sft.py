@@ -74,7 +74,9 @@ def test_sft_resume_compares_only_what_its_result_depends_on(tiny_llama, train_s
     other["model"] = str(moved)
     totals = sft_train(TrainConfig(**{**base, **other}), next_contexts(2))
     assert [m["step"] for m in read_jsonl(tmp_path / "arm" / "metrics.jsonl")] == [1, 2, 3, 4] and totals["steps"] == 4
-    assert sft_train(TrainConfig(**{**base, "group_size": 16, "micro_batch_size": 3}), next_contexts(2)) == totals
+    # finished, it is asked with the model path it finished with (a finished arm compares the path as given)
+    finished = {**base, "model": str(moved)}
+    assert sft_train(TrainConfig(**{**finished, "group_size": 16, "micro_batch_size": 3}), next_contexts(2)) == totals
     with pytest.raises(UserError, match="lr differs"):
         sft_train(TrainConfig(**{**base, "lr": 5e-2}), next_contexts(2))
 
@@ -187,3 +189,44 @@ def test_sft_damaged_record_is_refused_naming_the_file_and_written_atomically(ti
     path.unlink()
     assert sft_train(TrainConfig(**base), next_contexts(2)) == totals
     assert json.loads(path.read_text()) == json.loads(good)
+
+
+def test_sft_finished_arm_asked_with_other_steps_model_or_budget_is_refused(tiny_llama, tiny_qwen2, train_shards,
+                                                                            tmp_path, monkeypatch):
+    """A finished arm asked with another --steps (a constant schedule: no horizon to check), another --model path
+    (compared as given) or another token budget (max_tokens: a FLOP-matched arm's) is refused, naming the option,
+    old and new value; an sft.json written before it recorded them is accepted. A resume with another budget is
+    refused too (its checkpoint records it), one with another model path is not (the weights are the checkpoint's)."""
+    import json
+
+    from rpt_train.sft import next_contexts, read_jsonl, sft_train
+
+    base = sft_base(tiny_llama, train_shards, tmp_path / "arm", steps=2)
+    totals = sft_train(TrainConfig(**base), next_contexts(2), max_tokens=10**6)
+    assert sft_train(TrainConfig(**{**base, "micro_batch_size": 1}), next_contexts(2), max_tokens=10**6) == totals
+    for changed, budget, says in [({"steps": 8}, 10**6, "--steps: 2 there, 8 now"),
+                                  ({"model": str(tiny_qwen2)}, 10**6,
+                                   f"--model \\(its path as given.*\\): '{tiny_llama}' there, '{tiny_qwen2}' now"),
+                                  ({}, 5, "the token budget max_tokens .*: 1000000 there, 5 now"),
+                                  ({}, None, "the token budget .*: 1000000 there, None now")]:
+        with pytest.raises(UserError, match=f"finished sft arm run with other options \\({says}"):
+            sft_train(TrainConfig(**{**base, **changed}), next_contexts(2), max_tokens=budget)
+    # an sft.json written before it recorded them: accepted (nothing to check them against)
+    path = tmp_path / "arm" / "sft.json"
+    record = json.loads(path.read_text())
+    del record["asked"]
+    path.write_text(json.dumps(record))
+    assert sft_train(TrainConfig(**{**base, "steps": 8}), next_contexts(2), max_tokens=5) == totals
+
+    resumed = sft_base(tiny_llama, train_shards, tmp_path / "resumed")
+    with monkeypatch.context() as m:
+        killed_after(2, m)
+        with pytest.raises(SystemExit):
+            sft_train(TrainConfig(**resumed), next_contexts(2), max_tokens=10**6)
+    for budget in (5, None):
+        with pytest.raises(UserError, match=f"another token budget \\(max_tokens.*: 1000000 there, {budget} now"):
+            sft_train(TrainConfig(**resumed), next_contexts(2), max_tokens=budget)
+    assert [m["step"] for m in read_jsonl(tmp_path / "resumed" / "metrics.jsonl")] == [1, 2]
+    moved = tmp_path / "moved-model"
+    moved.symlink_to(tiny_llama, target_is_directory=True)
+    assert sft_train(TrainConfig(**{**resumed, "model": str(moved)}), next_contexts(2), max_tokens=10**6)["steps"] == 4
