@@ -460,19 +460,41 @@ class Experiment:
         return out
 
     # stages
+    def check_warm(self, done: Path, base: TrainConfig) -> dict:
+        """The warm start's record at `done` (warm.json), when made with the spec's warm: options and base shards
+        and model (paths as given); a change is refused in one sentence: the old warm model would be reused
+        silently. An older warm.json without base_shards / base_model: those cannot be checked."""
+        try:
+            record = json.loads(done.read_text())
+        except (OSError, ValueError) as e:
+            record = f"{type(e).__name__}: {e}"
+        warm = self.root / "warm"
+        if not isinstance(record, dict):
+            raise UserError(f"'{done}' is damaged ({record if isinstance(record, str) else 'not a JSON object'}); "
+                            f"delete '{warm}' to rebuild the warm start")
+        now = {**self.spec.warm, "base_shards": base.shards, "base_model": base.model}
+        changed = [k for k in now if k in record and record[k] != now[k]]
+        if changed:
+            was = "; ".join(f"{k}: {record[k]!r} there, {now[k]!r} now" for k in changed)
+            raise UserError(f"spec '{self.spec.path}': the warm start in '{warm}' was made with other options "
+                            f"({was}); delete '{warm}' (or use another out:) to rebuild it, or restore the spec's "
+                            "warm: / base: values")
+        return record
+
     def warm_start(self) -> dict | None:
         """SFT on the warm documents (neither held out nor trained on by any arm: a second hash of doc_id) into
-        OUT/warm/train/model; OUT/warm/docs.txt lists them. Done when its model and warm.json exist."""
+        OUT/warm/train/model; OUT/warm/docs.txt lists them. Done when its model and warm.json exist, made with the
+        spec's warm: options and base shards and model (check_warm: a change is refused)."""
         if not self.spec.warm:
             return None
         from rpt_train.samples import is_heldout
         from rpt_train.sft import next_contexts, sft_train
 
         w, done = self.spec.warm, self.root / "warm" / "warm.json"
-        if done.exists() and (self.root / "warm" / "train" / "model" / "config.json").exists():
-            return json.loads(done.read_text())
         base = load_config(TrainConfig, None, {k: v for k, v in self.spec.train.items()
                                                if k in field_types(TrainConfig)})
+        if done.exists() and (self.root / "warm" / "train" / "model" / "config.json").exists():
+            return self.check_warm(done, base)
         docs = doc_ids(base.shards)
         held = {d for d in docs if is_heldout(d, base.heldout_fraction, base.split_seed)}
         chosen = [d for d in docs if d not in held and is_heldout(d, w["fraction"], base.split_seed + 1)]
@@ -495,7 +517,8 @@ class Experiment:
 
         metrics = read_jsonl(Path(cfg.out) / "metrics.jsonl")
         record = {"documents": len(chosen), "heldout_documents": len(held), "all_documents": len(docs), **w,
-                  "base_model": base.model, "seconds": round(time.perf_counter() - t0, 1), "machine": machine(),
+                  "base_model": base.model, "base_shards": base.shards,
+                  "seconds": round(time.perf_counter() - t0, 1), "machine": machine(),
                   "sft": totals, "compute": compute_of(metrics, self.params(base.model)),
                   "loss_first": metrics[0]["loss"], "loss_last": metrics[-1]["loss"]}
         write_json(record, done)
