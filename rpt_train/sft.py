@@ -16,6 +16,7 @@ import torch
 
 from rpt_common.errors import UserError
 from rpt_train.config import TrainConfig, to_dict
+from rpt_train.rundir import read_saved
 
 
 # What an sft arm's result depends on, and nothing else: the options compared when it resumes or is asked again
@@ -50,17 +51,10 @@ def check_sft_options(saved: dict, cfg: TrainConfig, label_tokens: int, out: Pat
 
 
 def read_record(out: Path) -> dict:
-    """OUT/sft.json, a JSON object; a damaged one (truncated, empty, not an object) is refused in one sentence."""
-    path = out / "sft.json"
-    try:
-        record = json.loads(path.read_text())
-        problem = None if isinstance(record, dict) else f"a JSON {type(record).__name__}, not an object"
-    except (OSError, ValueError) as e:
-        problem = f"{type(e).__name__}: {e}"
-    if problem:
-        raise UserError(f"'{path}' is damaged ({problem}); delete it to redo the arm's finish (the arm resumes "
-                        "from its last checkpoint and writes it again)")
-    return record
+    """OUT/sft.json, a JSON object; a damaged one (truncated, empty, not an object) is refused in one sentence
+    (rundir.read_saved)."""
+    return read_saved(out / "sft.json", "delete it to redo the arm's finish (the arm resumes from its last "
+                                        "checkpoint and writes it again)")
 
 
 def asked_options(cfg: TrainConfig, max_tokens: int | None) -> dict:

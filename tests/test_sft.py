@@ -184,7 +184,7 @@ def test_sft_damaged_record_is_refused_naming_the_file_and_written_atomically(ti
     good = path.read_text()
     for bad in (good[:len(good) // 2], "", "[]", "null", "7"):
         path.write_text(bad)
-        with pytest.raises(UserError, match=r"sft\.json' is damaged .*delete it to redo the arm's finish"):
+        with pytest.raises(UserError, match=r"sft\.json' is (damaged|unreadable).*delete it to redo the arm's finish"):
             sft_train(TrainConfig(**base), next_contexts(2))
     path.unlink()
     assert sft_train(TrainConfig(**base), next_contexts(2)) == totals
