@@ -375,6 +375,13 @@ def compute_of(metrics: list[dict], n_params: int) -> dict:
 
 # ---- running -----------------------------------------------------------------------------------------------------------
 
+def warm_base(base: TrainConfig) -> dict:
+    """The base: options a warm start depends on beyond warm: (recorded in warm.json, checked on reuse): the shards
+    and model (paths as given) and the held-out split, which also decides the warm documents."""
+    return {"base_model": base.model, "base_shards": base.shards, "heldout_fraction": base.heldout_fraction,
+            "split_seed": base.split_seed}
+
+
 class Experiment:
     """One spec on this machine: where its work goes (OUT/ARM/train), where finished arms are kept
     (RESULTS/NAME.arms/), the start model (the warm start's when the spec has one)."""
@@ -461,18 +468,15 @@ class Experiment:
 
     # stages
     def check_warm(self, done: Path, base: TrainConfig) -> dict:
-        """The warm start's record at `done` (warm.json), when made with the spec's warm: options and base shards
-        and model (paths as given); a change is refused in one sentence: the old warm model would be reused
-        silently. An older warm.json without base_shards / base_model: those cannot be checked."""
-        try:
-            record = json.loads(done.read_text())
-        except (OSError, ValueError) as e:
-            record = f"{type(e).__name__}: {e}"
+        """The warm start's record at `done` (warm.json), when made with the spec's warm: options, base shards and
+        model (paths as given) and held-out split (heldout-fraction, split-seed: they also decide which documents
+        are warm); a change is refused in one sentence: the old warm model would be reused silently. An older
+        warm.json without some of these keys: those cannot be checked."""
+        from rpt_train.rundir import read_saved
+
         warm = self.root / "warm"
-        if not isinstance(record, dict):
-            raise UserError(f"'{done}' is damaged ({record if isinstance(record, str) else 'not a JSON object'}); "
-                            f"delete '{warm}' to rebuild the warm start")
-        now = {**self.spec.warm, "base_shards": base.shards, "base_model": base.model}
+        record = read_saved(done, f"delete '{warm}' to rebuild the warm start")
+        now = {**self.spec.warm, **warm_base(base)}
         changed = [k for k in now if k in record and record[k] != now[k]]
         if changed:
             was = "; ".join(f"{k}: {record[k]!r} there, {now[k]!r} now" for k in changed)
@@ -517,7 +521,7 @@ class Experiment:
 
         metrics = read_jsonl(Path(cfg.out) / "metrics.jsonl")
         record = {"documents": len(chosen), "heldout_documents": len(held), "all_documents": len(docs), **w,
-                  "base_model": base.model, "base_shards": base.shards,
+                  **warm_base(base),
                   "seconds": round(time.perf_counter() - t0, 1), "machine": machine(),
                   "sft": totals, "compute": compute_of(metrics, self.params(base.model)),
                   "loss_first": metrics[0]["loss"], "loss_last": metrics[-1]["loss"]}

@@ -661,37 +661,43 @@ def test_an_experiment_under_torchrun_is_refused_at_once(tmp_path, monkeypatch):
 
 def test_warm_start_made_with_other_warm_or_base_options_is_refused(tmp_path):
     """A warm start is reused only when its warm.json was made with the spec's warm: options (fraction, steps,
-    batch, lr) and base shards and model (paths as given): a change is one UserError naming the keys and saying to
-    delete OUT/warm; an older warm.json without base_shards / base_model is accepted. The committed specs accept
+    batch, lr), base shards and model (paths as given) and held-out split (heldout-fraction, split-seed: they decide
+    the warm documents too): a change is one UserError naming the keys and saying to delete OUT/warm; an older
+    warm.json without some of these keys is accepted (those not checked). The committed specs accept
     their kept warm.json."""
     shards, model = tmp_path / "shards", tmp_path / "model"
     warm = {"fraction": 0.3, "steps": 2, "batch": 2, "lr": 1e-3}
 
     def exp_of(**changed):
+        split = {k: changed.pop(k) for k in ("heldout-fraction", "split-seed") if k in changed}
         spec = experiment.load_spec(str(write_spec(tmp_path, changed.pop("shards", shards),
                                                    changed.pop("model", model), {"before": {"kind": "eval"}},
-                                                   warm={**warm, **changed})))
+                                                   warm={**warm, **changed}, **split)))
         return experiment.Experiment(spec)
     root = tmp_path / "work" / "warm"
     (root / "train" / "model").mkdir(parents=True)
     (root / "train" / "model" / "config.json").write_text("{}")
-    record = {"documents": 3, **warm, "base_model": str(model), "base_shards": str(shards)}
+    record = {"documents": 3, **warm, "base_model": str(model), "base_shards": str(shards),
+              "heldout_fraction": TINY["heldout-fraction"], "split_seed": TINY["split-seed"]}
     (root / "warm.json").write_text(json.dumps(record))
     assert exp_of().warm_start() == record
     for changed, says in [({"lr": 1e-5}, "lr: 0.001 there, 1e-05 now"),
                           ({"fraction": 0.5, "batch": 4}, "fraction: 0.3 there, 0.5 now; batch: 2 there, 4 now"),
                           ({"steps": 3}, "steps: 2 there, 3 now"),
                           ({"model": tmp_path / "other"}, f"base_model: '{model}' there, '{tmp_path / 'other'}' now"),
-                          ({"shards": tmp_path / "s2"}, f"base_shards: '{shards}' there, '{tmp_path / 's2'}' now")]:
+                          ({"shards": tmp_path / "s2"}, f"base_shards: '{shards}' there, '{tmp_path / 's2'}' now"),
+                          ({"heldout-fraction": 0.5}, "heldout_fraction: 0.3 there, 0.5 now"),
+                          ({"split-seed": 5}, "split_seed: 4 there, 5 now")]:
         with pytest.raises(UserError, match=f"warm start in '{root}' was made with other options \\({says}\\); "
                                             f"delete '{root}' \\(or use another out:\\) to rebuild it"):
             exp_of(**changed).warm_start()
-    older = {k: v for k, v in record.items() if k not in ("base_model", "base_shards")}
+    older = {k: v for k, v in record.items() if k not in ("base_model", "base_shards", "heldout_fraction", "split_seed")}
     (root / "warm.json").write_text(json.dumps(older))
-    assert exp_of(model=tmp_path / "other").warm_start() == older
-    (root / "warm.json").write_text(json.dumps(record)[:20])
-    with pytest.raises(UserError, match=f"warm.json' is damaged .*delete '{root}'"):
-        exp_of().warm_start()
+    assert exp_of(model=tmp_path / "other", **{"split-seed": 5}).warm_start() == older
+    for bad in (json.dumps(record)[:20], "[]", ""):
+        (root / "warm.json").write_text(bad)
+        with pytest.raises(UserError, match=f"warm.json' is (damaged|unreadable).*delete '{root}'"):
+            exp_of().warm_start()
     for path in sorted((REPO / "pipelines" / "experiments").glob("*.yaml")):
         spec = experiment.load_spec(str(path))
         if spec.warm and (spec.arms_dir / "warm.json").exists():
