@@ -71,7 +71,8 @@ class SampleConfig(CommonConfig):
 
     bucket: str = opt("selected", "positions drawn: selected (the tagger's threshold), easy, medium, hard, all")
     min_entropy: float | None = opt(None, "positions whose entropy exceeds X nats (overrides --bucket)")
-    exclude_docs: str = opt("", "text file of doc_ids (one per line) never trained on or exported, e.g. a warm "
+    exclude_docs: str = opt("", "text file of doc_ids or split units (doc_id#block, a block of "
+                            "--split-block-windows windows) one per line, never trained on or exported, e.g. a warm "
                             "start's or a benchmark's documents")
 
 

@@ -375,11 +375,25 @@ def compute_of(metrics: list[dict], n_params: int) -> dict:
 
 # ---- running -----------------------------------------------------------------------------------------------------------
 
-def warm_base(base: TrainConfig) -> dict:
+def warm_base(base: TrainConfig, block_windows: int | None = None) -> dict:
     """The base: options a warm start depends on beyond warm: (recorded in warm.json, checked on reuse): the shards
-    and model (paths as given) and the held-out split, which also decides the warm documents."""
-    return {"base_model": base.model, "base_shards": base.shards, "heldout_fraction": base.heldout_fraction,
-            "split_seed": base.split_seed}
+    and model (paths as given) and the held-out split, which also decides the warm units: its fraction, seed and
+    (`block_windows`, resolved by split_blocks; left out when None) unit."""
+    out = {"base_model": base.model, "base_shards": base.shards, "heldout_fraction": base.heldout_fraction,
+           "split_seed": base.split_seed}
+    return out if block_windows is None else {**out, "split_block_windows": block_windows}
+
+
+def split_blocks(base: TrainConfig, shards=None) -> int:
+    """The held-out unit of `base` as a run on its shards resolves it (samples.resolve_shard_defaults):
+    --split-block-windows, else 16 for continuous shards, 0 (documents) for structured ones."""
+    import copy
+
+    from rpt_train.samples import ShardSet, resolve_shard_defaults
+
+    cfg = copy.copy(base)
+    resolve_shard_defaults(cfg, shards or ShardSet(base.shards))
+    return cfg.split_block_windows
 
 
 class Experiment:
@@ -469,14 +483,15 @@ class Experiment:
     # stages
     def check_warm(self, done: Path, base: TrainConfig) -> dict:
         """The warm start's record at `done` (warm.json), when made with the spec's warm: options, base shards and
-        model (paths as given) and held-out split (heldout-fraction, split-seed: they also decide which documents
-        are warm); a change is refused in one sentence: the old warm model would be reused silently. An older
-        warm.json without some of these keys: those cannot be checked."""
+        model (paths as given) and held-out split (heldout-fraction, split-seed, split-block-windows: they also
+        decide which units are warm); a change is refused in one sentence: the old warm model would be reused
+        silently. An older warm.json without some of these keys: those cannot be checked."""
         from rpt_train.rundir import read_saved
 
         warm = self.root / "warm"
         record = read_saved(done, f"delete '{warm}' to rebuild the warm start")
-        now = {**self.spec.warm, **warm_base(base)}
+        blocks = split_blocks(base) if "split_block_windows" in record else None  # older: not checked
+        now = {**self.spec.warm, **warm_base(base, blocks)}
         changed = [k for k in now if k in record and record[k] != now[k]]
         if changed:
             was = "; ".join(f"{k}: {record[k]!r} there, {now[k]!r} now" for k in changed)
@@ -486,12 +501,14 @@ class Experiment:
         return record
 
     def warm_start(self) -> dict | None:
-        """SFT on the warm documents (neither held out nor trained on by any arm: a second hash of doc_id) into
-        OUT/warm/train/model; OUT/warm/docs.txt lists them. Done when its model and warm.json exist, made with the
-        spec's warm: options and base shards and model (check_warm: a change is refused)."""
+        """SFT on the warm units (neither held out nor trained on by any arm: a second hash of the split unit, the
+        document or, for a split by blocks, its block of windows) into OUT/warm/train/model; OUT/warm/docs.txt lists
+        them, OUT/warm/rest.txt the units neither warm nor held out (the warm SFT excludes those and keeps the base's
+        split: it never trains on held-out text, labels included). Done when its model and warm.json exist, made
+        with the spec's warm: options and base shards and model (check_warm: a change is refused)."""
         if not self.spec.warm:
             return None
-        from rpt_train.samples import is_heldout
+        from rpt_train.samples import ShardSet, is_heldout
         from rpt_train.sft import next_contexts, sft_train
 
         w, done = self.spec.warm, self.root / "warm" / "warm.json"
@@ -499,29 +516,34 @@ class Experiment:
                                                if k in field_types(TrainConfig)})
         if done.exists() and (self.root / "warm" / "train" / "model" / "config.json").exists():
             return self.check_warm(done, base)
-        docs = doc_ids(base.shards)
-        held = {d for d in docs if is_heldout(d, base.heldout_fraction, base.split_seed)}
-        chosen = [d for d in docs if d not in held and is_heldout(d, w["fraction"], base.split_seed + 1)]
+        shards = ShardSet(base.shards)
+        blocks = split_blocks(base, shards)
+        units = split_units(shards, blocks)  # unit -> its document
+        held = {u for u in units if is_heldout(u, base.heldout_fraction, base.split_seed)}
+        chosen = [u for u in units if u not in held and is_heldout(u, w["fraction"], base.split_seed + 1)]
         if not chosen:
-            raise UserError(f"spec '{self.spec.path}': no document falls in the warm fraction {w['fraction']}; "
+            what = f"block of {blocks} windows" if blocks else "document"
+            raise UserError(f"spec '{self.spec.path}': no {what} falls in the warm fraction {w['fraction']}; "
                             "raise warm: fraction")
-        (self.root / "warm").mkdir(parents=True, exist_ok=True)
-        (self.root / "warm" / "docs.txt").write_text("".join(d + "\n" for d in chosen))
-        (self.root / "warm" / "rest.txt").write_text("".join(d + "\n" for d in docs if d not in set(chosen)))
+        write_lines(chosen, self.root / "warm" / "docs.txt")
+        picked = set(chosen)
+        write_lines([u for u in units if u not in held and u not in picked], self.root / "warm" / "rest.txt")
         cfg = load_config(TrainConfig, None, {**to_dict(base), "exclude_docs": str(self.root / "warm" / "rest.txt"),
                                               "out": str(self.root / "warm" / "train"), "steps": w["steps"],
                                               "batch_prompts": w["batch"], "lr": w["lr"], "warmup_steps": 0,
                                               "lr_schedule": "constant", "save_every": min(8, w["steps"]),
-                                              # rest.txt excludes the held-out documents already: same positions,
-                                              # and the split check has nothing to refuse
-                                              "heldout_fraction": 0.0})
+                                              # the base's split keeps the held-out units out (rest.txt: the
+                                              # others): the positions of the warm units, and no labels that run
+                                              # into a held-out window
+                                              "split_block_windows": blocks})
         t0 = time.perf_counter()
         totals = sft_train(cfg, next_contexts(w["batch"]))
         from rpt_train.sft import read_jsonl
 
         metrics = read_jsonl(Path(cfg.out) / "metrics.jsonl")
-        record = {"documents": len(chosen), "heldout_documents": len(held), "all_documents": len(docs), **w,
-                  **warm_base(base),
+        record = {"documents": len({units[u] for u in chosen}), "units": len(chosen),
+                  "heldout_documents": len({units[u] for u in held}), "all_documents": len(set(units.values())), **w,
+                  **warm_base(base, blocks),
                   "seconds": round(time.perf_counter() - t0, 1), "machine": machine(),
                   "sft": totals, "compute": compute_of(metrics, self.params(base.model)),
                   "loss_first": metrics[0]["loss"], "loss_last": metrics[-1]["loss"]}
@@ -601,14 +623,32 @@ def run_eval(cfg: EvalConfig) -> dict:
         return evaluate(policy.model, policy.tokenizer, engine, cfg, details=True)
 
 
-def doc_ids(shards: str) -> list[str]:
-    """Every document id of the shards, sorted."""
+def split_units(shards, block_windows: int) -> dict[str, str]:
+    """Every held-out split unit of the ShardSet `shards` (samples.split_unit of a row's doc_id and window_index:
+    the document, or its block of `block_windows` windows), each with its document; by document, then block."""
     import pyarrow.parquet as pq
 
-    from rpt_train.samples import ShardSet
+    from rpt_train.samples import split_unit
 
-    return sorted({d for path in ShardSet(shards).paths for d in pq.read_table(path, columns=["doc_id"])
-                   .column("doc_id").to_pylist()})
+    seen: set[tuple[str, int]] = set()
+    for path in shards.paths:
+        table = pq.read_table(path, columns=["doc_id", "window_index"])
+        blocks = [w // block_windows if block_windows > 0 else 0 for w in table.column("window_index").to_pylist()]
+        seen.update(zip(table.column("doc_id").to_pylist(), blocks))
+    return {split_unit(d, b * block_windows, block_windows): d for d, b in sorted(seen)}
+
+
+def write_lines(lines: list[str], path: Path) -> None:
+    """`lines`, one a line, at `path`, atomically (a temp file of this call's own, renamed into place)."""
+    from rpt_train.evaluate import temp_beside
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_beside(path)
+    try:
+        tmp.write_text("".join(line + "\n" for line in lines))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_json(obj: dict, path: Path) -> None:

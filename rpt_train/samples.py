@@ -52,7 +52,8 @@ def split_unit(doc_id: str, window_index: int, block_windows: int) -> str:
 
 
 def read_doc_ids(path: str) -> frozenset[str]:
-    """The doc_ids listed in a text file, one per line (blank lines ignored); none for an empty path."""
+    """The doc_ids (or split units, doc_id#block) listed in a text file, one per line (blank lines ignored); none
+    for an empty path."""
     if not path:
         return frozenset()
     try:
@@ -146,8 +147,9 @@ class ShardSet:
     def candidates(self, metric: str, heldout_fraction: float = 0.0, split_seed: int = 0, *,
                    cuts=(), exclude: frozenset[str] = frozenset(), block_windows: int = 0) -> Candidates:
         """Every scored position t >= max(score_start, 1) with a finite `metric` and a proxy token of non-zero byte
-        width, in shard/row/t order, none of the documents in `exclude`; `cuts`: entropy thresholds whose comparisons
-        stay exact in the float16 table. The held-out split draws split_unit(doc_id, window_index, block_windows);
+        width, in shard/row/t order, none of a row whose doc_id or split unit (doc_id#block) is in `exclude`;
+        `cuts`: entropy thresholds whose comparisons stay exact in the float16 table. The held-out split draws
+        split_unit(doc_id, window_index, block_windows);
         `heldout_units` / `heldout_docs` are then the units and documents with a held-out window."""
         return Candidates.concat(list(self.candidate_parts(metric, heldout_fraction, split_seed, cuts=cuts,
                                                            exclude=exclude, block_windows=block_windows)))
@@ -165,7 +167,8 @@ class ShardSet:
                 held = np.array([is_heldout(u, heldout_fraction, split_seed) for u in units], dtype=bool)
                 self.heldout_units.update(u for u, h in zip(units, held) if h)
                 self.heldout_docs.update(d for d, h in zip(docs, held) if h)
-                dropped = np.array([d in exclude for d in docs], dtype=bool) if exclude else None
+                dropped = np.array([d in exclude or u in exclude for d, u in zip(docs, units)],
+                                   dtype=bool) if exclude else None
                 part, zero = candidates_of(table, metric, i, int(self._group_starts[i][rg]), held, cuts, dropped)
                 self.zero_width += zero
                 yield part
