@@ -31,6 +31,7 @@ from rpt_train.metrics import machine
 SPEC_KEYS = {"name", "title", "recipe", "base", "warm", "eval", "arms", "comparisons", "metrics", "out", "results",
              "alpha", "power", "primary_bucket", "notes", "levers", "factors"}
 LEVERS = {"positions": 100}  # a spec's `levers:` (true or a mapping) overrides these
+SPLIT_KEYS = ("heldout_fraction", "split_seed", "split_block_windows")  # the base's for every arm (load_spec)
 ARM_KEYS = {"kind", "match_flops", "contexts_of", "label_tokens", "model", "description", "eval"}
 WARM = {"fraction": 0.2, "steps": 40, "batch": 16, "lr": 1e-5}  # a spec's `warm:` overrides these
 METRICS = ("ntr_accuracy", "ntr_greedy_accuracy", "ntr_pass_at_k", "ntp_accuracy")
@@ -151,6 +152,11 @@ def load_spec(path: str) -> Spec:
         extra = {k: a.pop(k) for k in list(a) if k in ARM_KEYS and not (k == "model" and kind != "eval")}
         if "eval" in extra:  # eval options of this arm only (the design's positions stay the same for every arm)
             extra["eval"] = _options(f"{where} (eval)", extra["eval"] or {}, (EvalConfig,))
+        split = [k for k in SPLIT_KEYS if k in a or k in (extra.get("eval") or {})]
+        if split:
+            raise UserError(f"{where}: sets {', '.join(k.replace('_', '-') for k in split)}, but the held-out split "
+                            "is the base's for every arm (every arm's eval and the warm start's units depend on it); "
+                            "set it under base:")
         arms[str(name)] = Arm(name=str(name), kind=kind, options=_options(where, a, (TrainConfig,)), **extra)
     for arm in arms.values():
         for dep in arm.depends_on():
@@ -485,11 +491,23 @@ class Experiment:
         """The warm start's record at `done` (warm.json), when made with the spec's warm: options, base shards and
         model (paths as given) and held-out split (heldout-fraction, split-seed, split-block-windows: they also
         decide which units are warm); a change is refused in one sentence: the old warm model would be reused
-        silently. An older warm.json without some of these keys: those cannot be checked."""
+        silently. An older warm.json without some of these keys: those cannot be checked; but one without `units`
+        (made before warm starts were split units) on shards split by blocks is refused: it trained on whole
+        streams, their held-out blocks included."""
         from rpt_train.rundir import read_saved
 
         warm = self.root / "warm"
         record = read_saved(done, f"delete '{warm}' to rebuild the warm start")
+        if "units" not in record:
+            try:
+                by_blocks = split_blocks(base)
+            except UserError:  # shards unreadable here: the arms that read them stop with their own message
+                by_blocks = 0
+            if by_blocks > 0:
+                raise UserError(f"spec '{self.spec.path}': the warm start in '{warm}' was made before warm starts "
+                                f"were split by blocks (its warm.json records no units), so on these shards, held "
+                                f"out by blocks of {by_blocks} windows, it trained on whole streams, held-out blocks "
+                                f"included; delete '{warm}' to rebuild it")
         blocks = split_blocks(base) if "split_block_windows" in record else None  # older: not checked
         now = {**self.spec.warm, **warm_base(base, blocks)}
         changed = [k for k in now if k in record and record[k] != now[k]]
@@ -509,7 +527,7 @@ class Experiment:
         if not self.spec.warm:
             return None
         from rpt_train.samples import ShardSet, is_heldout
-        from rpt_train.sft import next_contexts, sft_train
+        from rpt_train.sft import OptionsChanged, next_contexts, sft_train
 
         w, done = self.spec.warm, self.root / "warm" / "warm.json"
         base = load_config(TrainConfig, None, {k: v for k, v in self.spec.train.items()
@@ -537,7 +555,12 @@ class Experiment:
                                               # into a held-out window
                                               "split_block_windows": blocks})
         t0 = time.perf_counter()
-        totals = sft_train(cfg, next_contexts(w["batch"]))
+        try:
+            totals = sft_train(cfg, next_contexts(w["batch"]))
+        except OptionsChanged as e:  # its options are this spec's, not the user's: say how to rebuild it
+            raise UserError(f"{e}; but this is the warm start of spec '{self.spec.path}', checkpointed under "
+                            "other options (e.g. by an older version, without the held-out split): delete "
+                            f"'{self.root / 'warm'}' to rebuild it") from None
         from rpt_train.sft import read_jsonl
 
         metrics = read_jsonl(Path(cfg.out) / "metrics.jsonl")

@@ -222,7 +222,10 @@ def markdown(res: dict, png: str) -> str:
                   "with the common design compare two eval prompts, not only two models.", ""]
     if res.get("warm_start"):
         w = res["warm_start"]
-        lines += [f"Warm start (the start of every arm): SFT on {w['documents']} documents neither held out nor "
+        blocks = w.get("split_block_windows") if "units" in w else None  # older records: documents only
+        what = (f"{w['units']} blocks of {blocks} windows in {w['documents']} documents" if blocks else
+                f"{w['documents']} documents")
+        lines += [f"Warm start (the start of every arm): SFT on {what} neither held out nor "
                   f"trained on by an arm, {w['steps']} steps of {w['batch']} contexts, lr {w['lr']:g}; loss "
                   f"{w['loss_first']:.3f} -> {w['loss_last']:.3f}.", ""]
     if res.get("prompt_levers"):

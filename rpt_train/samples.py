@@ -347,8 +347,8 @@ class SampleBuilder:
     """Turns candidate indices into Samples for one policy tokenizer (None for unusable positions, counted in
     `skipped`; `unexpressible` counts those whose label no answer can express; `answer_format` None: the labels
     are the true next tokens, uncut, as --objective rlp scores them, none unexpressible). `held_out(row)`, given for the
-    training side of a split: a position whose labels run into the text of a held-out window (the next window of
-    its stream) is unusable too, counted in `crossing`: training never rewards held-out text."""
+    training side of a split: a position whose labels run into the text of a held-out (or excluded) window (the
+    next window of its stream) is unusable too, counted in `crossing`: training never rewards held-out text."""
 
     def __init__(self, shards: ShardSet, cands: Candidates, tokenizer, *, labels_length: int,
                  max_context_tokens: int, thresholds: list[float], answer_format: str | None = "boxed",
@@ -531,8 +531,9 @@ class TrainSamples:
         # positions (~5 bytes each) and their order (4 bytes each) stay in the page cache
         train, held = TableSink(), TableSink() if keep_heldout else None
         scored = heldout = 0
+        self.exclude = read_doc_ids(cfg.exclude_docs)
         for part in self.shards.candidate_parts(cfg.entropy_metric, cfg.heldout_fraction, cfg.split_seed,
-                                                cuts=cuts_of(cfg), exclude=read_doc_ids(cfg.exclude_docs),
+                                                cuts=cuts_of(cfg), exclude=self.exclude,
                                                 block_windows=cfg.split_block_windows):
             mask = select_mask(part, bucket=cfg.bucket, min_entropy=cfg.min_entropy, thresholds=cfg.bucket_thresholds)
             part_held = part.heldout
@@ -552,7 +553,9 @@ class TrainSamples:
 
     def builder(self, cands: Candidates) -> SampleBuilder:
         """A SampleBuilder over `cands` with this run's tokenizer, labels, context cut and answer format; over the
-        training table, one that drops a position whose labels run into a held-out window. Under --objective rlp
+        training table, one that drops a position whose labels run into a held-out window or an excluded one
+        (--exclude-docs: its doc_id or split unit listed; a stream split by blocks only, as a label window never
+        crosses documents: no change for a document split or an empty list). Under --objective rlp
         (`answers` False) the labels are not cut to what an answer can express: rlp writes no answer, its reward
         scores the true next tokens (a continuation starting with '}' included). The sft arm always cuts: its
         targets are answers, whatever --objective says."""
@@ -560,13 +563,16 @@ class TrainSamples:
         return SampleBuilder(self.shards, cands, self.tokenizer, labels_length=c.labels_length,
                              max_context_tokens=c.max_context_tokens, thresholds=c.bucket_thresholds,
                              answer_format=c.answer_format if self.answers else None,
-                             held_out=self.held_out_row if cands is self.cands and c.heldout_fraction > 0 else None)
+                             held_out=self.held_out_row if cands is self.cands and (c.heldout_fraction > 0
+                                                                                    or self.exclude) else None)
 
     def held_out_row(self, row: dict) -> bool:
-        """Whether a shard row (doc_id, window_index) is on the held-out side of this run's split."""
+        """Whether a shard row (doc_id, window_index) is on the held-out side of this run's split, or excluded
+        (--exclude-docs lists its doc_id or split unit): text whose windows training never rewards."""
         c = self.cfg
-        return is_heldout(split_unit(row["doc_id"], row["window_index"], c.split_block_windows), c.heldout_fraction,
-                          c.split_seed)
+        unit = split_unit(row["doc_id"], row["window_index"], c.split_block_windows)
+        return (is_heldout(unit, c.heldout_fraction, c.split_seed) or row["doc_id"] in self.exclude
+                or unit in self.exclude)
 
     def __len__(self) -> int:
         return len(self.cands)

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from shard_fixtures import tiny_tok, train_shards  # noqa: F401
-from test_experiment import TINY, write_spec
+from test_experiment import REPO, TINY, write_spec
 from test_train_split import continuous_shards  # noqa: F401
 
 from rpt_common.errors import UserError
@@ -92,14 +92,19 @@ def test_the_warm_start_never_trains_on_held_out_blocks(continuous_shards, tiny_
         if not is_heldout(u := split_unit(d, w, 2), HELD, seed):
             sides.setdefault(d, set()).add(u in chosen)
     assert any(len(s) == 2 for s in sides.values())
-    # the labels of a warm position never run into a held-out window: the same samples as a builder told so
+    # the labels of a warm position never run into a held-out window, nor an excluded one (rest.txt, neither warm
+    # nor held out): the same samples as a builder told so
+    rest = set(lines(tmp_path / "work" / "warm" / "rest.txt"))
+
+    def away(row: dict) -> bool:
+        return held(row) or split_unit(row["doc_id"], row["window_index"], 2) in rest
     ref = SampleBuilder(data.shards, data.cands, tiny_tok, labels_length=cfg.labels_length,
                         max_context_tokens=cfg.max_context_tokens, thresholds=cfg.bucket_thresholds,
-                        answer_format=cfg.answer_format, held_out=held)
+                        answer_format=cfg.answer_format, held_out=away)
     every = list(range(len(data.cands)))
     assert [s and s.key for s in data.build.many(every)] == [s and s.key for s in ref.many(every)]
-    told = data.build.held_out  # the warm SFT's own builder is told the base's held-out windows
-    assert told is not None and all(told(r) == held(r) for r in ({"doc_id": d, "window_index": w} for d, w in rows))
+    told = data.build.held_out  # the warm SFT's own builder is told the base's held-out windows and rest.txt's
+    assert told is not None and all(told(r) == away(r) for r in ({"doc_id": d, "window_index": w} for d, w in rows))
     # an arm never trains on a warm block (nor a held-out one)
     arm = TrainSamples(exp.train_config(exp.spec.arms["before"]), tiny_tok)
     assert not any(held(r) or split_unit(r["doc_id"], r["window_index"], 2) in chosen for r in rows_of(arm))
@@ -160,6 +165,147 @@ def test_warm_json_records_the_units_and_their_size(continuous_shards, tiny_llam
     assert exp_of().warm_start() == record
     with pytest.raises(UserError, match="split_block_windows: 16 there, 8 now"):
         exp_of(**{"split-block-windows": 8}).warm_start()
-    older = {k: v for k, v in record.items() if k not in ("split_block_windows", "units")}
+    older = {k: v for k, v in record.items() if k != "split_block_windows"}  # not recorded: not checked
     (tmp_path / "work" / "warm" / "warm.json").write_text(json.dumps(older))
     assert exp_of(**{"split-block-windows": 8}).warm_start() == older
+
+
+def fake_sft(monkeypatch):
+    """sft_train writes a model and metrics and trains nothing."""
+    def fake(cfg, contexts):
+        out = experiment.Path(cfg.out)
+        (out / "model").mkdir(parents=True, exist_ok=True)
+        (out / "model" / "config.json").write_text("{}")
+        (out / "metrics.jsonl").write_text(json.dumps({"loss": 1.0}) + "\n")
+        return {"steps": 0}
+
+    monkeypatch.setattr(sft, "sft_train", fake)
+    monkeypatch.setattr(experiment.Experiment, "params", lambda self, model: 1)
+
+
+def test_a_warm_start_made_before_units_is_refused_on_a_split_by_blocks(continuous_shards, train_shards, tiny_llama,
+                                                                       tmp_path, monkeypatch):
+    """A warm.json without `units` (made before warm units) trained on whole streams with the split off: on shards
+    split by blocks it had held-out blocks; refused, saying to delete OUT/warm. On a document split it is accepted."""
+    fake_sft(monkeypatch)
+    for shards, refused, base in ((continuous_shards, True, {"split-block-windows": 2}), (train_shards, False, {})):
+        root = tmp_path / ("blocks" if refused else "documents")
+        spec = experiment.load_spec(str(write_spec(root, shards, tiny_llama, {"before": {"kind": "eval"}},
+                                                   warm={**WARM, "fraction": 0.9}, **base)))
+        exp = experiment.Experiment(spec)
+        record = exp.warm_start()
+        older = {k: v for k, v in record.items() if k not in ("units", "split_block_windows")}
+        (root / "work" / "warm" / "warm.json").write_text(json.dumps(older))
+        if refused:
+            with pytest.raises(UserError, match="records no units.*blocks of 2 windows.*held-out blocks included; "
+                                                f"delete '{root / 'work' / 'warm'}' to rebuild it"):
+                exp.warm_start()
+        else:
+            assert exp.warm_start() == older
+
+
+def test_an_arm_may_not_set_the_held_out_split(train_shards, tiny_llama, tmp_path):
+    """Every arm's eval and the warm units depend on the base's split: an arm (or its eval:) setting it is refused
+    at load, naming the spec, the arm and the key. The committed specs load."""
+    for key, value in (("heldout-fraction", 0.5), ("split-seed", 7), ("split-block-windows", 4)):
+        for arm in ({"kind": "rpt", key: value}, {"kind": "eval", "eval": {key: value}}):
+            path = write_spec(tmp_path, train_shards, tiny_llama, {"before": {"kind": "eval"}, "odd": arm})
+            with pytest.raises(UserError, match=f"spec '{path}', arm 'odd': sets {key}, but the held-out split is "
+                                                "the base's for every arm"):
+                experiment.load_spec(str(path))
+    for path in sorted((REPO / "pipelines" / "experiments").glob("*.yaml")):
+        assert experiment.load_spec(str(path)).arms, path
+
+
+def test_a_warm_sft_checkpointed_under_other_options_says_to_delete_the_warm_start(train_shards, tiny_llama,
+                                                                                   tmp_path, monkeypatch):
+    """The warm SFT's resume check (sft_train's real one: a checkpoint whose options differ, e.g. an older warm
+    start's heldout_fraction 0.0) says this is the spec's warm start and to delete OUT/warm; no training."""
+    import torch
+
+    from rpt_train.config import to_dict
+    from rpt_train.samples import resolve_shard_defaults
+
+    _, cfg = warm_config(tmp_path, train_shards, tiny_llama, monkeypatch)
+    monkeypatch.undo()
+    resolve_shard_defaults(cfg, ShardSet(cfg.shards))
+    ckpt = tmp_path / "work" / "warm" / "train" / "checkpoints" / "step-000001"
+    ckpt.mkdir(parents=True)
+    torch.save({"step": 1, "scheduler": {}, "sampler": {}, "rng": {},
+                "config": {**to_dict(cfg), "heldout_fraction": 0.0}}, ckpt / "trainer_state.pt")
+    exp = experiment.Experiment(experiment.load_spec(str(tmp_path / "tiny-exp.yaml")))
+    warm = tmp_path / "work" / "warm"
+    with pytest.raises(UserError, match=r"--heldout-fraction 0\.0 there\); resume with the same options, or start a "
+                                        r"new run in another --out; but this is the warm start of spec .*: delete "
+                                        f"'{warm}' to rebuild it"):
+        exp.warm_start()
+    # other UserErrors of sft_train pass unchanged
+    (ckpt / "trainer_state.pt").write_text("damaged")
+    with pytest.raises(UserError) as e:
+        exp.warm_start()
+    assert "is unreadable" in str(e.value) and "warm start of spec" not in str(e.value)
+
+
+def test_labels_never_run_into_an_excluded_block(continuous_shards, train_shards, tiny_tok, tmp_path):
+    """--exclude-docs: a position whose labels run into an excluded unit (the next block of its stream) is dropped,
+    as one running into a held-out window is; with no list, or a list of documents on a document split, the
+    samples are what they were (a label window never crosses documents)."""
+    def data_of(shards, **kw):
+        return TrainSamples(TrainConfig(**{"shards": str(shards), "model": "demo", "bucket": "all",
+                                           "split_seed": 0, **kw}), tiny_tok)
+
+    base = data_of(continuous_shards, heldout_fraction=0.0, split_block_windows=1)
+    assert base.build.held_out is None  # no split, no list: as before
+    n = len(base)
+    every = base.build.many(range(n))
+    rows = base.shards.rows(base.cands.row_shard, base.cands.row_index)
+    r = base.cands.row_of(np.arange(n))
+
+    def runs_on(i: int, s) -> bool:  # the labels run past the row's own text
+        row = rows[r[i]]
+        inside = row["text"].encode()[row["token_bytes"][int(base.cands.t[i]) - 1]:].decode()
+        return len("".join(s.label_tokens)) > len(inside)
+    first = next(i for i, s in enumerate(every) if s is not None and runs_on(i, s))
+    d, w = rows[r[first]]["doc_id"], rows[r[first]]["window_index"]
+    (tmp_path / "skip.txt").write_text(f"  {d}#{w + 1}\n")
+    data = data_of(continuous_shards, heldout_fraction=0.0, split_block_windows=1,
+                   exclude_docs=str(tmp_path / "skip.txt"))
+    got = data.build.many(range(len(data)))
+    keys = {s.key: s for s in every if s is not None}
+    assert f"{d}/{w}/" in every[first].key and every[first].key not in {s.key for s in got if s is not None}
+    assert data.build.crossing > 0
+    # only positions before the excluded window of d, whose labels run into it, are dropped; the rest as before
+    kept = {s.key for s in got if s is not None}
+    for key in keys:
+        doc, win, _ = key.rsplit("/", 2)
+        if (doc, int(win)) == (d, w + 1):
+            assert key not in kept
+        elif key not in kept:
+            assert doc == d and int(win) <= w
+    assert all((s.context, s.label_tokens) == (keys[s.key].context, keys[s.key].label_tokens) for s in got if s)
+    # a document split: a list of documents changes no sample (and the held-out ones are dropped as before)
+    docs = sorted({x["doc_id"] for x in rows_of(data_of(train_shards, heldout_fraction=0.3))})
+    (tmp_path / "docs.txt").write_text(docs[0] + "\n")
+    told = data_of(train_shards, heldout_fraction=0.3, exclude_docs=str(tmp_path / "docs.txt"))
+    ref = SampleBuilder(told.shards, told.cands, tiny_tok, labels_length=told.cfg.labels_length,
+                        max_context_tokens=told.cfg.max_context_tokens, thresholds=told.cfg.bucket_thresholds,
+                        answer_format=told.cfg.answer_format,
+                        held_out=lambda row: is_heldout(row["doc_id"], 0.3, 0))
+    idx = range(len(told))
+    assert [s and s.key for s in told.build.many(idx)] == [s and s.key for s in ref.many(idx)]
+
+
+def test_the_report_says_what_the_warm_start_trained_on():
+    """Blocks are counted as blocks (of how many windows, in how many documents); a document split, or an older
+    record without units, keeps the wording by documents."""
+    from rpt_train.report import markdown
+
+    def said(**w) -> str:
+        res = {"title": "t", "spec": "s.yaml", "eval_design": {}, "compute": {}, "arms": {}, "comparisons": {},
+               "verdict": "", "warm_start": {"documents": 3, "steps": 2, "batch": 4, "lr": 1e-5, "loss_first": 2.0,
+                                             "loss_last": 1.0, **w}}
+        return next(line for line in markdown(res, "p.png").splitlines() if line.startswith("Warm start"))
+    assert "SFT on 7 blocks of 16 windows in 3 documents neither held out nor trained on by an arm" in said(
+        units=7, split_block_windows=16)
+    for w in ({"units": 3, "split_block_windows": 0}, {}, {"split_block_windows": 16}):
+        assert "SFT on 3 documents neither held out nor trained on by an arm, 2 steps" in said(**w), w
