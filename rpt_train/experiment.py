@@ -132,6 +132,11 @@ def load_spec(path: str) -> Spec:
     train = _options(f"spec '{path}' (recipe/base)", train, (TrainConfig, EvalConfig))
     design = {**flat, **_norm(recipe.get("eval")), **_norm(raw.get("base")), **_norm(raw.get("eval"))}
     design = _options(f"spec '{path}' (eval)", design, (EvalConfig, TrainConfig))
+    split = [k for k in SPLIT_KEYS if design.get(k) != train.get(k)]
+    if split:  # the eval would score positions some arm trained on, or leave out ones no arm saw
+        raise UserError(f"spec '{path}': the eval design sets {', '.join(k.replace('_', '-') for k in split)} "
+                        f"other than the training base ({', '.join(f'{design.get(k)!r} vs {train.get(k)!r}' for k in split)}); "
+                        "the held-out split is the base's for training and eval: set it under base: only")
     warm = raw.get("warm", recipe.get("warm"))
     if warm is not None:
         warm = _norm(warm)

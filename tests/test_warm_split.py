@@ -217,6 +217,22 @@ def test_an_arm_may_not_set_the_held_out_split(train_shards, tiny_llama, tmp_pat
         assert experiment.load_spec(str(path)).arms, path
 
 
+def test_the_eval_design_may_not_set_another_held_out_split(train_shards, tiny_llama, tmp_path):
+    """The spec's eval: (or a recipe's) setting a held-out split other than base:'s would score positions the arms
+    trained on: refused at load naming both values; the same value, or none, loads."""
+    import yaml
+
+    path = write_spec(tmp_path, train_shards, tiny_llama, {"before": {"kind": "eval"}})
+    raw = yaml.safe_load(path.read_text())
+    for key, value in (("heldout-fraction", 0.5), ("split-seed", 7), ("split-block-windows", 4)):
+        path.write_text(yaml.safe_dump({**raw, "eval": {**raw["eval"], key: value}}))
+        with pytest.raises(UserError, match=f"spec '{path}': the eval design sets {key} other than the training "
+                                            f"base \\({value!r} vs {TINY.get(key)!r}\\)"):
+            experiment.load_spec(str(path))
+    path.write_text(yaml.safe_dump({**raw, "eval": {**raw["eval"], "split-seed": SEED}}))
+    assert experiment.load_spec(str(path)).arms
+
+
 def test_a_warm_sft_checkpointed_under_other_options_says_to_delete_the_warm_start(train_shards, tiny_llama,
                                                                                    tmp_path, monkeypatch):
     """The warm SFT's resume check (sft_train's real one: a checkpoint whose options differ, e.g. an older warm
