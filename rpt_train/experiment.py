@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -132,6 +133,8 @@ def load_spec(path: str) -> Spec:
     train = _options(f"spec '{path}' (recipe/base)", train, (TrainConfig, EvalConfig))
     design = {**flat, **_norm(recipe.get("eval")), **_norm(raw.get("base")), **_norm(raw.get("eval"))}
     design = _options(f"spec '{path}' (eval)", design, (EvalConfig, TrainConfig))
+    # the training base's split (a recipe's run: section included) is the eval's too where the design sets none
+    design = {**{k: train[k] for k in SPLIT_KEYS if k in train}, **design}
     split = [k for k in SPLIT_KEYS if design.get(k) != train.get(k)]
     if split:  # the eval would score positions some arm trained on, or leave out ones no arm saw
         raise UserError(f"spec '{path}': the eval design sets {', '.join(k.replace('_', '-') for k in split)} "
@@ -162,6 +165,13 @@ def load_spec(path: str) -> Spec:
             raise UserError(f"{where}: sets {', '.join(k.replace('_', '-') for k in split)}, but the held-out split "
                             "is the base's for every arm (every arm's eval and the warm start's units depend on it); "
                             "set it under base:")
+        own = a.get("exclude_docs")  # under warm: dropped (docs.txt); else it would replace base:'s list
+        if own is not None and (warm is not None or train.get("exclude_docs") not in (None, "", own)):
+            raise UserError(f"{where}: sets exclude-docs, but " + (
+                "under warm: every arm excludes OUT/warm/docs.txt (the warm units and base:'s exclude-docs list)"
+                if warm is not None else
+                f"it would replace base:'s exclude-docs '{train['exclude_docs']}' (e.g. a benchmark's documents)")
+                + "; list every document to exclude in one file under base: exclude-docs")
         arms[str(name)] = Arm(name=str(name), kind=kind, options=_options(where, a, (TrainConfig,)), **extra)
     for arm in arms.values():
         for dep in arm.depends_on():
@@ -388,10 +398,11 @@ def compute_of(metrics: list[dict], n_params: int) -> dict:
 
 def warm_base(base: TrainConfig, block_windows: int | None = None) -> dict:
     """The base: options a warm start depends on beyond warm: (recorded in warm.json, checked on reuse): the shards
-    and model (paths as given) and the held-out split, which also decides the warm units: its fraction, seed and
-    (`block_windows`, resolved by split_blocks; left out when None) unit."""
-    out = {"base_model": base.model, "base_shards": base.shards, "heldout_fraction": base.heldout_fraction,
-           "split_seed": base.split_seed}
+    and model (paths as given), the user's exclude-docs list (path as given: no warm unit is in it, docs.txt holds
+    its lines) and the held-out split, which also decides the warm units: its fraction, seed and (`block_windows`,
+    resolved by split_blocks; left out when None) unit."""
+    out = {"base_model": base.model, "base_shards": base.shards, "exclude_docs": base.exclude_docs,
+           "heldout_fraction": base.heldout_fraction, "split_seed": base.split_seed}
     return out if block_windows is None else {**out, "split_block_windows": block_windows}
 
 
@@ -425,7 +436,8 @@ class Experiment:
         options = {**self.spec.train, **arm.options, **(extra or {})}
         options = {k: v for k, v in options.items() if k in field_types(TrainConfig)}
         options |= {"out": str(self.root / arm.name / "train"), "resume": True}
-        if self.spec.warm:  # every arm starts from the warm-started model and never trains on its documents
+        if self.spec.warm:  # every arm starts from the warm-started model and never trains on its documents nor on
+            # base:'s exclude-docs list (docs.txt holds both; an arm's own list is refused at load)
             options |= {"model": self.start_model(), "exclude_docs": str(self.root / "warm" / "docs.txt")}
         if check_only:
             options["exclude_docs"] = ""
@@ -498,7 +510,7 @@ class Experiment:
         decide which units are warm); a change is refused in one sentence: the old warm model would be reused
         silently. An older warm.json without some of these keys: those cannot be checked; but one without `units`
         (made before warm starts were split units) on shards split by blocks is refused: it trained on whole
-        streams, their held-out blocks included."""
+        streams, their held-out blocks included (unless the base holds nothing out: heldout-fraction 0)."""
         from rpt_train.rundir import read_saved
 
         warm = self.root / "warm"
@@ -508,7 +520,7 @@ class Experiment:
                 by_blocks = split_blocks(base)
             except UserError:  # shards unreadable here: the arms that read them stop with their own message
                 by_blocks = 0
-            if by_blocks > 0:
+            if by_blocks > 0 and (base.heldout_fraction or 0) > 0:  # nothing held out: nothing trained on
                 raise UserError(f"spec '{self.spec.path}': the warm start in '{warm}' was made before warm starts "
                                 f"were split by blocks (its warm.json records no units), so on these shards, held "
                                 f"out by blocks of {by_blocks} windows, it trained on whole streams, held-out blocks "
@@ -531,7 +543,7 @@ class Experiment:
         with the spec's warm: options and base shards and model (check_warm: a change is refused)."""
         if not self.spec.warm:
             return None
-        from rpt_train.samples import ShardSet, is_heldout
+        from rpt_train.samples import ShardSet, is_heldout, read_doc_ids
         from rpt_train.sft import OptionsChanged, next_contexts, sft_train
 
         w, done = self.spec.warm, self.root / "warm" / "warm.json"
@@ -543,12 +555,15 @@ class Experiment:
         blocks = split_blocks(base, shards)
         units = split_units(shards, blocks)  # unit -> its document
         held = {u for u in units if is_heldout(u, base.heldout_fraction, base.split_seed)}
-        chosen = [u for u in units if u not in held and is_heldout(u, w["fraction"], base.split_seed + 1)]
+        user = read_doc_ids(base.exclude_docs)  # never trained on: no warm unit is in it (nor its document)
+        chosen = [u for u in units if u not in held and u not in user and units[u] not in user
+                  and is_heldout(u, w["fraction"], base.split_seed + 1)]
         if not chosen:
             what = f"block of {blocks} windows" if blocks else "document"
             raise UserError(f"spec '{self.spec.path}': no {what} falls in the warm fraction {w['fraction']}; "
                             "raise warm: fraction")
-        write_lines(chosen, self.root / "warm" / "docs.txt")
+        # the arms exclude docs.txt: the warm units and the user's own list (none given: the warm units alone)
+        write_lines(chosen + (sorted(user) if base.exclude_docs else []), self.root / "warm" / "docs.txt")
         picked = set(chosen)
         write_lines([u for u in units if u not in held and u not in picked], self.root / "warm" / "rest.txt")
         cfg = load_config(TrainConfig, None, {**to_dict(base), "exclude_docs": str(self.root / "warm" / "rest.txt"),
@@ -563,9 +578,10 @@ class Experiment:
         try:
             totals = sft_train(cfg, next_contexts(w["batch"]))
         except OptionsChanged as e:  # its options are this spec's, not the user's: say how to rebuild it
-            raise UserError(f"{e}; but this is the warm start of spec '{self.spec.path}', checkpointed under "
-                            "other options (e.g. by an older version, without the held-out split): delete "
-                            f"'{self.root / 'warm'}' to rebuild it") from None
+            said = re.search(r"with other options \((.*)\); resume with", str(e), re.S)
+            raise UserError(f"spec '{self.spec.path}': its warm start in '{cfg.out}' was checkpointed under other "
+                            f"options ({said.group(1) if said else e}; e.g. by an older version, without the "
+                            f"held-out split); delete '{self.root / 'warm'}' to rebuild it") from None
         from rpt_train.sft import read_jsonl
 
         metrics = read_jsonl(Path(cfg.out) / "metrics.jsonl")

@@ -53,13 +53,16 @@ def split_unit(doc_id: str, window_index: int, block_windows: int) -> str:
 
 def read_doc_ids(path: str) -> frozenset[str]:
     """The doc_ids (or split units, doc_id#block) listed in a text file, one per line (blank lines ignored); none
-    for an empty path."""
+    for an empty path. UTF-8, a byte-order mark at its start ignored."""
     if not path:
         return frozenset()
     try:
-        return frozenset(line.strip() for line in Path(path).read_text().splitlines() if line.strip())
+        text = Path(path).read_text(encoding="utf-8-sig")
     except OSError as e:
         raise UserError(f"cannot read --exclude-docs '{path}': {e.strerror or e}")
+    except UnicodeDecodeError as e:
+        raise UserError(f"--exclude-docs '{path}' is not UTF-8 text ({e.reason}); save it as UTF-8")
+    return frozenset(line.strip() for line in text.splitlines() if line.strip())
 
 
 def bucket_of(value: float, thresholds: list[float]) -> str:

@@ -251,15 +251,18 @@ def test_a_warm_sft_checkpointed_under_other_options_says_to_delete_the_warm_sta
                 "config": {**to_dict(cfg), "heldout_fraction": 0.0}}, ckpt / "trainer_state.pt")
     exp = experiment.Experiment(experiment.load_spec(str(tmp_path / "tiny-exp.yaml")))
     warm = tmp_path / "work" / "warm"
-    with pytest.raises(UserError, match=r"--heldout-fraction 0\.0 there\); resume with the same options, or start a "
-                                        r"new run in another --out; but this is the warm start of spec .*: delete "
-                                        f"'{warm}' to rebuild it"):
+    with pytest.raises(UserError) as e:
         exp.warm_start()
+    # one sentence: the trainer's option details, without its advice to resume (which the warm start contradicts)
+    assert str(e.value) == (f"spec '{tmp_path / 'tiny-exp.yaml'}': its warm start in '{warm / 'train'}' was "
+                            "checkpointed under other options (heldout_fraction differs: --heldout-fraction 0.0 "
+                            "there; e.g. by an older version, without the held-out split); delete "
+                            f"'{warm}' to rebuild it")
     # other UserErrors of sft_train pass unchanged
     (ckpt / "trainer_state.pt").write_text("damaged")
     with pytest.raises(UserError) as e:
         exp.warm_start()
-    assert "is unreadable" in str(e.value) and "warm start of spec" not in str(e.value)
+    assert "is unreadable" in str(e.value) and "warm start in" not in str(e.value)
 
 
 def test_labels_never_run_into_an_excluded_block(continuous_shards, train_shards, tiny_tok, tmp_path):
@@ -325,3 +328,107 @@ def test_the_report_says_what_the_warm_start_trained_on():
         units=7, split_block_windows=16)
     for w in ({"units": 3, "split_block_windows": 0}, {}, {"split_block_windows": 16}):
         assert "SFT on 3 documents neither held out nor trained on by an arm, 2 steps" in said(**w), w
+
+
+def test_a_recipes_run_only_split_is_the_evals_too(train_shards, tiny_llama, tmp_path):
+    """A recipe setting heldout-fraction (and split-seed) under run: only: the eval design takes the training
+    base's split (it loads, and the eval holds out what the arms do); an explicit other value stays refused."""
+    import yaml
+
+    path = write_spec(tmp_path, train_shards, tiny_llama, {"before": {"kind": "eval"}})
+    raw = yaml.safe_load(path.read_text())
+    base = {k: v for k, v in raw["base"].items() if k not in ("heldout-fraction", "split-seed")}
+    recipe = tmp_path / "recipe.yaml"
+    for run_eval_section, refused in (({}, False), ({"heldout-fraction": 0.2}, True)):
+        recipe.write_text(yaml.safe_dump({"run": {"heldout-fraction": 0.1, "split-seed": 3},
+                                          "eval": run_eval_section}))
+        path.write_text(yaml.safe_dump({**raw, "recipe": str(recipe), "base": base}))
+        if refused:
+            with pytest.raises(UserError, match=r"the eval design sets heldout-fraction other than the training base "
+                                                r"\(0\.2 vs 0\.1\)"):
+                experiment.load_spec(str(path))
+            continue
+        spec = experiment.load_spec(str(path))
+        assert spec.train["heldout_fraction"] == 0.1 and spec.eval["heldout_fraction"] == 0.1
+        cfg = experiment.Experiment(spec).eval_config("demo")
+        assert (cfg.heldout_fraction, cfg.split_seed) == (0.1, 3)
+
+
+def test_a_warm_start_before_units_is_accepted_when_nothing_is_held_out(continuous_shards, tiny_llama, tmp_path,
+                                                                         monkeypatch):
+    """heldout-fraction 0: the old warm start (split by documents, nothing held out) trained on no held-out text: a
+    warm.json without units is reused on a split by blocks (an eval of split: all: a spec holding nothing out)."""
+    import yaml
+
+    fake_sft(monkeypatch)
+    path = write_spec(tmp_path, continuous_shards, tiny_llama, {"before": {"kind": "eval"}},
+                      warm={**WARM, "fraction": 0.9}, **{"split-block-windows": 2, "heldout-fraction": 0.0})
+    raw = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**raw, "eval": {**raw["eval"], "split": "all"}}))
+    spec = experiment.load_spec(str(path))
+    exp = experiment.Experiment(spec)
+    record = exp.warm_start()
+    older = {k: v for k, v in record.items() if k not in ("units", "split_block_windows")}
+    (tmp_path / "work" / "warm" / "warm.json").write_text(json.dumps(older))
+    assert exp.warm_start() == older
+
+
+def test_read_doc_ids_ignores_a_bom_and_refuses_other_encodings(tmp_path):
+    from rpt_train.samples import read_doc_ids
+
+    path = tmp_path / "bench.txt"
+    path.write_bytes("\ufeffdoc-a\r\ndoc-b#3\n\n".encode())
+    assert read_doc_ids(str(path)) == {"doc-a", "doc-b#3"}
+    path.write_bytes("doc-a\ncaf\xe9\n".encode("latin-1"))
+    with pytest.raises(UserError, match=f"--exclude-docs '{path}' is not UTF-8 text"):
+        read_doc_ids(str(path))
+
+
+def test_the_users_exclude_list_holds_under_a_warm_start(continuous_shards, tiny_llama, tiny_tok, tmp_path,
+                                                         monkeypatch):
+    """base: exclude-docs (e.g. a benchmark's documents) under warm:: no warm unit is listed there nor in a listed
+    document; rest.txt still lists every unit neither warm nor held out (the warm SFT excludes them); docs.txt holds
+    the warm units and the user's lines, so no arm trains on either; warm.json records the list's path (a change is
+    refused on reuse, an older record without it accepted). An arm's own exclude-docs is refused at load."""
+    fake_sft(monkeypatch)
+    rows = stream_rows(continuous_shards)
+    units = sorted({split_unit(d, w, 2) for d, w in rows})
+    held = {u for u in units if is_heldout(u, HELD, SEED)}
+    warm_of = [u for u in units if u not in held and is_heldout(u, WARM["fraction"], SEED + 1)]
+    doc = warm_of[0].rsplit("#", 1)[0]  # a document with a warm unit, listed whole
+    unit = next(u for u in warm_of if not u.startswith(doc + "#"))  # a warm unit of another document, listed
+    bench = tmp_path / "bench.txt"
+    bench.write_text(f"{doc}\n{unit}\n")
+
+    def exp_of(**base):
+        return experiment.Experiment(experiment.load_spec(str(write_spec(
+            tmp_path, continuous_shards, tiny_llama, {"before": {"kind": "eval"}}, warm=WARM,
+            **{"split-block-windows": 2, "exclude-docs": str(bench), **base}))))
+    exp = exp_of()
+    record = exp.warm_start()
+    warm = tmp_path / "work" / "warm"
+    chosen = [u for u in warm_of if u != unit and not u.startswith(doc + "#")]
+    assert chosen and lines(warm / "docs.txt") == chosen + sorted([doc, unit])
+    assert lines(warm / "rest.txt") == [u for u in units if u not in held and u not in chosen]
+    assert record["exclude_docs"] == str(bench) and record["units"] == len(chosen)
+    arm = TrainSamples(exp.train_config(exp.spec.arms["before"]), tiny_tok)
+    trained = {(r["doc_id"], split_unit(r["doc_id"], r["window_index"], 2)) for r in rows_of(arm)}
+    assert trained and not any(d == doc or u == unit or u in chosen or u in held for d, u in trained)
+    other = tmp_path / "other.txt"
+    other.write_text(f"{doc}\n")
+    with pytest.raises(UserError, match=f"exclude_docs: '{bench}' there, '{other}' now"):
+        exp_of(**{"exclude-docs": str(other)}).warm_start()
+    older = {k: v for k, v in record.items() if k != "exclude_docs"}
+    (warm / "warm.json").write_text(json.dumps(older))
+    assert exp_of(**{"exclude-docs": str(other)}).warm_start() == older
+    # an arm's own list: dropped under warm (the arms exclude docs.txt), else it would replace base:'s: refused
+    for warm_section, base in ((WARM, {}), (None, {"exclude-docs": str(bench)})):
+        path = write_spec(tmp_path, continuous_shards, tiny_llama,
+                          {"before": {"kind": "eval"}, "odd": {"kind": "rpt", "exclude-docs": str(other)}},
+                          warm=warm_section, **base)
+        with pytest.raises(UserError, match=f"spec '{path}', arm 'odd': sets exclude-docs, but .*list every "
+                                            "document to exclude in one file under base: exclude-docs"):
+            experiment.load_spec(str(path))
+    path = write_spec(tmp_path, continuous_shards, tiny_llama,
+                      {"before": {"kind": "eval"}, "odd": {"kind": "rpt", "exclude-docs": str(other)}})
+    assert experiment.load_spec(str(path)).arms["odd"].options["exclude_docs"] == str(other)
