@@ -139,16 +139,7 @@ def test_warm_json_records_the_units_and_their_size(continuous_shards, tiny_llam
     """warm.json: 'units' (chosen), 'documents' (their distinct documents), 'split_block_windows' (resolved:
     the continuous shards' default 16 here); reuse with another --split-block-windows is refused; an older record
     without it is accepted."""
-    def fake(cfg, contexts):
-        out = experiment.Path(cfg.out)
-        (out / "model").mkdir(parents=True, exist_ok=True)
-        (out / "model" / "config.json").write_text("{}")
-        (out / "metrics.jsonl").write_text(json.dumps({"loss": 1.0}) + "\n")
-        return {"steps": 0}
-
-    monkeypatch.setattr(sft, "sft_train", fake)
-    monkeypatch.setattr(experiment.Experiment, "params", lambda self, model: 1)
-
+    fake_sft(monkeypatch)
     docs = sorted({d for d, _ in stream_rows(continuous_shards)})  # one block of 16 windows each (12 windows)
     seed = next(s for s in range(1000) if any(not is_heldout(f"{d}#0", HELD, s)
                                               and is_heldout(f"{d}#0", WARM["fraction"], s + 1) for d in docs))
