@@ -399,11 +399,25 @@ def compute_of(metrics: list[dict], n_params: int) -> dict:
 def warm_base(base: TrainConfig, block_windows: int | None = None) -> dict:
     """The base: options a warm start depends on beyond warm: (recorded in warm.json, checked on reuse): the shards
     and model (paths as given), the user's exclude-docs list (path as given: no warm unit is in it, docs.txt holds
-    its lines) and the held-out split, which also decides the warm units: its fraction, seed and (`block_windows`,
+    its lines; its content too, as a digest: an edited list is a change) and the held-out split, which also decides
+    the warm units: its fraction, seed and (`block_windows`,
     resolved by split_blocks; left out when None) unit."""
     out = {"base_model": base.model, "base_shards": base.shards, "exclude_docs": base.exclude_docs,
+           "exclude_docs_sha256": excluded_digest(base.exclude_docs),
            "heldout_fraction": base.heldout_fraction, "split_seed": base.split_seed}
     return out if block_windows is None else {**out, "split_block_windows": block_windows}
+
+
+def excluded_digest(path: str) -> str | None:
+    """sha256 of the doc_ids / units an --exclude-docs file lists (as read_doc_ids reads them, sorted: order,
+    blank lines and a BOM do not count); None without a list."""
+    import hashlib
+
+    from rpt_train.samples import read_doc_ids
+
+    if not path:
+        return None
+    return hashlib.sha256("\n".join(sorted(read_doc_ids(path))).encode()).hexdigest()
 
 
 def split_blocks(base: TrainConfig, shards=None) -> int:

@@ -409,7 +409,12 @@ def test_the_users_exclude_list_holds_under_a_warm_start(continuous_shards, tiny
     other.write_text(f"{doc}\n")
     with pytest.raises(UserError, match=f"exclude_docs: '{bench}' there, '{other}' now"):
         exp_of(**{"exclude-docs": str(other)}).warm_start()
-    older = {k: v for k, v in record.items() if k != "exclude_docs"}
+    bench.write_text(f"{unit}\n\n{doc}\n")  # the same list, reordered: the same warm start
+    assert exp_of().warm_start() == record
+    bench.write_text(f"{doc}\n")  # edited in place: refused though the path is the same
+    with pytest.raises(UserError, match="exclude_docs_sha256: '[0-9a-f]{64}' there, '[0-9a-f]{64}' now"):
+        exp_of().warm_start()
+    older = {k: v for k, v in record.items() if k not in ("exclude_docs", "exclude_docs_sha256")}
     (warm / "warm.json").write_text(json.dumps(older))
     assert exp_of(**{"exclude-docs": str(other)}).warm_start() == older
     # an arm's own list: dropped under warm (the arms exclude docs.txt), else it would replace base:'s: refused
