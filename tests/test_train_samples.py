@@ -140,6 +140,11 @@ def test_sampler_without_replacement_and_resumable():
     assert [t.next() for _ in range(9)] == rest
     assert sorted(head + rest[:6]) == list(range(10))
     assert PositionSampler(10, seed=4)._perm.tolist() != PositionSampler(10, seed=3)._perm.tolist()
+    # a checkpoint of another number of positions (other shards, filters, or an --exclude-docs list edited between
+    # stop and resume) is refused, naming what to keep
+    with pytest.raises(UserError, match="trained on 10 positions but the shards now give 9; resume with the same "
+                                        "--shards, position options and --exclude-docs list \\(its content too"):
+        PositionSampler(9, seed=3).load_state_dict(state)
 
 
 def test_heldout_documents_are_never_trained_on(train_shards, tiny_tok):
