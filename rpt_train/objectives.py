@@ -259,12 +259,14 @@ class Objective:
             optimizer.register_step_post_hook(lambda *_: self.ema.update(model))
 
     def begin_step(self, step: int, data, params):
-        """The step's sampling parameters (budget) after moving the curriculum to `step`."""
+        """The step's sampling parameters (budget) after moving the curriculum to `step`; rlp rollouts stop at
+        `</think>` (the completion is the thought: nothing after it is scored or trained)."""
         if self.cfg.curriculum:
             data.set_step(step)
         if self.overflow is not None:  # thoughts are cut (and the answer forced) at this step's budget
             self.overflow.budget = think_budget(self.cfg, step)
-        return dataclasses.replace(params, max_new_tokens=new_tokens(self.cfg, step))
+        return dataclasses.replace(params, max_new_tokens=new_tokens(self.cfg, step),
+                                   stop_text=THINK_END if self.cfg.objective == "rlp" else None)
 
     def step_stats(self) -> dict:
         """Tokens through a forward outside rollouts and the RL update (the reward's policy and EMA passes, the NTP

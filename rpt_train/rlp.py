@@ -17,7 +17,9 @@ encoding of the text `context<think>thought</think>` (the rollout prompt is that
 tokenizer reads spaces between the pieces; the thought is its decoded text re-encoded (a sampled non-canonical
 tokenization is scored as its canonical one), cut at its first `</think>`. Only the thought is trained: the
 completion is masked after its first `</think>` (`thought_rows`; `</think>` itself is trained, closing the
-thought is the policy's act). The EMA baseline is one forward per position
+thought is the policy's act). Generation stops a row at its first `</think>` as at EOS (the objective's
+`SamplingParams.stop_text`, honoured by rollout.HFRollout), so the tokens after the close are not decoded at all;
+the mask is what keeps an engine that ignores the stop correct. The EMA baseline is one forward per position
 (context and true continuation), not per thought."""
 from __future__ import annotations
 

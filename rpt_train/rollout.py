@@ -25,6 +25,11 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     greedy: bool = False
+    # a row also ends once its decoded completion (as `completion_texts` reads it) contains this text, the token
+    # that completes it kept, as at EOS: rlp's `</think>` (rpt_train/objectives.py). HFRollout honours it; an engine
+    # that ignores it decodes on to EOS or the budget (still correct for rlp, whose update masks the completion after
+    # its first `</think>`, but the tokens after it are paid for)
+    stop_text: str | None = None
 
 
 @dataclass(kw_only=True, slots=True)
@@ -92,6 +97,10 @@ class HFRollout:
     not fit the free device memory (or `memory_limit` bytes) is refused up front. With `compile` (default: static
     on CUDA) the step runs through HF's `get_compiled_call` (torch.compile, reduce-overhead: CUDA graphs) and the
     all-finished check syncs every `check_every` steps only. Sliding-window models take the plain paths.
+    `SamplingParams.stop_text`: a row whose sampled token can end that text (its string holds the text's last
+    character: a vocabulary mask built once per tokenizer) is marked; at each check its last tokens are decoded and
+    a row whose text now holds the stop text finishes there, as at EOS (tokens a delayed check let it sample after
+    the stop are masked out).
     On CUDA every call runs under bf16 autocast (`bf16`), so the KV cache is bf16 too.
 
     `lockstep` (an FSDP2-sharded model, whose every forward all-gathers parameters across ranks): every rank runs
@@ -112,6 +121,7 @@ class HFRollout:
         self.bf16, self.memory_limit = bf16, memory_limit
         self._static = None  # {"cache", "rows", "length", "dtype", "device"}: reused so compiled graphs stay valid
         self._compiled = None
+        self._stop_key = self._stop_ids = self._stop_cpu = None  # the stop-candidate vocabulary mask, its key
 
     def sync(self, model: torch.nn.Module) -> None:
         self.model = model  # same module: nothing to copy
@@ -157,6 +167,51 @@ class HFRollout:
 
     def _all_done(self, done: torch.Tensor) -> bool:
         return distributed.all_true(bool(done.all())) if self.lockstep else bool(done.all())
+
+    def _stop_candidates(self, text: str, vocab: int, device: torch.device) -> torch.Tensor:
+        """[vocab] bool, built once per tokenizer: the ids whose token string (raw or decoded) holds the last
+        character of `text`, less the special ids `completion_texts` drops. A completion's text can come to hold
+        `text` only at such a token (decoding appends each token's text), so only those rows are decoded."""
+        key = (text[-1], vocab, str(device))
+        if self._stop_key != key:
+            drop, size = special_ids(self.tokenizer), min(vocab, len(self.tokenizer))
+            raw = self.tokenizer.convert_ids_to_tokens(list(range(size)))
+            shown = self.tokenizer.batch_decode([[i] for i in range(size)], skip_special_tokens=False,
+                                                clean_up_tokenization_spaces=False)
+            mask = torch.zeros(vocab, dtype=torch.bool)
+            mask[:size] = torch.tensor([i not in drop and (text[-1] in (r or "") or text[-1] in t)
+                                        for i, (r, t) in enumerate(zip(raw, shown))], dtype=torch.bool)
+            self._stop_key, self._stop_ids, self._stop_cpu = key, mask.to(device), mask.tolist()
+        return self._stop_ids
+
+    def _stop_rows(self, text: str, prompts: list[list[int]], n: int, tokens: torch.Tensor, live: torch.Tensor,
+                   pending: torch.Tensor, done: torch.Tensor, stop_len: torch.Tensor, since: int, made: int) -> None:
+        """For each decoding-batch row marked `pending` (it sampled a stop candidate at a step in [since, made)):
+        the first such step whose completion text holds `text` ends the row (done; stop_len = that step + 1)."""
+        if not bool(pending.any()):
+            return
+        at = pending.nonzero()[:, 0]
+        rows = live[at]
+        cand, drop = self._stop_cpu, special_ids(self.tokenizer)
+        span = 2 * len(text)  # tokens decoded per test: more than `text` can span (each token adds a character)
+        found, lefts, windows = [], [], []
+        for j, (row, ids) in enumerate(zip(rows.tolist(), tokens[rows, :made].tolist())):
+            for p in range(since, made):
+                if ids[p] < len(cand) and cand[ids[p]]:
+                    kept = [t for t in ids[:p + 1] if t not in drop]
+                    found.append((j, p))
+                    lefts.append(prompts[row // n] + kept[:-span])
+                    windows.append(kept[-span:])
+        texts = decode_batch_after(self.tokenizer, lefts, windows) if found else []
+        first: dict[int, int] = {}
+        for (j, p), t in zip(found, texts):
+            if text in t and j not in first:  # steps in order: the first is where the text was completed
+                first[j] = p
+        if first:
+            hit = torch.tensor(list(first), device=done.device)
+            done[hit] = True
+            stop_len[rows[hit]] = torch.tensor(list(first.values()), device=stop_len.device) + 1
+        pending.zero_()
 
     def _use_static(self, device: torch.device) -> bool:
         return bool(self.static_cache)
@@ -243,6 +298,11 @@ class HFRollout:
         live = torch.arange(N, device=device)  # rows of the full batch still in the decoding batch
         done = torch.arange(N, device=device) >= real  # per decoding-batch row; padding rows are done from the start
         made = 0
+        stop = params.stop_text or None
+        if stop:  # rows that sampled a token able to end `stop` since the last check; each row's length at its stop
+            candidates = self._stop_candidates(stop, logits.shape[-1], device)
+            pending, since = torch.zeros(N, dtype=torch.bool, device=device), 0
+            stop_len = torch.full((N,), steps, dtype=torch.long, device=device)
         for step in range(steps):
             scores = logits / (1.0 if params.greedy else params.temperature)
             logp = torch.log_softmax(scores, dim=-1)
@@ -256,15 +316,25 @@ class HFRollout:
             logprobs[live, step] = logp.gather(-1, tok[:, None])[:, 0]
             entropy[live, step] = torch.special.entr(logp.exp()).sum(-1)
             made = step + 1
+            if stop:
+                pending |= candidates[tok] & ~done
             done |= torch.isin(tok, eos)
+            if stop and (step == steps - 1 or made % check_every == 0):
+                self._stop_rows(stop, prompts, n, tokens, live, pending, done, stop_len, since, made)
+                since = made
             if step == steps - 1 or (made % check_every == 0 and self._all_done(done)):
                 break
             if static is None and 4 * int(done.sum()) >= len(done):  # drop finished rows: later steps skip them
+                if stop:  # rows leaving the batch are tested first
+                    self._stop_rows(stop, prompts, n, tokens, live, pending, done, stop_len, since, made)
+                    since = made
                 keep = (~done).nonzero()[:, 0]
                 if len(keep) == 0:  # lockstep: this rank is done but another is not; step on with one finished row
                     keep = done.new_zeros(1, dtype=torch.long)
                 cache.batch_select_indices(keep)
                 live, done, attn, next_pos, tok = live[keep], done[keep], attn[keep], next_pos[keep], tok[keep]
+                if stop:
+                    pending = pending[keep]
             width_now = attn.shape[1] if static is not None else width + step + 1
             if fn is not None and hasattr(torch.compiler, "cudagraph_mark_step_begin"):
                 torch.compiler.cudagraph_mark_step_begin()
@@ -275,6 +345,8 @@ class HFRollout:
         tokens, logprobs, entropy = tokens[:real], logprobs[:real], entropy[:real]
         completion = tokens[:, :made]
         cmask = completion_mask(completion, self.eos)
+        if stop:  # up to and including the token that completed the stop text
+            cmask = cmask * (torch.arange(made, device=device) < stop_len[:real, None]).to(cmask.dtype)
         completion = torch.where(cmask.bool(), completion, torch.full_like(completion, pad))
         # trailing columns where every row had already finished (the check runs every `check_every` steps)
         width_c = int(cmask.any(0).nonzero()[-1]) + 1 if cmask.any() else made
