@@ -179,7 +179,8 @@ class HFRollout:
             shown = self.tokenizer.batch_decode([[i] for i in range(size)], skip_special_tokens=False,
                                                 clean_up_tokenization_spaces=False)
             mask = torch.zeros(vocab, dtype=torch.bool)
-            mask[:size] = torch.tensor([i not in drop and (text[-1] in (r or "") or text[-1] in t)
+            raw = [r.decode("latin-1") if isinstance(r, bytes) else (r or "") for r in raw]  # tiktoken: bytes
+            mask[:size] = torch.tensor([i not in drop and (text[-1] in r or text[-1] in t)
                                         for i, (r, t) in enumerate(zip(raw, shown))], dtype=torch.bool)
             self._stop_key, self._stop_ids, self._stop_cpu = key, mask.to(device), mask.tolist()
         return self._stop_ids
@@ -208,8 +209,8 @@ class HFRollout:
             if text in t and j not in first:  # steps in order: the first is where the text was completed
                 first[j] = p
         if first:
-            hit = torch.tensor(list(first), device=done.device)
-            done[hit] = True
+            hit = torch.tensor(list(first), device=done.device)  # positions among the pending rows
+            done[at[hit]] = True
             stop_len[rows[hit]] = torch.tensor(list(first.values()), device=stop_len.device) + 1
         pending.zero_()
 

@@ -156,3 +156,41 @@ def test_rlp_asks_for_the_stop_and_its_metrics_count_the_shorter_rows(tiny_tok, 
         assert torch.equal(objective.trained(batch).rollouts.completion_mask.sum(1), torch.full((4,), len(head)))
     assert stats[THINK_END]["completion_length"] == len(head) and stats[THINK_END]["rollout_tokens"] == 4 * len(head)
     assert stats[None]["completion_length"] == BUDGET and stats[None]["rollout_tokens"] == 4 * BUDGET
+
+
+@pytest.mark.parametrize("kind", ["bytelevel", "metaspace"])
+def test_the_stop_ends_the_row_that_wrote_it_wherever_it_sits(kind):
+    """_stop_rows maps a pending row back to its decoding-batch row: with the closing row after one still thinking
+    (as in most groups of G), the closing row is done and the thinking one is not (it was the other way round)."""
+    tok = kind_tokenizer(kind, "plain")
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    engine = HFRollout.__new__(HFRollout)
+    engine.tokenizer, engine._stop_key, engine._stop_ids, engine._stop_cpu = tok, None, None, None
+    engine._stop_candidates(THINK_END, len(tok), torch.device("cpu"))
+    close = enc(" a b" + THINK_END)
+    other = (enc(" a b c d e f g h i j k l m n o p") * 4)[:len(close)]
+    for order in ((other, close), (close, other), (other, other, close)):
+        n = len(order)
+        tokens = torch.tensor(order)
+        closing = [j for j, row in enumerate(order) if row is close]
+        done, stop_len = torch.zeros(n, dtype=torch.bool), torch.full((n,), 99)
+        pending = torch.tensor([row is close for row in order])
+        engine._stop_rows(THINK_END, [enc("x<think>")], n, tokens, torch.arange(n), pending, done, stop_len, 0,
+                          len(close))
+        assert done.tolist() == [j in closing for j in range(n)]
+        assert stop_len.tolist() == [len(close) if j in closing else 99 for j in range(n)]
+
+
+def test_the_stop_candidates_accept_a_tokenizer_whose_tokens_are_bytes(monkeypatch):
+    """A tiktoken-based tokenizer's convert_ids_to_tokens gives bytes: the candidate mask is the same as from the
+    strings (it raised TypeError at the first rlp step)."""
+    tok = kind_tokenizer("bytelevel", "plain")
+
+    def mask():
+        engine = HFRollout.__new__(HFRollout)
+        engine.tokenizer, engine._stop_key, engine._stop_ids, engine._stop_cpu = tok, None, None, None
+        return engine._stop_candidates(THINK_END, len(tok), torch.device("cpu")).tolist()
+    want = mask()
+    real = tok.convert_ids_to_tokens
+    monkeypatch.setattr(tok, "convert_ids_to_tokens", lambda ids: [t.encode() for t in real(ids)])
+    assert mask() == want and any(want)
