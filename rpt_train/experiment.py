@@ -16,6 +16,7 @@ import platform
 import random
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -554,9 +555,24 @@ class Experiment:
         document or, for a split by blocks, its block of windows) into OUT/warm/train/model; OUT/warm/docs.txt lists
         them, OUT/warm/rest.txt the units neither warm nor held out (the warm SFT excludes those and keeps the base's
         split: it never trains on held-out text, labels included). Done when its model and warm.json exist, made
-        with the spec's warm: options and base shards and model (check_warm: a change is refused)."""
+        with the spec's warm: options and base shards and model (check_warm: a change is refused). Several
+        processes (one per GPU, each running arms of one spec) build it once: the first holds OUT/warm/.lock (an
+        flock, released when its process ends, however), the others wait for it and then reuse its warm start."""
         if not self.spec.warm:
             return None
+        import fcntl
+
+        (self.root / "warm").mkdir(parents=True, exist_ok=True)
+        with open(self.root / "warm" / ".lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"warm start: another process is building it (lock {lock.name}); waiting", file=sys.stderr)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            return self._warm_start()
+
+    def _warm_start(self) -> dict:
+        """warm_start's work, under its lock."""
         from rpt_train.samples import ShardSet, is_heldout, read_doc_ids
         from rpt_train.sft import OptionsChanged, next_contexts, sft_train
 

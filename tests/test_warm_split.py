@@ -4,6 +4,8 @@ warm SFT trains only on them, and its labels never run into a held-out window. A
 warm documents and the same training positions as before. sft_train is replaced: what it would train on is checked,
 nothing is trained."""
 import json
+import threading
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -428,3 +430,42 @@ def test_the_users_exclude_list_holds_under_a_warm_start(continuous_shards, tiny
     path = write_spec(tmp_path, continuous_shards, tiny_llama,
                       {"before": {"kind": "eval"}, "odd": {"kind": "rpt", "exclude-docs": str(other)}})
     assert experiment.load_spec(str(path)).arms["odd"].options["exclude_docs"] == str(other)
+
+
+def test_processes_started_together_build_the_warm_start_once(train_shards, tiny_llama, tmp_path, monkeypatch):
+    """Two runners of one spec (one per GPU) started together: the second waits on OUT/warm/.lock while the first
+    builds the warm start, then reuses it (one SFT, the same record). Without the lock both trained it."""
+    calls, second_started = [], threading.Event()
+
+    def fake(cfg, contexts):
+        calls.append(cfg.out)
+        second_started.wait(10)  # the second runner has started (it could now build too, were there no lock)
+        deadline = time.monotonic() + 5
+        while len(calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        out = experiment.Path(cfg.out)
+        (out / "model").mkdir(parents=True, exist_ok=True)
+        (out / "model" / "config.json").write_text("{}")
+        (out / "metrics.jsonl").write_text(json.dumps({"loss": 1.0}) + "\n")
+        return {"steps": 0}
+
+    monkeypatch.setattr(sft, "sft_train", fake)
+    monkeypatch.setattr(experiment.Experiment, "params", lambda self, model: 1)
+    spec = experiment.load_spec(str(write_spec(tmp_path, train_shards, tiny_llama, {"before": {"kind": "eval"}},
+                                               warm=WARM)))
+    records = {}
+
+    def runner(name):
+        if name == "second":
+            second_started.set()
+        records[name] = experiment.Experiment(spec).warm_start()
+
+    first = threading.Thread(target=runner, args=("first",))
+    first.start()
+    while not calls and first.is_alive():
+        time.sleep(0.01)
+    second = threading.Thread(target=runner, args=("second",))
+    second.start()
+    first.join(30)
+    second.join(30)
+    assert len(calls) == 1 and records["first"] == records["second"]
