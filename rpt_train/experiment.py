@@ -563,12 +563,25 @@ class Experiment:
         import fcntl
 
         (self.root / "warm").mkdir(parents=True, exist_ok=True)
-        with open(self.root / "warm" / ".lock", "a") as lock:
+        with open(self.root / "warm" / ".lock", "a+") as lock:
+            locked = True
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                print(f"warm start: another process is building it (lock {lock.name}); waiting", file=sys.stderr)
+                lock.seek(0)
+                holder = lock.read().strip() or "?"
+                print(f"warm start: another process ({holder}) is building it (lock {lock.name}); waiting",
+                      file=sys.stderr)
                 fcntl.flock(lock, fcntl.LOCK_EX)
+            except OSError as e:  # a filesystem without flock (Lustre without -o flock, NFSv3 without lockd)
+                print(f"warning: cannot lock '{lock.name}' ({e.strerror or e}): the warm start is built unlocked; "
+                      "start the other processes after it is done", file=sys.stderr)
+                locked = False
+            if locked:  # who holds it, for the others' waiting line
+                lock.seek(0)
+                lock.truncate()
+                lock.write(f"pid {os.getpid()} on {platform.node()}\n")
+                lock.flush()
             return self._warm_start()
 
     def _warm_start(self) -> dict:

@@ -469,3 +469,25 @@ def test_processes_started_together_build_the_warm_start_once(train_shards, tiny
     first.join(30)
     second.join(30)
     assert len(calls) == 1 and records["first"] == records["second"]
+
+
+def test_a_filesystem_without_flock_builds_the_warm_start_unlocked(train_shards, tiny_llama, tmp_path, monkeypatch,
+                                                                    capsys):
+    """flock failing with another error than 'held' (ENOLCK: NFSv3 without lockd; ENOSYS: Lustre without -o flock)
+    is a warning, and the warm start is built (it was an uncaught OSError); a lock taken names its holder."""
+    import errno
+    import fcntl
+
+    fake_sft(monkeypatch)
+    spec = experiment.load_spec(str(write_spec(tmp_path, train_shards, tiny_llama, {"before": {"kind": "eval"}},
+                                               warm=WARM)))
+
+    def no_lock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    with monkeypatch.context() as m:
+        m.setattr(fcntl, "flock", no_lock)
+        record = experiment.Experiment(spec).warm_start()
+    assert record["units"] > 0 and "cannot lock" in capsys.readouterr().err
+    (tmp_path / "work" / "warm" / "warm.json").unlink()
+    experiment.Experiment(spec).warm_start()
+    assert (tmp_path / "work" / "warm" / ".lock").read_text().startswith("pid ")
