@@ -198,8 +198,9 @@ def to_float16(values: np.ndarray, cuts=()) -> np.ndarray:
         above = wide > c
         out = np.where(above, np.maximum(out, up), np.minimum(out, down)).astype(np.float16)
     for c in cuts:  # two cuts within a few float16 steps of each other can undo one another's nudge
-        if not np.array_equal(out > np.float64(c), wide > c):
-            return values.astype(np.float32)
+        truth = wide > float(c)
+        if not all(np.array_equal(out > k, truth) for k in (np.float64(c), np.float32(c), float(c))):
+            return values.astype(np.float32)  # (a Python float is compared in float16: numpy's rule)
     return out
 
 

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from shard_fixtures import train_shards, tiny_tok, write_jsonl  # noqa: F401
 
@@ -195,6 +195,8 @@ def test_candidate_table_is_a_few_bytes_per_position(train_shards):
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.floats(0, 12, width=32), min_size=1, max_size=50),
        st.lists(st.floats(0, 12, width=32) | st.sampled_from([0.5, 1.0, 1.5, 0.3]), max_size=4))
+# found by hypothesis: the second cut undid the first's nudge and only the float64 comparison was re-checked
+@example([1.0], [float(np.float32(0.99999)), 1.0])
 def test_float16_table_keeps_cut_comparisons_exact(values, cuts):
     v = np.array(values, dtype=np.float32)
     s = to_float16(v, cuts)
