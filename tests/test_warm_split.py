@@ -163,9 +163,11 @@ def test_warm_json_records_the_units_and_their_size(continuous_shards, tiny_llam
     assert exp_of(**{"split-block-windows": 8}).warm_start() == older
 
 
-def fake_sft(monkeypatch):
-    """sft_train writes a model and metrics and trains nothing."""
+def fake_sft(monkeypatch, first=None):
+    """sft_train writes a model and metrics and trains nothing (`first(cfg)` called before, when given)."""
     def fake(cfg, contexts):
+        if first is not None:
+            first(cfg)
         out = experiment.Path(cfg.out)
         (out / "model").mkdir(parents=True, exist_ok=True)
         (out / "model" / "config.json").write_text("{}")
@@ -437,20 +439,14 @@ def test_processes_started_together_build_the_warm_start_once(train_shards, tiny
     builds the warm start, then reuses it (one SFT, the same record). Without the lock both trained it."""
     calls, second_started = [], threading.Event()
 
-    def fake(cfg, contexts):
+    def building(cfg):
         calls.append(cfg.out)
         second_started.wait(10)  # the second runner has started (it could now build too, were there no lock)
         deadline = time.monotonic() + 5
         while len(calls) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
-        out = experiment.Path(cfg.out)
-        (out / "model").mkdir(parents=True, exist_ok=True)
-        (out / "model" / "config.json").write_text("{}")
-        (out / "metrics.jsonl").write_text(json.dumps({"loss": 1.0}) + "\n")
-        return {"steps": 0}
 
-    monkeypatch.setattr(sft, "sft_train", fake)
-    monkeypatch.setattr(experiment.Experiment, "params", lambda self, model: 1)
+    fake_sft(monkeypatch, building)
     spec = experiment.load_spec(str(write_spec(tmp_path, train_shards, tiny_llama, {"before": {"kind": "eval"}},
                                                warm=WARM)))
     records = {}
