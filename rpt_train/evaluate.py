@@ -96,7 +96,7 @@ def along(cands: Candidates, order: np.ndarray, cut: float, block: int = ORDER_B
     time (the heap holds a block, never an N-sized array)."""
     for start in range(0, len(order), block):
         o = np.asarray(order[start:start + block])
-        for i in o[cands.value[o] > cut]:
+        for i in o[cands.value[o] > np.float64(cut)]:  # as Candidates.above (a Python float: the table's dtype)
             yield int(i)
 
 

@@ -557,7 +557,7 @@ class Experiment:
         split: it never trains on held-out text, labels included). Done when its model and warm.json exist, made
         with the spec's warm: options and base shards and model (check_warm: a change is refused). Several
         processes (one per GPU, each running arms of one spec) build it once: the first holds OUT/warm/.lock (an
-        flock, released when its process ends, however), the others wait for it and then reuse its warm start."""
+        flock, released when it is done or its process dies), the others wait for it and then reuse its warm start."""
         if not self.spec.warm:
             return None
         import fcntl

@@ -470,8 +470,8 @@ class PositionSampler:
     def load_state_dict(self, state: dict) -> None:
         if state["n"] != self.n:
             raise UserError(f"the checkpoint was trained on {state['n']} positions but the shards now give {self.n}; "
-                            "resume with the same --shards, position options and --exclude-docs list (its content too: an edited "
-                            "list changes the positions)")
+                            "resume with the same --shards, position options and --exclude-docs list (only the count is checked "
+                            "here: an edited list that keeps it resumes on other positions)")
         self.seed, self.epoch, self.cursor = state["seed"], state["epoch"], state["cursor"]
         self._perm = self._permutation()
 

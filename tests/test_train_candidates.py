@@ -216,3 +216,20 @@ def test_sampler_order_is_the_int64_permutation():
     s = PositionSampler(1000, seed=5)
     assert s._perm.dtype == np.uint32
     assert np.array_equal(s._perm, np.random.default_rng([5, 0]).permutation(1000))
+
+
+def test_eval_walk_compares_a_float32_table_exactly():
+    """evaluate.along (the eval's bucket walk) compares in float64 like Candidates.above: on the float32 fallback
+    of to_float16 (cuts closer than a float16 step) a Python-float comparison rounds the cut to float32 and
+    answered 0.1 > 0.10001 wrong."""
+    from types import SimpleNamespace
+
+    from rpt_train.evaluate import along
+
+    v = np.array([0.1, 0.3], dtype=np.float32)
+    for cuts in ([0.1, 0.10001], [0.3, 0.30001]):
+        table = SimpleNamespace(value=to_float16(v, cuts))
+        assert table.value.dtype == np.float32
+        for c in cuts:
+            want = [i for i in range(len(v)) if float(v[i]) > c]
+            assert list(along(table, np.arange(len(v)), c)) == want

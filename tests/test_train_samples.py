@@ -143,7 +143,7 @@ def test_sampler_without_replacement_and_resumable():
     # a checkpoint of another number of positions (other shards, filters, or an --exclude-docs list edited between
     # stop and resume) is refused, naming what to keep
     with pytest.raises(UserError, match="trained on 10 positions but the shards now give 9; resume with the same "
-                                        "--shards, position options and --exclude-docs list \\(its content too"):
+                                        "--shards, position options and --exclude-docs list \\(only the count"):
         PositionSampler(9, seed=3).load_state_dict(state)
 
 
