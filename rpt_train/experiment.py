@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import random
-import re
 import shutil
 import sys
 import time
@@ -587,7 +586,8 @@ class Experiment:
     def _warm_start(self) -> dict:
         """warm_start's work, under its lock."""
         from rpt_train.samples import ShardSet, is_heldout, read_doc_ids
-        from rpt_train.sft import OptionsChanged, next_contexts, sft_train
+        from rpt_train.sft import next_contexts, sft_train
+        from rpt_train.trainer import OptionsChanged
 
         w, done = self.spec.warm, self.root / "warm" / "warm.json"
         base = load_config(TrainConfig, None, {k: v for k, v in self.spec.train.items()
@@ -621,9 +621,8 @@ class Experiment:
         try:
             totals = sft_train(cfg, next_contexts(w["batch"]))
         except OptionsChanged as e:  # its options are this spec's, not the user's: say how to rebuild it
-            said = re.search(r"with other options \((.*)\); resume with", str(e), re.S)
             raise UserError(f"spec '{self.spec.path}': its warm start in '{cfg.out}' was checkpointed under other "
-                            f"options ({said.group(1) if said else e}; e.g. by an older version, without the "
+                            f"options ({e.details}; e.g. by an older version, without the "
                             f"held-out split); delete '{self.root / 'warm'}' to rebuild it") from None
         from rpt_train.sft import read_jsonl
 

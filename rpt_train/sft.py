@@ -42,20 +42,12 @@ def sft_options(config: dict, label_tokens: int) -> dict:
     return {**{k: config.get(k) for k in SFT_OPTIONS}, "label_tokens": label_tokens}
 
 
-class OptionsChanged(UserError):
-    """check_sft_options' refusal: `out` ran with other options; a caller that made those options itself (the
-    experiment's warm start) can add how to rebuild it."""
-
-
 def check_sft_options(saved: dict, cfg: TrainConfig, label_tokens: int, out: Path) -> None:
-    """Refuse, in one sentence (OptionsChanged), to resume (or answer for a finished) `out` whose saved options
-    (sft_options) differ from cfg's in any option the result depends on."""
+    """Refuse, in one sentence (trainer.OptionsChanged), to resume (or answer for a finished) `out` whose saved
+    options (sft_options) differ from cfg's in any option the result depends on."""
     from rpt_train.trainer import check_options
 
-    try:
-        check_options(saved, sft_options(to_dict(cfg), label_tokens), out)
-    except UserError as e:
-        raise OptionsChanged(str(e)) from None
+    check_options(saved, sft_options(to_dict(cfg), label_tokens), out)
 
 
 def read_record(out: Path) -> dict:

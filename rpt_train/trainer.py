@@ -298,9 +298,19 @@ def check_resumed_options(state: dict, cfg: TrainConfig, out: Path) -> None:
                   out)  # older runs: split by document, no issue-34 objective options
 
 
+class OptionsChanged(UserError):
+    """check_options' refusal; `details` names the options that differ and their saved values, for a caller that
+    made those options itself (the experiment's warm start) and words the advice its own way."""
+
+    def __init__(self, message: str, details: str):
+        super().__init__(message)
+        self.details = details
+
+
 def check_options(saved: dict, now: dict, out: Path) -> None:
-    """A --resume with other options than the run's (RUNTIME_ONLY ones aside) is refused in one sentence; a
-    --think-close written out and `auto` are the same option when auto resolves to that text (rpt_train.budget)."""
+    """A --resume with other options than the run's (RUNTIME_ONLY ones aside) is refused in one sentence
+    (OptionsChanged); a --think-close written out and `auto` are the same option when auto resolves to that text
+    (rpt_train.budget)."""
     changed = changed_options(saved, now, RUNTIME_ONLY)
     if "think_close" in changed and "answer_format" not in changed:
         resolved = [objectives.think_close(SimpleNamespace(think_close=c.get("think_close", "auto"),
@@ -309,9 +319,9 @@ def check_options(saved: dict, now: dict, out: Path) -> None:
         if resolved[0] == resolved[1]:
             changed.remove("think_close")
     if changed:
-        was = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} there" for k in changed)
-        raise UserError(f"'{out}' holds a run with other options ({differ(changed)}: {was}); resume with the same "
-                        "options, or start a new run in another --out")
+        details = f"{differ(changed)}: " + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} there" for k in changed)
+        raise OptionsChanged(f"'{out}' holds a run with other options ({details}); resume with the same options, or "
+                             "start a new run in another --out", details)
 
 
 def schedule_horizon(cfg: TrainConfig, state: dict | None, out: Path) -> int:
