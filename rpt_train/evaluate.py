@@ -307,13 +307,19 @@ def temp_beside(path: Path) -> Path:
     return path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
 
 
-def write_json(result: dict, path: str | Path) -> None:
-    """`result` as JSON at `path`, atomically (a temp file of this call's own, renamed into place)."""
+def replace_atomically(path: str | Path, fill) -> None:
+    """`fill(tmp)` writes a temp file of this call's own (temp_beside), renamed into place as `path`: readers see
+    the old file or the new one, whole; the temp is removed if `fill` fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_beside(path)
     try:
-        tmp.write_text(json.dumps(result, indent=1))
+        fill(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_json(result: dict, path: str | Path) -> None:
+    """`result` as JSON at `path`, atomically (replace_atomically)."""
+    replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))

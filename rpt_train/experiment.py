@@ -529,9 +529,10 @@ class Experiment:
 
         warm = self.root / "warm"
         record = read_saved(done, f"delete '{warm}' to rebuild the warm start")
+        blocks = split_blocks(base) if "split_block_windows" in record else None  # older: not checked
         if "units" not in record:
             try:
-                by_blocks = split_blocks(base)
+                by_blocks = split_blocks(base) if blocks is None else blocks
             except UserError:  # shards unreadable here: the arms that read them stop with their own message
                 by_blocks = 0
             if by_blocks > 0 and (base.heldout_fraction or 0) > 0:  # nothing held out: nothing trained on
@@ -539,7 +540,6 @@ class Experiment:
                                 f"were split by blocks (its warm.json records no units), so on these shards, held "
                                 f"out by blocks of {by_blocks} windows, it trained on whole streams, held-out blocks "
                                 f"included; delete '{warm}' to rebuild it")
-        blocks = split_blocks(base) if "split_block_windows" in record else None  # older: not checked
         now = {**self.spec.warm, **warm_base(base, blocks)}
         changed = [k for k in now if k in record and record[k] != now[k]]
         if changed:
@@ -725,16 +725,10 @@ def split_units(shards, block_windows: int) -> dict[str, str]:
 
 
 def write_lines(lines: list[str], path: Path) -> None:
-    """`lines`, one a line, at `path`, atomically (a temp file of this call's own, renamed into place)."""
-    from rpt_train.evaluate import temp_beside
+    """`lines`, one a line, at `path`, atomically (evaluate.replace_atomically)."""
+    from rpt_train.evaluate import replace_atomically
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_beside(path)
-    try:
-        tmp.write_text("".join(line + "\n" for line in lines))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    replace_atomically(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in lines)))
 
 
 def write_json(obj: dict, path: Path) -> None:
@@ -746,16 +740,10 @@ def write_json(obj: dict, path: Path) -> None:
 def keep_copy(path: Path, keep: Path) -> None:
     """A copy of `path` at `keep`, atomically, through a temp file of this call's own (processes, one per GPU, may
     keep the same file at once)."""
-    from rpt_train.evaluate import temp_beside
+    from rpt_train.evaluate import replace_atomically
 
     if path.exists():
-        keep.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_beside(keep)
-        try:
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, keep)
-        finally:
-            tmp.unlink(missing_ok=True)
+        replace_atomically(keep, lambda tmp: shutil.copyfile(path, tmp))
 
 
 def run_experiment(spec_path: str, arms: list[str] | None = None, *, report_only: bool = False,
