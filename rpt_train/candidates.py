@@ -123,15 +123,20 @@ class TableSink:
         self.counts.append(np.diff(part.offsets))
         self.n += len(part)
 
+    WIDEN_BLOCK = 8 << 20  # entries converted at a time: the heap holds one block, not the file (10 GB at 1B)
+
     def _widen(self, name: str, was, dtype) -> np.dtype:
-        """Rewrite file `name` from dtype `was` to the wider `dtype` (as np.concatenate would upcast)."""
-        f = self.files[name]
-        f.seek(0)
-        old = np.frombuffer(f.read(), dtype=was)
-        f.seek(0)
-        f.truncate()
-        f.write(old.astype(dtype).tobytes())
-        return np.dtype(dtype)
+        """Rewrite file `name` from dtype `was` to the wider `dtype` (as np.concatenate would upcast), a block at a
+        time into a new unlinked file that replaces it."""
+        was, dtype = np.dtype(was), np.dtype(dtype)
+        old, new = self.files[name], tempfile.TemporaryFile(dir=self.directory)
+        old.flush()
+        old.seek(0)
+        while block := old.read(self.WIDEN_BLOCK * was.itemsize):
+            new.write(np.frombuffer(block, dtype=was).astype(dtype).tobytes())
+        old.close()
+        self.files[name] = new
+        return dtype
 
     def _map(self, name: str, dtype) -> np.ndarray:
         f = self.files[name]

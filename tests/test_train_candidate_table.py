@@ -64,3 +64,27 @@ def test_eval_candidates_are_memory_mapped_and_equal(train_shards, split):
     cands = shards.candidates(cfg.entropy_metric, 0.3, 0, cuts=cfg.bucket_thresholds)
     want = cands if split == "all" else cands.take(cands.heldout if split == "heldout" else ~cands.heldout)
     assert same(got, want)
+
+
+def test_the_sink_widens_a_block_at_a_time(tmp_path, monkeypatch):
+    """Widening rewrites the scratch file in blocks: the heap never holds the whole file (10 GB at 1B positions)."""
+    monkeypatch.setattr(TableSink, "WIDEN_BLOCK", 4, raising=False)
+    reads = []
+
+    def part(v_dtype, n):
+        return Candidates(row_shard=np.zeros(1, np.int32), row_index=np.zeros(1, np.int32),
+                          row_heldout=np.zeros(1, bool), offsets=np.array([0, n]), t=np.arange(n, dtype=np.uint16),
+                          value=np.linspace(0, 2, n).astype(v_dtype),
+                          selected_bits=np.packbits(np.ones(n, bool), bitorder="little"))
+
+    sink = TableSink(str(tmp_path))
+    parts = [part(np.float16, 19), part(np.float16, 6)]
+    for p in parts:
+        sink.add(p)
+    f = sink.files["value"]
+    read = f.read
+    monkeypatch.setattr(f, "read", lambda n=-1: reads.append(n) or read(n), raising=False)
+    parts.append(part(np.float32, 7))
+    sink.add(parts[-1])
+    assert reads and all(0 < n <= 4 * 2 for n in reads)
+    assert same(sink.finish(), Candidates.concat(parts))
