@@ -396,28 +396,19 @@ def compute_of(metrics: list[dict], n_params: int) -> dict:
 
 # ---- running -----------------------------------------------------------------------------------------------------------
 
-def warm_base(base: TrainConfig, block_windows: int | None = None) -> dict:
+def warm_base(base: TrainConfig, block_windows: int | None = None, excluded: frozenset[str] | None = None) -> dict:
     """The base: options a warm start depends on beyond warm: (recorded in warm.json, checked on reuse): the shards
     and model (paths as given), the user's exclude-docs list (path as given: no warm unit is in it, docs.txt holds
-    its lines; its content too, as a digest: an edited list is a change) and the held-out split, which also decides
-    the warm units: its fraction, seed and (`block_windows`,
+    its lines; its content too, as a digest: an edited list is a change; `excluded`: its ids when read already) and
+    the held-out split, which also decides the warm units: its fraction, seed and (`block_windows`,
     resolved by split_blocks; left out when None) unit."""
+    from rpt_train.samples import excluded_digest, ids_digest
+
+    digest = (excluded_digest(base.exclude_docs) if excluded is None else
+              ids_digest(excluded) if base.exclude_docs else None)
     out = {"base_model": base.model, "base_shards": base.shards, "exclude_docs": base.exclude_docs,
-           "exclude_docs_sha256": excluded_digest(base.exclude_docs),
-           "heldout_fraction": base.heldout_fraction, "split_seed": base.split_seed}
+           "exclude_docs_sha256": digest, "heldout_fraction": base.heldout_fraction, "split_seed": base.split_seed}
     return out if block_windows is None else {**out, "split_block_windows": block_windows}
-
-
-def excluded_digest(path: str) -> str | None:
-    """sha256 of the doc_ids / units an --exclude-docs file lists (as read_doc_ids reads them, sorted: order,
-    blank lines and a BOM do not count); None without a list."""
-    import hashlib
-
-    from rpt_train.samples import read_doc_ids
-
-    if not path:
-        return None
-    return hashlib.sha256("\n".join(sorted(read_doc_ids(path))).encode()).hexdigest()
 
 
 def split_blocks(base: TrainConfig, shards=None) -> int:
@@ -563,7 +554,7 @@ class Experiment:
 
         (self.root / "warm").mkdir(parents=True, exist_ok=True)
         with open(self.root / "warm" / ".lock", "a+") as lock:
-            locked = True
+            locked, unlocked = True, None
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -573,18 +564,18 @@ class Experiment:
                       file=sys.stderr)
                 fcntl.flock(lock, fcntl.LOCK_EX)
             except OSError as e:  # a filesystem without flock (Lustre without -o flock, NFSv3 without lockd)
-                print(f"warning: cannot lock '{lock.name}' ({e.strerror or e}): the warm start is built unlocked; "
-                      "start the other processes after it is done", file=sys.stderr)
-                locked = False
+                locked = False  # said by _warm_start when it builds (not on each arm that reuses the warm start)
+                unlocked = (f"warning: cannot lock '{lock.name}' ({e.strerror or e}): the warm start is built "
+                            "unlocked; start the other processes after it is done")
             if locked:  # who holds it, for the others' waiting line
                 lock.seek(0)
                 lock.truncate()
                 lock.write(f"pid {os.getpid()} on {platform.node()}\n")
                 lock.flush()
-            return self._warm_start()
+            return self._warm_start(unlocked)
 
-    def _warm_start(self) -> dict:
-        """warm_start's work, under its lock."""
+    def _warm_start(self, unlocked: str | None = None) -> dict:
+        """warm_start's work, under its lock (`unlocked`: the warning to print before building, when flock failed)."""
         from rpt_train.samples import ShardSet, is_heldout, read_doc_ids
         from rpt_train.sft import next_contexts, sft_train
         from rpt_train.trainer import OptionsChanged
@@ -594,6 +585,8 @@ class Experiment:
                                                if k in field_types(TrainConfig)})
         if done.exists() and (self.root / "warm" / "train" / "model" / "config.json").exists():
             return self.check_warm(done, base)
+        if unlocked:
+            print(unlocked, file=sys.stderr)
         shards = ShardSet(base.shards)
         blocks = split_blocks(base, shards)
         units = split_units(shards, blocks)  # unit -> its document
@@ -629,7 +622,7 @@ class Experiment:
         metrics = read_jsonl(Path(cfg.out) / "metrics.jsonl")
         record = {"documents": len({units[u] for u in chosen}), "units": len(chosen),
                   "heldout_documents": len({units[u] for u in held}), "all_documents": len(set(units.values())), **w,
-                  **warm_base(base, blocks),
+                  **warm_base(base, blocks, user),
                   "seconds": round(time.perf_counter() - t0, 1), "machine": machine(),
                   "sft": totals, "compute": compute_of(metrics, self.params(base.model)),
                   "loss_first": metrics[0]["loss"], "loss_last": metrics[-1]["loss"]}

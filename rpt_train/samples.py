@@ -2,6 +2,7 @@
 replacement, held-out documents, and labels cut at the policy tokenizer's boundaries."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -63,6 +64,22 @@ def read_doc_ids(path: str) -> frozenset[str]:
     except UnicodeDecodeError as e:
         raise UserError(f"--exclude-docs '{path}' is not UTF-8 text ({e.reason}); save it as UTF-8")
     return frozenset(line.strip() for line in text.splitlines() if line.strip())
+
+
+def ids_digest(ids: frozenset[str]) -> str:
+    """sha256 of a set of doc_ids / units (as read_doc_ids reads them, sorted: order, blank lines and a BOM of the
+    file do not count): what a run or a warm start records of its --exclude-docs list, to refuse an edited one."""
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
+
+
+def excluded_digest(path: str) -> str | None:
+    """ids_digest of the ids an --exclude-docs file lists; None without a list."""
+    return ids_digest(read_doc_ids(path)) if path else None
+
+
+def is_excluded(doc_id: str, unit: str, exclude: frozenset[str]) -> bool:
+    """Whether an --exclude-docs list names a row: its doc_id or its split unit (doc_id#block)."""
+    return doc_id in exclude or unit in exclude
 
 
 def bucket_of(value: float, thresholds: list[float]) -> str:
@@ -170,7 +187,7 @@ class ShardSet:
                 held = np.array([is_heldout(u, heldout_fraction, split_seed) for u in units], dtype=bool)
                 self.heldout_units.update(u for u, h in zip(units, held) if h)
                 self.heldout_docs.update(d for d, h in zip(docs, held) if h)
-                dropped = np.array([d in exclude or u in exclude for d, u in zip(docs, units)],
+                dropped = np.array([is_excluded(d, u, exclude) for d, u in zip(docs, units)],
                                    dtype=bool) if exclude else None
                 part, zero = candidates_of(table, metric, i, int(self._group_starts[i][rg]), held, cuts, dropped)
                 self.zero_width += zero
@@ -470,8 +487,7 @@ class PositionSampler:
     def load_state_dict(self, state: dict) -> None:
         if state["n"] != self.n:
             raise UserError(f"the checkpoint was trained on {state['n']} positions but the shards now give {self.n}; "
-                            "resume with the same --shards, position options and --exclude-docs list (only the count is checked "
-                            "here: an edited list that keeps it resumes on other positions)")
+                            "resume with the same --shards, position options and --exclude-docs list")
         self.seed, self.epoch, self.cursor = state["seed"], state["epoch"], state["cursor"]
         self._perm = self._permutation()
 
@@ -575,18 +591,37 @@ class TrainSamples:
         (--exclude-docs lists its doc_id or split unit): text whose windows training never rewards."""
         c = self.cfg
         unit = split_unit(row["doc_id"], row["window_index"], c.split_block_windows)
-        return (is_heldout(unit, c.heldout_fraction, c.split_seed) or row["doc_id"] in self.exclude
-                or unit in self.exclude)
+        return is_heldout(unit, c.heldout_fraction, c.split_seed) or is_excluded(row["doc_id"], unit, self.exclude)
 
     def __len__(self) -> int:
         return len(self.cands)
 
+    @functools.cached_property
+    def exclude_sha256(self) -> str:
+        """ids_digest of the --exclude-docs ids this run read at its start (that of no id without a list), hashed
+        once: a checkpoint records it, a resume whose list differs is refused (check_excluded)."""
+        return ids_digest(self.exclude)
+
     def state_dict(self) -> dict:
-        return {**self.sampler.state_dict(), "skipped": self.build.skipped, "unexpressible": self.build.unexpressible}
+        return {**self.sampler.state_dict(), "skipped": self.build.skipped, "unexpressible": self.build.unexpressible,
+                "exclude_sha256": self.exclude_sha256}
 
     def load_state_dict(self, state: dict) -> None:
+        self.check_excluded(state.get("exclude_sha256"))
         self.sampler.load_state_dict(state)
         self.build.skipped, self.build.unexpressible = state.get("skipped", 0), state.get("unexpressible", 0)
+
+    def check_excluded(self, saved: str | None) -> None:
+        """Refuses a resume whose --exclude-docs ids differ from those the checkpoint records (a list edited in place
+        that keeps the number of positions would resume on other ones); a checkpoint written before the digest was
+        recorded (`saved` None) is checked by the number of positions only."""
+        if saved is None or saved == self.exclude_sha256:
+            return
+        c = self.cfg
+        given = f"--exclude-docs '{c.exclude_docs}'" if c.exclude_docs else "--exclude-docs (none given)"
+        raise UserError(f"{given} lists other doc_ids / units than when the run in '{c.out}' started (its checkpoint "
+                        "records the sha256 of the list's ids): it would resume on other positions; restore the list "
+                        "as it was, or start a new run in another --out")
 
     def next_batch(self, k: int) -> list[Sample]:
         """The next k usable samples; unusable positions are skipped (and counted). Draws come in rounds of the

@@ -1,6 +1,8 @@
 """Shards -> samples: positions, byte cuts, policy-tokenizer labels, seeded order, held-out documents, bad shards."""
 import json
+import re
 import shutil
+from collections import Counter
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -143,8 +145,46 @@ def test_sampler_without_replacement_and_resumable():
     # a checkpoint of another number of positions (other shards, filters, or an --exclude-docs list edited between
     # stop and resume) is refused, naming what to keep
     with pytest.raises(UserError, match="trained on 10 positions but the shards now give 9; resume with the same "
-                                        "--shards, position options and --exclude-docs list \\(only the count"):
+                                        "--shards, position options and --exclude-docs list$"):
         PositionSampler(9, seed=3).load_state_dict(state)
+
+
+def test_a_resume_refuses_an_exclude_list_edited_in_place(train_shards, tiny_tok, tmp_path):
+    """An --exclude-docs list edited between stop and resume so that it keeps the number of positions (one document
+    swapped for another of as many) resumed silently on other positions (only the count was checked): the checkpoint
+    now records the digest of the list's ids and such a resume is refused, naming the file and what to do. The same
+    ids (reordered, blank lines) resume as before; a checkpoint written before the digest: the count check only."""
+    shards = ShardSet(str(train_shards))
+    cands = shards.candidates("topk_entropy")
+    docs = [pq.read_table(p, columns=["doc_id"])["doc_id"].to_pylist() for p in shards.paths]
+    count = Counter(docs[s][r] for s, r in zip(cands.shard.tolist(), cands.row.tolist()))
+    a, b = next((a, b) for a in sorted(count) for b in sorted(count) if a < b and count[a] == count[b])
+    listed = tmp_path / "exclude.txt"
+    listed.write_text(f"{a}\n")
+    cfg = TrainConfig(shards=str(train_shards), bucket="all", labels_length=2, exclude_docs=str(listed),
+                      out=str(tmp_path / "run"))
+    run = TrainSamples(cfg, tiny_tok)
+    run.next_batch(3)
+    state = run.state_dict()
+    after = [s.key for s in run.next_batch(4)]
+    listed.write_text(f"{b}\n")  # edited in place: as many positions, other ones
+    swapped = TrainSamples(cfg, tiny_tok)
+    rows = [set(zip(d.cands.row_shard.tolist(), d.cands.row_index.tolist())) for d in (run, swapped)]
+    assert len(swapped) == len(run) and rows[0] != rows[1]
+    with pytest.raises(UserError, match=re.escape(f"--exclude-docs '{listed}' lists other doc_ids / units than when "
+                                                  f"the run in '{tmp_path / 'run'}' started") +
+                       ".*restore the list as it was, or start a new run in another --out"):
+        swapped.load_state_dict(state)
+    older = {k: v for k, v in state.items() if k != "exclude_sha256"}  # a checkpoint of an older version
+    swapped.load_state_dict(older)
+    listed.write_text(f"\n  {a}\n\n")  # the same ids: resumes where it stopped
+    same = TrainSamples(cfg, tiny_tok)
+    same.load_state_dict(state)
+    assert [s.key for s in same.next_batch(4)] == after
+    (tmp_path / "empty.txt").write_text("\n")  # no list and an empty one: the same (no) ids
+    TrainSamples(TrainConfig(shards=str(train_shards), bucket="all", labels_length=2), tiny_tok).load_state_dict(
+        TrainSamples(TrainConfig(shards=str(train_shards), bucket="all", labels_length=2,
+                                 exclude_docs=str(tmp_path / "empty.txt")), tiny_tok).state_dict())
 
 
 def test_heldout_documents_are_never_trained_on(train_shards, tiny_tok):

@@ -434,6 +434,48 @@ def test_the_users_exclude_list_holds_under_a_warm_start(continuous_shards, tiny
     assert experiment.load_spec(str(path)).arms["odd"].options["exclude_docs"] == str(other)
 
 
+def test_the_warm_start_reads_the_users_exclude_list_once(train_shards, tiny_llama, tmp_path, monkeypatch):
+    """Building the warm start read base:'s exclude-docs file twice (its ids, then again for warm.json's digest):
+    once now, and warm.json records the digest of the ids it read (that of the file, reordered or not)."""
+    from rpt_train import samples
+
+    fake_sft(monkeypatch)
+    docs = sorted({d for d, _ in stream_rows(train_shards)})
+    bench = tmp_path / "bench.txt"
+    bench.write_text(f"{docs[-1]}\n{docs[0]}\n")
+    reads = []
+    real = samples.read_doc_ids
+    monkeypatch.setattr(samples, "read_doc_ids", lambda path: reads.append(path) or real(path))
+    spec = experiment.load_spec(str(write_spec(tmp_path, train_shards, tiny_llama, {"before": {"kind": "eval"}},
+                                               warm=WARM, **{"exclude-docs": str(bench)})))
+    record = experiment.Experiment(spec).warm_start()
+    assert reads.count(str(bench)) == 1
+    assert record["exclude_docs_sha256"] == samples.ids_digest(frozenset(docs[:1] + docs[-1:]))
+    assert experiment.Experiment(spec).warm_start() == record  # reused: checked against the file
+
+
+def test_an_exclude_list_drops_the_rows_the_builder_calls_excluded(continuous_shards, tiny_tok, tmp_path):
+    """The candidates a list drops and the rows the sample builder treats as excluded are one rule (is_excluded:
+    a row's doc_id or split unit listed), for a list of documents, of units, and of both."""
+    from rpt_train.samples import is_excluded
+
+    assert is_excluded("d", "d#1", frozenset({"d"})) and is_excluded("d", "d#1", frozenset({"d#1"}))
+    assert not is_excluded("d", "d#1", frozenset({"d#2", "e"})) and not is_excluded("d", "d", frozenset())
+    rows = stream_rows(continuous_shards)
+    docs = sorted({d for d, _ in rows})
+    units = sorted({split_unit(d, w, 2) for d, w in rows})
+    for listed in ([docs[0]], units[1::3], [docs[-1], units[0]]):
+        (tmp_path / "skip.txt").write_text("\n".join(listed) + "\n")
+        data = TrainSamples(TrainConfig(shards=str(continuous_shards), model="demo", bucket="all",
+                                        heldout_fraction=0.0, split_block_windows=2,
+                                        exclude_docs=str(tmp_path / "skip.txt")), tiny_tok)
+        kept = {(r["doc_id"], r["window_index"]) for r in rows_of(data)}
+        for d, w in set(rows):
+            if data.held_out_row({"doc_id": d, "window_index": w}):
+                assert (d, w) not in kept
+        assert kept and all(not data.held_out_row({"doc_id": d, "window_index": w}) for d, w in kept)
+
+
 def test_processes_started_together_build_the_warm_start_once(train_shards, tiny_llama, tmp_path, monkeypatch):
     """Two runners of one spec (one per GPU) started together: the second waits on OUT/warm/.lock while the first
     builds the warm start, then reuses it (one SFT, the same record). Without the lock both trained it."""
@@ -484,6 +526,11 @@ def test_a_filesystem_without_flock_builds_the_warm_start_unlocked(train_shards,
         m.setattr(fcntl, "flock", no_lock)
         record = experiment.Experiment(spec).warm_start()
     assert record["units"] > 0 and "cannot lock" in capsys.readouterr().err
+    # in one process the warning comes with the build only, not again on each arm that reuses the warm start
+    with monkeypatch.context() as m:
+        m.setattr(fcntl, "flock", no_lock)
+        again = [experiment.Experiment(spec).warm_start() for _ in range(2)]
+    assert again == [record, record] and "cannot lock" not in capsys.readouterr().err
     (tmp_path / "work" / "warm" / "warm.json").unlink()
     experiment.Experiment(spec).warm_start()
     assert (tmp_path / "work" / "warm" / ".lock").read_text().startswith("pid ")
