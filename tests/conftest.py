@@ -7,7 +7,8 @@ import torch
 from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).parent))
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# RPT_TEST_THREADS=1: tests beside a running experiment take one core
+torch.set_num_threads(int(os.environ.get("RPT_TEST_THREADS") or min(2, os.cpu_count() or 1)))
 
 # Property tests explore fresh random examples on every local run; CI (.ci/run sets CI=1) replays a fixed set so
 # that a submission's verdict does not depend on the draw (a failure prints the blob to reproduce it).
