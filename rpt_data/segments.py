@@ -97,7 +97,7 @@ class _Junction:
     def __init__(self, spans: TokenSpans, data: bytes, base: int, end: int, c: int, lead: int, name: str):
         lo, hi = max(0, c - 2 * lead), min(end, c + 3 * LEAD_BYTES)
         lo, hi = _char(data, lo - base) + base, _char(data, hi - base) + base
-        ids, ends = spans([data[lo - base : hi - base].decode()])[0]
+        ids, ends = spans([data[lo - base : hi - base].decode()], names=[f"stream '{name}' from byte {lo}"])[0]
         ends = ends + lo
         trusted = np.ones(len(ids), bool)
         if lo > 0:  # the span's first tokens may see its start (a word cut, a word-start marker)

@@ -73,7 +73,7 @@ def _has_byte_level(node) -> bool:
     return False
 
 
-# Python's whitespace code points (str.isspace): text no token covers may only be made of these.
+# Python's whitespace code points (str.isspace): where uncovered text stops going to the token before it.
 _WHITESPACE = np.array([c for c in range(0x3100) if chr(c).isspace()], dtype=np.uint32)
 
 
@@ -81,10 +81,18 @@ class TokenSpans:
     """A fast tokenizer's ids and UTF-8 byte ends per text, checked before they are trusted.
 
     Special-token strings in the text are tokenized as text (`split_special_tokens`): a corpus that contains
-    `<|endoftext|>` does not reset the proxy's context. Byte ends: for a byte-level tokenizer they are rebuilt
-    from the tokens' own bytes, which must concatenate to the text; otherwise they come from `offset_mapping`,
-    which must tile the text (no overlap, only whitespace left uncovered), else a UserError names the tokenizer.
-    Ends fall on character boundaries: the byte pieces of one character all end where the character ends.
+    `<|endoftext|>` does not reset the proxy's context. Byte ends: for a byte-level tokenizer whose tokens' own
+    bytes concatenate to the text they are rebuilt from those bytes; otherwise (WordPiece, Metaspace, or a normalizer
+    that changed the text: NFC in Qwen2-style byte-level BPE, BertNormalizer) they come from `offset_mapping`.
+    Token k's span is the text from token k-1's end (the text's start for k = 0) to its own end, so the spans tile
+    the text: every byte belongs to exactly one token, in order, and labels are the original text's bytes.
+    Text no token's offsets cover (a soft hyphen, zero-width space, BOM, U+FFFD or control character the normalizer
+    drops; the combining mark or Hangul jamo NFC merges into the character before; accents stripped; whitespace)
+    is attributed so: the characters that follow a token up to the next whitespace go to that token, the rest (from
+    the whitespace on) to the next token, a gap before the first token to the first token, and everything after
+    the last token to the last token. Ends fall on character boundaries: the byte pieces of one character all end
+    where the character (and what it took of the gap after it) ends, in the first piece. Offsets that go backwards
+    or overlap by more than one character cannot be repaired: a UserError names the tokenizer and the stream.
     """
 
     def __init__(self, tokenizer):
@@ -111,8 +119,9 @@ class TokenSpans:
                 pieces[i] = added.content.encode()  # added tokens match their text as is
         return pieces
 
-    def __call__(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(token ids int32, byte ends int64 relative to the text) per text; one batched tokenizer call."""
+    def __call__(self, texts: list[str], names: list[str] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(token ids int32, byte ends int64 relative to the text) per text; one batched tokenizer call. `names`:
+        what each text is (e.g. "stream 'web.jsonl:31'"), for the error when a tokenizer's offsets are broken."""
         if not texts:
             return []
         enc = self._encode(texts, offsets=self.piece is None)
@@ -123,7 +132,7 @@ class TokenSpans:
             if ends is None:
                 again = enc if self.piece is None else self._encode([text], True)  # offsets were not asked for
                 offsets = again["offset_mapping"][k if self.piece is None else 0]
-                ends = self._from_offsets(text, ids, offsets)
+                ends = self._from_offsets(text, ids, offsets, names[k] if names else "")
             out.append((ids, ends))
         return out
 
@@ -145,34 +154,45 @@ class TokenSpans:
             ends = boundary[np.searchsorted(boundary, ends)]
         return ends
 
-    def _from_offsets(self, text: str, ids: np.ndarray, offsets) -> np.ndarray:
+    def _from_offsets(self, text: str, ids: np.ndarray, offsets, where: str = "") -> np.ndarray:
+        """Byte ends from character offsets, repaired where a normalizer dropped or merged characters (the rule in
+        the class docstring); offsets that go backwards or overlap by more than one character are refused."""
         off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-        s, e = off[:, 0], off[:, 1]
+        if not len(off):  # no token (whitespace, or text the normalizer drops entirely): no span
+            return np.zeros(0, np.int64)
+        s, e = off[:, 0].copy(), off[:, 1].copy()
         n = len(text)
         if len(off) > 1:  # a word-start marker put in front of a word gets that word's start: it takes no text
             marker = (s[1:] == s[:-1]) & (e[:-1] < e[1:])
             e[:-1][marker] = s[:-1][marker]
         bad = (s < 0) | (e < s) | (e > n)
+        taken = np.maximum.accumulate(e)  # text up to here belongs to this token or an earlier one
         if len(off) > 1:
             same = (s[1:] == s[:-1]) & (e[1:] == e[:-1])  # byte pieces of one character share its span
-            bad[1:] |= ~same & (s[1:] < e[:-1])
-        where = int(np.argmax(bad)) if bad.any() else None
-        if where is None:
-            cover = np.zeros(n + 1, dtype=np.int64)
-            np.add.at(cover, s, 1)
-            np.add.at(cover, e, -1)
-            cp = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-            gap = (np.cumsum(cover)[:n] == 0) & ~np.isin(cp, _WHITESPACE)  # text no token covers, not whitespace
-            if gap.any():
-                where = min(int(np.searchsorted(e, int(np.argmax(gap)), "right")), len(ids) - 1)
-        if where is not None:
-            what = (f"token {where} {self.tokenizer.convert_ids_to_tokens(int(ids[where]))!r} at characters "
-                    f"{tuple(int(x) for x in off[where])}" if where >= 0 else "no token")
+            # in order; a token may start inside the last character taken before it (its other byte pieces)
+            bad[1:] |= (s[1:] < s[:-1]) | (~same & (s[1:] < taken[:-1] - 1))
+        if bad.any():
+            k = int(np.argmax(bad))
             raise UserError(
-                f"the tokenizer '{self.name}' gives character offsets that do not tile the text ({what} of a text "
-                f"of {n} characters), so its tokens' byte spans cannot be trusted and no shard was written; "
-                "use a tokenizer whose offsets cover the text")
-        return char_to_byte(text)[e] if len(e) else np.zeros(0, np.int64)
+                f"the tokenizer '{self.name}' gives character offsets that go backwards or overlap (token {k} "
+                f"{self.tokenizer.convert_ids_to_tokens(int(ids[k]))!r} at characters {tuple(int(x) for x in off[k])}"
+                + (f" after {tuple(int(x) for x in off[k - 1])}" if k else "") + f" of a text of {n} characters"
+                + (f" in {where}" if where else "") + "), so its tokens' byte spans cannot be trusted and no shard "
+                "was written past it; use a tokenizer whose offsets follow the text")
+        # text no token covers (dropped or merged by the normalizer, or whitespace): the characters that follow a
+        # token up to the next whitespace go to that token, the rest (from the whitespace on) to the next token,
+        # and everything after the last token to the last token; so the spans tile the text
+        nxt = np.append(s[1:], n)
+        cp = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        space = np.append(np.nonzero(np.isin(cp, _WHITESPACE))[0], n)
+        ends = np.where(nxt > taken, np.minimum(space[np.searchsorted(space, taken)], nxt), taken)
+        ends[-1] = n
+        # tokens that add nothing past the text already taken (pieces of one character) end where the last of them
+        # ends: the character and what follows it stay in the first piece
+        last = np.append(np.nonzero(taken[1:] != taken[:-1])[0], len(taken) - 1)
+        group = np.concatenate([[0], np.cumsum(taken[1:] != taken[:-1])])
+        ends = ends[last][group]
+        return char_to_byte(text)[ends]
 
 
 def tokenize_batch(tokenizer, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -309,7 +329,8 @@ class LongStream:
         yield from self.w.finish()
 
     def _tokenize(self, lo: int, hi: int) -> _Span:
-        ids, ends = self.spans([bytes(self.data[lo - self.base : hi - self.base]).decode()])[0]
+        ids, ends = self.spans([bytes(self.data[lo - self.base : hi - self.base]).decode()],
+                               names=[f"stream '{self.doc_id}' from byte {lo}"])[0]
         _release_freed_memory()
         return _Span(lo, hi, ids, ends + lo)
 
@@ -432,7 +453,8 @@ def windows_from_pieces(
 
     def flush() -> Iterator[Window]:
         nonlocal queued
-        for (d, data), (ids, ends) in zip(queue, spans([data.decode() for _, data in queue])):
+        for (d, data), (ids, ends) in zip(queue, spans([data.decode() for _, data in queue],
+                                                              names=[f"stream '{d}'" for d, _ in queue])):
             w.start(d)
             yield from w.add(ids, ends, data)
             yield from w.finish()

@@ -255,14 +255,21 @@ TOKENIZER_CORPUS = [s + " " for s in SENTENCES] + ["<|endoftext|> </s> [SEP] tab
 
 
 def make_tokenizer_of(kind: str, trim_offsets: bool = False):
-    """A fast tokenizer (transformers) of `kind`: bytelevel | metaspace | wordpiece; `trim_offsets`: a byte-level
-    one whose ByteLevel post-processor trims offsets and whose tokens may end in spaces (no pre-split regex)."""
+    """A fast tokenizer (transformers) of `kind`: bytelevel | metaspace | wordpiece, or a normalizing variant:
+    bytelevel-nfc (an NFC normalizer, as transformers' Qwen2 converter builds it), metaspace-nfkc (NFKC, as
+    SentencePiece's nmt_nfkc tokenizers: T5, ALBERT); wordpiece always has BertNormalizer (clean_text drops control
+    characters, U+FFFD and zero-width/format characters, strip_accents drops combining marks). `trim_offsets`: a
+    byte-level one whose ByteLevel post-processor trims offsets and whose tokens may end in spaces (no pre-split
+    regex)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     corpus = TOKENIZER_CORPUS * 20
+    kind, _, norm = kind.partition("-")
     if kind == "bytelevel":
         tok = Tokenizer(models.BPE())
+        if norm == "nfc":
+            tok.normalizer = normalizers.NFC()
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=not trim_offsets)
         tok.decoder = decoders.ByteLevel()
         specials = ["<|endoftext|>"]
@@ -274,6 +281,8 @@ def make_tokenizer_of(kind: str, trim_offsets: bool = False):
         return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
     if kind == "metaspace":
         tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+        if norm == "nfkc":
+            tok.normalizer = normalizers.NFKC()
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
         tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                          decoders.Strip(" ", 1, 0)])
@@ -283,13 +292,21 @@ def make_tokenizer_of(kind: str, trim_offsets: bool = False):
         return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     if kind == "wordpiece":
         tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.normalizer = normalizers.BertNormalizer(clean_text=True, strip_accents=True, lowercase=True)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
         tok.train_from_iterator(corpus, trainer=trainers.WordPieceTrainer(
             vocab_size=300, special_tokens=["[UNK]", "[SEP]", "[CLS]"], show_progress=False))
         return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", sep_token="[SEP]", cls_token="[CLS]")
     raise ValueError(kind)
+
+
+# text that normalizers drop or merge (tests of TokenSpans' gap rule): a combining accent (NFC merges it, BERT strips
+# it), soft hyphen, zero-width space, BOM inside text, U+FFFD, a control character, NUL, Hangul jamo (NFC makes one
+# syllable of three), a ligature (NFKC expands it), a ZWJ emoji sequence
+NORMALIZED_TEXT = ["cafe\u0301", "e\u0301", "\u00ad", "quick\u00adbrown", "\u200b", "\ufeff", "\ufffd", "\x01", "\x00",
+                   "\u1112\u1161\u11ab\u1100\u1173\u11af", "\u1112\u1161", "\ufb01x", "\U0001F468\u200d\U0001F469",
+                   "a\u0323\u0301"]
 
 
 def stream_tokens(windows) -> tuple[list, bytes]:

@@ -1,19 +1,22 @@
 """The windowing invariant: a stream's tokens are the tokenization of its whole text and their bytes tile it,
-whatever the pieces it arrives in (records, text blocks) and however small the tokenizer's spans are."""
+whatever the pieces it arrives in (records, text blocks) and however small the tokenizer's spans are, and whatever
+the tokenizer's normalizer drops or merges."""
 import functools
+import json
+import unicodedata
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from data_helpers import make_tokenizer_of, stream_tokens
+from data_helpers import NORMALIZED_TEXT, make_tokenizer_of, read_rows, stream_tokens
 from rpt_common.errors import UserError
 from rpt_data.windows import TokenSpans, windows_from_pieces
 
-KINDS = ("bytelevel", "metaspace", "wordpiece")
+KINDS = ("bytelevel", "metaspace", "wordpiece", "bytelevel-nfc", "metaspace-nfkc")  # wordpiece: BertNormalizer
 FRAGMENTS = ["The", " quick", " brown", "fox", ".", ",", " ", "  ", "\n", "\n\n", "\t", "é", "naïve", "日本語", "🙂",
-             "<|endoftext|>", "</s>", "[SEP]", "<s>", "a" * 40, "x_(n+1)", "café", "239"]
+             "<|endoftext|>", "</s>", "[SEP]", "<s>", "a" * 40, "x_(n+1)", "café", "239"] + NORMALIZED_TEXT
 
 
 @functools.lru_cache(maxsize=None)
@@ -49,12 +52,7 @@ def test_stream_tokens_equal_whole_text_tokens_and_tile_it(kind, streams, data, 
         ends = np.concatenate([w.token_bytes[(0 if w.window_index == 0 else prefix):] + (
             0 if w.window_index == 0 else int(ref_ends[w.token_start - 1])) for w in mine]) if mine else []
         assert list(ends) == list(ref_ends)
-        data_ = text.encode()
-        assert got == data_[: len(got)]  # the windows' text tiles the stream's, in order
-        if kind != "wordpiece":  # byte-level and Metaspace tokens cover every byte; WordPiece drops whitespace
-            assert got == data_
-        else:
-            assert not data_[len(got):].strip()
+        assert got == (text.encode() if ids else b"")  # the windows' text tiles the stream's, in order
 
 
 @pytest.mark.parametrize("count", [255, 256, 257])
@@ -111,9 +109,98 @@ class OverlappingOffsets:
         return f"t{i}"
 
 
-def test_offsets_that_do_not_tile_are_refused_naming_the_tokenizer():
-    with pytest.raises(UserError, match="overlapping-offsets.*do not tile"):
-        list(windows_from_pieces([("d", "hello world", True)], OverlappingOffsets(), 8, 2))
+def test_offsets_that_overlap_are_refused_naming_the_tokenizer_and_the_stream():
+    with pytest.raises(UserError, match="overlapping-offsets.*go backwards or overlap.*in stream 'in.jsonl:7'"):
+        list(windows_from_pieces([("in.jsonl:7", "hello world", True)], OverlappingOffsets(), 8, 2))
+
+
+def _nfc_bytes(tok, token: str) -> bytes:
+    from rpt_data.windows import _gpt2_byte_alphabet
+
+    alphabet = _gpt2_byte_alphabet()
+    return bytes(alphabet[c] for c in token)
+
+
+@pytest.mark.parametrize("kind", ["bytelevel-nfc", "metaspace-nfkc", "wordpiece"])
+def test_text_the_normalizer_drops_or_merges_goes_to_an_adjacent_token(kind):
+    """NFC (Qwen2-style byte-level BPE) merges e + U+0301 and Hangul jamo into one character whose offsets cover only
+    the first; BertNormalizer drops soft hyphens, zero-width spaces, BOMs, U+FFFD, control characters and accents:
+    no token's offsets cover that text. The old check refused it (exit 2: the whole tagging run stopped on ordinary
+    web text). Now the spans tile the text (the labels are the original text's bytes, cut at token boundaries), the
+    dropped text goes with the token before it (up to whitespace), and each label normalizes to its token."""
+    tok = tokenizer(kind)
+    spans = TokenSpans(tok)
+    norm = tok.backend_tokenizer.normalizer
+    texts = [f"The {x} quick" for x in NORMALIZED_TEXT] + [f"{x}fox{x} {x}" for x in NORMALIZED_TEXT] + \
+        ["".join(NORMALIZED_TEXT), " ".join(NORMALIZED_TEXT), "Un cafe\u0301 au lait, \u1112\u1161\u11ab text."]
+    for text, (ids, ends) in zip(texts, spans(texts)):
+        data = text.encode()
+        assert len(ids) == len(ends)
+        if not len(ids):
+            continue
+        assert (np.diff(ends) >= 0).all() and ends[0] >= 0 and ends[-1] == len(data), (text, ends)
+        labels = [data[a:b].decode() for a, b in zip([0, *ends[:-1]], ends)]  # each on character boundaries
+        assert "".join(labels) == text
+        pieces = tok.convert_ids_to_tokens(ids.tolist())
+        if kind == "bytelevel-nfc":  # the tokens' bytes up to each cut are the normalized text up to it (a
+            done = b""  # character split in byte pieces goes whole with the first piece)
+            for k, p in enumerate(pieces):
+                done += _nfc_bytes(tok, p)
+                want = unicodedata.normalize("NFC", data[: ends[k]].decode()).encode()
+                rest = want[len(done):]
+                assert want.startswith(done) and all(b & 0xC0 == 0x80 for b in rest), (text, k, labels)
+            assert done == unicodedata.normalize("NFC", text).encode()
+        elif kind == "wordpiece":  # each label, normalized, is its token (whitespace aside)
+            for p, label in zip(pieces, labels):
+                if p != tok.unk_token:
+                    assert "".join(norm.normalize_str(label).split()) == p.removeprefix("##"), (text, pieces, labels)
+        else:  # NFKC: each label, normalized, is its token's text (word-start marker, byte fallback aside)
+            got = b"".join(bytes([int(p[3:5], 16)]) if p.startswith("<0x") else p.replace("\u2581", " ").encode()
+                           for p in pieces)
+            assert got.lstrip(b" ") == norm.normalize_str(text).encode().lstrip(b" ")
+    # what the normalizer merges or drops is never cut from the character before it: a combining accent stays with
+    # its letter, jamo with their syllable (NFC, NFKC), a soft hyphen with the word piece before it, and a gap before
+    # the first token goes to the first token (BertNormalizer drops both)
+    keep = ["e\u0301", "a\u0323"] + (["k\u00ad", "\ufeffT"] if kind == "wordpiece" else ["\u1112\u1161\u11ab"])
+    for piece in keep:
+        text = f"\ufeffThe quick\u00adbrown cafe\u0301 {piece}x \u1112\u1161\u11ab\u1100\u1173\u11af a\u0323\u0301."
+        ids, ends = spans([text])[0]
+        cuts = {len(text.encode()[:e].decode()) for e in ends.tolist()}
+        at = [i for i in range(len(text)) if text.startswith(piece, i)]
+        assert at and not any(i < c < i + len(piece) for i in at for c in cuts), (piece, cuts)
+
+
+def test_tagging_completes_with_a_normalizing_proxy_tokenizer(tmp_path):
+    """The paper's proxy family (Qwen2: byte-level BPE with an NFC normalizer) on scraped text with a decomposed
+    accent: the run stopped with exit 2 at that record (not a bad record, so --on-bad-record skip did not help, and
+    a resume hit it again). Now it completes and each row's text is its window of the record, tiled by its tokens."""
+    from types import SimpleNamespace
+
+    import polars as pl
+    from transformers import AutoTokenizer
+
+    from data_helpers import write_jsonl
+    from rpt_data.config import TagConfig
+    from rpt_data.pipeline import run_tag
+    from tiny import make_model_dir
+
+    model = make_model_dir(tmp_path / "m", hidden=16, layers=1)
+    spec = json.loads((model / "tokenizer.json").read_text())
+    spec["normalizer"] = {"type": "NFC"}
+    (model / "tokenizer.json").write_text(json.dumps(spec))
+    texts = [f"page {i}: The quick brown fox." + (" Un cafe\u0301 au lait, \u1112\u1161\u11ab." if i == 3 else "")
+             for i in range(6)]
+    write_jsonl(tmp_path / "web.jsonl", [{"text": t} for t in texts])
+    manifest = run_tag(TagConfig(inputs=[str(tmp_path / "web.jsonl")], model=str(model), window=8, context_prefix=2,
+                                 out=str(tmp_path / "out"), device="cpu", progress=False))
+    assert manifest["complete"] and manifest["bad_records"] == 0
+    rows = read_rows(tmp_path / "out")
+    spans = TokenSpans(AutoTokenizer.from_pretrained(model))
+    for i, text in enumerate(texts):
+        ws = [SimpleNamespace(**(r | {k: np.array(r[k]) for k in ("token_ids", "token_bytes")}))
+              for r in rows.filter(pl.col("doc_id") == f"{tmp_path / 'web.jsonl'}:{i + 1}").iter_rows(named=True)]
+        ids, data = stream_tokens(ws)
+        assert data == text.encode() and ids == spans([text])[0][0].tolist()
 
 
 def test_a_word_longer_than_the_span_is_tokenized_whole():

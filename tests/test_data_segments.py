@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from data_helpers import SENTENCES, make_tokenizer_of, records, stream_tokens, write_jsonl
+from data_helpers import NORMALIZED_TEXT, SENTENCES, make_tokenizer_of, records, stream_tokens, write_jsonl
 import rpt_data.readers as readers
 import rpt_data.segments as seg
 from rpt_data.config import TagConfig
@@ -89,12 +89,33 @@ def test_segments_score_every_position_once_with_the_whole_streams_tokens(tmp_pa
         data += got
     assert ids == ref_ids
     whole = text.encode()
-    assert data == whole[: len(data)] and (kind == "wordpiece" or data == whole)
+    assert data == whole  # WordPiece's trailing whitespace goes to its last token
     assert int(ref_ends[-1]) == len(data)
     # every scored position once: as many scored positions as the stream has tokens, less the lost first ones
     n_scored = sum(len(w.token_ids) - w.score_start for w in ws)
     lost = (0 if has_bos else 1) + (0 if prefix else sum(1 for w in ws if w.window_index > 0 or w.doc_id != docs[0]))
     assert n_scored == len(ref_ids) - lost
+
+
+@pytest.mark.parametrize("kind", ["bytelevel-nfc", "metaspace-nfkc", "wordpiece"])
+def test_segments_of_text_a_normalizer_drops_or_merges_tile_it(tmp_path, tiny_segments, kind):
+    """Text whose normalized form drops or merges characters (NFC, NFKC, BertNormalizer), cut into segments and
+    spans: the segments' tokens are the whole stream's and their text tiles it (the dropped text included)."""
+    tok = tokenizer(kind)
+    odd = [x for x in NORMALIZED_TEXT if "\x00" not in x] * 3  # a NUL makes a text file binary (a bad record)
+    text = "\n".join(f"{s} {x}{s[:9]}{x} {x}" for s, x in zip(SENTENCES * 6, odd)) + "\n"
+    (tmp_path / "a.txt").write_text(text)
+    files = [(str(tmp_path / "a.txt"), "text")]
+    counts = seg.cut_counts(files)
+    assert counts[files[0][0]] >= 5
+    ws = list(seg.segment_windows(good(files), counts, lambda p, k: True, SEP, tok, 16, 4, span_bytes=40))
+    docs = list(dict.fromkeys(w.doc_id for w in ws))
+    ids, data = [], b""
+    for context, mine, got, _ in scored(ws, docs, 4):
+        ids += mine
+        data += got
+    assert ids == tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert data == text.encode()
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -107,9 +128,9 @@ def test_owned_segments_tokenize_only_their_share(tmp_path, tiny_segments, kind)
     seen = []
 
     class Counting(TokenSpans):
-        def __call__(self, texts):
+        def __call__(self, texts, **kw):
             seen[-1] += sum(len(t.encode()) for t in texts)
-            return super().__call__(texts)
+            return super().__call__(texts, **kw)
 
     spans = Counting(tokenizer(kind))
     got = []
@@ -166,9 +187,9 @@ def test_two_ranks_tag_the_segments_of_one_file_as_one_rank_does(tmp_path, tiny_
     tokenized = []
     call = TokenSpans.__call__
 
-    def counting(self, texts):
+    def counting(self, texts, **kw):
         tokenized[-1] += sum(len(t.encode()) for t in texts)
-        return call(self, texts)
+        return call(self, texts, **kw)
 
     monkeypatch.setattr(TokenSpans, "__call__", counting)
     kw = dict(mode="continuous")
