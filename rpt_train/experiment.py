@@ -255,11 +255,17 @@ def note_own_prompts(spec: Spec) -> None:
         print(text, file=sys.stderr)
 
 
+POSITION_TRAIN = ("curriculum", "curriculum_steps")  # beyond SampleConfig: the table each step's indices point into
+
+
 def position_options(arm: Arm) -> dict:
-    """An arm's overrides of the options that define its candidate positions (what contexts.jsonl indexes)."""
+    """An arm's overrides of the options that define its candidate positions (what contexts.jsonl indexes): the
+    SampleConfig ones but the seed, and the curriculum (under --curriculum each step's indices are into its stage's
+    own table: objectives.CurriculumSamples; an sft arm with contexts_of rebuilds them from the same stages)."""
     from rpt_train.config import SampleConfig
 
-    return {k: v for k, v in arm.options.items() if k in field_types(SampleConfig) and k != "seed"}
+    return {k: v for k, v in arm.options.items()
+            if (k in field_types(SampleConfig) and k != "seed") or k in POSITION_TRAIN}
 
 
 # ---- arm kinds ------------------------------------------------------------------------------------------------------
@@ -606,6 +612,8 @@ class Experiment:
                                               "out": str(self.root / "warm" / "train"), "steps": w["steps"],
                                               "batch_prompts": w["batch"], "lr": w["lr"], "warmup_steps": 0,
                                               "lr_schedule": "constant", "save_every": min(8, w["steps"]),
+                                              # the base's bucket, as before sft read a curriculum (an RL schedule)
+                                              "curriculum": [], "curriculum_steps": [],
                                               # the base's split keeps the held-out units out (rest.txt: the
                                               # others): the positions of the warm units, and no labels that run
                                               # into a held-out window

@@ -157,6 +157,47 @@ def test_sft_on_another_arms_contexts_takes_its_positions(tmp_path, monkeypatch)
     assert (seen["cfg"].bucket, seen["cfg"].steps, seen["cfg"].seed) == ("hard", 2, 3)
 
 
+def test_sft_on_a_curriculum_arms_contexts_trains_on_the_positions_it_rolled_out(tmp_path, tiny_llama, train_shards,
+                                                                                  tiny_tok, monkeypatch):
+    """An arm with --curriculum logs each step's indices into its stage's own table (objectives.CurriculumSamples):
+    the sft arm with contexts_of it trains, step by step, on exactly the positions that arm rolled out (not on what
+    those indices point to in the table of --bucket); a contexts.jsonl whose keys another table rebuilds is refused."""
+    import rpt_train.sft as sft
+    from rpt_train.objectives import CurriculumSamples
+    from rpt_train.samples import TrainSamples
+
+    cur = {"curriculum": ["hard", "easy"], "curriculum_steps": [1]}
+    path = write_spec(tmp_path, train_shards, tiny_llama, {"x": {"kind": "rpt", **cur},
+                                                           "y": {"kind": "sft", "contexts_of": "x"}})
+    spec = experiment.load_spec(str(path))
+    exp = experiment.Experiment(spec)
+    data = CurriculumSamples(exp.train_config(spec.arms["x"]), tiny_tok, None)  # what x's trainer draws from
+    rolled, lines = {}, []
+    for step in (1, 2):
+        data.set_step(step)
+        drawn = data.next_batch(3)
+        rolled[step] = [s.key for s in drawn]
+        lines.append(json.dumps({"step": step, "contexts": [s.index for s in drawn], "keys": rolled[step]}))
+    spec.arms_dir.mkdir(parents=True)
+    (spec.arms_dir / "x.json").write_text("{}")
+    (spec.arms_dir / "x.contexts.jsonl").write_text("\n".join(lines) + "\n")
+    real, trained = sft.sft_train, {}
+
+    def spy(cfg, batches, *a, **k):
+        def given(d, step):
+            got = batches(d, step)
+            trained[step] = [s.key for s in got if s is not None]
+            return got
+        return real(cfg, given, *a, **k)
+    monkeypatch.setattr(sft, "sft_train", spy)
+    experiment.ARM_KINDS["sft"].run(exp, spec.arms["y"])
+    assert trained == rolled
+    # the same indices under another table (x's file read by an arm of bucket all): refused, naming the file
+    with pytest.raises(UserError, match="x.contexts.jsonl', step 1: its context indices rebuild other positions"):
+        sft.same_contexts(spec.arms_dir / "x.contexts.jsonl")(
+            TrainSamples(exp.train_config(spec.arms["y"]), tiny_tok, answers=True), 1)
+
+
 # ---- multi-token prediction and token counters ---------------------------------------------------------------------
 
 def test_matched_tokens_and_mtp_metrics():
