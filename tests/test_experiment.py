@@ -138,6 +138,45 @@ def test_bad_specs_are_refused_with_the_file_named(tmp_path, arms, extra, messag
     assert str(path) in str(e.value)
 
 
+def block_split_evals() -> tuple[dict, dict]:
+    """Two arms' eval records on ONE continuous stream split by blocks of 16 windows: 20 held-out blocks of 10
+    positions, a whole block moving together under arm a (a block-level effect)."""
+    import random
+
+    rng, keys, a, b = random.Random(0), [], [], []
+    for block in range(20):
+        shift = rng.random() < 0.5
+        for j in range(10):
+            keys.append(f"stream0/{block * 16 + j}/{j}")
+            a.append(shift or rng.random() < 0.2)
+            b.append(rng.random() < 0.2)
+    rec = lambda k, c: {"key": k, "doc_id": "stream0", "correct": [c, False], "greedy_correct": c,  # noqa: E731
+                        "ntp_correct": c}
+    return tuple({"chosen": {bb: keys for bb in EVAL_BUCKETS}, "positions": [rec(k, c) for k, c in zip(keys, x)],
+                  "meta": {"split_block_windows": 16}} for x in (a, b))
+
+
+def test_report_and_eval_baseline_cluster_paired_positions_alike():
+    """The experiment report and `rpt-train eval --baseline` give one interval on the same positions: both cluster
+    by the held-out split unit (compare.paired_by_position), on a stream split by blocks its block, not the one
+    document (one cluster: design effect 1, an interval far too narrow)."""
+    from rpt_train.compare import cluster_of, compare
+
+    ea, eb = block_split_evals()
+    by_eval = compare(ea, eb, block_windows=16)["all"]["ntr_accuracy"]
+    by_report = report.compare({"eval": ea}, {"eval": eb}, "ntr_accuracy", 0.05, 0.8)["all"]
+    for k in ("diff", "ci", "p_value", "design_effect", "se"):
+        assert by_report[k] == pytest.approx(by_eval[k])
+    keys = ea["chosen"]["all"]
+    a, b = ([float(p["correct"][0]) for p in e["positions"]] for e in (ea, eb))
+    blocks = paired_difference(a, b, [cluster_of(k, 16) for k in keys])
+    assert by_report["ci"] == pytest.approx(blocks["ci"]) and by_report["design_effect"] > 2
+    assert by_report["ci"][0] < paired_difference(a, b, ["stream0"] * len(a))["ci"][0]  # wider than by document
+    # split by document (structured shards, older records without the field): the document, as before
+    ea["meta"], eb["meta"] = {"split_block_windows": 0}, {}
+    assert report.compare({"eval": ea}, {"eval": eb}, "ntr_accuracy", 0.05, 0.8)["all"]["design_effect"] == 1.0
+
+
 def test_sft_on_another_arms_contexts_takes_its_positions(tmp_path, monkeypatch):
     """contexts.jsonl indexes the candidate positions of the arm that rolled them out: the sft arm inherits them."""
     path = write_spec(tmp_path, "s", "demo", {"x": {"kind": "rpt", "bucket": "hard"},
