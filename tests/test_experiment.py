@@ -128,6 +128,13 @@ def test_the_committed_power_experiment_reads_with_the_new_report(tmp_path):
     ({"x": {"kind": "rpt"}}, {"comparisons": [["x", "z"]]}, "must name two arms"),
     ({"x": {"kind": "rpt"}}, {"bogus": 1}, "unknown key"),
     ({"x": {"kind": "rpt"}, "y": {"kind": "sft", "contexts_of": "x", "bucket": "hard"}}, {}, "drop its own bucket"),
+    # an arm's eval: may change how its model is run, not the task the report pairs arms on by position
+    *[({"x": {"kind": "rpt", "eval": {"template": "think", **bad}}}, {}, f"eval: section sets {name}, which change")
+      for name, bad in [("labels-length", {"labels-length": 4}), ("max-context-tokens", {"max-context-tokens": 32}),
+                        ("answer-format", {"answer-format": "answer_tag"}), ("limit, samples", {"limit": 9,
+                                                                                               "samples": 2}),
+                        ("seed", {"seed": 3}), ("bucket-thresholds", {"bucket-thresholds": [1.0, 2.0, 3.0]}),
+                        ("split", {"split": "all"}), ("baseline", {"baseline": "demo"})]],
 ])
 def test_bad_specs_are_refused_with_the_file_named(tmp_path, arms, extra, message):
     path = write_spec(tmp_path, "s", "demo", arms)
@@ -712,6 +719,17 @@ def test_the_committed_specs_evaluate_every_arm_with_the_common_design():
             if arm.kind in ("rpt", "shuffled"):
                 assert eval_of(exp, fake_run(exp, arm), arm) == eval_of(exp, "demo", arm), (path.name, name)
         shutil.rmtree(spec.out, ignore_errors=True)
+
+
+def test_every_committed_spec_loads_with_its_arms_eval_sections():
+    """The arms' eval: sections of pipelines/experiments/*.yaml set only how the model is run (ARM_EVAL): each spec
+    loads, rpt-think's thinking eval included."""
+    for path in sorted((REPO / "pipelines" / "experiments").glob("*.yaml")):
+        spec = experiment.load_spec(str(path))
+        assert all(set(arm.eval) <= set(experiment.ARM_EVAL) for arm in spec.arms.values()), path.name
+    spec = experiment.load_spec(str(REPO / "pipelines" / "experiments" / "smollm2-champ-objectives.yaml"))
+    assert spec.arms["rpt-think"].eval == {"template": "think", "response_prefix": "", "think_overflow": "close",
+                                           "think_budget": 16, "answer_room": 16}
 
 
 def test_the_objectives_spec_notes_only_rlp(capsys):
