@@ -65,9 +65,11 @@ def test_paired_difference_matches_hand_computed_values():
 
 
 def fake_record(kind: str, outcomes: list[int], keys: list[str], docs: list[str]) -> dict:
-    """An arm record whose every bucket holds the same positions with these sampled-NTR outcomes."""
+    """An arm record whose every bucket holds the same positions with these sampled-NTR outcomes (the keys in the
+    position key's layout doc_id/window/t, in the document given: the report clusters by it)."""
     from rpt_train.stats import wilson
 
+    keys = [f"{d}/0/{k}" for k, d in zip(keys, docs)]
     positions = [{"key": k, "doc_id": d, "correct": [bool(o), False], "greedy_correct": bool(o), "ntp_correct": False,
                   "right_tokens": [2 if o else 0, 0]} for k, d, o in zip(keys, docs, outcomes)]
     p = sum(outcomes) / len(outcomes)
