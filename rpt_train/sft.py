@@ -26,16 +26,15 @@ from rpt_train.rundir import read_saved
 # computes (the loss is a token mean over the whole step). The model's path is not compared on resume (as for rpt: a
 # resume takes the weights from the checkpoint, and the path may move); a finished arm's is (check_asked). What it
 # does read: the positions (TrainSamples: shards, split, bucket or curriculum stages, exclude_docs, seed of their
-# order); the targets
-# built from them (labels, context cut, prompt, answer format; label_tokens, sft_train's argument); the optimizer,
-# lr schedule, clipping and compute dtype; batch_prompts (the caller's contexts per step). --steps: within the
-# schedule's horizon (trainer.schedule_horizon).
+# order); the targets built from them (labels, context cut, prompt, answer format; label_tokens, sft_train's
+# argument); the optimizer, lr schedule, clipping and compute dtype; batch_prompts (the caller's contexts per step).
+# --steps: within the schedule's horizon (trainer.schedule_horizon).
 OLDER = {"curriculum": [], "curriculum_steps": []}  # what an sft run saved before it read the curriculum
 SFT_OPTIONS = ("shards", "entropy_metric", "bucket_thresholds", "heldout_fraction", "split_seed",
                "split_block_windows", "bucket", "curriculum", "curriculum_steps", "min_entropy", "exclude_docs",
-               "seed", "labels_length",
-               "max_context_tokens", "template", "chat_template", "response_prefix", "answer_format", "batch_prompts",
-               "lr", "weight_decay", "warmup_steps", "lr_schedule", "grad_clip", "dtype", "bf16")
+               "seed", "labels_length", "max_context_tokens", "template", "chat_template", "response_prefix",
+               "answer_format", "batch_prompts", "lr", "weight_decay", "warmup_steps", "lr_schedule", "grad_clip",
+               "dtype", "bf16")
 
 
 def sft_options(config: dict, label_tokens: int) -> dict:
