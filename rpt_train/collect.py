@@ -86,7 +86,7 @@ def collect(cfg, data: TrainSamples, prompts: PromptBuilder, engine: RolloutEngi
     The batch is None when no rank kept a group, and empty on a rank that kept none while others did."""
     G, need, rounds, made, kept, n_drawn = cfg.group_size, cfg.batch_prompts, 0, [], [], 0
     rank, world, place = distributed.rank(), distributed.world_size(), _Placement()
-    pool_p, chosen_p, rolled_out, scored_tokens = [], [], [], 0
+    pool_p, chosen_p, rolled_out, rolled_keys, scored_tokens = [], [], [], [], 0
     t0 = time.perf_counter()
     while need > 0 and rounds < (cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
         rounds += 1
@@ -101,6 +101,7 @@ def collect(cfg, data: TrainSamples, prompts: PromptBuilder, engine: RolloutEngi
             chosen_p += p[chosen].tolist()
         n_drawn += len(drawn)
         rolled_out += [s.index for s in drawn]
+        rolled_keys += [s.key for s in drawn]
         groups = rollout_groups(drawn[rank::world], prompts, engine, reward_fn, params, cfg.answer_format)
         made.append(groups)
         keep = (group_std(groups.rewards, G) > 0).tolist() if cfg.dynamic_sampling else [True] * len(groups.samples)
@@ -110,7 +111,8 @@ def collect(cfg, data: TrainSamples, prompts: PromptBuilder, engine: RolloutEngi
         need -= got
     stats = rollout_stats(made, G, distributed.all_max(time.perf_counter() - t0))
     stats |= {"sampling_rounds": rounds, "contexts_drawn": n_drawn, "groups_kept": place.kept_before,
-              "samples_skipped": data.build.skipped, "contexts": rolled_out}
+              "samples_skipped": data.build.skipped, "contexts": rolled_out,
+              "context_keys": rolled_keys}
     if scorer is not None:  # the policy's P(correct first answer token): the pool scored, the contexts rolled out
         stats |= {"sampler_p_pool": float(np.mean(pool_p)), "sampler_p_chosen": float(np.mean(chosen_p)),
                   "contexts_scored": len(pool_p), "scored_tokens": scored_tokens}

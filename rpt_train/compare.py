@@ -1,6 +1,6 @@
 """`rpt-train eval --baseline MODEL`: the policy and a baseline scored on the same positions, and their paired
 differences per bucket and accuracy, with the interval and p-value the experiment reports use
-(rpt_train.stats.paired_difference: positions clustered by their held-out unit)."""
+(paired_by_position: positions clustered by their held-out split unit, as the report does)."""
 from __future__ import annotations
 
 from rpt_train.evaluate import EVAL_BUCKETS
@@ -16,16 +16,37 @@ OUTCOMES = {
 
 
 def cluster_of(key: str, block_windows: int) -> str:
-    """The unit a position's outcomes correlate within: its document, or its block of a continuous stream."""
+    """The cluster of a position (key doc_id/window_index/t) in a paired test: its held-out split unit, the document,
+    or its block of `block_windows` windows on shards split by blocks (paired_by_position says why)."""
     doc_id, window, _ = key.rsplit("/", 2)  # key = doc_id/window_index/t; a doc_id may hold '/'
     return split_unit(doc_id, int(window), block_windows)
+
+
+def paired_by_position(a: list[float], b: list[float], keys: list[str], block_windows: int | None,
+                       alpha: float = 0.05, power: float = 0.8) -> dict:
+    """rpt_train.stats.paired_difference of the outcomes a - b of the positions `keys`, clustered by held-out split
+    unit (cluster_of; `block_windows`: the split's, from the eval's meta; None or 0: by document). The one rule of
+    `rpt-train eval --baseline` and of the experiment report.
+
+    Why the split unit. The design effect is estimated from the spread between clusters (one-way ANOVA ICC), so
+    the clusters must be independent draws, and there must be several. The held-out positions are a sample of
+    split units: the split draws each unit (a document; on continuous shards a block of windows of a stream)
+    independently by a seeded hash, and the eval draws positions inside the drawn units. Those units are the
+    sampled clusters of the design. On structured shards the unit is the document: both rules agree. On
+    continuous shards split by blocks a document is a whole stream (one per file): few, often one; clustered by
+    document the ICC is undefined with one cluster (taken as 0: design effect 1, positions as if independent) and
+    noise with a few, so the interval is far too narrow (a block-level effect ignored). Clustered by block, the
+    positions of one block (16 consecutive windows by default: shared topic and text) correlate and count once;
+    blocks of one stream may still correlate with each other (topic drift), which this ignores: the interval is
+    about the text of these streams, the population the split sampled its blocks from, not about other streams."""
+    from rpt_train.stats import paired_difference
+
+    return paired_difference(a, b, [cluster_of(k, block_windows or 0) for k in keys], alpha, power)
 
 
 def compare(policy: dict, baseline: dict, block_windows: int = 0) -> dict:
     """{bucket: {accuracy: paired_difference(policy - baseline)}} over the positions both evaluated with details
     (their `chosen` keys must agree: the same positions)."""
-    from rpt_train.stats import paired_difference  # the experiment reports' test, one definition
-
     if policy["chosen"] != baseline["chosen"]:
         raise ValueError("compare: the two evaluations scored different positions")
     a = {r["key"]: r for r in policy["positions"]}
@@ -33,9 +54,8 @@ def compare(policy: dict, baseline: dict, block_windows: int = 0) -> dict:
     out = {}
     for bucket in EVAL_BUCKETS:
         keys = policy["chosen"][bucket]
-        clusters = [cluster_of(k, block_windows) for k in keys]
-        out[bucket] = {name: paired_difference([f(a[k]) for k in keys], [f(b[k]) for k in keys], clusters)
-                       for name, f in OUTCOMES.items()}
+        out[bucket] = {name: paired_by_position([f(a[k]) for k in keys], [f(b[k]) for k in keys], keys,
+                                                block_windows) for name, f in OUTCOMES.items()}
     return out
 
 

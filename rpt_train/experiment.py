@@ -39,6 +39,11 @@ METRICS = ("ntr_accuracy", "ntr_greedy_accuracy", "ntr_pass_at_k", "ntp_accuracy
 MATCHED_STEPS = 10**6  # a FLOP-matched arm stops at its budget; this only caps the step loop
 # training options that change what an arm's prompt or completions look like (an eval of its run would take them)
 TRAINED_PROMPT = PROMPT_OPTIONS + SAMPLING_OPTIONS + EVAL_GENERATION + ("think_budget_final", "think_decay_steps")
+# what an arm's own eval: section may set: how the model is prompted, samples and generates, and where it runs.
+# Not what changes the task the report pairs the arms on by position key (the positions, their labels and
+# contexts, the answer format, samples per position, the eval seed, the split): those are the design's (eval:).
+ARM_EVAL = (("template", "chat_template", "response_prefix") + SAMPLING_OPTIONS + EVAL_GENERATION
+            + ("rollout_batch_size", "static_cache", "device", "dtype"))
 _NOTED: set[str] = set()  # notes said in this process (the CLI loads a spec twice)
 
 
@@ -161,6 +166,13 @@ def load_spec(path: str) -> Spec:
         if "eval" in extra:  # eval options of this arm only (the design's positions stay the same for every arm)
             extra["eval"] = _options(f"{where} (eval)", extra["eval"] or {}, (EvalConfig,))
         split = [k for k in SPLIT_KEYS if k in a or k in (extra.get("eval") or {})]
+        task = [k for k in extra.get("eval") or {} if k not in ARM_EVAL and k not in SPLIT_KEYS]
+        if task:
+            raise UserError(f"{where}: its eval: section sets {', '.join(k.replace('_', '-') for k in task)}, which "
+                            "change(s) the task (which positions, labels, contexts, answers or samples are scored), "
+                            "but the report pairs every arm's outcomes position by position on one task; set it "
+                            "under the spec's eval: (every arm) or in another spec; an arm's eval: may set only "
+                            f"{', '.join(k.replace('_', '-') for k in ARM_EVAL)}")
         if split:
             raise UserError(f"{where}: sets {', '.join(k.replace('_', '-') for k in split)}, but the held-out split "
                             "is the base's for every arm (every arm's eval and the warm start's units depend on it); "
@@ -255,11 +267,17 @@ def note_own_prompts(spec: Spec) -> None:
         print(text, file=sys.stderr)
 
 
+POSITION_TRAIN = ("curriculum", "curriculum_steps")  # beyond SampleConfig: the table each step's indices point into
+
+
 def position_options(arm: Arm) -> dict:
-    """An arm's overrides of the options that define its candidate positions (what contexts.jsonl indexes)."""
+    """An arm's overrides of the options that define its candidate positions (what contexts.jsonl indexes): the
+    SampleConfig ones but the seed, and the curriculum (under --curriculum each step's indices are into its stage's
+    own table: objectives.CurriculumSamples; an sft arm with contexts_of rebuilds them from the same stages)."""
     from rpt_train.config import SampleConfig
 
-    return {k: v for k, v in arm.options.items() if k in field_types(SampleConfig) and k != "seed"}
+    return {k: v for k, v in arm.options.items()
+            if (k in field_types(SampleConfig) and k != "seed") or k in POSITION_TRAIN}
 
 
 # ---- arm kinds ------------------------------------------------------------------------------------------------------
@@ -606,6 +624,8 @@ class Experiment:
                                               "out": str(self.root / "warm" / "train"), "steps": w["steps"],
                                               "batch_prompts": w["batch"], "lr": w["lr"], "warmup_steps": 0,
                                               "lr_schedule": "constant", "save_every": min(8, w["steps"]),
+                                              # the base's bucket, as before sft read a curriculum (an RL schedule)
+                                              "curriculum": [], "curriculum_steps": [],
                                               # the base's split keeps the held-out units out (rest.txt: the
                                               # others): the positions of the warm units, and no labels that run
                                               # into a held-out window

@@ -80,13 +80,16 @@ class MetricsLogger:
             for r in records:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
-    def contexts(self, step: int, indices: list[int]) -> None:
-        """The candidate indices (`Sample.index`) rolled out at `step`, in draw order: what a control arm (SFT on
-        the same contexts) or an audit rebuilds the step's samples from."""
+    def contexts(self, step: int, indices: list[int], keys: list[str] | None = None) -> None:
+        """The candidate indices (`Sample.index`: into the table the step drew from, under --curriculum its stage's)
+        rolled out at `step`, in draw order, and their positions' keys (`Sample.key`, doc_id/window/t): what a
+        control arm (SFT on the same contexts) or an audit rebuilds the step's samples from; the keys let it check
+        that it rebuilt the same positions."""
         if not self.write:
             return
+        record = {"step": step, "contexts": indices} | ({"keys": keys} if keys is not None else {})
         with open(self.contexts_path, "a") as f:
-            f.write(json.dumps({"step": step, "contexts": indices}) + "\n")
+            f.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
         if self.tb is not None:

@@ -57,13 +57,17 @@ def curriculum_bucket(cfg, step: int) -> str:
 
 class CurriculumSamples:
     """One TrainSamples per bucket of --curriculum (each with its own seeded, resumable order); `set_step` picks
-    the one the step draws from. Otherwise it reads like the TrainSamples of the first stage."""
+    the one the step draws from. Otherwise it reads like the TrainSamples of the first stage. A drawn Sample's
+    `index` is into its stage's own table (contexts.jsonl logs it so): rebuilding a step's samples needs the stage
+    of that step (`set_step`, as the sft arm's `same_contexts` does), never another table. `answers`: as
+    TrainSamples's."""
 
-    def __init__(self, cfg, tokenizer, shards):
+    def __init__(self, cfg, tokenizer, shards, answers: bool | None = None):
         from rpt_train.samples import TrainSamples
 
         self.cfg = cfg
-        self.stages = {b: TrainSamples(dataclasses.replace(cfg, bucket=b, min_entropy=None), tokenizer, shards=shards)
+        self.stages = {b: TrainSamples(dataclasses.replace(cfg, bucket=b, min_entropy=None), tokenizer, shards=shards,
+                                       answers=answers)
                        for b in dict.fromkeys(cfg.curriculum)}
         self.current = self.stages[cfg.curriculum[0]]
 
@@ -84,10 +88,12 @@ class CurriculumSamples:
             s.load_state_dict(state["curriculum"][b])
 
 
-def train_samples(cfg, tokenizer, shards):
+def train_samples(cfg, tokenizer, shards, answers: bool | None = None):
+    """The training stream of `cfg`: by --curriculum stage (CurriculumSamples), else one TrainSamples."""
     from rpt_train.samples import TrainSamples
 
-    return CurriculumSamples(cfg, tokenizer, shards) if cfg.curriculum else TrainSamples(cfg, tokenizer, shards=shards)
+    return (CurriculumSamples(cfg, tokenizer, shards, answers) if cfg.curriculum
+            else TrainSamples(cfg, tokenizer, shards=shards, answers=answers))
 
 
 # ---- next-token loss --------------------------------------------------------------------------------------------

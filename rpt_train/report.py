@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rpt_common.errors import UserError
+from rpt_train.compare import paired_by_position
 from rpt_train.evaluate import EVAL_BUCKETS, MTP_FIELDS
-from rpt_train.stats import paired_difference
 
 FIELDS = ("n", "ntr_accuracy", "ntr_greedy_accuracy", "ntr_pass_at_k", "answer_rate", "ntp_accuracy")
 TITLES = {"ntr_accuracy": "NTR accuracy (sampled: first sample per position)", "ntr_greedy_accuracy": "NTR accuracy (greedy)",
@@ -64,6 +65,16 @@ def compare(ra: dict, rb: dict, metric: str, alpha: float, power: float) -> dict
     return compare_pairs([(ra, rb)], metric, alpha, power)
 
 
+def split_windows(records: list[dict]) -> int:
+    """The held-out split's block size of arms' evals (their meta; 0: by document, as before blocks existed); arms
+    of one spec share the split (load_spec), so one value: another is refused (the positions would not pair)."""
+    sizes = {r["eval"].get("meta", {}).get("split_block_windows") or 0 for r in records}
+    if len(sizes) > 1:
+        raise UserError(f"the arms compared were evaluated on held-out splits of other units (split-block-windows "
+                        f"{sorted(sizes)}): their positions are no paired sample")
+    return sizes.pop()
+
+
 def compare_pairs(pairs: list[tuple[dict, dict]], metric: str, alpha: float, power: float) -> dict:
     """Per bucket: the paired difference of the mean outcome of the pairs' `a` arms and of their `b` arms over the
     positions every arm evaluated: one pair is a comparison, several a factor's main effect (the mean of its simple
@@ -78,7 +89,7 @@ def compare_pairs(pairs: list[tuple[dict, dict]], metric: str, alpha: float, pow
             continue
         mean = lambda side, k: sum(outcome(pos[2 * i + side][k], metric) for i in range(len(pairs))) / len(pairs)  # noqa: E731
         xa, xb = [mean(0, k) for k in keys], [mean(1, k) for k in keys]
-        r = paired_difference(xa, xb, [pos[0][k]["doc_id"] for k in keys], alpha, power)
+        r = paired_by_position(xa, xb, keys, split_windows(records), alpha, power)
         out[b] = {"a": sum(xa) / len(keys), "b": sum(xb) / len(keys)} | r
     return out
 

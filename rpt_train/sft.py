@@ -25,29 +25,32 @@ from rpt_train.rundir import read_saved
 # ...), and micro_batch_size, gradient_checkpointing, rollout_batch_size and static_cache change how, not what, it
 # computes (the loss is a token mean over the whole step). The model's path is not compared on resume (as for rpt: a
 # resume takes the weights from the checkpoint, and the path may move); a finished arm's is (check_asked). What it
-# does read: the positions (TrainSamples: shards, split, bucket, exclude_docs, seed of their order); the targets
-# built from them (labels, context cut, prompt, answer format; label_tokens, sft_train's argument); the optimizer,
-# lr schedule, clipping and compute dtype; batch_prompts (the caller's contexts per step). --steps: within the
-# schedule's horizon (trainer.schedule_horizon).
+# does read: the positions (TrainSamples: shards, split, bucket or curriculum stages, exclude_docs, seed of their
+# order); the targets built from them (labels, context cut, prompt, answer format; label_tokens, sft_train's
+# argument); the optimizer, lr schedule, clipping and compute dtype; batch_prompts (the caller's contexts per step).
+# --steps: within the schedule's horizon (trainer.schedule_horizon).
+OLDER = {"curriculum": [], "curriculum_steps": []}  # what an sft run saved before it read the curriculum
 SFT_OPTIONS = ("shards", "entropy_metric", "bucket_thresholds", "heldout_fraction", "split_seed",
-               "split_block_windows", "bucket", "min_entropy", "exclude_docs", "seed", "labels_length",
-               "max_context_tokens", "template", "chat_template", "response_prefix", "answer_format", "batch_prompts",
-               "lr", "weight_decay", "warmup_steps", "lr_schedule", "grad_clip", "dtype", "bf16")
+               "split_block_windows", "bucket", "curriculum", "curriculum_steps", "min_entropy", "exclude_docs",
+               "seed", "labels_length", "max_context_tokens", "template", "chat_template", "response_prefix",
+               "answer_format", "batch_prompts", "lr", "weight_decay", "warmup_steps", "lr_schedule", "grad_clip",
+               "dtype", "bf16")
 
 
 def sft_options(config: dict, label_tokens: int) -> dict:
     """The SFT_OPTIONS of a config dict (to_dict of a TrainConfig, or a checkpoint's saved one), and label_tokens;
     older checkpoints without split_block_windows split by document (0)."""
-    config = {"split_block_windows": 0, **config}
+    config = {"split_block_windows": 0, **OLDER, **config}
     return {**{k: config.get(k) for k in SFT_OPTIONS}, "label_tokens": label_tokens}
 
 
 def check_sft_options(saved: dict, cfg: TrainConfig, label_tokens: int, out: Path) -> None:
     """Refuse, in one sentence (trainer.OptionsChanged), to resume (or answer for a finished) `out` whose saved
-    options (sft_options) differ from cfg's in any option the result depends on."""
+    options (sft_options) differ from cfg's in any option the result depends on; saved options without the
+    curriculum (before sft read it) had none."""
     from rpt_train.trainer import check_options
 
-    check_options(saved, sft_options(to_dict(cfg), label_tokens), out)
+    check_options({**OLDER, **saved}, sft_options(to_dict(cfg), label_tokens), out)
 
 
 def read_record(out: Path) -> dict:
@@ -120,11 +123,26 @@ def read_jsonl(path: Path) -> list[dict]:
 def same_contexts(path: Path):
     """`batches` for sft_train: step by step, the contexts an RPT run rolled out (its contexts.jsonl at `path`); None
     for one that gives the sft arm no sample (sft_train drops and counts it): an rlp arm's position whose label no
-    \\boxed{} answer can express (rlp trains on uncut labels, SFT's targets are answers)."""
-    steps = {r["step"]: r["contexts"] for r in read_jsonl(path)}
+    \\boxed{} answer can express (rlp trains on uncut labels, SFT's targets are answers). The indices are into the
+    table that run drew the step from: `data` must be built with its position options, its --curriculum included
+    (sft_train moves a CurriculumSamples to the step's stage before calling this). Where the file records the
+    positions' keys (runs since it does), each rebuilt sample is checked against its key: another table (other
+    shards, split, bucket, exclusions) is refused in one sentence, never trained on silently."""
+    records = {r["step"]: r for r in read_jsonl(path)}
 
     def batches(data, step: int) -> list:
-        return data.build.many(steps.get(step, []))
+        record = records.get(step, {})
+        samples = data.build.many(record.get("contexts", []))
+        keys = record.get("keys")
+        if keys is not None:
+            wrong = [(k, s.key) for k, s in zip(keys, samples) if s is not None and s.key != k]
+            if wrong or len(keys) != len(samples):
+                was, now = wrong[0] if wrong else (len(keys), len(samples))
+                raise UserError(f"'{path}', step {step}: its context indices rebuild other positions here ({now!r} "
+                                f"for {was!r}, {len(wrong)} of {len(samples)} differ): the sft arm's candidate table "
+                                "(shards, held-out split, bucket or curriculum, exclude-docs) is not the one that "
+                                "run drew from; give the sft arm that run's position options")
+        return samples
     return batches
 
 
@@ -149,7 +167,8 @@ def sft_train(cfg: TrainConfig, batches, label_tokens: int = 1, max_tokens: int 
     from rpt_train.metrics import MetricsLogger
     from rpt_train.policy import load_policy
     from rpt_train.precision import autocast
-    from rpt_train.samples import ShardSet, TrainSamples, resolve_shard_defaults
+    from rpt_train.objectives import train_samples
+    from rpt_train.samples import ShardSet, resolve_shard_defaults
     from rpt_train.templates import PromptBuilder
     from rpt_train.trainer import disable_dropout, lr_factor, schedule_horizon, seed_everything
 
@@ -178,7 +197,8 @@ def sft_train(cfg: TrainConfig, batches, label_tokens: int = 1, max_tokens: int 
     model, tok = policy.model, policy.tokenizer
     disable_dropout(model)
     device = next(model.parameters()).device
-    data = TrainSamples(cfg, tok, shards=shards, answers=True)  # the targets are answers, under --objective rlp too
+    # the targets are answers, under --objective rlp too; under --curriculum one table per stage, the step's drawn from
+    data = train_samples(cfg, tok, shards, answers=True)
     prompts = PromptBuilder(tok, cfg.template, cfg.chat_template, cfg.response_prefix)
     eos = tok.eos_token_id
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -189,6 +209,9 @@ def sft_train(cfg: TrainConfig, batches, label_tokens: int = 1, max_tokens: int 
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        if cfg.curriculum and "curriculum" not in state["sampler"]:
+            raise UserError(f"'{out}' holds an sft run stopped before sft read --curriculum (it drew from --bucket "
+                            f"'{cfg.bucket}'); start a new run in another --out, or delete '{out}'")
         data.load_state_dict(state["sampler"])
         restore_rng(state["rng"])
         totals, start = {"dropped": 0, **state["totals"]}, state["step"]
@@ -196,6 +219,8 @@ def sft_train(cfg: TrainConfig, batches, label_tokens: int = 1, max_tokens: int 
     model.train()
     for step in range(start + 1, cfg.steps + 1):
         t0 = time.perf_counter()
+        if cfg.curriculum:  # the stage of this step (as the rpt trainer's Objective.begin_step)
+            data.set_step(step)
         rows, given = [], batches(data, step)
         dropped = sum(s is None for s in given)
         for s in (s for s in given if s is not None):

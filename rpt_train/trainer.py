@@ -185,7 +185,7 @@ def _train(cfg: TrainConfig, device: str, reward_fns, engine: RolloutEngine | No
         t0 = time.perf_counter()
         params = objective.begin_step(step, data, params)
         batch, made, stats = collect(cfg, data, prompts, engine, reward_fn, params, scorer)
-        logger.contexts(step, stats.pop("contexts"))
+        logger.contexts(step, stats.pop("contexts"), stats.pop("context_keys"))
         stats |= (update_policy(cfg, model, ref, optimizer, objective.trained(batch), ntp=objective.ntp) if batch
                   else no_update(cfg, model, made))
         stats |= objective.step_stats()  # the reward's policy/EMA forwards and the NTP term (issue 34)

@@ -65,9 +65,11 @@ def test_paired_difference_matches_hand_computed_values():
 
 
 def fake_record(kind: str, outcomes: list[int], keys: list[str], docs: list[str]) -> dict:
-    """An arm record whose every bucket holds the same positions with these sampled-NTR outcomes."""
+    """An arm record whose every bucket holds the same positions with these sampled-NTR outcomes (the keys in the
+    position key's layout doc_id/window/t, in the document given: the report clusters by it)."""
     from rpt_train.stats import wilson
 
+    keys = [f"{d}/0/{k}" for k, d in zip(keys, docs)]
     positions = [{"key": k, "doc_id": d, "correct": [bool(o), False], "greedy_correct": bool(o), "ntp_correct": False,
                   "right_tokens": [2 if o else 0, 0]} for k, d, o in zip(keys, docs, outcomes)]
     p = sum(outcomes) / len(outcomes)
@@ -128,6 +130,13 @@ def test_the_committed_power_experiment_reads_with_the_new_report(tmp_path):
     ({"x": {"kind": "rpt"}}, {"comparisons": [["x", "z"]]}, "must name two arms"),
     ({"x": {"kind": "rpt"}}, {"bogus": 1}, "unknown key"),
     ({"x": {"kind": "rpt"}, "y": {"kind": "sft", "contexts_of": "x", "bucket": "hard"}}, {}, "drop its own bucket"),
+    # an arm's eval: may change how its model is run, not the task the report pairs arms on by position
+    *[({"x": {"kind": "rpt", "eval": {"template": "think", **bad}}}, {}, f"eval: section sets {name}, which change")
+      for name, bad in [("labels-length", {"labels-length": 4}), ("max-context-tokens", {"max-context-tokens": 32}),
+                        ("answer-format", {"answer-format": "answer_tag"}), ("limit, samples", {"limit": 9,
+                                                                                               "samples": 2}),
+                        ("seed", {"seed": 3}), ("bucket-thresholds", {"bucket-thresholds": [1.0, 2.0, 3.0]}),
+                        ("split", {"split": "all"}), ("baseline", {"baseline": "demo"})]],
 ])
 def test_bad_specs_are_refused_with_the_file_named(tmp_path, arms, extra, message):
     path = write_spec(tmp_path, "s", "demo", arms)
@@ -136,6 +145,45 @@ def test_bad_specs_are_refused_with_the_file_named(tmp_path, arms, extra, messag
     with pytest.raises(UserError, match=message) as e:
         experiment.load_spec(str(path))
     assert str(path) in str(e.value)
+
+
+def block_split_evals() -> tuple[dict, dict]:
+    """Two arms' eval records on ONE continuous stream split by blocks of 16 windows: 20 held-out blocks of 10
+    positions, a whole block moving together under arm a (a block-level effect)."""
+    import random
+
+    rng, keys, a, b = random.Random(0), [], [], []
+    for block in range(20):
+        shift = rng.random() < 0.5
+        for j in range(10):
+            keys.append(f"stream0/{block * 16 + j}/{j}")
+            a.append(shift or rng.random() < 0.2)
+            b.append(rng.random() < 0.2)
+    rec = lambda k, c: {"key": k, "doc_id": "stream0", "correct": [c, False], "greedy_correct": c,  # noqa: E731
+                        "ntp_correct": c}
+    return tuple({"chosen": {bb: keys for bb in EVAL_BUCKETS}, "positions": [rec(k, c) for k, c in zip(keys, x)],
+                  "meta": {"split_block_windows": 16}} for x in (a, b))
+
+
+def test_report_and_eval_baseline_cluster_paired_positions_alike():
+    """The experiment report and `rpt-train eval --baseline` give one interval on the same positions: both cluster
+    by the held-out split unit (compare.paired_by_position), on a stream split by blocks its block, not the one
+    document (one cluster: design effect 1, an interval far too narrow)."""
+    from rpt_train.compare import cluster_of, compare
+
+    ea, eb = block_split_evals()
+    by_eval = compare(ea, eb, block_windows=16)["all"]["ntr_accuracy"]
+    by_report = report.compare({"eval": ea}, {"eval": eb}, "ntr_accuracy", 0.05, 0.8)["all"]
+    for k in ("diff", "ci", "p_value", "design_effect", "se"):
+        assert by_report[k] == pytest.approx(by_eval[k])
+    keys = ea["chosen"]["all"]
+    a, b = ([float(p["correct"][0]) for p in e["positions"]] for e in (ea, eb))
+    blocks = paired_difference(a, b, [cluster_of(k, 16) for k in keys])
+    assert by_report["ci"] == pytest.approx(blocks["ci"]) and by_report["design_effect"] > 2
+    assert by_report["ci"][0] < paired_difference(a, b, ["stream0"] * len(a))["ci"][0]  # wider than by document
+    # split by document (structured shards, older records without the field): the document, as before
+    ea["meta"], eb["meta"] = {"split_block_windows": 0}, {}
+    assert report.compare({"eval": ea}, {"eval": eb}, "ntr_accuracy", 0.05, 0.8)["all"]["design_effect"] == 1.0
 
 
 def test_sft_on_another_arms_contexts_takes_its_positions(tmp_path, monkeypatch):
@@ -155,6 +203,47 @@ def test_sft_on_another_arms_contexts_takes_its_positions(tmp_path, monkeypatch)
     monkeypatch.setattr(rpt_train.sft, "sft_train", lambda cfg, batches, *a, **k: seen.setdefault("cfg", cfg) and {})
     experiment.ARM_KINDS["sft"].run(exp, spec.arms["y"])
     assert (seen["cfg"].bucket, seen["cfg"].steps, seen["cfg"].seed) == ("hard", 2, 3)
+
+
+def test_sft_on_a_curriculum_arms_contexts_trains_on_the_positions_it_rolled_out(tmp_path, tiny_llama, train_shards,
+                                                                                  tiny_tok, monkeypatch):
+    """An arm with --curriculum logs each step's indices into its stage's own table (objectives.CurriculumSamples):
+    the sft arm with contexts_of it trains, step by step, on exactly the positions that arm rolled out (not on what
+    those indices point to in the table of --bucket); a contexts.jsonl whose keys another table rebuilds is refused."""
+    import rpt_train.sft as sft
+    from rpt_train.objectives import CurriculumSamples
+    from rpt_train.samples import TrainSamples
+
+    cur = {"curriculum": ["hard", "easy"], "curriculum_steps": [1]}
+    path = write_spec(tmp_path, train_shards, tiny_llama, {"x": {"kind": "rpt", **cur},
+                                                           "y": {"kind": "sft", "contexts_of": "x"}})
+    spec = experiment.load_spec(str(path))
+    exp = experiment.Experiment(spec)
+    data = CurriculumSamples(exp.train_config(spec.arms["x"]), tiny_tok, None)  # what x's trainer draws from
+    rolled, lines = {}, []
+    for step in (1, 2):
+        data.set_step(step)
+        drawn = data.next_batch(3)
+        rolled[step] = [s.key for s in drawn]
+        lines.append(json.dumps({"step": step, "contexts": [s.index for s in drawn], "keys": rolled[step]}))
+    spec.arms_dir.mkdir(parents=True)
+    (spec.arms_dir / "x.json").write_text("{}")
+    (spec.arms_dir / "x.contexts.jsonl").write_text("\n".join(lines) + "\n")
+    real, trained = sft.sft_train, {}
+
+    def spy(cfg, batches, *a, **k):
+        def given(d, step):
+            got = batches(d, step)
+            trained[step] = [s.key for s in got if s is not None]
+            return got
+        return real(cfg, given, *a, **k)
+    monkeypatch.setattr(sft, "sft_train", spy)
+    experiment.ARM_KINDS["sft"].run(exp, spec.arms["y"])
+    assert trained == rolled
+    # the same indices under another table (x's file read by an arm of bucket all): refused, naming the file
+    with pytest.raises(UserError, match="x.contexts.jsonl', step 1: its context indices rebuild other positions"):
+        sft.same_contexts(spec.arms_dir / "x.contexts.jsonl")(
+            TrainSamples(exp.train_config(spec.arms["y"]), tiny_tok, answers=True), 1)
 
 
 # ---- multi-token prediction and token counters ---------------------------------------------------------------------
@@ -632,6 +721,17 @@ def test_the_committed_specs_evaluate_every_arm_with_the_common_design():
             if arm.kind in ("rpt", "shuffled"):
                 assert eval_of(exp, fake_run(exp, arm), arm) == eval_of(exp, "demo", arm), (path.name, name)
         shutil.rmtree(spec.out, ignore_errors=True)
+
+
+def test_every_committed_spec_loads_with_its_arms_eval_sections():
+    """The arms' eval: sections of pipelines/experiments/*.yaml set only how the model is run (ARM_EVAL): each spec
+    loads, rpt-think's thinking eval included."""
+    for path in sorted((REPO / "pipelines" / "experiments").glob("*.yaml")):
+        spec = experiment.load_spec(str(path))
+        assert all(set(arm.eval) <= set(experiment.ARM_EVAL) for arm in spec.arms.values()), path.name
+    spec = experiment.load_spec(str(REPO / "pipelines" / "experiments" / "smollm2-champ-objectives.yaml"))
+    assert spec.arms["rpt-think"].eval == {"template": "think", "response_prefix": "", "think_overflow": "close",
+                                           "think_budget": 16, "answer_room": 16}
 
 
 def test_the_objectives_spec_notes_only_rlp(capsys):

@@ -115,6 +115,7 @@ def test_contexts_jsonl_rebuilds_each_steps_samples(tiny_llama, train_shards, ti
     data = TrainSamples(cfg, tiny_tok)
     for s in steps:
         keys = [x.key for x in data.build.many(s["contexts"])]
+        assert s["keys"] == keys  # the positions' keys, logged beside their indices (same_contexts checks them)
         rows = [r["key"] for r in logged if r["step"] == s["step"]]  # the step's first rollouts, G = 2 per context
         assert rows and rows[::2] == keys[:len(rows) // 2]
 
