@@ -14,6 +14,10 @@ from rpt_common.recipe import read_yaml
 BUCKETS = ("easy", "medium", "hard")
 INHERITED_SPLIT = "the run's own when --model is a `rpt-train run` directory or one of its checkpoints, else"
 LOSSES = ("grpo", "dr_grpo", "dapo")
+# Options a --resume may change when --allow-changed names them: read afresh at every step, so the new value holds
+# from the resumed step on (--lr: the schedule's base, rpt_train.trainer.resume); the run records each change.
+RESUME_CHANGEABLE = ("lr", "grad_clip")
+CHANGEABLE_FLAGS = ", ".join(n.replace("_", "-") for n in RESUME_CHANGEABLE)
 
 
 def opt(default, help: str, **kw):
@@ -158,6 +162,11 @@ class TrainConfig(SampleConfig):
     log_samples_every: int = opt(10, "write rollouts to samples.jsonl every N steps (0 = off)")
     tensorboard: bool = opt(False, "also log to OUT/tensorboard (needs the tensorboard package)")
     resume: bool = opt(False, "continue from the latest checkpoint in --out")
+    allow_changed: list[str] = opt([], "with --resume: options that may differ from the checkpoint's, of "
+                                   f"{CHANGEABLE_FLAGS} (e.g. `--resume --allow-changed lr --lr 5e-7` "
+                                   "after a stop for bad steps; repeatable or comma-separated): the new value holds "
+                                   "from the resumed step on (--lr is the schedule's new base: warmup and decay go "
+                                   "on), and run.json's `changes` records each change with its step")
 
     def resolved_clip_high(self) -> float:
         return self.clip_high if self.clip_high is not None else (0.28 if self.loss == "dapo" else self.clip_low)
@@ -472,6 +481,12 @@ def validate(cfg: CommonConfig) -> None:
         need(cfg.bad_grad_norm >= 0 and cfg.max_bad_steps >= 1, "--bad-grad-norm must be >= 0, --max-bad-steps >= 1")
         need(cfg.logprob_chunk_tokens >= 1, "--logprob-chunk-tokens must be at least 1")
         need(cfg.device_memory >= 0, "--device-memory must be non-negative (GiB; 0 = the device's own)")
+        cfg.allow_changed = [n.strip().replace("-", "_") for v in cfg.allow_changed for n in v.split(",") if n.strip()]
+        other = [n for n in cfg.allow_changed if n not in RESUME_CHANGEABLE]
+        need(not other, f"--allow-changed takes {CHANGEABLE_FLAGS}, not {', '.join(other)}: the others "
+             "change what a run computes, so a resume keeps them (start a new run in another --out from --model "
+             "RUN to change them)")
+        need(cfg.resume or not cfg.allow_changed, "--allow-changed applies to a --resume only")
         from rpt_train.objectives import check as check_objective
 
         check_objective(cfg, BUCKETS)

@@ -89,6 +89,7 @@ class MemoryPlan:
     kv_cache_kind: str = ""  # dynamic or static, and why
     prompt_line: str = ""  # the prompt bound scaled to the policy's tokenizer, or why it could not be
     host_bytes: int = 0  # FSDP: rank 0's host memory (RAM, not the device) for the full float32 weights it reads
+    host_peak_bytes: int = 0  # FSDP: rank 0's RAM while it saves a checkpoint or a --resume loads one (host_peak)
 
     @property
     def fits(self) -> bool | None:
@@ -101,7 +102,8 @@ class MemoryPlan:
     def to_json(self) -> dict:
         return {"fits": self.fits, "device_bytes": self.device_bytes, "total_bytes": self.total, **self.terms,
                 **self.extra, "rollout_gather": self.rollout_gather, "rollout_reason": self.rollout_reason,
-                "kv_cache_kind": self.kv_cache_kind, "host_bytes": self.host_bytes}
+                "kv_cache_kind": self.kv_cache_kind, "host_bytes": self.host_bytes,
+                "host_peak_bytes": self.host_peak_bytes}
 
 
 def kv_cache_bytes(layers: int, kv_dim: int, rows: int, tokens: int, element: int) -> int:
@@ -355,7 +357,16 @@ def plan_memory(cfg, shapes: Shapes, *, world_size: int = 1, device_type: str = 
     # FSDP: rank 0 reads each model's full float32 weights into host memory and broadcasts them to the shards
     # (distributed.load_sharded_policy), one model at a time; no device holds the whole model
     return MemoryPlan(terms=terms, extra=extra, total=total, device_bytes=device_bytes, device_source=device_source,
-                      notes=notes, prompt_line=prompt_line, host_bytes=policy if W > 1 else 0)
+                      notes=notes, prompt_line=prompt_line, host_bytes=policy if W > 1 else 0,
+                      host_peak_bytes=host_peak(cfg, policy) if W > 1 else 0)
+
+
+def host_peak(cfg, policy: int) -> int:
+    """Rank 0's host memory at its peak, `policy` = the float32 model's bytes: a checkpoint save gathers the full
+    weights, both AdamW moments and rlp's EMA copy there; a --resume holds the loaded trainer_state.pt (AdamW, the
+    EMA copy) while it reads one model's full weights. The trainer drops the loaded state once it is in the
+    optimizer and the EMA (trainer._train), so nothing of it is held between the two."""
+    return policy * (3 + (getattr(cfg, "objective", "rpt") == "rlp"))
 
 
 def choose_rollouts(cfg, shapes: Shapes, kw: dict) -> MemoryPlan:
@@ -508,8 +519,9 @@ def render(plan: MemoryPlan) -> str:
     lines.append(f"  planned peak {plan.total / GIB:.2f} GiB{verdict}")
     if plan.host_bytes:
         lines.append(f"  host: rank 0 reads the full float32 weights: {plan.host_bytes / GIB:.2f} GiB of RAM (one "
-                     f"model at a time, freed once sharded; a checkpoint save gathers weights and AdamW there: "
-                     f"{3 * plan.host_bytes / GIB:.2f} GiB)")
+                     f"model at a time, freed once sharded; a checkpoint save gathers weights and AdamW there, "
+                     f"{'and the EMA copy, ' if plan.host_peak_bytes > 3 * plan.host_bytes else ''}and a --resume "
+                     f"holds the loaded ones while it reads the weights: {plan.host_peak_bytes / GIB:.2f} GiB)")
     if plan.rollout_reason:
         lines.append(f"  rollouts: {'gathered weights' if plan.rollout_gather else 'no gathered copy'} "
                      f"({plan.rollout_reason})")

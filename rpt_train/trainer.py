@@ -28,7 +28,7 @@ from rpt_train.budget import eval_generation
 from rpt_train.checkpoint import (base_model_identity, latest_checkpoint, load_trainer_state, restore_rng,
                                   save_checkpoint, tidy_checkpoints)
 from rpt_train.collect import collect, rollout_groups, sample_records  # noqa: F401 (tests use these from here)
-from rpt_train.config import EvalConfig, TrainConfig, to_dict
+from rpt_train.config import RESUME_CHANGEABLE, EvalConfig, TrainConfig, to_dict
 from rpt_train.evaluate import EVAL_BUCKETS, evaluate, select_positions, write_json
 from rpt_train.metrics import MetricsLogger
 from rpt_train.policy import eos_ids, freeze
@@ -40,10 +40,16 @@ from rpt_train.templates import PromptBuilder
 from rpt_train.update import autocast, no_update, update_policy
 
 # Options that may change between a run and its --resume without changing what is computed (--steps: within the
-# schedule's horizon, see schedule_horizon); any other change is refused, as `rpt-data tag` refuses its own.
+# schedule's horizon, see schedule_horizon); any other change is refused, as `rpt-data tag` refuses its own, unless
+# --allow-changed names it (RESUME_CHANGEABLE: lr, grad_clip; recorded in run.json). --gradient-checkpointing
+# recomputes the same activations; --micro-batch-size only splits a mini-batch whose loss is normalised over the
+# whole mini-batch (rpt_train.loss.aggregate, update.global_normalizer; NtpTerm divides by all its tokens; rlp's
+# reward batches forwards), with position ids from the masks: the same update up to float rounding
+# (tests/test_train_loop.py), as SFT's own rule already says (rpt_train.sft.SFT_OPTIONS).
 RUNTIME_ONLY = {"steps", "save_every", "keep_checkpoints", "eval_every", "log_samples_every", "tensorboard", "resume",
                 "out", "model", "eval_limit", "eval_samples", "on_bad_step", "bad_grad_norm", "max_bad_steps",
-                "logprob_chunk_tokens", "device_memory", "device", "share_prefix", "rollout_gather"}
+                "logprob_chunk_tokens", "device_memory", "device", "share_prefix", "rollout_gather",
+                "gradient_checkpointing", "micro_batch_size", "allow_changed"}
 
 
 def seed_everything(seed: int) -> None:
@@ -133,6 +139,7 @@ def _train(cfg: TrainConfig, device: str, reward_fns, engine: RolloutEngine | No
     state = load_trainer_state(ckpt) if ckpt else None  # read by rank 0, the optimizer state kept there only
     if state is not None:
         check_resumed_options(state, cfg, out)
+    changes = option_changes(state, cfg)
     horizon = schedule_horizon(cfg, state, out)
     base = check_base_model(cfg, state, out)
     check_memory(cfg, str(pick_device(device)), quiet)
@@ -159,6 +166,9 @@ def _train(cfg: TrainConfig, device: str, reward_fns, engine: RolloutEngine | No
     start = resume(cfg, ckpt, state, model, optimizer, scheduler, data) if state is not None else 0
     if state is not None:
         objective.load(state, ckpt)
+    # Loaded: on rank 0 this dict holds the full float32 AdamW state (and rlp's EMA copy), 2-3x the model in host
+    # memory; no reference to it outlives this line (the plan's host line counts it at load and save only)
+    state = None
     objective.attach(model, optimizer)
     if start >= cfg.steps:
         if distributed.is_main():
@@ -172,7 +182,11 @@ def _train(cfg: TrainConfig, device: str, reward_fns, engine: RolloutEngine | No
     eval_positions = select_positions(data.shards, tok, ecfg) if ecfg else None
     if distributed.is_main():  # only now: a run refused before its first step leaves no config behind
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        rundir.write_record(out, rundir.provenance(cfg, horizon) | {"heldout": data.split})
+        rundir.write_record(out, rundir.provenance(cfg, horizon) | {"heldout": data.split, "changes": changes})
+    if changes and changes[-1]["step"] == start and not quiet:
+        print("resumed with " + ", ".join(f"--{c['option'].replace('_', '-')} {c['to']!r} (was {c['from']!r})"
+                                          for c in changes if c["step"] == start)
+              + f" from step {start + 1} on (--allow-changed; recorded in run.json)", flush=True)
     if not quiet:
         where = cfg.bucket if cfg.min_entropy is None else f"entropy > {cfg.min_entropy}"
         ranks = f" on {distributed.world_size()} ranks" if distributed.world_size() > 1 else ""
@@ -216,7 +230,7 @@ def _train(cfg: TrainConfig, device: str, reward_fns, engine: RolloutEngine | No
             save_checkpoint(out, step, model, tok, {
                 "optimizer": distributed.optimizer_state_dict(model, optimizer), "scheduler": scheduler.state_dict(),
                 "sampler": data.state_dict(), "config": to_dict(cfg), "base_model": base, "horizon": horizon,
-                **objective.state(),
+                "changes": changes, **objective.state(),
             }, keep=cfg.keep_checkpoints)
     logger.close()
     return out
@@ -271,12 +285,36 @@ def resume(cfg: TrainConfig, ckpt: Path, state: dict, model, optimizer, schedule
     """Optimizer (broadcast from rank 0 under FSDP2), scheduler, sampler and RNG states from a checkpoint; the step."""
     distributed.load_optimizer_state_dict(model, optimizer, state.get("optimizer", {}))
     scheduler.load_state_dict(state["scheduler"])
+    if scheduler.base_lrs != [cfg.lr] * len(scheduler.base_lrs):  # --allow-changed lr (check_options refuses it else)
+        set_base_lr(cfg.lr, optimizer, scheduler)
     data.load_state_dict(state["sampler"])
     if not restore_rng(state["rng"]):
         distributed.warn(f"'{ckpt}' holds the RNG states of another number of ranks; reseeding each rank from "
                          "(--seed, step, rank): the run goes on but will not equal an uninterrupted one")
         seed_everything(distributed.rank_seed(cfg.seed, state["step"]))
     return state["step"]
+
+
+def set_base_lr(lr: float, optimizer, scheduler) -> None:
+    """Make `lr` the schedule's base after a resume restored another: the optimizer's lr becomes lr x the schedule's
+    factor at the step reached (warmup and decay go on where they were), from the next update on."""
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def option_changes(state: dict | None, cfg: TrainConfig) -> list[dict]:
+    """The run's options changed on --resume (--allow-changed), oldest first: those the checkpoint recorded, and this
+    resume's, each {"step": the checkpoint's step (the new value holds from the next one), "option", "from", "to"}.
+    Saved in every checkpoint and in run.json (`changes`)."""
+    if state is None:
+        return []
+    saved = state.get("config", {})
+    now = [{"step": state["step"], "option": k, "from": saved[k], "to": getattr(cfg, k)}
+           for k in RESUME_CHANGEABLE if k in cfg.allow_changed and k in saved and saved[k] != getattr(cfg, k)]
+    return list(state.get("changes", [])) + now
 
 
 def check_bad_step(cfg: TrainConfig, step: int, reason: str, in_a_row: int, out: Path) -> None:
@@ -287,15 +325,16 @@ def check_bad_step(cfg: TrainConfig, step: int, reason: str, in_a_row: int, out:
     last = latest_checkpoint(out)
     why = "--on-bad-step stop" if cfg.on_bad_step == "stop" else f"{in_a_row} bad steps in a row (--max-bad-steps)"
     where = f"the last good checkpoint is '{last}'" if last else "no checkpoint was saved yet"
-    raise UserError(f"step {step}: {reason}; stopped ({why}) and {where}: lower --lr or check the data, "
-                    "then rerun with --resume")
+    raise UserError(f"step {step}: {reason}; stopped ({why}) and {where}: check the data, or lower the learning "
+                    f"rate: rerun the same command with --resume --allow-changed lr --lr X (X below {cfg.lr:g}), "
+                    "which goes on from there with the new --lr")
 
 
 def check_resumed_options(state: dict, cfg: TrainConfig, out: Path) -> None:
     """check_options of `cfg` against the options the checkpoint `state` saved (rpt-train run; the sft arm compares
     only its own, rpt_train.sft.SFT_OPTIONS)."""
     check_options({**OBJECTIVE_DEFAULTS, "split_block_windows": 0, **state.get("config", {})}, to_dict(cfg),
-                  out)  # older runs: split by document, no issue-34 objective options
+                  out, allowed=cfg.allow_changed)  # older runs: split by document, no issue-34 objective options
 
 
 class OptionsChanged(UserError):
@@ -307,11 +346,12 @@ class OptionsChanged(UserError):
         self.details = details
 
 
-def check_options(saved: dict, now: dict, out: Path) -> None:
-    """A --resume with other options than the run's (RUNTIME_ONLY ones aside) is refused in one sentence
-    (OptionsChanged); a --think-close written out and `auto` are the same option when auto resolves to that text
+def check_options(saved: dict, now: dict, out: Path, allowed=()) -> None:
+    """A --resume with other options than the run's (RUNTIME_ONLY ones aside, and those of `allowed` that are
+    RESUME_CHANGEABLE: --allow-changed) is refused in one sentence (OptionsChanged), which names --allow-changed for
+    a changeable one; a --think-close written out and `auto` are the same option when auto resolves to that text
     (rpt_train.budget)."""
-    changed = changed_options(saved, now, RUNTIME_ONLY)
+    changed = changed_options(saved, now, RUNTIME_ONLY | (set(allowed) & set(RESUME_CHANGEABLE)))
     if "think_close" in changed and "answer_format" not in changed:
         resolved = [objectives.think_close(SimpleNamespace(think_close=c.get("think_close", "auto"),
                                                            answer_format=c.get("answer_format", "boxed")))
@@ -320,8 +360,11 @@ def check_options(saved: dict, now: dict, out: Path) -> None:
             changed.remove("think_close")
     if changed:
         details = f"{differ(changed)}: " + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} there" for k in changed)
-        raise OptionsChanged(f"'{out}' holds a run with other options ({details}); resume with the same options, or "
-                             "start a new run in another --out", details)
+        changeable = [f"{k.replace('_', '-')}" for k in changed if k in RESUME_CHANGEABLE]
+        allow = (f" (to change {' and '.join('--' + k for k in changeable)} from the resumed step on, add "
+                 f"--allow-changed {','.join(changeable)})" if changeable else "")
+        raise OptionsChanged(f"'{out}' holds a run with other options ({details}); resume with the same "
+                             f"options{allow}, or start a new run in another --out", details)
 
 
 def schedule_horizon(cfg: TrainConfig, state: dict | None, out: Path) -> int:

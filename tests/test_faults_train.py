@@ -17,7 +17,7 @@ import rpt_train.update as update
 from rpt_common.errors import UserError
 from rpt_common.shards import META_SCHEMA_VERSION, META_VOCAB_HASH
 from rpt_train.checkpoint import list_checkpoints
-from rpt_train.config import TrainConfig, validate
+from rpt_train.config import TrainConfig, to_dict, validate
 from rpt_train.samples import ShardSet
 
 TESTS = Path(__file__).parent
@@ -93,6 +93,65 @@ def test_stop_mode_exits_with_the_last_good_checkpoint_intact_and_resumes(tiny_l
     trainer.train(cfg, reward_fns=[length_reward], quiet=True)
     m = _metrics(Path(cfg.out))
     assert [x["step"] for x in m] == [1, 2, 3, 4] and all(x["bad_step"] is None for x in m)
+
+
+def test_a_stopped_run_resumes_with_a_lower_lr_as_its_stop_message_says(tiny_llama, train_shards, tmp_path, poison):
+    """The bad-step stop names the command that works: --resume --allow-changed lr --lr X. Without --allow-changed
+    the changed --lr is refused with that advice; with it the run goes on from the checkpoint (AdamW state and
+    schedule continue, the new lr x the schedule's factor from the next step on) and run.json records the change."""
+    import dataclasses
+
+    poison({3})
+    cfg = _cfg(train_shards, tiny_llama, tmp_path / "run", on_bad_step="stop", warmup_steps=4, keep_checkpoints=4,
+               dynamic_sampling=True)  # informative groups: the poisoned step has a backward
+    with pytest.raises(UserError, match=r"rerun the same command with --resume --allow-changed lr --lr X \(X below "
+                                        r"0\.01\)"):
+        trainer.train(cfg, reward_fns=[length_reward], quiet=True)
+    poison(set())
+    lower = dataclasses.replace(cfg, resume=True, lr=4e-3)
+    with pytest.raises(UserError, match=r"lr differs: --lr 0\.01 there\); resume with the same options \(to change "
+                                        r"--lr from the resumed step on, add --allow-changed lr\)"):
+        trainer.train(lower, reward_fns=[length_reward], quiet=True)
+    trainer.train(dataclasses.replace(lower, steps=3, allow_changed=["lr"]), reward_fns=[length_reward], quiet=True)
+    ckpts = dict(list_checkpoints(cfg.out))
+    states = {s: torch.load(ckpts[s] / "trainer_state.pt", weights_only=False) for s in (2, 3)}
+    steps = [int(next(iter(states[s]["optimizer"]["state"].values()))["step"]) for s in (2, 3)]
+    m = _metrics(Path(cfg.out))
+    assert steps[1] == steps[0] + m[2]["updates"] > steps[0]  # AdamW went on from the checkpoint's state
+    change = [{"step": 2, "option": "lr", "from": 1e-2, "to": 4e-3}]
+    assert states[3]["changes"] == change and states[3]["optimizer"]["param_groups"][0]["lr"] == pytest.approx(4e-3)
+    assert json.loads((Path(cfg.out) / "run.json").read_text())["changes"] == change
+    # the checkpoint holds lr 4e-3 now: resuming with it needs no --allow-changed, and the record stays
+    trainer.train(lower, reward_fns=[length_reward], quiet=True)
+    m = _metrics(Path(cfg.out))
+    assert [x["step"] for x in m] == [1, 2, 3, 4] and all(x["bad_step"] is None for x in m)
+    factor = trainer.lr_factor(cfg)  # warmup over 4 steps: (i + 1) / 4 at step i + 1
+    assert [x["lr"] for x in m] == pytest.approx([1e-2 * factor(0), 1e-2 * factor(1), 4e-3 * factor(2), 4e-3])
+    assert json.loads((Path(cfg.out) / "run.json").read_text())["changes"] == change
+
+
+def test_allow_changed_takes_only_options_that_a_resume_may_change():
+    with pytest.raises(UserError, match=r"--allow-changed takes lr, grad-clip, not loss"):
+        validate(TrainConfig(shards="x", resume=True, allow_changed=["lr,loss"]))
+    with pytest.raises(UserError, match=r"--allow-changed applies to a --resume only"):
+        validate(TrainConfig(shards="x", allow_changed=["lr"]))
+    cfg = TrainConfig(shards="x", resume=True, allow_changed=["grad-clip", "lr"])
+    validate(cfg)
+    assert cfg.allow_changed == ["grad_clip", "lr"]
+    saved = to_dict(TrainConfig(shards="x"))
+    trainer.check_options(saved, to_dict(TrainConfig(shards="x", lr=5e-7, grad_clip=0.5)), Path("OUT"),
+                          allowed=["lr", "grad_clip"])
+    with pytest.raises(trainer.OptionsChanged, match=r"loss differs.*resume with the same options, or start"):
+        trainer.check_options(saved, to_dict(TrainConfig(shards="x", loss="dapo")), Path("OUT"), allowed=["loss"])
+
+
+@pytest.mark.parametrize("option, value", [("gradient_checkpointing", True), ("micro_batch_size", 1),
+                                           ("logprob_chunk_tokens", 256)])
+def test_memory_knobs_that_do_not_change_the_result_may_change_on_resume(option, value):
+    """--gradient-checkpointing recomputes the same activations; micro-batches split a mini-batch whose loss is
+    normalised over all of it (tests/test_train_loop.py: resumed with both changed, the next step is the same)."""
+    trainer.check_options(to_dict(TrainConfig(shards="x")), to_dict(TrainConfig(shards="x", **{option: value})),
+                          Path("OUT"))
 
 
 def test_an_exploding_gradient_is_a_bad_step_and_too_many_in_a_row_stop_the_run(tiny_llama, train_shards, tmp_path,

@@ -154,6 +154,66 @@ def test_resume_with_beta_keeps_the_original_kl_reference(tiny_llama, train_shar
     assert [m["step"] for m in _metrics(out)] == [1, 2]
 
 
+def _small(shards, model, out, steps, **kw):
+    cfg = TrainConfig(shards=str(shards), model=str(model), out=str(out), steps=steps, bucket="all", batch_prompts=2,
+                      group_size=3, max_new_tokens=4, lr=1e-2, save_every=1, log_samples_every=0,
+                      dynamic_sampling=False, **kw)
+    return train(cfg, reward_fns=[length_reward], quiet=True)
+
+
+def test_resume_releases_the_loaded_trainer_state(tiny_llama, train_shards, tmp_path, monkeypatch):
+    """The loaded trainer_state.pt (rank 0: the full float32 AdamW state, rlp's EMA copy; 2-3x the model in host
+    memory) is dropped once loaded: nothing holds it during the resumed steps (and their checkpoint saves)."""
+    import gc
+    import weakref
+
+    from rpt_train import trainer
+
+    _small(train_shards, tiny_llama, tmp_path / "run", 1)
+
+    class Marker:
+        pass
+
+    refs, alive, load, collect_ = [], [], trainer.load_trainer_state, trainer.collect
+
+    def marked(path):
+        state = load(path)
+        marker = state["_marker"] = Marker()
+        refs.append(weakref.ref(marker))
+        return state
+
+    def collect(*a, **k):
+        gc.collect()
+        alive.append(refs[0]() is not None)
+        return collect_(*a, **k)
+
+    monkeypatch.setattr(trainer, "load_trainer_state", marked)
+    monkeypatch.setattr(trainer, "collect", collect)
+    _small(train_shards, tiny_llama, tmp_path / "run", 3, resume=True)
+    assert alive == [False, False]  # steps 2 and 3: the dict the checkpoint was loaded into is gone
+
+
+def test_resume_with_gradient_checkpointing_and_other_micro_batches_gives_the_same_next_step(tiny_llama, train_shards,
+                                                                                             tmp_path):
+    """--gradient-checkpointing and --micro-batch-size change how, not what, an update computes: a run stopped at a
+    checkpoint (the situation: out of memory) resumes with them changed, and its next step equals the uninterrupted
+    run's (to float rounding: other micro-batches sum the same terms in another order)."""
+    from safetensors.torch import load_file
+
+    kw = dict(micro_batch_size=4, ppo_epochs=2, beta=0.05)  # 6 rows: micro-batches of 4 + 2, then 1 each
+    full = _small(train_shards, tiny_llama, tmp_path / "full", 2, **kw)
+    part = _small(train_shards, tiny_llama, tmp_path / "part", 1, **kw)
+    _small(train_shards, tiny_llama, part, 2, resume=True, **kw | dict(gradient_checkpointing=True, micro_batch_size=1))
+    a, b = _metrics(full), _metrics(part)
+    assert a[0] == b[0] and a[1]["updates"] == b[1]["updates"] == 2
+    numbers = {k for k, v in a[1].items() if isinstance(v, float)}
+    assert {k: v for k, v in b[1].items() if k not in numbers} == {k: v for k, v in a[1].items() if k not in numbers}
+    assert {k: b[1][k] for k in numbers} == pytest.approx({k: a[1][k] for k in numbers}, rel=1e-4, abs=1e-7)
+    assert a[1]["loss"] != 0 and a[1]["grad_norm"] > 0
+    wa, wb = (load_file(latest_checkpoint(o) / "model.safetensors") for o in (full, part))
+    assert all(torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6) for k in wa)
+
+
 def test_half_written_checkpoints_are_ignored(tmp_path):
     root = tmp_path / "checkpoints"
     (root / "step-000005").mkdir(parents=True)  # no trainer_state.pt: not complete

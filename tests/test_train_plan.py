@@ -253,8 +253,14 @@ def test_the_fsdp_plan_says_rank_0s_host_memory_for_the_full_weights():
     assert eight.host_bytes == SHAPES_14B.params * 4 and eight.to_json()["host_bytes"] == eight.host_bytes
     assert eight.terms["weights"] == SHAPES_14B.params * 4 // 8  # the devices: their shards only
     assert "host: rank 0 reads the full float32 weights: 55.02 GiB of RAM" in render(eight)
+    # its peak: a save gathers weights + AdamW (+ rlp's EMA), a --resume holds the loaded state while reading the
+    # weights; the loaded state is not kept between the two (test_train_loop.py: released once loaded)
+    assert eight.host_peak_bytes == 3 * eight.host_bytes and "and a --resume holds the loaded ones while it reads " \
+        "the weights: 165.07 GiB)" in render(eight)
+    rlp = plan_memory(dataclasses.replace(cfg, objective="rlp"), SHAPES_14B, world_size=8, device_bytes=80 * 2 ** 30)
+    assert rlp.host_peak_bytes == 4 * rlp.host_bytes and "and the EMA copy, and a --resume" in render(rlp)
     one = plan_memory(cfg, SHAPES_14B, world_size=1, device_bytes=80 * 2 ** 30)
-    assert one.host_bytes == 0 and "host:" not in render(one)
+    assert one.host_bytes == one.host_peak_bytes == 0 and "host:" not in render(one)
 
 
 def test_plan_shows_the_rollout_choices(tiny_llama):
