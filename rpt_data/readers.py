@@ -102,6 +102,10 @@ def expand_inputs(inputs: list[str], fmt: str | None) -> list[tuple[str, str]]:
                 if not found:
                     raise UserError(f"input directory '{p}' holds no readable file (.jsonl, .jsonl.gz, .parquet, .txt)")
                 warn_skipped(p, sorted(set(files) - set(found)))
+                if not fmt and any(infer_format(f) != "text" for f in found):
+                    notes = [f for f in found if infer_format(f) == "text"]
+                    warn_notes(p, notes)
+                    found = [f for f in found if f not in notes]
                 paths_fmt = [(f, fmt or infer_format(f)) for f in found]
             else:
                 f = fmt or infer_format(p)
@@ -123,6 +127,18 @@ def warn_skipped(directory: str, skipped: list[str]) -> None:
     shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
     print(f"warning: {len(names)} file(s) in '{directory}' are skipped: their format is not known from the name "
           f"({shown}); rename them, or pass --format to read every file of the directory as that format",
+          file=sys.stderr)
+
+
+def warn_notes(directory: str, notes: list[str]) -> None:
+    """Name the .txt/.md files of a directory of .jsonl/.parquet data that are not read (a hub snapshot's README.md,
+    its dataset card, is not a document of the corpus), on stderr."""
+    if not notes:
+        return
+    names = [os.path.relpath(f, directory) for f in notes]
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    print(f"warning: {len(names)} text file(s) in '{directory}' are skipped beside its .jsonl/.parquet data "
+          f"({shown}): a dataset card or notes, not records; name them as inputs of their own to tag them",
           file=sys.stderr)
 
 
