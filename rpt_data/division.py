@@ -14,6 +14,11 @@
   so every rank reads and tokenizes everything (at most W segments without --limit) and scores window g of the
   whole run when g % W == rank: the same windows as one rank, each scored once.
 Bad records are counted and reported by the rank that owns record k, so each is listed exactly once.
+In a stripe (`records`, `windows`) every rank must number every record alike, so a read error (EIO, ESTALE) is
+retried by rpt_data.readers.read_unit (`striped`): healed with the same numbering, or, failing at the same record on
+every try (damage), one bad record that every rank meets at the same k (its owner reports it); an error that moves
+between tries stops the rank (ReadError), and `rpt-data merge` refuses ranks that did not all meet the same read
+errors (rpt_data.merge.same_read_errors: one rank's storage failed persistently where the others read on).
 A `files` division is recorded (`owner`: the rank of every file) and pinned on resume: a file fixed since (same paths
 in the same order, another size) stays with its rank, and a rank started later takes the owners another rank recorded.
 A `segments` division records the rank of every segment (`owner`, one list per file), pinned while every file keeps

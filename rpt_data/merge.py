@@ -1,10 +1,11 @@
 """`rpt-data merge`: manifest.json of a multi-rank run, written from the ranks' completion records.
 
 Each rank r of a W-rank run writes `rank-RRRRR.json` (the manifest of its own part, plus `rank`,
-`world_size` and `division`) and `rejects-RRRRR.jsonl`. The merge refuses unless ranks 0..W-1 are all
-complete, agree on config, inputs, tokenizer, proxy and division (every unit of the input one rank's, each
-shard's `units` its rank's: check_division), and every recorded shard is on disk with its recorded size; then it writes rejects.jsonl and, last, manifest.json (the same schema as a 1-rank run's,
-shards of all ranks sorted by name, counts summed, plus `world_size`).
+`world_size` and `division`; in a stripe also `read_errors`) and `rejects-RRRRR.jsonl`. The merge refuses unless
+ranks 0..W-1 are all complete, agree on config, inputs, tokenizer, proxy and division (every unit of the input one
+rank's, each shard's `units` its rank's, a stripe's ranks met the same read errors: check_division), and every
+recorded shard is on disk with its recorded size; then it writes rejects.jsonl and, last, manifest.json (the same
+schema as a 1-rank run's, shards of all ranks sorted by name, counts summed, plus `world_size`).
 """
 from __future__ import annotations
 
@@ -213,6 +214,7 @@ def check_division(records: dict[int, dict], world: int) -> None:
             if divs[r].get("files") != divs[0].get("files"):
                 raise UserError(f"rank {r} read other input files than rank 0 though every rank of a {by} stripe "
                                 f"reads them all; {again}")
+        same_read_errors(records, world, by)
         return
     if by not in ("files", "segments"):
         return
@@ -262,6 +264,30 @@ def check_division(records: dict[int, dict], world: int) -> None:
                     raise UserError(f"shard {entry['file']} of rank {r} holds windows of input file {i + 1} "
                                     f"('{records[r]['inputs'][i]['path'] if 0 <= i < n else '?'}'), which the "
                                     f"division gives to another rank; {again}")
+
+
+def same_read_errors(records: dict[int, dict], world: int, by: str) -> None:
+    """Every rank of a stripe numbers every record of the input, so a read error that ended a file (`read_errors`:
+    [file, line] of each, recorded whoever owns it; rpt_data.readers.read_unit retries first) must end it on every
+    rank: one that only some ranks met (an error that persisted on one node) shifted their numbering, losing records
+    and tagging others twice. Refuses in one sentence naming the file, the line and the ranks; a record without
+    `read_errors` (an older version) is not compared."""
+    known = {r: [tuple(e) for e in records[r]["read_errors"] if isinstance(e, list)] for r in range(world)
+             if isinstance(records[r].get("read_errors"), list)}
+    for source, line in dict.fromkeys(e for errs in known.values() for e in errs):
+        who = [r for r in known if (source, line) in known[r]]
+        if len(who) < len(known):
+            others = [r for r in known if r not in who]
+            at = f"line {line}" if line else "its start"
+            raise UserError(f"{_ranks(who)} could not read '{source}' from {at} on (a read error; the rest of the "
+                            f"file was skipped) where {_ranks(others)} read on: every rank of a {by} stripe numbers "
+                            "every record, so the ranks' stripes no longer fit (records lost, others tagged twice); "
+                            f"once the file reads on every node, rerun {_ranks(who)} with --overwrite, then merge "
+                            "again")
+
+
+def _ranks(ranks: list[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks[:-1]))} and {ranks[-1]}"
 
 
 def merged_rejects(root: Path, world: int, input_paths: list[str]):

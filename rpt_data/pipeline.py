@@ -457,6 +457,9 @@ def _tag(cfg: TagConfig, division: Division, parse: RecordParser, lm, proxy: Pro
     unit = {"last": -1}  # the unit of the record read last (pieces() reads one record per piece, no further)
     streams: deque[tuple[str, int]] = deque()  # (doc_id, unit) of each stream begun and not yet windowed
     reasons: dict[str, int] = {}
+    # a stripe (every rank reads and numbers every record): the read errors that ended a unit, whoever owns them
+    striped = division.by in ("records", "windows")
+    read_errors: list[list] = []
     examples: dict[str, BadRecord] = {}  # the first bad record of each reason
     progress = TagProgress(enabled=cfg.progress)
     t0 = time.perf_counter()
@@ -469,7 +472,8 @@ def _tag(cfg: TagConfig, division: Division, parse: RecordParser, lm, proxy: Pro
                     read_segments(p, f, parse, cut[p], functools.partial(division.owns_unit, p), cfg.context_prefix)
                     if p in cut else read_unit(p, f, parse) for p, f in division.files)
             else:
-                items = read_all(division.files, parse)
+                # a stripe: every rank numbers every record, so a read error must heal or stop (rpt_data.readers)
+                items = read_all(division.files, parse, striped=striped)
             if cfg.mode == "structured" and cfg.id_field:
                 items = reject_duplicate_ids(items)
             index = -1  # record number in reading order, good and bad (a text file's later blocks share it)
@@ -483,6 +487,8 @@ def _tag(cfg: TagConfig, division: Division, parse: RecordParser, lm, proxy: Pro
                 else:
                     mine = division.owns(index)
                 if isinstance(item, BadRecord):
+                    if striped and item.kind == "read error":  # every rank lists it: merge checks they agree
+                        read_errors.append([item.source, item.line])
                     if not mine:
                         continue
                     if cfg.on_bad_record == "fail":
@@ -568,6 +574,8 @@ def _tag(cfg: TagConfig, division: Division, parse: RecordParser, lm, proxy: Pro
         raise no_text_error(cfg, reasons, examples)
     manifest.update(complete=True, records=counts["records"], bad_records=counts["bad"],
                     bad_reasons=dict(sorted(reasons.items(), key=lambda kv: -kv[1])), totals=totals(manifest["shards"]))
+    if striped:
+        manifest["read_errors"] = read_errors
     write_json_atomic(out / record_name(cfg), manifest)
     (out / log_name(cfg)).unlink(missing_ok=True)
     elapsed = time.perf_counter() - t0

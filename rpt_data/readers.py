@@ -17,8 +17,9 @@ import os
 import re
 import string
 import sys
+import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -599,20 +600,81 @@ def reject_duplicate_ids(items: Iterable[Record | BadRecord]) -> Iterator[Record
         yield item
 
 
-def read_unit(path: str, fmt: str, parse: RecordParser) -> Iterator[Record | BadRecord]:
-    """One input unit read by its reader; a read error (EIO, ESTALE, a file removed mid-run; for an hf:// unit any
-    error of datasets) ends the unit with a BadRecord at the line after the last one read, and the run goes on."""
+RETRY_SLEEPS = (0.5, 2.0, 8.0)  # seconds before each new read of a unit after a read error (tests set zeros)
+
+
+class ReadError(UserError):
+    """A read error that reading the unit again did not heal, where every rank numbers every record (a stripe)."""
+
+
+def read_unit(path: str, fmt: str, parse: RecordParser, striped: bool = False) -> Iterator[Record | BadRecord]:
+    """One input unit read by its reader. A read error (EIO, ESTALE, a file removed or replaced mid-run; for an hf://
+    unit any error of datasets) is retried: after each of RETRY_SLEEPS the unit is opened again and the items
+    already given are passed over (a reader gives the same items in the same order from an unchanged file: counted,
+    not matched by line, since text blocks may share a line), so a transient error is healed with the same items
+    and numbering. When every try fails at the same item with the same kind of error (damage), or the unit is not
+    `striped`, the unit ends with a BadRecord at the line after the last one read, and the run goes on.
+    `striped`: every rank reads this unit and keeps record (or window) k when k % W == rank (a `records` or
+    `windows` division with W > 1): a rank that ended the unit early where the others did not would number the
+    rest differently, losing records and tagging others twice, so an error that moves between tries or a unit
+    that shrank stops the run (ReadError, naming the file, the line and the error). An error that persists on one
+    rank only looks like damage to that rank: `rpt-data merge` compares the read errors every rank of a stripe met
+    (rpt_data.merge.same_read_errors)."""
+    yield from retried(path, fmt, lambda: READERS[fmt](path, parse), striped)
+
+
+def retried(path: str, fmt: str, read: Callable[[], Iterator], striped: bool = False) -> Iterator[Record | BadRecord]:
+    """The items of `read()` (a reader of the unit `path`; called again for each retry), read as read_unit says."""
     errors = Exception if fmt == "stream" else OSError
-    after = 0  # the line (or row) after the last one read
-    try:
-        for item in READERS[fmt](path, parse):
-            after = item.line + (item.text.count("\n") if fmt == "text" and isinstance(item, Record) else 1)
-            yield item
-    except errors as e:
-        where = "this unit" if fmt == "stream" else "the file"
-        yield BadRecord(path, after, f"read error ({_first_line(e)}); the rest of {where} is skipped")
+    done, after = 0, 0  # items given so far; the line (or row) after the last one given
+    failed = []  # each failed read: (items the reader gave before the error, the error's kind, line after them, error)
+    for attempt in range(len(RETRY_SLEEPS) + 1):
+        if attempt:
+            time.sleep(RETRY_SLEEPS[attempt - 1])
+        n, line = 0, 0  # this read's items and the line after its last one
+        items = None
+        try:
+            items = read()
+            for item in items:
+                n += 1
+                line = item.line + (item.text.count("\n") if fmt == "text" and isinstance(item, Record) else 1)
+                if n > done:
+                    done, after = n, line
+                    yield item
+        except errors as e:
+            failed.append((n, _error_kind(e), line, e))
+            continue
+        finally:
+            if items is not None:
+                items.close()
+        if n < done and striped:  # the unit ended before items an earlier read gave: it changed meanwhile
+            raise ReadError(f"'{path}' changed while it was read: a read error {_at(failed[-1])}, then, read again, "
+                            f"it ended {f'at line {line}' if line else 'at once'}; {_STRIPED}")
+        return
+    first, last = failed[0], failed[-1]
+    if striped and any(f[:2] != first[:2] for f in failed):
+        raise ReadError(f"read errors in '{path}' that move between {len(failed)} tries over {sum(RETRY_SLEEPS):g} s: "
+                        f"{_at(first)}, last {_at(last)}; {_STRIPED}")
+    where = "this unit" if fmt == "stream" else "the file"
+    yield BadRecord(path, after, f"read error ({_first_line(last[3])}); the rest of {where} is skipped")
 
 
-def read_all(files: list[tuple[str, str]], parse: RecordParser) -> Iterator[Record | BadRecord]:
+_STRIPED = ("every rank reads this input and numbers its records, so a rank that skipped the rest would tag other "
+            "records than its stripe; check the storage, then rerun the same command to resume")
+
+
+def _at(failure: tuple) -> str:
+    """'at line N (the error)' for a failed read (the line after the last item it gave; 0: none given)."""
+    _, _, line, e = failure
+    return f"at {f'line {line}' if line else 'its start'} ({_first_line(e)})"
+
+
+def _error_kind(e: BaseException) -> tuple:
+    """What makes two read errors the same kind: the exception type and its errno."""
+    return type(e).__name__, getattr(e, "errno", None)
+
+
+def read_all(files: list[tuple[str, str]], parse: RecordParser, striped: bool = False) -> Iterator[Record | BadRecord]:
+    """The units in order (read_unit; `striped`: every rank reads them all and numbers their records)."""
     for path, fmt in files:
-        yield from read_unit(path, fmt, parse)
+        yield from read_unit(path, fmt, parse, striped)

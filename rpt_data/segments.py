@@ -334,8 +334,18 @@ def read_segments(path: str, fmt: str, parse, count: int, owned: Callable[[int],
     line numbers; a text file's are also checked for damage, which ends the stream as a whole read does). The items
     given are those a whole read gives, in order, less some of other segments, so `_Cutter` cuts the same segments
     and the pipeline owns each bad record as it would (one without an offset goes with the record before it, which
-    after a seek lies between runs: another rank's)."""
-    from rpt_data.readers import BadRecord, Record, _first_line, read_jsonl, read_text
+    after a seek lies between runs: another rank's). A read error is retried as read_unit retries one
+    (rpt_data.readers.retried: read again, the items given passed over); one that does not heal ends the file with
+    a BadRecord at the line after the last one read."""
+    from rpt_data.readers import retried
+
+    yield from retried(path, fmt, lambda: _read_segments_once(path, fmt, parse, count, owned, context_prefix))
+
+
+def _read_segments_once(path: str, fmt: str, parse, count: int, owned: Callable[[int], bool],
+                        context_prefix: int) -> Iterator:
+    """read_segments' items from one read of the file; a read error (OSError) is raised."""
+    from rpt_data.readers import Record, read_jsonl, read_text
 
     lead = lead_bytes(context_prefix)
     ks = [k for k in range(count) if owned(k)]
@@ -347,13 +357,10 @@ def read_segments(path: str, fmt: str, parse, count: int, owned: Callable[[int],
         (lambda st: read_text(path, parse, resume=st))
     items = read_jsonl(path, parse) if fmt == "jsonl" else read_text(path, parse)
     last = None  # the last Record given
-    after = 0  # the line after the last one read (for a read error): as read_unit counts it, a text block's lines too
-    next_line = lambda item: item.line + (item.text.count("\n") if fmt == "text" and isinstance(item, Record) else 1)
     try:
         for k1, k2 in runs:
             if last is None:  # the stream's first good record is read from the file's start, whatever its segment
                 for item in items:
-                    after = next_line(item)
                     yield item
                     if isinstance(item, Record):
                         last = item
@@ -371,7 +378,6 @@ def read_segments(path: str, fmt: str, parse, count: int, owned: Callable[[int],
             end = (k2 + 1) * SEGMENT_BYTES if k2 + 1 < count else None
             tail = 0
             for item in items:
-                after = next_line(item)
                 yield item
                 if isinstance(item, Record):
                     last = item
@@ -381,8 +387,6 @@ def read_segments(path: str, fmt: str, parse, count: int, owned: Callable[[int],
                             break
             else:
                 return
-    except OSError as e:
-        yield BadRecord(path, after, f"read error ({_first_line(e)}); the rest of the file is skipped")
     finally:
         items.close()
 

@@ -45,3 +45,12 @@ def tiny_sliding(tmp_path_factory) -> Path:
     from tiny import make_model_dir
 
     return make_model_dir(tmp_path_factory.mktemp("tiny-sliding"), arch="mistral", sliding_window=4)
+
+
+@pytest.fixture(autouse=True)
+def no_read_retry_waits(monkeypatch):
+    """rpt_data.readers reads a unit again after a read error, waiting RETRY_SLEEPS first: tests that make read
+    errors do not wait (the retries themselves still run)."""
+    import rpt_data.readers
+
+    monkeypatch.setattr(rpt_data.readers, "RETRY_SLEEPS", (0, 0, 0))
