@@ -44,7 +44,7 @@ def main():
 
 @main.command(context_settings=CTX)
 @click.argument("recipe", required=False, type=click.Path(dir_okay=False))
-@click.option("--input", "inputs", multiple=True, help="Input file, directory or glob (repeatable). A directory of .jsonl/.parquet files skips its .txt/.md files (a dataset card) with a warning, unless --format is given.")
+@click.option("--input", "inputs", multiple=True, help="Input file, directory or glob (repeatable). A directory is walked for .jsonl, .jsonl.gz, .parquet, .txt and .md files; README files beside .jsonl/.parquet data are named in a warning.")
 @click.option("--format", type=click.Choice(["jsonl", "parquet", "text", "hf"]),
               help="Input format; inferred from the extension when omitted (hf = datasets.save_to_disk dir).")
 @click.option("--text-field", help="Field holding the text (default: text).")

@@ -104,9 +104,8 @@ def expand_inputs(inputs: list[str], fmt: str | None) -> list[tuple[str, str]]:
                     raise UserError(f"input directory '{p}' holds no readable file (.jsonl, .jsonl.gz, .parquet, .txt)")
                 warn_skipped(p, sorted(set(files) - set(found)))
                 if not fmt and any(infer_format(f) != "text" for f in found):
-                    notes = [f for f in found if infer_format(f) == "text"]
-                    warn_notes(p, notes)
-                    found = [f for f in found if f not in notes]
+                    warn_cards(p, [f for f in found if os.path.basename(f).lower().startswith("readme")
+                                   and infer_format(f) == "text"])
                 paths_fmt = [(f, fmt or infer_format(f)) for f in found]
             else:
                 f = fmt or infer_format(p)
@@ -131,16 +130,15 @@ def warn_skipped(directory: str, skipped: list[str]) -> None:
           file=sys.stderr)
 
 
-def warn_notes(directory: str, notes: list[str]) -> None:
-    """Name the .txt/.md files of a directory of .jsonl/.parquet data that are not read (a hub snapshot's README.md,
-    its dataset card, is not a document of the corpus), on stderr."""
-    if not notes:
+def warn_cards(directory: str, cards: list[str]) -> None:
+    """Name the README files of a directory of .jsonl/.parquet data (a hub snapshot's dataset card), which are read
+    as documents like every text file of the walk, on stderr. Not skipped: which files a directory means must not
+    depend on its neighbours (a .txt corpus with one .json beside it), nor change under a run being resumed."""
+    if not cards:
         return
-    names = [os.path.relpath(f, directory) for f in notes]
-    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-    print(f"warning: {len(names)} text file(s) in '{directory}' are skipped beside its .jsonl/.parquet data "
-          f"({shown}): a dataset card or notes, not records; name them as inputs of their own to tag them",
-          file=sys.stderr)
+    names = ", ".join(os.path.relpath(f, directory) for f in cards[:5]) + (" ..." if len(cards) > 5 else "")
+    print(f"warning: '{directory}' holds .jsonl/.parquet data and {names}, read as text documents too (a dataset "
+          f"card?); pass a glob such as '{directory}/**/*.parquet' to tag only the data", file=sys.stderr)
 
 
 class RecordParser:

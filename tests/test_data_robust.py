@@ -266,24 +266,25 @@ def test_a_hub_dataset_updated_between_runs_is_refused_in_one_sentence(tmp_path,
     assert "\n" not in str(e.value) and "--overwrite" in str(e.value)
 
 
-def test_a_dataset_card_beside_data_files_is_not_a_document(tmp_path, capsys):
-    """`huggingface-cli download --local-dir fw/` puts README.md (the dataset card) beside the data: a directory
-    of .jsonl/.parquet files reads only those, and names the text files it skips; a directory of text alone, a
-    --format, or a text file named as an input of its own is still read."""
+def test_a_dataset_card_beside_data_files_is_named(tmp_path, capsys):
+    """`huggingface-cli download --local-dir fw/` puts README.md (the dataset card) beside the data: it is read like
+    every text file of the walk (which files a directory means depends on no neighbour and no version), and named
+    in a warning with the glob that leaves it out; a text corpus with a stray .json gets no warning."""
     from rpt_data.readers import expand_inputs
 
     data = tmp_path / "fw"
     (data / "sub").mkdir(parents=True)
     (data / "README.md").write_text("---\nlicense: odc-by\n---\n# FineWeb\n")
-    (data / "sub" / "notes.txt").write_text("notes")
     (data / "sub" / "000.jsonl").write_text('{"text": "a"}\n')
-    assert [f for _, f in expand_inputs([str(data)], None)] == ["jsonl"]
-    assert "README.md" in capsys.readouterr().err
-    assert sorted(os.path.basename(p) for p, _ in expand_inputs([str(data)], "text")) == \
-        ["000.jsonl", "README.md", "notes.txt"]
-    assert [f for _, f in expand_inputs([str(data), str(data / "README.md")], None)] == ["jsonl", "text"]
+    assert sorted(f for _, f in expand_inputs([str(data)], None)) == ["jsonl", "text"]
+    err = capsys.readouterr().err
+    assert "README.md" in err and f"{data}/**/*.parquet" in err
     prose = tmp_path / "prose"
     prose.mkdir()
-    (prose / "a.md").write_text("# a")
-    (prose / "b.txt").write_text("b")
-    assert [f for _, f in expand_inputs([str(prose)], None)] == ["text", "text"]
+    for name in ("a.md", "b.txt", "readme.txt"):
+        (prose / name).write_text(name)
+    (prose / "stats.json").write_text('{"text": "x"}\n')
+    assert sorted(f for _, f in expand_inputs([str(prose)], None)) == ["jsonl", "text", "text", "text"]
+    assert "readme.txt" in capsys.readouterr().err
+    expand_inputs([str(data)], "text")
+    assert capsys.readouterr().err == ""
