@@ -50,7 +50,7 @@ def check_sft_options(saved: dict, cfg: TrainConfig, label_tokens: int, out: Pat
     curriculum (before sft read it) had none."""
     from rpt_train.trainer import check_options
 
-    check_options({**OLDER, **saved}, sft_options(to_dict(cfg), label_tokens), out)
+    check_options({**OLDER, **saved}, sft_options(to_dict(cfg), label_tokens), out, changeable=())  # no --allow-changed
 
 
 def read_record(out: Path) -> dict:

@@ -346,12 +346,12 @@ class OptionsChanged(UserError):
         self.details = details
 
 
-def check_options(saved: dict, now: dict, out: Path, allowed=()) -> None:
+def check_options(saved: dict, now: dict, out: Path, allowed=(), changeable=RESUME_CHANGEABLE) -> None:
     """A --resume with other options than the run's (RUNTIME_ONLY ones aside, and those of `allowed` that are
-    RESUME_CHANGEABLE: --allow-changed) is refused in one sentence (OptionsChanged), which names --allow-changed for
-    a changeable one; a --think-close written out and `auto` are the same option when auto resolves to that text
+    `changeable`: --allow-changed, RESUME_CHANGEABLE for `rpt-train run`, none for sft) is refused in one sentence
+    (OptionsChanged), which names --allow-changed for a changeable one; a --think-close written out and `auto` are the same option when auto resolves to that text
     (rpt_train.budget)."""
-    changed = changed_options(saved, now, RUNTIME_ONLY | (set(allowed) & set(RESUME_CHANGEABLE)))
+    changed = changed_options(saved, now, RUNTIME_ONLY | (set(allowed) & set(changeable)))
     if "think_close" in changed and "answer_format" not in changed:
         resolved = [objectives.think_close(SimpleNamespace(think_close=c.get("think_close", "auto"),
                                                            answer_format=c.get("answer_format", "boxed")))
@@ -360,9 +360,9 @@ def check_options(saved: dict, now: dict, out: Path, allowed=()) -> None:
             changed.remove("think_close")
     if changed:
         details = f"{differ(changed)}: " + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} there" for k in changed)
-        changeable = [f"{k.replace('_', '-')}" for k in changed if k in RESUME_CHANGEABLE]
-        allow = (f" (to change {' and '.join('--' + k for k in changeable)} from the resumed step on, add "
-                 f"--allow-changed {','.join(changeable)})" if changeable else "")
+        can = [f"{k.replace('_', '-')}" for k in changed if k in changeable]
+        allow = (f" (to change {' and '.join('--' + k for k in can)} from the resumed step on, add "
+                 f"--allow-changed {','.join(can)})" if can else "")
         raise OptionsChanged(f"'{out}' holds a run with other options ({details}); resume with the same "
                              f"options{allow}, or start a new run in another --out", details)
 

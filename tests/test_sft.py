@@ -32,8 +32,9 @@ def test_sft_resume_or_rerun_with_other_options_is_refused(tiny_llama, train_sha
     for changed, names in [({"lr": 5e-2}, "lr differs: --lr 0.001 there"),
                            ({"batch_prompts": 4, "seed": 7}, "batch_prompts, seed differ"),
                            ({"steps": 6}, "--steps 6 runs past the 4 steps")]:
-        with pytest.raises(UserError, match=names):
+        with pytest.raises(UserError, match=names) as refused:
             sft_train(TrainConfig(**{**base, **changed}), next_contexts(2))
+        assert "allow-changed" not in str(refused.value)  # sft has no --allow-changed: no hint to follow
         assert [m["step"] for m in read_jsonl(tmp_path / "arm" / "metrics.jsonl")] == [1, 2]
     # runtime-only options may change (as for an rpt run): the resume continues where the kill left it
     totals = sft_train(TrainConfig(**{**base, "save_every": 1, "keep_checkpoints": 1}), next_contexts(2))
