@@ -38,14 +38,29 @@ def positions_frame(out: str, paths: list[str], stats: tuple[str, ...] = ("entro
     )
 
 
+def unreadable(out: str, paths: list[str], error: Exception, also: str = "") -> UserError:
+    """The refusal for shards polars could not read: it names the first listed shard whose Parquet footer does
+    not read (a truncated or overwritten file), else the error as polars gave it; `rpt-data validate` checks more."""
+    import pyarrow.parquet as pq
+
+    for path in paths:
+        try:
+            pq.read_metadata(path)
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            return UserError(f"cannot read shard '{path}' ({first}): it is damaged; re-tag it (`rpt-data tag` "
+                             f"resumes), or run `rpt-data validate {out}` for every problem")
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return UserError(f"cannot read the shards of '{out}'{also} ({type(error).__name__}: {first}); "
+                     f"run `rpt-data validate` on them to find the damaged file")
+
+
 def inspect_out(out: str, plot: str | None = None, top: int = 5) -> None:
     manifest = read_manifest(out)
     try:
         _inspect(out, manifest, plot, top)
-    except (pl.exceptions.PolarsError, OSError) as e:  # a damaged shard; validate says which
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"cannot read the shards of '{out}' ({type(e).__name__}: {first}); "
-                        f"run `rpt-data validate {out}` to find the damaged file")
+    except (pl.exceptions.PolarsError, OSError) as e:  # a damaged shard: named when its footer does not read
+        raise unreadable(out, listed_shards(out, manifest), e)
 
 
 def _inspect(out: str, manifest: dict, plot: str | None, top: int) -> None:

@@ -18,7 +18,7 @@ import polars as pl
 
 from rpt_common.errors import UserError
 from rpt_common.shards import DEFAULT_BUCKETS, DEFAULT_METRIC, METRIC_COLUMNS, read_manifest
-from rpt_data.inspect import listed_shards, position_profile, positions_frame
+from rpt_data.inspect import listed_shards, position_profile, positions_frame, unreadable
 from rpt_data.view_html import HIST_BINS, render_page
 
 # --metric of the page: the shading value per token (surprisal = -target_logprob, nats)
@@ -150,6 +150,13 @@ def stream_tokens(rows: list[dict], next_start: dict[int, int | None], context_p
                             f"{start + ss}, the previous window ended at token {expect}; the shards are not "
                             "contiguous (run `rpt-data validate`)")
         data, ends = r["text"].encode(), r["token_bytes"]
+        short = [c for c in ("token_bytes", "entropy", "topk_entropy", "target_logprob", "proxy_argmax")
+                 if r[c] is not None and len(r[c]) != len(r["token_ids"])]
+        if short or (ends and ends[-1] != len(data)):
+            what = (f"{', '.join(short)} of another length than token_ids ({len(r['token_ids'])})" if short else
+                    f"token_bytes ending at byte {ends[-1]} of a {len(data)}-byte text")
+            raise UserError(f"document '{r['doc_id']}', window {w}: a damaged row ({what}); run `rpt-data validate` "
+                            "to find its shard")
         dec = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a split character goes to its last token
         sel = set(r["selected"] or ())
         nxt = next_start.get(w)
@@ -283,6 +290,7 @@ def write_html(out: str, html_path: str, *, docs: int = 20, pick: str = "hardest
     if metric not in VIEW_METRICS:
         raise UserError(f"--metric must be one of {', '.join(VIEW_METRICS)}")
     col = VIEW_METRICS[metric]
+    other = None
     try:
         rows = row_summary(run, col)
         other = other_rows = None
@@ -306,10 +314,9 @@ def write_html(out: str, html_path: str, *, docs: int = 20, pick: str = "hardest
         top = max(max(metric_max(r, col) for r in runs), hi)  # right end of the histograms
         charts = {"hist": {r.out: histogram(r, col, top) for r in runs}, "hist_hi": top,
                   "profile": {r.out: profile(r, col) for r in runs}, "hi": hi}
-    except (pl.exceptions.PolarsError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"cannot read the shards of '{out}'{f' or {compare!r}' if compare else ''} "
-                        f"({type(e).__name__}: {first}); run `rpt-data validate` on them to find the damaged file")
+    except (pl.exceptions.PolarsError, OSError) as e:  # a damaged shard: named when its footer does not read
+        raise unreadable(out, run.paths + (other.paths if other is not None else []), e,
+                         f" or {compare!r}" if compare else "")
     argmax_ids = {t.argmax for v in views for d in (v.tokens, v.other) for t in d.values() if t.argmax is not None}
     vocab, vocab_note = argmax_vocab(run, argmax_ids)
     page = render_page(run=run, other=other, views=views, col=col, metric=metric, pick=pick, seed=seed,

@@ -372,7 +372,8 @@ def render_page(*, run, other, views, col: str, metric: str, pick: str, seed: in
     data = {"fields": FIELDS, "compare": cmp, "docs": [v.doc_id for v in views], "tok": tok_rows,
             "vocab": {str(i): s for i, s in vocab.items()}, "buckets": ["none"] + run.bucket_names,
             "hardest": best[1], "doc_hardest": doc_hardest}
-    payload = json.dumps(data, separators=(",", ":"), ensure_ascii=False).replace("</", "<\\/")
+    # every '<' as \u003c (JSON's own escape): neither '</script' nor '<!--<script' can end or bend the data block
+    payload = json.dumps(data, separators=(",", ":"), ensure_ascii=False).replace("<", "\\u003c")
     what = "difference OTHER - OUT of " if cmp else ""
     title = f"rpt-data heatmap: {run.out}" + (f" vs {other.out}" if cmp else "")
     body_class = "cmp by-diff" if cmp else "by-metric"

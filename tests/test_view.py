@@ -222,6 +222,34 @@ def test_markup_in_the_text_is_shown_as_text(root, tmp_path):
     assert (tmp_path / "m.html").read_text().count("<script") == 2  # the data block and the page's script
 
 
+def test_a_comment_opener_in_the_text_cannot_bend_the_data_block(root, tmp_path):
+    """'<!--<script' inside a script's data puts the HTML parser in a state where '</script>' no longer ends it (the
+    page's own script would become data): every '<' of the data block is written as \\u003c."""
+    texts = ["x <!--<script> y", "</script><!-- z"]
+    out = tag(_model(root, "bytelevel"), root / "comment", texts=texts, window=24, context_prefix=6)
+    page = page_of(out, tmp_path / "c.html", docs=2)
+    raw = (tmp_path / "c.html").read_text()
+    data = re.search(r'<script type="application/json"[^>]*>(.*?)</script>', raw, re.S)
+    assert data is not None and "<" not in data.group(1)
+    assert sorted(doc_text(page, d) for d in ("doc0", "doc1")) == sorted(texts)
+
+
+def test_a_damaged_row_is_refused_naming_document_and_window(root, tmp_path):
+    """A row whose entropy list is shorter than its tokens (a damaged shard) is one sentence, not a traceback."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "short"
+    shutil.copytree(_structured(root, "bytelevel"), out)
+    shard = sorted(out.glob("**/shard-*.parquet"))[0]
+    rows = pq.read_table(shard).to_pylist()
+    rows[0]["entropy"] = rows[0]["entropy"][:-2]
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(shard)), shard)
+    with pytest.raises(UserError, match=rf"document '{re.escape(rows[0]['doc_id'])}', window "
+                                        rf"{rows[0]['window_index']}: a damaged row \(entropy of another length"):
+        page_of(out, tmp_path / "s.html", docs=len(TEXTS))
+
+
 def test_a_scored_position_with_null_stats_is_marked_not_dropped(root, tmp_path):
     """NaN logits are stored as null stats: the token stays on the page, dashed, with no value."""
     import pyarrow as pa
