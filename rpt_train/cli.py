@@ -177,8 +177,10 @@ def experiment_cmd(spec, arms, report_only, rerun, threads):
     trained by its kind and evaluated on the same held-out positions, then the report RESULTS/NAME.{json,md,png}.
     ARM `levers`: the spec's levers stage only (what the policy knows before training).
 
-    A finished arm (its record in RESULTS/NAME.arms/ARM.json) is not rerun; a training arm stopped half-way resumes
-    from its last checkpoint. Arms that depend on another (match_flops, contexts_of) run after it.
+    A finished arm (its record in RESULTS/NAME.arms/ARM.json) is not rerun (a record evaluated otherwise than the
+    spec now says is refused: --rerun it); a training arm stopped half-way resumes from its last checkpoint. Arms
+    that depend on another (match_flops, contexts_of) run after it. An arm another process is running (its lock
+    OUT/ARM.lock) is skipped: start the same command once per GPU to share the arms out.
     """
     import torch
 

@@ -9,6 +9,7 @@ registry (`register_arm_kind`): `eval`, `rpt`, `shuffled`, `sft`; a later kind p
 The spec format: docs/experiments.md."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -44,20 +45,24 @@ TRAINED_PROMPT = PROMPT_OPTIONS + SAMPLING_OPTIONS + EVAL_GENERATION + ("think_b
 # contexts, the answer format, samples per position, the eval seed, the split): those are the design's (eval:).
 ARM_EVAL = (("template", "chat_template", "response_prefix") + SAMPLING_OPTIONS + EVAL_GENERATION
             + ("rollout_batch_size", "static_cache", "device", "dtype"))
+# what an eval's settings say about where and how fast it runs, never about what it scores; with the model (each
+# arm's own) never compared between an arm's record and another's or the spec's (eval_differences)
+EVAL_RUNTIME = ("model", "out", "baseline", "device", "rollout_batch_size", "static_cache")
+LOCK_RETRIES = (0.2, 1.0)  # s between tries of a lock not waited for: a lock_holder probe holds one an instant
 _NOTED: set[str] = set()  # notes said in this process (the CLI loads a spec twice)
 
 
 def single_process() -> None:
     """`rpt-train experiment` runs its arms one after another in one process; under torchrun every rank would run
-    the warm start and every arm and write the same files."""
+    the warm start and every arm and write the same files (one process per GPU shares them out: run_arm)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("rpt-train experiment runs its arms one after another in one process, one device each; "
                         f"under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}) every rank would run the warm start "
-                        "and every arm and write the same files. Run it without torchrun. To use several GPUs, run "
-                        "the warm start once (`rpt-train experiment SPEC before`, or any one arm), then other arms "
-                        "in separate processes, one per GPU (`CUDA_VISIBLE_DEVICES=1 rpt-train experiment SPEC "
-                        "ARM`; an arm with contexts_of / match_flops after the arm it names), and write the report "
-                        "with `rpt-train experiment SPEC --report-only` (docs/experiments.md)")
+                        "and every arm and write the same files. Run it without torchrun. To use several GPUs, start "
+                        "`rpt-train experiment SPEC` once per GPU (`CUDA_VISIBLE_DEVICES=1 rpt-train experiment SPEC "
+                        "&`, ...): each process takes the arms no other one runs (a lock per arm), or name the "
+                        "arms of each (`CUDA_VISIBLE_DEVICES=1 rpt-train experiment SPEC ARM`), then write the "
+                        "report with `rpt-train experiment SPEC --report-only` (docs/experiments.md)")
 
 
 # ---- the spec -----------------------------------------------------------------------------------------------------
@@ -414,6 +419,77 @@ def compute_of(metrics: list[dict], n_params: int) -> dict:
 
 # ---- running -----------------------------------------------------------------------------------------------------------
 
+def eval_differences(a: dict, b: dict, allowed=()) -> list[str]:
+    """The keys whose values differ between two eval configs as records keep them (to_dict(EvalConfig)), but
+    EVAL_RUNTIME and `allowed` ones. Not compared: a key one of them lacks (a record of an older version) and a
+    split key one leaves unresolved (None: the run's own or the shards' default; the eval's meta records the
+    block size it resolved to, report.split_windows compares those)."""
+    return [k for k in a if k in b and k not in EVAL_RUNTIME and k not in allowed and a[k] != b[k]
+            and not (k in SPLIT_KEYS and (a[k] is None or b[k] is None))]
+
+
+@contextlib.contextmanager
+def exclusive(path: Path, waiting: str | None = None):
+    """An flock on `path` (made, with its folder), held for the block and released when it ends or the process dies,
+    with `pid N on HOST` written in it for the others' messages. Yields (holder, unlocked). holder: None when this
+    process holds the lock; when another does, with `waiting` (a message: {holder}, {lock}) this one says it on
+    stderr and waits for it; without, it yields that process's line (after LOCK_RETRIES: a lock_holder probe holds
+    the lock an instant) and the caller skips the work. unlocked: why, on a filesystem without flock (Lustre
+    without -o flock, NFSv3 without lockd): the block then runs unlocked, and the caller says so."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as lock:
+        holder = unlocked = None
+        for wait in (*LOCK_RETRIES, None):
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                holder = None
+                break
+            except BlockingIOError:
+                lock.seek(0)
+                holder = lock.read().strip() or "?"
+                if waiting is not None:
+                    print(waiting.format(holder=holder, lock=lock.name), file=sys.stderr)
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                    holder = None
+                    break
+                if wait is not None:
+                    time.sleep(wait)
+            except OSError as e:
+                unlocked = f"cannot lock '{lock.name}' ({e.strerror or e})"
+                break
+        if holder is None and unlocked is None:  # who holds it, for the others' messages
+            lock.seek(0)
+            lock.truncate()
+            lock.write(f"pid {os.getpid()} on {platform.node()}\n")
+            lock.flush()
+        yield holder, unlocked
+
+
+def lock_holder(path: Path) -> str | None:
+    """The line of the process that holds the flock on `path` (exclusive), or None: no file, nobody, no flock here.
+    A probe: it takes a shared lock for an instant (exclusive retries past it)."""
+    import fcntl
+
+    if not path.exists():
+        return None
+    with open(path) as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return lock.read().strip() or "?"
+        except OSError:
+            return None
+    return None
+
+
+def arm_lock(spec: "Spec", name: str) -> Path:
+    """The flock of an arm (or the levers stage) while a process runs it: OUT/ARM.lock, beside its work folder
+    (which --rerun deletes)."""
+    return Path(spec.out) / f"{name}.lock"
+
+
 def warm_base(base: TrainConfig, block_windows: int | None = None, excluded: frozenset[str] | None = None) -> dict:
     """The base: options a warm start depends on beyond warm: (recorded in warm.json, checked on reuse): the shards
     and model (paths as given), the user's exclude-docs list (path as given: no warm unit is in it, docs.txt holds
@@ -568,29 +644,11 @@ class Experiment:
         flock, released when it is done or its process dies), the others wait for it and then reuse its warm start."""
         if not self.spec.warm:
             return None
-        import fcntl
-
-        (self.root / "warm").mkdir(parents=True, exist_ok=True)
-        with open(self.root / "warm" / ".lock", "a+") as lock:
-            locked, unlocked = True, None
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                lock.seek(0)
-                holder = lock.read().strip() or "?"
-                print(f"warm start: another process ({holder}) is building it (lock {lock.name}); waiting",
-                      file=sys.stderr)
-                fcntl.flock(lock, fcntl.LOCK_EX)
-            except OSError as e:  # a filesystem without flock (Lustre without -o flock, NFSv3 without lockd)
-                locked = False  # said by _warm_start when it builds (not on each arm that reuses the warm start)
-                unlocked = (f"warning: cannot lock '{lock.name}' ({e.strerror or e}): the warm start is built "
-                            "unlocked; start the other processes after it is done")
-            if locked:  # who holds it, for the others' waiting line
-                lock.seek(0)
-                lock.truncate()
-                lock.write(f"pid {os.getpid()} on {platform.node()}\n")
-                lock.flush()
-            return self._warm_start(unlocked)
+        waiting = "warm start: another process ({holder}) is building it (lock {lock}); waiting"
+        with exclusive(self.root / "warm" / ".lock", waiting) as (_, unlocked):
+            # without flock, said by _warm_start when it builds (not on each arm that reuses the warm start)
+            return self._warm_start(unlocked and f"warning: {unlocked}: the warm start is built unlocked; start "
+                                    "the other processes after it is done")
 
     def _warm_start(self, unlocked: str | None = None) -> dict:
         """warm_start's work, under its lock (`unlocked`: the warning to print before building, when flock failed)."""
@@ -650,8 +708,13 @@ class Experiment:
         keep_copy(done, self.kept / "warm.json")
         return record
 
-    def measure_levers(self, rerun: bool = False) -> Path:
-        """The `levers` stage, once: RESULTS/NAME.arms/levers.json (rpt_train/levers.py)."""
+    def measure_levers(self, rerun: bool = False) -> Path | None:
+        """The `levers` stage, once: RESULTS/NAME.arms/levers.json (rpt_train/levers.py); under the flock
+        OUT/levers.lock, as an arm (run_arm): None when another process holds it."""
+        with self.arm_locked("levers", rerun) as go:
+            return self._measure_levers(rerun) if go else None
+
+    def _measure_levers(self, rerun: bool) -> Path:
         from rpt_train.levers import measure_levers
 
         path = self.kept / "levers.json"
@@ -667,16 +730,63 @@ class Experiment:
         write_json(result, path)
         return path
 
-    def run_arm(self, name: str, rerun: bool = False) -> Path:
-        """Train (by its kind) and evaluate one arm, unless its record is kept already; the record is written the
-        moment the arm finishes, with the metrics (and a trainer's contexts) beside it."""
+    @contextlib.contextmanager
+    def arm_locked(self, name: str, rerun: bool = False):
+        """Yields whether this process may run arm `name` (or the levers stage): it holds its flock (arm_lock) for
+        the block; False when another process holds it (said on stdout: this one goes on to the next arm). So the
+        same spec started once per GPU shares out its arms as a queue, and no two processes resume one checkpoint
+        or append to one metrics.jsonl (compute_of would count its FLOPs twice)."""
+        lock = arm_lock(self.spec, name)
+        with exclusive(lock) as (holder, unlocked):
+            if holder:
+                print(f"{name}: skipped: another process ({holder}) is running it (lock '{lock}')"
+                      + ("; --rerun it when that one has ended" if rerun else ""), flush=True)
+            elif unlocked:
+                print(f"warning: {unlocked}: {name} runs unlocked; run it in no other process at the same time",
+                      file=sys.stderr)
+            yield holder is None
+
+    def check_record(self, name: str) -> None:
+        """Refuses arm `name`'s kept record when its eval_config differs from the eval the spec now gives the arm
+        (its design and the arm's own eval: section; eval_differences: every key but EVAL_RUNTIME): it would count
+        as done, and be reported, as if evaluated so. A record without eval_config (older versions): not checked."""
+        path = self.record_path(name)
+        there = json.loads(path.read_text()).get("eval_config")
+        if not isinstance(there, dict):
+            return
+        now = to_dict(self.eval_config("demo", self.spec.arms[name]))
+        keys = eval_differences(there, now)
+        if keys:
+            raise UserError(f"spec '{self.spec.path}', arm '{name}': its record '{path}' was evaluated with other "
+                            "eval settings than the spec now gives it (" + "; ".join(
+                                f"{k.replace('_', '-')}: {there[k]!r} there, {now[k]!r} now" for k in keys)
+                            + "); it would count as done and be reported as if evaluated so. Run it over: "
+                            f"`rpt-train experiment {self.spec.path} {name} --rerun` (or restore the spec's values)")
+
+    def run_arm(self, name: str, rerun: bool = False) -> Path | None:
+        """Train (by its kind) and evaluate one arm, unless its record is kept already (made with the eval the spec
+        now gives it: check_record); the record is written the moment the arm finishes, with the metrics (and a
+        trainer's contexts) beside it. Under the arm's flock (arm_locked): None when another process runs it, or
+        an arm it depends on."""
+        with self.arm_locked(name, rerun) as go:
+            return self._run_arm(name, rerun) if go else None
+
+    def _run_arm(self, name: str, rerun: bool) -> Path | None:
         arm, path = self.spec.arms[name], self.record_path(name)
         if rerun:
             path.unlink(missing_ok=True)
             shutil.rmtree(self.root / name, ignore_errors=True)
         elif path.exists():
+            self.check_record(name)
             print(f"{name}: done ({path})")
             return path
+        for dep in arm.depends_on():
+            holder = None if self.record_path(dep).exists() else lock_holder(arm_lock(self.spec, dep))
+            if holder:
+                print(f"{name}: skipped: it needs arm '{dep}', which another process ({holder}) is running; a "
+                      f"process running every arm takes '{name}' after it (else run it when '{dep}' is done)",
+                      flush=True)
+                return None
         self.warm_start()
         kind = ARM_KINDS[arm.kind]
         t0 = time.perf_counter()
@@ -762,16 +872,23 @@ def keep_copy(path: Path, keep: Path) -> None:
 def run_experiment(spec_path: str, arms: list[str] | None = None, *, report_only: bool = False,
                    rerun: bool = False) -> Path:
     """Run the asked arms (all by default) that are not finished, then write the report; returns its JSON path."""
-    from rpt_train.report import write_report
+    from rpt_train.report import check_design, kept_records, write_report
 
     single_process()
     spec = load_spec(spec_path)
     exp = Experiment(spec)
     levers, arms = stages(spec, arms)
     if not report_only:
+        todo = exp.order(arms) if arms != [] else []
+        # before any arm runs: a kept record evaluated otherwise than the spec now says is refused now, not after
+        # hours of training (run_arm, write_report would refuse it then)
+        for name in [] if rerun else todo:
+            if exp.record_path(name).exists():
+                exp.check_record(name)
+        check_design(spec, {a: r for a, r in kept_records(spec)[0].items() if not (rerun and a in todo)})
         if levers:
             exp.measure_levers(rerun=rerun and arms == [])
-        for name in exp.order(arms) if arms != [] else []:
+        for name in todo:
             exp.run_arm(name, rerun=rerun)
     return write_report(spec)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rpt_common.errors import UserError
 from rpt_train.compare import paired_by_position
-from rpt_train.evaluate import EVAL_BUCKETS, MTP_FIELDS
+from rpt_train.evaluate import EVAL_BUCKETS, MTP_FIELDS, replace_atomically
 
 FIELDS = ("n", "ntr_accuracy", "ntr_greedy_accuracy", "ntr_pass_at_k", "answer_rate", "ntp_accuracy")
 TITLES = {"ntr_accuracy": "NTR accuracy (sampled: first sample per position)", "ntr_greedy_accuracy": "NTR accuracy (greedy)",
@@ -75,11 +75,31 @@ def split_windows(records: list[dict]) -> int:
     return sizes.pop()
 
 
+def same_task(named: dict[str, dict]) -> None:
+    """Refuses arms' records (name -> record) evaluated on other tasks than each other: their eval_config differs in
+    a key that decides which positions, labels, contexts, answers or samples are scored (every key but the ones an
+    arm's eval: section may set, experiment.ARM_EVAL, and experiment.EVAL_RUNTIME): their outcomes would be paired
+    by position key as if of one task. Records without eval_config (older versions) are not compared."""
+    from rpt_train.experiment import ARM_EVAL, eval_differences
+
+    cfgs = [(a, r["eval_config"]) for a, r in named.items() if isinstance(r.get("eval_config"), dict)]
+    clash = []
+    for i, (a, ca) in enumerate(cfgs):
+        for b, cb in cfgs[i + 1:]:
+            clash += [f"{k.replace('_', '-')} {ca[k]!r} in '{a}', {cb[k]!r} in '{b}'"
+                      for k in eval_differences(ca, cb, ARM_EVAL)]
+    if clash:
+        raise UserError(f"the arms compared were evaluated on other tasks ({'; '.join(clash)}): their outcomes "
+                        "are no paired sample; run the arm(s) that differ from the spec over (`rpt-train experiment "
+                        "SPEC ARM --rerun`)")
+
+
 def compare_pairs(pairs: list[tuple[dict, dict]], metric: str, alpha: float, power: float) -> dict:
     """Per bucket: the paired difference of the mean outcome of the pairs' `a` arms and of their `b` arms over the
     positions every arm evaluated: one pair is a comparison, several a factor's main effect (the mean of its simple
     effects, e.g. high-entropy - all positions under each sampler)."""
     records = [r for pair in pairs for r in pair]
+    same_task({f"arm {i + 1}": r for i, r in enumerate(records)})
     pos = [{p["key"]: p for p in r["eval"]["positions"]} for r in records]
     out = {}
     for b in EVAL_BUCKETS:
@@ -111,16 +131,71 @@ def verdict_of(name: str, c: dict, metric: str, bucket: str, alpha: float, ca: d
     return text + "."
 
 
-def build_report(spec) -> dict:
-    """The report dict of a spec from its finished arms (missing ones listed: an interim report)."""
-    kept = spec.arms_dir
+def kept_records(spec) -> tuple[dict[str, dict], list[str]]:
+    """The spec's finished arms' records (arm -> record, in the spec's order) and the arms without one."""
     records, missing = {}, []
     for name in spec.arms:
-        p = kept / f"{name}.json"
+        p = spec.arms_dir / f"{name}.json"
         if p.exists():
             records[name] = json.loads(p.read_text())
         else:
             missing.append(name)
+    return records, missing
+
+
+def check_design(spec, records: dict[str, dict]) -> list[str]:
+    """Refuses records evaluated on another task than the spec's eval design gives their arm, or than each other
+    (same_task's keys); returns the report's notes on what may differ: records without eval_config (older
+    versions: not checked), the arms' eval settings (ARM_EVAL, where and how fast aside: dtype, a template, a
+    budget) that differ between arms or from what the spec now gives an arm."""
+    from rpt_train.config import to_dict
+    from rpt_train.experiment import ARM_EVAL, EVAL_RUNTIME, Experiment, eval_differences
+
+    exp, stale, notes, own = Experiment(spec), [], [], {}
+    for a, r in records.items():
+        there = r.get("eval_config")
+        if not isinstance(there, dict):
+            continue
+        now = to_dict(exp.eval_config("demo", spec.arms[a]))
+        stale += [(a, k, there[k], now[k]) for k in eval_differences(there, now, ARM_EVAL)]
+        own[a] = [(k, there[k], now[k]) for k in eval_differences(there, now) if k in ARM_EVAL]
+    if stale:
+        arms = list(dict.fromkeys(a for a, *_ in stale))
+        raise UserError(f"spec '{spec.path}': arm(s) {', '.join(arms)} were evaluated on another task than the "
+                        "spec's eval design gives (" + "; ".join(f"'{a}': {k.replace('_', '-')} {t!r} there, {n!r} "
+                                                                 "in the spec" for a, k, t, n in stale)
+                        + "); the report pairs every arm's outcomes position by position on one task. Run them over "
+                        f"(`rpt-train experiment {spec.path} {' '.join(arms)} --rerun`) or restore the spec's eval "
+                        "values")
+    same_task(records)
+    old = [a for a, r in records.items() if not isinstance(r.get("eval_config"), dict)]
+    if old:
+        notes.append(f"The record(s) of {', '.join(f'`{a}`' for a in old)} were written without their eval "
+                     "settings (an older version): that they share the design with the other arms is not checked.")
+    cfgs = {a: r["eval_config"] for a, r in records.items() if isinstance(r.get("eval_config"), dict)}
+    for k in (k for k in ARM_EVAL if k not in EVAL_RUNTIME):
+        values = {a: c[k] for a, c in cfgs.items() if k in c}
+        if len({json.dumps(v) for v in values.values()}) > 1:
+            notes.append(f"Arms evaluated with different {k.replace('_', '-')} ("
+                         + ", ".join(f"`{a}` {v!r}" for a, v in values.items())
+                         + "): their comparisons compare these settings too, not only the models.")
+    for a, keys in own.items():
+        if keys:
+            notes.append(f"`{a}` was evaluated with " + ", ".join(f"{k.replace('_', '-')} {t!r}" for k, t, _ in keys)
+                         + "; the spec now gives " + ", ".join(f"{n!r}" for *_, n in keys) + ": its numbers are the "
+                         f"record's (`rpt-train experiment {spec.path} {a} --rerun` evaluates it as the spec says).")
+    return notes
+
+
+def build_report(spec) -> dict:
+    """The report dict of a spec from its finished arms (missing ones listed: an interim report, naming those that
+    another process is running); refused when the records were evaluated on other tasks (check_design)."""
+    from rpt_train.experiment import arm_lock, lock_holder
+
+    kept = spec.arms_dir
+    records, missing = kept_records(spec)
+    eval_notes = check_design(spec, records)
+    running = {a: h for a in missing if (h := lock_holder(arm_lock(spec, a)))}
     arms = {a: arm_buckets(r) for a, r in records.items()}
     compute = {a: arm_compute(r) for a, r in records.items()}
     comparisons, verdicts = {}, []
@@ -162,14 +237,18 @@ def build_report(spec) -> dict:
     warm, levers = kept / "warm.json", kept / "levers.json"
     verdict = " ".join(verdicts) or "No declared comparison has both arms finished yet."
     verdict += multiplicity(spec, comparisons, factors)
-    if missing:
-        verdict += f" Interim: arm(s) {', '.join(missing)} not run yet."
+    if running:
+        verdict += " Interim: arm(s) " + ", ".join(f"{a} ({h})" for a, h in running.items()) + " running."
+    if set(missing) - set(running):
+        idle = ", ".join(a for a in missing if a not in running)
+        verdict += f" {'Arm' if running else 'Interim: arm'}(s) {idle} not run yet."
     arm_evals = {a: dict(spec.arms[a].eval) for a in records if a in spec.arms and spec.arms[a].eval}
     return {"name": spec.name, "title": spec.title, "spec": spec.path, "eval_design": spec.eval,
             "arm_eval_overrides": arm_evals,
             "arms": arms, "compute": compute, "flops_formula": FLOPS_FORMULA, "comparisons": comparisons,
             "factors": factors,
-            "verdict": verdict, "missing_arms": missing, "alpha": spec.alpha, "power": spec.power,
+            "verdict": verdict, "missing_arms": missing, "running_arms": running, "eval_notes": eval_notes,
+            "alpha": spec.alpha, "power": spec.power,
             "test": "paired difference over the same held-out positions, normal interval, variance x design effect "
                     "1 + (m - 1) ICC of the differences grouped by problem",
             "warm_start": json.loads(warm.read_text()) if warm.exists() else None,
@@ -231,6 +310,8 @@ def markdown(res: dict, png: str) -> str:
         said = ", ".join(f"{k.replace('_', '-')} {v!r}" for k, v in over.items())
         lines += [f"**`{a}` is evaluated with its own settings** ({said}): its comparisons with arms evaluated "
                   "with the common design compare two eval prompts, not only two models.", ""]
+    for note in res.get("eval_notes") or []:  # older records unchecked, eval settings that differ between arms
+        lines += [note, ""]
     if res.get("warm_start"):
         w = res["warm_start"]
         blocks = w.get("split_block_windows") if "units" in w else None  # older records: documents only
@@ -321,12 +402,15 @@ def plot(res: dict, runs: dict[str, list[dict]], path: Path, metric: str, bucket
     if ax2.lines:
         ax2.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    try:  # the temp file's name has no .png: the format is named
+        replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def write_report(spec) -> Path:
-    """RESULTS/NAME.json, .md and .png; the plot keeps an earlier one when no training metrics are left."""
+    """RESULTS/NAME.json, .md and .png, each atomically (processes, one per GPU, write it at the end of their arms);
+    the plot keeps an earlier one when no training metrics are left."""
     from rpt_train.evaluate import write_json
 
     res = build_report(spec)
@@ -337,7 +421,8 @@ def write_report(spec) -> Path:
     runs = {a: arm_metrics(spec, a) for a in res["arms"]}
     if res["arms"]:
         plot(res, runs, png_path, spec.metrics[0], spec.primary_bucket)
-    md_path.write_text(markdown(res, png_path.name))
+    text = markdown(res, png_path.name)
+    replace_atomically(md_path, lambda tmp: tmp.write_text(text))
     print(res["verdict"])
     print(f"wrote {json_path}, {md_path}, {png_path}")
     return json_path

@@ -804,3 +804,247 @@ def test_warm_start_made_with_other_warm_or_base_options_is_refused(tmp_path):
             base = experiment.load_config(TrainConfig, None, {k: v for k, v in spec.train.items()
                                                               if k in experiment.field_types(TrainConfig)})
             assert experiment.Experiment(spec).check_warm(spec.arms_dir / "warm.json", base), path
+
+
+# ---- the arms' eval settings: one task for every record ------------------------------------------------------------
+
+def records_with_eval(spec, outcomes: dict, **changed) -> dict:
+    """fake_record of each arm with the eval_config the spec gives it (the model its record would name), keys of
+    `changed` (arm -> {key: value}) set over it; written to RESULTS/NAME.arms/."""
+    from rpt_train.config import to_dict
+
+    exp, keys, out = experiment.Experiment(spec), [f"k{i}" for i in range(6)], {}
+    spec.arms_dir.mkdir(parents=True, exist_ok=True)
+    for name, x in outcomes.items():
+        r = fake_record(spec.arms[name].kind, x, keys, DOCS)
+        r["eval_config"] = to_dict(exp.eval_config(str(exp.root / name / "train"), spec.arms[name]))
+        r["eval_config"] |= changed.get(name, {})
+        (spec.arms_dir / f"{name}.json").write_text(json.dumps(r))
+        out[name] = r
+    return out
+
+
+def test_the_report_refuses_arms_evaluated_on_another_task(tmp_path):
+    """Arms whose records were evaluated with other samples, seed, limit, labels, split, ... than the spec's design
+    (or than each other) are refused by the report, naming the arms, the keys and `--rerun` (they were paired on
+    the positions they share: s3 of the review, samples 8 vs 1, seed 0 vs 7 -> a difference, no refusal). What an
+    arm's eval: section may set (ARM_EVAL; dtype included: it changes the numbers) may differ and is said in the
+    report; where and how fast (device, batch, cache) and the model are never compared; a record of an older
+    version without eval_config is accepted with a note."""
+    arms = {"a": {"kind": "rpt"}, "b": {"kind": "eval"}}
+    path = write_spec(tmp_path, "unused-shards", "demo", arms, comparisons=[("a", "b")])
+    spec = experiment.load_spec(str(path))
+    records_with_eval(spec, {"a": A, "b": B})
+    assert report.build_report(spec)["eval_notes"] == []
+    for changed, says in [({"samples": 1, "seed": 7}, "'b': seed 7 there, 0 in the spec; 'b': samples 1 there, 2"),
+                          ({"limit": 400}, "'b': limit 400 there, 3 in the spec"),
+                          ({"labels_length": 4}, "'b': labels-length 4 there, 2 in the spec"),
+                          ({"split": "all"}, "'b': split 'all' there, 'heldout' in the spec"),
+                          ({"heldout_fraction": 0.5}, "'b': heldout-fraction 0.5 there, 0.3 in the spec")]:
+        records_with_eval(spec, {"a": A, "b": B}, b=changed)
+        with pytest.raises(UserError, match=f"arm\\(s\\) b were evaluated on another task .*{says}.*"
+                                            f"`rpt-train experiment {path} b --rerun`"):
+            report.build_report(spec)
+        with pytest.raises(UserError, match="were evaluated on another task"):
+            report.write_report(spec)
+    # the spec edited since both ran: both named
+    records_with_eval(spec, {"a": A, "b": B}, a={"samples": 4}, b={"samples": 4})
+    with pytest.raises(UserError, match=f"arm\\(s\\) a, b were .*experiment {path} a b --rerun"):
+        report.build_report(spec)
+    # a split key the spec leaves to the run or the shards (None) is still compared between the records
+    assert spec.eval.get("split_block_windows") is None
+    records_with_eval(spec, {"a": A, "b": B}, a={"split_block_windows": 0}, b={"split_block_windows": 16})
+    with pytest.raises(UserError, match="other tasks \\(split-block-windows 0 in 'a', 16 in 'b'\\)"):
+        report.build_report(spec)
+    # runtime settings and the model: no refusal, no note
+    records_with_eval(spec, {"a": A, "b": B}, b={"device": "cuda", "rollout_batch_size": 8, "static_cache": True,
+                                                 "model": "elsewhere"})
+    assert report.build_report(spec)["eval_notes"] == []
+    # an arm's own eval settings may differ; the report says so, and that the spec now says otherwise
+    records_with_eval(spec, {"a": A, "b": B}, b={"dtype": "bfloat16", "template": "think"})
+    res = json.loads(report.write_report(spec).read_text())
+    assert res["comparisons"]["a - b"]["buckets"]["all"]["n"] == 6
+    notes = res["eval_notes"]
+    assert any(n.startswith("Arms evaluated with different dtype (`a` 'float32', `b` 'bfloat16')") for n in notes)
+    assert any(n.startswith("Arms evaluated with different template (`a` 'answer-only', `b` 'think')") for n in notes)
+    assert any(n.startswith("`b` was evaluated with template 'think', dtype 'bfloat16'; the spec now gives "
+                            "'answer-only', 'float32'") for n in notes)
+    assert notes[0] in (spec.arms_dir.parent / f"{spec.name}.md").read_text()
+    # an older record without eval_config: accepted, said
+    rec = json.loads((spec.arms_dir / "b.json").read_text())
+    del rec["eval_config"]
+    (spec.arms_dir / "b.json").write_text(json.dumps(rec))
+    records_with_eval(spec, {"a": A})
+    assert report.build_report(spec)["eval_notes"] == [
+        "The record(s) of `b` were written without their eval settings (an older version): that they share the "
+        "design with the other arms is not checked."]
+
+
+def test_compare_refuses_records_of_other_tasks():
+    """The review's s3: two records evaluated with other samples, seed and positions, paired on the 200 positions
+    they share (a difference of 0.02, n = 200): refused; the same records with one eval config are compared."""
+    import random
+
+    def rec(seed, cfg, n):
+        rng = random.Random(seed)
+        pos = [{"key": f"d{i % 20}/0/{i}", "doc_id": f"d{i % 20}", "correct": [rng.random() < .4] * cfg["samples"],
+                "greedy_correct": rng.random() < .4, "ntp_correct": rng.random() < .4} for i in range(n)]
+        keys = [p["key"] for p in pos]
+        return {"eval": {"positions": pos, "chosen": {b: keys for b in EVAL_BUCKETS}, "meta": {}}, "eval_config": cfg}
+    a = rec(0, {"samples": 8, "temperature": 1.0, "seed": 0, "limit": 400, "max_new_tokens": 64}, 400)
+    b = rec(1, {"samples": 1, "temperature": 0.0, "seed": 7, "limit": 200, "max_new_tokens": 8}, 200)
+    with pytest.raises(UserError, match="other tasks \\(samples 8 in 'arm 1', 1 in 'arm 2'; seed 0 in 'arm 1', 7 "
+                                        "in 'arm 2'; limit 400 in 'arm 1', 200 in 'arm 2'\\)"):
+        report.compare(a, b, "ntr_accuracy", 0.05, 0.8)
+    b["eval_config"] = {**a["eval_config"], "temperature": 0.0, "max_new_tokens": 8}  # an arm's own: compared
+    assert report.compare(a, b, "ntr_accuracy", 0.05, 0.8)["all"]["n"] == 200
+
+
+def test_the_committed_records_share_their_specs_eval(tmp_path):
+    """Every committed spec with its committed records (copies): each record is made with the eval its spec gives
+    the arm (run_arm would take it as done), and the report accepts them with no note."""
+    for path in sorted((REPO / "pipelines" / "experiments").glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text())
+        name = raw.get("name") or path.stem
+        if not (REPO / "results" / f"{name}.arms").exists():
+            continue
+        shutil.copytree(REPO / "results" / f"{name}.arms", tmp_path / f"{name}.arms")
+        raw |= {"results": str(tmp_path), "out": str(tmp_path / "out" / name)}
+        (tmp_path / path.name).write_text(yaml.safe_dump(raw, sort_keys=False))
+        spec = experiment.load_spec(str(tmp_path / path.name))
+        exp = experiment.Experiment(spec)
+        kept = [a for a in spec.arms if exp.record_path(a).exists()]
+        assert kept, path.name
+        for a in kept:
+            exp.check_record(a)
+        assert report.build_report(spec)["eval_notes"] == [], path.name
+
+
+def fake_eval(monkeypatch, calls: list | None = None):
+    """Arms run without a model: run_eval returns fake_record's eval, an eval arm's model needs no parameters."""
+    keys = [f"k{i}" for i in range(6)]
+
+    def run_eval(cfg):
+        if calls is not None:
+            calls.append(cfg.model)
+        return fake_record("eval", A, keys, DOCS)["eval"]
+    monkeypatch.setattr(experiment, "run_eval", run_eval)
+    monkeypatch.setattr(experiment.Experiment, "params", lambda self, model: 1)
+
+
+def test_a_kept_record_evaluated_otherwise_than_the_spec_now_says_is_not_done(tmp_path, monkeypatch, capsys):
+    """An arm's kept record counts as done only when its eval_config is what the spec now gives the arm (design and
+    the arm's own eval: section; device, batch sizes, cache aside): after an edit of the spec's eval: (samples) or of
+    the arm's eval: (template), running it is refused naming the keys and `--rerun`, before any other arm runs;
+    --rerun runs it over. A record of an older version without eval_config stays done."""
+    calls = []
+    fake_eval(monkeypatch, calls)
+    arms = {"before": {"kind": "eval"}, "other": {"kind": "eval", "model": "demo"}}
+    path = write_spec(tmp_path, "unused-shards", "demo", arms)
+    kept = experiment.run_experiment(str(path), ["before"]).parent / "tiny-exp.arms"
+    assert calls == ["demo"] and "before: done" not in capsys.readouterr().out
+    experiment.run_experiment(str(path), ["before"])
+    assert calls == ["demo"] and "before: done" in capsys.readouterr().out
+    raw = yaml.safe_load(path.read_text())
+    for edit, says in [(lambda r: r["eval"].update(samples=3), "samples: 2 there, 3 now"),
+                       (lambda r: r["arms"]["before"].update(eval={"template": "think"}),
+                        "template: 'answer-only' there, 'think' now")]:
+        changed = json.loads(json.dumps(raw))
+        edit(changed)
+        path.write_text(yaml.safe_dump(changed))
+        spec = experiment.load_spec(str(path))
+        with pytest.raises(UserError, match=f"arm 'before': its record '{kept / 'before.json'}' was evaluated with "
+                                            f"other eval settings than the spec now gives it \\({says}\\).*"
+                                            f"`rpt-train experiment {path} before --rerun`"):
+            experiment.Experiment(spec).run_arm("before")
+        with pytest.raises(UserError, match="was evaluated with other eval settings"):
+            experiment.run_experiment(str(path))  # refused before `other` runs
+        assert calls == ["demo"] and not (kept / "other.json").exists()
+    raw["base"]["device"], raw["eval"]["rollout-batch-size"] = "cuda", 4  # where and how fast: still done
+    path.write_text(yaml.safe_dump(raw))
+    spec = experiment.load_spec(str(path))
+    assert experiment.Experiment(spec).run_arm("before") == kept / "before.json" and calls == ["demo"]
+    raw["eval"]["samples"] = 3
+    path.write_text(yaml.safe_dump(raw))
+    experiment.run_experiment(str(path), ["before"], rerun=True)
+    assert calls == ["demo", "demo"] and json.loads((kept / "before.json").read_text())["eval_config"]["samples"] == 3
+    rec = json.loads((kept / "before.json").read_text())
+    del rec["eval_config"]
+    (kept / "before.json").write_text(json.dumps(rec))
+    raw["eval"]["samples"] = 2
+    path.write_text(yaml.safe_dump(raw))
+    experiment.run_experiment(str(path), ["before"])  # an older record: not checked, done
+    assert calls == ["demo", "demo"]
+
+
+def test_an_arm_another_process_runs_is_skipped_and_reported_as_running(tmp_path, monkeypatch, capsys):
+    """The same spec started once per GPU is a queue: an arm whose flock OUT/ARM.lock another process holds is
+    skipped, naming that process, and the next arm runs (before, two processes resumed one checkpoint and appended
+    to one metrics.jsonl: FLOPs counted twice); the interim report names it as running; --rerun does not delete
+    its record or work folder; an arm that needs it is skipped too; so is the levers stage. Released, it runs."""
+    monkeypatch.setattr(experiment, "LOCK_RETRIES", (0.0,))
+    calls = []
+    fake_eval(monkeypatch, calls)
+    arms = {"a": {"kind": "eval"}, "b": {"kind": "eval", "model": "other"}}
+    path = write_spec(tmp_path, "unused-shards", "demo", arms, comparisons=[("a", "b")])
+    spec = experiment.load_spec(str(path))
+    me = f"pid {experiment.os.getpid()} on {experiment.platform.node()}"
+    lock = tmp_path / "work" / "a.lock"
+    with experiment.exclusive(lock) as (holder, _):  # another process running `a` (another open file: held)
+        assert holder is None and lock.read_text() == me + "\n"
+        res = json.loads(experiment.run_experiment(str(path)).read_text())
+        out = capsys.readouterr().out
+        assert f"a: skipped: another process ({me}) is running it (lock '{lock}')" in out and calls == ["other"]
+        assert res["missing_arms"] == ["a"] and res["running_arms"] == {"a": me}
+        assert f"Interim: arm(s) a ({me}) running." in res["verdict"]
+        (tmp_path / "work" / "a").mkdir()
+        (spec.arms_dir / "a.json").write_text("{}")
+        assert experiment.Experiment(spec).run_arm("a", rerun=True) is None
+        assert (tmp_path / "work" / "a").exists() and (spec.arms_dir / "a.json").exists()
+        assert "--rerun it when that one has ended" in capsys.readouterr().out
+        (spec.arms_dir / "a.json").unlink()
+    res = json.loads(experiment.run_experiment(str(path)).read_text())
+    assert calls == ["other", "demo"] and res["missing_arms"] == [] and res["running_arms"] == {}
+    # an arm whose dependency another process runs; the levers stage
+    arms = {"r": {"kind": "rpt"}, "s": {"kind": "sft", "match_flops": "r", "lr-schedule": "constant"}}
+    spec = experiment.load_spec(str(write_spec(tmp_path / "dep", "unused-shards", "demo", arms,
+                                               levers={"positions": 3})))
+    with experiment.exclusive(experiment.arm_lock(spec, "r")):
+        assert experiment.Experiment(spec).run_arm("s") is None
+        assert f"s: skipped: it needs arm 'r', which another process ({me}) is running" in capsys.readouterr().out
+        assert experiment.lock_holder(experiment.arm_lock(spec, "r")) == me
+    assert experiment.lock_holder(experiment.arm_lock(spec, "r")) is None
+    with experiment.exclusive(experiment.arm_lock(spec, "levers")):
+        assert experiment.Experiment(spec).measure_levers() is None
+        assert "levers: skipped: another process" in capsys.readouterr().out
+
+
+def test_the_report_files_are_replaced_atomically(tmp_path, monkeypatch):
+    """A write of the Markdown or the PNG that fails half-way (disk full, a process killed) leaves the earlier
+    report whole and no temp file (they were written in place: a reader saw half a file)."""
+    import matplotlib.figure
+
+    spec = experiment.load_spec(str(write_spec(tmp_path, "unused-shards", "demo", {"a": {"kind": "rpt"},
+                                                                                   "b": {"kind": "eval"}})))
+    records_with_eval(spec, {"a": A, "b": B})
+    report.write_report(spec)
+    res = tmp_path / "results"
+    md, png = (res / "tiny-exp.md").read_bytes(), (res / "tiny-exp.png").read_bytes()
+    real_write = Path.write_text
+
+    def half_text(self, text, *args, **kw):
+        if ".md" in self.name:
+            real_write(self, text[:10])
+            raise OSError(28, "No space left on device")
+        return real_write(self, text, *args, **kw)
+
+    def half_png(self, fname, *args, **kw):
+        Path(fname).write_bytes(b"\x89PNG")
+        raise OSError(28, "No space left on device")
+    for target, fake in ((Path, half_text), (matplotlib.figure.Figure, half_png)):
+        with monkeypatch.context() as m:
+            m.setattr(target, "write_text" if target is Path else "savefig", fake)
+            with pytest.raises(OSError):
+                report.write_report(spec)
+        assert (res / "tiny-exp.md").read_bytes() == md and (res / "tiny-exp.png").read_bytes() == png
+        assert not [p for p in res.iterdir() if p.name.endswith(".tmp")]
