@@ -16,13 +16,16 @@ STEPS=${STEPS:-1000}
 LIMIT=$((STEPS * 256 * ${GEN_BATCHES:-4}))  # 256 contexts per step, dynamic filtering draws more: export those only
 
 # 1. The samples `rpt-train run` would draw, with the chat template and any response prefix already rendered into
-#    `input` (so: no --data.apply_chat_template below), labels as JSON lists in `label`.
+#    `input` (so: no --data.apply_chat_template below), labels and the reward settings as JSON in `label`.
 rpt-train export --shards "$SHARDS" --model "$MODEL" --format openrlhf --out "$DATA" --bucket hard --limit "$LIMIT" \
     --heldout-fraction 0.01 --heldout-limit 1024 --template "$TEMPLATE" --response-prefix "$PREFIX" --overwrite
 
-# 2. The reward file is loaded by path in OpenRLHF's rollout workers; env vars reach them through the runtime env.
+# 2. The reward file is loaded by path in OpenRLHF's rollout workers; env vars reach them through the runtime env:
+#    the response prefix, and any RPT_REWARD_CORRECT / _WRONG / _NO_ANSWER or RPT_ANSWER_FORMAT set here (they
+#    override the reward settings each exported label carries).
 REWARD=$(python3 -c "import rpt_train.integrations.openrlhf as m; print(m.__file__)")
-ENV=$(python3 -c "import json, sys; print(json.dumps({'env_vars': {'RPT_RESPONSE_PREFIX': sys.argv[1]}}))" "$PREFIX")
+ENV=$(RPT_RESPONSE_PREFIX="$PREFIX" python3 -c "import json, os; from rpt_train.integrations import ENV_NAMES
+print(json.dumps({'env_vars': {k: os.environ[k] for k in ENV_NAMES if k in os.environ}}))")
 ray job submit --address="${RAY_ADDRESS:-http://127.0.0.1:8265}" --runtime-env-json="$ENV" -- \
   python3 -m openrlhf.cli.train_ppo_ray \
     --actor.model_name_or_path "$MODEL" \

@@ -35,9 +35,9 @@ PAPER = dict(num_generations=8, temperature=0.8, top_p=1.0, learning_rate=1e-6, 
 class Script:
     data: str = field(metadata={"help": "`rpt-train export --format trl` output directory"})
     model_name: str = field(metadata={"help": "policy: HF model directory (the one the export was made for)"})
-    reward_correct: float = 1.0
-    reward_wrong: float = 0.0
-    reward_no_answer: float = 0.0
+    reward_correct: float | None = field(default=None, metadata={"help": "default: the export's (1)"})
+    reward_wrong: float | None = field(default=None, metadata={"help": "default: the export's (0)"})
+    reward_no_answer: float | None = field(default=None, metadata={"help": "default: the export's (0)"})
 
 
 def main() -> None:
@@ -52,10 +52,11 @@ def main() -> None:
     dataset = load_dataset("parquet", data_files=files)
     if "heldout" not in dataset:
         args.eval_strategy = "no"
-    reward = make_rpt_reward(script.reward_correct, script.reward_wrong, script.reward_no_answer)
+    tokenizer = AutoTokenizer.from_pretrained(script.model_name)
+    # completions decoded after their prompt with the policy's tokenizer, as `rpt-train run` decodes them
+    reward = make_rpt_reward(script.reward_correct, script.reward_wrong, script.reward_no_answer, tokenizer=tokenizer)
     trainer = GRPOTrainer(model=script.model_name, reward_funcs=[reward], args=args, train_dataset=dataset["train"],
-                          eval_dataset=dataset.get("heldout"),
-                          processing_class=AutoTokenizer.from_pretrained(script.model_name))
+                          eval_dataset=dataset.get("heldout"), processing_class=tokenizer)
     trainer.train()
     trainer.save_model(args.output_dir)
 

@@ -159,6 +159,10 @@ def export_cmd(recipe, **overrides):
     if not overrides.get("out"):  # a recipe's `out:` is the training run's directory, not the export's
         raise UserError("rpt-train export needs --out DIR on the command line")
     cfg = load_config(ExportConfig, recipe, overrides)
+    from rpt_train.export import uncarried
+
+    for warning in uncarried(recipe):
+        click.echo(f"warning: {warning}", err=True)
     _quiet_transformers()
     meta = export(cfg)
     for split, f in meta["files"].items():

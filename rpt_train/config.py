@@ -211,6 +211,13 @@ class ExportConfig(SampleConfig):
     batch_rows: int = opt(1024, "samples built and written per batch (bounds memory)")
     overwrite: bool = opt(False, "replace an earlier export in --out")
     progress: bool = opt(True, "show a progress bar on stderr")
+    # The run's reward, carried in every row (a `run` recipe's keys) so that the engine's reward equals run's
+    reward_correct: float = opt(1.0, "reward of a prefix-matching answer (carried in each row's label)")
+    reward_wrong: float = opt(0.0, "reward of a wrong answer (carried in each row's label)")
+    reward_no_answer: float = opt(0.0, "reward when no answer can be extracted (carried in each row's label)")
+    think_budget: int = opt(0, "the run's thinking budget: > 0 makes the engine's reward give a completion without "
+                            "</think> the no-answer reward, as `run` does (the budget itself is the engine's "
+                            "response length)")
 
 
 def field_types(cls) -> dict[str, object]:

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 
 from rpt_common.errors import UserError
 from rpt_common.models import load_tokenizer, tokenizer_identity
+from rpt_train.candidates import TableSink
 from rpt_train.config import ExportConfig, to_dict
 from rpt_train.policy import resolve_policy
 from rpt_train.samples import PositionSampler, Sample, SampleBuilder, TrainSamples
@@ -31,7 +32,57 @@ VERL_SCHEMA = pa.schema([
 
 def trl_schema(conversational: bool) -> pa.Schema:
     return pa.schema([("prompt", _MESSAGES if conversational else pa.string()), ("label_tokens", pa.list_(pa.string())),
-                      ("response_prefix", pa.string()), *_META])
+                      ("response_prefix", pa.string()), ("rpt_reward", pa.string()), *_META])
+
+
+def reward_settings(cfg: ExportConfig) -> dict:
+    """What `run` scores with besides the labels, carried in every row (verl, OpenRLHF: in the label; TRL: the
+    `rpt_reward` column) so that rpt_train.integrations scores as `run` does: reward values, answer format, and
+    the think gate of a run with --think-budget (no `</think>`: the no-answer reward)."""
+    return {"correct": cfg.reward_correct, "wrong": cfg.reward_wrong, "no_answer": cfg.reward_no_answer,
+            "answer_format": cfg.answer_format, "think_required": cfg.think_budget > 0}
+
+
+def uncarried(recipe: str | None) -> list[str]:
+    """Warnings for the settings of a `run` recipe that no engine adapter can reproduce: extra reward functions
+    and the rlp objective (its reward is the policy's information gain)."""
+    from rpt_common.recipe import read_yaml
+
+    if not recipe:
+        return []
+    raw = {str(k).replace("-", "_"): v for k, v in (read_yaml(recipe) or {}).items()}
+    layers = [raw] + [{str(k).replace("-", "_"): v for k, v in raw[s].items()}
+                      for s in ("run", "train", "export") if isinstance(raw.get(s), dict)]
+    out = []
+    for layer in layers:
+        if layer.get("reward"):
+            out.append(f"recipe '{recipe}': its extra reward functions {layer['reward']} are not exported; the "
+                       "engines' reward is the RPT reward alone (add them to the engine's reward yourself)")
+        if layer.get("objective") not in (None, "rpt"):
+            out.append(f"recipe '{recipe}': objective '{layer['objective']}' is not exported; the engines' reward "
+                       "is the RPT prefix-match reward")
+    return out
+
+
+def openrlhf_prompt_lead(tok, prompts: PromptBuilder, samples: list[Sample]) -> str:
+    """Text put in front of OpenRLHF's `input` so that its ids (OpenRLHF tokenizes it with
+    add_special_tokens=False) are `run`'s: the BOS text when `run` adds the tokenizer's BOS (no chat template),
+    followed by a space where the tokenizer needs one to write the text's leading '▁' (a Metaspace pre-tokenizer
+    with prepend_scheme 'first' prepends it to the start of the whole text only). Checked on `samples`: an export
+    whose OpenRLHF prompt ids would differ from `run`'s is refused."""
+    lead = []
+    if not prompts.chat:
+        plain, full = tok("x", add_special_tokens=False)["input_ids"], tok("x")["input_ids"]
+        lead = full[:len(full) - len(plain)] if full[len(full) - len(plain):] == plain else []
+    text = tok.decode(lead, skip_special_tokens=False) if lead else ""
+    candidates = [text, text + " "] if text else [""]
+    for candidate in candidates:
+        bad = next((s for s in samples if tok(candidate + prompts.text(s.context), add_special_tokens=False)
+                    ["input_ids"] != prompts.ids(s.context)), None)
+        if bad is None:
+            return candidate
+    raise UserError(f"OpenRLHF would tokenize the prompt of sample {bad.key} (document {bad.doc_id}) to other ids "
+                    "than `rpt-train run` (it tokenizes `input` without special tokens); use --format trl")
 
 
 def check_engine(cfg: ExportConfig, prompts: PromptBuilder) -> None:
@@ -47,19 +98,22 @@ def check_engine(cfg: ExportConfig, prompts: PromptBuilder) -> None:
                         "template's generation prompt); drop it, or use --format trl or openrlhf")
 
 
-def record(fmt: str, s: Sample, prompts: PromptBuilder, split: str, index: int) -> dict:
-    """One exported row in the engine's own schema; labels stay exact strings (JSON-encoded where the engine
-    wants one string)."""
+def record(fmt: str, s: Sample, prompts: PromptBuilder, split: str, index: int, settings: dict | None = None,
+           lead: str = "") -> dict:
+    """One exported row in the engine's own schema; labels stay exact strings (JSON where the engine wants one
+    string: {"label_tokens": [...], "rpt_reward": settings}). `lead`: OpenRLHF's BOS text (openrlhf_prompt_lead)."""
     meta = {"key": s.key, "doc_id": s.doc_id, "bucket": s.bucket, "entropy": s.entropy}
-    label = json.dumps(s.label_tokens, ensure_ascii=False)
+    settings = settings or {}
+    label = json.dumps({"label_tokens": s.label_tokens, "rpt_reward": settings}, ensure_ascii=False)
     if fmt == "verl":
         return {"data_source": DATA_SOURCE, "prompt": prompts.messages(s.context),
                 "ability": "next_token_reasoning", "reward_model": {"style": "rule", "ground_truth": label},
                 "extra_info": {"split": split, "index": index, **meta}}
     if fmt == "trl":  # conversational unless a response prefix must be prefilled into a rendered prompt
         prompt = prompts.messages(s.context) if trl_conversational(prompts) else prompts.text(s.context)
-        return {"prompt": prompt, "label_tokens": s.label_tokens, "response_prefix": prompts.response_prefix, **meta}
-    return {"input": prompts.text(s.context), "label": label, **meta}
+        return {"prompt": prompt, "label_tokens": s.label_tokens, "response_prefix": prompts.response_prefix,
+                "rpt_reward": json.dumps(settings), **meta}
+    return {"input": lead + prompts.text(s.context), "label": label, **meta}
 
 
 def trl_conversational(prompts: PromptBuilder) -> bool:
@@ -103,15 +157,23 @@ def one_pass(sampler: PositionSampler, build: SampleBuilder, limit: int, batch: 
 PROBE_SAMPLES = 64  # samples built to measure the bytes of a row before an export writes
 
 
-def size_estimate(cfg: ExportConfig, data: TrainSamples, prompts: PromptBuilder, streams: dict) -> dict:
-    """{split: (rows planned, bytes planned)} before anything is written: rows = --limit (or every position) of
-    each split; bytes = rows x the mean JSON size of PROBE_SAMPLES rows drawn in another seeded order (parquet
-    compresses that, jsonl writes it)."""
-    probe = PositionSampler(len(data.cands), cfg.seed + 1)
+def probe_samples(cfg: ExportConfig, data: TrainSamples) -> list[Sample]:
+    """PROBE_SAMPLES usable samples drawn in another seeded order (its permutation in a scratch file, as `run`'s:
+    4 bytes a position would sit in the heap otherwise)."""
+    probe = PositionSampler(len(data.cands), cfg.seed + 1, directory=TableSink.scratch_dir())
     build = data.builder(data.cands)
-    drawn = [s for s in build.many([probe.next() for _ in range(min(PROBE_SAMPLES, probe.n))]) if s is not None]
-    per_row = (sum(len(json.dumps(record(cfg.format, s, prompts, "train", 0), ensure_ascii=False).encode())
-                   for s in drawn) / len(drawn)) if drawn else 0.0
+    return [s for s in build.many([probe.next() for _ in range(min(PROBE_SAMPLES, probe.n))]) if s is not None]
+
+
+def size_estimate(cfg: ExportConfig, data: TrainSamples, prompts: PromptBuilder, streams: dict,
+                  drawn: list[Sample] | None = None, lead: str = "") -> dict:
+    """{split: (rows planned, bytes planned)} before anything is written: rows = --limit (or every position) of
+    each split; bytes = rows x the mean JSON size of the probe samples' rows (parquet compresses that, jsonl
+    writes it)."""
+    drawn = probe_samples(cfg, data) if drawn is None else drawn
+    settings = reward_settings(cfg)
+    per_row = (sum(len(json.dumps(record(cfg.format, s, prompts, "train", 0, settings, lead),
+                                  ensure_ascii=False).encode()) for s in drawn) / len(drawn)) if drawn else 0.0
     out = {}
     for split, (sampler, _, limit) in streams.items():
         rows = min(limit, sampler.n) if limit else sampler.n
@@ -126,7 +188,8 @@ def estimate_line(estimate: dict) -> str:
 
 def heldout_stream(cfg: ExportConfig, data: TrainSamples) -> tuple[PositionSampler, SampleBuilder]:
     """The held-out documents' positions under the same position filter (kept by TrainSamples), in a seeded order."""
-    return PositionSampler(len(data.heldout_cands), cfg.seed), data.builder(data.heldout_cands)
+    sampler = PositionSampler(len(data.heldout_cands), cfg.seed, directory=TableSink.scratch_dir())
+    return sampler, data.builder(data.heldout_cands)
 
 
 def prepare_out(cfg: ExportConfig) -> Path:
@@ -155,7 +218,10 @@ def export(cfg: ExportConfig) -> dict:
     streams = {"train": (data.sampler, data.build, cfg.limit)}
     if cfg.heldout_fraction > 0:
         streams["heldout"] = (*heldout_stream(cfg, data), cfg.heldout_limit)
-    estimate = size_estimate(cfg, data, prompts, streams)
+    drawn = probe_samples(cfg, data)
+    lead = openrlhf_prompt_lead(tok, prompts, drawn) if cfg.format == "openrlhf" else ""
+    settings = reward_settings(cfg)
+    estimate = size_estimate(cfg, data, prompts, streams, drawn, lead)
     print(estimate_line(estimate), file=sys.stderr, flush=True)
     files = {}
     bar = Progress(TextColumn("[bold]export {task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -166,7 +232,8 @@ def export(cfg: ExportConfig) -> dict:
             task = bar.add_task(split, total=sampler.n, rows=0)
             writer = Writer(out / f"{split}{SUFFIX[cfg.format]}", schema)
             for samples in one_pass(sampler, build, limit, cfg.batch_rows, lambda k: bar.advance(task, k)):
-                writer.write([record(cfg.format, s, prompts, split, writer.rows + j) for j, s in enumerate(samples)])
+                writer.write([record(cfg.format, s, prompts, split, writer.rows + j, settings, lead)
+                              for j, s in enumerate(samples)])
                 bar.update(task, rows=writer.rows)
             writer.close()
             files[split] = {"file": writer.path.name, "rows": writer.rows, "positions": sampler.n,
@@ -176,7 +243,8 @@ def export(cfg: ExportConfig) -> dict:
                         f"({files['train']['skipped']} skipped)")
     meta = {"format": cfg.format, "files": files, "estimate": {k: {"rows": r, "bytes": b} for k, (r, b) in estimate.items()},
             "config": to_dict(cfg), "tokenizer": tokenizer_identity(tok),
-            "chat_template": prompts.chat, "response_prefix": cfg.response_prefix}
+            "chat_template": prompts.chat, "response_prefix": cfg.response_prefix, "rpt_reward": settings,
+            "openrlhf_prompt_lead": lead}
     tmp = out / "export.json.tmp"
     tmp.write_text(json.dumps(meta, indent=1, ensure_ascii=False))
     os.replace(tmp, out / "export.json")

@@ -72,7 +72,7 @@ def test_verl_export_schema(chat_model, train_shards, tmp_path):
     first = rows[0]
     assert first["data_source"] == "rpt" and first["reward_model"]["style"] == "rule"
     assert [m["role"] for m in first["prompt"]] == ["user"] and "### Context\n" in first["prompt"][0]["content"]
-    labels = json.loads(first["reward_model"]["ground_truth"])
+    labels = json.loads(first["reward_model"]["ground_truth"])["label_tokens"]
     assert isinstance(labels, list) and labels and all(isinstance(x, str) for x in labels)
     assert {r["extra_info"]["bucket"] for r in rows} == {"hard"} and all(r["extra_info"]["entropy"] > 1.5 for r in rows)
     assert [r["extra_info"]["index"] for r in rows] == list(range(len(rows)))
@@ -85,7 +85,7 @@ def test_openrlhf_export_renders_the_chat_template(chat_model, train_shards, tmp
     rows = [json.loads(x) for x in open(out / "train.jsonl")]
     assert len(rows) == 5 and not (out / "heldout.jsonl").exists()
     assert all(r["input"].startswith("<|user|>") and r["input"].endswith("<|assistant|>") for r in rows)
-    assert all(isinstance(json.loads(r["label"]), list) for r in rows)
+    assert all(isinstance(json.loads(r["label"])["label_tokens"], list) for r in rows)
 
 
 def test_trl_export_is_conversational_with_a_chat_template(chat_model, train_shards, tmp_path):
@@ -133,3 +133,74 @@ def test_existing_export_needs_overwrite(tiny_llama, train_shards, tmp_path):
     r = invoke("export", "--shards", train_shards, "--model", tiny_llama, "--out", tmp_path / "o", *args)
     assert r.exit_code == 2 and "--overwrite" in r.output
     export(train_shards, tiny_llama, tmp_path / "o", *args, "--overwrite")
+
+
+def test_openrlhf_prompt_ids_are_runs_with_a_bos_tokenizer(train_shards, tmp_path):
+    """OpenRLHF tokenizes `input` with add_special_tokens=False: for a policy without a chat template whose
+    tokenizer adds a BOS (Llama-2/Mistral base), `input` starts with the BOS text, so its ids are `run`'s."""
+    from tiny import make_model_dir
+    from transformers import AutoTokenizer
+
+    model = make_model_dir(tmp_path / "bos-model", bos=True)
+    out = tmp_path / "orl"
+    meta = export(train_shards, model, out, "--format", "openrlhf", "--bucket", "all", "--limit", 4)
+    tok = AutoTokenizer.from_pretrained(model)
+    rows = [json.loads(x) for x in open(out / "train.jsonl")]
+    assert meta["openrlhf_prompt_lead"] == "<s>" and len(rows) == 4
+    prompts = PromptBuilder(tok, "v0", "auto")
+    assert not prompts.chat
+    for r in rows:
+        text = r["input"][len("<s>"):]  # PromptBuilder.text of the row's context
+        theirs = tok(r["input"], add_special_tokens=False)["input_ids"]  # openrlhf.utils.agent, line 216
+        assert theirs[0] == tok.bos_token_id and theirs == tok(text)["input_ids"]  # PromptBuilder.ids
+
+
+def test_a_run_recipes_reward_settings_reach_every_row(tiny_llama, train_shards, tmp_path):
+    """reward_correct / wrong / no_answer, answer_format and the --think-budget gate of a `run` recipe are carried
+    in each row (verl, OpenRLHF: the label; TRL: the `rpt_reward` column) and export.json; extra reward functions,
+    which no engine adapter runs, are warned about."""
+    from rpt_train.integrations.openrlhf import reward_func
+    from rpt_train.integrations.trl import rpt_reward
+
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text("bucket: all\nreward_no_answer: -1\nanswer_format: answer_tag\nreward: [format]\n"
+                      "run:\n  reward_correct: 2\n  think_budget: 64\n")
+    want = {"correct": 2.0, "wrong": 0.0, "no_answer": -1.0, "answer_format": "answer_tag", "think_required": True}
+    r = invoke("export", recipe, "--shards", train_shards, "--model", tiny_llama, "--out", tmp_path / "o",
+               "--format", "openrlhf", "--limit", 3, "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert "extra reward functions ['format'] are not exported" in r.stderr
+    assert json.loads((tmp_path / "o" / "export.json").read_text())["rpt_reward"] == want
+    rows = [json.loads(x) for x in open(tmp_path / "o" / "train.jsonl")]
+    assert all(json.loads(row["label"])["rpt_reward"] == want for row in rows)
+    row = rows[0]
+    answer = "</think><answer>" + json.loads(row["label"])["label_tokens"][0] + "</answer>"
+    out = reward_func([row["input"] + answer, row["input"] + answer[8:]], [row["input"]] * 2, [row["label"]] * 2)
+    assert out["rewards"].tolist() == [2.0, -1.0]  # no </think>: the no-answer reward, as `run` with a budget
+    r = invoke("export", recipe, "--shards", train_shards, "--model", tiny_llama, "--out", tmp_path / "t",
+               "--format", "trl", "--limit", 3, "--no-progress")
+    assert r.exit_code == 0, r.output
+    rows = pq.read_table(tmp_path / "t" / "train.parquet").to_pylist()
+    assert all(json.loads(row["rpt_reward"]) == want for row in rows)
+    row = rows[0]
+    answer = "</think><answer>" + row["label_tokens"][0] + "</answer>"
+    assert rpt_reward([row["prompt"]], [answer], [row["label_tokens"]], response_prefix=[row["response_prefix"]],
+                      rpt_reward=[row["rpt_reward"]]) == [2.0]
+
+
+def test_size_estimate_probe_keeps_its_order_in_a_scratch_file(tiny_llama, train_shards, tmp_path, monkeypatch):
+    """Every PositionSampler of an export (the probe's too) keeps its permutation in a scratch file, as `run`'s:
+    4 bytes a position in the heap otherwise (4 GB at 1B positions)."""
+    import rpt_train.export as ex
+
+    made = []
+
+    class Recording(ex.PositionSampler):
+        def __init__(self, n, seed, directory=None):
+            made.append(directory)
+            super().__init__(n, seed, directory=directory)
+
+    monkeypatch.setattr(ex, "PositionSampler", Recording)
+    export(train_shards, tiny_llama, tmp_path / "o", "--format", "openrlhf", "--bucket", "all", "--limit", 2,
+           "--heldout-fraction", 0.3)
+    assert len(made) == 2 and all(made)  # the probe and the held-out stream (the training one: TrainSamples)

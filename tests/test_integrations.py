@@ -54,8 +54,8 @@ def test_adapters_agree_with_rpt_train_reward(labels, completion, answer_from_la
     expected = 1.0 if prefix_match(extract_answer(full), labels) else 0.0
     label = json.dumps(labels)
     prompt = "### Context\nsome text" + prefix
-    assert compute_score("rpt", completion, label, {"response_prefix": prefix}) == expected
-    if not prefix:
+    if not prefix:  # verl cannot prefill a prefix (refused: test_verl_refuses_a_response_prefix_...)
+        assert compute_score("rpt", completion, label, {"response_prefix": prefix}) == expected
         assert compute_score("rpt", completion, label, {"index": 0}) == expected
     assert rpt_reward([prompt], [completion], [labels], response_prefix=[prefix]) == [expected]
     conversational = [[{"role": "user", "content": "### Context\nsome text"}]]  # TRL cannot prefill these
@@ -140,7 +140,7 @@ def test_trl_grpo_trainer_logs_our_reward_of_its_completions(tiny_llama, train_s
     # correct, wrong and unanswered completions all occur.
     first = {tok(row["label_tokens"][0], add_special_tokens=False)["input_ids"][0] for row in dataset}
     bias = {(tok.convert_tokens_to_ids("}"),): 6.0, **{(t,): 5.0 for t in first}}
-    reward = make_rpt_reward(correct=1.0, wrong=0.25, no_answer=-1.0)
+    reward = make_rpt_reward(correct=1.0, wrong=0.25, no_answer=-1.0, tokenizer=tok)  # decodes completion_ids
     seen = []
 
     def rpt(prompts, completions, label_tokens, response_prefix, **kwargs):
@@ -167,3 +167,132 @@ def test_trl_grpo_trainer_logs_our_reward_of_its_completions(tiny_llama, train_s
     logged = [h["rewards/rpt/mean"] for h in trainer.state.log_history if "rewards/rpt/mean" in h]
     assert logged == pytest.approx([sum(v) / len(v) for *_, v in seen])
     assert sum(1 for n in values.values() if n) >= 2, values  # the rewards vary: the test can tell them apart
+
+
+# ---- the engines' reward equals `run`'s (review 9) -------------------------------------------------------------
+def llama2_style_tokenizer(chat_template: str | None = None):
+    """A Llama-2-style SentencePiece tokenizer: Metaspace (prepend first), a decoder that strips the first leading
+    space, byte-fallback tokens that are no special tokens (so '}' decodes), `<s>` / `</s>`."""
+    from data_helpers import TOKENIZER_CORPUS
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    t.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                   decoders.Strip(" ", 1, 0)])
+    t.train_from_iterator(TOKENIZER_CORPUS * 5 + ["\\boxed{ lazy} {x} [INST] [/INST]"] * 5, trainer=trainers.BpeTrainer(
+        vocab_size=420, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.chat_template = chat_template
+    return tok
+
+
+def prefilled_completion(kind):
+    """(tokenizer, prompt text, generated ids, labels, our reward) for a right answer after the response prefix
+    '\\boxed{': the completion's first token is '▁lazy' for a SentencePiece (Metaspace) tokenizer."""
+    from data_helpers import make_tokenizer_of
+
+    from rpt_train.reward import RewardInput, rpt_reward as ours
+    from rpt_train.rollout import completion_texts
+    from rpt_train.samples import label_pieces
+    from rpt_train.templates import PromptBuilder
+
+    tok = llama2_style_tokenizer() if kind == "metaspace" else make_tokenizer_of(kind)
+    pb = PromptBuilder(tok, "answer-only", "off", "\\boxed{")
+    ctx = "The quick brown fox jumps over the"
+    labels = label_pieces(tok, " lazy dog. ", 8, left=ctx)
+    ptext, pids = pb.text(ctx), pb.ids(ctx)
+    full = tok(ptext + " lazy}")["input_ids"]
+    assert full[:len(pids)] == pids
+    gen = full[len(pids):] + [tok.eos_token_id]
+    text = pb.completion(completion_texts(tok, [pids], 1, torch.tensor([gen]), torch.ones(1, len(gen)))[0])
+    run = ours()([RewardInput(completion=text, answer=extract_answer(text), label_tokens=labels, context=ctx)])[0]
+    return tok, ptext, gen, labels, run
+
+
+@pytest.mark.parametrize("kind", ["bytelevel", "metaspace"])
+def test_trl_decodes_a_prefilled_completion_after_its_prompt(kind):
+    """TRL decodes completions alone (batch_decode(completion_ids, skip_special_tokens=True)); a SentencePiece
+    tokenizer then drops the answer's leading space. With the tokenizer, the adapter decodes TRL's completion_ids
+    after the prompt as `run` does, and scores a right answer 1 as `run` does; without it, such rows are refused."""
+    tok, ptext, gen, labels, run = prefilled_completion(kind)
+    assert run == 1.0
+    trl_text = tok.batch_decode([gen], skip_special_tokens=True)  # what GRPOTrainer passes as `completions`
+    reward = make_rpt_reward(tokenizer=tok)
+    assert reward([ptext], trl_text, [labels], response_prefix=["\\boxed{"], completion_ids=[gen]) == [run]
+    with pytest.raises(ValueError, match="tokenizer"):
+        rpt_reward([ptext], trl_text, [labels], response_prefix=["\\boxed{"], completion_ids=[gen])
+
+
+def test_verl_refuses_a_response_prefix_it_cannot_put_back_exactly():
+    """verl decodes the response alone and gives the reward no ids: a prefix put back would score the
+    SentencePiece case wrong ('\\boxed{lazy}' for the label ' lazy'), so it is refused."""
+    tok, _, gen, labels, run = prefilled_completion("metaspace")
+    solution = tok.decode(gen, skip_special_tokens=True)
+    with pytest.raises(ValueError, match="response prefix"):
+        compute_score("rpt", solution, json.dumps(labels), response_prefix="\\boxed{")
+    with pytest.raises(ValueError, match="response prefix"):
+        compute_score("rpt", solution, json.dumps(labels), {"response_prefix": "\\boxed{"})
+
+
+def test_openrlhf_cuts_a_sentencepiece_chat_prompt_and_never_scores_the_prompt():
+    """A Llama-2/Mistral chat prompt decodes as '<s> [INST] ...' (not '<s>[INST] ...'): the prompt is still cut
+    off, and a query that does not start with the prompt gets the no-answer reward, counted, not the score of the
+    prompt's own \\boxed{} instruction."""
+    reward_func = load_openrlhf_reward_file()
+    prompt = "<s>[INST] Predict the next token. Write it as \\boxed{ the} please. [/INST]"
+    decoded = "<s> [INST] Predict the next token. Write it as \\boxed{ the} please. [/INST]"
+    labels = json.dumps([" the"])
+    with env(RPT_REWARD_NO_ANSWER="-1"):
+        assert orl_module.response_of(decoded + " I am not sure.</s>", prompt) == " I am not sure.</s>"
+        out = reward_func([decoded + " I am not sure.</s>"], [prompt], [labels])
+        assert out["rewards"].tolist() == [-1.0] and out["extra_logs"]["rpt_prompt_not_found"] == 0.0
+        assert reward_func([decoded + " \\boxed{ the}</s>"], [prompt], [labels])["rewards"].tolist() == [1.0]
+        out = reward_func(["something else \\boxed{ the}"], [prompt], [labels])
+        assert out["rewards"].tolist() == [-1.0] and out["extra_logs"]["rpt_prompt_not_found"] == 1.0
+
+
+def test_reward_settings_carried_in_the_label_env_overrides():
+    """The export's settings (in the label for verl and OpenRLHF, the `rpt_reward` column for TRL) make each
+    adapter score as the run would: values, answer format, and the think gate; env vars override them."""
+    settings = {"correct": 2.0, "wrong": -0.5, "no_answer": -1.0, "answer_format": "answer_tag",
+                "think_required": True}
+    label = json.dumps({"label_tokens": [" a"], "rpt_reward": settings})
+    cases = {"ok </think><answer> a</answer>": 2.0, "</think><answer> b</answer>": -0.5, "</think> none": -1.0,
+             "<answer> a</answer>": -1.0, "</think>\\boxed{ a}": -1.0}
+    for text, want in cases.items():
+        assert compute_score("rpt", text, label) == want, text
+        assert orl_module.response_of("P" + text, "P") == text
+        assert load_openrlhf_reward_file()(["P" + text], ["P"], [label])["rewards"].tolist() == [want], text
+        assert rpt_reward(["P"], [text], [[" a"]], rpt_reward=[json.dumps(settings)]) == [want], text
+    with env(RPT_REWARD_CORRECT="3", RPT_ANSWER_FORMAT="boxed"):
+        assert compute_score("rpt", "</think>\\boxed{ a}", label) == 3.0
+    assert compute_score("rpt", "\\boxed{ a}", json.dumps([" a"])) == 1.0  # a plain list: the paper's values
+
+
+@pytest.mark.parametrize("variant", ["metaspace-first", "prepend-normalizer"])
+def test_openrlhf_prompt_lead_gives_runs_ids_for_sentencepiece_bos_tokenizers(variant):
+    """Llama-2/Mistral base policies (BOS added, no chat template), both ways their tokenizer.json writes the
+    leading '▁' (a Metaspace pre-tokenizer that prepends at the text's start, or a Prepend normalizer): OpenRLHF's
+    ids of lead + prompt text, without special tokens, are `run`'s."""
+    from tokenizers import normalizers, processors
+
+    from rpt_train.export import openrlhf_prompt_lead
+    from rpt_train.templates import PromptBuilder
+
+    tok = llama2_style_tokenizer()
+    if variant == "prepend-normalizer":  # as Llama-2's own tokenizer.json
+        tok._tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
+                                                          normalizers.Replace(" ", "\u2581")])
+        tok._tokenizer.pre_tokenizer = None
+    bos = tok.convert_tokens_to_ids("<s>")
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    prompts = PromptBuilder(tok, "v0", "auto")
+    samples = [SimpleNamespace(context=c, key=str(i), doc_id="d") for i, c in
+               enumerate(["The quick brown fox", " jumps over", "lazy dog. The"])]
+    lead = openrlhf_prompt_lead(tok, prompts, samples)
+    assert lead == {"metaspace-first": "<s> ", "prepend-normalizer": "<s>"}[variant]
+    for s in samples:
+        ids = tok(lead + prompts.text(s.context), add_special_tokens=False)["input_ids"]
+        assert ids == prompts.ids(s.context) and ids[0] == bos

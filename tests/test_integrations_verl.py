@@ -53,7 +53,7 @@ def responses_for(rows):
     """Per row: a correct, a wrong, an unanswered and a think-then-answer response (whole texts)."""
     out = []
     for row in rows:
-        labels = json.loads(row["reward_model"]["ground_truth"])
+        labels = json.loads(row["reward_model"]["ground_truth"])["label_tokens"]
         out += [f"I think \\boxed{{{labels[0]}}}", "\\boxed{zzz}", "no idea",
                 f"<think>\\boxed{{{labels[0]}}}</think>\\boxed{{{''.join(labels)}q}}"]
     return out
@@ -83,8 +83,8 @@ def data_proto(tok, rows, texts):
 
 def expected(rows, texts):
     per = len(texts) // len(rows)
-    return [1.0 if prefix_match(extract_answer(t), json.loads(rows[i // per]["reward_model"]["ground_truth"])) else 0.0
-            for i, t in enumerate(texts)]
+    labels = [json.loads(row["reward_model"]["ground_truth"])["label_tokens"] for row in rows]
+    return [1.0 if prefix_match(extract_answer(t), labels[i // per]) else 0.0 for i, t in enumerate(texts)]
 
 
 def test_rlhf_dataset_reads_the_export_and_renders_our_prompt(exported):
@@ -92,7 +92,8 @@ def test_rlhf_dataset_reads_the_export_and_renders_our_prompt(exported):
     ds = rlhf_dataset(tok, out / "train.parquet")
     assert len(ds) == 16
     item = ds[0]
-    assert item["data_source"] == "rpt" and isinstance(json.loads(item["reward_model"]["ground_truth"]), list)
+    label = json.loads(item["reward_model"]["ground_truth"])
+    assert item["data_source"] == "rpt" and isinstance(label["label_tokens"], list)
     rendered = tok.apply_chat_template(item["raw_prompt"], add_generation_prompt=True, tokenize=False)
     context = item["raw_prompt"][0]["content"].split("### Context\n", 1)[1]
     assert rendered == PromptBuilder(tok).text(context)  # verl's rollout prompt = `rpt-train run`'s

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # RPT with verl (checked against verl 0.9.1): the paper's recipe (arXiv 2506.08007, Sec. 4): GRPO, G=8, T=0.8,
-# lr 1e-6, no KL, 8k response tokens, 256 contexts per step, dynamic sampling (verl's algorithm.filter_groups).
+# lr 1e-6, no KL, 8k response tokens, 256 contexts per step. Dynamic sampling (DAPO's algorithm.filter_groups) is
+# read only by verl's DAPO recipe (recipe.dapo.main_dapo, in a verl source checkout with its recipe/ submodule), not
+# by verl.trainer.main_ppo (checked in upstream verl's RayPPOTrainer, v0.7.0 and 0.8.0.dev): the default entry point
+# main_ppo runs plain GRPO (zero-variance groups get zero advantage); ENTRY=recipe.dapo.main_dapo turns it on.
 # Needs GPUs with verl and vLLM installed (pip install "verl[vllm]") and rpt-toolkit in the same environment.
 #   SHARDS=out/tagged MODEL=/models/DeepSeek-R1-Distill-Qwen-14B bash pipelines/verl/rpt_paper.sh [more overrides]
 # Any hydra override appended to the command line wins (e.g. trainer.nnodes=4 trainer.total_training_steps=200);
@@ -14,7 +17,14 @@ NODES=${NODES:-1}
 RUN=${RUN:-rpt-verl}
 STEPS=${STEPS:-1000}
 BATCH=${BATCH:-256}
-GEN_BATCHES=${GEN_BATCHES:-4}  # filter_groups draws up to this many batches of contexts per step
+ENTRY=${ENTRY:-verl.trainer.main_ppo}  # or recipe.dapo.main_dapo (run from a verl checkout): dynamic sampling
+if [ "$ENTRY" = recipe.dapo.main_dapo ]; then
+  GEN_BATCHES=${GEN_BATCHES:-4}  # filter_groups draws up to this many batches of contexts per step
+  DYNAMIC=(algorithm.filter_groups.enable=True algorithm.filter_groups.metric=seq_reward
+           algorithm.filter_groups.max_num_gen_batches="$GEN_BATCHES")
+else
+  GEN_BATCHES=1; DYNAMIC=()  # main_ppo ignores filter_groups: one batch of contexts per step
+fi
 LIMIT=$((STEPS * BATCH * GEN_BATCHES))  # the contexts the run can draw: export those, not every position
 
 # 1. The samples `rpt-train run` would draw, as verl RL parquet (train and held-out documents apart): the first
@@ -22,13 +32,11 @@ LIMIT=$((STEPS * BATCH * GEN_BATCHES))  # the contexts the run can draw: export 
 rpt-train export --shards "$SHARDS" --model "$MODEL" --format verl --out "$DATA" --bucket hard --limit "$LIMIT" \
     --heldout-fraction 0.01 --heldout-limit 1024 --template v0 --max-context-tokens 1536 --overwrite
 
-# 2. verl's PPO trainer with the GRPO estimator and our prefix-match reward.
-python3 -m verl.trainer.main_ppo \
+# 2. verl's PPO trainer (or DAPO's, see ENTRY) with the GRPO estimator and our prefix-match reward.
+python3 -m "$ENTRY" \
     algorithm.adv_estimator=grpo \
     algorithm.use_kl_in_reward=False \
-    algorithm.filter_groups.enable=True \
-    algorithm.filter_groups.metric=reward \
-    algorithm.filter_groups.max_num_gen_batches="$GEN_BATCHES" \
+    "${DYNAMIC[@]}" \
     data.train_files="$DATA/train.parquet" \
     data.val_files="$DATA/heldout.parquet" \
     data.train_batch_size="$BATCH" \
