@@ -173,7 +173,8 @@ def export_cmd(recipe, **overrides):
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.argument("arms", nargs=-1)
 @click.option("--report-only", is_flag=True, help="write the report from the arms finished so far; run nothing")
-@click.option("--rerun", is_flag=True, help="run the named ARMs over (their kept records and work directories go)")
+@click.option("--rerun", is_flag=True, help="run the named ARMs over (their kept records and work directories go, unless written since this "
+              "process started: by another process of this round, whose record then counts)")
 @click.option("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
 @user_errors
 def experiment_cmd(spec, arms, report_only, rerun, threads):

@@ -428,19 +428,83 @@ def eval_differences(a: dict, b: dict, allowed=()) -> list[str]:
             and not (k in SPLIT_KEYS and (a[k] is None or b[k] is None))]
 
 
+def held_path(path: Path) -> Path:
+    """The fallback lock of `path` where the filesystem has no flock: PATH.held, made by exclusive creation."""
+    return path.with_name(path.name + ".held")
+
+
+def _held_by(held: Path) -> str | None:
+    """The line (`pid N on HOST`) of the live holder of the fallback lock `held`, or None: no file, or one whose
+    holder was a process on this host that has died (a stale lock, taken over). A holder on another host cannot be
+    checked: it is respected, and its line says to delete the file if no process runs there."""
+    try:
+        line = held.read_text().strip()
+    except FileNotFoundError:
+        return None
+    parts = line.split()
+    if len(parts) == 4 and parts[0] == "pid" and parts[2] == "on" and parts[1].isdigit():
+        if parts[3] == platform.node():
+            try:
+                os.kill(int(parts[1]), 0)
+            except ProcessLookupError:
+                return None
+            except PermissionError:
+                pass  # alive, another user's
+            return line
+        return f"{line}; if no such process runs on {parts[3]}, delete '{held}'"
+    return f"{line or '?'}; if no process holds it, delete '{held}'"
+
+
+def _take_held(held: Path) -> str | None:
+    """One try at the fallback lock `held` (exclusive creation, `pid N on HOST` in it): None when this process now
+    holds it, else the holder's line (_held_by). A stale file (its holder dead on this host) is moved aside under a
+    name of this process's own, and deleted when it still is that stale file (else put back: another process took
+    it over first)."""
+    me = f"pid {os.getpid()} on {platform.node()}"
+    for _ in range(3):
+        try:
+            fd = os.open(held, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                stale = held.read_text()
+            except FileNotFoundError:
+                continue
+            holder = _held_by(held)
+            if holder is not None:
+                return holder
+            aside = held.with_name(f"{held.name}.{os.getpid()}.stale")
+            try:
+                os.rename(held, aside)
+            except FileNotFoundError:
+                continue
+            if aside.read_text() != stale:  # a live lock taken over meanwhile: put it back
+                with contextlib.suppress(OSError):
+                    os.link(aside, held)
+            aside.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me + "\n")
+        return None
+    return _held_by(held) or "?"
+
+
 @contextlib.contextmanager
 def exclusive(path: Path, waiting: str | None = None):
     """An flock on `path` (made, with its folder), held for the block and released when it ends or the process dies,
     with `pid N on HOST` written in it for the others' messages. Yields (holder, unlocked). holder: None when this
     process holds the lock; when another does, with `waiting` (a message: {holder}, {lock}) this one says it on
     stderr and waits for it; without, it yields that process's line (after LOCK_RETRIES: a lock_holder probe holds
-    the lock an instant) and the caller skips the work. unlocked: why, on a filesystem without flock (Lustre
-    without -o flock, NFSv3 without lockd): the block then runs unlocked, and the caller says so."""
+    the lock an instant) and the caller skips the work. On a filesystem without flock (ENOLCK, ENOSYS...: Lustre
+    without -o flock, NFSv3 without lockd) the lock is PATH.held instead (held_path), made by exclusive creation
+    with `pid N on HOST` in it and deleted when the block ends; one whose holder died on this host is taken over,
+    one held from another host is respected (its message says to delete the file if no process runs there).
+    unlocked: why the block runs unlocked (neither lock could be taken), and the caller says so."""
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as lock:
         holder = unlocked = None
+        fallback = False
         for wait in (*LOCK_RETRIES, None):
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -457,9 +521,38 @@ def exclusive(path: Path, waiting: str | None = None):
                 if wait is not None:
                     time.sleep(wait)
             except OSError as e:
-                unlocked = f"cannot lock '{lock.name}' ({e.strerror or e})"
+                fallback = True
+                note = (f"note: cannot flock '{lock.name}' ({e.strerror or e}): locking by exclusive creation of "
+                        f"'{held_path(path)}' (a file left by a process on another host that no longer runs: "
+                        "delete it)")
+                if note not in _NOTED:
+                    _NOTED.add(note)
+                    print(note, file=sys.stderr)
                 break
-        if holder is None and unlocked is None:  # who holds it, for the others' messages
+        if fallback:
+            held = held_path(path)
+            try:
+                for wait in (*LOCK_RETRIES, None):
+                    holder = _take_held(held)
+                    if holder is None:
+                        break
+                    if waiting is not None:
+                        print(waiting.format(holder=holder, lock=held), file=sys.stderr)
+                        while holder is not None:
+                            time.sleep(1.0)
+                            holder = _take_held(held)
+                        break
+                    if wait is not None:
+                        time.sleep(wait)
+            except OSError as e:
+                holder, unlocked = None, f"cannot lock '{lock.name}' nor create '{held}' ({e.strerror or e})"
+            try:
+                yield holder, unlocked
+            finally:
+                if holder is None and unlocked is None:
+                    held.unlink(missing_ok=True)
+            return
+        if holder is None:  # who holds it, for the others' messages
             lock.seek(0)
             lock.truncate()
             lock.write(f"pid {os.getpid()} on {platform.node()}\n")
@@ -468,8 +561,8 @@ def exclusive(path: Path, waiting: str | None = None):
 
 
 def lock_holder(path: Path) -> str | None:
-    """The line of the process that holds the flock on `path` (exclusive), or None: no file, nobody, no flock here.
-    A probe: it takes a shared lock for an instant (exclusive retries past it)."""
+    """The line of the process that holds the lock on `path` (exclusive), or None: no file, nobody. A probe: it
+    takes a shared flock for an instant (exclusive retries past it); where flock fails, the fallback PATH.held."""
     import fcntl
 
     if not path.exists():
@@ -480,7 +573,7 @@ def lock_holder(path: Path) -> str | None:
         except BlockingIOError:
             return lock.read().strip() or "?"
         except OSError:
-            return None
+            return _held_by(held_path(path))
     return None
 
 
@@ -526,6 +619,8 @@ class Experiment:
         self.root = Path(spec.out)
         self.kept = spec.arms_dir
         self._params: dict[str, int] = {}
+        # --rerun deletes only what is older: a record written since was made by another process in this round
+        self.started = time.time()
 
     # configs
     def start_model(self) -> str:
@@ -718,7 +813,7 @@ class Experiment:
         from rpt_train.levers import measure_levers
 
         path = self.kept / "levers.json"
-        if path.exists() and not rerun:
+        if path.exists() and (not rerun or self.since_start(path)):
             print(f"levers: done ({path})")
             return path
         warm = self.warm_start()
@@ -730,6 +825,14 @@ class Experiment:
         write_json(result, path)
         return path
 
+    def since_start(self, path: Path) -> bool:
+        """Whether `path` was written (a folder: made, or an entry added) since this process started: by another
+        process running this spec's arms in this round (--rerun keeps it: run_arm)."""
+        try:
+            return path.stat().st_mtime >= self.started
+        except FileNotFoundError:
+            return False
+
     @contextlib.contextmanager
     def arm_locked(self, name: str, rerun: bool = False):
         """Yields whether this process may run arm `name` (or the levers stage): it holds its flock (arm_lock) for
@@ -740,7 +843,8 @@ class Experiment:
         with exclusive(lock) as (holder, unlocked):
             if holder:
                 print(f"{name}: skipped: another process ({holder}) is running it (lock '{lock}')"
-                      + ("; --rerun it when that one has ended" if rerun else ""), flush=True)
+                      + ("; the record it writes counts as rerun (a process started with --rerun after it has "
+                         "ended would run it over again)" if rerun else ""), flush=True)
             elif unlocked:
                 print(f"warning: {unlocked}: {name} runs unlocked; run it in no other process at the same time",
                       file=sys.stderr)
@@ -773,9 +877,13 @@ class Experiment:
 
     def _run_arm(self, name: str, rerun: bool) -> Path | None:
         arm, path = self.spec.arms[name], self.record_path(name)
-        if rerun:
+        if rerun and not self.since_start(path):
             path.unlink(missing_ok=True)
-            shutil.rmtree(self.root / name, ignore_errors=True)
+            if not self.since_start(self.root / name):
+                shutil.rmtree(self.root / name, ignore_errors=True)
+        elif rerun:
+            print(f"{name}: done since this process started, by another one ({path}): not run again")
+            return path
         elif path.exists():
             self.check_record(name)
             print(f"{name}: done ({path})")

@@ -1001,7 +1001,7 @@ def test_an_arm_another_process_runs_is_skipped_and_reported_as_running(tmp_path
         (spec.arms_dir / "a.json").write_text("{}")
         assert experiment.Experiment(spec).run_arm("a", rerun=True) is None
         assert (tmp_path / "work" / "a").exists() and (spec.arms_dir / "a.json").exists()
-        assert "--rerun it when that one has ended" in capsys.readouterr().out
+        assert "the record it writes counts as rerun" in capsys.readouterr().out
         (spec.arms_dir / "a.json").unlink()
     res = json.loads(experiment.run_experiment(str(path)).read_text())
     assert calls == ["other", "demo"] and res["missing_arms"] == [] and res["running_arms"] == {}
@@ -1048,3 +1048,69 @@ def test_the_report_files_are_replaced_atomically(tmp_path, monkeypatch):
                 report.write_report(spec)
         assert (res / "tiny-exp.md").read_bytes() == md and (res / "tiny-exp.png").read_bytes() == png
         assert not [p for p in res.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_rerun_in_processes_one_per_gpu_runs_each_arm_once(tmp_path, monkeypatch, capsys):
+    """`--rerun` started once per GPU: the first process to reach an arm deletes its old record and work folder and
+    runs it; another reaching it after finds a record written since it started (by that one, in this round) and
+    keeps it (before, each process reran the arm in turn, deleting the record and work folder under the others,
+    a dependent arm's contexts among them)."""
+    import os
+    import time
+
+    calls = []
+    fake_eval(monkeypatch, calls)
+    spec = experiment.load_spec(str(write_spec(tmp_path, "unused-shards", "demo", {"a": {"kind": "eval"}})))
+    record, work = spec.arms_dir / "a.json", tmp_path / "work" / "a"
+    spec.arms_dir.mkdir(parents=True, exist_ok=True)
+    record.write_text("{}")
+    (work / "train").mkdir(parents=True)
+    past = time.time() - 100
+    for p in (record, work):
+        os.utime(p, (past, past))
+    first, second = experiment.Experiment(spec), experiment.Experiment(spec)  # both started before the round
+    first.started = second.started = time.time() - 50
+    assert first.run_arm("a", rerun=True) == record and calls == ["demo"] and not work.exists()
+    assert json.loads(record.read_text())["arm"] == "a"
+    work.mkdir()  # the first process's work folder
+    assert second.run_arm("a", rerun=True) == record and calls == ["demo"] and work.exists()
+    assert "a: done since this process started, by another one" in capsys.readouterr().out
+    assert experiment.Experiment(spec).run_arm("a", rerun=True) == record and calls == ["demo", "demo"]
+
+
+def test_locks_fall_back_to_exclusive_creation_without_flock(tmp_path, monkeypatch, capsys):
+    """Where flock fails (ENOLCK: NFSv3 without lockd, Lustre without -o flock) the lock is ARM.lock.held, made by
+    exclusive creation with `pid N on HOST` (before, every process ran the arm unlocked: FLOPs counted twice): held,
+    another process skips the arm; released, it is deleted; one left by a dead process on this host is taken over;
+    one held from another host is respected, naming the file to delete if no process runs there."""
+    import errno
+    import fcntl
+    import subprocess
+    import sys
+
+    def no_flock(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    monkeypatch.setattr(experiment, "LOCK_RETRIES", (0.0,))
+    calls = []
+    fake_eval(monkeypatch, calls)
+    spec = experiment.load_spec(str(write_spec(tmp_path, "unused-shards", "demo", {"a": {"kind": "eval"}})))
+    me = f"pid {experiment.os.getpid()} on {experiment.platform.node()}"
+    lock = experiment.arm_lock(spec, "a")
+    held = lock.with_name("a.lock.held")
+    with experiment.exclusive(lock) as (holder, unlocked):
+        assert experiment.Experiment(spec).run_arm("a") is None and calls == []
+        assert f"a: skipped: another process ({me}) is running it" in capsys.readouterr().out
+        assert holder is None and unlocked is None and held.read_text() == me + "\n"
+        assert experiment.lock_holder(lock) == me
+    assert not held.exists() and experiment.lock_holder(lock) is None
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    held.write_text(f"pid {dead.stdout.strip()} on {experiment.platform.node()}\n")
+    with experiment.exclusive(lock, waiting="waiting for {holder}") as (holder, _):
+        assert holder is None and held.read_text() == me + "\n"
+    held.write_text("pid 1 on another-host\n")
+    with experiment.exclusive(lock) as (holder, _):
+        assert holder == f"pid 1 on another-host; if no such process runs on another-host, delete '{held}'"
+    assert held.exists() and experiment.Experiment(spec).run_arm("a") is None and calls == []
+    held.unlink()
+    assert experiment.Experiment(spec).run_arm("a") == spec.arms_dir / "a.json" and calls == ["demo"]
