@@ -14,11 +14,20 @@ PREFIX=${RESPONSE_PREFIX:-}  # e.g. '\boxed{' with TEMPLATE=answer-only: prefill
 TEMPLATE=${TEMPLATE:-v0}
 STEPS=${STEPS:-1000}
 LIMIT=$((STEPS * 256 * ${GEN_BATCHES:-4}))  # 256 contexts per step, dynamic filtering draws more: export those only
+MAX_NEW=${MAX_NEW_TOKENS:-8192}  # response tokens
+MAX_LEN=${MAX_LEN:-10240}        # prompt + response tokens
+# OpenRLHF keeps a prompt's last MAX_LEN - MAX_NEW ids (2048), cutting its BOS and template start off a longer one:
+# contexts are cut to that budget less TEMPLATE_ROOM tokens for the template, BOS and response prefix (as verl's)
+CONTEXT=$((MAX_LEN - MAX_NEW - ${TEMPLATE_ROOM:-512}))
+if [ "$CONTEXT" -lt 1 ]; then
+  echo "MAX_LEN ($MAX_LEN) leaves no room for a prompt beside MAX_NEW_TOKENS ($MAX_NEW) and TEMPLATE_ROOM" >&2; exit 2
+fi
 
 # 1. The samples `rpt-train run` would draw, with the chat template and any response prefix already rendered into
 #    `input` (so: no --data.apply_chat_template below), labels and the reward settings as JSON in `label`.
 rpt-train export --shards "$SHARDS" --model "$MODEL" --format openrlhf --out "$DATA" --bucket hard --limit "$LIMIT" \
-    --heldout-fraction 0.01 --heldout-limit 1024 --template "$TEMPLATE" --response-prefix "$PREFIX" --overwrite
+    --heldout-fraction 0.01 --heldout-limit 1024 --template "$TEMPLATE" --response-prefix "$PREFIX" \
+    --max-context-tokens "$CONTEXT" --overwrite
 
 # 2. The reward file is loaded by path in OpenRLHF's rollout workers; env vars reach them through the runtime env:
 #    the response prefix, and any RPT_REWARD_CORRECT / _WRONG / _NO_ANSWER or RPT_ANSWER_FORMAT set here (they
@@ -39,7 +48,7 @@ ray job submit --address="${RAY_ADDRESS:-http://127.0.0.1:8265}" --runtime-env-j
     --algo.kl.init_coef 0 \
     --algo.dynamic_filtering_enable --algo.dynamic_filtering_range 0 1 \
     --rollout.n_samples_per_prompt 8 --rollout.batch_size 256 --rollout.temperature 0.8 --rollout.top_p 1.0 \
-    --rollout.max_new_tokens 8192 --data.max_len 10240 \
+    --rollout.max_new_tokens "$MAX_NEW" --data.max_len "$MAX_LEN" \
     --train.batch_size 2048 --train.micro_batch_size 1 --rollout.micro_batch_size 2 \
     --actor.adam.lr 1e-6 --actor.lr_warmup_ratio 0 --actor.lr_scheduler constant \
     --train.num_episodes 1 --train.max_epochs 1 --train.seed 0 \
@@ -51,4 +60,4 @@ ray job submit --address="${RAY_ADDRESS:-http://127.0.0.1:8265}" --runtime-env-j
 # 3. The paper's Table 1 columns on the saved HF model (--ckpt.output_dir; --ckpt.save_hf also writes HF copies
 #    of intermediate checkpoints under --ckpt.path):
 #   rpt-train eval --shards "$SHARDS" --model "$SAVE" --heldout-fraction 0.01 --limit 500 --samples 8 \
-#       --max-new-tokens 8192 --out "$SAVE/eval.json"
+#       --max-new-tokens 8192 --max-context-tokens "$CONTEXT" --out "$SAVE/eval.json"

@@ -75,7 +75,7 @@ def test_openrlhf_recipe_forwards_every_reward_env_var_to_the_ray_workers(tmp_pa
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "rpt-train").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "rpt-train").write_text(f'#!/bin/sh\necho "$@" > "{tmp_path}/export"\n')
     (bin_dir / "ray").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{tmp_path}/ray"\n')
     (bin_dir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
     for name in ("rpt-train", "ray", "python3"):
@@ -88,3 +88,8 @@ def test_openrlhf_recipe_forwards_every_reward_env_var_to_the_ray_workers(tmp_pa
     runtime = json.loads(next(a for a in args if a.startswith("--runtime-env-json=")).split("=", 1)[1])
     assert runtime["env_vars"] == {"RPT_REWARD_NO_ANSWER": "-1", "RPT_ANSWER_FORMAT": "answer_tag",
                                    "RPT_RESPONSE_PREFIX": "\\boxed{"}
+    # OpenRLHF keeps a prompt's last max_len - max_new_tokens ids: contexts exported inside that, with template room
+    export = (tmp_path / "export").read_text().split()
+    context = int(export[export.index("--max-context-tokens") + 1])
+    budget = int(args[args.index("--data.max_len") + 1]) - int(args[args.index("--rollout.max_new_tokens") + 1])
+    assert 0 < context <= budget - 256

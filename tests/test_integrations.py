@@ -253,6 +253,28 @@ def test_openrlhf_cuts_a_sentencepiece_chat_prompt_and_never_scores_the_prompt()
         assert out["rewards"].tolist() == [-1.0] and out["extra_logs"]["rpt_prompt_not_found"] == 1.0
 
 
+def test_openrlhf_scores_a_query_left_truncated_to_its_prompt_budget():
+    """OpenRLHF keeps a prompt's last max_len - max_new_tokens ids: the query then starts inside the prompt (its BOS
+    and template start gone, maybe with a token cut in two). The response after the prompt's tail is scored on its
+    answer (before, the row got the no-answer reward); a query that starts with no tail of the prompt still does."""
+    reward_func = load_openrlhf_reward_file()
+    prompt = "<s>[INST] Continue: the quick brown fox jumps over the [/INST] \\boxed{"
+    label = json.dumps({"label_tokens": [" lazy"], "rpt_reward": {"correct": 1.0, "no_answer": -1.0}})
+    cases = ["<s> [INST] Continue: the quick brown fox jumps over the [/INST] \\boxed{ lazy}</s>",  # whole
+             "brown fox jumps over the [/INST] \\boxed{ lazy}</s>",  # cut to its tail
+             "rown fox jumps  over the[/INST] \\boxed{ lazy}</s>",  # mid-word, whitespace decoded otherwise
+             "\ufffdbrown fox jumps over the [/INST] \\boxed{ lazy}</s>"]  # a UTF-8 byte token cut in two
+    for query in cases:
+        assert orl_module.response_of(query, prompt) == " lazy}</s>", query
+    with env(RPT_RESPONSE_PREFIX="\\boxed{"):
+        out = reward_func(cases + [" lazy}</s>", "[/INST] \\boxed{ lazy}</s>"], [prompt] * 6, [label] * 6)
+    # nothing of the prompt, or a tail too short to tell: the no-answer reward, counted
+    assert out["rewards"].tolist() == [1.0] * 4 + [-1.0, -1.0] and out["extra_logs"]["rpt_prompt_not_found"] == 2.0
+    long_prompt = "<s>[INST] " + " ".join(f"word{k}" for k in range(3000)) + " [/INST] \\boxed{"
+    tail = long_prompt[-2000:]
+    assert orl_module.response_of(tail + " lazy}", long_prompt) == " lazy}"
+
+
 def test_reward_settings_carried_in_the_label_env_overrides():
     """The export's settings (in the label for verl and OpenRLHF, the `rpt_reward` column for TRL) make each
     adapter score as the run would: values, answer format, and the think gate; env vars override them."""
