@@ -189,7 +189,7 @@ def experiment_cmd(spec, arms, report_only, rerun, threads):
     """
     import torch
 
-    from rpt_train import experiment
+    from rpt_train import experiment, runner
 
     if rerun and not arms:
         raise click.UsageError("--rerun needs the ARMs to run over")
@@ -201,7 +201,7 @@ def experiment_cmd(spec, arms, report_only, rerun, threads):
     if threads:
         torch.set_num_threads(threads)
     _quiet_transformers()
-    experiment.run_experiment(spec, list(arms) or None, report_only=report_only, rerun=rerun)
+    runner.run_experiment(spec, list(arms) or None, report_only=report_only, rerun=rerun)
 
 
 if __name__ == "__main__":  # `torchrun ... -m rpt_train.cli run ...`

@@ -977,30 +977,6 @@ def keep_copy(path: Path, keep: Path) -> None:
         replace_atomically(keep, lambda tmp: shutil.copyfile(path, tmp))
 
 
-def run_experiment(spec_path: str, arms: list[str] | None = None, *, report_only: bool = False,
-                   rerun: bool = False) -> Path:
-    """Run the asked arms (all by default) that are not finished, then write the report; returns its JSON path."""
-    from rpt_train.report import check_design, kept_records, write_report
-
-    single_process()
-    spec = load_spec(spec_path)
-    exp = Experiment(spec)
-    levers, arms = stages(spec, arms)
-    if not report_only:
-        todo = exp.order(arms) if arms != [] else []
-        # before any arm runs: a kept record evaluated otherwise than the spec now says is refused now, not after
-        # hours of training (run_arm, write_report would refuse it then)
-        for name in [] if rerun else todo:
-            if exp.record_path(name).exists():
-                exp.check_record(name)
-        check_design(spec, {a: r for a, r in kept_records(spec)[0].items() if not (rerun and a in todo)})
-        if levers:
-            exp.measure_levers(rerun=rerun and arms == [])
-        for name in todo:
-            exp.run_arm(name, rerun=rerun)
-    return write_report(spec)
-
-
 def stages(spec: Spec, arms: list[str] | None) -> tuple[bool, list[str] | None]:
     """(whether to run the levers stage, the arms asked: None = all): `levers` in the list is the stage."""
     if not arms:

@@ -127,9 +127,14 @@ def test_inspect_and_validate(tmp_path, tiny_llama):
     shards[1].write_bytes(shards[1].read_bytes()[:100])  # truncate one shard
     code, out = run("validate", tmp_path / "o")
     assert code == 1 and shards[1].name in out and "unreadable" in out
-    for args in (("inspect", tmp_path / "o"), ("view", tmp_path / "o", "--out", tmp_path / "v.html")):
+    for args in (("inspect", tmp_path / "o"), ("inspect", tmp_path / "o", "--html", tmp_path / "v.html")):
         code, out = run(*args)  # inspect and view name the damaged shard too
         assert code == 2 and shards[1].name in " ".join(out.split()), (args, out)
+    from rpt_common.errors import UserError
+    from rpt_data.view import write_html
+
+    with pytest.raises(UserError, match=shards[1].name):  # the page's own read names it too
+        write_html(str(tmp_path / "o"), str(tmp_path / "v.html"))
     shards[1].unlink()
     code, out = run("validate", tmp_path / "o")
     assert code == 1 and "missing" in out

@@ -152,6 +152,7 @@ def dry_commands(monkeypatch):
     import rpt_train.export
     import rpt_train.plan
     import rpt_train.policy
+    import rpt_train.runner
     import rpt_train.trainer
 
     def stop(*args, **kwargs):
@@ -160,7 +161,7 @@ def dry_commands(monkeypatch):
     for module, name in [(rpt_data.pipeline, "run_tag"), (rpt_data.study, "run_study"),
                          (rpt_data.inspect, "inspect_out"), (rpt_data.inspect, "validate_out"),
                          (rpt_data.merge, "merge_out"), (rpt_train.trainer, "train"), (rpt_train.export, "export"),
-                         (rpt_train.experiment, "run_experiment"),
+                         (rpt_train.runner, "run_experiment"),
                          (rpt_train.policy, "load_policy"), (rpt_train.plan, "load_shapes"),
                          (rpt_data.cli, "_quiet_transformers"), (rpt_train.cli, "_quiet_transformers")]:
         monkeypatch.setattr(module, name, stop if name != "_quiet_transformers" else lambda: None)

@@ -12,7 +12,7 @@ import yaml
 from shard_fixtures import train_shards, tiny_tok  # noqa: F401
 
 from rpt_common.errors import UserError
-from rpt_train import experiment, report
+from rpt_train import experiment, report, runner
 from rpt_train.config import TrainConfig
 from rpt_train.evaluate import EVAL_BUCKETS, Scored, matched_tokens, mtp_metrics
 from rpt_train.stats import paired_difference
@@ -304,7 +304,7 @@ def test_smoke_spec_runs_every_arm_kind_and_reports(tiny_llama, train_shards, tm
     path = write_spec(tmp_path, train_shards, tiny_llama, SMOKE_ARMS, warm={"fraction": 0.3, "steps": 2, "batch": 2},
                       comparisons=[("rpt", "before"), ("rpt", "shuffled"), ("rpt", "sft-flops")],
                       levers={"positions": 3})
-    out = experiment.run_experiment(str(path))
+    out = runner.run_experiment(str(path))
     res = json.loads(out.read_text())
     assert list(res["arms"]) == list(SMOKE_ARMS) and res["missing_arms"] == []
     for arm in res["arms"].values():
@@ -337,7 +337,7 @@ def test_smoke_spec_runs_every_arm_kind_and_reports(tiny_llama, train_shards, tm
     assert json.loads((kept / "sft.json").read_text())["sft"]["contexts"] == sum(drawn) > 0
     # a finished arm is not rerun; --rerun runs it over
     stamp = (kept / "rpt.json").stat().st_mtime_ns
-    experiment.run_experiment(str(path), ["rpt"])
+    runner.run_experiment(str(path), ["rpt"])
     assert (kept / "rpt.json").stat().st_mtime_ns == stamp
     # the levers stage: both models, the prompts the tokenizer allows (no chat template here)
     assert set(res["prompt_levers"]["models"]) == {"base", "warm-started"}
@@ -350,7 +350,7 @@ def test_smoke_spec_runs_every_arm_kind_and_reports(tiny_llama, train_shards, tm
 def test_an_arm_needs_its_dependency(tiny_llama, train_shards, tmp_path):
     path = write_spec(tmp_path, train_shards, tiny_llama, SMOKE_ARMS)
     with pytest.raises(UserError, match="needs arm 'rpt' finished first"):
-        experiment.run_experiment(str(path), ["sft"])
+        runner.run_experiment(str(path), ["sft"])
 
 
 class Stop(Exception):
@@ -365,7 +365,7 @@ def test_a_half_finished_arm_resumes_to_the_uninterrupted_result(kind, tiny_llam
 
     arms = {"arm": {"kind": kind, "steps": 3}}
     ref = write_spec(tmp_path / "ref", train_shards, tiny_llama, arms)
-    experiment.run_experiment(str(ref))
+    runner.run_experiment(str(ref))
     path = write_spec(tmp_path / "cut", train_shards, tiny_llama, arms)
     real = checkpoint.save_checkpoint
 
@@ -377,11 +377,11 @@ def test_a_half_finished_arm_resumes_to_the_uninterrupted_result(kind, tiny_llam
     monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
     monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
     with pytest.raises(Stop):
-        experiment.run_experiment(str(path))
+        runner.run_experiment(str(path))
     kept = tmp_path / "cut" / "results" / "tiny-exp.arms"
     assert not (kept / "arm.json").exists()  # not finished: no record
     monkeypatch.undo()
-    experiment.run_experiment(str(path))
+    runner.run_experiment(str(path))
     a = json.loads((tmp_path / "ref" / "results" / "tiny-exp.arms" / "arm.json").read_text())
     b = json.loads((kept / "arm.json").read_text())
     assert b["eval"]["positions"] == a["eval"]["positions"] and b["eval"]["all"] == a["eval"]["all"]
@@ -751,12 +751,12 @@ def test_an_experiment_under_torchrun_is_refused_at_once(tmp_path, monkeypatch):
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="torchrun.*CUDA_VISIBLE_DEVICES=1 rpt-train experiment SPEC ARM"):
-        experiment.run_experiment(str(tmp_path / "missing.yaml"))
+        runner.run_experiment(str(tmp_path / "missing.yaml"))
     out = CliRunner().invoke(main, ["experiment", str(tmp_path / "missing.yaml")])
     assert out.exit_code != 0 and "WORLD_SIZE=2" in out.output and "--report-only" in out.output
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(UserError, match="missing.yaml"):  # one process: the spec is read
-        experiment.run_experiment(str(tmp_path / "missing.yaml"))
+        runner.run_experiment(str(tmp_path / "missing.yaml"))
 
 
 def test_warm_start_made_with_other_warm_or_base_options_is_refused(tmp_path):
@@ -941,9 +941,9 @@ def test_a_kept_record_evaluated_otherwise_than_the_spec_now_says_is_not_done(tm
     fake_eval(monkeypatch, calls)
     arms = {"before": {"kind": "eval"}, "other": {"kind": "eval", "model": "demo"}}
     path = write_spec(tmp_path, "unused-shards", "demo", arms)
-    kept = experiment.run_experiment(str(path), ["before"]).parent / "tiny-exp.arms"
+    kept = runner.run_experiment(str(path), ["before"]).parent / "tiny-exp.arms"
     assert calls == ["demo"] and "before: done" not in capsys.readouterr().out
-    experiment.run_experiment(str(path), ["before"])
+    runner.run_experiment(str(path), ["before"])
     assert calls == ["demo"] and "before: done" in capsys.readouterr().out
     raw = yaml.safe_load(path.read_text())
     for edit, says in [(lambda r: r["eval"].update(samples=3), "samples: 2 there, 3 now"),
@@ -958,7 +958,7 @@ def test_a_kept_record_evaluated_otherwise_than_the_spec_now_says_is_not_done(tm
                                             f"`rpt-train experiment {path} before --rerun`"):
             experiment.Experiment(spec).run_arm("before")
         with pytest.raises(UserError, match="was evaluated with other eval settings"):
-            experiment.run_experiment(str(path))  # refused before `other` runs
+            runner.run_experiment(str(path))  # refused before `other` runs
         assert calls == ["demo"] and not (kept / "other.json").exists()
     raw["base"]["device"], raw["eval"]["rollout-batch-size"] = "cuda", 4  # where and how fast: still done
     path.write_text(yaml.safe_dump(raw))
@@ -966,14 +966,14 @@ def test_a_kept_record_evaluated_otherwise_than_the_spec_now_says_is_not_done(tm
     assert experiment.Experiment(spec).run_arm("before") == kept / "before.json" and calls == ["demo"]
     raw["eval"]["samples"] = 3
     path.write_text(yaml.safe_dump(raw))
-    experiment.run_experiment(str(path), ["before"], rerun=True)
+    runner.run_experiment(str(path), ["before"], rerun=True)
     assert calls == ["demo", "demo"] and json.loads((kept / "before.json").read_text())["eval_config"]["samples"] == 3
     rec = json.loads((kept / "before.json").read_text())
     del rec["eval_config"]
     (kept / "before.json").write_text(json.dumps(rec))
     raw["eval"]["samples"] = 2
     path.write_text(yaml.safe_dump(raw))
-    experiment.run_experiment(str(path), ["before"])  # an older record: not checked, done
+    runner.run_experiment(str(path), ["before"])  # an older record: not checked, done
     assert calls == ["demo", "demo"]
 
 
@@ -992,7 +992,7 @@ def test_an_arm_another_process_runs_is_skipped_and_reported_as_running(tmp_path
     lock = tmp_path / "work" / "a.lock"
     with experiment.exclusive(lock) as (holder, _):  # another process running `a` (another open file: held)
         assert holder is None and lock.read_text() == me + "\n"
-        res = json.loads(experiment.run_experiment(str(path)).read_text())
+        res = json.loads(runner.run_experiment(str(path)).read_text())
         out = capsys.readouterr().out
         assert f"a: skipped: another process ({me}) is running it (lock '{lock}')" in out and calls == ["other"]
         assert res["missing_arms"] == ["a"] and res["running_arms"] == {"a": me}
@@ -1003,7 +1003,7 @@ def test_an_arm_another_process_runs_is_skipped_and_reported_as_running(tmp_path
         assert (tmp_path / "work" / "a").exists() and (spec.arms_dir / "a.json").exists()
         assert "the record it writes counts as rerun" in capsys.readouterr().out
         (spec.arms_dir / "a.json").unlink()
-    res = json.loads(experiment.run_experiment(str(path)).read_text())
+    res = json.loads(runner.run_experiment(str(path)).read_text())
     assert calls == ["other", "demo"] and res["missing_arms"] == [] and res["running_arms"] == {}
     # an arm whose dependency another process runs; the levers stage
     arms = {"r": {"kind": "rpt"}, "s": {"kind": "sft", "match_flops": "r", "lr-schedule": "constant"}}
