@@ -194,6 +194,7 @@ def experiment_cmd(spec, arms, report_only, rerun, threads):
     if rerun and not arms:
         raise click.UsageError("--rerun needs the ARMs to run over")
     experiment.single_process()  # under torchrun: refused before anything loads
+    experiment.exit_on_sigterm()  # scancel / a time limit: its locks released (finally), not left behind
     loaded = experiment.load_spec(spec)
     asked = experiment.stages(loaded, list(arms))[1]
     if asked != []:

@@ -433,10 +433,15 @@ def held_path(path: Path) -> Path:
     return path.with_name(path.name + ".held")
 
 
+_MINE: set[str] = set()  # the fallback locks this process made (and holds)
+
+
 def _held_by(held: Path) -> str | None:
     """The line (`pid N on HOST`) of the live holder of the fallback lock `held`, or None: no file, or one whose
-    holder was a process on this host that has died (a stale lock, taken over). A holder on another host cannot be
-    checked: it is respected, and its line says to delete the file if no process runs there."""
+    holder was a process on this host that has died (a stale lock, taken over), or one naming this process that it
+    did not make (left by an earlier process with the same pid: a container restarted as pid 1). A holder on another
+    host cannot be checked: it is respected, and its line says to delete the file if no process runs there.
+    Processes in separate pid namespaces must not share a host name (containers get their own by default)."""
     try:
         line = held.read_text().strip()
     except FileNotFoundError:
@@ -444,6 +449,8 @@ def _held_by(held: Path) -> str | None:
     parts = line.split()
     if len(parts) == 4 and parts[0] == "pid" and parts[2] == "on" and parts[1].isdigit():
         if parts[3] == platform.node():
+            if int(parts[1]) == os.getpid():
+                return line if os.path.abspath(held) in _MINE else None
             try:
                 os.kill(int(parts[1]), 0)
             except ProcessLookupError:
@@ -484,6 +491,7 @@ def _take_held(held: Path) -> str | None:
             continue
         with os.fdopen(fd, "w") as f:
             f.write(me + "\n")
+        _MINE.add(os.path.abspath(held))
         return None
     return _held_by(held) or "?"
 
@@ -551,6 +559,7 @@ def exclusive(path: Path, waiting: str | None = None):
             finally:
                 if holder is None and unlocked is None:
                     held.unlink(missing_ok=True)
+                    _MINE.discard(os.path.abspath(held))
             return
         if holder is None:  # who holds it, for the others' messages
             lock.seek(0)
@@ -558,6 +567,19 @@ def exclusive(path: Path, waiting: str | None = None):
             lock.write(f"pid {os.getpid()} on {platform.node()}\n")
             lock.flush()
         yield holder, unlocked
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM (scancel, a Slurm time limit, docker stop) exits through SystemExit (status 143) instead of killing
+    the process outright, so that `finally` blocks run: a fallback lock (PATH.held) is deleted, not left behind to
+    be mistaken for a live holder. A checkpoint write it interrupts is one a kill would interrupt too (they are
+    atomic)."""
+    import signal
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
 
 
 def lock_holder(path: Path) -> str | None:

@@ -1114,3 +1114,56 @@ def test_locks_fall_back_to_exclusive_creation_without_flock(tmp_path, monkeypat
     assert held.exists() and experiment.Experiment(spec).run_arm("a") is None and calls == []
     held.unlink()
     assert experiment.Experiment(spec).run_arm("a") == spec.arms_dir / "a.json" and calls == ["demo"]
+
+
+def test_fallback_lock_naming_this_pid_but_not_made_by_it_is_stale(tmp_path, monkeypatch):
+    """A PATH.held naming this process's pid on this host that this process did not make was left by an earlier
+    process with the same pid (a container restarted as pid 1; before, it counted as a live holder: every arm
+    skipped, the warm start waited on itself forever): taken over. One this process made is still its own."""
+    import errno
+    import fcntl
+
+    def no_flock(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    monkeypatch.setattr(experiment, "LOCK_RETRIES", (0.0,))
+    me = f"pid {experiment.os.getpid()} on {experiment.platform.node()}"
+    lock = tmp_path / "a.lock"
+    held = experiment.held_path(lock)
+    held.write_text(me + "\n")
+    assert experiment.lock_holder(lock.parent / "missing.lock") is None
+    lock.touch()
+    assert experiment.lock_holder(lock) is None
+    with experiment.exclusive(lock, waiting="waiting for {holder}") as (holder, unlocked):
+        assert holder is None and unlocked is None and held.read_text() == me + "\n"
+        assert experiment.lock_holder(lock) == me
+    assert not held.exists()
+
+
+def test_sigterm_releases_the_fallback_lock(tmp_path):
+    """SIGTERM (scancel, a time limit) on an experiment process holding a fallback lock exits 143 through its
+    `finally`: the PATH.held file is deleted (before, the process died with it left behind)."""
+    import signal
+    import subprocess
+    import sys
+
+    lock = tmp_path / "a.lock"
+    code = f"""
+import errno, fcntl, time
+from pathlib import Path
+from rpt_train import experiment
+def no_flock(*args):
+    raise OSError(errno.ENOLCK, "No locks available")
+fcntl.flock = no_flock
+experiment.exit_on_sigterm()
+with experiment.exclusive(Path({str(lock)!r})) as (holder, _):
+    assert holder is None
+    print("held", flush=True)
+    time.sleep(60)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    assert experiment.held_path(lock).exists()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 143, proc.stderr.read()
+    assert not experiment.held_path(lock).exists()
