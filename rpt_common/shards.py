@@ -152,6 +152,17 @@ def unfinished_ranks(out: str | os.PathLike) -> str | None:
     return f"rank{'s' if len(todo) > 1 else ''} {ranks} of {world} {'have' if len(todo) > 1 else 'has'} not finished"
 
 
+def shards_identity(out: str | os.PathLike) -> str | None:
+    """The identity of a finished tag output wherever it is copied or moved: sha256 over its shards' names and
+    digests, as its manifest lists them. None when it has no complete manifest or a shard without a digest."""
+    try:
+        manifest = json.loads((Path(out) / MANIFEST).read_text())
+        shards = sorted((s["file"], s["sha256"]) for s in manifest["shards"]) if manifest.get("complete") else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return hashlib.sha256(json.dumps(shards).encode()).hexdigest() if shards else None
+
+
 def read_manifest(out: str | os.PathLike) -> dict:
     """The manifest of a tag output directory, checked for the schema version this code reads."""
     path = Path(out) / MANIFEST

@@ -14,6 +14,7 @@ import torch
 
 from rpt_common.bos import encode_with_bos
 from rpt_common.errors import UserError
+from rpt_common.shards import shards_identity
 from rpt_train import distributed
 from rpt_train.candidates import Candidates, TableSink, shuffled
 from rpt_train.decoding import decode_batch_after
@@ -276,7 +277,7 @@ def evaluate(model, tokenizer, engine, cfg, shards: ShardSet | None = None,
     result = {b: bucket_metrics([scored[s.key] for s in chosen[b]]) for b in EVAL_BUCKETS}
     result["meta"] = {"k": cfg.samples, "split": eval_split(cfg), "heldout_fraction": cfg.heldout_fraction,
                       "split_seed": cfg.split_seed, "split_block_windows": cfg.split_block_windows,
-                      "positions": len(unique),
+                      "shards_identity": shards_identity(cfg.shards), "positions": len(unique),
                       "thresholds": dict(zip(BUCKET_NAMES, cfg.bucket_thresholds)), "metric": cfg.entropy_metric}
     if details:
         result["positions"] = [position_record(scored[k]) for k in unique]

@@ -419,13 +419,26 @@ def compute_of(metrics: list[dict], n_params: int) -> dict:
 
 # ---- running -----------------------------------------------------------------------------------------------------------
 
-def eval_differences(a: dict, b: dict, allowed=()) -> list[str]:
+def eval_differences(a: dict, b: dict, allowed=(), same_shards: bool = False) -> list[str]:
     """The keys whose values differ between two eval configs as records keep them (to_dict(EvalConfig)), but
-    EVAL_RUNTIME and `allowed` ones. Not compared: a key one of them lacks (a record of an older version) and a
+    EVAL_RUNTIME and `allowed` ones. Not compared: a key one of them lacks (a record of an older version), a
     split key one leaves unresolved (None: the run's own or the shards' default; the eval's meta records the
-    block size it resolved to, report.split_windows compares those)."""
+    block size it resolved to, report.split_windows compares those), and the shards' path when `same_shards`
+    (their identity is the same: shards_of; copied or moved, they are the same task)."""
     return [k for k in a if k in b and k not in EVAL_RUNTIME and k not in allowed and a[k] != b[k]
-            and not (k in SPLIT_KEYS and (a[k] is None or b[k] is None))]
+            and not (k in SPLIT_KEYS and (a[k] is None or b[k] is None)) and not (k == "shards" and same_shards)]
+
+
+def shards_of(record: dict) -> str | None:
+    """The identity of the shards a record was evaluated on (rpt_common.shards.shards_identity, in its eval meta;
+    None in records of older versions, whose shards are compared by path)."""
+    meta = record.get("eval", {}).get("meta", {}) if isinstance(record.get("eval"), dict) else {}
+    return meta.get("shards_identity") if isinstance(meta, dict) else None
+
+
+def same_shards(a: str | None, b: str | None) -> bool:
+    """Two shard identities known and equal."""
+    return a is not None and a == b
 
 
 def held_path(path: Path) -> Path:
@@ -876,12 +889,15 @@ class Experiment:
         """Refuses arm `name`'s kept record when its eval_config differs from the eval the spec now gives the arm
         (its design and the arm's own eval: section; eval_differences: every key but EVAL_RUNTIME): it would count
         as done, and be reported, as if evaluated so. A record without eval_config (older versions): not checked."""
+        from rpt_common.shards import shards_identity
+
         path = self.record_path(name)
-        there = json.loads(path.read_text()).get("eval_config")
+        record = json.loads(path.read_text())
+        there = record.get("eval_config")
         if not isinstance(there, dict):
             return
         now = to_dict(self.eval_config("demo", self.spec.arms[name]))
-        keys = eval_differences(there, now)
+        keys = eval_differences(there, now, same_shards=same_shards(shards_of(record), shards_identity(now["shards"])))
         if keys:
             raise UserError(f"spec '{self.spec.path}', arm '{name}': its record '{path}' was evaluated with other "
                             "eval settings than the spec now gives it (" + "; ".join(

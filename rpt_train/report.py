@@ -80,14 +80,14 @@ def same_task(named: dict[str, dict]) -> None:
     a key that decides which positions, labels, contexts, answers or samples are scored (every key but the ones an
     arm's eval: section may set, experiment.ARM_EVAL, and experiment.EVAL_RUNTIME): their outcomes would be paired
     by position key as if of one task. Records without eval_config (older versions) are not compared."""
-    from rpt_train.experiment import ARM_EVAL, eval_differences
+    from rpt_train.experiment import ARM_EVAL, eval_differences, same_shards, shards_of
 
-    cfgs = [(a, r["eval_config"]) for a, r in named.items() if isinstance(r.get("eval_config"), dict)]
+    cfgs = [(a, r["eval_config"], shards_of(r)) for a, r in named.items() if isinstance(r.get("eval_config"), dict)]
     clash = []
-    for i, (a, ca) in enumerate(cfgs):
-        for b, cb in cfgs[i + 1:]:
+    for i, (a, ca, sa) in enumerate(cfgs):
+        for b, cb, sb in cfgs[i + 1:]:
             clash += [f"{k.replace('_', '-')} {ca[k]!r} in '{a}', {cb[k]!r} in '{b}'"
-                      for k in eval_differences(ca, cb, ARM_EVAL)]
+                      for k in eval_differences(ca, cb, ARM_EVAL, same_shards(sa, sb))]
     if clash:
         raise UserError(f"the arms compared were evaluated on other tasks ({'; '.join(clash)}): their outcomes "
                         "are no paired sample; run the arm(s) that differ from the spec over (`rpt-train experiment "
@@ -148,8 +148,9 @@ def check_design(spec, records: dict[str, dict]) -> list[str]:
     (same_task's keys); returns the report's notes on what may differ: records without eval_config (older
     versions: not checked), the arms' eval settings (ARM_EVAL, where and how fast aside: dtype, a template, a
     budget) that differ between arms or from what the spec now gives an arm."""
+    from rpt_common.shards import shards_identity
     from rpt_train.config import to_dict
-    from rpt_train.experiment import ARM_EVAL, EVAL_RUNTIME, Experiment, eval_differences
+    from rpt_train.experiment import ARM_EVAL, EVAL_RUNTIME, Experiment, eval_differences, same_shards, shards_of
 
     exp, stale, notes, own = Experiment(spec), [], [], {}
     for a, r in records.items():
@@ -157,7 +158,8 @@ def check_design(spec, records: dict[str, dict]) -> list[str]:
         if not isinstance(there, dict):
             continue
         now = to_dict(exp.eval_config("demo", spec.arms[a]))
-        stale += [(a, k, there[k], now[k]) for k in eval_differences(there, now, ARM_EVAL)]
+        moved = same_shards(shards_of(r), shards_identity(now["shards"]))
+        stale += [(a, k, there[k], now[k]) for k in eval_differences(there, now, ARM_EVAL, moved)]
         own[a] = [(k, there[k], now[k]) for k in eval_differences(there, now) if k in ARM_EVAL]
     if stale:
         arms = list(dict.fromkeys(a for a, *_ in stale))

@@ -1167,3 +1167,50 @@ with experiment.exclusive(Path({str(lock)!r})) as (holder, _):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 143, proc.stderr.read()
     assert not experiment.held_path(lock).exists()
+
+
+def test_records_follow_shards_copied_or_moved(tmp_path, monkeypatch, capsys):
+    """A record evaluated on shards that were then copied or moved (node-local copies, a new disk) stays done and
+    reported once the spec names the new place: the shards' identity (their names and digests, kept in the eval's
+    meta) is compared, not their path (before, every record was refused: hours of --rerun). Shards with other
+    content, or a record without the identity (an older version), are still compared by path: refused."""
+    from rpt_common.shards import shards_identity
+
+    def tagged(where: Path, digest: str) -> Path:
+        where.mkdir(parents=True)
+        (where / "manifest.json").write_text(json.dumps({"complete": True, "shards": [
+            {"file": "data/shard-00000-00000.parquet", "sha256": digest}]}))
+        return where
+
+    first, copy, other = tagged(tmp_path / "a", "1" * 64), tagged(tmp_path / "b", "1" * 64), tagged(tmp_path / "c", "2" * 64)
+    assert shards_identity(first) == shards_identity(copy) != shards_identity(other)
+    assert shards_identity(tmp_path / "nowhere") is None
+    keys = [f"k{i}" for i in range(6)]
+
+    def run_eval(cfg):
+        ev = fake_record("eval", A, keys, DOCS)["eval"]
+        return {**ev, "meta": {**ev.get("meta", {}), "shards_identity": shards_identity(cfg.shards)}}
+    monkeypatch.setattr(experiment, "run_eval", run_eval)
+    monkeypatch.setattr(experiment.Experiment, "params", lambda self, model: 1)
+    arms = {"before": {"kind": "eval"}, "other": {"kind": "eval", "model": "demo"}}
+    path = write_spec(tmp_path, first, "demo", arms)
+    runner.run_experiment(str(path), ["before"])
+    raw = yaml.safe_load(path.read_text())
+    raw["base"]["shards"] = str(copy)
+    path.write_text(yaml.safe_dump(raw))
+    spec = experiment.load_spec(str(path))
+    assert experiment.Experiment(spec).run_arm("before") == spec.arms_dir / "before.json"
+    assert "before: done" in capsys.readouterr().out
+    runner.run_experiment(str(path), ["other"])  # evaluated on the copy, paired with the record made on the first
+    assert set(json.loads((spec.arms_dir.parent / "tiny-exp.json").read_text())["arms"]) == {"before", "other"}
+    raw["base"]["shards"] = str(other)
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(UserError, match="shards: '.*a' there, '.*c' now"):
+        experiment.Experiment(experiment.load_spec(str(path))).run_arm("before")
+    rec = json.loads((spec.arms_dir / "before.json").read_text())
+    del rec["eval"]["meta"]["shards_identity"]
+    (spec.arms_dir / "before.json").write_text(json.dumps(rec))
+    raw["base"]["shards"] = str(copy)
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(UserError, match="shards: '.*a' there, '.*b' now"):
+        experiment.Experiment(experiment.load_spec(str(path))).run_arm("before")

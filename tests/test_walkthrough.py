@@ -50,6 +50,9 @@ def test_the_walkthrough_runs_end_to_end(tiny_llama, tmp_path):
            "--limit", 4, "--samples", 2, "--max-new-tokens", 4, "--device", "cpu", "--out", verdict)
     res = json.loads(verdict.read_text())
     assert res["meta"]["split"] == "heldout" and res["meta"]["split_block_windows"] == 2
+    from rpt_common.shards import shards_identity
+
+    assert res["meta"]["shards_identity"] == shards_identity(shards) is not None  # checked where records are paired
     assert 0 < res["all"]["n"] <= 4 and res["baseline"]["all"]["n"] == res["all"]["n"]
     assert set(res["comparison"]["all"]) == {"ntr_accuracy", "ntr_greedy_accuracy", "ntr_pass_at_k", "ntp_accuracy"}
     from rpt_train.samples import is_heldout, split_unit
