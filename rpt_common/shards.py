@@ -153,14 +153,15 @@ def unfinished_ranks(out: str | os.PathLike) -> str | None:
 
 
 def shards_identity(out: str | os.PathLike) -> str | None:
-    """The identity of a finished tag output wherever it is copied or moved: sha256 over its shards' names and
-    digests, as its manifest lists them. None when it has no complete manifest or a shard without a digest."""
+    """The identity of a finished tag output wherever it is copied or moved: sha256 over its whole manifest (its
+    settings - bucket thresholds, metric, tokenizer... - which the shard files alone do not fix, and every shard's
+    name and digest). None when it has no complete manifest or a shard without a digest."""
     try:
         manifest = json.loads((Path(out) / MANIFEST).read_text())
-        shards = sorted((s["file"], s["sha256"]) for s in manifest["shards"]) if manifest.get("complete") else None
+        known = manifest.get("complete") and manifest["shards"] and all(s["sha256"] for s in manifest["shards"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    return hashlib.sha256(json.dumps(shards).encode()).hexdigest() if shards else None
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest() if known else None
 
 
 def read_manifest(out: str | os.PathLike) -> dict:

@@ -449,19 +449,36 @@ def held_path(path: Path) -> Path:
 _MINE: set[str] = set()  # the fallback locks this process made (and holds)
 
 
+def _pid_namespace() -> str | None:
+    """This process's pid namespace (`pid:[INODE]`, Linux), None where there is no /proc: containers on one host
+    that share its name (host networking) each have their own, and their pids mean nothing to each other."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _me() -> str:
+    """The line a fallback lock holds: `pid N on HOST`, and `in pid:[INODE]` (its pid namespace) where known."""
+    ns = _pid_namespace()
+    return f"pid {os.getpid()} on {platform.node()}" + (f" in {ns}" if ns else "")
+
+
 def _held_by(held: Path) -> str | None:
-    """The line (`pid N on HOST`) of the live holder of the fallback lock `held`, or None: no file, or one whose
-    holder was a process on this host that has died (a stale lock, taken over), or one naming this process that it
-    did not make (left by an earlier process with the same pid: a container restarted as pid 1). A holder on another
-    host cannot be checked: it is respected, and its line says to delete the file if no process runs there.
-    Processes in separate pid namespaces must not share a host name (containers get their own by default)."""
+    """The line (`pid N on HOST [in NAMESPACE]`) of the live holder of the fallback lock `held`, or None: no file,
+    or one whose holder was a process of this host and pid namespace that has died (a stale lock, taken over), or
+    one naming this process that it did not make (left by an earlier process with the same pid). A holder that
+    cannot be checked - on another host, or in another pid namespace of this one (a container beside this one, or
+    one that ran before a restart) - is respected, and its line says to delete the file if no such process runs."""
     try:
         line = held.read_text().strip()
     except FileNotFoundError:
         return None
     parts = line.split()
-    if len(parts) == 4 and parts[0] == "pid" and parts[2] == "on" and parts[1].isdigit():
-        if parts[3] == platform.node():
+    if len(parts) in (4, 6) and parts[0] == "pid" and parts[2] == "on" and parts[1].isdigit() \
+            and (len(parts) == 4 or parts[4] == "in"):
+        ns, here = (parts[5] if len(parts) == 6 else None), _pid_namespace()
+        if parts[3] == platform.node() and (ns is None or here is None or ns == here):
             if int(parts[1]) == os.getpid():
                 return line if os.path.abspath(held) in _MINE else None
             try:
@@ -471,7 +488,8 @@ def _held_by(held: Path) -> str | None:
             except PermissionError:
                 pass  # alive, another user's
             return line
-        return f"{line}; if no such process runs on {parts[3]}, delete '{held}'"
+        where = parts[3] if parts[3] != platform.node() else f"{parts[3]} in {ns} (another pid namespace)"
+        return f"{line}; if no such process runs on {where}, delete '{held}'"
     return f"{line or '?'}; if no process holds it, delete '{held}'"
 
 
@@ -480,7 +498,7 @@ def _take_held(held: Path) -> str | None:
     holds it, else the holder's line (_held_by). A stale file (its holder dead on this host) is moved aside under a
     name of this process's own, and deleted when it still is that stale file (else put back: another process took
     it over first)."""
-    me = f"pid {os.getpid()} on {platform.node()}"
+    me = _me()
     for _ in range(3):
         try:
             fd = os.open(held, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

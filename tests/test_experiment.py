@@ -1095,7 +1095,8 @@ def test_locks_fall_back_to_exclusive_creation_without_flock(tmp_path, monkeypat
     calls = []
     fake_eval(monkeypatch, calls)
     spec = experiment.load_spec(str(write_spec(tmp_path, "unused-shards", "demo", {"a": {"kind": "eval"}})))
-    me = f"pid {experiment.os.getpid()} on {experiment.platform.node()}"
+    me = experiment._me()
+    assert me.startswith(f"pid {experiment.os.getpid()} on {experiment.platform.node()}")
     lock = experiment.arm_lock(spec, "a")
     held = lock.with_name("a.lock.held")
     with experiment.exclusive(lock) as (holder, unlocked):
@@ -1117,9 +1118,11 @@ def test_locks_fall_back_to_exclusive_creation_without_flock(tmp_path, monkeypat
 
 
 def test_fallback_lock_naming_this_pid_but_not_made_by_it_is_stale(tmp_path, monkeypatch):
-    """A PATH.held naming this process's pid on this host that this process did not make was left by an earlier
-    process with the same pid (a container restarted as pid 1; before, it counted as a live holder: every arm
-    skipped, the warm start waited on itself forever): taken over. One this process made is still its own."""
+    """A PATH.held naming this process's pid on this host (and pid namespace) that this process did not make was
+    left by an earlier process with the same pid (before, it counted as a live holder: every arm skipped, the warm
+    start waited on itself forever): taken over. One this process made is still its own. One naming the same pid
+    and host in another pid namespace (a container beside this one with host networking, each pid 1) cannot be
+    checked: respected, with the namespace named."""
     import errno
     import fcntl
 
@@ -1127,9 +1130,16 @@ def test_fallback_lock_naming_this_pid_but_not_made_by_it_is_stale(tmp_path, mon
         raise OSError(errno.ENOLCK, "No locks available")
     monkeypatch.setattr(fcntl, "flock", no_flock)
     monkeypatch.setattr(experiment, "LOCK_RETRIES", (0.0,))
-    me = f"pid {experiment.os.getpid()} on {experiment.platform.node()}"
+    me = experiment._me()
     lock = tmp_path / "a.lock"
     held = experiment.held_path(lock)
+    beside = f"pid {experiment.os.getpid()} on {experiment.platform.node()} in pid:[1]"
+    held.write_text(beside + "\n")
+    lock.touch()
+    with experiment.exclusive(lock) as (holder, _):
+        assert holder == f"{beside}; if no such process runs on {experiment.platform.node()} in pid:[1] (another " \
+                         f"pid namespace), delete '{held}'"
+    assert held.read_text() == beside + "\n"
     held.write_text(me + "\n")
     assert experiment.lock_holder(lock.parent / "missing.lock") is None
     lock.touch()
@@ -1184,6 +1194,10 @@ def test_records_follow_shards_copied_or_moved(tmp_path, monkeypatch, capsys):
 
     first, copy, other = tagged(tmp_path / "a", "1" * 64), tagged(tmp_path / "b", "1" * 64), tagged(tmp_path / "c", "2" * 64)
     assert shards_identity(first) == shards_identity(copy) != shards_identity(other)
+    retagged = json.loads((copy / "manifest.json").read_text())  # the same shard files, other bucket thresholds
+    tagged(tmp_path / "d", "1" * 64).joinpath("manifest.json").write_text(json.dumps({**retagged, "config": {
+        "buckets": [1.0, 2.0]}}))
+    assert shards_identity(tmp_path / "d") != shards_identity(first)
     assert shards_identity(tmp_path / "nowhere") is None
     keys = [f"k{i}" for i in range(6)]
 
