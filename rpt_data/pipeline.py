@@ -28,7 +28,7 @@ from rpt_data.merge import (changed_inputs, changed_units, merge_out, moved_revi
 from rpt_data.overlap import WriteBehind, read_ahead
 from rpt_data.pools import pool_shards, score_pool, shard_pools
 from rpt_data.proxy import Proxy, WindowStats, build_proxy, check_context_length
-from rpt_data.ranks import RankInfo, process_group, rank_device, resolve_ranks
+from rpt_data.ranks import RankInfo, process_group, rank_device, resolve_ranks, wait_for_ranks
 from rpt_data.segments import cut_counts, divide_segments, read_segments, segment_of, segment_windows
 from rpt_data.readers import (STREAM_PREFIX, BadRecord, Record, RecordParser, expand_inputs, read_all,
                               read_unit, reject_duplicate_ids, stream_fingerprint)
@@ -357,18 +357,19 @@ def run_tag(cfg: TagConfig, console=None, ranks: RankInfo | None = None) -> dict
     `ranks` says how the rank was found (default: cfg.rank/world_size as explicit flags): under
     torchrun, rank 0 writes manifest.json once every rank is done; otherwise `rpt-data merge` does."""
     ranks = ranks or resolve_ranks(cfg.rank, cfg.world_size)
+    if cfg.world_size > 1 and ranks.torch_distributed:
+        with process_group(ranks) as dist:  # joined before the work: a missing rank is said in minutes
+            record = _tag_rank(cfg, ranks)
+            wait_for_ranks(dist)  # every rank's record is complete once all of them got here
+            if cfg.rank == 0:
+                manifest = merge_out(cfg.out)
+                print(f"all {cfg.world_size} ranks are done: {cfg.out}/{MANIFEST} lists "
+                      f"{len(manifest['shards'])} shards", file=sys.stderr)
+        return record
     record = _tag_rank(cfg, ranks)
     if cfg.world_size > 1:
-        if ranks.torch_distributed:
-            with process_group() as dist:
-                dist.barrier()  # every rank's record is complete once all of them got here
-                if cfg.rank == 0:
-                    manifest = merge_out(cfg.out)
-                    print(f"all {cfg.world_size} ranks are done: {cfg.out}/{MANIFEST} lists "
-                          f"{len(manifest['shards'])} shards", file=sys.stderr)
-        else:
-            print(f"rank {cfg.rank} of {cfg.world_size} is done; "
-                  f"run `rpt-data merge {cfg.out}` once all ranks are done", file=sys.stderr)
+        print(f"rank {cfg.rank} of {cfg.world_size} is done; "
+              f"run `rpt-data merge {cfg.out}` once all ranks are done", file=sys.stderr)
     return record
 
 

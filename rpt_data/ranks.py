@@ -16,6 +16,9 @@ from rpt_common.errors import UserError
 
 # Ranks finish at different times (uneven files); the first one done waits this long at most.
 WAIT_FOR_RANKS = timedelta(days=7)
+# Every rank joins at the start, before any work; one missing this long (a process started with torchrun's
+# variables but without torchrun, or a node that never came up) stops the job (RPT_JOIN_RANKS_S overrides it).
+JOIN_RANKS = timedelta(minutes=15)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,16 +104,33 @@ def rank_device(device: str, local_rank: int | None) -> str:
 
 
 @contextlib.contextmanager
-def process_group():
-    """The default torch.distributed group (gloo), created from torchrun's env when there is none yet
-    and destroyed on exit only in that case."""
+def process_group(info: RankInfo | None = None):
+    """The default torch.distributed group (gloo), created from torchrun's env when there is none yet (every rank
+    must join within JOIN_RANKS, else a UserError says who is missing and what to do) and destroyed on exit only in
+    that case. Enter it before the work: a missing rank is found in minutes, not after the whole stripe."""
     import torch.distributed as dist
 
     created = not dist.is_initialized()
     if created:
-        dist.init_process_group("gloo", timeout=WAIT_FOR_RANKS)
+        join = timedelta(seconds=float(os.environ.get("RPT_JOIN_RANKS_S", JOIN_RANKS.total_seconds())))
+        try:
+            dist.init_process_group("gloo", timeout=join)
+        except (RuntimeError, TimeoutError) as e:  # DistStoreError, DistNetworkError: RuntimeError subclasses
+            where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT', '29500')}"
+            who = f"rank {info.rank} of {info.world_size}" if info else "this rank"
+            raise UserError(
+                f"{who}: the other ranks did not join torch.distributed at {where} within {join.total_seconds():g} s "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Start every rank with torchrun "
+                "(RANK/WORLD_SIZE/MASTER_ADDR set by hand start only one), or give --rank/--world-size and run "
+                "`rpt-data merge OUT` when all are done") from None
     try:
         yield dist
     finally:
         if created:
             dist.destroy_process_group()
+
+
+def wait_for_ranks(dist) -> None:
+    """The end barrier: every rank's record is complete once all got here; ranks finish at different times, so it
+    waits up to WAIT_FOR_RANKS (gloo's monitored barrier: a rank that died is named)."""
+    dist.monitored_barrier(timeout=WAIT_FOR_RANKS, wait_all_ranks=True)

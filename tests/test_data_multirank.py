@@ -127,6 +127,29 @@ def test_torchrun_two_processes_rank_0_writes_the_manifest(tmp_path, tiny_llama)
     same_content(tmp_path / "one", tmp_path / "tr", 2)
 
 
+def test_a_rank_started_without_torchrun_stops_before_its_work(tmp_path, tiny_llama):
+    """One process started with torchrun's variables (RANK=0, WORLD_SIZE=2, MASTER_ADDR) but without torchrun: it
+    stops within the join timeout, before tagging, naming the address and what to do (before, it tagged its half
+    and then waited at the end barrier up to 7 days, saying nothing)."""
+    import socket
+
+    inputs, kw = corpus(tmp_path / "in", "continuous-windows")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "rpt_data.cli", "tag", "--input", inputs[0], "--model", tiny_llama, "--out",
+           tmp_path / "tr", "--mode", "continuous", "--window", "16", "--context-prefix", "4", "--device", "cpu",
+           "--no-progress"]
+    env = clean_env() | {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                         "MASTER_PORT": str(port), "RPT_JOIN_RANKS_S": "3", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=120, env=env,
+                          cwd=Path(__file__).parent.parent)
+    assert proc.returncode != 0
+    assert f"rank 0 of 2: the other ranks did not join torch.distributed at 127.0.0.1:{port} within 3 s" in proc.stderr
+    assert "Start every rank with torchrun" in proc.stderr
+    assert not list((tmp_path / "tr").glob("**/*.parquet"))
+
+
 KILL_RANK = """
 import json, os, signal, sys
 import rpt_data.pipeline as P
