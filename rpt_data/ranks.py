@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -105,29 +106,51 @@ def rank_device(device: str, local_rank: int | None) -> str:
 
 @contextlib.contextmanager
 def process_group(info: RankInfo | None = None):
-    """The default torch.distributed group (gloo), created from torchrun's env when there is none yet (every rank
-    must join within JOIN_RANKS, else a UserError says who is missing and what to do) and destroyed on exit only in
-    that case. Enter it before the work: a missing rank is found in minutes, not after the whole stripe."""
+    """The default torch.distributed group (gloo), created from torchrun's env when there is none yet and
+    destroyed on exit only in that case. Enter it before the work: every rank must join within JOIN_RANKS (else a
+    UserError says who is missing and what to do), so a missing rank is found in minutes, not after the whole
+    stripe. The join is checked on the rendezvous store alone; the group itself waits up to WAIT_FOR_RANKS (gloo
+    gives a group's init timeout to every later wait: a 15-minute group would fail the end barrier of a rank done
+    early)."""
     import torch.distributed as dist
 
     created = not dist.is_initialized()
     if created:
-        join = timedelta(seconds=float(os.environ.get("RPT_JOIN_RANKS_S", JOIN_RANKS.total_seconds())))
-        try:
-            dist.init_process_group("gloo", timeout=join)
-        except (RuntimeError, TimeoutError) as e:  # DistStoreError, DistNetworkError: RuntimeError subclasses
-            where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT', '29500')}"
-            who = f"rank {info.rank} of {info.world_size}" if info else "this rank"
-            raise UserError(
-                f"{who}: the other ranks did not join torch.distributed at {where} within {join.total_seconds():g} s "
-                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Start every rank with torchrun "
-                "(RANK/WORLD_SIZE/MASTER_ADDR set by hand start only one), or give --rank/--world-size and run "
-                "`rpt-data merge OUT` when all are done") from None
+        store, rank, world = _joined(dist, info)
+        store.set_timeout(WAIT_FOR_RANKS)
+        dist.init_process_group("gloo", store=dist.PrefixStore("default_pg", store), rank=rank, world_size=world,
+                                timeout=WAIT_FOR_RANKS)
     try:
         yield dist
     finally:
         if created:
             dist.destroy_process_group()
+
+
+def _joined(dist, info: RankInfo | None):
+    """The env:// rendezvous store (torchrun's agent store, or rank 0's) once every rank has joined it, within
+    JOIN_RANKS (RPT_JOIN_RANKS_S overrides it); (store, rank, world size)."""
+    join = float(os.environ.get("RPT_JOIN_RANKS_S", JOIN_RANKS.total_seconds()))
+    where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT', '29500')}"
+    who = f"rank {info.rank} of {info.world_size}" if info else "this rank"
+    try:
+        store, rank, world = next(dist.rendezvous("env://", timeout=timedelta(seconds=join)))
+        # torchrun's agent store outlives a restart of its workers: count this attempt's ranks only
+        key = f"rpt-data/joined/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        store.set_timeout(timedelta(seconds=join))
+        joined, deadline = store.add(key, 1), time.monotonic() + join
+        while joined < world:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{joined} of {world} ranks joined")
+            time.sleep(0.2)
+            joined = store.add(key, 0)
+    except (RuntimeError, TimeoutError, ConnectionError) as e:  # DistStoreError, DistNetworkError: RuntimeErrors
+        raise UserError(
+            f"{who}: the other ranks did not join torch.distributed at {where} within {join:g} s "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Start every rank with torchrun "
+            "(RANK/WORLD_SIZE/MASTER_ADDR set by hand start only one), or give --rank/--world-size and run "
+            "`rpt-data merge OUT` when all are done") from None
+    return store, rank, world
 
 
 def wait_for_ranks(dist) -> None:

@@ -150,6 +150,31 @@ def test_a_rank_started_without_torchrun_stops_before_its_work(tmp_path, tiny_ll
     assert not list((tmp_path / "tr").glob("**/*.parquet"))
 
 
+LATE_RANK_0 = """
+import os, time
+from rpt_data.ranks import process_group, resolve_ranks, wait_for_ranks
+with process_group(resolve_ranks()) as dist:
+    if dist.get_rank() == 0:
+        time.sleep(8)  # rank 0's stripe takes longer than the join timeout
+    wait_for_ranks(dist)
+    print("passed", dist.get_rank(), flush=True)
+"""
+
+
+def test_ranks_done_early_wait_past_the_join_timeout(tmp_path):
+    """Under torchrun, the join timeout bounds only the join: a rank done long before rank 0 (uneven stripes, a
+    resume whose other ranks were done) waits at the end barrier (before, a group made with the join timeout gave
+    it to every wait: rank 1 failed after it and torchrun stopped the job, no manifest)."""
+    script = tmp_path / "late.py"
+    script.write_text(LATE_RANK_0)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent,
+                          env=clean_env() | {"RPT_JOIN_RANKS_S": "3", "OMP_NUM_THREADS": "1",
+                                             "PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {"passed 0", "passed 1"} <= set(proc.stdout.splitlines())
+
+
 KILL_RANK = """
 import json, os, signal, sys
 import rpt_data.pipeline as P
