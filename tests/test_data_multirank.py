@@ -151,13 +151,14 @@ def test_a_rank_started_without_torchrun_stops_before_its_work(tmp_path, tiny_ll
 
 
 LATE_RANK_0 = """
-import os, time
+import os, sys, time
+from pathlib import Path
 from rpt_data.ranks import process_group, resolve_ranks, wait_for_ranks
 with process_group(resolve_ranks()) as dist:
     if dist.get_rank() == 0:
         time.sleep(8)  # rank 0's stripe takes longer than the join timeout
     wait_for_ranks(dist)
-    print("passed", dist.get_rank(), flush=True)
+    Path(sys.argv[1], f"passed-{dist.get_rank()}").touch()
 """
 
 
@@ -167,12 +168,13 @@ def test_ranks_done_early_wait_past_the_join_timeout(tmp_path):
     it to every wait: rank 1 failed after it and torchrun stopped the job, no manifest)."""
     script = tmp_path / "late.py"
     script.write_text(LATE_RANK_0)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+           str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent,
                           env=clean_env() | {"RPT_JOIN_RANKS_S": "3", "OMP_NUM_THREADS": "1",
                                              "PYTHONPATH": str(Path(__file__).parent.parent)})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert {"passed 0", "passed 1"} <= set(proc.stdout.splitlines())
+    assert {p.name for p in tmp_path.glob("passed-*")} == {"passed-0", "passed-1"}
 
 
 KILL_RANK = """
