@@ -54,6 +54,7 @@ def main():
 @user_errors
 def run(recipe, **overrides):
     """Train a policy with RPT (GRPO family); writes OUT/metrics.jsonl, samples.jsonl and checkpoints/."""
+    from rpt_train import distributed
     from rpt_train.trainer import train
 
     cfg = load_config(TrainConfig, recipe, overrides)
@@ -64,6 +65,7 @@ def run(recipe, **overrides):
         interrupted(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: once
         click.echo(f"done: {out}")
+    distributed.end_process()  # under torchrun: exit 0 without finalization (gloo's threads could abort it)
 
 
 def interrupted(cfg: TrainConfig) -> typing.NoReturn:
@@ -101,6 +103,7 @@ def eval_cmd(recipe, **overrides):
     --max-new-tokens = that + --answer-room, or the run's without a budget), unless given here or in the recipe's eval: section; a recipe's
     top-level options are read as `run` reads them (a decaying budget: its last value).
     """
+    from rpt_train import distributed
     from rpt_train.compare import run_eval
     from rpt_train.evaluate import write_json
 
@@ -110,6 +113,7 @@ def eval_cmd(recipe, **overrides):
     if result is not None and cfg.out:  # rank 0
         write_json(result, cfg.out)
         click.echo(f"wrote {cfg.out}")
+    distributed.end_process()
 
 
 @main.command("plan")

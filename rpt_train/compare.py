@@ -158,6 +158,7 @@ def run_eval(cfg) -> dict | None:
             for rec in r.get("positions", []):
                 rec.pop("completions", None)
                 rec.pop("greedy_completion", None)
+        distributed.barrier()  # gloo has freed every collective's tensors before the interpreter exits
     finally:
         distributed.shutdown()
     if not main:

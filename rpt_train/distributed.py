@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -18,12 +19,13 @@ import torch.distributed as dist
 from rpt_common.errors import UserError
 
 _OWNED = False  # this module started the process group (and so ends it)
+_JOINED = False  # this process was a rank of a multi-process group (end_process ends it without finalization)
 
 
 def init_from_env(device: str) -> str:
     """Join torchrun's process group when WORLD_SIZE > 1 (cuda:LOCAL_RANK with nccl, else CPU with gloo) and return
     this rank's device; in a single process return `device` untouched. Reuses a group that is already up."""
-    global _OWNED
+    global _OWNED, _JOINED
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not is_initialized():
         return device
     if not dist.is_available():
@@ -37,7 +39,7 @@ def init_from_env(device: str) -> str:
     if not dist.is_initialized():
         # CPU tensors (small reductions, objects) go through gloo, CUDA tensors (FSDP collectives) through nccl
         dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
-        _OWNED = True
+        _OWNED = _JOINED = True
     return f"cuda:{local}" if cuda else "cpu"
 
 
@@ -46,6 +48,21 @@ def shutdown() -> None:
     if _OWNED and dist.is_initialized():
         dist.destroy_process_group()
     _OWNED = False
+
+
+def end_process() -> None:
+    """End a rank's process once its command is done and written (the CLI's `run` and `eval` call this last):
+    stdout and stderr flushed, then os._exit(0), without interpreter finalization. Gloo's worker threads free a
+    finished collective's tensors after it returns, and freeing one whose Python object is gone takes the GIL; a
+    thread that reaches for it once the interpreter is finalizing is terminated (Python 3.11-3.13), and the rank
+    dies with SIGABRT ('terminate called without an active exception') after a finished run: torchrun then reports
+    the run failed (seen in 1 of 5 to 25 runs of the 2-rank CLI test, on CI too; barrier() narrows this, only
+    skipping finalization closes it). Every file is closed by then. A process that was no rank returns."""
+    if not _JOINED:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def is_initialized() -> bool:
@@ -65,8 +82,25 @@ def is_main() -> bool:
 
 
 def barrier() -> None:
+    """Every rank gets here before any goes on: an all-reduce of one CPU int (gloo under both backends), not
+    dist.barrier(). Gloo's barrier keeps the works still in flight when it is called (a broadcast just returned) and
+    its worker thread frees them, with their tensors, after the barrier returns; freeing a tensor whose Python object
+    is gone takes the GIL, and when the process was already finalizing (the barrier before exit) that thread was
+    terminated: SIGABRT, 'terminate called without an active exception', after a finished run (1 run in 5 to 25 of
+    the 2-rank CLI test). The all-reduce holds no other work, and this waits (GIL released) until gloo has let go of
+    its tensor."""
     if world_size() > 1:
-        dist.barrier()
+        t = torch.zeros(1, dtype=torch.int32)
+        dist.all_reduce(t)
+        _released(t)
+
+
+def _released(t: torch.Tensor, wait_s: float = 10.0) -> None:
+    """Wait until only this frame holds `t` (the collective's worker thread has freed its work), sleeping so that
+    thread can take the GIL; after `wait_s` go on regardless (a slow thread costs nothing but the wait)."""
+    end = time.monotonic() + wait_s
+    while t._use_count() > 1 and time.monotonic() < end:
+        time.sleep(0.001)
 
 
 def rank_seed(seed: int, *extra: int) -> int:

@@ -759,7 +759,7 @@ def test_an_experiment_under_torchrun_is_refused_at_once(tmp_path, monkeypatch):
         runner.run_experiment(str(tmp_path / "missing.yaml"))
 
 
-def test_warm_start_made_with_other_warm_or_base_options_is_refused(tmp_path):
+def test_warm_start_made_with_other_warm_or_base_options_is_refused(tmp_path, monkeypatch):
     """A warm start is reused only when its warm.json was made with the spec's warm: options (fraction, steps,
     batch, lr), base shards and model (paths as given) and held-out split (heldout-fraction, split-seed: they decide
     the warm documents too): a change is one UserError naming the keys and saying to delete OUT/warm; an older
@@ -803,7 +803,13 @@ def test_warm_start_made_with_other_warm_or_base_options_is_refused(tmp_path):
         if spec.warm and (spec.arms_dir / "warm.json").exists():
             base = experiment.load_config(TrainConfig, None, {k: v for k, v in spec.train.items()
                                                               if k in experiment.field_types(TrainConfig)})
+            record = json.loads((spec.arms_dir / "warm.json").read_text())
+            if not (Path(base.shards) / "manifest.json").exists() and "split_block_windows" in record:
+                # the spec's shards are not built here (a clean checkout: `make demo` makes them); the held-out
+                # unit they resolve to cannot be read, every other key is still checked
+                monkeypatch.setattr(experiment, "split_blocks", lambda base, shards=None: record["split_block_windows"])
             assert experiment.Experiment(spec).check_warm(spec.arms_dir / "warm.json", base), path
+            monkeypatch.undo()
 
 
 # ---- the arms' eval settings: one task for every record ------------------------------------------------------------

@@ -29,13 +29,13 @@ CONTRACT = {"step", "loss", "lr", "reward", "reward_std", "frac_reward_zero_std"
 LOSSES = ("dapo", "grpo", "dr_grpo")
 
 
-def torchrun(*args, timeout: int = 300) -> subprocess.CompletedProcess:
+def torchrun(*args, timeout: int = 300, **popen) -> subprocess.CompletedProcess:
     """2 CPU ranks on this machine, one thread each; tests/ importable (reward functions, the driver)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(TESTS), str(REPO)]))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout, **popen)
 
 
 def metrics(out: Path) -> list[dict]:

@@ -2,6 +2,7 @@
 consecutive windows rather than whole, a split that holds out nothing is refused in one sentence, and `run`
 reports and records what it held out."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -28,8 +29,16 @@ def tag_continuous(root: Path, model: Path, files: int = 4) -> Path:
     from rpt_data.pipeline import run_tag
 
     out = root / "shards"
-    run_tag(TagConfig(inputs=write_corpus(root / "data", files), model=str(model), out=str(out), window=32,
-                      context_prefix=8, mode="continuous", progress=False))
+    paths = write_corpus(root / "data", files)
+    # doc ids are the input paths as given: relative ones (data/part-0000N.txt) make every hash-based split of these
+    # shards the same on every machine (absolute tmp paths drew another split per run: a test could fail by chance)
+    here = os.getcwd()
+    os.chdir(root)
+    try:
+        run_tag(TagConfig(inputs=[os.path.relpath(p, root) for p in paths], model=str(model), out=str(out),
+                          window=32, context_prefix=8, mode="continuous", progress=False))
+    finally:
+        os.chdir(here)
     return out
 
 
