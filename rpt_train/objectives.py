@@ -14,6 +14,7 @@ each step's generation, adds the NTP term to updates, and keeps the EMA copy in 
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import torch
 
@@ -201,6 +202,7 @@ class Objective:
         self.ntp = NtpTerm(cfg, tokenizer) if cfg.ntp_weight > 0 else None
         self.reward_fn = None
         self.overflow = None  # --think-overflow close: the ForcedClose engine of `engine`
+        self._warned_empty = False  # the empty-thought warning is said once a run
 
     @classmethod
     def build(cls, cfg, model, tokenizer, device: str, ckpt, compute_dtype, prepare=None):
@@ -284,10 +286,14 @@ class Objective:
         stats = {}
         if self.overflow is not None:
             c = self.overflow.pop_stats()
-            rows, forced, ftok, extra = (int(x) for x in distributed.all_sum(
-                [c["rows"], c["forced_rows"], c["forced_tokens"], c["extra_forward_tokens"]]))
+            rows, forced, ftok, extra, ended, thought = (int(x) for x in distributed.all_sum(
+                [c["rows"], c["forced_rows"], c["forced_tokens"], c["extra_forward_tokens"], c["ended_rows"],
+                 c["thought_tokens"]]))
             stats |= {"forced_share": forced / rows if rows else None, "forced_tokens": ftok,
-                      "overflow_forward_tokens": extra}
+                      "overflow_forward_tokens": extra,
+                      "forced_ended_share": ended / forced if forced else None,
+                      "forced_thought_tokens": thought / forced if forced else None}
+            self._warn_empty_thoughts(rows, forced, thought)
         if self.reward_fn is not None:
             fwd, ema, skipped = self.reward_fn.tokens, self.reward_fn.ema_tokens, self.reward_fn.skipped
             stats["info_gain"] = self.reward_fn.mean_gain()
@@ -300,6 +306,19 @@ class Objective:
         if self.reward_fn is not None:  # rlp_skipped: contexts whose continuation the policy's tokens cannot score
             stats |= {"rlp_ema_forward_tokens": ema, "rlp_skipped": skipped}
         return stats
+
+    def _warn_empty_thoughts(self, rows: int, forced: int, thought: int) -> None:
+        """Once a run (rank 0): a step whose rollouts were nearly all forced after thoughts of under one token on
+        average trains answers after a forced close, not thinking; said, not refused (a run may start so)."""
+        if self._warned_empty or not rows or forced < 0.9 * rows or thought >= forced:
+            return
+        self._warned_empty = True
+        if distributed.is_main():
+            print(f"warning: --think-overflow close: {forced} of {rows} rollouts this step were closed by force after "
+                  f"thoughts of {thought / forced:.2f} tokens on average: the policy ends its thought (end of text) "
+                  "before writing one, so the forced close follows an empty thought and the run trains answers, not "
+                  "thinking (metrics.jsonl: forced_thought_tokens, forced_ended_share); a warm start in the think "
+                  "format, or --think-overflow fail, makes thoughts count", file=sys.stderr)
 
     def state(self) -> dict:
         """What a checkpoint keeps (a collective under FSDP2)."""

@@ -83,7 +83,11 @@ class ForcedClose:
     every rank makes the second call (with no prompt where it forced none), so collective engines (FSDP lockstep)
     stay paired; when none did, none makes it. Counters since `pop_stats`:
     rows, forced rows, forced tokens and the extra forward tokens (a forced row's second prefill over its prompt
-    and thought, and the first call's tokens after the cut, which the completion no longer holds)."""
+    and thought, and the first call's tokens after the cut, which the completion no longer holds); of the forced
+    rows, those whose thought ended (EOS) before the budget rather than being cut at it, and their thought tokens
+    (the policy's own, kept before the forced ids). A policy that ends its thought at once gets the forced close
+    after an empty thought and is rewarded on the answer: budget forcing then trains no thinking, and these two
+    counters are how a run shows it (issue 34's rpt-think arm: every thought empty from about step 37)."""
 
     def __init__(self, engine, tokenizer, close_text: str, budget: int, answer_room: int,
                  answer_format: str = "boxed"):
@@ -93,7 +97,8 @@ class ForcedClose:
         check_forced_text(tokenizer, close_text, self.ids, answer_format)
         self.drop = special_ids(tokenizer)  # a final EOS (or other special token) before the budget is dropped
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.counts = dict.fromkeys(("rows", "forced_rows", "forced_tokens", "extra_forward_tokens"), 0)
+        self.counts = dict.fromkeys(("rows", "forced_rows", "forced_tokens", "extra_forward_tokens", "ended_rows",
+                                     "thought_tokens"), 0)
 
     def sync(self, model) -> None:
         self.engine.sync(model)
@@ -115,6 +120,8 @@ class ForcedClose:
             t = ids[r][mask[r].bool()].tolist()
             ended = int(first.completion_mask[r].sum()) <= self.budget  # stopped within the budget (EOS)
             thoughts[r] = t[:-1] if ended and t and t[-1] in self.drop else t  # the EOS goes
+            self.counts["ended_rows"] += ended
+            self.counts["thought_tokens"] += len(thoughts[r])
         self.counts["rows"] += rows
         self.counts["forced_rows"] += len(forced)
         self.counts["forced_tokens"] += len(forced) * len(self.ids)

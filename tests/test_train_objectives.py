@@ -687,6 +687,8 @@ def test_think_overflow_fail_gives_no_answer_and_close_forces_the_answer(tiny_to
     s = obj.step_stats()
     assert s["forced_share"] == 1.0 and s["forced_tokens"] == 4 * len(forced)
     assert s["overflow_forward_tokens"] == sum(len(first[i // 2]) + 13 for i in range(4))
+    # every thought ran to the budget and was cut there: none ended early, 5 thought tokens each
+    assert s["forced_ended_share"] == 0.0 and s["forced_thought_tokens"] == 5.0
 
 
 def test_think_overflow_close_update_masks_exactly_the_forced_ids(tiny_llama, train_shards, tmp_path, monkeypatch):
@@ -839,6 +841,41 @@ def test_think_overflow_close_drops_the_eos_of_a_thought_that_stopped_early(tiny
     assert tiny_tok.eos_token_id not in thought + raw.forced + raw.answer
     assert batch.completion_ids.tolist() == [thought + raw.forced + raw.answer] * 2
     assert [p for c, _ in raw.calls[1:] for p in c] == [[5, 6, 7] + thought + raw.forced] * 2
+    s = obj.step_stats()
+    assert s["forced_ended_share"] == 1.0 and s["forced_thought_tokens"] == 2.0
+
+
+class EndsAtOnce(NeverCloses):
+    """The thought is EOS alone: the policy ends it before writing any (issue 34's rpt-think from step 37)."""
+
+    def generate(self, prompts, params):
+        if prompts and prompts[0][-len(self.forced):] != self.forced:
+            self.filler = [self.tokenizer.eos_token_id]
+            params = dataclasses.replace(params, max_new_tokens=1)
+        return super().generate(prompts, params)
+
+
+def test_think_overflow_close_says_once_when_it_closes_empty_thoughts(tiny_tok, train_shards, capsys):
+    """A policy that ends every thought at once gets the forced close after an empty thought: the step's stats
+    say so (forced_thought_tokens 0, forced_ended_share 1) and the run warns once, naming what it trains; a
+    thought of a few tokens is not warned about."""
+    cfg = overflow_cfg(train_shards, "close")
+    obj = objectives.Objective(cfg, tiny_tok)
+    raw = EndsAtOnce(tiny_tok)
+    engine = obj.engine(raw)
+    for _ in range(2):
+        batch = engine.generate([[5, 6, 7]], SamplingParams(n=2, max_new_tokens=13))
+        assert batch.completion_ids.tolist() == [raw.forced + raw.answer] * 2
+        s = obj.step_stats()
+        assert s["forced_share"] == 1.0 and s["forced_ended_share"] == 1.0 and s["forced_thought_tokens"] == 0.0
+    err = capsys.readouterr().err
+    assert err.count("warning: --think-overflow close: 2 of 2 rollouts this step were closed by force after "
+                     "thoughts of 0.00 tokens") == 1 and "trains answers, not thinking" in err
+    obj = objectives.Objective(cfg, tiny_tok)
+    engine = obj.engine(StopsEarly(tiny_tok))  # 2-token thoughts: thinking, however short
+    engine.generate([[5, 6, 7]], SamplingParams(n=2, max_new_tokens=13))
+    obj.step_stats()
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_think_overflow_close_around_the_hf_engine(tiny_llama):
