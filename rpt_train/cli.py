@@ -3,7 +3,9 @@ the command line overrides the recipe, the recipe overrides the defaults in rpt_
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import traceback
 import typing
 
 import click
@@ -36,6 +38,39 @@ def config_options(cls):
     return decorate
 
 
+def ends_rank(fn):
+    """Decorator for the commands that run under torchrun (`run`, `eval`): a rank's process ends with the exit code
+    it would have had (0, a UserError's, 130 after Ctrl-C, 1 after a traceback) through distributed.end_process,
+    without interpreter finalization, where gloo's worker threads could abort it (SIGABRT). Outside torchrun,
+    nothing changes."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from rpt_train import distributed
+
+        try:
+            fn(*args, **kwargs)
+        except BaseException as e:
+            if not distributed.joined():
+                raise
+            if isinstance(e, SystemExit):  # user_errors' message is out; a str code is printed as Python would
+                if isinstance(e.code, str):
+                    click.echo(e.code, err=True)
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+            elif isinstance(e, click.exceptions.Exit):
+                code = e.exit_code
+            elif isinstance(e, click.ClickException):
+                e.show()
+                code = e.exit_code
+            else:
+                traceback.print_exc()
+                code = 1
+            distributed.end_process(code)
+        distributed.end_process(0)
+
+    return wrapper
+
+
 def _quiet_transformers() -> None:
     from transformers.utils import logging
 
@@ -51,10 +86,10 @@ def main():
 @main.command()
 @click.argument("recipe", required=False, type=click.Path(dir_okay=False))
 @config_options(TrainConfig)
+@ends_rank
 @user_errors
 def run(recipe, **overrides):
     """Train a policy with RPT (GRPO family); writes OUT/metrics.jsonl, samples.jsonl and checkpoints/."""
-    from rpt_train import distributed
     from rpt_train.trainer import train
 
     cfg = load_config(TrainConfig, recipe, overrides)
@@ -65,7 +100,6 @@ def run(recipe, **overrides):
         interrupted(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: once
         click.echo(f"done: {out}")
-    distributed.end_process()  # under torchrun: exit 0 without finalization (gloo's threads could abort it)
 
 
 def interrupted(cfg: TrainConfig) -> typing.NoReturn:
@@ -84,6 +118,7 @@ def interrupted(cfg: TrainConfig) -> typing.NoReturn:
 @main.command("eval")
 @click.argument("recipe", required=False, type=click.Path(dir_okay=False))
 @config_options(EvalConfig)
+@ends_rank
 @user_errors
 def eval_cmd(recipe, **overrides):
     """Next-token-reasoning accuracy per entropy bucket (easy/medium/hard/all), printed and saved as JSON.
@@ -103,7 +138,6 @@ def eval_cmd(recipe, **overrides):
     --max-new-tokens = that + --answer-room, or the run's without a budget), unless given here or in the recipe's eval: section; a recipe's
     top-level options are read as `run` reads them (a decaying budget: its last value).
     """
-    from rpt_train import distributed
     from rpt_train.compare import run_eval
     from rpt_train.evaluate import write_json
 
@@ -113,7 +147,6 @@ def eval_cmd(recipe, **overrides):
     if result is not None and cfg.out:  # rank 0
         write_json(result, cfg.out)
         click.echo(f"wrote {cfg.out}")
-    distributed.end_process()
 
 
 @main.command("plan")

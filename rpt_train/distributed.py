@@ -50,19 +50,27 @@ def shutdown() -> None:
     _OWNED = False
 
 
-def end_process() -> None:
-    """End a rank's process once its command is done and written (the CLI's `run` and `eval` call this last):
-    stdout and stderr flushed, then os._exit(0), without interpreter finalization. Gloo's worker threads free a
+def joined() -> bool:
+    """This process was a rank of a multi-process group that this module started (ended or not)."""
+    return _JOINED
+
+
+def end_process(code: int = 0) -> None:
+    """End a rank's process once its command is over (the CLI's `run` and `eval`, cli.ends_rank, whatever the
+    outcome): stdout and stderr flushed, then os._exit(code), without interpreter finalization. Gloo's worker threads free a
     finished collective's tensors after it returns, and freeing one whose Python object is gone takes the GIL; a
     thread that reaches for it once the interpreter is finalizing is terminated (Python 3.11-3.13), and the rank
     dies with SIGABRT ('terminate called without an active exception') after a finished run: torchrun then reports
     the run failed (seen in 1 of 5 to 25 runs of the 2-rank CLI test, on CI too; barrier() narrows this, only
-    skipping finalization closes it). Every file is closed by then. A process that was no rank returns."""
+    skipping finalization closes it). Every file is closed by then (no atexit handler of this project; the process
+    group was destroyed in train's / run_eval's finally). A process that was no rank returns. Code that calls the
+    CLI commands in-process (click's standalone_mode=False) under torchrun ends with them: call train() or
+    run_eval() instead."""
     if not _JOINED:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 def is_initialized() -> bool:

@@ -309,18 +309,13 @@ def test_a_finished_two_rank_run_exits_0_every_time_when_its_ranks_share_one_cor
     reported the finished run failed (1 run in 5 with both ranks on one core, 1 in 15-25 on two; CI hit it).
     The CLI now ends a rank with os._exit(0) once its work is written: eight runs on one core all exit 0 and print
     `done:` once."""
-    import os
-
     from test_train_distributed import torchrun
-
-    def one_core():
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
     for i in range(8):
         out = tmp_path / f"run{i}"
         proc = torchrun("-m", "rpt_train.cli", "run", "--shards", train_shards, "--model", tiny_llama, "--out", out,
                         "--steps", 2, "--batch-prompts", 3, "--group-size", 2, "--max-new-tokens", 5, "--bucket",
                         "all", "--save-every", 1, "--micro-batch-size", 2, "--reward", "shard_fixtures:length_reward",
-                        "--eval-every", 2, "--eval-limit", 3, "--heldout-fraction", 0.3, preexec_fn=one_core)
+                        "--eval-every", 2, "--eval-limit", 3, "--heldout-fraction", 0.3, one_core=True)
         assert proc.returncode == 0, f"run {i}: " + proc.stderr[-3000:]
         assert proc.stdout.count("done:") == 1 and list_checkpoints(out)

@@ -3,6 +3,7 @@ update on the same global batch, a NaN on one rank skipping the step on all, rol
 finish at different lengths, and resume on the same and on another number of ranks."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -29,13 +30,30 @@ CONTRACT = {"step", "loss", "lr", "reward", "reward_std", "frac_reward_zero_std"
 LOSSES = ("dapo", "grpo", "dr_grpo")
 
 
-def torchrun(*args, timeout: int = 300, **popen) -> subprocess.CompletedProcess:
-    """2 CPU ranks on this machine, one thread each; tests/ importable (reward functions, the driver)."""
+def torchrun(*args, timeout: int = 300, one_core: bool = False) -> subprocess.CompletedProcess:
+    """2 CPU ranks on this machine, one thread each; tests/ importable (reward functions, the driver). one_core:
+    torchrun and both ranks pinned to one CPU (set in the launcher before it starts them: children inherit it)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(TESTS), str(REPO)]))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout, **popen)
+    launcher = ["-m", "torch.distributed.run"]
+    if one_core:
+        launcher = ["-c", "import os, runpy, sys; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+                          "runpy.run_module('torch.distributed.run', run_name='__main__', alter_sys=True)"]
+    cmd = [sys.executable, *launcher, "--standalone", "--nproc-per-node", "2", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+
+
+def test_a_rank_that_stops_with_a_user_error_keeps_its_exit_code(tiny_llama, tmp_path):
+    """Under torchrun a rank ends through distributed.end_process whatever the outcome (cli.ends_rank): a
+    UserError after the ranks joined (shards without a manifest) is said and each rank exits 2, as outside
+    torchrun, not 0 and not an abort."""
+    (tmp_path / "empty").mkdir()
+    proc = torchrun("-m", "rpt_train.cli", "run", "--shards", tmp_path / "empty", "--model", tiny_llama, "--out",
+                    tmp_path / "run", "--steps", 1)
+    assert proc.returncode != 0 and "has no manifest.json" in proc.stdout + proc.stderr
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr)
+    assert codes and set(codes) == {"2"}, proc.stderr[-3000:]
 
 
 def metrics(out: Path) -> list[dict]:

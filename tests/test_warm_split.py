@@ -391,10 +391,10 @@ def test_the_users_exclude_list_holds_under_a_warm_start(continuous_shards, tiny
     held = {u for u in units if is_heldout(u, HELD, SEED)}
     warm_of = [u for u in units if u not in held and is_heldout(u, WARM["fraction"], SEED + 1)]
     # a document with a warm unit, listed whole, and a warm unit of another document, listed, leaving a warm unit
-    # (doc ids are the corpus's paths, so which units are warm depends on the tmp path: search, don't pick the first)
-    doc, unit = next((d, u) for d in dict.fromkeys(w.rsplit("#", 1)[0] for w in warm_of) for u in warm_of
-                     if not u.startswith(d + "#")
-                     and any(c != u and not c.startswith(d + "#") for c in warm_of))
+    pairs = [(d, u) for d in dict.fromkeys(w.rsplit("#", 1)[0] for w in warm_of) for u in warm_of
+             if not u.startswith(d + "#") and any(c != u and not c.startswith(d + "#") for c in warm_of)]
+    assert pairs, f"the fixture's warm units allow no such pair: {warm_of}"
+    doc, unit = pairs[0]
     bench = tmp_path / "bench.txt"
     bench.write_text(f"{doc}\n{unit}\n")
 
