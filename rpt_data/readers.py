@@ -200,11 +200,33 @@ def _fields(obj: dict) -> str:
     return f" (fields: {shown})" if names else " (no fields)"
 
 
+CR_PROBE_BYTES = 1 << 20  # how much of a JSON Lines file is read to tell CR-only line endings
+
+
+def _cr_line_endings(path: str, opener) -> bool:
+    """The file's first MiB holds a CR and no LF: its lines end in CR alone (classic Mac OS), which JSON Lines
+    readers do not split on. An unreadable or damaged start is left to the reader, which says what it meets."""
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(CR_PROBE_BYTES)
+    except (OSError, EOFError, zlib.error):
+        return False
+    return b"\r" in head and b"\n" not in head
+
+
 def read_jsonl(path: str, parse: RecordParser, start: tuple[int, int] = (0, 1)) -> Iterator[Record | BadRecord]:
     """`start`: (file byte where a line starts, its 1-based line number), to read from there (plain files only:
-    rpt_data.segments seeks to a segment's lead-in)."""
+    rpt_data.segments seeks to a segment's lead-in). A file whose lines end in CR alone is one reject, named with
+    a command that converts it: read by LF it would be a single line, held whole in memory (gigabytes for a large
+    file) and then rejected as one malformed record."""
     opener = gzip.open if path.endswith(".gz") else open
     lineno, at, offsets = start[1] - 1, start[0], not path.endswith(".gz")  # at: file byte where the line starts
+    if not at and _cr_line_endings(path, opener):
+        fix = (f"gunzip -c '{path}' | tr '\\r' '\\n' | gzip > FIXED.jsonl.gz" if path.endswith(".gz")
+               else f"tr '\\r' '\\n' < '{path}' > FIXED.jsonl")
+        yield BadRecord(path, 0, f"CR line endings (its lines end in a carriage return alone, which JSON Lines does "
+                                 f"not split on; not read: convert it, e.g. `{fix}`, and tag that file)")
+        return
     try:
         with opener(path, "rb") as f:
             if at:

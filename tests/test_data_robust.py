@@ -288,3 +288,22 @@ def test_a_dataset_card_beside_data_files_is_named(tmp_path, capsys):
     assert "readme.txt" in capsys.readouterr().err
     expand_inputs([str(data)], "text")
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_a_jsonl_file_with_cr_line_endings_is_one_named_reject_not_one_giant_line(tmp_path, monkeypatch, gz):
+    """Lines ending in CR alone (classic Mac OS): read by LF the file was one line, held whole in memory and then one
+    'malformed JSON' reject at line 1. Now it is one reject naming CR line endings and a command that converts it,
+    read no further than its first MiB; the files beside it are read as before, and a CRLF file is unaffected."""
+    import gzip as gzip_
+
+    rows = b"".join(json.dumps({"text": f"row {i}"}).encode() + b"\r" for i in range(4))
+    mac = tmp_path / ("mac.jsonl.gz" if gz else "mac.jsonl")
+    mac.write_bytes(gzip_.compress(rows) if gz else rows)
+    dos = tmp_path / "dos.jsonl"
+    dos.write_bytes(rows.replace(b"\r", b"\r\n"))
+    monkeypatch.setattr(readers, "CR_PROBE_BYTES", 64)  # the probe reads this much, not the whole file
+    good, bad = split(read_all([(str(mac), "jsonl"), (str(dos), "jsonl")], PARSE))
+    assert [r.text for r in good] == [f"row {i}" for i in range(4)] and all(r.source == str(dos) for r in good)
+    (b,) = bad
+    assert (b.source, b.line, b.kind) == (str(mac), 0, "CR line endings") and "tr '\\r' '\\n'" in b.reason
