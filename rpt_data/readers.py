@@ -200,39 +200,72 @@ def _fields(obj: dict) -> str:
     return f" (fields: {shown})" if names else " (no fields)"
 
 
-CR_PROBE_BYTES = 1 << 20  # how much of a JSON Lines file is read to tell CR-only line endings
+PROBE_BYTES = 1 << 20  # how much of a JSON Lines file is read first, to tell a file that is not JSON Lines
+MAX_LINE_BYTES = 256 << 20  # a longer line is one reject, read in pieces and never held whole
 
 
-def _cr_line_endings(path: str, opener) -> bool:
-    """The file's first MiB holds a CR and no LF: its lines end in CR alone (classic Mac OS), which JSON Lines
-    readers do not split on. An unreadable or damaged start is left to the reader, which says what it meets."""
+def _not_json_lines(path: str, opener) -> str | None:
+    """Why the file cannot be read as JSON Lines, from its first MiB: lines ending in CR alone (classic Mac OS,
+    which JSON Lines readers do not split on), or one JSON array (a .json export); None otherwise. An
+    unreadable or damaged start is left to the reader, which says what it meets."""
     try:
         with opener(path, "rb") as f:
-            head = f.read(CR_PROBE_BYTES)
+            head = f.read(PROBE_BYTES)
     except (OSError, EOFError, zlib.error):
-        return False
-    return b"\r" in head and b"\n" not in head
+        return None
+    gz = path.endswith(".gz")
+    body = head.removeprefix(b"\xef\xbb\xbf").lstrip()
+    # pretty-printed ('[' alone on the first line) or minified (no line end in the first MiB); a first line such as
+    # '[]' or '[1, 2]' is a record of its own (a reject; the lines after it are read)
+    if body.startswith(b"[") and (body.split(b"\n", 1)[0].strip() == b"[" or b"\n" not in body):
+        fix = f"jq -c '.[]' '{path}'" if not gz else f"gunzip -c '{path}' | jq -c '.[]'"
+        return (f"JSON array (the file is one JSON array, not JSON Lines with one object per line; not read: "
+                f"convert it, e.g. `{fix} > FIXED.jsonl`, and tag that file)")
+    if b"\r" in head and b"\n" not in head:
+        fix = f"gunzip -c '{path}' | tr '\\r' '\\n'" if gz else f"tr '\\r' '\\n' < '{path}'"
+        return (f"CR line endings (its lines end in a carriage return alone, which JSON Lines does not split on; "
+                f"not read: convert it, e.g. `{fix} > FIXED.jsonl`, and tag that file)")
+    return None
+
+
+def _lines(f, first: int):
+    """(line number, its bytes, its length in bytes) of each line of binary file `f` from line `first`; a line of
+    more than MAX_LINE_BYTES comes as (line number, None, its length): it is read in pieces, never held whole."""
+    for lineno, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), first):
+        if len(raw) <= MAX_LINE_BYTES or raw.endswith(b"\n"):
+            yield lineno, raw, len(raw)
+            continue
+        size = len(raw)
+        while True:  # the rest of the long line, a piece at a time
+            piece = f.readline(1 << 20)
+            size += len(piece)
+            if not piece or piece.endswith(b"\n"):
+                break
+        yield lineno, None, size
 
 
 def read_jsonl(path: str, parse: RecordParser, start: tuple[int, int] = (0, 1)) -> Iterator[Record | BadRecord]:
     """`start`: (file byte where a line starts, its 1-based line number), to read from there (plain files only:
-    rpt_data.segments seeks to a segment's lead-in). A file whose lines end in CR alone is one reject, named with
-    a command that converts it: read by LF it would be a single line, held whole in memory (gigabytes for a large
-    file) and then rejected as one malformed record."""
+    rpt_data.segments seeks to a segment's lead-in). A file that is not JSON Lines (CR-only line endings, one JSON
+    array) is one reject, named with a command that converts it: read by LF it would be a single line, held whole in
+    memory (gigabytes for a large file), then one malformed record (or a reject per line of a pretty-printed
+    array). A line longer than MAX_LINE_BYTES is a reject, read in pieces."""
     opener = gzip.open if path.endswith(".gz") else open
     lineno, at, offsets = start[1] - 1, start[0], not path.endswith(".gz")  # at: file byte where the line starts
-    if not at and _cr_line_endings(path, opener):
-        fix = (f"gunzip -c '{path}' | tr '\\r' '\\n' | gzip > FIXED.jsonl.gz" if path.endswith(".gz")
-               else f"tr '\\r' '\\n' < '{path}' > FIXED.jsonl")
-        yield BadRecord(path, 0, f"CR line endings (its lines end in a carriage return alone, which JSON Lines does "
-                                 f"not split on; not read: convert it, e.g. `{fix}`, and tag that file)")
-        return
+    if not at:
+        reason = _not_json_lines(path, opener)
+        if reason:
+            yield BadRecord(path, 0, reason)
+            return
     try:
         with opener(path, "rb") as f:
             if at:
                 f.seek(at)
-            for lineno, raw in enumerate(f, start[1]):
-                start, at = at, at + len(raw)
+            for lineno, raw, size in _lines(f, start[1]):
+                start, at = at, at + size
+                if raw is None:
+                    yield BadRecord(path, lineno, f"line too long ({size:,} bytes, over {MAX_LINE_BYTES:,}; not read)")
+                    continue
                 if not raw.strip():
                     continue
                 try:

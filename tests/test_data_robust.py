@@ -302,8 +302,35 @@ def test_a_jsonl_file_with_cr_line_endings_is_one_named_reject_not_one_giant_lin
     mac.write_bytes(gzip_.compress(rows) if gz else rows)
     dos = tmp_path / "dos.jsonl"
     dos.write_bytes(rows.replace(b"\r", b"\r\n"))
-    monkeypatch.setattr(readers, "CR_PROBE_BYTES", 64)  # the probe reads this much, not the whole file
+    monkeypatch.setattr(readers, "PROBE_BYTES", 64)  # the probe reads this much, not the whole file
     good, bad = split(read_all([(str(mac), "jsonl"), (str(dos), "jsonl")], PARSE))
     assert [r.text for r in good] == [f"row {i}" for i in range(4)] and all(r.source == str(dos) for r in good)
     (b,) = bad
     assert (b.source, b.line, b.kind) == (str(mac), 0, "CR line endings") and "tr '\\r' '\\n'" in b.reason
+
+
+def test_a_json_array_file_is_one_named_reject(tmp_path):
+    """A .json export (one JSON array, minified or pretty-printed, a BOM or not) is not JSON Lines: one reject
+    naming it and a jq command that converts it (was: a minified file one line held whole then 'not a JSON object',
+    a pretty-printed one a reject per line with the objects without a trailing comma read)."""
+    rows = [{"text": f"row {i}"} for i in range(3)]
+    (tmp_path / "min.json").write_text(json.dumps(rows))
+    (tmp_path / "pretty.json").write_text("\ufeff" + json.dumps(rows, indent=2))
+    good, bad = split(read_all([(str(tmp_path / n), "jsonl") for n in ("min.json", "pretty.json")], PARSE))
+    assert good == [] and [(b.line, b.kind) for b in bad] == [(0, "JSON array")] * 2
+    assert all("jq -c '.[]'" in b.reason for b in bad)
+
+
+def test_a_line_longer_than_the_limit_is_one_reject_and_the_next_lines_read(tmp_path, monkeypatch):
+    """A line over MAX_LINE_BYTES (a minified dump with no newline) is read in pieces, never whole, and rejected
+    at its line; the lines after it are read with their own numbers."""
+    monkeypatch.setattr(readers, "MAX_LINE_BYTES", 100)
+    long = json.dumps({"text": "x" * 5000})
+    path = tmp_path / "f.jsonl"
+    path.write_text("\n".join([json.dumps({"text": "a"}), long, json.dumps({"text": "b"}), long]) + "\n")
+    items = list(readers.read_jsonl(str(path), PARSE))
+    assert [(type(i).__name__, i.line) for i in items] == [("Record", 1), ("BadRecord", 2), ("Record", 3),
+                                                          ("BadRecord", 4)]
+    assert items[1].kind == "line too long" and f"{len(long) + 1:,} bytes" in items[1].reason
+    assert [i.text for i in items if isinstance(i, Record)] == ["a", "b"]
+    assert items[2].offset == len(json.dumps({"text": "a"})) + 1 + len(long) + 1  # byte offsets stay right
