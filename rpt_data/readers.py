@@ -155,7 +155,9 @@ class RecordParser:
 
     def __call__(self, obj, source: str, line: int) -> Record | BadRecord:
         if not isinstance(obj, dict):
-            return BadRecord(source, line, f"not a JSON object (got {type(obj).__name__})")
+            hint = ("; a file holding one JSON array is converted to JSON Lines by `jq -c '.[]' FILE`"
+                    if isinstance(obj, list) else "")
+            return BadRecord(source, line, f"not a JSON object (got {type(obj).__name__}{hint})")
         if self.template is not None:
             for f in self.template_fields:
                 if obj.get(f) is None:
@@ -204,20 +206,15 @@ PROBE_BYTES = 1 << 20  # how much of a JSON Lines file is read first, to tell a 
 MAX_LINE_BYTES = 256 << 20  # a longer line is one reject, read in pieces and never held whole
 
 
-def _not_json_lines(path: str, opener) -> str | None:
-    """Why the file cannot be read as JSON Lines, from its first MiB: lines ending in CR alone (classic Mac OS,
-    which JSON Lines readers do not split on), or one JSON array (a .json export); None otherwise. An
-    unreadable or damaged start is left to the reader, which says what it meets."""
-    try:
-        with opener(path, "rb") as f:
-            head = f.read(PROBE_BYTES)
-    except (OSError, EOFError, zlib.error):
-        return None
+def _not_json_lines(head: bytes, path: str) -> str | None:
+    """Why a file whose first bytes are `head` (up to PROBE_BYTES) cannot be read as JSON Lines: lines ending in CR
+    alone (classic Mac OS, which JSON Lines readers do not split on), or a pretty-printed JSON array ('[' alone on
+    the first line, then a line that is no JSON value by itself: '{' or '{...},'); None otherwise. A minified
+    array is one line: rejected as a list (with a hint) or, over MAX_LINE_BYTES, as too long."""
     gz = path.endswith(".gz")
-    body = head.removeprefix(b"\xef\xbb\xbf").lstrip()
-    # pretty-printed ('[' alone on the first line) or minified (no line end in the first MiB); a first line such as
-    # '[]' or '[1, 2]' is a record of its own (a reject; the lines after it are read)
-    if body.startswith(b"[") and (body.split(b"\n", 1)[0].strip() == b"[" or b"\n" not in body):
+    lines = [x.strip() for x in head.removeprefix(b"\xef\xbb\xbf").split(b"\n")[:-1]]  # whole lines only
+    lines = [x for x in lines if x][:2]
+    if len(lines) == 2 and lines[0] == b"[" and not _json_value(lines[1]):
         fix = f"jq -c '.[]' '{path}'" if not gz else f"gunzip -c '{path}' | jq -c '.[]'"
         return (f"JSON array (the file is one JSON array, not JSON Lines with one object per line; not read: "
                 f"convert it, e.g. `{fix} > FIXED.jsonl`, and tag that file)")
@@ -226,6 +223,30 @@ def _not_json_lines(path: str, opener) -> str | None:
         return (f"CR line endings (its lines end in a carriage return alone, which JSON Lines does not split on; "
                 f"not read: convert it, e.g. `{fix} > FIXED.jsonl`, and tag that file)")
     return None
+
+
+def _json_value(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:  # JSONDecodeError, invalid UTF-8
+        return False
+    return True
+
+
+def _gz_head(path: str) -> bytes:
+    """The first PROBE_BYTES of a .gz file's content; what precedes damage in its first MiB (the reader then meets
+    the damage itself and says so after the records before it)."""
+    out = b""
+    try:
+        with gzip.open(path, "rb") as f:
+            while len(out) < PROBE_BYTES:
+                piece = f.read(min(1 << 16, PROBE_BYTES - len(out)))
+                if not piece:
+                    break
+                out += piece
+    except (EOFError, zlib.error, gzip.BadGzipFile):
+        pass
+    return out
 
 
 def _lines(f, first: int):
@@ -246,14 +267,15 @@ def _lines(f, first: int):
 
 def read_jsonl(path: str, parse: RecordParser, start: tuple[int, int] = (0, 1)) -> Iterator[Record | BadRecord]:
     """`start`: (file byte where a line starts, its 1-based line number), to read from there (plain files only:
-    rpt_data.segments seeks to a segment's lead-in). A file that is not JSON Lines (CR-only line endings, one JSON
-    array) is one reject, named with a command that converts it: read by LF it would be a single line, held whole in
-    memory (gigabytes for a large file), then one malformed record (or a reject per line of a pretty-printed
-    array). A line longer than MAX_LINE_BYTES is a reject, read in pieces."""
-    opener = gzip.open if path.endswith(".gz") else open
-    lineno, at, offsets = start[1] - 1, start[0], not path.endswith(".gz")  # at: file byte where the line starts
-    if not at:
-        reason = _not_json_lines(path, opener)
+    rpt_data.segments seeks to a segment's lead-in). A file that is not JSON Lines (CR-only line endings, a
+    pretty-printed JSON array) is one reject, named with a command that converts it: read by LF a CR-only file is a
+    single line, held whole in memory (gigabytes for a large file), then one malformed record; an array, a reject per
+    line with some objects read. A line longer than MAX_LINE_BYTES is a reject, read in pieces."""
+    gz = path.endswith(".gz")
+    opener = gzip.open if gz else open
+    lineno, at, offsets = start[1] - 1, start[0], not gz  # at: file byte where the line starts
+    if not at and gz:  # a read error is raised (the caller retries); damage is left to the reader
+        reason = _not_json_lines(_gz_head(path), path)
         if reason:
             yield BadRecord(path, 0, reason)
             return
@@ -261,6 +283,12 @@ def read_jsonl(path: str, parse: RecordParser, start: tuple[int, int] = (0, 1)) 
         with opener(path, "rb") as f:
             if at:
                 f.seek(at)
+            elif not gz and f.seekable():  # the probe reads the handle the lines are read from (one open a file)
+                reason = _not_json_lines(f.read(PROBE_BYTES), path)
+                if reason:
+                    yield BadRecord(path, 0, reason)
+                    return
+                f.seek(0)
             for lineno, raw, size in _lines(f, start[1]):
                 start, at = at, at + size
                 if raw is None:
@@ -627,6 +655,9 @@ def _jsonl_rows_after(file: str, parse: RecordParser, unit: str, done: int) -> I
     """The rows of the jsonl behind hf:// `unit` after the first `done`, read as read_jsonl reads a plain path; named
     and numbered as datasets does (row k = the k-th line that is not blank)."""
     for row, item in enumerate(read_jsonl(file, parse), 1):
+        if isinstance(item, BadRecord) and item.line == 0:  # the whole file (not JSON Lines): not after row `done`
+            yield BadRecord(unit, done + 1, f"{item.reason}; rows 1-{done} were read" if done else item.reason)
+            return
         if row <= done:
             continue
         if isinstance(item, BadRecord):

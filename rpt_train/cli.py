@@ -62,6 +62,9 @@ def ends_rank(fn):
             elif isinstance(e, click.ClickException):
                 e.show()
                 code = e.exit_code
+            elif isinstance(e, (KeyboardInterrupt, click.Abort)):  # `eval` has no handler of its own: as click says
+                click.echo("Aborted!", err=True)
+                code = 130 if isinstance(e, KeyboardInterrupt) else 1
             else:
                 traceback.print_exc()
                 code = 1

@@ -68,8 +68,11 @@ def end_process(code: int = 0) -> None:
     run_eval() instead."""
     if not _JOINED:
         return
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`| head`) or stream: exit all the same
+            pass
     os._exit(code)
 
 

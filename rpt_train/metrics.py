@@ -68,6 +68,7 @@ class MetricsLogger:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and k != "step":
                     self.tb.add_scalar(k, v, metrics["step"])
+            self.tb.flush()  # on disk each step: a rank that stops (os._exit under torchrun, kill -9) loses none
         if not self.quiet:
             parts = [f"step {metrics['step']}/{self.total}"]
             parts += [f"{short} {fmt.format(metrics[k])}" for k, short, fmt in CONSOLE if metrics.get(k) is not None]

@@ -309,16 +309,23 @@ def test_a_jsonl_file_with_cr_line_endings_is_one_named_reject_not_one_giant_lin
     assert (b.source, b.line, b.kind) == (str(mac), 0, "CR line endings") and "tr '\\r' '\\n'" in b.reason
 
 
-def test_a_json_array_file_is_one_named_reject(tmp_path):
-    """A .json export (one JSON array, minified or pretty-printed, a BOM or not) is not JSON Lines: one reject
-    naming it and a jq command that converts it (was: a minified file one line held whole then 'not a JSON object',
-    a pretty-printed one a reject per line with the objects without a trailing comma read)."""
+def test_a_json_array_file_is_one_named_reject_and_a_stray_bracket_is_not(tmp_path):
+    """A pretty-printed .json export ('[' alone, then '{' or '{...},': a BOM or not) is not JSON Lines: one reject
+    naming it and a jq command (was: a reject per line, the objects without a trailing comma read). A minified one
+    is one line: its reject says it is a list and how to convert such a file. A JSON Lines file whose first line is
+    a stray '[' loses that line only."""
     rows = [{"text": f"row {i}"} for i in range(3)]
     (tmp_path / "min.json").write_text(json.dumps(rows))
     (tmp_path / "pretty.json").write_text("\ufeff" + json.dumps(rows, indent=2))
-    good, bad = split(read_all([(str(tmp_path / n), "jsonl") for n in ("min.json", "pretty.json")], PARSE))
-    assert good == [] and [(b.line, b.kind) for b in bad] == [(0, "JSON array")] * 2
-    assert all("jq -c '.[]'" in b.reason for b in bad)
+    (tmp_path / "commas.json").write_text("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n")
+    (tmp_path / "stray.jsonl").write_text("[\n" + "".join(json.dumps(r) + "\n" for r in rows))
+    names = ("min.json", "pretty.json", "commas.json", "stray.jsonl")
+    good, bad = split(read_all([(str(tmp_path / n), "jsonl") for n in names], PARSE))
+    assert [(b.source.rsplit("/", 1)[1], b.line, b.kind) for b in bad] == [
+        ("min.json", 1, "not a JSON object"), ("pretty.json", 0, "JSON array"), ("commas.json", 0, "JSON array"),
+        ("stray.jsonl", 1, "malformed JSON")]
+    assert all("jq -c '.[]'" in b.reason for b in bad[:3])
+    assert [(r.source.rsplit("/", 1)[1], r.text) for r in good] == [("stray.jsonl", f"row {i}") for i in range(3)]
 
 
 def test_a_line_longer_than_the_limit_is_one_reject_and_the_next_lines_read(tmp_path, monkeypatch):
@@ -334,3 +341,32 @@ def test_a_line_longer_than_the_limit_is_one_reject_and_the_next_lines_read(tmp_
     assert items[1].kind == "line too long" and f"{len(long) + 1:,} bytes" in items[1].reason
     assert [i.text for i in items if isinstance(i, Record)] == ["a", "b"]
     assert items[2].offset == len(json.dumps({"text": "a"})) + 1 + len(long) + 1  # byte offsets stay right
+
+
+def test_a_read_error_in_the_first_mib_is_raised_for_the_retry_not_swallowed(tmp_path, monkeypatch):
+    """The probe reads the handle the lines are read from: an EIO there reaches the caller (whose retry reopens the
+    unit), where a probe that swallowed it let a file that is not JSON Lines be read line by line on one rank only
+    (its record count, hence the striping of every later record, drifting)."""
+    path = tmp_path / "a.json"
+    path.write_text("[\n  {\n    \"text\": \"a\"\n  }\n]\n")
+    real_open = open
+
+    class Flaky(io.BufferedReader):
+        def read(self, *a):
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(readers, "open", lambda p, mode="r", *a, **k: Flaky(real_open(p, "rb", buffering=0)),
+                        raising=False)
+    with pytest.raises(OSError, match="Input/output error"):
+        list(readers.read_jsonl(str(path), PARSE))
+    monkeypatch.undo()
+    assert [(b.line, b.kind) for b in readers.read_jsonl(str(path), PARSE)] == [(0, "JSON array")]
+
+
+def test_the_hf_fallback_keeps_a_whole_file_reject_after_the_rows_read(tmp_path):
+    """hf:// reads a jsonl through datasets and, when datasets fails after `done` rows, reads the rest here; a whole-
+    file reject (line 0) was counted as row 1 and skipped, so the rest of the file vanished without a reject."""
+    path = tmp_path / "mac.jsonl"
+    path.write_bytes(b"".join(json.dumps({"text": f"r{i}"}).encode() + b"\r" for i in range(5)))
+    (bad,) = readers._jsonl_rows_after(str(path), PARSE, "hf://x#0", 2)
+    assert (bad.source, bad.line, bad.kind) == ("hf://x#0", 3, "CR line endings") and "rows 1-2 were read" in bad.reason

@@ -234,6 +234,14 @@ LINE = st.one_of(
 )
 
 
+def valid_json(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
+
+
 @FUZZ
 @given(lines=st.lists(LINE, max_size=25), gz=st.booleans())
 def test_fuzz_jsonl_reader(tmp_path, lines, gz):
@@ -245,10 +253,10 @@ def test_fuzz_jsonl_reader(tmp_path, lines, gz):
     path.write_bytes(gzip.compress(data) if gz else data)
     items = list(readers.read_jsonl(str(path), RecordParser("text", None, "id")))
 
-    # one item per non-blank line, in order, at its line; a file whose first non-blank line is '[' alone is one
-    # JSON array (pretty-printed): one reject of the whole file
-    body = data.removeprefix(b"\xef\xbb\xbf").lstrip()
-    if body.split(b"\n", 1)[0].strip() == b"[":
+    # one item per non-blank line, in order, at its line; a file whose first two non-blank lines are '[' and a line
+    # that is no JSON value by itself is one JSON array (pretty-printed): one reject of the whole file
+    first = [x.strip() for x in data.removeprefix(b"\xef\xbb\xbf").split(b"\n")[:-1] if x.strip()][:2]
+    if len(first) == 2 and first[0] == b"[" and not valid_json(first[1]):
         assert [(it.line, it.kind) for it in items] == [(0, "JSON array")]
         return
     assert [it.line for it in items] == [i + 1 for i, r in enumerate(raw) if r.strip()]
