@@ -203,6 +203,7 @@ class Objective:
         self.reward_fn = None
         self.overflow = None  # --think-overflow close: the ForcedClose engine of `engine`
         self._warned_empty = False  # the empty-thought warning is said once a run
+        self.step = None  # the step begin_step was last called for (step_stats logs its bucket and budget)
 
     @classmethod
     def build(cls, cfg, model, tokenizer, device: str, ckpt, compute_dtype, prepare=None):
@@ -269,6 +270,7 @@ class Objective:
     def begin_step(self, step: int, data, params):
         """The step's sampling parameters (budget) after moving the curriculum to `step`; rlp rollouts stop at
         `</think>` (the completion is the thought: nothing after it is scored or trained)."""
+        self.step = step
         if self.cfg.curriculum:
             data.set_step(step)
         if self.overflow is not None:  # thoughts are cut (and the answer forced) at this step's budget
@@ -284,6 +286,10 @@ class Objective:
         after the cut)."""
         fwd = bwd = ema = skipped = 0
         stats = {}
+        if self.step is not None and self.cfg.curriculum:
+            stats["bucket"] = curriculum_bucket(self.cfg, self.step)
+        if self.step is not None and getattr(self.cfg, "think_budget", 0) > 0:
+            stats["think_budget"] = think_budget(self.cfg, self.step)
         if self.overflow is not None:
             c = self.overflow.pop_stats()
             rows, forced, ftok, extra, ended, thought = (int(x) for x in distributed.all_sum(

@@ -225,6 +225,11 @@ def test_the_curriculum_draws_each_steps_bucket(train_shards, tiny_tok):
     again.load_state_dict(state)
     data.set_step(3), again.set_step(3)
     assert [s.key for s in data.next_batch(4)] == [s.key for s in again.next_batch(4)]
+    obj = objectives.Objective(cfg, tiny_tok)  # each step's metrics name the bucket it drew from
+    for step, bucket in ((1, "hard"), (3, "easy"), (6, "medium")):
+        obj.begin_step(step, data, SamplingParams(n=2))
+        stats = obj.step_stats()
+        assert stats["bucket"] == bucket and "think_budget" not in stats
 
 
 def test_objective_options_are_checked(train_shards):
@@ -689,6 +694,7 @@ def test_think_overflow_fail_gives_no_answer_and_close_forces_the_answer(tiny_to
     assert s["overflow_forward_tokens"] == sum(len(first[i // 2]) + 13 for i in range(4))
     # every thought ran to the budget and was cut there: none ended early, 5 thought tokens each
     assert s["forced_ended_share"] == 0.0 and s["forced_thought_tokens"] == 5.0
+    assert s["think_budget"] == 5 and "bucket" not in s  # the step's budget is logged (no curriculum: no bucket)
 
 
 def test_think_overflow_close_update_masks_exactly_the_forced_ids(tiny_llama, train_shards, tmp_path, monkeypatch):
