@@ -7,6 +7,7 @@ dummy passes (`dummy_inputs`). A single process (no WORLD_SIZE > 1 in the enviro
 torch.distributed and behaves exactly as without this module."""
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import sys
@@ -19,13 +20,14 @@ import torch.distributed as dist
 from rpt_common.errors import UserError
 
 _OWNED = False  # this module started the process group (and so ends it)
+_DRAIN_REGISTERED = False  # the atexit wait for gloo's threads is registered (once a process)
 _JOINED = False  # this process was a rank of a multi-process group (end_process ends it without finalization)
 
 
 def init_from_env(device: str) -> str:
     """Join torchrun's process group when WORLD_SIZE > 1 (cuda:LOCAL_RANK with nccl, else CPU with gloo) and return
     this rank's device; in a single process return `device` untouched. Reuses a group that is already up."""
-    global _OWNED, _JOINED
+    global _OWNED, _JOINED, _DRAIN_REGISTERED
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not is_initialized():
         return device
     if not dist.is_available():
@@ -40,6 +42,9 @@ def init_from_env(device: str) -> str:
         # CPU tensors (small reductions, objects) go through gloo, CUDA tensors (FSDP collectives) through nccl
         dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
         _OWNED = _JOINED = True
+    if not _DRAIN_REGISTERED:  # a group this module started or the caller's: either may leave gloo threads busy
+        atexit.register(_let_gloo_threads_finish)
+        _DRAIN_REGISTERED = True
     return f"cuda:{local}" if cuda else "cpu"
 
 
@@ -53,6 +58,19 @@ def shutdown() -> None:
 def joined() -> bool:
     """This process was a rank of a multi-process group that this module started (ended or not)."""
     return _JOINED
+
+
+GLOO_DRAIN_S = 0.5  # how long a rank's interpreter waits at exit for gloo's threads (see below)
+
+
+def _let_gloo_threads_finish() -> None:
+    """atexit, in a process that joined a group: sleep GLOO_DRAIN_S with the GIL released, before the interpreter
+    finalizes. A gloo worker thread that has yet to free a finished collective's tensors takes the GIL to do so;
+    once the interpreter is finalizing, that thread is terminated and the process aborts (end_process). atexit
+    handlers run before that point, so the wait lets such a thread finish. For code that calls train() or
+    run_eval() itself under torchrun (the CLI ends with end_process, which skips finalization): a wait, not a
+    guarantee (a thread not scheduled for GLOO_DRAIN_S still aborts)."""
+    time.sleep(GLOO_DRAIN_S)
 
 
 def end_process(code: int = 0) -> None:
