@@ -249,20 +249,25 @@ def _gz_head(path: str) -> bytes:
     return out
 
 
+def rest_of_line(f) -> int:
+    """Bytes from binary file `f`'s position through its next line end (or the end of the file), read a MiB at a
+    time: a line of gigabytes is never held whole."""
+    n = 0
+    while True:
+        piece = f.readline(1 << 20)
+        n += len(piece)
+        if not piece or piece.endswith(b"\n"):
+            return n
+
+
 def _lines(f, first: int):
     """(line number, its bytes, its length in bytes) of each line of binary file `f` from line `first`; a line of
     more than MAX_LINE_BYTES comes as (line number, None, its length): it is read in pieces, never held whole."""
     for lineno, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), first):
         if len(raw) <= MAX_LINE_BYTES or raw.endswith(b"\n"):
             yield lineno, raw, len(raw)
-            continue
-        size = len(raw)
-        while True:  # the rest of the long line, a piece at a time
-            piece = f.readline(1 << 20)
-            size += len(piece)
-            if not piece or piece.endswith(b"\n"):
-                break
-        yield lineno, None, size
+        else:
+            yield lineno, None, len(raw) + rest_of_line(f)
 
 
 def read_jsonl(path: str, parse: RecordParser, start: tuple[int, int] = (0, 1)) -> Iterator[Record | BadRecord]:
@@ -274,21 +279,18 @@ def read_jsonl(path: str, parse: RecordParser, start: tuple[int, int] = (0, 1)) 
     gz = path.endswith(".gz")
     opener = gzip.open if gz else open
     lineno, at, offsets = start[1] - 1, start[0], not gz  # at: file byte where the line starts
-    if not at and gz:  # a read error is raised (the caller retries); damage is left to the reader
-        reason = _not_json_lines(_gz_head(path), path)
-        if reason:
-            yield BadRecord(path, 0, reason)
-            return
     try:
         with opener(path, "rb") as f:
             if at:
                 f.seek(at)
-            elif not gz and f.seekable():  # the probe reads the handle the lines are read from (one open a file)
-                reason = _not_json_lines(f.read(PROBE_BYTES), path)
+            elif gz or f.seekable():  # the probe: a plain file's own handle (one open a file), a .gz's content up
+                # to any damage (the loop below meets it after the records before it); a read error is raised
+                reason = _not_json_lines(_gz_head(path) if gz else f.read(PROBE_BYTES), path)
                 if reason:
                     yield BadRecord(path, 0, reason)
                     return
-                f.seek(0)
+                if not gz:
+                    f.seek(0)
             for lineno, raw, size in _lines(f, start[1]):
                 start, at = at, at + size
                 if raw is None:

@@ -403,21 +403,10 @@ def _count_newlines(f, a: int, b: int) -> int:
     return n
 
 
-def _line_rest(f) -> int:
-    """Bytes from `f`'s position through its next line end (or the end of the file), read a MiB at a time: a line
-    of gigabytes is never held whole (readers.MAX_LINE_BYTES)."""
-    n = 0
-    while True:
-        piece = f.readline(1 << 20)
-        n += len(piece)
-        if not piece or piece.endswith(b"\n"):
-            return n
-
-
 def _jsonl_lead_in(path: str, parse, last, c: int, lead: int):
     """(line start, line number) to read from so that the good records before file byte `c` hold more than 2 `lead`
     text bytes; None when that is not past the record read last (read on)."""
-    from rpt_data.readers import Record, read_jsonl
+    from rpt_data.readers import Record, read_jsonl, rest_of_line
 
     a, la = last.offset, last.line
     width = 4 * lead
@@ -427,7 +416,7 @@ def _jsonl_lead_in(path: str, parse, last, c: int, lead: int):
             if p == a:
                 return None
             f.seek(p - 1)
-            s = p - 1 + _line_rest(f)  # the first line start at or after p
+            s = p - 1 + rest_of_line(f)  # the first line start at or after p (a long line in pieces)
             if s < c:
                 line = la + _count_newlines(f, a, s)
                 text = 0

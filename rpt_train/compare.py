@@ -158,7 +158,7 @@ def run_eval(cfg) -> dict | None:
             for rec in r.get("positions", []):
                 rec.pop("completions", None)
                 rec.pop("greedy_completion", None)
-        distributed.barrier()  # gloo has freed every collective's tensors before the interpreter exits
+        distributed.barrier()  # ranks leave together, gloo's last tensor freed (the exit itself: end_process)
     finally:
         distributed.shutdown()
     if not main:

@@ -75,14 +75,15 @@ def _let_gloo_threads_finish() -> None:
 
 def end_process(code: int = 0) -> None:
     """End a rank's process once its command is over (the CLI's `run` and `eval`, cli.ends_rank, whatever the
-    outcome): stdout and stderr flushed, then os._exit(code), without interpreter finalization. Gloo's worker threads free a
-    finished collective's tensors after it returns, and freeing one whose Python object is gone takes the GIL; a
-    thread that reaches for it once the interpreter is finalizing is terminated (Python 3.11-3.13), and the rank
-    dies with SIGABRT ('terminate called without an active exception') after a finished run: torchrun then reports
-    the run failed (seen in 1 of 5 to 25 runs of the 2-rank CLI test, on CI too; barrier() narrows this, only
-    skipping finalization closes it). Every file is closed by then (no atexit handler of this project; the process
-    group was destroyed in train's / run_eval's finally). A process that was no rank returns. Code that calls the
-    CLI commands in-process (click's standalone_mode=False) under torchrun ends with them: call train() or
+    outcome): stdout and stderr flushed, then os._exit(code), without interpreter finalization. Gloo's worker
+    threads free a finished collective's tensors after it returns, and freeing one whose Python object is gone takes
+    the GIL; a thread that reaches for it once the interpreter is finalizing is terminated (Python 3.11-3.13), and
+    the rank dies with SIGABRT ('terminate called without an active exception') after a finished run: torchrun then
+    reports the run failed (seen in 1 of 5 to 25 runs of the 2-rank CLI test, on CI too; barrier() narrows this,
+    only skipping finalization closes it). Every file is closed by then and the process group was destroyed in
+    train's / run_eval's finally; the one atexit handler this skips is _let_gloo_threads_finish, a wait it makes
+    unneeded. A process that was no rank returns. Code that
+    calls the CLI commands in-process (click's standalone_mode=False) under torchrun ends with them: call train() or
     run_eval() instead."""
     if not _JOINED:
         return
